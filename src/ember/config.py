@@ -1,0 +1,139 @@
+"""config.json → typed dataclasses.
+
+Each family declares a dataclass whose field names are the config.json names themselves, with
+transformers' defaults. `from_dict` keeps the declared fields (unknown keys cost nothing but stay
+available in `.raw`), checks each value's type, and the family's `validate()` checks the numbers,
+so a bad config fails with a `ConfigError` that names the field instead of deep inside a layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, list):
+            return False
+        args = get_args(tp)
+        return not args or all(_type_ok(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Base of every family's config dataclass."""
+
+    model_type: str = ""
+    architectures: list | None = None
+    torch_dtype: str | None = None
+    dtype: str | None = None
+    # The whole config.json, for the rare key a family reads without declaring it.
+    raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    _hints_cache: ClassVar[dict] = {}
+
+    @classmethod
+    def _hints(cls) -> dict[str, Any]:
+        if cls not in ModelConfig._hints_cache:
+            ModelConfig._hints_cache[cls] = get_type_hints(cls)
+        return ModelConfig._hints_cache[cls]
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides):
+        """Build from a config.json dict; unknown keys are ignored, known ones type-checked."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        d = {**d, **overrides}
+        hints = cls._hints()
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "raw" or f.name not in d:
+                continue
+            value = d[f.name]
+            tp = hints.get(f.name, Any)
+            if isinstance(value, float) and value.is_integer() and _type_ok(1, tp) and not _type_ok(value, tp):
+                value = int(value)  # 4096.0 where an int is meant: harmless, accept it
+            if not _type_ok(value, tp):
+                raise ConfigError(
+                    f"config field {f.name!r} should be {_type_name(tp)}, got {type(value).__name__} {value!r:.80}"
+                )
+            kwargs[f.name] = value
+        try:
+            cfg = cls(**kwargs, raw=d)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ConfigError(f"invalid {cls.__module__.rsplit('.', 1)[-1]} config: {e}") from None
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        return cls.from_dict(load_json(path))
+
+    def validate(self) -> None:
+        """Check the numbers; families override and call `self._positive(...)`."""
+
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is None:
+                continue
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ConfigError(f"config field {n!r} must be {'non-negative' if allow_zero else 'positive'}, got {v}")
+
+    def _require(self, cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "raw"}
+        return out
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    """Read a JSON config file, turning every failure into a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -1,0 +1,63 @@
+"""The errors ember raises for bad input. Every one derives from `EmberError`.
+
+Messages say what is wrong and what to do about it; callers can catch `EmberError` to handle any
+bad model, file, config or request without catching programming errors.
+"""
+from __future__ import annotations
+
+
+class EmberError(Exception):
+    """Base class of every error ember raises for bad input (files, configs, requests)."""
+
+
+class CheckpointError(EmberError):
+    """A weight file is corrupt, truncated or inconsistent. Names the file and the offending field."""
+
+
+class TensorNotFoundError(CheckpointError, KeyError):
+    """A tensor the model needs is not in the checkpoint. Names the key and the nearest keys."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(CheckpointError):
+    """A tensor's shape in the checkpoint differs from what the model expects."""
+
+
+class ConfigError(EmberError):
+    """config.json (or GGUF metadata) is missing a field, has a wrong type or an impossible value."""
+
+
+class UnsupportedModelError(EmberError):
+    """The architecture is not implemented; the message lists what is supported."""
+
+
+class ModelNotFoundError(EmberError):
+    """A model id or path could not be resolved; the message says where ember looked."""
+
+
+class TokenizerError(EmberError):
+    """The tokenizer files are missing or unreadable."""
+
+
+class TemplateError(EmberError):
+    """A chat template failed to render, or tried something the sandbox forbids."""
+
+
+class GenerationError(EmberError):
+    """Bad generation arguments (negative max_tokens, prompt longer than the context, ...)."""
+
+
+__all__ = [
+    "EmberError",
+    "CheckpointError",
+    "TensorNotFoundError",
+    "ShapeMismatchError",
+    "ConfigError",
+    "UnsupportedModelError",
+    "ModelNotFoundError",
+    "TokenizerError",
+    "TemplateError",
+    "GenerationError",
+]

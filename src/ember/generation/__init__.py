@@ -1,0 +1,1 @@
+"""Sampling, the generation loop, streaming detokenisation and chat templates."""

@@ -1,0 +1,285 @@
+"""The generation loop: slots in a preallocated KV cache, batched prefill and decode, sampling,
+stop conditions and streaming text.
+
+A `Generator` owns a cache of `max_batch` rows ("slots"). Requests take free slots, are prefilled
+(several at once when they arrive together), then every `step()` decodes one token for all running
+slots in one forward. `run()` drives a fixed set of requests to completion (what `generate`,
+`stream` and `chat` use); the server calls `add()` and `step()` itself so that new requests join
+the running batch as slots free up (continuous batching).
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import GenerationError
+from .detokenize import StreamDecoder
+from .sampling import SamplingParams, apply_repetition_penalty, logprobs_of, sample
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass
+class Event:
+    """One step's news for one request: a token, the text it completed, and whether it ended."""
+
+    request: Request
+    token_id: int | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class _Seq:
+    """A request in a slot."""
+
+    def __init__(self, req: Request, slot: int, tokenizer, eos_ids: set[int], vocab: int, device, max_len: int):
+        self.req, self.slot = req, slot
+        self.pos = len(req.prompt_ids)  # the cache column the next fed token goes to
+        self.out: list[int] = []
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None  # None: token ids only
+        self.text = ""  # all generated text (before stop truncation)
+        self.emitted = 0  # chars of self.text already sent
+        self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos_ids)
+        self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
+        self.gen = None
+        if req.sampling.seed is not None and not req.sampling.greedy:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(req.sampling.seed)
+        self.seen = None
+        if req.sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(req.prompt_ids, device=device)] = True
+
+    def push_text(self, piece: str, final: bool) -> tuple[str, bool]:
+        """Add decoded text; return (text safe to emit now, whether a stop string ended it)."""
+        self.text += piece
+        stops = [s for s in self.req.stop if s]
+        if stops:
+            start = max(0, self.emitted - max(map(len, stops)) + 1)
+            hits = [(i, s) for s in stops if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                i, _ = min(hits)
+                out = self.text[self.emitted:i] if i > self.emitted else ""
+                self.emitted = max(self.emitted, i)
+                return out, True
+            if not final:
+                # hold back a tail that could still grow into a stop string
+                hold = 0
+                for s in stops:
+                    for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                        if self.text.endswith(s[:n]):
+                            hold = max(hold, n)
+                            break
+                end = len(self.text) - hold
+                out = self.text[self.emitted:end] if end > self.emitted else ""
+                self.emitted = max(self.emitted, end)
+                return out, False
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out, False
+
+
+class Generator:
+    """Continuous-batching generation over one model. Not thread-safe: one driver calls add/step."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None,
+                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512):
+        self.model, self.tok = model, tokenizer
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.max_context, model.max_context)
+        self.eos_ids = set(eos_ids)
+        self.prefill_chunk = prefill_chunk
+        self.vocab = model.config.vocab_size
+        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        self.slots: list[_Seq | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.step_hook: Callable | None = None  # engine: replaces the decode forward
+
+    # ---- admission ----------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        n = len(req.prompt_ids)
+        if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 0:
+            raise GenerationError(f"max_tokens must be a non-negative integer, got {req.max_tokens!r}")
+        if n == 0:
+            raise GenerationError("the prompt is empty (no tokens); give some text or a chat message")
+        if n >= self.max_len:
+            raise GenerationError(f"the prompt has {n} tokens but the context holds {self.max_len}; shorten it")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab for t in req.prompt_ids):
+            raise GenerationError(f"prompt token ids must be integers in [0, {self.vocab})")
+        req.sampling.validate()
+
+    def add(self, req: Request) -> None:
+        self.check(req)
+        self.waiting.append(req)
+
+    def abort(self, req_id: int) -> None:
+        """Drop a request (a client went away): its slot frees at once."""
+        self.waiting = deque(r for r in self.waiting if r.id != req_id)
+        for i, s in enumerate(self.slots):
+            if s is not None and s.req.id == req_id:
+                self.slots[i] = None
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.running > 0
+
+    # ---- the loop -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots (prefill), then decode one token for the rest."""
+        events: list[Event] = []
+        new = self._admit(events)
+        running = [s for s in self.slots if s is not None and s not in new]
+        if running:
+            events += self._decode(running)
+        return events
+
+    def run(self, requests: Sequence[Request]) -> Iterator[Event]:
+        for r in requests:
+            self.check(r)  # all or nothing
+        self.waiting.extend(requests)
+        while self.has_work():
+            yield from self.step()
+
+    def _admit(self, events: list[Event]) -> list[_Seq]:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        batch: list[_Seq] = []
+        while self.waiting and free:
+            req = self.waiting.popleft()
+            seq = _Seq(req, free.pop(0), self.tok, self.eos_ids, self.vocab, self.device, self.max_len)
+            if seq.limit <= 0:
+                events.append(Event(req, None, "", True, "length"))
+                continue
+            self.slots[seq.slot] = seq
+            batch.append(seq)
+        if not batch:
+            return []
+        # Prefill runs of consecutive slots together (one forward each), long prompts in chunks.
+        batch.sort(key=lambda s: s.slot)
+        runs: list[list[_Seq]] = []
+        for s in batch:
+            if runs and runs[-1][-1].slot + 1 == s.slot:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        for run in runs:
+            logits = self._prefill(run)
+            events += self._emit(run, logits)
+        return batch
+
+    def _prefill(self, run: list[_Seq]) -> torch.Tensor:
+        lens = [len(s.req.prompt_ids) for s in run]
+        T = max(lens)
+        ids = torch.zeros(len(run), T, dtype=torch.long)
+        for i, s in enumerate(run):
+            ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
+        ids = ids.to(self.device)
+        rows = slice(run[0].slot, run[-1].slot + 1)
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        out = None
+        for c0 in range(0, T, self.prefill_chunk):
+            c1 = min(T, c0 + self.prefill_chunk)
+            pos = torch.arange(c0, c1, device=self.device).expand(len(run), -1)
+            # rows whose prompt ends inside this chunk give their last-token logits now
+            idx = (last - c0).clamp(0, c1 - c0 - 1)
+            logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=c1,
+                                cache_rows=rows, logits_index=idx)
+            if out is None:
+                out = logits[:, 0]
+            else:
+                ends_here = (last >= c0) & (last < c1)
+                out = torch.where(ends_here[:, None], logits[:, 0], out)
+        return out
+
+    def _decode(self, running: list[_Seq]) -> list[Event]:
+        hi = max(s.slot for s in running) + 1
+        ids = torch.zeros(hi, 1, dtype=torch.long)
+        # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
+        # token to the last column, which no live sequence reads before writing it itself.
+        pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
+        for s in running:
+            ids[s.slot, 0] = s.out[-1]
+            pos[s.slot, 0] = s.pos
+        kv_len = max(s.pos for s in running) + 1
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        if self.step_hook is not None:
+            logits = self.step_hook(ids, pos, kv_len)
+        else:
+            logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+        for s in running:
+            s.pos += 1
+        order = [s.slot for s in running]
+        return self._emit(running, logits[order] if order != list(range(hi)) else logits)
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Event]:
+        """Sample one token per sequence from its logits row; advance, detokenise, check stops."""
+        logits = logits.float()
+        toks = self._sample(seqs, logits)
+        want_lp = [s.req.logprobs is not None for s in seqs]
+        lp = top_v = top_i = None
+        if any(want_lp):
+            k = max(s.req.logprobs or 0 for s in seqs)
+            lp, top_v, top_i = logprobs_of(logits, toks, k)
+            lp = lp.tolist()
+            if top_v is not None:
+                top_v, top_i = top_v.tolist(), top_i.tolist()
+        tok_list = toks.tolist()
+        events = []
+        for i, s in enumerate(seqs):
+            t = tok_list[i]
+            if s.seen is not None:
+                s.seen[t] = True
+            s.out.append(t)
+            stop_tok = t in s.stop_ids
+            piece = "" if stop_tok or s.decoder is None else s.decoder.push(t)
+            length = len(s.out) >= s.limit
+            final = stop_tok or length
+            if final and not stop_tok and s.decoder is not None:
+                piece += s.decoder.flush()
+            text, stop_str = s.push_text(piece, final)
+            ev = Event(s.req, t, text)
+            if want_lp[i]:
+                ev.logprob = lp[i]
+                if s.req.logprobs:
+                    ev.top_logprobs = list(zip(top_i[i][: s.req.logprobs], top_v[i][: s.req.logprobs]))
+            if stop_tok or stop_str or length:
+                ev.finished = True
+                ev.finish_reason = "stop" if (stop_tok or stop_str) else "length"
+                self.slots[s.slot] = None
+            events.append(ev)
+        return events
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        if all(s.req.sampling.greedy and s.seen is None for s in seqs):
+            return logits.argmax(dim=-1)
+        out = []
+        for i, s in enumerate(seqs):
+            row = logits[i : i + 1]
+            if s.seen is not None:
+                row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
+            out.append(sample(row, s.req.sampling, s.gen))
+        return torch.cat(out)

@@ -1,0 +1,1 @@
+"""Checkpoint readers: safetensors (mmap, validated headers) and GGUF."""

@@ -1,0 +1,150 @@
+"""From a resolved snapshot to (config, model, tokenizer): the steps behind `ember.load`."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import registry
+from .config import load_json
+from .errors import CheckpointError, ConfigError
+from .hub import Snapshot
+from .varbuilder import DictSource, SafetensorsSource, VarBuilder
+
+log = logging.getLogger("ember")
+
+# Checkpoint tensors that are fine to leave unused (buffers older transformers saved).
+IGNORABLE_UNUSED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias$|\.attn\.bias$|position_ids$)")
+
+
+@dataclass
+class Loaded:
+    snapshot: Snapshot
+    entry: registry.Entry
+    config: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    generation_config: dict
+    dtype: torch.dtype
+    device: torch.device
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX): then bf16 is the fast CPU dtype."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    """bf16 on CUDA; on CPU the checkpoint's dtype, except 16-bit types the CPU computes slowly (→ f32)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "mps":
+        return torch.float16
+    if checkpoint_dtype == torch.bfloat16 and not cpu_bf16_fast():
+        return torch.float32
+    if checkpoint_dtype == torch.float16:
+        return torch.bfloat16 if cpu_bf16_fast() else torch.float32
+    if checkpoint_dtype in (torch.float32, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.float32
+
+
+def _dtype_from_config(raw: dict) -> torch.dtype | None:
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name) if isinstance(name, str) else None
+
+
+def _checkpoint_dtype(source) -> torch.dtype | None:
+    for k in source.keys():
+        dt = source.dtype(k) if hasattr(source, "dtype") else None
+        if isinstance(dt, torch.dtype) and dt.is_floating_point:
+            return dt
+    return None
+
+
+def tensor_source(snap: Snapshot):
+    if snap.format == "safetensors":
+        return SafetensorsSource(snap.weights)
+    if snap.format == "pytorch":
+        return _pickle_source(snap)
+    raise CheckpointError(f"unsupported weight format {snap.format!r}")
+
+
+def _pickle_source(snap: Snapshot) -> DictSource:
+    """pytorch_model.bin: only when no safetensors exist, and only through weights_only unpickling."""
+    tensors: dict[str, torch.Tensor] = {}
+    for p in snap.weights:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for hostile or corrupt files
+            raise CheckpointError(f"{p}: refused or unreadable as a weights-only PyTorch checkpoint: "
+                                  f"{type(e).__name__}: {str(e)[:200]}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{p}: not a state dict of tensors")
+        tensors.update(sd)
+    return DictSource(tensors, name=", ".join(p.name for p in snap.weights))
+
+
+def generation_config(snap: Snapshot) -> dict:
+    p = snap.file("generation_config.json")
+    if p is None:
+        return {}
+    try:
+        return load_json(p)
+    except ConfigError as e:
+        log.warning("ignoring generation_config.json: %s", e)
+        return {}
+
+
+def eos_ids(*sources: Any) -> list[int]:
+    """EOS ids gathered from config/generation_config values (int or list) and the tokenizer."""
+    out: list[int] = []
+    for v in sources:
+        vals = v if isinstance(v, list) else [v]
+        for x in vals:
+            if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x not in out:
+                out.append(x)
+    return out
+
+
+def build_model(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Module:
+    _, model_cls = entry.load()
+    model = model_cls(cfg, vb, **kw).eval()
+    unused = [k for k in vb.unused() if not IGNORABLE_UNUSED.search(k)]
+    if unused:
+        more = f" (+{len(unused) - 8} more)" if len(unused) > 8 else ""
+        log.warning("%d checkpoint tensors were not used: %s%s", len(unused), ", ".join(unused[:8]), more)
+    return model
+
+
+def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                  **model_kw) -> Loaded:
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if snap.format == "gguf":
+        from .io.gguf_loader import load_gguf
+
+        return load_gguf(snap, dtype, device, **model_kw)
+    if snap.config is None:
+        raise ConfigError(f"{snap.root}: no config.json beside the weights")
+    raw = load_json(snap.config)
+    entry = registry.lookup(raw)
+    cfg = entry.parse_config(raw)
+    source = tensor_source(snap)
+    if dtype is None:
+        dtype = default_dtype(device, _checkpoint_dtype(source) or _dtype_from_config(raw))
+    vb = VarBuilder(source, dtype, device)
+    model = build_model(entry, cfg, vb, **model_kw)
+    tokenizer = None
+    if snap.file("tokenizer.json") is not None:
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(snap.root)
+    else:
+        log.warning("%s has no tokenizer.json: text in/out is unavailable, token ids only", snap.root)
+    return Loaded(snap, entry, cfg, model, tokenizer, generation_config(snap), dtype, device)

@@ -1,0 +1,103 @@
+"""What every causal LM shares: positions, masks and cache plumbing, and the logits head.
+
+A family's `ForCausalLM` sets `self.model` (embeddings → layers → final norm, returning hidden
+states) and `self.lm_head`, and lists its layers' attention windows; forward() and new_cache()
+come from here, so every family takes the same arguments:
+
+    logits = model(input_ids)                                  # [B, T] -> [B, T, vocab] float32
+    logits = model(input_ids, attention_mask=mask)             # padded batch (left or right)
+    logits = model(ids, position_ids=pos, cache=c, kv_len=n)   # incremental decoding
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.attention import build_mask, positions_from_mask
+from ..nn.kv_cache import KVCache
+
+
+@dataclass
+class Step:
+    """Per-forward inputs every layer needs."""
+
+    position_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None
+    cache: KVCache | None
+    kv_len: int | None
+    _masks: dict
+    cache_rows: slice | None = None  # which cache rows this batch occupies (default: the first B)
+
+    def mask(self, window: int | None = None) -> torch.Tensor | None:
+        """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
+        if window not in self._masks:
+            self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=self.kv_len, window=window)
+        return self._masks[window]
+
+
+def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
+              cache_rows: slice | None = None) -> Step:
+    B, T = input_ids.shape[:2]
+    if position_ids is None:
+        if cache is not None:
+            raise ValueError("decoding with a cache needs position_ids")
+        position_ids = positions_from_mask(attention_mask, B, T, input_ids.device)
+    if cache is not None and kv_len is None:
+        kv_len = int(position_ids.max()) + 1
+    if cache is not None and attention_mask is not None:
+        raise ValueError("with a cache, padding is expressed through position_ids, not attention_mask")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows)
+
+
+class CausalLM(nn.Module):
+    """Base of every family's ForCausalLM. Subclasses set model, lm_head, config."""
+
+    final_logit_softcapping: float | None = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        logits_index: torch.Tensor | None = None,
+        cache_rows: slice | None = None,
+    ) -> torch.Tensor:
+        """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab]."""
+        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows)
+        h = self.model(input_ids, step)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
+        logits = self.lm_head(h)
+        if self.final_logit_softcapping:
+            c = self.final_logit_softcapping
+            logits = torch.tanh(logits.float() / c) * c
+        return logits.float()
+
+    def cache_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) per layer, for KVCache."""
+        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        p = next(iter(self.parameters()))
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 20)
+
+
+def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
+    """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own."""
+    from ..nn.layers import Linear, linear
+    import logging
+
+    if getattr(cfg, "tie_word_embeddings", False) or not vb.contains("lm_head.weight"):
+        if not getattr(cfg, "tie_word_embeddings", False):
+            logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
+        return Linear(embed_weight)
+    return linear(hidden, vocab, vb.pp("lm_head"))

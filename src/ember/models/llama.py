@@ -1,0 +1,160 @@
+"""Llama and the families that are Llama with flags: Mistral (sliding window), Qwen2 (q/k/v bias),
+Qwen3 (q/k RMSNorm, explicit head_dim).
+
+Reference: transformers/models/llama/modeling_llama.py (and mistral, qwen2, qwen3). Module and
+weight names are the checkpoint's own: model.layers.N.self_attn.q_proj, mlp.gate_proj, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..nn import Embedding, FusedLinears, RMSNorm, activation, apply_rotary, attention, linear, rotary_from_config
+from ..varbuilder import VarBuilder
+from .base import CausalLM, Step, tied_or_own_head
+
+
+@dataclass
+class Config(ModelConfig):
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
+    layer_types: list | None = None
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    # ember flags set by the registry for the remapped families (not config.json keys)
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v but not o
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+        self._positive("rms_norm_eps", allow_zero=True)
+        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
+                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                      f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.layer_types is not None:
+            self._require(len(self.layer_types) == self.num_hidden_layers,
+                          f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        activation(self.hidden_act)
+
+    def layer_windows(self) -> list[int | None]:
+        """The sliding window of each layer (None = full attention)."""
+        n, w = self.num_hidden_layers, self.sliding_window
+        if w is None:
+            return [None] * n
+        if self.layer_types is not None:
+            return [w if t == "sliding_attention" else None for t in self.layer_types]
+        if self.max_window_layers is not None:  # Qwen2/3: sliding from layer max_window_layers on
+            return [w if i >= self.max_window_layers else None for i in range(n)]
+        return [w] * n  # Mistral: every layer
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
+        super().__init__()
+        self.layer_idx, self.window = layer_idx, window
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.qkv = FusedLinears(E, {"q_proj": (H * D, vb.pp("q_proj")), "k_proj": (KV * D, vb.pp("k_proj")),
+                                    "v_proj": (KV * D, vb.pp("v_proj"))}, bias=qkv_bias, fuse=fuse)
+        self.o_proj = linear(H * D, E, vb.pp("o_proj"), bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm.from_vb(D, cfg.rms_norm_eps, vb.pp("q_norm"))
+            self.k_norm = RMSNorm.from_vb(D, cfg.rms_norm_eps, vb.pp("k_norm"))
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows)
+        o = attention(q, k, v, step.mask(self.window))
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+        super().__init__()
+        E, F_ = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up = FusedLinears(E, {"gate_proj": (F_, vb.pp("gate_proj")), "up_proj": (F_, vb.pp("up_proj"))},
+                                    bias=cfg.mlp_bias, fuse=fuse)
+        self.down_proj = linear(F_, E, vb.pp("down_proj"), bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x)
+        return self.down_proj(self.act(g) * u)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
+        super().__init__()
+        self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse)
+        self.mlp = MLP(cfg, vb.pp("mlp"), fuse)
+        self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
+        self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
+
+    def forward(self, x, cos, sin, step: Step):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+        super().__init__()
+        self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
+        windows = cfg.layer_windows()
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))
+        self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(step.position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, step)
+        return self.norm(x)
+
+
+class ForCausalLM(CausalLM):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.model = Model(cfg, vb.pp("model"), fuse)
+        self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)

@@ -1,0 +1,152 @@
+"""Layers built straight from checkpoint tensors: no random init, no state-dict round trip."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..varbuilder import VarBuilder
+
+
+def _param(t: torch.Tensor | None) -> nn.Parameter | None:
+    if t is None or isinstance(t, nn.Parameter):
+        return t
+    return nn.Parameter(t, requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W as stored in the checkpoint ([out, in])."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = _param(weight)
+        self.bias = _param(bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, dtype={self.weight.dtype}"
+
+
+def linear(in_features: int, out_features: int, vb: VarBuilder, bias: bool | None = False) -> nn.Module:
+    """A Linear from `vb` (`weight`, and `bias` when asked; bias=None means "if present").
+
+    A quantised checkpoint may hand back a packed weight: it then builds its own module
+    (`as_linear`) that keeps the weight packed.
+    """
+    w = vb.get((out_features, in_features), "weight", packed=True)
+    return linear_from_weight(w, _bias(vb, out_features, bias))
+
+
+def linear_from_weight(weight, bias: torch.Tensor | None = None) -> nn.Module:
+    """A Linear around an already loaded weight (plain tensor or packed)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.as_linear(bias)
+    return Linear(weight, bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = _param(weight)
+
+    @classmethod
+    def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> "Embedding":
+        return cls(vb.get((num, dim), "weight"))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers computes it: normalise in float32, cast back, then scale.
+
+    `offset=1.0` gives Gemma's (1 + w) scaling, which Gemma applies before the cast back.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0, scale_in_float: bool = False):
+        super().__init__()
+        self.weight = _param(weight)
+        self.eps = eps
+        self.offset = offset
+        self.scale_in_float = scale_in_float or offset != 0.0
+
+    @classmethod
+    def from_vb(cls, dim: int, eps: float, vb: VarBuilder, offset: float = 0.0, name: str = "weight", **kw) -> "RMSNorm":
+        return cls(vb.get((dim,), name), eps, offset, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.offset == 0.0:
+            return F.rms_norm(x, (x.shape[-1],), self.weight.float() if self.weight.dtype != x.dtype else self.weight, self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        if self.scale_in_float:
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5):
+        super().__init__()
+        self.weight = _param(weight)
+        self.bias = _param(bias)
+        self.eps = eps
+
+    @classmethod
+    def from_vb(cls, dim: int, eps: float, vb: VarBuilder, bias: bool | None = True, weight_name="weight", bias_name="bias") -> "LayerNorm":
+        w = vb.get((dim,), weight_name)
+        if bias is None:
+            b = vb.get_optional((dim,), bias_name)
+        else:
+            b = vb.get((dim,), bias_name) if bias else None
+        return cls(w, b, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+
+class FusedLinears(nn.Module):
+    """Several checkpoint Linears applied to the same input (q/k/v, gate/up), computed as one
+    matmul: the weights are concatenated once at load (the only copy kept). Returns the parts'
+    outputs as a tuple. With fuse=False, or packed weights that cannot be concatenated, the parts
+    stay separate modules named as in the checkpoint."""
+
+    def __init__(self, in_features: int, parts: dict[str, tuple[int, VarBuilder]], bias: bool | None = False, fuse: bool = True):
+        super().__init__()
+        self.sizes = [out for out, _ in parts.values()]
+        self.fused: nn.Module | None = None
+        self.parts = nn.ModuleDict()
+        weights = [vb.get((out, in_features), "weight", packed=True) for out, vb in parts.values()]
+        biases = [_bias(vb, out, bias) for out, vb in parts.values()]
+        plain = all(isinstance(w, torch.Tensor) for w in weights)
+        packed_cat = not plain and all(type(w) is type(weights[0]) for w in weights) and hasattr(weights[0], "cat_rows")
+        if fuse and len(parts) > 1 and (plain or packed_cat):
+            b = None
+            if any(x is not None for x in biases):
+                ref = next(x for x in biases if x is not None)
+                b = torch.cat([x if x is not None else ref.new_zeros(n) for x, n in zip(biases, self.sizes)])
+            w = torch.cat(weights, dim=0) if plain else weights[0].cat_rows(weights)
+            self.fused = linear_from_weight(w, b)
+        else:
+            for (name, _), w, b in zip(parts.items(), weights, biases):
+                self.parts[name] = linear_from_weight(w, b)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            return self.fused(x).split(self.sizes, dim=-1)
+        return tuple(m(x) for m in self.parts.values())
+
+
+def _bias(vb: VarBuilder, out: int, bias: bool | None):
+    if bias is None:
+        return vb.get_optional((out,), "bias")
+    return vb.get((out,), "bias") if bias else None

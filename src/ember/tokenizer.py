@@ -1,0 +1,192 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus what transformers keeps beside it (special tokens,
+add_bos, the chat template), read from tokenizer.json / tokenizer_config.json /
+special_tokens_map.json / chat_template.jinja, or built from GGUF metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .errors import TokenizerError
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _token_str(v: Any) -> str | None:
+    """A special token as stored: a string, or an AddedToken dict {"content": ...}."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+class Tokenizer:
+    """encode(str) -> list[int], decode(list[int]) -> str, and the chat template."""
+
+    def __init__(
+        self,
+        tokenizer,  # tokenizers.Tokenizer
+        *,
+        special_tokens: dict[str, str] | None = None,
+        chat_template: str | dict | list | None = None,
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        model_max_length: int | None = None,
+    ):
+        self.tk = tokenizer
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.model_max_length = model_max_length
+        self._special_ids = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
+        """From a Hugging Face folder: tokenizer.json and its companions."""
+        from tokenizers import Tokenizer as TkTokenizer
+
+        folder = Path(folder)
+        tj = folder / "tokenizer.json"
+        if not tj.is_file():
+            extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
+                (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
+            raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
+        try:
+            tk = TkTokenizer.from_file(str(tj))
+        except Exception as e:  # the Rust library raises plain Exceptions
+            raise TokenizerError(f"{tj}: cannot load: {e}") from None
+        cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        smap = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
+        special = {}
+        for name in SPECIAL_NAMES:
+            v = _token_str(cfg.get(name)) or _token_str(smap.get(name))
+            if v is not None:
+                special[name] = v
+        template = cfg.get("chat_template")
+        jinja = folder / "chat_template.jinja"
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        elif template is None and (folder / "chat_template.json").is_file():
+            template = _read_json(folder / "chat_template.json").get("chat_template")
+        mml = cfg.get("model_max_length")
+        return cls(
+            tk,
+            special_tokens=special,
+            chat_template=template,
+            add_bos_token=cfg.get("add_bos_token") if isinstance(cfg.get("add_bos_token"), bool) else None,
+            add_eos_token=cfg.get("add_eos_token") if isinstance(cfg.get("add_eos_token"), bool) else None,
+            model_max_length=mml if isinstance(mml, int) and mml < 1 << 40 else None,
+        )
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() needs a str, got {type(text).__name__}")
+        ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            ids = self._fix_bos_eos(ids)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        encs = self.tk.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [self._fix_bos_eos(e.ids) if add_special_tokens else e.ids for e in encs]
+
+    def _fix_bos_eos(self, ids: list[int]) -> list[int]:
+        # tokenizer_config's add_bos_token/add_eos_token win over tokenizer.json's post-processor, as in transformers.
+        if self.add_bos_token is not None and self.bos_token_id is not None:
+            has = bool(ids) and ids[0] == self.bos_token_id
+            if self.add_bos_token and not has:
+                ids = [self.bos_token_id] + ids
+        if self.add_eos_token and self.eos_token_id is not None and (not ids or ids[-1] != self.eos_token_id):
+            ids = ids + [self.eos_token_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __call__(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    # ---- special tokens -----------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tk.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tk.id_to_token(i)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("pad_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> set[int]:
+        if self._special_ids is None:
+            ids = {t for t in (self.token_to_id(v) for v in self.special_tokens.values()) if t is not None}
+            for i, tok in self.tk.get_added_tokens_decoder().items():
+                if tok.special:
+                    ids.add(i)
+            self._special_ids = ids
+        return self._special_ids
+
+    # ---- chat ---------------------------------------------------------------------------------
+    def template(self, name: str | None = None) -> str:
+        t = self.chat_template
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            t = named.get(name or "default") or next(iter(named.values()), None)
+        elif isinstance(t, dict):
+            t = t.get(name or "default") or next(iter(t.values()), None)
+        if not isinstance(t, str) or not t:
+            from .errors import TemplateError
+
+            raise TemplateError("this model has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); "
+                                "use generate() with a plain prompt instead")
+        return t
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
+                            documents=None, template: str | None = None, **kwargs) -> str:
+        """Render messages to the prompt string exactly as transformers' apply_chat_template(tokenize=False)."""
+        from .generation.chat_template import render
+
+        kw = {**self.special_tokens, **kwargs}
+        return render(template or self.template("tool_use" if tools else None), messages,
+                      add_generation_prompt=add_generation_prompt, tools=tools, documents=documents, **kw)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of the rendered chat (the template writes the special tokens itself)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)

@@ -1,0 +1,302 @@
+"""VarBuilder: the bridge from checkpoint tensors to layers, after Candle's `VarBuilder`.
+
+A layer is built from `(config, vb)` and pulls its own tensors:
+
+    attn = Attention(cfg, vb.pp("model.layers.0.self_attn"))   # inside: vb.get((out, in), "q_proj.weight")
+
+`get` checks the shape from the checkpoint header before any data is read, converts floating
+tensors to the builder's dtype and device (one copy, or none when they already match: tensors from
+a safetensors file are then views on its mmap), and records which checkpoint tensors were used so
+a load can report the ones nobody consumed.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
+
+import torch
+
+from .errors import CheckpointError, ShapeMismatchError, TensorNotFoundError
+
+Shape = Union[int, Sequence[int]]
+
+
+class TensorSource(Protocol):
+    """Where tensors come from: a set of safetensors files, a GGUF file, a dict."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def load(self, key: str) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+class SafetensorsSource:
+    """Tensors from one or more safetensors files (the shards of one checkpoint)."""
+
+    def __init__(self, files: Sequence[str | os.PathLike]):
+        from .io.safetensors import SafetensorsFile
+
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        if not files:
+            raise CheckpointError("no safetensors files given")
+        self.files = [SafetensorsFile(f) for f in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            for k in f.keys():
+                if k in self._where:
+                    raise CheckpointError(f"tensor {k!r} appears in both {self._where[k].path.name} and {f.path.name}")
+                self._where[k] = f
+
+    def keys(self):
+        return self._where.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._where[key].info(key).dtype
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._where[key].tensor(key)
+
+    def describe(self) -> str:
+        names = [f.path.name for f in self.files]
+        where = self.files[0].path.parent
+        return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} in {where}"
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.files[0].metadata)
+
+
+class DictSource:
+    """Tensors from an in-memory mapping (tests, conversions)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], name: str = "tensors"):
+        self.tensors = dict(tensors)
+        self.name = name
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def dtype(self, key: str):
+        return self.tensors[key].dtype
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass
+class _Shared:
+    """State shared by a builder and every builder derived from it with pp()/rename()."""
+
+    source: TensorSource
+    used: set[str] = field(default_factory=set)
+    _keys: list[str] | None = None
+
+    def all_keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = list(self.source.keys())
+        return self._keys
+
+
+KeyMap = Union[Callable[[str], Union[str, None]], Mapping[str, str]]
+
+
+class VarBuilder:
+    """Hands out checkpoint tensors by name under a prefix; see the module docstring."""
+
+    def __init__(
+        self,
+        source: TensorSource,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        prefix: str = "",
+        *,
+        renames: Sequence[Callable[[str], str | None]] = (),
+        _shared: _Shared | None = None,
+    ):
+        self.source = source
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.prefix = prefix
+        self._renames = tuple(renames)
+        self._shared = _shared or _Shared(source)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_mmaped_safetensors(
+        cls, files: str | os.PathLike | Sequence[str | os.PathLike], dtype: torch.dtype | None = None, device="cpu"
+    ) -> "VarBuilder":
+        """A builder over safetensors files (the shards of one checkpoint), memory-mapped."""
+        return cls(SafetensorsSource(files), dtype, device)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, device="cpu") -> "VarBuilder":
+        return cls(DictSource(tensors), dtype, device)
+
+    def _derive(self, prefix: str | None = None, renames=None, dtype=None, device=None) -> "VarBuilder":
+        return VarBuilder(
+            self.source,
+            dtype if dtype is not None else self.dtype,
+            device if device is not None else self.device,
+            self.prefix if prefix is None else prefix,
+            renames=self._renames if renames is None else renames,
+            _shared=self._shared,
+        )
+
+    def pp(self, name: str | int) -> "VarBuilder":
+        """Push a prefix: `vb.pp("model").pp("layers").pp(0)` reads `model.layers.0.*`."""
+        return self._derive(prefix=self._join(str(name)))
+
+    push_prefix = pp
+
+    def root(self) -> "VarBuilder":
+        return self._derive(prefix="")
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "VarBuilder":
+        return self._derive(dtype=dtype, device=device)
+
+    def rename(self, mapping: KeyMap) -> "VarBuilder":
+        """A builder that looks keys up through `mapping` first (full model key -> checkpoint key).
+
+        `mapping` is a callable returning the checkpoint key (or None to leave the key as is), or a
+        dict of prefixes `{model_prefix: checkpoint_prefix}` where the longest matching one applies.
+        """
+        if callable(mapping):
+            fn = mapping
+        else:
+            pairs = sorted(mapping.items(), key=lambda kv: -len(kv[0]))
+
+            def fn(key: str, pairs=pairs):
+                for a, b in pairs:
+                    if key == a or key.startswith(a) and (a == "" or a.endswith(".") or key[len(a)] == "."):
+                        return b + key[len(a):]
+                return None
+
+        return self._derive(renames=self._renames + (fn,))
+
+    # ---- lookups ------------------------------------------------------------------------------
+    def _join(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix and name else (self.prefix or name)
+
+    def _lookup(self, name: str) -> str | None:
+        full = self._join(name)
+        keys = self._shared.source.keys()
+        for fn in reversed(self._renames):
+            mapped = fn(full)
+            if mapped is not None and mapped in keys:
+                return mapped
+        return full if full in keys else None
+
+    def contains(self, name: str) -> bool:
+        """Whether the checkpoint has `name` under the current prefix."""
+        return self._lookup(name) is not None
+
+    contains_tensor = contains
+
+    def keys(self) -> list[str]:
+        """Checkpoint keys under the current prefix (relative to it)."""
+        p = self.prefix + "." if self.prefix else ""
+        return [k[len(p):] for k in self._shared.all_keys() if k.startswith(p)]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shared.source.shape(self._require(name)))
+
+    def _require(self, name: str) -> str:
+        key = self._lookup(name)
+        if key is None:
+            full = self._join(name)
+            near = difflib.get_close_matches(full, self._shared.all_keys(), n=5, cutoff=0.6)
+            hint = f"; nearest keys: {', '.join(near)}" if near else ""
+            raise TensorNotFoundError(f"tensor {full!r} not found in {self._shared.source.describe()}{hint}")
+        return key
+
+    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+        """The tensor `name` under the prefix, checked against `shape` before its data is read.
+
+        Floating tensors are converted to `dtype` (default: the builder's); integer ones keep theirs.
+        With `packed=True` a quantised tensor (GGUF) is returned packed instead of dequantised.
+        """
+        key = self._require(name)
+        if shape is not None:
+            want = (shape,) if isinstance(shape, int) else tuple(shape)
+            found = tuple(self._shared.source.shape(key))
+            if want != found:
+                raise ShapeMismatchError(
+                    f"tensor {key!r} in {self._shared.source.describe()} has shape {list(found)}, "
+                    f"the model expects {list(want)} (does config.json match the weights?)"
+                )
+        return self._load(key, dtype, packed)
+
+    def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+        """The tensor `name` with whatever shape the checkpoint has."""
+        return self._load(self._require(name), dtype, packed)
+
+    def get_optional(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+        """Like `get`, but None when the checkpoint has no such tensor (optional biases...)."""
+        return self.get(shape, name, dtype, packed=packed) if self.contains(name) else None
+
+    def get_sharded(self, name: str, dim: int, rank: int, world_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """This rank's slice of `name` along `dim` (tensor parallelism): only that slice is copied."""
+        key = self._require(name)
+        shape = self._shared.source.shape(key)
+        if shape[dim] % world_size:
+            raise ShapeMismatchError(f"tensor {key!r} dim {dim} of size {shape[dim]} does not split into {world_size} shards")
+        size = shape[dim] // world_size
+        raw = self._shared.source.load(key)
+        if not isinstance(raw, torch.Tensor):
+            raw = raw.dequantize(torch.float32)
+        self._shared.used.add(key)
+        return self._convert(raw.narrow(dim, rank * size, size), dtype)
+
+    def _load(self, key: str, dtype, packed: bool):
+        raw = self._shared.source.load(key)
+        self._shared.used.add(key)
+        if not isinstance(raw, torch.Tensor):  # a packed quantised tensor
+            if packed:
+                return raw.to(self.device)
+            return raw.dequantize(dtype or self.dtype or torch.float32).to(self.device)
+        return self._convert(raw, dtype)
+
+    def _convert(self, t: torch.Tensor, dtype) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(device=self.device, dtype=dtype)
+        return t.to(self.device)  # no copy when already there
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+    def unused(self) -> list[str]:
+        """Checkpoint keys no layer has consumed yet."""
+        used = self._shared.used
+        return [k for k in self._shared.all_keys() if k not in used]
+
+    def __repr__(self) -> str:
+        return f"VarBuilder(prefix={self.prefix!r}, dtype={self.dtype}, device={self.device}, source={self._shared.source.describe()})"
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the index's shards, or `*.safetensors`."""
+    from .io.safetensors import read_index
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return read_index(index)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(folder.glob("*.safetensors"))
