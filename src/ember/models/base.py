@@ -88,7 +88,13 @@ class CausalLM(nn.Module):
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 20)
+        """The longest sequence the model is meant for: max_position_embeddings, times the factor of
+        rope scalings that extend it at run time (dynamic NTK)."""
+        n = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 20)
+        rotary = getattr(getattr(self, "model", None), "rotary", None)
+        if rotary is not None and getattr(rotary, "type", None) == "dynamic":
+            n = int(n * rotary.factor)
+        return n
 
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
