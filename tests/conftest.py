@@ -21,3 +21,11 @@ def smollm2_gguf():
     import realmodels
 
     return realmodels.smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """Folder of a tiny random Llama with a trained BPE tokenizer and a ChatML template."""
+    import tinymodels
+
+    return tinymodels.tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"))
