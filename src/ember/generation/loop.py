@@ -102,7 +102,7 @@ class Generator:
     """Continuous-batching generation over one model. Not thread-safe: one driver calls add/step."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None,
-                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512):
+                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512, cache=None):
         self.model, self.tok = model, tokenizer
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -111,7 +111,10 @@ class Generator:
         self.eos_ids = set(eos_ids)
         self.prefill_chunk = prefill_chunk
         self.vocab = model.config.vocab_size
-        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        # The engine passes its own persistent cache (CUDA graphs capture its addresses).
+        self.cache = cache if cache is not None else model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        if cache is not None:
+            self.max_len = min(self.max_len, cache.max_len)
         self.slots: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.step_hook: Callable | None = None  # engine: replaces the decode forward
