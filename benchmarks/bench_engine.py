@@ -47,7 +47,7 @@ def ember_from_hf(preset: str, hf, dtype, device):
     cfg = entry.parse_config(raw)
     _, cls = entry.load()
     vb = VarBuilder.from_tensors(hf.state_dict(), dtype, device)
-    return cls(cfg, vb).eval()
+    return cls(cfg, vb).eval().to(device)
 
 
 def hf_decode(hf, batch: int, prompt_len: int, gen_len: int, vocab: int, device) -> float:
@@ -95,7 +95,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--variants", default="eager,graphs", help="comma list of eager, graphs, compiled")
+    ap.add_argument("--variants", default="eager,graphs",
+                    help="comma list of eager, graphs, compiled (max-autotune-no-cudagraphs), compiled_default")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
@@ -114,7 +115,8 @@ def main():
     print(json.dumps(results), flush=True)
     for variant in args.variants.split(","):
         eng = Engine(model, None, [], max_batch=max(batches), max_len=args.prompt + args.tokens + 8,
-                     cuda_graphs=variant != "eager", compile=variant == "compiled")
+                     cuda_graphs=variant != "eager",
+                     compile={"compiled": True, "compiled_default": "default"}.get(variant, False))
         r = bench(model, None, device=device, dtype=dtype, batches=batches, prompt_len=args.prompt,
                   gen_len=args.tokens, prefill_len=512 if args.prompt + args.tokens + 8 >= 512 else args.prompt,
                   engine=eng, label=args.config)

@@ -13,7 +13,8 @@ from .graphs import DEFAULT_BUCKETS, StaticDecoder
 
 class Engine:
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 32, max_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False, buckets=DEFAULT_BUCKETS, dtype=None):
+                 cuda_graphs: bool | None = None, compile: bool | str = False, buckets=DEFAULT_BUCKETS, dtype=None):
+        """compile: False, True (torch.compile mode "max-autotune-no-cudagraphs"), or a mode name."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
         p = next(model.parameters())
         self.device = p.device
@@ -22,8 +23,9 @@ class Engine:
         self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
         use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         # On CPU "graphs" means the same static-shape step run eagerly (what the tests exercise).
+        mode = compile if isinstance(compile, str) else "max-autotune-no-cudagraphs"
         self.decoder = StaticDecoder(model, self.cache, buckets=buckets, capture=use_graphs and self.device.type == "cuda",
-                                     compile=compile) if (use_graphs or compile) else None
+                                     compile=bool(compile), compile_mode=mode) if (use_graphs or compile) else None
 
     def generator(self, max_batch: int | None = None, longest: int | None = None) -> Generator:
         """A Generator over the engine's cache. Requests longer than the engine's context fall back

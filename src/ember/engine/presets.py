@@ -77,4 +77,4 @@ def random_model(preset: str | dict, dtype=torch.bfloat16, device="cpu", **model
     cfg = entry.parse_config(raw)
     _, cls = entry.load()
     vb = RandomVarBuilder(dtype, device, tie=bool(raw.get("tie_word_embeddings", False)))
-    return cfg, cls(cfg, vb, **model_kw).eval()
+    return cfg, cls(cfg, vb, **model_kw).eval().to(device)

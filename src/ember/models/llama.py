@@ -142,7 +142,7 @@ class Model(nn.Module):
             DecoderLayer(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))
-        self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings)
+        self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings, device=vb.device)
 
     def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
