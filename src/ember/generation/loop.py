@@ -210,7 +210,7 @@ class Generator:
             # rows whose prompt ends inside this chunk give their last-token logits now
             idx = (last - c0).clamp(0, c1 - c0 - 1)
             logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=c1,
-                                cache_rows=rows, logits_index=idx)
+                                cache_rows=rows, logits_index=idx, fresh=c0 == 0)
             if out is None:
                 out = logits[:, 0]
             else:

@@ -8,14 +8,8 @@ visible to a query at position p when j <= p (and p - j < window for sliding lay
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
-
-# Single-query attention written out (matmul, masked softmax, matmul) instead of an SDPA kernel:
-# under torch.compile the mask and softmax fuse into one kernel. Chosen by measurement, see BENCHMARKS.md.
-_DECODE_MATH = os.environ.get("EMBER_DECODE_ATTN", "") == "math"
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -74,11 +68,6 @@ def attention(
     B, H, T, D = q.shape
     KV = k.shape[1]
     gqa = KV != H
-    if T == 1 and _DECODE_MATH and mask is not None and mask.shape[1] == 1:
-        qg = q.view(B, KV, H // KV, D)
-        scores = torch.matmul(qg, k.transpose(-1, -2)) * (scale if scale is not None else D**-0.5)
-        probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
-        return torch.matmul(probs, v).view(B, H, 1, D)
     if gqa and T == 1 and mask is not None and mask.shape[1] == 1:
         # Decode with grouped queries: fold each KV head's query group into the query-length axis,
         # so the kernel sees plain multi-head attention over KV heads (no K/V repeat, no GQA path).
