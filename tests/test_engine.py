@@ -73,3 +73,20 @@ def test_presets_build_models_with_random_weights(preset):
     small = dict(PRESETS[preset], num_hidden_layers=2, vocab_size=512)
     cfg, model = random_model(small, torch.float32)
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
+
+
+def test_engine_mixed_sampling_and_logprobs_match_plain_path(llm):
+    def run(l):
+        reqs = [l.request("Once upon", 12, temperature=0.8, seed=3, ignore_eos=True),
+                l.request("The quick", 12, ignore_eos=True, logprobs=2)]
+        out = {r.id: [] for r in reqs}
+        for ev in l.events(reqs):
+            out[ev.request.id].append((ev.token_id, None if ev.logprob is None else round(ev.logprob, 4)))
+        return [out[r.id] for r in reqs]
+
+    want = run(llm)
+    engine.enable(llm, max_batch=4, max_len=64, cuda_graphs=True)  # static path, eager on CPU
+    try:
+        assert run(llm) == want
+    finally:
+        engine.disable(llm)

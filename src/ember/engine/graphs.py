@@ -25,11 +25,17 @@ def bucket_for(n: int, buckets) -> int:
 
 
 class StaticDecoder:
-    """decode(ids [n,1], pos [n,1]) -> logits [n, vocab] through per-bucket static buffers.
+    """decode(ids [n,1], pos [n,1]) -> (logits [n, vocab], greedy tokens [n]) through per-bucket
+    static buffers.
 
     On CUDA (capture=True) each bucket's step is captured once in a CUDA graph, optionally after
     torch.compile. Elsewhere the same static-shape step runs eagerly (what CPU tests exercise).
+    The step also feeds itself: it writes its argmax tokens and the next positions back into its
+    input buffers, so while every running row decodes greedily the host only calls `replay(n)` and
+    reads the tokens — one launch and one small copy per token.
     """
+
+    feedback = True
 
     def __init__(self, model, cache, *, buckets=DEFAULT_BUCKETS, capture: bool | None = None,
                  compile: bool = False, compile_mode: str = "max-autotune-no-cudagraphs"):
@@ -48,9 +54,14 @@ class StaticDecoder:
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph or None, ids, pos, out)
         self.capture_seconds = 0.0
 
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor):
         B = ids.shape[0]
-        return self.model(ids, position_ids=pos, cache=self.cache, kv_len=self.max_len, cache_rows=slice(0, B))[:, 0]
+        logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=self.max_len, cache_rows=slice(0, B))[:, 0]
+        tok = logits.argmax(dim=-1)
+        ids.copy_(tok[:, None])
+        # idle rows sit on the scratch column max_len - 1 and stay there
+        pos.copy_(torch.clamp(pos + 1, max=self.max_len - 1))
+        return logits, tok
 
     def _build(self, b: int):
         ids = torch.zeros(b, 1, dtype=torch.long, device=self.device)
@@ -83,19 +94,31 @@ class StaticDecoder:
             if b not in self.graphs:
                 self.graphs[b] = self._build(b)
 
-    @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        n = ids.shape[0]
+    def _get(self, n: int):
         b = bucket_for(n, self.buckets)
         if b not in self.graphs:
             self.graphs[b] = self._build(b)
-        g, sids, spos, out = self.graphs[b]
+        return b, self.graphs[b]
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int | None = None):
+        """Load new inputs for the first n rows (the rest of the bucket idles), then step."""
+        n = ids.shape[0]
+        b, (g, sids, spos, out) = self._get(n)
         sids[:n].copy_(ids, non_blocking=True)
         spos[:n].copy_(pos, non_blocking=True)
         if n < b:
             sids[n:].zero_()
             spos[n:].fill_(self.max_len - 1)
+        return self.replay(n)
+
+    @torch.inference_mode()
+    def replay(self, n: int):
+        """Step again from the inputs the previous step left in the buffers."""
+        b, (g, sids, spos, out) = self._get(n)
         if g is None:
-            return self._fn(sids, spos)[:n]
-        g.replay()
-        return out[:n]
+            logits, tok = self._fn(sids, spos)
+        else:
+            g.replay()
+            logits, tok = out
+        return logits[:n], tok[:n]

@@ -118,6 +118,7 @@ class Generator:
         self.slots: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.step_hook: Callable | None = None  # engine: replaces the decode forward
+        self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -220,37 +221,60 @@ class Generator:
 
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
-        ids = torch.zeros(hi, 1, dtype=torch.long)
-        # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
-        # token to the last column, which no live sequence reads before writing it itself.
-        pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
-        for s in running:
-            ids[s.slot, 0] = s.out[-1]
-            pos[s.slot, 0] = s.pos
-        kv_len = max(s.pos for s in running) + 1
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        if self.step_hook is not None:
-            logits = self.step_hook(ids, pos, kv_len)
+        greedy = all(s.req.sampling.greedy and s.seen is None for s in running)
+        hook = self.step_hook
+        feedback = hook is not None and getattr(hook, "feedback", False) and greedy
+        signature = (hi, tuple((s.slot, s.req.id) for s in running))
+        toks = None
+        if feedback and self._synced == signature:
+            # The device already holds every row's next input (last step's argmax, position + 1).
+            logits, toks = hook.replay(hi)
         else:
-            logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+            ids = torch.zeros(hi, 1, dtype=torch.long)
+            # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
+            # token to the last column, which no live sequence reads before writing it itself.
+            pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
+            for s in running:
+                ids[s.slot, 0] = s.out[-1]
+                pos[s.slot, 0] = s.pos
+            kv_len = max(s.pos for s in running) + 1
+            ids, pos = ids.to(self.device), pos.to(self.device)
+            if hook is not None:
+                out = hook(ids, pos, kv_len)
+                logits, toks = out if isinstance(out, tuple) else (out, None)
+            else:
+                logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+        self._synced = signature if feedback else None
         for s in running:
             s.pos += 1
         order = [s.slot for s in running]
-        return self._emit(running, logits[order] if order != list(range(hi)) else logits)
+        if order == list(range(hi)):
+            return self._emit(running, logits, toks if greedy else None)
+        # logits rows only for the running slots; greedy tokens are picked on the host by slot
+        tok_rows = None
+        if greedy and toks is not None:
+            all_toks = toks.tolist()
+            tok_rows = [all_toks[i] for i in order]
+        return self._emit(running, logits[order] if (tok_rows is None or any(
+            s.req.logprobs is not None for s in running)) else logits, tok_rows)
 
-    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Event]:
-        """Sample one token per sequence from its logits row; advance, detokenise, check stops."""
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor, toks=None) -> list[Event]:
+        """Sample one token per sequence from its logits row (unless `toks` came precomputed:
+        greedy tokens from the engine, a tensor or host list aligned with seqs); advance,
+        detokenise, check stops."""
         logits = logits.float()
-        toks = self._sample(seqs, logits)
+        if toks is None:
+            toks = self._sample(seqs, logits)
         want_lp = [s.req.logprobs is not None for s in seqs]
         lp = top_v = top_i = None
         if any(want_lp):
             k = max(s.req.logprobs or 0 for s in seqs)
-            lp, top_v, top_i = logprobs_of(logits, toks, k)
+            tt = toks if isinstance(toks, torch.Tensor) else torch.tensor(toks, device=logits.device)
+            lp, top_v, top_i = logprobs_of(logits, tt, k)
             lp = lp.tolist()
             if top_v is not None:
                 top_v, top_i = top_v.tolist(), top_i.tolist()
-        tok_list = toks.tolist()
+        tok_list = toks.tolist() if isinstance(toks, torch.Tensor) else toks
         events = []
         for i, s in enumerate(seqs):
             t = tok_list[i]
