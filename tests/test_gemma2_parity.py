@@ -48,3 +48,17 @@ def test_gemma2_matches_transformers(tmp_path, shape):
     assert windows == [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types]
     assert None in windows and cfg.sliding_window in windows
     _caps_bite(llm, torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(attn_logit_softcapping=0), "attn_logit_softcapping"), (dict(final_logit_softcapping=-5.0), "final_logit"),
+    (dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"), (dict(layer_types=["sliding_attention"]), "layer_types"),
+    (dict(layer_types=["sliding_attention", "chunked_attention"]), "chunked_attention"),
+    (dict(sliding_window=0), "sliding_window"), (dict(num_key_value_heads=3), "multiple")])
+def test_gemma2_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "gemma2", **BASE, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)

@@ -81,3 +81,15 @@ def test_gemma3_multimodal_checkpoint_matches_transformers(tmp_path, tie):
     llm = check_parity(hf, folder, text.vocab_size)
     assert llm.model.final_logit_softcapping is None
     assert (llm.model.lm_head.weight is llm.model.model.embed_tokens.weight) == tie
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(sliding_window_pattern=0), "sliding_window_pattern"), (dict(rope_local_base_freq=-1.0), "rope_local_base_freq"),
+    (dict(use_bidirectional_attention=True), "bidirectional"), (dict(head_dim=0), "head_dim")])
+def test_gemma3_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "gemma3_text", **TEXT, "num_hidden_layers": 2, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)

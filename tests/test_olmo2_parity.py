@@ -23,3 +23,15 @@ def test_olmo2_matches_transformers(tmp_path, shape):
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
     attn = llm.model.model.layers[0].self_attn
     assert attn.qk_norm == "full" and attn.k_norm.weight.shape == (cfg.num_key_value_heads * 16,)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rms_norm_eps=-1e-5), "rms_norm_eps"), (dict(num_key_value_heads=3), "multiple"),
+    (dict(hidden_size=0), "hidden_size")])
+def test_olmo2_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "olmo2", **BASE, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)

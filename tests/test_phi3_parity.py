@@ -51,3 +51,14 @@ def test_phi3_rejects_other_rope_types():
     raw = {"model_type": "phi3", **BASE, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     with pytest.raises(ConfigError, match="phi3 supports"):
         lookup(raw).parse_config(raw)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(partial_rotary_factor=2.0), "partial_rotary_factor"), (dict(num_key_value_heads=3), "multiple")])
+def test_phi3_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "phi3", **BASE, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)

@@ -45,3 +45,16 @@ def test_phi_legacy_partial_rotary_key(tmp_path):
     raw.update(partial_rotary_factor=0.4, rope_theta=10000.0, rope_scaling=None)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert ember.load(str(tmp_path)).model.model.rotary.rotary_dim == 6
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(partial_rotary_factor=0), "partial_rotary_factor"), (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
+    (dict(num_key_value_heads=3), "multiple"), (dict(layer_norm_eps=-1e-5), "layer_norm_eps"),
+    (dict(hidden_act="nope"), "activation")])
+def test_phi_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "phi", **BASE, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)

@@ -32,8 +32,8 @@ class Config(gemma2.Config):
     qk_norm: bool = True
 
     def validate(self) -> None:
-        super().validate()
         self._positive("sliding_window_pattern", "rope_local_base_freq")
+        super().validate()
 
     def default_layer_types(self) -> list[str]:
         p = self.sliding_window_pattern

@@ -70,6 +70,7 @@ class Config(ModelConfig):
         if self.layer_types is not None:
             self._require(len(self.layer_types) == self.num_hidden_layers,
                           f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        check_partial_rotary(self)
         activation(self.hidden_act)
 
     def layer_windows(self) -> list[int | None]:
@@ -91,6 +92,15 @@ def projections(in_features: int, parts: dict[str, tuple[int, VarBuilder]], vb: 
     if vb.contains(f"{fused_name}.weight"):
         return FusedLinears.from_fused(in_features, [n for n, _ in parts.values()], vb.pp(fused_name), bias=bias)
     return FusedLinears(in_features, parts, bias=bias, fuse=fuse)
+
+
+def check_partial_rotary(cfg: ModelConfig) -> None:
+    """partial_rotary_factor (top level or in the rope dict) must be in (0, 1]."""
+    rope = cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling")
+    for f in (cfg.raw.get("partial_rotary_factor"), rope.get("partial_rotary_factor") if isinstance(rope, dict) else None):
+        if f is not None:
+            cfg._require(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1,
+                         f"partial_rotary_factor must be in (0, 1], got {f!r}")
 
 
 class Attention(nn.Module):

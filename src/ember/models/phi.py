@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from ..nn import Embedding, FusedLinears, LayerNorm, Linear, activation, apply_rotary, attention, linear, rotary_from_config
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step
+from .llama import check_partial_rotary
 
 
 @dataclass
@@ -49,13 +50,12 @@ class Config(ModelConfig):
 
     def validate(self) -> None:
         self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "max_position_embeddings", "partial_rotary_factor")
+                       "num_key_value_heads", "head_dim", "max_position_embeddings")
         self._positive("layer_norm_eps", allow_zero=True)
         self._require(self.num_attention_heads % self.num_key_value_heads == 0,
                       f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                       f"num_key_value_heads ({self.num_key_value_heads})")
-        self._require(self.partial_rotary_factor is None or self.partial_rotary_factor <= 1,
-                      f"partial_rotary_factor must be at most 1, got {self.partial_rotary_factor}")
+        check_partial_rotary(self)
         activation(self.hidden_act)
 
     def rope_config(self) -> dict:
