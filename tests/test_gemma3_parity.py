@@ -93,3 +93,28 @@ def test_gemma3_config_rejects_impossible_values(bad, match):
     raw = {"model_type": "gemma3_text", **TEXT, "num_hidden_layers": 2, **bad}
     with pytest.raises(ConfigError, match=match):
         lookup(raw).parse_config(raw)
+
+
+def test_gemma3_multimodal_in_memory_weight_names(tmp_path):
+    """The same checkpoint with transformers' in-memory names (model.language_model.*, lm_head.*)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    import ember
+
+    text = _text_config(**SHAPES["types_window8_mqa_untied"])
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=False)
+    hf = tiny_hf_model(cfg, Gemma3ForConditionalGeneration)
+    save(hf, tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    renamed = {k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head", "lm_head"): v
+               for k, v in tensors.items()}
+    assert "model.language_model.embed_tokens.weight" in renamed and "lm_head.weight" in renamed
+    save_file(renamed, str(f), metadata={"format": "pt"})
+    llm = ember.load(str(tmp_path), dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, text.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (llm.model(ids) - hf(ids).logits).abs().max() <= 1e-4
