@@ -58,7 +58,8 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
 class CausalLM(nn.Module):
     """Base of every family's ForCausalLM. Subclasses set model, lm_head, config."""
 
-    final_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None  # tanh soft-capping of the logits (Gemma 2)
+    logits_scaling: float = 1.0  # logits are divided by it (Granite)
 
     def forward(
         self,
@@ -80,6 +81,8 @@ class CausalLM(nn.Module):
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
         logits = self.lm_head(h)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
         if self.final_logit_softcapping:
             c = self.final_logit_softcapping
             logits = torch.tanh(logits.float() / c) * c

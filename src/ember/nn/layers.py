@@ -140,6 +140,17 @@ class FusedLinears(nn.Module):
             for (name, _), w, b in zip(parts.items(), weights, biases):
                 self.parts[name] = linear_from_weight(w, b)
 
+    @classmethod
+    def from_fused(cls, in_features: int, sizes: list[int], vb: VarBuilder, bias: bool | None = False) -> "FusedLinears":
+        """Parts the checkpoint already stores as one Linear (Phi-3's qkv_proj, gate_up_proj): `vb`'s
+        weight [sum(sizes), in_features] is used as is and its output split into `sizes`."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.sizes = list(sizes)
+        self.fused = linear(in_features, sum(self.sizes), vb, bias=bias)
+        self.parts = nn.ModuleDict()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is not None:
             return self.fused(x).split(self.sizes, dim=-1)
