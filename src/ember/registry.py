@@ -81,3 +81,19 @@ register("qwen2", "ember.models.llama", architectures=("Qwen2ForCausalLM",),
          defaults={"qkv_bias": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
 register("qwen3", "ember.models.llama", architectures=("Qwen3ForCausalLM",),
          defaults={"qk_norm": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
+
+
+def _qwen_moe_sliding(d: dict) -> dict:
+    # Qwen3-MoE slides every layer when use_sliding_window is true (max_window_layers is ignored).
+    return {**_qwen_sliding(d), "max_window_layers": None}
+
+
+register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
+register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalLM",),
+         defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
+                   "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
+         prepare=_qwen_moe_sliding)
+register("gpt2", "ember.models.gpt2", architectures=("GPT2LMHeadModel",))
+register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",))
+register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",))

@@ -124,9 +124,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
         super().__init__()
         self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse)
-        self.mlp = MLP(cfg, vb.pp("mlp"), fuse)
+        self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
         self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
+
+    def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
+        """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
+        return MLP(cfg, vb.pp("mlp"), fuse)
 
     def forward(self, x, cos, sin, step: Step):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
@@ -134,12 +138,14 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
+    layer_cls = DecoderLayer  # a family built on these layers sets its own
+
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
         windows = cfg.layer_windows()
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
+            self.layer_cls(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))
         self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings)
