@@ -138,14 +138,16 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    layer_cls = DecoderLayer  # a family built on these layers sets its own
+    """Embeddings → decoder layers → final RMSNorm. Families with Llama's outer structure but their
+    own layers pass `layer_cls` (built as layer_cls(cfg, vb, layer_idx, window, fuse))."""
 
-    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, layer_cls=None):
         super().__init__()
+        layer_cls = layer_cls or DecoderLayer
         self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
         windows = cfg.layer_windows()
         self.layers = nn.ModuleList(
-            self.layer_cls(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
+            layer_cls(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))
         self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings)

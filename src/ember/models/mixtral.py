@@ -73,13 +73,9 @@ class DecoderLayer(llama.DecoderLayer):
                                  cfg.num_experts_per_tok, cfg.norm_topk_prob, activation(cfg.hidden_act))
 
 
-class Model(llama.Model):
-    layer_cls = DecoderLayer
-
-
 class ForCausalLM(CausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = Model(cfg, vb.pp("model"), fuse)
+        self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)

@@ -99,7 +99,8 @@ class PerHeadLayerNorm(nn.Module):
 class Attention(llama.Attention):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool = True):
         super().__init__(cfg, vb, layer_idx, None, fuse)
-        if cfg.qk_layernorm:
+        if cfg.qk_layernorm:  # Llama's forward applies q_norm / k_norm to q, k as [B, T, heads, head_dim]
+            self.qk_norm = "head"
             D, eps = cfg.head_dim, cfg.layer_norm_eps
             self.q_norm = PerHeadLayerNorm(cfg.num_attention_heads, D, eps, vb.pp("q_layernorm"))
             self.k_norm = PerHeadLayerNorm(cfg.num_key_value_heads, D, eps, vb.pp("k_layernorm"))
