@@ -107,7 +107,7 @@ def save_state_dict(model, folder) -> str:
     from ember.io.safetensors import save_file
 
     model.config.save_pretrained(folder)
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     save_file(sd, Path(folder) / "model.safetensors")

@@ -1,9 +1,9 @@
 """Mixtral (sparse MoE, always-renormalised top-k) against transformers on tiny random checkpoints,
 in both expert layouts: the per-expert Hub layout save_pretrained writes
 (`block_sparse_moe.experts.N.w1/w2/w3`) and the fused in-memory one (`mlp.experts.gate_up_proj`)."""
-import json
-
 import pytest
+
+from ember.io.safetensors import read_header
 
 from parity import check_parity, save, save_state_dict, tiny_hf_model
 
@@ -30,8 +30,7 @@ def test_mixtral_hub_layout_matches_transformers(tmp_path, shape):
     cfg = _cfg(**SHAPES[shape])
     hf = tiny_hf_model(cfg)
     folder = save(hf, tmp_path)
-    keys = json.loads((tmp_path / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
-        (tmp_path / "model.safetensors").read_bytes()[:8], "little")])
+    keys, _ = read_header(tmp_path / "model.safetensors")
     assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in keys
     llm = check_parity(hf, folder, cfg.vocab_size)
     moe = llm.model.model.layers[0].mlp
