@@ -111,3 +111,19 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
          config_class="MultimodalConfig")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+
+
+def _qwen_moe_sliding(d: dict) -> dict:
+    # Qwen3-MoE slides every layer when use_sliding_window is true (max_window_layers is ignored).
+    return {**_qwen_sliding(d), "max_window_layers": None}
+
+
+register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
+register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalLM",),
+         defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
+                   "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
+         prepare=_qwen_moe_sliding)
+register("gpt2", "ember.models.gpt2", architectures=("GPT2LMHeadModel",))
+register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",))
+register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",))

@@ -168,10 +168,14 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
         super().__init__()
         self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
-        self.mlp = MLP(cfg, vb.pp("mlp"), fuse)
+        self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
         self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
+        """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
+        return MLP(cfg, vb.pp("mlp"), fuse)
 
     def forward(self, x, cos, sin, step: Step):
         m = self.residual_multiplier
@@ -183,8 +187,8 @@ class DecoderLayer(nn.Module):
 
 class Model(nn.Module):
     """Embeddings → decoder layers → final RMSNorm. Families with Llama's outer structure but their
-    own layers (OLMo 2) pass `layer_cls` (built as layer_cls(cfg, vb, layer_idx, window, fuse)) and
-    `norm_kw` for the final norm's variant."""
+    own layers (OLMo 2, the MoE families) pass `layer_cls` (built as layer_cls(cfg, vb, layer_idx, window,
+    fuse)) and `norm_kw` for the final norm's variant."""
 
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, layer_cls=None, norm_kw: dict | None = None):
         super().__init__()
