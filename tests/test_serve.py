@@ -78,7 +78,9 @@ def running_server(app):
 
 @pytest.fixture(scope="module")
 def llm(tiny_chat):
-    return ember.load(tiny_chat)
+    # CPU float32 on every machine: the tests compare batched server output with one-at-a-time greedy
+    # generation token for token, which reduced precision on a GPU does not guarantee.
+    return ember.load(tiny_chat, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -516,10 +518,41 @@ def test_cli_parser():
     assert args.func.__module__ == "ember.serve.cli"
 
 
-def test_json_default_sampling(llm):
+def test_sampling_defaults(llm):
     """Omitted sampling fields follow OpenAI (temperature 1) unless generation_config.json says otherwise."""
     from ember.serve.app import sampling_defaults
 
     assert sampling_defaults({}) == {}
     assert sampling_defaults({"temperature": 0.6, "top_p": 0.9, "do_sample": True}) == {"temperature": 0.6, "top_p": 0.9}
     assert json.dumps(sampling_defaults(llm.generation_config)) == "{}"
+
+
+def test_embeddings_only_server(llm):
+    """An app with only an embedding model (the STUB embedder): no generation endpoints."""
+    embedder = StubEmbedder(llm.tokenizer)
+    app = create_app(None, embedder, embedding_model_name="stub-only")
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as h:
+        assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["stub-only"]
+        r = h.post("/v1/embeddings", json={"input": ["a", "b", "c"], "encoding_format": "float"})
+        assert r.status_code == 200 and len(r.json()["data"]) == 3
+        r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert h.get("/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_embeddings_real_encoder():
+    """With a real encoder (all-MiniLM-L6-v2) through ember.embeddings, when that module exists."""
+    pytest.importorskip("ember.embeddings")
+    import realmodels
+
+    emb = ember.load(realmodels.minilm_dir())
+    texts = ["A man is eating food.", "A man is riding a horse."]
+    want = emb.embed(texts).float()
+    app = create_app(None, emb, embedding_model_name="minilm")
+    with running_server(app) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0) as c:
+            r = c.embeddings.create(model="minilm", input=texts)
+    got = torch.tensor([d.embedding for d in r.data])
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert r.usage.prompt_tokens > 0

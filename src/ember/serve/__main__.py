@@ -10,7 +10,7 @@ from .cli import add_parser
 def run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ember.serve")
     sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    add_parser(sub).prog = "python -m ember.serve"
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     from ..errors import EmberError
 

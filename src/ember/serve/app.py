@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
 from .engine import ClientGone, Engine, EngineFailure, Submission
-from .protocol import (ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat, parse_completion,
+from .protocol import (ApiError, GenParams, TokenText, finite, get_str, parse_chat, parse_completion,
                        parse_embeddings, parse_json, usage)
 
 log = logging.getLogger("ember.serve")

@@ -31,14 +31,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from .server import serve
 
-    model = args.model
+    model, name = args.model, args.served_model_name
     if model is None:
+        from pathlib import Path
+
         from ..fixtures import default_model
 
         model = default_model()
+        name = name or Path(model).stem  # not the cache path
     if args.max_batch < 1:
         raise SystemExit("ember serve: --max-batch must be at least 1")
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
-          max_len=args.max_len, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+          max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level)
     return 0
