@@ -17,6 +17,11 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 from .errors import ConfigError
 
 
+# The most layers a config may claim (real models have a few hundred at most).
+MAX_LAYERS = 1 << 16
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
@@ -90,6 +95,12 @@ class ModelConfig:
                     f"config field {f.name!r} should be {_type_name(tp)}, got {type(value).__name__} {value!r:.80}"
                 )
             kwargs[f.name] = value
+        for name in LAYER_COUNT_FIELDS:
+            v = kwargs.get(name)
+            if isinstance(v, int) and v > MAX_LAYERS:
+                # per-layer lists (windows, layer types) are built from this count before any weight is
+                # checked against it: refuse absurd counts before allocating them
+                raise ConfigError(f"config field {name!r} is {v!r:.40}: more than {MAX_LAYERS} layers is not a real model")
         try:
             cfg = cls(**kwargs, raw=d)
         except (TypeError, ValueError, ZeroDivisionError) as e:

@@ -96,8 +96,8 @@ def _expand_index(root: Path, fmt: str, files: list[str]) -> list[Path]:
             try:
                 index = json.loads(p.read_text(encoding="utf-8"))
                 shards = list(dict.fromkeys(index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{p}: unreadable shard index ({e})") from None
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+                raise CheckpointError(f"{p}: unreadable shard index ({str(e)[:200]})") from None
             for s in shards:
                 if not isinstance(s, str) or "/" in s or "\\" in s or s in ("", ".", ".."):
                     raise CheckpointError(f"{p}: bad shard name {s!r}")

@@ -65,6 +65,31 @@ def _fail(path: Path, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: not a valid safetensors file: {what}")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # Two same-named tensors (or fields) are ambiguous: readers that keep the first and readers that
+    # keep the last would load different weights from the same file. Refuse instead of choosing.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header. Returns (tensors by name, metadata)."""
     path = Path(path)
@@ -83,11 +108,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError:
         raise _fail(path, "header is not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise _fail(path, f"key {e.args[0]!r} appears twice in one JSON object") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and ints beyond Python's digit limit
+        raise _fail(path, f"header is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise _fail(path, f"header must be a JSON object, got {type(header).__name__}")
 
@@ -96,6 +123,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _fail(path, "__metadata__ must map strings to strings")
+    for s in (*header, *metadata, *metadata.values()):
+        if not _utf8_ok(s):
+            raise _fail(path, f"name or metadata {s[:40]!r} is not valid UTF-8 (a lone surrogate escape)")
 
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -106,14 +136,17 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raise _fail(path, f"tensor {name!r}: unsupported dtype {dtype_name!r} (supported: {', '.join(DTYPES)})")
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+            raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r:.200}")
+        # torch sizes, strides and element counts are int64: even an empty tensor (a zero dim) must fit
+        if math.prod(max(d, 1) for d in shape) >= 1 << 63:
+            raise _fail(path, f"tensor {name!r}: shape {shape!r:.200} is too large")
         offsets = entry.get("data_offsets")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
         ):
-            raise _fail(path, f"tensor {name!r}: data_offsets must be two integers, got {offsets!r}")
+            raise _fail(path, f"tensor {name!r}: data_offsets must be two integers, got {offsets!r:.200}")
         begin, end = offsets
         dtype = DTYPES[dtype_name]
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -144,6 +177,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors, self.metadata = read_header(self.path)
+        self._needed = max((t.end for t in self.tensors.values()), default=0)  # bytes the header vouched for
         self._storage: torch.UntypedStorage | None = None
 
     def keys(self):
@@ -154,9 +188,18 @@ class SafetensorsFile:
 
     def _mapped(self) -> torch.UntypedStorage:
         if self._storage is None:
-            size = self.path.stat().st_size
+            try:
+                size = self.path.stat().st_size
+            except OSError as e:
+                raise CheckpointError(f"{self.path}: cannot read: {e.strerror or e}") from None
+            if size < self._needed:  # a view past the end of the mapping would fault when touched
+                raise CheckpointError(f"{self.path}: the file changed size since its header was read "
+                                      f"({size} bytes, the header needs {self._needed})")
             # shared=False maps the file MAP_PRIVATE: lazy, zero-copy, writes never reach the file.
-            self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            try:
+                self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            except RuntimeError as e:  # torch reports open/mmap failures (permissions, ...) as RuntimeError
+                raise CheckpointError(f"{self.path}: cannot map the file: {str(e).splitlines()[0][:200]}") from None
         return self._storage
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -191,8 +234,8 @@ def read_index(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the shard index: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
+        raise CheckpointError(f"{path}: cannot read the shard index: {str(e)[:200]}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: shard index has no valid 'weight_map' object")

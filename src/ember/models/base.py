@@ -104,8 +104,8 @@ class CausalLM(nn.Module):
         n = int(getattr(self.config, "max_position_embeddings", 0) or 1 << 20)
         rotary = getattr(getattr(self, "model", None), "rotary", None)
         if rotary is not None and getattr(rotary, "type", None) == "dynamic":
-            n = int(n * rotary.factor)
-        return n
+            n = int(min(n * rotary.factor, 1 << 62))
+        return max(n, 1)
 
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:

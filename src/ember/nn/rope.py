@@ -46,8 +46,65 @@ def rope_parameters(raw: dict, rope_theta_default: float = 10000.0) -> dict[str,
         else:
             p.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
     if not isinstance(p["rope_theta"], (int, float)) or isinstance(p["rope_theta"], bool) or p["rope_theta"] <= 0:
-        raise ConfigError(f"rope_theta must be a positive number, got {p['rope_theta']!r}")
+        raise ConfigError(f"rope_theta must be a positive number, got {p['rope_theta']!r:.80}")
+    _check_numbers(p)
     return p
+
+
+# Numeric rope parameters: (smallest allowed value, whether that bound is excluded). Every one must be a
+# finite number: the tables are computed with Python floats and math.log, where a string, a list,
+# NaN, a zero or a negative number would raise TypeError/ValueError/ZeroDivisionError deep inside.
+_ROPE_NUMBERS = {
+    "rope_theta": (0.0, True),
+    "factor": (0.0, True),
+    "low_freq_factor": (0.0, True),
+    "high_freq_factor": (0.0, True),
+    "original_max_position_embeddings": (1.0, False),
+    "beta_fast": (0.0, True),
+    "beta_slow": (0.0, True),
+    "attention_factor": (0.0, True),
+    "mscale": (None, False),
+    "mscale_all_dim": (None, False),
+    "partial_rotary_factor": (0.0, True),
+}
+_ROPE_MAX = float(1 << 53)  # beyond any real context length or base; keeps every product finite
+
+
+def _finite(key: str, v: Any) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ok:
+        try:
+            f = float(v)
+        except OverflowError:  # an int beyond float range
+            ok = False
+        else:
+            ok = math.isfinite(f) and abs(f) <= _ROPE_MAX
+    if not ok:
+        raise ConfigError(f"rope parameter {key!r} must be a finite number (at most 2**53), got {v!r:.80}")
+    return f
+
+
+def _check_numbers(p: dict) -> None:
+    for key, (lo, open_) in _ROPE_NUMBERS.items():
+        if p.get(key) is None:
+            continue
+        v = _finite(key, p[key])
+        if lo is not None and (v <= lo if open_ else v < lo):
+            raise ConfigError(f"rope parameter {key!r} must be {'>' if open_ else '>='} {lo:g}, got {p[key]!r:.80}")
+    f = p.get("partial_rotary_factor")
+    if f is not None and f > 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {f!r}")
+    for key in ("short_factor", "long_factor"):
+        v = p.get(key)
+        if v is not None:
+            if not isinstance(v, list):
+                raise ConfigError(f"rope parameter {key!r} must be a list of numbers, got {v!r:.80}")
+            for x in v:
+                _finite(key, x)
+    if p["rope_type"] == "yarn" and p["rope_theta"] == 1:
+        raise ConfigError("yarn rope scaling needs rope_theta != 1 (it divides by log(rope_theta))")
+    if p["rope_type"] == "longrope" and p.get("original_max_position_embeddings", 2) < 2:
+        raise ConfigError("longrope needs original_max_position_embeddings >= 2 (it divides by its log)")
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -68,6 +125,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         if rotary_dim is None:
             rotary_dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+        if not 2 <= rotary_dim <= head_dim or rotary_dim % 2 or (rotary_dim == 2 and params["rope_type"] == "dynamic"):
+            raise ConfigError(f"rotary embeddings need an even number of rotated dims between 2 (4 for dynamic) and "
+                              f"head_dim ({head_dim}), got {rotary_dim} (check head_dim and partial_rotary_factor)")
         self.rotary_dim = rotary_dim
         self.type = params["rope_type"]
         self.max_position_embeddings = max_position_embeddings
