@@ -26,11 +26,23 @@ def _token_str(v: Any) -> str | None:
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
+        raise TokenizerError(f"{path}: cannot read: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data
+
+
+def _check_unicode(texts) -> None:
+    """The tokenizers library refuses strings that are not valid Unicode (lone surrogates, e.g. from a
+    JSON "\\ud800" escape) with a bare TypeError; say what is wrong instead."""
+    for t in texts:
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TokenizerError(f"text is not valid Unicode: {e.reason} at position {e.start} "
+                                     f"({t[e.start:e.end]!r})") from None
 
 
 class Tokenizer:
@@ -69,7 +81,11 @@ class Tokenizer:
         try:
             tk = TkTokenizer.from_file(str(tj))
         except Exception as e:  # the Rust library raises plain Exceptions
-            raise TokenizerError(f"{tj}: cannot load: {e}") from None
+            raise TokenizerError(f"{tj}: cannot load: {str(e)[:300]}") from None
+        except BaseException as e:  # a Rust panic on a malformed file (pyo3's PanicException is a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise TokenizerError(f"{tj}: cannot load: {type(e).__name__}: {str(e)[:300]}") from None
         cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         smap = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
         special = {}
@@ -80,7 +96,10 @@ class Tokenizer:
         template = cfg.get("chat_template")
         jinja = folder / "chat_template.jinja"
         if jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, ValueError) as e:
+                raise TokenizerError(f"{jinja}: cannot read: {str(e)[:200]}") from None
         elif template is None and (folder / "chat_template.json").is_file():
             template = _read_json(folder / "chat_template.json").get("chat_template")
         mml = cfg.get("model_max_length")
@@ -97,13 +116,21 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
-        ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _check_unicode([text])
+            raise
         if add_special_tokens:
             ids = self._fix_bos_eos(ids)
         return ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        encs = self.tk.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        try:
+            encs = self.tk.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        except TypeError:
+            _check_unicode(texts)
+            raise
         return [self._fix_bos_eos(e.ids) if add_special_tokens else e.ids for e in encs]
 
     def _fix_bos_eos(self, ids: list[int]) -> list[int]:
@@ -167,7 +194,7 @@ class Tokenizer:
     def template(self, name: str | None = None) -> str:
         t = self.chat_template
         if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict) and isinstance(d.get("name"), str)}
             t = named.get(name or "default") or next(iter(named.values()), None)
         elif isinstance(t, dict):
             t = t.get(name or "default") or next(iter(t.values()), None)

@@ -1,0 +1,256 @@
+"""Hostile files beside the weights: pickle checkpoints, tokenizer files, side JSON files.
+
+Pickle policy: `pytorch_model.bin` is read only when the folder has no safetensors weights, and only
+through `torch.load(weights_only=True, mmap=True)`; anything that unpickler refuses (or cannot
+read) is a CheckpointError.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import zipfile
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ember
+from ember import hub
+from ember.errors import CheckpointError, EmberError, TokenizerError
+from ember.io.safetensors import save_file
+from hostile import fuzz_settings, memory_cap, time_limit
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama: config.json + model.safetensors (and the state dict, for pickling)."""
+    from transformers import LlamaConfig
+
+    from parity import save, tiny_hf_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=None, eos_token_id=None)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save(tiny_hf_model(cfg), folder)
+    return folder
+
+
+@pytest.fixture
+def folder(tiny_folder, tmp_path):
+    out = tmp_path / "m"
+    shutil.copytree(tiny_folder, out)
+    return out
+
+
+def _state_dict(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+class _Evil:
+    """Pickles to a call of os.system (the classic pickle payload)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---- pickle policy ------------------------------------------------------------------------------------
+def test_pick_weights_prefers_safetensors_over_pickle():
+    for names in (["pytorch_model.bin", "model.safetensors"], ["model.safetensors", "pytorch_model.bin.index.json"],
+                  ["pytorch_model.bin", "adapter.safetensors"]):
+        fmt, files = hub._pick_weights(names)
+        assert fmt == "safetensors" and not any(f.endswith((".bin", ".bin.index.json")) for f in files), names
+    assert hub._pick_weights(["pytorch_model.bin"]) == ("pytorch", ["pytorch_model.bin"])
+
+
+def test_folder_with_both_formats_never_unpickles(folder, monkeypatch, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(marker)}, folder / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called although safetensors weights exist")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    llm = ember.load(folder, dtype=torch.float32, device="cpu")
+    assert llm.model(torch.tensor([[1, 2]])).shape == (1, 2, 64)
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors_beside_a_pickle_is_an_error_not_a_fallback(folder, monkeypatch):
+    torch.save(_state_dict(folder), folder / "pytorch_model.bin")
+    p = folder / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("fell back to the pickle"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        ember.load(folder)
+
+
+@pytest.mark.parametrize("payload", ["os.system", "nested", "legacy-format"])
+def test_malicious_pickles_are_refused_without_running(folder, tmp_path, payload):
+    sd = _state_dict(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    if payload == "os.system":
+        torch.save({**sd, "x": _Evil(marker)}, folder / "pytorch_model.bin")
+    elif payload == "nested":
+        torch.save({**sd, "x": [{"y": _Evil(marker)}]}, folder / "pytorch_model.bin")
+    else:  # the pre-zip format: refused outright (mmap needs the zip format)
+        torch.save({**sd, "x": _Evil(marker)}, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refused or unreadable as a weights-only PyTorch checkpoint"):
+        ember.load(folder)
+    assert not marker.exists()
+
+
+def test_raw_pickle_bytes_are_refused(folder, tmp_path):
+    """A plain pickle (not a torch zip) with a GLOBAL opcode for os.system."""
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(CheckpointError):
+        ember.load(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("what", ["truncated", "garbage", "not-a-dict", "non-tensor-values", "huge-claimed-size"])
+def test_bad_pickle_checkpoints_are_checkpoint_errors(folder, what):
+    sd = _state_dict(folder)
+    (folder / "model.safetensors").unlink()
+    p = folder / "pytorch_model.bin"
+    if what == "truncated":
+        torch.save(sd, p)
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif what == "garbage":
+        p.write_bytes(os.urandom(4096))
+    elif what == "not-a-dict":
+        torch.save([1, 2, 3], p)
+    elif what == "non-tensor-values":
+        torch.save({k: 1 for k in sd}, p)
+    else:  # a tensor whose declared size is far beyond its stored bytes
+        torch.save({"a": torch.arange(16, dtype=torch.float32)}, p)
+        with zipfile.ZipFile(p) as z:
+            items = {n: z.read(n) for n in z.namelist()}
+        pkl = next(n for n in items if n.endswith("data.pkl"))
+        assert items[pkl].count(b"K\x10\x85") == 1
+        items[pkl] = items[pkl].replace(b"K\x10\x85", b"J" + (10**9).to_bytes(4, "little") + b"\x85")
+        with zipfile.ZipFile(p, "w") as z:
+            for n, d in items.items():
+                z.writestr(n, d)
+    with memory_cap(512 << 20), pytest.raises(CheckpointError):
+        ember.load(folder)
+
+
+def test_fuzz_mutated_pickles(folder):
+    """Byte flips in a real pytorch_model.bin: always a CheckpointError or a load (fixed seed)."""
+    import random
+
+    sd = {k: v for k, v in list(_state_dict(folder).items())[:2]}
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    base = (folder / "pytorch_model.bin").read_bytes()
+    snap = hub.resolve(str(folder))
+    rng = random.Random(0)
+    from ember.loading import tensor_source
+
+    for _ in range(60):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        (folder / "pytorch_model.bin").write_bytes(bytes(data))
+        with time_limit(10), memory_cap(512 << 20):
+            try:
+                src = tensor_source(snap)
+            except CheckpointError:
+                continue
+            for k in src.keys():
+                src.load(k).sum()
+
+
+# ---- tokenizer files ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tok_folder(tmp_path_factory):
+    import tinymodels
+
+    folder = tmp_path_factory.mktemp("tok")
+    tinymodels.build_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "chat_template": tinymodels.CHAT_TEMPLATE}))
+    return folder
+
+
+def test_regression_lone_surrogate_text_is_a_tokenizer_error(tok_folder):
+    """Bug: text with a lone surrogate (a JSON "\\ud800" escape) raised a bare TypeError from the
+    tokenizers library (a 500 in the server)."""
+    from ember.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tok_folder)
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        tok.encode("abc\ud800def")
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        tok.encode_batch(["ok", "\udfff"])
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        tok.encode_chat([{"role": "user", "content": "hi \ud83d"}])
+
+
+@pytest.mark.parametrize("what", ["jinja-not-utf8", "config-deep", "config-digits", "template-list-unhashable-name",
+                                  "tokenizer-json-garbage", "tokenizer-json-deep", "special-map-not-dict"])
+def test_regression_hostile_tokenizer_files(tok_folder, tmp_path, what):
+    """Bugs: a non-UTF-8 chat_template.jinja (UnicodeDecodeError), a deeply nested or huge-number
+    tokenizer_config.json (RecursionError / ValueError), and a chat_template list whose "name" is a
+    list (TypeError: unhashable) escaped as non-Ember exceptions."""
+    from ember.tokenizer import Tokenizer
+
+    folder = tmp_path / "t"
+    shutil.copytree(tok_folder, folder)
+    if what == "jinja-not-utf8":
+        (folder / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    elif what == "config-deep":
+        (folder / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif what == "config-digits":
+        (folder / "tokenizer_config.json").write_text('{"model_max_length": ' + "9" * 5000 + "}")
+    elif what == "template-list-unhashable-name":
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": [1], "template": "x"}]}))
+    elif what == "tokenizer-json-garbage":
+        (folder / "tokenizer.json").write_bytes(os.urandom(2048))
+    elif what == "tokenizer-json-deep":
+        (folder / "tokenizer.json").write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        (folder / "special_tokens_map.json").write_text("[1, 2]")
+    try:
+        tok = Tokenizer.from_dir(folder)
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    except EmberError:
+        pass
+
+
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+                       lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)),
+                       max_leaves=8)
+TOK_KEYS = ["bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token",
+            "model_max_length"]
+
+
+@fuzz_settings(60, deadline_ms=None)
+@given(config=st.dictionaries(st.sampled_from(TOK_KEYS), st.one_of(JSONISH, st.sampled_from(
+    ["<|im_end|>", "{{ messages }}", [{"name": "default", "template": "{{ 1 }}"}], {"default": "x", "tool_use": 3}])),
+    max_size=5))
+def test_fuzz_tokenizer_config(tok_folder, config):
+    """Any tokenizer_config.json values: loading, templating and encoding give an EmberError or work."""
+    from ember.tokenizer import Tokenizer
+
+    (tok_folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with time_limit(10), memory_cap(512 << 20):
+        try:
+            tok = Tokenizer.from_dir(tok_folder)
+            ids = tok.encode_chat([{"role": "user", "content": "hello"}])
+            assert all(isinstance(i, int) for i in ids)
+            tok.encode("hello")
+            tok.decode(tok.encode("hello"))
+        except EmberError:
+            pass
