@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
 from .engine import ClientGone, Engine, EngineFailure, Submission
-from .protocol import (ApiError, GenParams, TokenText, finite, get_str, parse_chat, parse_completion,
+from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, finite, get_str, parse_chat, parse_completion,
                        parse_embeddings, parse_json, usage)
 
 log = logging.getLogger("ember.serve")
@@ -37,7 +37,12 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a request's "\ud800" echoed in an error): escape it instead
+        s = json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return s
 
 
 class _JSON(JSONResponse):
@@ -75,6 +80,14 @@ def sampling_defaults(generation_config: dict | None) -> dict:
     return out
 
 
+def _max_token_chars(tok) -> int:
+    """The longest vocabulary entry (characters), 0 if unknown: bounds how much text one token covers."""
+    try:
+        return max((len(t) for t in tok.tk.get_vocab(with_added_tokens=True)), default=0)
+    except Exception:  # noqa: BLE001 - no tokenizer, or one without a vocabulary to read
+        return 0
+
+
 class _State:
     def __init__(self, llm, embedder, model_name, embedding_model_name, engine, defaults):
         self.llm, self.embedder = llm, embedder
@@ -85,6 +98,7 @@ class _State:
         self.tok = getattr(llm, "tokenizer", None) if llm is not None else None
         self.token_text = TokenText(self.tok) if self.tok is not None else None
         self.eos = set(getattr(llm, "eos_token_ids", ()) or ()) if llm is not None else set()
+        self.max_token_chars = _max_token_chars(self.tok)
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="ember-embed") if embedder is not None else None
 
     # ---- model routing ------------------------------------------------------------------------
@@ -390,13 +404,14 @@ class _LogMiddleware:
 
 def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedding_model_name: str | None = None,
                max_batch: int = 8, max_len: int | None = None, generator=None,
-               defaults: dict | None = None) -> FastAPI:
+               defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over a loaded `LLM` and/or an embedding model (anything with
     `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts).
 
     max_batch: decode slots (requests generated together); max_len: tokens per request, prompt and
     completion (default min(model context, 4096)); generator: a ready generator (add/step/abort/check)
-    to use instead of building one; defaults: sampling defaults (default: the model's generation_config).
+    to use instead of building one; defaults: sampling defaults (default: the model's generation_config);
+    max_body_bytes: larger request bodies are refused with a 413 before they are read in full (8 MiB).
     """
     if llm is None and embedder is None:
         raise ValueError("create_app needs a model (llm=) and/or an embedding model (embedder=)")
@@ -459,8 +474,22 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         _log_error(request, err)
         return _JSON(err.body(), status_code=500)
 
+    def _too_large() -> ApiError:
+        return ApiError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes.",
+                        code="request_too_large")
+
     async def body_of(request: Request) -> dict:
-        return parse_json(await request.body())
+        """The JSON body, read up to max_body_bytes (a larger one is refused as soon as it is seen)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise _too_large()
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body_bytes:
+                raise _too_large()
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
 
     # ---- endpoints ----------------------------------------------------------------------------
     @app.get("/health")
@@ -491,6 +520,16 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         if st.llm is None:
             raise ApiError(404, "This server has no generation model, only an embedding model.", param="model",
                            code="model_not_found")
+
+    def _check_text_len(text: str, param: str) -> None:
+        """Refuse, before tokenizing it, text that cannot fit the context whatever its tokens: no token
+        covers more than the tokenizer's longest vocabulary entry (x4 for normalisers that shorten text)."""
+        if st.max_token_chars and len(text) > 4 * st.max_token_chars * st.engine.max_len:
+            raise ApiError(413, f"This model's maximum context length is {st.engine.max_len} tokens, but the "
+                           f"{'messages have' if param == 'messages' else 'prompt has'} {len(text)} characters, far "
+                           f"more than that many tokens can hold. Shorten the "
+                           f"{'messages' if param == 'messages' else 'prompt'}.", param=param,
+                           code="context_length_exceeded")
 
     def _check_len(ids: list[int], param: str) -> None:
         limit = st.engine.max_len
@@ -526,6 +565,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         messages, p = parse_chat(body, st.defaults)
         if st.tok is None:
             raise ApiError(400, "This model has no tokenizer; use /v1/completions with token ids.", param="messages")
+        _check_text_len("".join(m["content"] for m in messages), "messages")
         try:
             ids = await run_in_threadpool(st.tok.encode_chat, messages, add_generation_prompt=True)
         except EmberError as e:
@@ -545,13 +585,20 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         if st.tok is None and any(isinstance(x, str) for x in prompts):
             raise ApiError(400, "This model has no tokenizer; send the prompt as token ids.", param="prompt")
 
+        for x in prompts:
+            if isinstance(x, str):
+                _check_text_len(x, "prompt")
+
         def encode():
             ids = [st.tok.encode(x) if isinstance(x, str) else x for x in prompts]
             texts = [x if isinstance(x, str) else (st.tok.decode(x, skip_special_tokens=False) if p.echo else "")
                      for x in prompts]
             return ids, texts
 
-        ids, texts = await run_in_threadpool(encode)
+        try:
+            ids, texts = await run_in_threadpool(encode)
+        except EmberError as e:  # text the tokenizer refuses (not valid Unicode)
+            raise ApiError(400, f"Could not tokenize the prompt: {e}", param="prompt", code="invalid_value") from None
         for x in ids:
             _check_len(x, "prompt")
         reqs = _requests(ids, p)

@@ -22,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the model name clients send (default: MODEL as given)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB",
+                   help="refuse request bodies larger than this (413; default 8 MiB)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
@@ -43,5 +45,5 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("ember serve: --max-batch must be at least 1")
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
-          threads=args.threads, log_level=args.log_level)
+          threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     return 0

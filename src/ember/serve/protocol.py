@@ -15,6 +15,8 @@ _MISSING = object()
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 MAX_STOPS = 16
+MAX_STOP_TOKEN_IDS = 1024
+MAX_BODY_BYTES = 8 << 20  # default request-body limit (8 MiB: far more text than any context holds)
 
 
 class ApiError(Exception):
@@ -55,8 +57,9 @@ def json_type(v: Any) -> str:
 def parse_json(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"Invalid JSON body: {e}. Send a JSON object (Content-Type: application/json).",
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ints past the digit limit,
+        # nesting deeper than the parser's recursion limit
+        raise ApiError(400, f"Invalid JSON body: {str(e)[:200]}. Send a JSON object (Content-Type: application/json).",
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object, got {json_type(body)}.", code="invalid_json")
@@ -196,6 +199,8 @@ def parse_common(body: dict, defaults: dict, *, chat: bool) -> GenParams:
     if sti is not None:
         if not isinstance(sti, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in sti):
             raise _bad_type("stop_token_ids", "an array of integers", sti)
+        if len(sti) > MAX_STOP_TOKEN_IDS:  # copied into every choice's request: bound the amplification
+            raise _bad_value("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids", len(sti))
         p.stop_token_ids = sti
 
     p.stream = get_bool(body, "stream", False)

@@ -43,7 +43,7 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None):
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
-          threads: int | None = None, log_level: str = "info") -> None:
+          threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice).
@@ -63,7 +63,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
     if llm is None and served_model_name:
         emb_name = served_model_name
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
-                     max_len=max_len)
+                     max_len=max_len, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}))
     st = app.state.ember
     lines = []
     if llm is not None:
