@@ -1,0 +1,367 @@
+"""Soak test for `ember serve`: many concurrent streaming clients on loopback for minutes, with random
+lengths, random disconnects and a sprinkling of bad requests.
+
+Pass criteria (exit status 1 otherwise):
+  * 0 errors on good requests (every good request gets a complete, well-formed answer, streamed or not);
+  * every bad request gets a 4xx with an OpenAI-style error body (never a 5xx or a dropped connection);
+  * 0 leaked slots: once the clients stop, /health reports running == 0 and waiting == 0;
+  * memory flat: the server's RSS is sampled through the run; start (after warm-up), end, max and the
+    trend (MB/min, least squares) are reported. The trend is informative (a soak of a few minutes on
+    a shared machine is noisy); `--max-growth-mb` makes growth past warm-up a failure.
+
+By default it starts the server itself (a subprocess on 127.0.0.1) with the tiny random chat model
+(tests/tinymodels.py); `--model` takes any model ember loads (`smollm2`: the SmolLM2-135M-Instruct
+test fixture). Traffic stays on 127.0.0.1; every loop is bounded by `--duration` (and each request
+by a timeout).
+
+    python benchmarks/soak_server.py                               # 64 clients, 5 minutes, tiny model
+    python benchmarks/soak_server.py --duration 30                 # a smoke run
+    python benchmarks/soak_server.py --model smollm2 --clients 32 --duration 600 --json soak.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_server  # noqa: E402
+from bench_server import TOPICS, resolve_model  # noqa: E402
+
+CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+
+
+def start_server(model: str, args, log: Path):
+    """bench_server's launcher, with this run's body limit passed on."""
+    popen = bench_server.subprocess.Popen
+
+    def with_body_limit(cmd, *a, **kw):
+        return popen([*cmd, "--max-body-mb", str(args.max_body_mb)], *a, **kw)
+
+    bench_server.subprocess.Popen = with_body_limit
+    try:
+        return bench_server.start_server(model, args.max_batch, args.max_len, log, args.threads)
+    finally:
+        bench_server.subprocess.Popen = popen
+
+
+def bad_requests(model: str, max_body: int) -> list[tuple[str, str, bytes]]:
+    """(name, path, raw body): requests that must be refused with a 4xx."""
+    ok = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def j(obj) -> bytes:
+        return json.dumps(obj).encode()
+
+    return [
+        ("invalid-json", CHAT, b'{"model": "x", "messages": ['),
+        ("not-an-object", CHAT, b"[1, 2, 3]"),
+        ("non-utf8", CHAT, b'{"model": "\xff\xfe"}'),
+        ("deep-json", CHAT, b"[" * 50_000 + b"]" * 50_000),
+        ("int-digits", COMP, b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"),
+        ("unknown-model", CHAT, j({**ok, "model": "nope"})),
+        ("bad-temperature", CHAT, j({**ok, "temperature": 7})),
+        ("nan-top-p", CHAT, b'{"model": "%s", "messages": [{"role": "user", "content": "x"}], "top_p": NaN}'
+         % model.encode()),
+        ("bad-role", CHAT, j({**ok, "messages": [{"role": "wizard", "content": "x"}]})),
+        ("no-messages", CHAT, j({"model": model})),
+        ("n-huge", CHAT, j({**ok, "n": 10**9})),
+        ("stops-1e5", CHAT, j({**ok, "stop": ["x"] * 100_000})),
+        ("negative-max-tokens", COMP, j({"model": model, "prompt": "x", "max_tokens": -1})),
+        ("bad-token-id", COMP, j({"model": model, "prompt": [10**12]})),
+        ("huge-prompt", COMP, j({"model": model, "prompt": "fox " * 500_000})),
+        ("surrogate", COMP, b'{"model": "%s", "prompt": "a\\ud800b"}' % model.encode()),
+        ("empty-prompt", COMP, j({"model": model, "prompt": ""})),
+        ("body-too-large", COMP, b'{"model": "m", "prompt": "' + b"a" * (max_body + 1) + b'"}'),
+    ]
+
+
+class Stats:
+    def __init__(self):
+        self.good = self.good_errors = self.disconnects = self.bad = self.bad_unexpected = 0
+        self.tokens = 0
+        self.latency: list[float] = []
+        self.ttft: list[float] = []
+        self.error_samples: list[str] = []
+        self.bad_by_kind: dict[str, dict[int, int]] = {}
+
+    def error(self, what: str) -> None:
+        self.good_errors += 1
+        if len(self.error_samples) < 20:
+            self.error_samples.append(what[:300])
+
+
+async def good_request(http: httpx.AsyncClient, rng: random.Random, args, st: Stats) -> None:
+    chat = rng.random() < 0.5
+    n_tok = rng.randint(1, args.max_tokens)
+    topic = rng.choice(TOPICS)
+    words = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(0, 40)))
+    if chat:
+        path = CHAT
+        body = {"model": args.model_name, "messages": [{"role": "user", "content": f"Tell me about {topic}. {words}"}],
+                "max_tokens": n_tok, "temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randint(0, 10**6)}
+    else:
+        path = COMP
+        body = {"model": args.model_name, "prompt": f"A story about {topic}: {words}", "max_tokens": n_tok,
+                "temperature": rng.choice([0, 0.8])}
+    stream = rng.random() < 0.85
+    disconnect = stream and rng.random() < args.disconnect_rate
+    cancel_early = not disconnect and rng.random() < args.disconnect_rate / 4
+    t0 = time.perf_counter()
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    try:
+        if cancel_early:  # the client gives up before (or while) the answer starts
+            try:
+                await asyncio.wait_for(http.post(path, json=body), timeout=rng.uniform(0.001, 0.2))
+                st.good += 1
+            except asyncio.TimeoutError:
+                st.disconnects += 1
+            return
+        if not stream:
+            r = await http.post(path, json=body)
+            if r.status_code != 200:
+                st.error(f"{path} {r.status_code} {r.text[:200]}")
+                return
+            out = r.json()
+            ch = out["choices"][0]
+            if ch.get("finish_reason") not in ("stop", "length") or out["usage"]["completion_tokens"] > n_tok:
+                st.error(f"bad response {json.dumps(out)[:200]}")
+                return
+            st.good += 1
+            st.tokens += out["usage"]["completion_tokens"]
+            st.latency.append(time.perf_counter() - t0)
+            return
+        keep = rng.randint(1, 6) if disconnect else None
+        async with http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                st.error(f"{path} {r.status_code} {(await r.aread())[:200]!r}")
+                return
+            n_data, finish, usage, done, first = 0, None, None, False, None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload == "[DONE]":
+                    done = True
+                    break
+                obj = json.loads(payload)
+                if "error" in obj:
+                    st.error(f"error event {payload[:200]}")
+                    return
+                if first is None:
+                    first = time.perf_counter() - t0
+                n_data += 1
+                for c in obj.get("choices") or []:
+                    finish = c.get("finish_reason") or finish
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                if keep is not None and n_data >= keep:
+                    st.disconnects += 1  # leaving the block closes the connection mid-stream
+                    return
+        if not done or finish not in ("stop", "length") or usage is None or usage["completion_tokens"] > n_tok:
+            st.error(f"incomplete stream: done={done} finish={finish} usage={usage}")
+            return
+        st.good += 1
+        st.tokens += usage["completion_tokens"]
+        st.latency.append(time.perf_counter() - t0)
+        if first is not None:
+            st.ttft.append(first)
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        st.error(f"{type(e).__name__}: {e}")
+
+
+async def bad_request(http: httpx.AsyncClient, rng: random.Random, bads, st: Stats) -> None:
+    # the oversized body is rare (it sends 8+ MiB over loopback)
+    name, path, raw = rng.choice(bads[:-1]) if rng.random() > 0.05 else bads[-1]
+    st.bad += 1
+    kind = st.bad_by_kind.setdefault(name, {})
+    try:
+        r = await http.post(path, content=raw, headers={"content-type": "application/json"})
+        kind[r.status_code] = kind.get(r.status_code, 0) + 1
+        err = r.json().get("error") if 400 <= r.status_code < 500 else None
+        if not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"}:
+            st.bad_unexpected += 1
+            if len(st.error_samples) < 20:
+                st.error_samples.append(f"bad request {name}: {r.status_code} {r.text[:200]}")
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        kind[-1] = kind.get(-1, 0) + 1
+        st.bad_unexpected += 1
+        if len(st.error_samples) < 20:
+            st.error_samples.append(f"bad request {name}: {type(e).__name__}: {e}")
+
+
+async def client(cid: int, url: str, args, deadline: float, bads, st: Stats) -> None:
+    rng = random.Random(args.seed * 1000 + cid)
+    timeout = httpx.Timeout(args.request_timeout, connect=30)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+        while time.monotonic() < deadline:
+            if rng.random() < args.bad_rate:
+                await bad_request(http, rng, bads, st)
+            else:
+                await good_request(http, rng, args, st)
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+async def sampler(url: str, pid: int | None, every: float, deadline: float, samples: list) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        t0 = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                h = (await http.get("/health")).json()
+            except (httpx.HTTPError, ValueError):
+                h = {}
+            samples.append((time.monotonic() - t0, rss_mb(pid), h.get("running"), h.get("waiting")))
+            await asyncio.sleep(every)
+
+
+async def settle(url: str, timeout: float) -> dict:
+    """/health once the clients are gone: running and waiting must drop to 0."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        end = time.monotonic() + timeout
+        h = {}
+        while time.monotonic() < end:
+            h = (await http.get("/health")).json()
+            if h.get("running") == 0 and h.get("waiting") == 0:
+                return h
+            await asyncio.sleep(0.2)
+        return h
+
+
+def trend(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope, MB per minute."""
+    if len(points) < 3:
+        return 0.0
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return 60 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def run(url: str, pid: int | None, args) -> dict:
+    bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20))
+    st = Stats()
+    samples: list = []
+    t0 = time.monotonic()
+    deadline = t0 + args.duration
+    tasks = [asyncio.create_task(client(i, url, args, deadline, bads, st)) for i in range(args.clients)]
+    samp = asyncio.create_task(sampler(url, pid, args.sample_every, deadline + args.request_timeout, samples))
+    # clients finish the request in flight after the deadline (each bounded by --request-timeout)
+    done, pending = await asyncio.wait(tasks, timeout=args.duration + args.request_timeout + 30)
+    for t in pending:
+        t.cancel()
+    samp.cancel()
+    wall = time.monotonic() - t0
+    health = await settle(url, 60)
+    rss_end = rss_mb(pid)
+    warm = [(t, r) for t, r, _, _ in samples if r is not None and t >= args.warmup]
+    rss_all = [r for _, r, _, _ in samples if r is not None]
+    return {
+        "clients": args.clients, "duration_s": args.duration, "wall_s": round(wall, 1), "model": args.model,
+        "good_requests": st.good, "good_errors": st.good_errors, "disconnects": st.disconnects,
+        "bad_requests": st.bad, "bad_unexpected": st.bad_unexpected,
+        "bad_by_kind": {k: {str(c): n for c, n in v.items()} for k, v in sorted(st.bad_by_kind.items())},
+        "completion_tokens": st.tokens, "tokens_per_s": round(st.tokens / wall, 1),
+        "latency_p50_s": pct(st.latency, 0.5), "latency_p99_s": pct(st.latency, 0.99),
+        "ttft_p50_s": pct(st.ttft, 0.5), "ttft_p99_s": pct(st.ttft, 0.99),
+        "health_after": health, "leaked_slots": (health.get("running") or 0) + (health.get("waiting") or 0),
+        "rss_start_mb": round(warm[0][1], 1) if warm else None, "rss_end_mb": round(rss_end, 1) if rss_end else None,
+        "rss_max_mb": round(max(rss_all), 1) if rss_all else None,
+        "rss_trend_mb_per_min": round(trend(warm), 2),
+        "max_running_seen": max((s[2] or 0 for s in samples), default=None),
+        "max_waiting_seen": max((s[3] or 0 for s in samples), default=None),
+        "error_samples": st.error_samples,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny", help="tiny (default), smollm2, or anything ember.load takes")
+    ap.add_argument("--url", default=None, help="a running server (then RSS is read from --pid, if given)")
+    ap.add_argument("--pid", type=int, default=None, help="the --url server's process id, for RSS samples")
+    ap.add_argument("--model-name", default="soak", help="the served model name (with --url: the server's)")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=300, help="seconds of load (default 300)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=48, help="good requests ask for 1..N tokens")
+    ap.add_argument("--bad-rate", type=float, default=0.05, help="share of requests that are bad")
+    ap.add_argument("--disconnect-rate", type=float, default=0.1, help="share of streams dropped mid-way")
+    ap.add_argument("--request-timeout", type=float, default=120)
+    ap.add_argument("--sample-every", type=float, default=2.0, help="RSS / health sampling period (s)")
+    ap.add_argument("--warmup", type=float, default=None, help="seconds before RSS counts (default 10%% of the run)")
+    ap.add_argument("--max-body-mb", type=float, default=8, help="the server's body limit (to test past it)")
+    ap.add_argument("--max-growth-mb", type=float, default=None, help="fail if RSS grows more past warm-up")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the summary here")
+    args = ap.parse_args()
+    if args.warmup is None:
+        args.warmup = max(5.0, 0.1 * args.duration)
+    proc = None
+    if args.url:
+        url, pid = args.url, args.pid
+        if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+            raise SystemExit("soak_server.py only talks to loopback servers")
+    else:
+        log = Path(tempfile.mkdtemp(prefix="ember-soak-")) / "server.log"
+        model = resolve_model(args.model)
+        proc, url = start_server(model, args, log)
+        pid = proc.pid
+        args.model_name = "bench"
+        print(f"server pid {pid} at {url} (log {log})", file=sys.stderr)
+    try:
+        summary = asyncio.run(run(url, pid, args))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    failed = []
+    if summary["good_errors"]:
+        failed.append(f"{summary['good_errors']} errors on good requests")
+    if summary["bad_unexpected"]:
+        failed.append(f"{summary['bad_unexpected']} bad requests not answered with an OpenAI-style 4xx")
+    if summary["leaked_slots"]:
+        failed.append(f"{summary['leaked_slots']} leaked slots ({summary['health_after']})")
+    if args.max_growth_mb is not None and summary["rss_start_mb"] and summary["rss_end_mb"] and \
+            summary["rss_end_mb"] - summary["rss_start_mb"] > args.max_growth_mb:
+        failed.append(f"RSS grew {summary['rss_end_mb'] - summary['rss_start_mb']:.1f} MB past warm-up")
+    print("PASS" if not failed else "FAIL: " + "; ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
