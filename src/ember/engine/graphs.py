@@ -9,10 +9,13 @@ capture itself there).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
+
+log = logging.getLogger("ember")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -83,8 +86,14 @@ class StaticDecoder:
             self.compile_seconds += time.perf_counter() - t
         t = time.perf_counter()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), torch.inference_mode():
-            out = self._fn(ids, pos)
+        try:
+            with torch.cuda.graph(g), torch.inference_mode():
+                out = self._fn(ids, pos)
+        except RuntimeError as e:  # e.g. a model that syncs with the host mid-step (data-dependent MoE routing)
+            log.warning("CUDA graph capture failed (%s); decoding eagerly with static shapes", str(e)[:200])
+            torch.cuda.synchronize(self.device)
+            self.capture = False
+            return None, ids, pos, None
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - t
         return g, ids, pos, out
