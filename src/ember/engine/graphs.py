@@ -56,6 +56,8 @@ class StaticDecoder:
         self._compile = compile
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph or None, ids, pos, out)
         self.capture_seconds = 0.0
+        self._host: list[torch.Tensor] | None = None
+        self._flip = 0
 
     def _step(self, ids: torch.Tensor, pos: torch.Tensor):
         B = ids.shape[0]
@@ -122,6 +124,22 @@ class StaticDecoder:
         return self.replay(n)
 
     @torch.inference_mode()
+    def launch(self, n: int) -> "_Tokens":
+        """replay(n) without waiting: the greedy tokens come back through a pinned buffer and an
+        event, so the host can process the previous step while this one runs."""
+        _, tok = self.replay(n)
+        if self.device.type != "cuda":
+            return _Tokens(tok.tolist())
+        if self._host is None:
+            self._host = [torch.empty(max(self.buckets), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        buf = self._host[self._flip]
+        self._flip ^= 1  # two buffers: step k+1 is launched before step k's tokens are read
+        buf[:n].copy_(tok, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return _Tokens(None, buf, n, ev)
+
+    @torch.inference_mode()
     def replay(self, n: int):
         """Step again from the inputs the previous step left in the buffers."""
         b, (g, sids, spos, out) = self._get(n)
@@ -131,3 +149,16 @@ class StaticDecoder:
             g.replay()
             logits, tok = out
         return logits[:n], tok[:n]
+
+
+class _Tokens:
+    """Greedy tokens of a launched step: ready now (CPU), or once its CUDA event completes."""
+
+    def __init__(self, ready: list[int] | None, buf=None, n: int = 0, event=None):
+        self._ready, self._buf, self._n, self._event = ready, buf, n, event
+
+    def result(self) -> list[int]:
+        if self._ready is None:
+            self._event.synchronize()
+            self._ready = self._buf[: self._n].tolist()
+        return self._ready
