@@ -1,0 +1,293 @@
+"""Weights kept as GGUF blocks in memory, dequantised inside the layer on the fly.
+
+`GGMLWeight` is the packed weight a GGUF `TensorSource` hands out for `vb.get(..., packed=True)`;
+it implements the protocol `VarBuilder`/`nn.linear`/`FusedLinears` expect (`shape`,
+`dequantize(dtype)`, `to(device)`, `as_linear(bias)`, `cat_rows(parts)`) plus `as_embedding()`.
+
+`QuantLinear.forward` dequantises its weight a slab of rows at a time (so the float copy never
+exists whole and each slab is still in cache when the matmul reads it) and multiplies with
+`F.linear`: the numbers are exactly those of a model dequantised at load. With bf16 activations on
+CPU, 4-bit types (Q4_0, Q4_1, Q4_K) instead use torch's int4 kernel
+(`aten._weight_int4pack_mm_for_cpu`, group size 32), which is faster than a dense bf16 matmul at
+decode; its bf16 scales differ from the file's fp16 ones by bf16 rounding.
+
+`QuantEmbedding` dequantises only the rows it looks up.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import ggml
+
+# Rows dequantised per slab in QuantLinear: about this many values (1 MiB of float32).
+SLAB_VALUES = 1 << 18
+INT4_TYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q4_K)
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class GGMLWeight:
+    """A quantised tensor as its GGUF blocks: uint8 `data` of [rows, row_bytes], `shape` in torch order.
+
+    `data` may be a view on the file's mmap (zero-copy; pages are read when first used). `reader`,
+    when given, returns a private copy of the same bytes without touching that mapping (pread), for
+    operations that copy anyway (fusing, permuting, repacking), so the mapped pages of a weight that
+    is copied never count in the process's resident memory.
+    """
+
+    def __init__(self, data: torch.Tensor, ggml_type: int, shape: Sequence[int], *,
+                 dtype: torch.dtype | None = None, reader: Callable[[], torch.Tensor] | None = None,
+                 name: str = ""):
+        self.data = data
+        self.ggml_type = ggml_type
+        self.shape = torch.Size(shape)
+        self.dtype = dtype  # the compute dtype the model was loaded with (None: float32)
+        self.reader = reader
+        self.name = name
+
+    # ---- protocol -----------------------------------------------------------------------------
+    @property
+    def type_name(self) -> str:
+        return ggml.type_name(self.ggml_type)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def owned_data(self) -> torch.Tensor:
+        """A private copy of the bytes (read from the file when possible)."""
+        if self.reader is not None and self.data.device.type == "cpu":
+            return self.reader()
+        return self.data.clone()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ggml.dequantize(self.data, self.ggml_type, tuple(self.shape), dtype or self.dtype or torch.float32)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "GGMLWeight":
+        device = torch.device(device) if device is not None else self.data.device
+        if device == self.data.device and (dtype is None or dtype == self.dtype):
+            return self
+        data = self.data if device == self.data.device else self.data.to(device)
+        return GGMLWeight(data, self.ggml_type, self.shape, dtype=dtype or self.dtype,
+                          reader=self.reader if data is self.data else None, name=self.name)
+
+    def cat_rows(self, parts: Sequence["GGMLWeight"]) -> "GGMLWeight":
+        """The parts stacked along dim 0 (q/k/v, gate/up): blocks never span rows, so this is a byte copy."""
+        first = parts[0]
+        if any(tuple(p.shape[1:]) != tuple(first.shape[1:]) for p in parts):
+            raise ValueError("cat_rows needs parts of one row length")
+        if any(p.ggml_type != first.ggml_type for p in parts):  # e.g. Q8_0 v beside Q5_0 q/k
+            return GGMLWeightGroup(list(parts))
+        rows = sum(p.data.shape[0] for p in parts)
+        out = torch.empty((rows, first.data.shape[1]), dtype=torch.uint8, device=first.data.device)
+        r = 0
+        for p in parts:
+            n = p.data.shape[0]
+            out[r:r + n] = p.owned_data() if p.reader is not None else p.data
+            r += n
+        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+        return GGMLWeight(out, first.ggml_type, shape, dtype=first.dtype, name="+".join(p.name for p in parts))
+
+    def permute_rows(self, perm: torch.Tensor) -> "GGMLWeight":
+        data = self.owned_data()[perm.to(self.data.device)]
+        return GGMLWeight(data, self.ggml_type, self.shape, dtype=self.dtype, name=self.name)
+
+    def as_linear(self, bias: torch.Tensor | None = None) -> "QuantLinear":
+        return QuantLinear(self, bias)
+
+    def as_embedding(self, dtype: torch.dtype | None = None) -> "QuantEmbedding":
+        return QuantEmbedding(self, dtype)
+
+    def __repr__(self) -> str:
+        return f"GGMLWeight({self.type_name}, shape={list(self.shape)}, {self.nbytes} bytes, device={self.device})"
+
+
+class GGMLWeightGroup:
+    """Row-stacked packed weights of different ggml types (what `cat_rows` gives for mixed parts):
+    its linear runs each part and concatenates the outputs."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts], dim=0)
+
+    def to(self, device=None, dtype=None) -> "GGMLWeightGroup":
+        return GGMLWeightGroup([p.to(device, dtype) for p in self.parts])
+
+    def cat_rows(self, parts):
+        return GGMLWeightGroup([q for p in parts for q in (p.parts if isinstance(p, GGMLWeightGroup) else [p])])
+
+    def as_linear(self, bias: torch.Tensor | None = None) -> "ConcatLinear":
+        return ConcatLinear(self.parts, bias)
+
+
+class ConcatLinear(nn.Module):
+    """Linears over the same input whose outputs are concatenated (mixed-type fused projections)."""
+
+    def __init__(self, parts: list, bias: torch.Tensor | None = None):
+        super().__init__()
+        sizes = [p.shape[0] for p in parts]
+        biases = bias.split(sizes) if bias is not None else [None] * len(parts)
+        self.parts = nn.ModuleList(QuantLinear(p, b) for p, b in zip(parts, biases))
+        self.in_features, self.out_features = parts[0].shape[1], sum(sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _param(t):
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W kept as GGUF blocks (see the module docstring)."""
+
+    def __init__(self, weight: GGMLWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(weight.shape)}")
+        self.ggml_type = weight.ggml_type
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = weight.dtype or torch.float32
+        self.bias = _param(bias)
+        self.register_buffer("qweight", weight.data, persistent=False)
+        self.register_buffer("int4_weight", None, persistent=False)
+        self.register_buffer("int4_scales", None, persistent=False)
+        rows_per_slab = max(1, SLAB_VALUES // max(self.in_features, 1))
+        self.rows_per_slab = rows_per_slab
+        if (self.compute_dtype == torch.bfloat16 and weight.ggml_type in INT4_TYPES and weight.device.type == "cpu"
+                and self.in_features % 32 == 0 and int4_kernel_available()):
+            self._prepare_int4(weight)
+
+    @property
+    def weight(self) -> GGMLWeight:
+        """The packed weight (a tied head or a conversion can reuse it)."""
+        return GGMLWeight(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype=self.compute_dtype)
+
+    def _prepare_int4(self, weight: GGMLWeight) -> None:
+        q, scale, zero = int4_codes(weight.owned_data(), weight.ggml_type, self.out_features, self.in_features)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()  # [K/32, N, 2]
+        self.int4_weight, self.int4_scales = packed, sz
+        self.qweight = None  # the int4 form replaces the blocks
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self.qweight is None:  # int4 form: rebuild from codes
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.int4_weight.device)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.int4_weight, 32, self.int4_scales).t().to(dtype)
+        return ggml.dequantize(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4_weight is not None and x.device.type == "cpu":
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.int4_weight, 32, self.int4_scales)
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
+        n, k, step = self.out_features, self.in_features, self.rows_per_slab
+        if n <= step:
+            w = ggml.dequantize(self.qweight, self.ggml_type, (n, k), x.dtype)
+            return F.linear(x, w, self.bias)
+        out = x.new_empty((*x.shape[:-1], n))
+        x2 = x.reshape(-1, k)
+        o2 = out.view(-1, n)
+        for r in range(0, n, step):
+            e = min(n, r + step)
+            w = ggml.dequantize(self.qweight[r:e], self.ggml_type, (e - r, k), x.dtype)
+            o2[:, r:e] = F.linear(x2, w, None if self.bias is None else self.bias[r:e])
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "int4pack" if self.int4_weight is not None else ggml.type_name(self.ggml_type)
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, {kind}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from GGUF blocks: only the looked-up rows are dequantised."""
+
+    def __init__(self, weight: GGMLWeight, dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"QuantEmbedding needs a 2-D weight, got shape {list(weight.shape)}")
+        self.ggml_type = weight.ggml_type
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.compute_dtype = dtype or weight.dtype or torch.float32
+        self.register_buffer("qweight", weight.data, persistent=False)
+
+    @property
+    def weight(self) -> GGMLWeight:
+        """The packed table, e.g. for a head tied to the embeddings (`linear_from_weight`)."""
+        return GGMLWeight(self.qweight, self.ggml_type, (self.num_embeddings, self.embedding_dim), dtype=self.compute_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.index_select(0, ids.reshape(-1))
+        out = ggml.dequantize(rows, self.ggml_type, (rows.shape[0], self.embedding_dim), self.compute_dtype)
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {ggml.type_name(self.ggml_type)}"
+
+
+# ---- int4 codes for the CPU int4 kernel --------------------------------------------------------
+def int4_codes(data: torch.Tensor, ggml_type: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 [n, k] in 0..15, scale [n, k/32], zero [n, k/32]) with w = (code - 8) * scale + zero,
+    computed in float32."""
+    if ggml_type == ggml.Q4_0:
+        b = data.reshape(-1, 18)
+        d = b[:, 0:2].contiguous().view(torch.float16).float().reshape(n, k // 32)
+        q = torch.stack((b[:, 2:18] & 0xF, b[:, 2:18] >> 4), dim=1).reshape(n, k)
+        return q.to(torch.int32), d, torch.zeros_like(d)
+    if ggml_type == ggml.Q4_1:
+        b = data.reshape(-1, 20)
+        d = b[:, 0:2].contiguous().view(torch.float16).float().reshape(n, k // 32)
+        m = b[:, 2:4].contiguous().view(torch.float16).float().reshape(n, k // 32)
+        q = torch.stack((b[:, 4:20] & 0xF, b[:, 4:20] >> 4), dim=1).reshape(n, k)
+        return q.to(torch.int32), d, m + 8 * d
+    if ggml_type == ggml.Q4_K:
+        b = data.reshape(-1, 144)
+        nb = b.shape[0]
+        d = b[:, 0:2].contiguous().view(torch.float16).float()
+        dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+        from ..io.ggml import _k_scale_min
+
+        sc, mn = _k_scale_min(b[:, 4:16])
+        scale = d * sc.float()  # [nb, 8]
+        mins = dmin * mn.float()
+        qs = b[:, 16:144].reshape(nb, 4, 32)
+        q = torch.stack((qs & 0xF, qs >> 4), dim=2).reshape(n, k)
+        scale = scale.reshape(n, k // 32)
+        return q.to(torch.int32), scale, 8 * scale - mins.reshape(n, k // 32)
+    raise ValueError(f"no int4 form for {ggml.type_name(ggml_type)}")
+
+
+def packed_nbytes(module: nn.Module) -> int:
+    """Bytes held by the packed weights of a model (blocks and int4 forms)."""
+    total = 0
+    for m in module.modules():
+        for name in ("qweight", "int4_weight", "int4_scales"):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor) and name in m._buffers:
+                total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = ["GGMLWeight", "QuantLinear", "QuantEmbedding", "int4_codes", "packed_nbytes", "int4_kernel_available"]
