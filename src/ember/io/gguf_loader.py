@@ -495,6 +495,9 @@ def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: 
         raise CheckpointError(f"{snap.root}: a GGUF model is one file, got {len(snap.weights)} "
                               f"(split GGUF files are not supported; merge them with llama-gguf-split)")
     f = GGUFFile(snap.weights[0])
+    family_for(f)  # an architecture ember knows
+    for info in f.tensors.values():  # refuse unknown/unsupported types before building anything
+        f.check_supported(info.name)
     raw = config_dict(f)
     try:
         entry = registry.lookup(raw)
@@ -504,8 +507,6 @@ def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: 
         cfg = entry.parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{f.path}: {e}") from None
-    for info in f.tensors.values():  # refuse unknown/unsupported types before building anything
-        f.check_supported(info.name)
     if dtype is None:
         dtype = default_dtype(device, file_float_dtype(f))
     if packed is None:
