@@ -102,25 +102,31 @@ def test_quant_linear_equals_dense_linear(qtype, monkeypatch):
     torch.testing.assert_close(lin(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("qtype", [ggml.Q4_0, ggml.Q4_1, ggml.Q4_K], ids=ggml.type_name)
+@pytest.mark.parametrize("qtype", [ggml.Q4_0, ggml.Q4_1, ggml.Q4_K, ggml.Q5_0, ggml.Q5_1, ggml.Q5_K, ggml.Q8_0],
+                         ids=ggml.type_name)
 def test_int4_kernel_path_close_to_dense_in_bf16(qtype):
-    from ember.nn.quantized import int4_kernel_available
+    from ember.nn.quantized import int4_kernel_available, int4_terms
 
+    # the int4 planes rebuild the reference weights (float32 arithmetic)
+    w = _packed(qtype, rows=208, blocks=2, dtype=torch.bfloat16)  # 3 x 64 rows + a 16-row tail
+    rebuilt = sum((codes.float() - 8).view(w.shape[0], -1, 32) * scale[..., None] + zero[..., None]
+                  for codes, scale, zero in int4_terms(w.data, qtype, *w.shape))
+    ref_w = w.dequantize(torch.float32)
+    torch.testing.assert_close(rebuilt.view(w.shape), ref_w, rtol=1e-5, atol=1e-5 * ref_w.abs().max().item())
     if not int4_kernel_available():
         pytest.skip("this torch has no CPU int4 kernel")
-    w = _packed(qtype, rows=64, blocks=2, dtype=torch.bfloat16)
-    lin = w.as_linear(None)
-    assert lin.int4_weight is not None, "bf16 + 4-bit type should use the int4 kernel"
+    import ember.nn.quantized as q
+
+    old, q.INT4_CHUNK_VALUES = q.INT4_CHUNK_VALUES, 64 * w.shape[1]  # converted in chunks of 64 rows
+    try:
+        lin = w.as_linear(None)
+    finally:
+        q.INT4_CHUNK_VALUES = old
+    assert lin.int4_terms > 0, "bf16 + this type should use the int4 kernel"
     x = torch.randn(3, w.shape[1]).bfloat16()
-    ref = torch.nn.functional.linear(x.float(), w.dequantize(torch.float32))
+    ref = torch.nn.functional.linear(x.float(), ref_w)
     got = lin(x).float()
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
-    # the codes, scales and zeros reproduce the reference weights in float32
-    from ember.nn.quantized import int4_codes
-
-    codes, scale, zero = int4_codes(w.data, qtype, *w.shape)
-    rebuilt = (codes.float() - 8).view(w.shape[0], -1, 32) * scale[..., None] + zero[..., None]
-    torch.testing.assert_close(rebuilt.view(w.shape), w.dequantize(torch.float32), rtol=1e-5, atol=1e-5)
 
 
 def test_quant_embedding_and_mixed_type_fusion():

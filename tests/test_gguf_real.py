@@ -219,3 +219,28 @@ def test_gemma3_logits_and_greedy(gemma3):
         pytest.skip("ember.models.gemma3 (model_type gemma3_text) is not on this branch")
     _check_logits_and_greedy(gemma3, "The capital of France is")
     assert gemma3.llm.tokenizer.token_to_id("<end_of_turn>") in gemma3.llm.eos_token_ids
+
+
+def test_gemma3_mapping_reproduces_transformers_logits(gemma3):
+    """Without the native model: transformers' Gemma3 built from ember's config dict and ember's
+    tensors gives the logits transformers gets from the GGUF itself."""
+    from ember.io.gguf import GGUFFile
+    from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GgufConfig
+
+    f = GGUFFile(gemma3.path)
+    raw = config_dict(f)
+    src = GGUFSource(f, family_for(f)[1], raw, packed=False, dtype=torch.float32)
+    cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    mine = Gemma3ForCausalLM(cfg).eval()
+    sd = {k: src.load(k).float() for k in src.keys()}
+    missing, unexpected = mine.load_state_dict(sd, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    mine.tie_weights()
+    ref = gemma3.hf or AutoModelForCausalLM.from_pretrained(
+        gemma3.path.parent, gguf_file=gemma3.path.name, quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32).eval()
+    ids = torch.tensor([gemma3.tok.encode("The capital of France is")])
+    with torch.no_grad():
+        d = (mine(ids).logits - ref(ids).logits).abs().max().item()
+    assert d <= 1e-4

@@ -8,8 +8,8 @@ rows), Gemma's `w + 1` norms, GPT-2's transposed Conv1D weights. The normal `Var
 (shape checks, used-tensor tracking, nearest-key errors) runs unchanged over `GGUFSource`.
 
 Quantised weights either stay packed (`GGMLWeight`: GGUF blocks in memory, dequantised inside the
-layer) or are dequantised at load. `packed=None` (the default) picks: packed unless the model is
-small enough that a dequantised copy costs little (see `choose_packed`).
+layer or run on torch's int4 kernel) or are dequantised at load; `plan_loading` documents what
+`packed=None` (the default), `packed=True` and `packed=False` do.
 """
 from __future__ import annotations
 
@@ -358,9 +358,11 @@ def _qk_perm(rows: int, n_head: int) -> torch.Tensor:
 class GGUFSource:
     """A `TensorSource` over a GGUF file, keyed by Hugging Face names."""
 
-    def __init__(self, f: GGUFFile, fam: Family, cfg: dict, *, packed: bool, dtype: torch.dtype | None):
+    def __init__(self, f: GGUFFile, fam: Family, cfg: dict, *, packed: bool, dtype: torch.dtype | None,
+                 dense_fallback: bool = False):
         self.f = f
         self.packed = packed
+        self.dense_fallback = dense_fallback
         self.dtype = dtype
         self.plans: dict[str, _Plan] = {}
         heads = cfg.get("num_attention_heads")
@@ -403,7 +405,7 @@ class GGUFSource:
 
             name = plan.gguf
             w = GGMLWeight(self.f.raw(name), info.ggml_type, info.shape, dtype=self.dtype,
-                           reader=lambda: self.f.read(name), name=name)
+                           reader=lambda: self.f.read(name), name=name, dense_fallback=self.dense_fallback)
             if plan.permute_heads:
                 w = w.permute_rows(_qk_perm(info.shape[0], plan.permute_heads))
             return w
@@ -439,13 +441,10 @@ def dequantized_bytes(f: GGUFFile, dtype: torch.dtype) -> int:
 
 
 def choose_packed(f: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool:
-    """The default for `packed=None`: keep blocks when dequantising would cost real memory.
-
-    Dequantised weights run at dense-matmul speed; packed ones save memory (a 4-bit file stays
-    ~4-bit) but dequantise every weight on every forward, which costs several times the matmul on
-    CPU at decode, except the 4-bit types under bf16 (int4 kernel). So: dequantise at load when the
-    result fits in AUTO_DEQUANT_MAX_BYTES (2 GiB; env EMBER_GGUF_DEQUANT_MAX_BYTES) and a quarter of
-    the machine's memory, else keep packed.
+    """For `packed=None` with float32 (or GPU) compute: keep blocks only when dequantising would
+    cost real memory, i.e. when the dequantised weights exceed AUTO_DEQUANT_MAX_BYTES (2 GiB; env
+    EMBER_GGUF_DEQUANT_MAX_BYTES) or a quarter of the device's memory. Dequantised weights run at
+    dense-matmul speed; packed ones dequantise on every forward (several times the matmul's cost).
     """
     need = dequantized_bytes(f, dtype)
     if need == 0:
@@ -455,6 +454,42 @@ def choose_packed(f: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool
     if total:
         limit = min(limit, total // 4)
     return need > limit
+
+
+def int4_fast_path(device: torch.device) -> bool:
+    """Whether this machine runs packed 4/5/8-bit weights fast: a CPU with native bf16 and torch's
+    int4 kernel."""
+    from ..loading import cpu_bf16_fast
+    from ..nn.quantized import int4_kernel_available
+
+    return device.type == "cpu" and int4_kernel_available() and cpu_bf16_fast()
+
+
+def plan_loading(f: GGUFFile, dtype: torch.dtype | None, device: torch.device, packed: bool | None
+                 ) -> tuple[torch.dtype, bool, bool, str]:
+    """(dtype, keep blocks, dense fallback for types with no int4 form, description) for a load.
+
+    packed=None (default) on a CPU with native bf16: bf16 compute, Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0
+    weights stay packed and run on the int4 kernel (faster than dense at decode, ~4-10 bits per
+    weight), the others (Q6_K, Q2_K, Q3_K) are dequantised once to bf16, embeddings stay packed.
+    Elsewhere (float32 compute, GPU): dequantise at load unless that costs too much memory
+    (`choose_packed`). packed=True keeps every quantised weight packed; packed=False dequantises all.
+    """
+    from ..loading import default_dtype
+
+    quantized = file_float_dtype(f) is None
+    if dtype is None:
+        dtype = default_dtype(device, file_float_dtype(f))
+        if quantized and packed is not False and int4_fast_path(device):
+            dtype = torch.bfloat16
+    if not quantized:
+        return dtype, False, False, "unquantised"
+    if packed is None:
+        if dtype == torch.bfloat16 and int4_fast_path(device):
+            return dtype, True, True, "auto: int4-kernel types packed, others dequantised to bf16"
+        keep = choose_packed(f, dtype, device)
+        return dtype, keep, False, "auto: " + ("packed (dequantised weights would not fit)" if keep else "dequantised at load")
+    return dtype, bool(packed), False, "packed" if packed else "dequantised at load"
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -487,7 +522,7 @@ def generation_config(f: GGUFFile) -> dict:
 def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: bool | None = None, **model_kw):
     """Load a GGUF snapshot (one .gguf file) into a `Loaded`. `packed`: keep quantised weights as
     GGUF blocks (True), dequantise them at load (False), or decide by size (None)."""
-    from ..loading import Loaded, build_model, default_dtype
+    from ..loading import Loaded, build_model
     from ..varbuilder import VarBuilder
     from .gguf_tokenizer import tokenizer_from_gguf
 
@@ -507,12 +542,9 @@ def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: 
         cfg = entry.parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{f.path}: {e}") from None
-    if dtype is None:
-        dtype = default_dtype(device, file_float_dtype(f))
-    if packed is None:
-        packed = choose_packed(f, dtype, device)
+    dtype, packed, dense_fallback, mode = plan_loading(f, dtype, device, packed)
     _, fam = family_for(f)
-    source = GGUFSource(f, fam, raw, packed=packed, dtype=dtype)
+    source = GGUFSource(f, fam, raw, packed=packed, dtype=dtype, dense_fallback=dense_fallback)
     vb = VarBuilder(source, dtype, device)
     model = build_model(entry, cfg, vb, **model_kw)
     _apply_rope_freqs(model, source, vb)
@@ -523,8 +555,10 @@ def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: 
         log.warning("%s has no tokenizer in its metadata: text in/out is unavailable, token ids only", f.path)
     if not packed:
         f.close()  # nothing refers to the mapping any more
+    _release_free_memory()
     loaded = Loaded(snap, entry, cfg, model, tokenizer, generation_config(f), dtype, device)
     loaded.packed = packed  # type: ignore[attr-defined]
+    loaded.gguf_mode = mode  # type: ignore[attr-defined]
     return loaded
 
 
@@ -540,3 +574,14 @@ def _apply_rope_freqs(model, source: GGUFSource, vb) -> None:
         log.warning("rope_freqs.weight present but the model's rotary embedding cannot take it; ignored")
         return
     rotary.inv_freq = inv / factors.to(inv.device)
+
+
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc): dequantising and repacking leave many
+    freed temporaries behind that would otherwise stay in the process's resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
