@@ -392,3 +392,16 @@ def test_random_garbage_only_raises_ember_errors(tmp_path, good_file):
             GGUFFile(p)
         except EmberError:
             pass
+
+
+def test_bad_metadata_is_a_config_error_naming_the_key(tmp_path):
+    hf = _hf_model("llama")
+    p = gm.hf_to_gguf(hf, tmp_path / "s.gguf", extra_meta={"llama.block_count": "two"})
+    msg = _load_error(p, ember.ConfigError)
+    assert "llama.block_count" in msg
+    f = GGUFFile(gm.hf_to_gguf(hf, tmp_path / "ok.gguf"))
+    meta = {k: v for k, v in f.metadata.items() if k not in ("general.architecture", "llama.embedding_length")}
+    meta["tokenizer.ggml.token_type"] = (meta["tokenizer.ggml.token_type"], gm.ARR)
+    tensors = {n: (ggml.dequantize(f.raw(n), t.ggml_type, t.shape).numpy(), None) for n, t in f.tensors.items()}
+    msg = _load_error(gm.write(tmp_path / "m.gguf", "llama", meta, tensors), ember.ConfigError)
+    assert "llama.embedding_length" in msg

@@ -98,7 +98,8 @@ class _Meta:
         v = self.m.get(full, default)
         if v is default:
             return v
-        if not isinstance(v, kind) or (kind in (int, float) and isinstance(v, bool)):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
             raise ConfigError(f"{self.f.path}: metadata {full!r} should be {getattr(kind, '__name__', kind)}, got {v!r:.80}")
         return v
 
@@ -163,9 +164,9 @@ def _token_ids(m: dict) -> dict:
 
 
 def _decoder_config(meta: _Meta, model_type: str, *, head_dim: int | None = None) -> dict:
-    heads = meta.need("attention.head_count")
-    if isinstance(heads, list):
-        heads = meta.int_or_uniform("attention.head_count")
+    heads = meta.int_or_uniform("attention.head_count")
+    if heads is None:
+        meta.need("attention.head_count")
     hidden = meta.need("embedding_length")
     cfg: dict[str, Any] = {
         "model_type": model_type,
@@ -194,7 +195,7 @@ def _decoder_config(meta: _Meta, model_type: str, *, head_dim: int | None = None
 
 
 def _llama_config(meta: _Meta, names: set[str]) -> dict:
-    heads = meta.need("attention.head_count")
+    heads = meta.int_or_uniform("attention.head_count") or meta.need("attention.head_count")
     # transformers maps rope.dimension_count to head_dim for llama; key_length is explicit when present
     head_dim = meta.get("attention.key_length", kind=int) or meta.get("rope.dimension_count", kind=int) or \
         meta.need("embedding_length") // heads
