@@ -410,7 +410,9 @@ class GGUFSource:
             if plan.permute_heads:
                 w = w.permute_rows(_qk_perm(info.shape[0], plan.permute_heads))
             return w
-        t = ggml.dequantize(self.f.read(plan.gguf), info.ggml_type, info.shape, torch.float32)
+        # straight to the compute dtype unless a float32 fix-up follows (rounded once either way)
+        dtype = torch.float32 if plan.minus_one or self.dtype is None or not self.dtype.is_floating_point else self.dtype
+        t = ggml.dequantize(self.f.read(plan.gguf), info.ggml_type, info.shape, dtype)
         return self._finish(t, plan)
 
     def _finish(self, t: torch.Tensor, plan: _Plan) -> torch.Tensor:
