@@ -90,3 +90,34 @@ def test_engine_mixed_sampling_and_logprobs_match_plain_path(llm):
         assert run(llm) == want
     finally:
         engine.disable(llm)
+
+
+def test_pipelined_continuous_batching_with_random_admissions_and_aborts(llm):
+    """The engine's pipelined greedy decode (tokens read one step late) under churn: every request
+    that is not aborted gets exactly its solo greedy tokens; aborted ones a prefix of them."""
+    import random
+
+    prompts = ["Once upon a time", "The quick", "Héllo", "def add", "1234", "The capital of", "ça va", "emoji 🎉"]
+    lens = [5, 17, 9, 30, 2, 12, 25, 7]
+    want = {p: _tokens(llm, [p], n)[0] for p, n in zip(prompts, lens)}
+    eng = engine.Engine(llm.model, llm.tokenizer, [], max_batch=4, max_len=96, cuda_graphs=True)
+    rng = random.Random(0)
+    for _ in range(3):
+        g = eng.generator()
+        reqs = {p: Request(llm.encode(p), n, ignore_eos=True) for p, n in zip(prompts, lens)}
+        by_id = {r.id: p for p, r in reqs.items()}
+        got = {p: [] for p in prompts}
+        pending, aborted = list(prompts), set()
+        rng.shuffle(pending)
+        while pending or g.has_work():
+            if pending and rng.random() < 0.5:
+                g.add(reqs[pending.pop()])
+            if rng.random() < 0.05 and g.running:
+                victim = next(s for s in g.slots if s is not None)
+                aborted.add(by_id[victim.req.id])
+                g.abort(victim.req.id)
+            for ev in g.step():
+                got[by_id[ev.request.id]].append(ev.token_id)
+        assert g.running == 0
+        for p in prompts:
+            assert got[p] == (want[p][: len(got[p])] if p in aborted else want[p]), p

@@ -100,8 +100,9 @@ def bench(llm_model, tokenizer=None, *, device, dtype, batches=(1, 8, 32), promp
     def prompt(n):
         return torch.randint(0, vocab, (n,), generator=g).tolist()
 
-    # warm-up: kernels, allocator
-    run_requests(eng.generator(1), [Request(prompt(16), 4, ignore_eos=True)])
+    # warm-up at the measured shapes: lazy kernel loading, cuBLAS/cuDNN plans, the allocator
+    run_requests(eng.generator(1), [Request(prompt(prompt_len), 4, ignore_eos=True)])
+    run_requests(eng.generator(1), [Request(prompt(prefill_len), 1, ignore_eos=True)])
     _sync(device)
     ttft, _, _ = run_requests(eng.generator(1), [Request(prompt(prompt_len), 2, ignore_eos=True)])
     res["ttft_ms"] = ttft * 1e3

@@ -9,10 +9,13 @@ capture itself there).
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import torch
+
+log = logging.getLogger("ember")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -53,6 +56,8 @@ class StaticDecoder:
         self._compile = compile
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph or None, ids, pos, out)
         self.capture_seconds = 0.0
+        self._host: list[torch.Tensor] | None = None
+        self._flip = 0
 
     def _step(self, ids: torch.Tensor, pos: torch.Tensor):
         B = ids.shape[0]
@@ -83,8 +88,14 @@ class StaticDecoder:
             self.compile_seconds += time.perf_counter() - t
         t = time.perf_counter()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g), torch.inference_mode():
-            out = self._fn(ids, pos)
+        try:
+            with torch.cuda.graph(g), torch.inference_mode():
+                out = self._fn(ids, pos)
+        except RuntimeError as e:  # e.g. a model that syncs with the host mid-step (data-dependent MoE routing)
+            log.warning("CUDA graph capture failed (%s); decoding eagerly with static shapes", str(e)[:200])
+            torch.cuda.synchronize(self.device)
+            self.capture = False
+            return None, ids, pos, None
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - t
         return g, ids, pos, out
@@ -113,6 +124,22 @@ class StaticDecoder:
         return self.replay(n)
 
     @torch.inference_mode()
+    def launch(self, n: int) -> "_Tokens":
+        """replay(n) without waiting: the greedy tokens come back through a pinned buffer and an
+        event, so the host can process the previous step while this one runs."""
+        _, tok = self.replay(n)
+        if self.device.type != "cuda":
+            return _Tokens(tok.tolist())
+        if self._host is None:
+            self._host = [torch.empty(max(self.buckets), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        buf = self._host[self._flip]
+        self._flip ^= 1  # two buffers: step k+1 is launched before step k's tokens are read
+        buf[:n].copy_(tok, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return _Tokens(None, buf, n, ev)
+
+    @torch.inference_mode()
     def replay(self, n: int):
         """Step again from the inputs the previous step left in the buffers."""
         b, (g, sids, spos, out) = self._get(n)
@@ -122,3 +149,16 @@ class StaticDecoder:
             g.replay()
             logits, tok = out
         return logits[:n], tok[:n]
+
+
+class _Tokens:
+    """Greedy tokens of a launched step: ready now (CPU), or once its CUDA event completes."""
+
+    def __init__(self, ready: list[int] | None, buf=None, n: int = 0, event=None):
+        self._ready, self._buf, self._n, self._event = ready, buf, n, event
+
+    def result(self) -> list[int]:
+        if self._ready is None:
+            self._event.synchronize()
+            self._ready = self._buf[: self._n].tolist()
+        return self._ready

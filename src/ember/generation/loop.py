@@ -119,6 +119,7 @@ class Generator:
         self.waiting: deque[Request] = deque()
         self.step_hook: Callable | None = None  # engine: replaces the decode forward
         self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
+        self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -219,11 +220,38 @@ class Generator:
                 out = torch.where(ends_here[:, None], logits[:, 0], out)
         return out
 
+    def _flush(self) -> list[Event]:
+        """Emit the tokens of the step still in flight (pipelined decoding), for live sequences."""
+        if self._inflight is None:
+            return []
+        seqs, handle = self._inflight
+        self._inflight = None
+        toks = handle.result()
+        alive = [s for s in seqs if self.slots[s.slot] is s]
+        return self._emit(alive, None, [toks[s.slot] for s in alive]) if alive else []
+
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
         greedy = all(s.req.sampling.greedy and s.seen is None for s in running)
         hook = self.step_hook
         feedback = hook is not None and getattr(hook, "feedback", False) and greedy
+        signature = (hi, tuple((s.slot, s.req.id) for s in running))
+        if feedback and self._synced == signature and hasattr(hook, "launch") and \
+                all(s.req.logprobs is None for s in running):
+            # Pipelined: the device already holds every row's next input (last step's argmax,
+            # position + 1). Launch this step, then hand out the previous step's tokens while it runs.
+            handle = hook.launch(hi)
+            for s in running:
+                s.pos += 1
+            events = self._flush()
+            self._inflight = (running, handle)
+            return events
+        events = self._flush()  # the batch changes: settle the step in flight first
+        running = [s for s in running if self.slots[s.slot] is s]
+        if not running:
+            self._synced = None
+            return events
+        hi = max(s.slot for s in running) + 1
         signature = (hi, tuple((s.slot, s.req.id) for s in running))
         toks = None
         if feedback and self._synced == signature:
@@ -249,20 +277,21 @@ class Generator:
             s.pos += 1
         order = [s.slot for s in running]
         if order == list(range(hi)):
-            return self._emit(running, logits, toks if greedy else None)
+            return events + self._emit(running, logits, toks if greedy else None)
         # logits rows only for the running slots; greedy tokens are picked on the host by slot
         tok_rows = None
         if greedy and toks is not None:
             all_toks = toks.tolist()
             tok_rows = [all_toks[i] for i in order]
-        return self._emit(running, logits[order] if (tok_rows is None or any(
+        return events + self._emit(running, logits[order] if (tok_rows is None or any(
             s.req.logprobs is not None for s in running)) else logits, tok_rows)
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor, toks=None) -> list[Event]:
         """Sample one token per sequence from its logits row (unless `toks` came precomputed:
         greedy tokens from the engine, a tensor or host list aligned with seqs); advance,
         detokenise, check stops."""
-        logits = logits.float()
+        if logits is not None:
+            logits = logits.float()
         if toks is None:
             toks = self._sample(seqs, logits)
         want_lp = [s.req.logprobs is not None for s in seqs]

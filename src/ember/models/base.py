@@ -110,11 +110,11 @@ class CausalLM(nn.Module):
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
     """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own."""
-    from ..nn.layers import Linear, linear
+    from ..nn.layers import linear, linear_from_weight
     import logging
 
     if getattr(cfg, "tie_word_embeddings", False) or not vb.contains("lm_head.weight"):
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
-        return Linear(embed_weight)
+        return linear_from_weight(embed_weight)  # a packed (GGUF) table gives a packed head
     return linear(hidden, vocab, vb.pp("lm_head"))

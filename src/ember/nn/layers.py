@@ -60,8 +60,13 @@ class Embedding(nn.Module):
         self.weight = _param(weight)
 
     @classmethod
-    def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> "Embedding":
-        return cls(vb.get((num, dim), "weight"))
+    def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> nn.Module:
+        """An Embedding, or for a packed quantised table (GGUF) its own module that dequantises
+        only the rows it looks up (`as_embedding`); `.weight` is then the packed table."""
+        w = vb.get((num, dim), "weight", packed=True)
+        if not isinstance(w, torch.Tensor):
+            return w.as_embedding(vb.dtype)
+        return cls(w)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
