@@ -297,8 +297,15 @@ class GGUFFile:
         return self._storage
 
     def raw(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a uint8 [rows, row_bytes] view on the mmap (no copy, no read yet)."""
+        """The tensor's bytes as a uint8 [rows, row_bytes] view on the mmap (no copy, no read yet).
+
+        Float tensors whose offset is not a multiple of their element size (legal with a
+        general.alignment of 1 or 2) come back as a private copy instead: callers view these bytes as
+        floats, which torch cannot do on a misaligned view."""
         t = self.check_supported(name)
+        dtype = ggml.FLOAT_TYPES.get(t.ggml_type)
+        if dtype is not None and t.offset % dtype.itemsize:
+            return self.read(name)
         rows, rb = _byte_shape(t)
         return torch.empty(0, dtype=torch.uint8).set_(self._mapped(), t.offset, (rows, rb), (rb, 1))
 

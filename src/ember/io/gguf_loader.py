@@ -113,7 +113,10 @@ class _Meta:
         """A per-layer array that must be uniform (ember's configs take one value), or a scalar."""
         v = self.get(key, default, kind=(int, list))
         if isinstance(v, list):
-            if not v or len(set(v)) != 1 or not isinstance(v[0], int):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ConfigError(f"{self.f.path}: metadata {self.arch}.{key} should be an integer or an array of "
+                                  f"integers, got {v!r:.80}")
+            if not v or len(set(v)) != 1:
                 raise UnsupportedModelError(f"{self.f.path}: {self.arch}.{key} varies per layer ({v[:8]}...), "
                                             f"which ember's {self.arch} model does not support")
             v = v[0]
