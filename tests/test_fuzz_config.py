@@ -165,7 +165,7 @@ def _write_config(folder: Path, cfg: object, gen: object) -> None:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@fuzz_settings(30, deadline_ms=10_000)
+@fuzz_settings(15, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_config(checkpoints, family, data):
     folder, raw, keys = checkpoints[family]

@@ -88,7 +88,7 @@ MUTATIONS = st.sampled_from(["flip", "flip", "set", "u64", "u32", "truncate"])
 INTERESTING_U64 = st.sampled_from([0, 1, 7, 255, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63, 2**64 - 1])
 
 
-@fuzz_settings(150, deadline_ms=None)
+@fuzz_settings(100, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_mutated_tiny_gguf(tiny, data):
     base, f, scratch = tiny
@@ -204,7 +204,7 @@ def vocab_mutation(draw, tokens: list[str]):
     return ARR, (STR, toks)
 
 
-@fuzz_settings(120, deadline_ms=None)
+@fuzz_settings(50, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_gguf_metadata_values(tiny, data):
     base, f, scratch = tiny
@@ -264,7 +264,7 @@ def raw_headers(draw):
     return body + b"\0" * (-len(body) % 32) + draw(st.binary(max_size=256))
 
 
-@fuzz_settings(300, deadline_ms=None)
+@fuzz_settings(200, deadline_ms=None)
 @given(raw=raw_headers())
 def test_fuzz_raw_gguf_headers(tiny, raw):
     scratch = tiny[2]
