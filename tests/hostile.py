@@ -7,7 +7,7 @@ A longer campaign runs the same targets with fresh randomness:
 
 (`EMBER_FUZZ_EXAMPLES` replaces every target's example count and turns derandomisation off, so
 each run explores new inputs; a failure prints the falsifying input and a `@reproduce_failure`
-blob. `EMBER_FUZZ_SEED=N` makes a long campaign repeatable.)
+blob. Add pytest's `--hypothesis-seed=N` to make a long campaign repeatable.)
 
 Guards used by every property:
   * `time_limit(s)`: SIGALRM interrupts an example that runs longer than `s` seconds (a hang
@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from hypothesis import HealthCheck, settings
 
 FUZZ_EXAMPLES = int(os.environ.get("EMBER_FUZZ_EXAMPLES", "0") or 0)
-FUZZ_SEED = os.environ.get("EMBER_FUZZ_SEED")
 LONG_CAMPAIGN = FUZZ_EXAMPLES > 0
 
 
@@ -40,7 +39,7 @@ def fuzz_settings(examples: int, *, deadline_ms: int | None = None, **kw) -> set
     `time_limit` inside the properties instead."""
     return settings(
         max_examples=FUZZ_EXAMPLES or examples,
-        derandomize=not LONG_CAMPAIGN or FUZZ_SEED is not None,
+        derandomize=not LONG_CAMPAIGN,
         deadline=deadline_ms,
         database=None,
         print_blob=True,
