@@ -203,3 +203,47 @@ def test_huge_sizes_fail_on_the_shape_check_before_allocating(checkpoints):
             _load_with(checkpoints, "llama", **{key: 10**12})
     with pytest.raises(EmberError):
         _load_with(checkpoints, "llama", num_hidden_layers=10**12)
+
+
+def test_regression_layer_count_allocated_per_layer_lists(checkpoints):
+    """Bug: num_hidden_layers = 10**12 built a 10**12-entry list of layer windows before any weight
+    was checked (MemoryError); 1e300 (read as an int) raised OverflowError."""
+    for n in (10**12, 1e300, 2**40):
+        with pytest.raises(ConfigError, match="layers is not a real model"):
+            _load_with(checkpoints, "llama", num_hidden_layers=n)
+
+
+L3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+LONG = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "rope_theta": 10000.0}
+ROPE_CRASHES = [
+    # (family, config changes): each raised TypeError/ValueError/ZeroDivisionError/OverflowError/RuntimeError
+    ("llama", {"original_max_position_embeddings": ""}),  # float('') in llama3 scaling
+    ("llama", {"original_max_position_embeddings": 0}),  # old / low_freq_factor ... division by zero
+    ("llama", {"original_max_position_embeddings": 1e300}),  # int too big to convert (torch)
+    ("llama", {"rope_parameters": {**L3, "low_freq_factor": 0}}),  # division by zero
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": "2", "rope_theta": 10000.0}}),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 1e308, "rope_theta": 10000.0}}),  # int(inf)
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": -10**6, "rope_theta": 10000.0}}),  # negative context
+    ("phi3", {"original_max_position_embeddings": 1}),  # log(1) == 0 in the longrope scale
+    ("phi3", {"rope_parameters": {**LONG, "short_factor": ["a"] * 4}}),  # torch.tensor of strings
+    ("phi3", {"rope_parameters": {**LONG, "factor": -1.0}}),  # math domain error
+    ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1}}}),
+    ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "x",
+                                                            "rope_theta": 10000.0}}}),
+    ("starcoder2", {"partial_rotary_factor": math.nan}),  # int(nan)
+    ("starcoder2", {"partial_rotary_factor": 2}),  # rotates more dims than a head has: shape error in forward
+    ("starcoder2", {"partial_rotary_factor": -10**12}),  # negative arange
+]
+
+
+@pytest.mark.parametrize("family,changes", ROPE_CRASHES, ids=[f"{i}-{f}-{'-'.join(c)}" for i, (f, c) in enumerate(ROPE_CRASHES)])
+def test_regression_rope_parameters_crashed(checkpoints, family, changes):
+    """Bugs found by test_fuzz_config: hostile rope numbers crashed inside the rotary tables (or at
+    the first forward) instead of being ConfigErrors."""
+    with pytest.raises(ConfigError):
+        llm = _load_with(checkpoints, family, **changes)
+        llm.model.max_context  # noqa: B018
+        _tokens(llm)
