@@ -117,6 +117,10 @@ def build_model(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Mo
     _, model_cls = entry.load()
     model = model_cls(cfg, vb, **kw).eval()
     unused = [k for k in vb.unused() if not IGNORABLE_UNUSED.search(k)]
+    heads = getattr(model, "ignore_unused", None)  # task heads a model leaves unused on purpose (encoders)
+    if heads is not None and any(heads.search(k) for k in unused):
+        log.info("not used (task heads): %s", ", ".join(k for k in unused if heads.search(k))[:300])
+        unused = [k for k in unused if not heads.search(k)]
     if unused:
         more = f" (+{len(unused) - 8} more)" if len(unused) > 8 else ""
         log.warning("%d checkpoint tensors were not used: %s%s", len(unused), ", ".join(unused[:8]), more)

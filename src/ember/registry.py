@@ -81,3 +81,24 @@ register("qwen2", "ember.models.llama", architectures=("Qwen2ForCausalLM",),
          defaults={"qkv_bias": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
 register("qwen3", "ember.models.llama", architectures=("Qwen3ForCausalLM",),
          defaults={"qk_norm": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
+
+# Encoders (ember.load returns an Embedder). A checkpoint of any task model (ForMaskedLM, ...) loads
+# as its encoder; the task head is left unused.
+_ENC = dict(task="encoder", model_class="Model")
+
+
+def _archs(name: str, *tasks: str) -> tuple[str, ...]:
+    return (f"{name}Model",) + tuple(f"{name}For{t}" for t in tasks)
+
+
+_TASKS = ("MaskedLM", "SequenceClassification", "TokenClassification", "QuestionAnswering", "MultipleChoice")
+register("bert", "ember.models.bert", architectures=_archs("Bert", "PreTraining", *_TASKS), **_ENC)
+register("roberta", "ember.models.bert", architectures=_archs("Roberta", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("xlm-roberta", "ember.models.bert", architectures=_archs("XLMRoberta", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("camembert", "ember.models.bert", architectures=_archs("Camembert", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("distilbert", "ember.models.distilbert", architectures=_archs("DistilBert", *_TASKS), **_ENC)
+register("mpnet", "ember.models.mpnet", architectures=_archs("MPNet", *_TASKS), **_ENC)
+register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBert", *_TASKS), **_ENC)

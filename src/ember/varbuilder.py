@@ -164,6 +164,21 @@ class VarBuilder:
 
     push_prefix = pp
 
+    def pp_first(self, prefixes: Sequence[str], probe: str) -> "VarBuilder":
+        """The builder under the first of `prefixes` ("" = here) whose checkpoint holds `probe`.
+
+        For checkpoints saved with or without a wrapper's prefix (`BertModel` vs `bert.` inside
+        `BertForMaskedLM`): `vb.pp_first(["", "bert"], "embeddings.word_embeddings.weight")`.
+        """
+        for p in prefixes:
+            vb = self.pp(p) if p else self
+            if vb.contains(probe):
+                return vb
+        tried = ", ".join(repr(self._join(f"{p}.{probe}" if p else probe)) for p in prefixes)
+        near = difflib.get_close_matches(self._join(probe), self._shared.all_keys(), n=5, cutoff=0.6)
+        hint = f"; nearest keys: {', '.join(near)}" if near else ""
+        raise TensorNotFoundError(f"none of {tried} is in {self._shared.source.describe()}{hint}")
+
     def root(self) -> "VarBuilder":
         return self._derive(prefix="")
 

@@ -1,0 +1,143 @@
+"""BERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, MPNet and ModernBERT encoders against
+transformers on tiny random checkpoints: last hidden states on a plain and a right-padded batch
+(padded rows equal to the rows alone), with and without the task models' checkpoint prefixes."""
+import pytest
+import torch
+
+from parity import randomize_, save
+
+VOCAB = 120
+
+
+def _hf(config, cls_name: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    m = getattr(transformers, cls_name)(config)
+    return randomize_(m.float().eval(), seed)
+
+
+def _base(hf):
+    """The encoder inside a task model (BertForMaskedLM.bert, ...) or the model itself."""
+    return getattr(hf, hf.base_model_prefix, hf)
+
+
+def _batch(pad_id: int, seed: int = 0, lengths=(17, 9, 4, 1 + 0)):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(5, VOCAB, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = pad_id
+    return ids, mask
+
+
+def check_encoder(hf, folder, pad_id: int, atol: float = 1e-4, lengths=(17, 9, 4, 1)):
+    import ember
+
+    enc = ember.load(folder, dtype=torch.float32, device="cpu")
+    assert isinstance(enc, ember.Embedder)
+    ref_model = _base(hf)
+    ids, mask = _batch(pad_id, lengths=lengths)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids[:1, :lengths[0]]).last_hidden_state
+        got = enc.model(ids[:1, :lengths[0]])
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        d = (ref - got).abs().max().item()
+        assert d <= atol, f"hidden states differ by {d}"
+        ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = enc.model(ids, attention_mask=mask)
+        m = mask.bool()
+        d = (ref[m] - got[m]).abs().max().item()
+        assert d <= atol, f"padded-batch hidden states differ by {d}"
+        for i, n in enumerate(lengths):  # a padded row equals the row alone
+            solo = enc.model(ids[i:i + 1, :n])
+            d = (solo[0] - got[i, :n]).abs().max().item()
+            assert d <= atol, f"row {i} padded differs from alone by {d}"
+    return enc
+
+
+def _bert_cfg(cls="BertConfig", **kw):
+    import transformers
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                max_position_embeddings=64, type_vocab_size=2)
+    return getattr(transformers, cls)(**{**base, **kw})
+
+
+@pytest.mark.parametrize("model_cls", ["BertModel", "BertForMaskedLM", "BertForSequenceClassification"])
+def test_bert_matches(tmp_path, model_cls):
+    hf = _hf(_bert_cfg(), model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+def test_bert_gelu_new_no_token_types(tmp_path):
+    hf = _hf(_bert_cfg(hidden_act="gelu_new", type_vocab_size=0 + 1, layer_norm_eps=1e-7), "BertModel")
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("cls,model_cls", [("RobertaConfig", "RobertaModel"), ("RobertaConfig", "RobertaForMaskedLM"),
+                                           ("XLMRobertaConfig", "XLMRobertaModel"),
+                                           ("XLMRobertaConfig", "XLMRobertaForSequenceClassification"),
+                                           ("CamembertConfig", "CamembertModel")])
+def test_roberta_family_matches(tmp_path, cls, model_cls):
+    # positions count from padding_idx + 1; max_position_embeddings leaves room for the offset
+    hf = _hf(_bert_cfg(cls, pad_token_id=1, max_position_embeddings=66, type_vocab_size=1), model_cls)
+    enc = check_encoder(hf, save(hf, tmp_path), pad_id=1)
+    assert enc.model.max_tokens == 64
+
+
+@pytest.mark.parametrize("model_cls", ["DistilBertModel", "DistilBertForMaskedLM"])
+@pytest.mark.parametrize("sinusoidal", [False, True])
+def test_distilbert_matches(tmp_path, model_cls, sinusoidal):
+    from transformers import DistilBertConfig
+
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=64,
+                           sinusoidal_pos_embds=sinusoidal)
+    hf = _hf(cfg, model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("model_cls", ["MPNetModel", "MPNetForMaskedLM"])
+def test_mpnet_matches(tmp_path, model_cls):
+    from transformers import MPNetConfig
+
+    cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                      max_position_embeddings=80)
+    hf = _hf(cfg, model_cls)
+    # sequences past 8 and 16 tokens exercise the logarithmic relative-position buckets
+    check_encoder(hf, save(hf, tmp_path), pad_id=1, lengths=(40, 23, 9, 2))
+
+
+@pytest.mark.parametrize("model_cls", ["ModernBertModel", "ModernBertForMaskedLM"])
+@pytest.mark.parametrize("kw", [dict(), dict(norm_bias=True, attention_bias=True, mlp_bias=True, global_attn_every_n_layers=2)])
+def test_modernbert_matches(tmp_path, model_cls, kw):
+    from transformers import ModernBertConfig
+
+    # local_attention 8: a 4-token half window, shorter than the sequences, so sliding layers differ from global
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, local_attention=8, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, **kw)
+    hf = _hf(cfg, model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+def test_modernbert_original_config_keys(tmp_path):
+    """An answerdotai-style config.json: global_attn_every_n_layers and global/local_rope_theta, no layer_types."""
+    import json
+
+    from transformers import ModernBertConfig
+
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, local_attention=6, pad_token_id=0,
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})
+    hf = _hf(cfg, "ModernBertModel")
+    save(hf, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for k in ("layer_types", "rope_parameters"):
+        raw.pop(k, None)
+    raw.update(global_attn_every_n_layers=3, global_rope_theta=5000.0, local_rope_theta=500.0)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    check_encoder(hf, str(tmp_path), pad_id=0)
