@@ -207,7 +207,7 @@ def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> 
     wanted = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in SIDE_FILES)] if fmt != "gguf" else \
         [n for n in names if n in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")]
     wanted += weights
-    rev = info.sha or revision
+    rev = revision  # the branch/tag itself, so that the cache records refs/<revision> for offline use
     root = None
 
     def get(name: str) -> Path:

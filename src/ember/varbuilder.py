@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
@@ -235,7 +236,7 @@ class VarBuilder:
         key = self._lookup(name)
         if key is None:
             full = self._join(name)
-            near = difflib.get_close_matches(full, self._shared.all_keys(), n=5, cutoff=0.6)
+            near = nearest_keys(full, self._shared.all_keys())
             hint = f"; nearest keys: {', '.join(near)}" if near else ""
             raise TensorNotFoundError(f"tensor {full!r} not found in {self._shared.source.describe()}{hint}")
         return key
@@ -301,6 +302,14 @@ class VarBuilder:
 
     def __repr__(self) -> str:
         return f"VarBuilder(prefix={self.prefix!r}, dtype={self.dtype}, device={self.device}, source={self._shared.source.describe()})"
+
+
+def nearest_keys(key: str, keys: list[str], n: int = 5) -> list[str]:
+    """Keys most like `key`: the same name in other layers first (model.layers.#.x), then by spelling."""
+    pattern = re.sub(r"\d+", "#", key)
+    same = [k for k in keys if re.sub(r"\d+", "#", k) == pattern][:3]
+    close = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    return list(dict.fromkeys(same + close))[:n]
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
