@@ -142,6 +142,10 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     source = tensor_source(snap)
     if dtype is None:
         dtype = default_dtype(device, _checkpoint_dtype(source) or _dtype_from_config(raw))
+        if entry.task == "encoder" and device.type == "cpu" and dtype == torch.float32 and cpu_bf16_fast():
+            # encoders keep their residual stream in float32 (see models/encoder.py): bf16 matmuls are
+            # 2-3x faster and stay within cosine 0.9999 of float32 embeddings
+            dtype = torch.bfloat16
     vb = VarBuilder(source, dtype, device)
     model = build_model(entry, cfg, vb, **model_kw)
     tokenizer = None

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import UnsupportedModelError
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask, padding_positions
+from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb, padding_positions
 
 BERT_LAYER_NAMES = {
     "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -79,7 +79,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, vb.pp("position_embeddings"))
         self.token_type_embeddings = (Embedding.from_vb(cfg.type_vocab_size, E, vb.pp("token_type_embeddings"))
                                       if cfg.type_vocab_size else None)
-        self.LayerNorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, vb.pp("LayerNorm"))
+        self.LayerNorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, norm_vb(vb).pp("LayerNorm"))
         self.padding_idx = cfg.pad_token_id if cfg.padding_positions else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,12 +88,12 @@ class Embeddings(nn.Module):
             pos = padding_positions(input_ids, self.padding_idx)
         else:
             pos = torch.arange(T, device=input_ids.device)[None]
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)
+        x = self.word_embeddings(input_ids).float() + self.position_embeddings(pos).float()
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
-                x = x + self.token_type_embeddings.weight[0]
+                x = x + self.token_type_embeddings.weight[0].float()
             else:
-                x = x + self.token_type_embeddings(token_type_ids)
+                x = x + self.token_type_embeddings(token_type_ids).float()
         return self.LayerNorm(x)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask
+from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb
 
 LAYER_NAMES = {
     "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
@@ -50,7 +50,7 @@ class Model(EncoderModel):
         e = vb.pp("embeddings")
         self.word_embeddings = Embedding.from_vb(cfg.vocab_size, cfg.dim, e.pp("word_embeddings"))
         self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, cfg.dim, e.pp("position_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(cfg.dim, EPS, e.pp("LayerNorm"))
+        self.embed_norm = LayerNorm.from_vb(cfg.dim, EPS, norm_vb(e).pp("LayerNorm"))
         self.layers = nn.ModuleList(
             PostLNLayer(vb.pp(f"transformer.layer.{i}"), LAYER_NAMES, cfg.dim, cfg.n_heads, cfg.hidden_dim, EPS,
                         cfg.activation, fuse)
@@ -62,7 +62,7 @@ class Model(EncoderModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:T]
+        x = self.word_embeddings(input_ids).float() + self.position_embeddings.weight[:T].float()
         x = self.embed_norm(x)
         mask = key_padding_mask(attention_mask)
         for layer in self.layers:

@@ -10,6 +10,11 @@ ever a masked key, and positions count from the start of the row.
 
 The BERT-style families differ in little but the names of their tensors, so they share one
 post-LayerNorm layer (`PostLNLayer`) built from a table of checkpoint names.
+
+Precision: matmuls and attention run in the load dtype; the residual stream, LayerNorms and the
+sums of embeddings stay float32 (what torch.autocast does). With float32 that is plain float32;
+with bfloat16 on a CPU with native bf16 it is 2-3x faster than float32 with sentence embeddings
+within cosine 0.99995 of float32 (pure bf16 residuals drift to ~0.9999).
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ from ..varbuilder import VarBuilder
 # encoder. An encoder loaded for its hidden states leaves them unused on purpose.
 HEADS = re.compile(r"^(\w+\.)?pooler\.|^(cls|lm_head|classifier|pre_classifier|qa_outputs|vocab_transform|"
                    r"vocab_layer_norm|vocab_projector|head|decoder)\.")
+
+
+def norm_vb(vb: VarBuilder) -> VarBuilder:
+    """The builder for LayerNorm parameters: always float32 (the residual stream's dtype)."""
+    return vb.to(dtype=torch.float32)
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -64,21 +74,22 @@ class PostLNLayer(nn.Module):
         self.qkv = FusedLinears(hidden, {"q": (hidden, vb.pp(names["q"])), "k": (hidden, vb.pp(names["k"])),
                                          "v": (hidden, vb.pp(names["v"]))}, bias=True, fuse=fuse)
         self.o = linear(hidden, hidden, vb.pp(names["o"]), bias=True)
-        self.ln1 = LayerNorm.from_vb(hidden, eps, vb.pp(names["ln1"]))
+        self.ln1 = LayerNorm.from_vb(hidden, eps, norm_vb(vb).pp(names["ln1"]))
         self.up = linear(hidden, intermediate, vb.pp(names["up"]), bias=True)
         self.down = linear(intermediate, hidden, vb.pp(names["down"]), bias=True)
-        self.ln2 = LayerNorm.from_vb(hidden, eps, vb.pp(names["ln2"]))
+        self.ln2 = LayerNorm.from_vb(hidden, eps, norm_vb(vb).pp(names["ln2"]))
         self.act = activation(act)
+        self.cdtype = self.o.weight.dtype  # the matmuls' dtype; x stays float32
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, E = x.shape
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x.to(self.cdtype))
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(B, T, E)))
-        return self.ln2(x + self.down(self.act(self.up(x))))
+        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(B, T, E)).to(x.dtype))
+        return self.ln2(x + self.down(self.act(self.up(x.to(self.cdtype)))).to(x.dtype))
 
 
 class EncoderModel(nn.Module):

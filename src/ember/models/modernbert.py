@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..nn import Embedding, LayerNorm, activation, linear
 from ..nn.rope import RotaryEmbedding, rope_parameters
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, key_padding_mask
+from .encoder import EncoderModel, key_padding_mask, norm_vb
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -102,15 +102,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask):
         B, T, E = x.shape
-        q, k, v = self.Wqkv(x).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
+        cdtype = self.Wo.weight.dtype
+        q, k, v = self.Wqkv(x.to(cdtype)).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # rotary in float32, as transformers' ModernBERT does
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         qf, kf = q.float(), k.float()
-        q = (qf * cos + _rotate_half(qf) * sin).to(x.dtype)
-        k = (kf * cos + _rotate_half(kf) * sin).to(x.dtype)
+        q = (qf * cos + _rotate_half(qf) * sin).to(cdtype)
+        k = (kf * cos + _rotate_half(kf) * sin).to(cdtype)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.Wo(a.transpose(1, 2).reshape(B, T, E))
+        return self.Wo(a.transpose(1, 2).reshape(B, T, E)).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -121,8 +122,8 @@ class MLP(nn.Module):
         self.act = activation(cfg.hidden_activation)
 
     def forward(self, x):
-        inp, gate = self.Wi(x).chunk(2, dim=-1)
-        return self.Wo(self.act(inp) * gate)
+        inp, gate = self.Wi(x.to(self.Wo.weight.dtype)).chunk(2, dim=-1)
+        return self.Wo(self.act(inp) * gate).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -130,10 +131,10 @@ class Layer(nn.Module):
         super().__init__()
         E = cfg.hidden_size
         self.layer_type = cfg.layer_types[idx]
-        self.attn_norm = (LayerNorm.from_vb(E, cfg.norm_eps, vb.pp("attn_norm"), bias=cfg.norm_bias)
+        self.attn_norm = (LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("attn_norm"), bias=cfg.norm_bias)
                           if idx > 0 else nn.Identity())
         self.attn = Attention(cfg, vb.pp("attn"), self.layer_type == "sliding_attention")
-        self.mlp_norm = LayerNorm.from_vb(E, cfg.norm_eps, vb.pp("mlp_norm"), bias=cfg.norm_bias)
+        self.mlp_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("mlp_norm"), bias=cfg.norm_bias)
         self.mlp = MLP(cfg, vb.pp("mlp"))
 
     def forward(self, x, cos, sin, mask):
@@ -148,9 +149,9 @@ class Model(EncoderModel):
         vb = vb.pp_first(["", "model"], "embeddings.tok_embeddings.weight")
         E = cfg.hidden_size
         self.tok_embeddings = Embedding.from_vb(cfg.vocab_size, E, vb.pp("embeddings.tok_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(E, cfg.norm_eps, vb.pp("embeddings.norm"), bias=cfg.norm_bias)
+        self.embed_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("embeddings.norm"), bias=cfg.norm_bias)
         self.layers = nn.ModuleList(Layer(cfg, vb.pp(f"layers.{i}"), i) for i in range(cfg.num_hidden_layers))
-        self.final_norm = LayerNorm.from_vb(E, cfg.norm_eps, vb.pp("final_norm"), bias=cfg.norm_bias)
+        self.final_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("final_norm"), bias=cfg.norm_bias)
         head_dim = E // cfg.num_attention_heads
         self.rotary = nn.ModuleDict({t: RotaryEmbedding(head_dim, cfg.rope(t), cfg.max_position_embeddings)
                                      for t in sorted(set(cfg.layer_types))})
@@ -162,10 +163,11 @@ class Model(EncoderModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
-        x = self.embed_norm(self.tok_embeddings(input_ids))
+        x = self.embed_norm(self.tok_embeddings(input_ids).float())
         pos = torch.arange(T, device=input_ids.device)[None]
-        # rope tables in float32 (cast to the activations' dtype first, as transformers does)
-        tables = {t: tuple(c.float() for c in rot(pos, x.dtype)) for t, rot in self.rotary.items()}
+        # rope tables cast to the attention's dtype, then applied in float32, as transformers does
+        cdtype = self.layers[0].attn.Wo.weight.dtype
+        tables = {t: tuple(c.float() for c in rot(pos, cdtype)) for t, rot in self.rotary.items()}
         keep = key_padding_mask(attention_mask)
         masks = {"full_attention": keep}
         if T > self.window + 1:

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask, padding_positions
+from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb, padding_positions
 
 LAYER_NAMES = {
     "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v", "o": "attention.attn.o",
@@ -76,7 +76,7 @@ class Model(EncoderModel):
         e = vb.pp("embeddings")
         self.word_embeddings = Embedding.from_vb(cfg.vocab_size, E, e.pp("word_embeddings"))
         self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, e.pp("position_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(E, cfg.layer_norm_eps, e.pp("LayerNorm"))
+        self.embed_norm = LayerNorm.from_vb(E, cfg.layer_norm_eps, norm_vb(e).pp("LayerNorm"))
         self.relative_attention_bias = Embedding.from_vb(cfg.relative_attention_num_buckets, H,
                                                          vb.pp("encoder.relative_attention_bias"))
         self.layers = nn.ModuleList(
@@ -103,11 +103,12 @@ class Model(EncoderModel):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         pos = padding_positions(input_ids, PADDING_IDX)
-        x = self.embed_norm(self.word_embeddings(input_ids) + self.position_embeddings(pos))
-        mask = self.position_bias(T, x.dtype, x.device)
+        x = self.embed_norm(self.word_embeddings(input_ids).float() + self.position_embeddings(pos).float())
+        cdtype = self.layers[0].cdtype  # the attention's dtype
+        mask = self.position_bias(T, cdtype, x.device)
         keep = key_padding_mask(attention_mask)
         if keep is not None:
-            mask = mask.masked_fill(~keep, torch.finfo(x.dtype).min)
+            mask = mask.masked_fill(~keep, torch.finfo(cdtype).min)
         for layer in self.layers:
             x = layer(x, mask)
         return x
