@@ -141,3 +141,46 @@ def test_modernbert_original_config_keys(tmp_path):
     raw.update(global_attn_every_n_layers=3, global_rope_theta=5000.0, local_rope_theta=500.0)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     check_encoder(hf, str(tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "plain"])
+@pytest.mark.parametrize("family", ["bert", "mpnet", "modernbert"])
+def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
+    """dtype=bfloat16: bf16 matmuls (oneDNN-prepacked on CPUs that allow it, else F.linear) with a
+    float32 residual stream stay close to float32, padded batches included."""
+    import ember
+    from ember.models import encoder
+
+    monkeypatch.setenv("EMBER_PACK_LINEAR", pack)
+    encoder.can_pack.cache_clear()
+    try:
+        if family == "bert":
+            hf = _hf(_bert_cfg(num_hidden_layers=3), "BertModel")
+        elif family == "mpnet":
+            from transformers import MPNetConfig
+
+            hf = _hf(MPNetConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=96, max_position_embeddings=80), "MPNetModel")
+        else:
+            from transformers import ModernBertConfig
+
+            hf = _hf(ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=64, local_attention=8,
+                                      pad_token_id=0), "ModernBertModel")
+        folder = save(hf, tmp_path)
+        e32 = ember.load(folder, dtype=torch.float32, device="cpu")
+        e16 = ember.load(folder, dtype=torch.bfloat16, device="cpu")
+        packed = any(isinstance(m, encoder.PackedLinear) for m in e16.model.modules())
+        assert packed == (pack == "1" and encoder.can_pack())
+        pad = 1 if family == "mpnet" else 0
+        ids, mask = _batch(pad, lengths=(30, 12, 5))
+        with torch.no_grad():
+            a, b = e32.model(ids, mask), e16.model(ids, mask)
+            solo = e16.model(ids[1:2, :12])
+        assert b.dtype == torch.float32  # the residual stream and the hidden states stay float32
+        m = mask.bool()
+        cos = torch.nn.functional.cosine_similarity(a[m], b[m], dim=-1)
+        assert cos.min().item() > 0.999, cos.min().item()
+        assert (solo[0] - b[1, :12]).abs().max().item() < 0.05
+    finally:
+        encoder.can_pack.cache_clear()

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import UnsupportedModelError
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb, padding_positions
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears, padding_positions
 
 BERT_LAYER_NAMES = {
     "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -75,11 +75,11 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder):
         super().__init__()
         E = cfg.hidden_size
-        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, E, vb.pp("word_embeddings"))
-        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, vb.pp("position_embeddings"))
-        self.token_type_embeddings = (Embedding.from_vb(cfg.type_vocab_size, E, vb.pp("token_type_embeddings"))
+        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, E, f32(vb).pp("word_embeddings"))
+        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, f32(vb).pp("position_embeddings"))
+        self.token_type_embeddings = (Embedding.from_vb(cfg.type_vocab_size, E, f32(vb).pp("token_type_embeddings"))
                                       if cfg.type_vocab_size else None)
-        self.LayerNorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, norm_vb(vb).pp("LayerNorm"))
+        self.LayerNorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, f32(vb).pp("LayerNorm"))
         self.padding_idx = cfg.pad_token_id if cfg.padding_positions else None
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +111,7 @@ class Model(EncoderModel):
         self.pad_token_id = cfg.pad_token_id or 0
         # RoBERTa's positions start at padding_idx + 1
         self.max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.padding_positions else 0)
+        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears
 
 LAYER_NAMES = {
     "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
@@ -48,9 +48,9 @@ class Model(EncoderModel):
         self.config = cfg
         vb = vb.pp_first(["", "distilbert"], "embeddings.word_embeddings.weight")
         e = vb.pp("embeddings")
-        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, cfg.dim, e.pp("word_embeddings"))
-        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, cfg.dim, e.pp("position_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(cfg.dim, EPS, norm_vb(e).pp("LayerNorm"))
+        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, cfg.dim, f32(e).pp("word_embeddings"))
+        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, cfg.dim, f32(e).pp("position_embeddings"))
+        self.embed_norm = LayerNorm.from_vb(cfg.dim, EPS, f32(e).pp("LayerNorm"))
         self.layers = nn.ModuleList(
             PostLNLayer(vb.pp(f"transformer.layer.{i}"), LAYER_NAMES, cfg.dim, cfg.n_heads, cfg.hidden_dim, EPS,
                         cfg.activation, fuse)
@@ -58,6 +58,7 @@ class Model(EncoderModel):
         self.hidden_size = cfg.dim
         self.pad_token_id = cfg.pad_token_id or 0
         self.max_tokens = cfg.max_position_embeddings
+        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..nn import Embedding, LayerNorm, activation, linear
 from ..nn.rope import RotaryEmbedding, rope_parameters
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, key_padding_mask, norm_vb
+from .encoder import EncoderModel, attend, f32, key_padding_mask, pack_linears
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -99,10 +99,11 @@ class Attention(nn.Module):
         self.Wqkv = linear(E, 3 * E, vb.pp("Wqkv"), bias=cfg.attention_bias)
         self.Wo = linear(E, E, vb.pp("Wo"), bias=cfg.attention_bias)
         self.sliding = sliding
+        self.cdtype = self.Wo.weight.dtype  # the matmuls' dtype; x stays float32
 
     def forward(self, x, cos, sin, mask):
         B, T, E = x.shape
-        cdtype = self.Wo.weight.dtype
+        cdtype = self.cdtype
         q, k, v = self.Wqkv(x.to(cdtype)).view(B, T, 3, self.heads, self.head_dim).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # rotary in float32, as transformers' ModernBERT does
@@ -110,7 +111,7 @@ class Attention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + _rotate_half(qf) * sin).to(cdtype)
         k = (kf * cos + _rotate_half(kf) * sin).to(cdtype)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = attend(q, k, v, mask)
         return self.Wo(a.transpose(1, 2).reshape(B, T, E)).to(x.dtype)
 
 
@@ -120,9 +121,10 @@ class MLP(nn.Module):
         self.Wi = linear(cfg.hidden_size, 2 * cfg.intermediate_size, vb.pp("Wi"), bias=cfg.mlp_bias)
         self.Wo = linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("Wo"), bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_activation)
+        self.cdtype = self.Wo.weight.dtype
 
     def forward(self, x):
-        inp, gate = self.Wi(x.to(self.Wo.weight.dtype)).chunk(2, dim=-1)
+        inp, gate = self.Wi(x.to(self.cdtype)).chunk(2, dim=-1)
         return self.Wo(self.act(inp) * gate).to(x.dtype)
 
 
@@ -131,10 +133,10 @@ class Layer(nn.Module):
         super().__init__()
         E = cfg.hidden_size
         self.layer_type = cfg.layer_types[idx]
-        self.attn_norm = (LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("attn_norm"), bias=cfg.norm_bias)
+        self.attn_norm = (LayerNorm.from_vb(E, cfg.norm_eps, f32(vb).pp("attn_norm"), bias=cfg.norm_bias)
                           if idx > 0 else nn.Identity())
         self.attn = Attention(cfg, vb.pp("attn"), self.layer_type == "sliding_attention")
-        self.mlp_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("mlp_norm"), bias=cfg.norm_bias)
+        self.mlp_norm = LayerNorm.from_vb(E, cfg.norm_eps, f32(vb).pp("mlp_norm"), bias=cfg.norm_bias)
         self.mlp = MLP(cfg, vb.pp("mlp"))
 
     def forward(self, x, cos, sin, mask):
@@ -148,10 +150,10 @@ class Model(EncoderModel):
         self.config = cfg
         vb = vb.pp_first(["", "model"], "embeddings.tok_embeddings.weight")
         E = cfg.hidden_size
-        self.tok_embeddings = Embedding.from_vb(cfg.vocab_size, E, vb.pp("embeddings.tok_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("embeddings.norm"), bias=cfg.norm_bias)
+        self.tok_embeddings = Embedding.from_vb(cfg.vocab_size, E, f32(vb).pp("embeddings.tok_embeddings"))
+        self.embed_norm = LayerNorm.from_vb(E, cfg.norm_eps, f32(vb).pp("embeddings.norm"), bias=cfg.norm_bias)
         self.layers = nn.ModuleList(Layer(cfg, vb.pp(f"layers.{i}"), i) for i in range(cfg.num_hidden_layers))
-        self.final_norm = LayerNorm.from_vb(E, cfg.norm_eps, norm_vb(vb).pp("final_norm"), bias=cfg.norm_bias)
+        self.final_norm = LayerNorm.from_vb(E, cfg.norm_eps, f32(vb).pp("final_norm"), bias=cfg.norm_bias)
         head_dim = E // cfg.num_attention_heads
         self.rotary = nn.ModuleDict({t: RotaryEmbedding(head_dim, cfg.rope(t), cfg.max_position_embeddings)
                                      for t in sorted(set(cfg.layer_types))})
@@ -159,6 +161,7 @@ class Model(EncoderModel):
         self.hidden_size = E
         self.pad_token_id = cfg.pad_token_id or 0
         self.max_tokens = cfg.max_position_embeddings
+        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +169,7 @@ class Model(EncoderModel):
         x = self.embed_norm(self.tok_embeddings(input_ids).float())
         pos = torch.arange(T, device=input_ids.device)[None]
         # rope tables cast to the attention's dtype, then applied in float32, as transformers does
-        cdtype = self.layers[0].attn.Wo.weight.dtype
+        cdtype = self.layers[0].attn.cdtype
         tables = {t: tuple(c.float() for c in rot(pos, cdtype)) for t, rot in self.rotary.items()}
         keep = key_padding_mask(attention_mask)
         masks = {"full_attention": keep}

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, key_padding_mask, norm_vb, padding_positions
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears, padding_positions
 
 LAYER_NAMES = {
     "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v", "o": "attention.attn.o",
@@ -74,11 +74,11 @@ class Model(EncoderModel):
         vb = vb.pp_first(["", "mpnet"], "embeddings.word_embeddings.weight")
         E, H = cfg.hidden_size, cfg.num_attention_heads
         e = vb.pp("embeddings")
-        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, E, e.pp("word_embeddings"))
-        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, e.pp("position_embeddings"))
-        self.embed_norm = LayerNorm.from_vb(E, cfg.layer_norm_eps, norm_vb(e).pp("LayerNorm"))
+        self.word_embeddings = Embedding.from_vb(cfg.vocab_size, E, f32(e).pp("word_embeddings"))
+        self.position_embeddings = Embedding.from_vb(cfg.max_position_embeddings, E, f32(e).pp("position_embeddings"))
+        self.embed_norm = LayerNorm.from_vb(E, cfg.layer_norm_eps, f32(e).pp("LayerNorm"))
         self.relative_attention_bias = Embedding.from_vb(cfg.relative_attention_num_buckets, H,
-                                                         vb.pp("encoder.relative_attention_bias"))
+                                                         f32(vb).pp("encoder.relative_attention_bias"))
         self.layers = nn.ModuleList(
             PostLNLayer(vb.pp(f"encoder.layer.{i}"), LAYER_NAMES, E, H, cfg.intermediate_size, cfg.layer_norm_eps,
                         cfg.hidden_act, fuse)
@@ -87,6 +87,7 @@ class Model(EncoderModel):
         self.pad_token_id = PADDING_IDX
         self.max_tokens = cfg.max_position_embeddings - PADDING_IDX - 1
         self._bias_cache: tuple[int, torch.dtype, torch.Tensor] | None = None
+        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def position_bias(self, T: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[1, H, T, T] relative attention bias (cached for the last length)."""
@@ -104,11 +105,10 @@ class Model(EncoderModel):
         B, T = input_ids.shape
         pos = padding_positions(input_ids, PADDING_IDX)
         x = self.embed_norm(self.word_embeddings(input_ids).float() + self.position_embeddings(pos).float())
-        cdtype = self.layers[0].cdtype  # the attention's dtype
-        mask = self.position_bias(T, cdtype, x.device)
+        mask = self.position_bias(T, torch.float32, x.device)
         keep = key_padding_mask(attention_mask)
         if keep is not None:
-            mask = mask.masked_fill(~keep, torch.finfo(cdtype).min)
+            mask = mask.masked_fill(~keep, torch.finfo(torch.float32).min)
         for layer in self.layers:
             x = layer(x, mask)
         return x
