@@ -184,3 +184,17 @@ def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
         assert (solo[0] - b[1, :12]).abs().max().item() < 0.05
     finally:
         encoder.can_pack.cache_clear()
+
+
+def test_bert_tf_era_gamma_beta_names(tmp_path):
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them on load)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf(_bert_cfg(), "BertForMaskedLM")
+    save(hf, tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in sd.items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in renamed)
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    check_encoder(hf, str(tmp_path), pad_id=0)
