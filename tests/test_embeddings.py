@@ -67,6 +67,13 @@ def test_dense_and_normalize_match_sentence_transformers(tmp_path, dense, normal
         assert torch.allclose(enc.embed(TEXTS, normalize=True).norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
 
 
+def test_dense_weights_in_pytorch_model_bin(tmp_path):
+    T.add_sentence_transformers(T.tiny_bert(tmp_path), dense=[{"out_features": 8}], dense_format="bin")
+    assert (tmp_path / "2_Dense" / "pytorch_model.bin").is_file()
+    got = _load(tmp_path).embed(TEXTS)
+    assert (got - _st_encode(tmp_path, TEXTS)).abs().max().item() < 1e-5
+
+
 def test_max_seq_length_lower_case_and_truncation(tmp_path):
     T.tiny_bert(tmp_path, lowercase=False)
     T.add_sentence_transformers(tmp_path, max_seq_length=12, do_lower_case=True, normalize=True)

@@ -59,7 +59,7 @@ def tiny_bert(folder: Path, *, seed: int = 0, lowercase: bool = True, max_positi
 def add_sentence_transformers(folder: Path, *, pooling: dict | None = None, dense: list[dict] | None = None,
                               normalize: bool = False, max_seq_length: int | None = None, do_lower_case: bool = False,
                               prompts: dict | None = None, default_prompt_name: str | None = None,
-                              seed: int = 0) -> Path:
+                              seed: int = 0, dense_format: str = "safetensors") -> Path:
     """modules.json and the module folders, as sentence-transformers saves them. `pooling` is a
     Pooling config ({"pooling_mode": "cls"} or legacy booleans); each `dense` dict gives
     out_features and optionally bias / activation_function / use_residual."""
@@ -93,7 +93,10 @@ def add_sentence_transformers(folder: Path, *, pooling: dict | None = None, dens
             if out != dim:
                 tensors["residual.weight"] = torch.randn(out, dim, generator=g) * 0.3
         (folder / path / "config.json").write_text(json.dumps(cfg))
-        save_file(tensors, str(folder / path / "model.safetensors"))
+        if dense_format == "bin":  # older sentence-transformers saves
+            torch.save(tensors, folder / path / "pytorch_model.bin")
+        else:
+            save_file(tensors, str(folder / path / "model.safetensors"))
         modules.append({"idx": i, "name": str(i), "path": path, "type": "sentence_transformers.models.Dense"})
         dim = out
     if normalize:

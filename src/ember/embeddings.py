@@ -186,7 +186,17 @@ class Normalize:
 
 
 # ---- the sentence-transformers files ------------------------------------------------------------
-def read_sentence_transformers(root: Path, hidden_size: int):
+def _read_object(path: Path) -> dict:
+    """A JSON object file's contents, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_sentence_transformers(root: Path):
     """(pooling, post-modules after pooling, source description) from a checkpoint folder."""
     modules_file = root / "modules.json"
     if not modules_file.is_file():
@@ -202,10 +212,7 @@ def read_sentence_transformers(root: Path, hidden_size: int):
             if m.get("path"):
                 raise EmbeddingError(f"{modules_file}: a Transformer module in a subfolder ({m['path']}) is not supported")
         elif kind == "Pooling":
-            cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-            if not isinstance(cfg, dict):
-                raise EmbeddingError(f"{path / 'config.json'}: expected a JSON object")
-            pooling = Pooling.from_config(cfg)
+            pooling = Pooling.from_config(_read_object(path / "config.json"))
         elif kind == "Dense":
             if pooling is None:
                 raise EmbeddingError(f"{modules_file}: a Dense module before Pooling is not supported")
@@ -254,7 +261,7 @@ class Embedder:
         self.dtype = loaded.dtype
         root = Path(loaded.snapshot.root)
         hidden = self.model.hidden_size
-        pooling, modules, source = read_sentence_transformers(root, hidden)
+        pooling, modules, source = read_sentence_transformers(root)
         if pooling is None:
             log.warning("%s has no sentence-transformers modules.json: using mean pooling over the last hidden "
                         "states, not normalised", loaded.snapshot.source or root)
@@ -263,7 +270,7 @@ class Embedder:
         self.modules: list = modules
         self.pooling_source: str = source
         self.normalized = any(isinstance(m, Normalize) for m in modules)
-        self._dense = [m.to(self.device) if isinstance(m, nn.Module) else m for m in modules]
+        self._post = [m.to(self.device) if isinstance(m, nn.Module) else m for m in modules]
         dim = hidden * len(pooling.modes)
         for m in modules:
             if isinstance(m, Dense):
@@ -272,22 +279,15 @@ class Embedder:
                 dim = m.out_features
         self.dim = dim
 
-        sbert = root / "sentence_bert_config.json"
-        sb = _read_json(sbert) if sbert.is_file() else {}
-        st = root / "config_sentence_transformers.json"
-        stc = _read_json(st) if st.is_file() else {}
-        self.prompts: dict[str, str] = dict(stc.get("prompts") or {}) if isinstance(stc, dict) else {}
-        self.default_prompt_name: str | None = stc.get("default_prompt_name") if isinstance(stc, dict) else None
-        want = sb.get("max_seq_length") if isinstance(sb, dict) else None
-        if not isinstance(want, int) or want <= 0:
-            want = getattr(self.tokenizer, "model_max_length", None) if self.tokenizer is not None else None
-        cap = int(self.model.max_tokens)
-        if not isinstance(want, int) or want <= 0 or want > cap:
-            if isinstance(want, int) and want > cap and isinstance(sb, dict) and sb.get("max_seq_length"):
-                log.warning("max_seq_length %d exceeds the %d positions the model has: using %d", want, cap, cap)
-            want = cap
-        self._max_length = want
-        self.do_lower_case = bool(isinstance(sb, dict) and sb.get("do_lower_case"))
+        sb = _read_object(root / "sentence_bert_config.json")
+        stc = _read_object(root / "config_sentence_transformers.json")
+        prompts = stc.get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise EmbeddingError(f"{root / 'config_sentence_transformers.json'}: 'prompts' must map names to strings")
+        self.prompts: dict[str, str] = dict(prompts)
+        self.default_prompt_name: str | None = stc.get("default_prompt_name") or None
+        self._max_length = self._default_max_length(sb.get("max_seq_length"))
+        self.do_lower_case = bool(sb.get("do_lower_case"))
         self._warned_truncation = False
         self._prompt_lengths: dict[str, int] = {}
         self.pad_token_id = self.model.pad_token_id
@@ -299,17 +299,27 @@ class Embedder:
                 f"pooling={'+'.join(self.pooling.modes)}, normalize={self.normalized}, max_length={self.max_length}, "
                 f"dtype={self.dtype}, device={self.device})")
 
+    def _default_max_length(self, configured) -> int:
+        """sentence_bert_config's max_seq_length, else the tokenizer's model_max_length, capped by the
+        positions the model has (as sentence-transformers does)."""
+        cap = int(self.model.max_tokens)
+        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+            if configured > cap:
+                log.warning("max_seq_length %d exceeds the %d positions the model has: using %d", configured, cap, cap)
+            return min(configured, cap)
+        mml = self.tokenizer.model_max_length if self.tokenizer is not None else None
+        return min(mml, cap) if isinstance(mml, int) and mml > 0 else cap
+
     # ---- tokenizer ----------------------------------------------------------------------------
     def _setup_tokenizer(self):
         tk = self.tokenizer.tk
-        tk.no_padding()
+        tk.no_padding()  # tokenizer.json may carry a fixed padding/truncation; batches are padded here
         tk.enable_truncation(self._max_length)
-        if self.do_lower_case:
+        if self.do_lower_case:  # as sentence-transformers: lowercase before the tokenizer's own normaliser
             from tokenizers import normalizers
 
             cur = tk.normalizer
-            if "Lowercase" not in repr(cur) and '"lowercase": true' not in repr(cur).lower():
-                tk.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([cur] if cur is not None else []))
+            tk.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([cur] if cur is not None else []))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.model.pad_token_id
 
@@ -421,12 +431,8 @@ class Embedder:
 
     def _finish(self, h: torch.Tensor, mask: torch.Tensor, normalize: bool | None) -> torch.Tensor:
         e = self.pooling(h, mask)
-        for m in self._dense:
-            if isinstance(m, Normalize):
-                if normalize is False:
-                    continue
-                e = m(e)
-            else:
+        for m in self._post:
+            if not (normalize is False and isinstance(m, Normalize)):
                 e = m(e)
         if normalize and not self.normalized:
             e = F.normalize(e, p=2, dim=-1)
