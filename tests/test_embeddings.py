@@ -234,3 +234,33 @@ def test_cli_embed_refuses_a_causal_lm(tiny_chat, capsys):
 
     assert main(["embed", str(tiny_chat), "hello"]) == 1
     assert "not an encoder" in capsys.readouterr().err
+
+
+# ---- decoder-based embedders ----------------------------------------------------------------------
+def test_causal_lm_with_sentence_transformers_files_embeds(tmp_path):
+    """A Qwen3 causal LM packaged as a sentence-transformers model (last-token pooling, as
+    Qwen3-Embedding): ember.load gives an Embedder that matches sentence-transformers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import ember
+    import tinymodels
+    from parity import randomize_
+
+    tk = tinymodels.build_tokenizer()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as is (not rebuilt as Qwen2Tokenizer)
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 128}))
+    cfg = Qwen3Config(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      pad_token_id=tk.token_to_id("<|endoftext|>"), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    randomize_(Qwen3ForCausalLM(cfg).float().eval()).save_pretrained(tmp_path)
+    T.add_sentence_transformers(tmp_path, pooling={"pooling_mode": "lasttoken"}, normalize=True)
+    enc = ember.load(tmp_path, dtype=torch.float32)
+    assert isinstance(enc, ember.Embedder) and enc.dim == 64 and enc.max_length == 128
+    texts = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld", "a", "1234567890 " * 3]
+    got = enc.embed(texts, batch_size=3)
+    assert (got - _st_encode(tmp_path, texts)).abs().max().item() < 1e-4
+    # an empty text has no tokens at all here (sentence-transformers fails on a batch of those)
+    assert torch.isfinite(enc.embed(["", ""])).all()

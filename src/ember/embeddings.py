@@ -227,6 +227,27 @@ def read_sentence_transformers(root: Path):
     return pooling, post, str(modules_file)
 
 
+class CausalLMEncoder(nn.Module):
+    """A causal LM's last hidden states (final norm applied) seen as an encoder, for embedding models
+    built on decoders (Qwen3-Embedding and the like: last-token pooling). Batches are right-padded,
+    which causal attention makes exact: a token never sees the padding after it."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self.hidden_size = lm.config.hidden_size
+        self.max_tokens = lm.max_context
+        pad = getattr(lm.config, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) else 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from .models.base import make_step
+
+        return self.lm.model(input_ids, make_step(input_ids, attention_mask)).float()
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         return [texts]
@@ -255,7 +276,8 @@ class Embedder:
     def __init__(self, loaded: Loaded):
         self._loaded = loaded
         self.config = loaded.config
-        self.model = loaded.model
+        # the encoder: model(input_ids, attention_mask) -> last hidden states
+        self.model = loaded.model if loaded.entry.task == "encoder" else CausalLMEncoder(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -411,7 +433,7 @@ class Embedder:
         pad = self.pad_token_id
         for start in range(0, N, batch_size):
             rows = order[start:start + batch_size]
-            T = len(ids[rows[0]])
+            T = max(1, len(ids[rows[0]]))  # an empty text may have no tokens at all (no special tokens)
             batch = [ids[i] + [pad] * (T - len(ids[i])) for i in rows]
             input_ids = torch.tensor(batch, dtype=torch.long)
             lens = torch.tensor([len(ids[i]) for i in rows])
