@@ -10,13 +10,16 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.slow
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "government company number group problem fact be have do say get make go know take see come think look "
-         "want give use find tell ask seem feel try leave call good new first last long great little own other "
-         "old right big high different small large next early young important few public bad same able").split()
-NON_ASCII = ["Ça va très bien, merci beaucoup !", "Größenwahn ist keine Lösung für Übermut.", "日本語の文章を埋め込みます。",
-             "今天天气很好，我们去公园散步吧。", "Привет, как дела? Всё хорошо.", "مرحبا بالعالم، كيف حالك اليوم؟",
-             "emoji 🙂🚀🔥 and symbols ∑∫√ ≠ ≤", "naïve café résumé coöperate façade", "Ελληνικά γράμματα: αβγδε",
-             "한국어 문장도 잘 처리되어야 합니다.", "हिंदी में एक वाक्य", "ñandú pingüino acción"]
+         "government company number group problem fact be have do say get make go know take see come think "
+         "look want give use find tell ask seem feel try leave call good new first last long great little own "
+         "other old right big high different small large next early young important few public bad same able"
+         ).split()
+NON_ASCII = [
+    "Ça va très bien, merci beaucoup !", "Größenwahn ist keine Lösung für Übermut.", "日本語の文章を埋め込みます。",
+    "今天天气很好，我们去公园散步吧。", "Привет, как дела? Всё хорошо.", "مرحبا بالعالم، كيف حالك اليوم؟",
+    "emoji 🙂🚀🔥 and symbols ∑∫√ ≠ ≤", "naïve café résumé coöperate façade", "Ελληνικά γράμματα: αβγδε",
+    "한국어 문장도 잘 처리되어야 합니다.", "हिंदी में एक वाक्य", "ñandú pingüino acción",
+]
 ODD = ["", " ", "   \t ", ".", "?!", "1234567890", "a", "I", "[SEP] [CLS] <pad> </s> <s> [MASK]", "word\nnewline\ttab",
        "UPPER CASE SENTENCE", "https://example.com/path?q=1&x=2", "x" * 300]
 

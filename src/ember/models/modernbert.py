@@ -177,7 +177,8 @@ class Model(EncoderModel):
             idx = torch.arange(T, device=input_ids.device)
             local = ((idx[None, :] - idx[:, None]).abs() <= self.window)[None, None]
             # a padding query whose window holds only padding sees itself (NaN would leak into real rows)
-            masks["sliding_attention"] = local if keep is None else (local & keep) | torch.eye(T, dtype=torch.bool, device=idx.device)
+            eye = torch.eye(T, dtype=torch.bool, device=idx.device)
+            masks["sliding_attention"] = local if keep is None else (local & keep) | eye
         else:
             masks["sliding_attention"] = keep
         for layer in self.layers:
