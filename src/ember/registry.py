@@ -1,8 +1,8 @@
 """config.json's `model_type` / `architectures` → the native model class.
 
 Entries name modules by string so `import ember` loads no model code. A family that is another
-with flags (Mistral, Qwen2 and Qwen3 are Llama with flags) is a remap: the same module with
-`defaults` filled into the config dict before it is parsed.
+with flags (Mistral, Qwen2, Qwen3, Phi-3 and Granite are Llama with flags) is a remap: the same
+module with `defaults` filled into the config dict before it is parsed.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,22 @@ def _qwen_sliding(d: dict) -> dict:
     return d
 
 
+def _phi3_rope(d: dict) -> dict:
+    # transformers' Phi3Config reads "su" and "yarn" scaling as longrope, and knows no other scaling.
+    out = dict(d)
+    for key in ("rope_parameters", "rope_scaling"):
+        p = out.get(key)
+        if isinstance(p, dict):
+            t = p.get("rope_type", p.get("type"))
+            if t in ("su", "yarn"):
+                p = {**p, "rope_type": "longrope"}
+                p.pop("type", None)
+                out[key] = p
+            elif t not in (None, "default", "longrope"):
+                raise ConfigError(f"phi3 supports rope types default and longrope (su, yarn), got {t!r}")
+    return out
+
+
 register("llama", "ember.models.llama", architectures=("LlamaForCausalLM",))
 register("mistral", "ember.models.llama", architectures=("MistralForCausalLM",),
          defaults={"sliding_window": 4096})
@@ -81,6 +97,36 @@ register("qwen2", "ember.models.llama", architectures=("Qwen2ForCausalLM",),
          defaults={"qkv_bias": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
 register("qwen3", "ember.models.llama", architectures=("Qwen3ForCausalLM",),
          defaults={"qk_norm": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
+register("phi3", "ember.models.llama", architectures=("Phi3ForCausalLM",), prepare=_phi3_rope,
+         defaults={"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 4096,
+                   "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+                   "eos_token_id": 32000, "pad_token_id": 32000})
+register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
+         defaults={"attention_multiplier": 1.0})
+register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
+register("gemma2", "ember.models.gemma2", architectures=("Gemma2ForCausalLM",))
+register("gemma3_text", "ember.models.gemma3", architectures=("Gemma3ForCausalLM",))
+# Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
+register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
+         config_class="MultimodalConfig")
+register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
+register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+
+
+def _qwen_moe_sliding(d: dict) -> dict:
+    # Qwen3-MoE slides every layer when use_sliding_window is true (max_window_layers is ignored).
+    return {**_qwen_sliding(d), "max_window_layers": None}
+
+
+register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
+register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalLM",),
+         defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
+                   "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
+         prepare=_qwen_moe_sliding)
+register("gpt2", "ember.models.gpt2", architectures=("GPT2LMHeadModel",))
+register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",))
+register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",))
 
 # Encoders (ember.load returns an Embedder). A checkpoint of any task model (ForMaskedLM, ...) loads
 # as its encoder; the task head is left unused.

@@ -102,7 +102,7 @@ class Generator:
     """Continuous-batching generation over one model. Not thread-safe: one driver calls add/step."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None,
-                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512):
+                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512, cache=None):
         self.model, self.tok = model, tokenizer
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -111,10 +111,15 @@ class Generator:
         self.eos_ids = set(eos_ids)
         self.prefill_chunk = prefill_chunk
         self.vocab = model.config.vocab_size
-        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        # The engine passes its own persistent cache (CUDA graphs capture its addresses).
+        self.cache = cache if cache is not None else model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        if cache is not None:
+            self.max_len = min(self.max_len, cache.max_len)
         self.slots: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.step_hook: Callable | None = None  # engine: replaces the decode forward
+        self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
+        self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -207,7 +212,7 @@ class Generator:
             # rows whose prompt ends inside this chunk give their last-token logits now
             idx = (last - c0).clamp(0, c1 - c0 - 1)
             logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=c1,
-                                cache_rows=rows, logits_index=idx)
+                                cache_rows=rows, logits_index=idx, fresh=c0 == 0)
             if out is None:
                 out = logits[:, 0]
             else:
@@ -215,39 +220,90 @@ class Generator:
                 out = torch.where(ends_here[:, None], logits[:, 0], out)
         return out
 
+    def _flush(self) -> list[Event]:
+        """Emit the tokens of the step still in flight (pipelined decoding), for live sequences."""
+        if self._inflight is None:
+            return []
+        seqs, handle = self._inflight
+        self._inflight = None
+        toks = handle.result()
+        alive = [s for s in seqs if self.slots[s.slot] is s]
+        return self._emit(alive, None, [toks[s.slot] for s in alive]) if alive else []
+
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
-        ids = torch.zeros(hi, 1, dtype=torch.long)
-        # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
-        # token to the last column, which no live sequence reads before writing it itself.
-        pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
-        for s in running:
-            ids[s.slot, 0] = s.out[-1]
-            pos[s.slot, 0] = s.pos
-        kv_len = max(s.pos for s in running) + 1
-        ids, pos = ids.to(self.device), pos.to(self.device)
-        if self.step_hook is not None:
-            logits = self.step_hook(ids, pos, kv_len)
+        greedy = all(s.req.sampling.greedy and s.seen is None for s in running)
+        hook = self.step_hook
+        feedback = hook is not None and getattr(hook, "feedback", False) and greedy
+        signature = (hi, tuple((s.slot, s.req.id) for s in running))
+        if feedback and self._synced == signature and hasattr(hook, "launch") and \
+                all(s.req.logprobs is None for s in running):
+            # Pipelined: the device already holds every row's next input (last step's argmax,
+            # position + 1). Launch this step, then hand out the previous step's tokens while it runs.
+            handle = hook.launch(hi)
+            for s in running:
+                s.pos += 1
+            events = self._flush()
+            self._inflight = (running, handle)
+            return events
+        events = self._flush()  # the batch changes: settle the step in flight first
+        running = [s for s in running if self.slots[s.slot] is s]
+        if not running:
+            self._synced = None
+            return events
+        hi = max(s.slot for s in running) + 1
+        signature = (hi, tuple((s.slot, s.req.id) for s in running))
+        toks = None
+        if feedback and self._synced == signature:
+            # The device already holds every row's next input (last step's argmax, position + 1).
+            logits, toks = hook.replay(hi)
         else:
-            logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+            ids = torch.zeros(hi, 1, dtype=torch.long)
+            # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
+            # token to the last column, which no live sequence reads before writing it itself.
+            pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
+            for s in running:
+                ids[s.slot, 0] = s.out[-1]
+                pos[s.slot, 0] = s.pos
+            kv_len = max(s.pos for s in running) + 1
+            ids, pos = ids.to(self.device), pos.to(self.device)
+            if hook is not None:
+                out = hook(ids, pos, kv_len)
+                logits, toks = out if isinstance(out, tuple) else (out, None)
+            else:
+                logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+        self._synced = signature if feedback else None
         for s in running:
             s.pos += 1
         order = [s.slot for s in running]
-        return self._emit(running, logits[order] if order != list(range(hi)) else logits)
+        if order == list(range(hi)):
+            return events + self._emit(running, logits, toks if greedy else None)
+        # logits rows only for the running slots; greedy tokens are picked on the host by slot
+        tok_rows = None
+        if greedy and toks is not None:
+            all_toks = toks.tolist()
+            tok_rows = [all_toks[i] for i in order]
+        return events + self._emit(running, logits[order] if (tok_rows is None or any(
+            s.req.logprobs is not None for s in running)) else logits, tok_rows)
 
-    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Event]:
-        """Sample one token per sequence from its logits row; advance, detokenise, check stops."""
-        logits = logits.float()
-        toks = self._sample(seqs, logits)
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor, toks=None) -> list[Event]:
+        """Sample one token per sequence from its logits row (unless `toks` came precomputed:
+        greedy tokens from the engine, a tensor or host list aligned with seqs); advance,
+        detokenise, check stops."""
+        if logits is not None:
+            logits = logits.float()
+        if toks is None:
+            toks = self._sample(seqs, logits)
         want_lp = [s.req.logprobs is not None for s in seqs]
         lp = top_v = top_i = None
         if any(want_lp):
             k = max(s.req.logprobs or 0 for s in seqs)
-            lp, top_v, top_i = logprobs_of(logits, toks, k)
+            tt = toks if isinstance(toks, torch.Tensor) else torch.tensor(toks, device=logits.device)
+            lp, top_v, top_i = logprobs_of(logits, tt, k)
             lp = lp.tolist()
             if top_v is not None:
                 top_v, top_i = top_v.tolist(), top_i.tolist()
-        tok_list = toks.tolist()
+        tok_list = toks.tolist() if isinstance(toks, torch.Tensor) else toks
         events = []
         for i, s in enumerate(seqs):
             t = tok_list[i]

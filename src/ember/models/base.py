@@ -29,16 +29,18 @@ class Step:
     kv_len: int | None
     _masks: dict
     cache_rows: slice | None = None  # which cache rows this batch occupies (default: the first B)
+    fresh: bool = False  # prefill from position 0: keys are the queries, plain causal attention
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
         if window not in self._masks:
-            self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=self.kv_len, window=window)
+            kv_len = None if self.fresh else self.kv_len
+            self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
         return self._masks[window]
 
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
-              cache_rows: slice | None = None) -> Step:
+              cache_rows: slice | None = None, fresh: bool = False) -> Step:
     B, T = input_ids.shape[:2]
     if position_ids is None:
         if cache is not None:
@@ -48,13 +50,16 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
         kv_len = int(position_ids.max()) + 1
     if cache is not None and attention_mask is not None:
         raise ValueError("with a cache, padding is expressed through position_ids, not attention_mask")
-    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows)
+    if fresh and (cache is None or kv_len != T):
+        raise ValueError("fresh=True means a prefill from position 0 whose kv_len equals its length")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh)
 
 
 class CausalLM(nn.Module):
     """Base of every family's ForCausalLM. Subclasses set model, lm_head, config."""
 
-    final_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None  # tanh soft-capping of the logits (Gemma 2)
+    logits_scaling: float = 1.0  # logits are divided by it (Granite)
 
     def forward(
         self,
@@ -65,13 +70,19 @@ class CausalLM(nn.Module):
         kv_len: int | None = None,
         logits_index: torch.Tensor | None = None,
         cache_rows: slice | None = None,
+        fresh: bool = False,
     ) -> torch.Tensor:
-        """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab]."""
-        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows)
+        """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab].
+
+        fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
+        causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then."""
+        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh)
         h = self.model(input_ids, step)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
         logits = self.lm_head(h)
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
         if self.final_logit_softcapping:
             c = self.final_logit_softcapping
             logits = torch.tanh(logits.float() / c) * c
@@ -99,11 +110,11 @@ class CausalLM(nn.Module):
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
     """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own."""
-    from ..nn.layers import Linear, linear
+    from ..nn.layers import linear, linear_from_weight
     import logging
 
     if getattr(cfg, "tie_word_embeddings", False) or not vb.contains("lm_head.weight"):
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
-        return Linear(embed_weight)
+        return linear_from_weight(embed_weight)  # a packed (GGUF) table gives a packed head
     return linear(hidden, vocab, vb.pp("lm_head"))

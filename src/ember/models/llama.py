@@ -1,8 +1,11 @@
 """Llama and the families that are Llama with flags: Mistral (sliding window), Qwen2 (q/k/v bias),
-Qwen3 (q/k RMSNorm, explicit head_dim).
+Qwen3 (q/k RMSNorm, explicit head_dim), Phi-3 (q/k/v and gate/up stored fused, partial rotary,
+longrope), Granite (embedding / residual / attention / logits multipliers).
 
-Reference: transformers/models/llama/modeling_llama.py (and mistral, qwen2, qwen3). Module and
-weight names are the checkpoint's own: model.layers.N.self_attn.q_proj, mlp.gate_proj, ...
+Reference: transformers/models/llama/modeling_llama.py (and mistral, qwen2, qwen3, phi3, granite).
+Module and weight names are the checkpoint's own: model.layers.N.self_attn.q_proj, mlp.gate_proj, ...
+The blocks take options (attention scale, soft-capping, q/k norm placement) that other families'
+modules (Gemma, OLMo 2) pass when they reuse them.
 """
 from __future__ import annotations
 
@@ -44,6 +47,11 @@ class Config(ModelConfig):
     # ember flags set by the registry for the remapped families (not config.json keys)
     qkv_bias: bool = False  # Qwen2: bias on q/k/v but not o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    # Granite's multipliers (config.json keys; the Llama values leave the computation unchanged)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # the attention scale; None = head_dim ** -0.5
+    logits_scaling: float = 1.0  # logits are divided by it
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -55,12 +63,14 @@ class Config(ModelConfig):
         self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
         self._positive("rms_norm_eps", allow_zero=True)
+        self._positive("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
         self._require(self.num_attention_heads % self.num_key_value_heads == 0,
                       f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                       f"num_key_value_heads ({self.num_key_value_heads})")
         if self.layer_types is not None:
             self._require(len(self.layer_types) == self.num_hidden_layers,
                           f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        check_partial_rotary(self)
         activation(self.hidden_act)
 
     def layer_windows(self) -> list[int | None]:
@@ -75,34 +85,68 @@ class Config(ModelConfig):
         return [w] * n  # Mistral: every layer
 
 
+def projections(in_features: int, parts: dict[str, tuple[int, VarBuilder]], vb: VarBuilder, fused_name: str,
+                bias: bool | None = False, fuse: bool = True) -> FusedLinears:
+    """The Linears `parts` as one FusedLinears, or, when the checkpoint already stores them fused as
+    `fused_name` (Phi-3's qkv_proj and gate_up_proj), that tensor split in the same order."""
+    if vb.contains(f"{fused_name}.weight"):
+        return FusedLinears.from_fused(in_features, [n for n, _ in parts.values()], vb.pp(fused_name), bias=bias)
+    return FusedLinears(in_features, parts, bias=bias, fuse=fuse)
+
+
+def check_partial_rotary(cfg: ModelConfig) -> None:
+    """partial_rotary_factor (top level or in the rope dict) must be in (0, 1]."""
+    rope = cfg.raw.get("rope_parameters") or cfg.raw.get("rope_scaling")
+    for f in (cfg.raw.get("partial_rotary_factor"), rope.get("partial_rotary_factor") if isinstance(rope, dict) else None):
+        if f is not None:
+            cfg._require(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1,
+                         f"partial_rotary_factor must be in (0, 1], got {f!r}")
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
+    """Self-attention with rotary positions and a KV cache.
+
+    Options for the families that reuse it: `scale` (default head_dim ** -0.5), `softcap` (tanh
+    soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
+    Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant.
+    """
+
+    def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
+                 scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
+                 norm_kw: dict | None = None):
         super().__init__()
         self.layer_idx, self.window = layer_idx, window
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        self.qkv = FusedLinears(E, {"q_proj": (H * D, vb.pp("q_proj")), "k_proj": (KV * D, vb.pp("k_proj")),
-                                    "v_proj": (KV * D, vb.pp("v_proj"))}, bias=qkv_bias, fuse=fuse)
+        self.qkv = projections(E, {"q_proj": (H * D, vb.pp("q_proj")), "k_proj": (KV * D, vb.pp("k_proj")),
+                                   "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse)
         self.o_proj = linear(H * D, E, vb.pp("o_proj"), bias=cfg.attention_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm.from_vb(D, cfg.rms_norm_eps, vb.pp("q_norm"))
-            self.k_norm = RMSNorm.from_vb(D, cfg.rms_norm_eps, vb.pp("k_norm"))
+        self.qk_norm = qk_norm if qk_norm is not None else ("head" if cfg.qk_norm else None)
+        if self.qk_norm not in (None, "head", "full"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        if self.qk_norm is not None:
+            q_dim, k_dim = (D, D) if self.qk_norm == "head" else (H * D, KV * D)
+            self.q_norm = RMSNorm.from_vb(q_dim, cfg.rms_norm_eps, vb.pp("q_norm"), **(norm_kw or {}))
+            self.k_norm = RMSNorm.from_vb(k_dim, cfg.rms_norm_eps, vb.pp("k_norm"), **(norm_kw or {}))
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         if step.cache is not None:
             k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows)
-        o = attention(q, k, v, step.mask(self.window))
+        o = attention(q, k, v, step.mask(self.window), scale=self.scale, softcap=self.softcap)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -110,8 +154,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         E, F_ = cfg.hidden_size, cfg.intermediate_size
-        self.gate_up = FusedLinears(E, {"gate_proj": (F_, vb.pp("gate_proj")), "up_proj": (F_, vb.pp("up_proj"))},
-                                    bias=cfg.mlp_bias, fuse=fuse)
+        self.gate_up = projections(E, {"gate_proj": (F_, vb.pp("gate_proj")), "up_proj": (F_, vb.pp("up_proj"))},
+                                   vb, "gate_up_proj", bias=cfg.mlp_bias, fuse=fuse)
         self.down_proj = linear(F_, E, vb.pp("down_proj"), bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act)
 
@@ -123,29 +167,45 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
         super().__init__()
-        self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse)
-        self.mlp = MLP(cfg, vb.pp("mlp"), fuse)
+        self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
+        self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
         self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
+        self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
+        """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
+        return MLP(cfg, vb.pp("mlp"), fuse)
 
     def forward(self, x, cos, sin, step: Step):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        m = self.residual_multiplier
+        h = self.self_attn(self.input_layernorm(x), cos, sin, step)
+        x = x + (h * m if m != 1.0 else h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h * m if m != 1.0 else h)
 
 
 class Model(nn.Module):
-    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+    """Embeddings → decoder layers → final RMSNorm. Families with Llama's outer structure but their
+    own layers (OLMo 2, the MoE families) pass `layer_cls` (built as layer_cls(cfg, vb, layer_idx, window,
+    fuse)) and `norm_kw` for the final norm's variant."""
+
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, layer_cls=None, norm_kw: dict | None = None):
         super().__init__()
+        layer_cls = layer_cls or DecoderLayer
         self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
         windows = cfg.layer_windows()
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
+            layer_cls(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))
-        self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings)
+        self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"), **(norm_kw or {}))
+        self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings, device=vb.device)
+        self.embedding_multiplier = cfg.embedding_multiplier  # Granite
 
     def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         cos, sin = self.rotary(step.position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, step)
@@ -158,3 +218,4 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = Model(cfg, vb.pp("model"), fuse)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+        self.logits_scaling = cfg.logits_scaling  # Granite

@@ -60,8 +60,13 @@ class Embedding(nn.Module):
         self.weight = _param(weight)
 
     @classmethod
-    def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> "Embedding":
-        return cls(vb.get((num, dim), "weight"))
+    def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> nn.Module:
+        """An Embedding, or for a packed quantised table (GGUF) its own module that dequantises
+        only the rows it looks up (`as_embedding`); `.weight` is then the packed table."""
+        w = vb.get((num, dim), "weight", packed=True)
+        if not isinstance(w, torch.Tensor):
+            return w.as_embedding(vb.dtype)
+        return cls(w)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -139,6 +144,17 @@ class FusedLinears(nn.Module):
         else:
             for (name, _), w, b in zip(parts.items(), weights, biases):
                 self.parts[name] = linear_from_weight(w, b)
+
+    @classmethod
+    def from_fused(cls, in_features: int, sizes: list[int], vb: VarBuilder, bias: bool | None = False) -> "FusedLinears":
+        """Parts the checkpoint already stores as one Linear (Phi-3's qkv_proj, gate_up_proj): `vb`'s
+        weight [sum(sizes), in_features] is used as is and its output split into `sizes`."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.sizes = list(sizes)
+        self.fused = linear(in_features, sum(self.sizes), vb, bias=bias)
+        self.parts = nn.ModuleDict()
+        return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is not None:

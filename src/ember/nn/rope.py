@@ -187,5 +187,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 def rotary_from_config(raw: dict, head_dim: int, max_position_embeddings: int, rotary_dim: int | None = None,
-                       rope_theta_default: float = 10000.0) -> RotaryEmbedding:
-    return RotaryEmbedding(head_dim, rope_parameters(raw, rope_theta_default), max_position_embeddings, rotary_dim)
+                       rope_theta_default: float = 10000.0, device=None) -> RotaryEmbedding:
+    """A RotaryEmbedding for a config.json dict, its tables on `device` (pass the VarBuilder's)."""
+    rot = RotaryEmbedding(head_dim, rope_parameters(raw, rope_theta_default), max_position_embeddings, rotary_dim)
+    return rot.to(device) if device is not None else rot

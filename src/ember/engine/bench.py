@@ -1,0 +1,179 @@
+"""`ember bench`: prefill and decode throughput, time to first token, memory, and achieved bandwidth
+against the device's measured copy bandwidth (the roofline for memory-bound decoding)."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from ..generation.loop import Request
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large on-device copy, counting bytes read plus bytes written."""
+    n = nbytes // 4 if device.type == "cuda" else nbytes // 8
+    a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    _sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    _sync(device)
+    dt = (time.perf_counter() - t) / reps
+    return 2 * a.numel() * 4 / dt
+
+
+def peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return float("nan")
+
+
+def weight_bytes(model) -> int:
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+    for b in model.buffers():
+        if getattr(b, "_ember_packed", False):
+            total += b.numel() * b.element_size()
+    return total
+
+
+def kv_bytes_per_token(model, dtype) -> int:
+    es = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * h * d * es for h, d in model.cache_layout())
+
+
+def run_requests(gen, reqs) -> tuple[float, float, int]:
+    """Run to completion; returns (time to first event, decode seconds after it, decode tokens)."""
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for r in reqs:
+        gen.add(r)
+    while gen.has_work():
+        evs = gen.step()
+        if first is None and evs:
+            first = time.perf_counter()
+            continue
+        n += len(evs)
+    end = time.perf_counter()
+    return first - t0, end - first, n
+
+
+def bench(llm_model, tokenizer=None, *, device, dtype, batches=(1, 8, 32), prompt_len: int = 128, gen_len: int = 128,
+          prefill_len: int = 512, engine=None, vocab: int | None = None, label: str = "") -> dict:
+    from . import Engine
+
+    model = llm_model
+    vocab = vocab or model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    res: dict = {"model": label, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    res["copy_bandwidth_GBs"] = copy_bandwidth(device) / 1e9
+    wb = weight_bytes(model)
+    res["weights_GB"] = wb / 1e9
+    t = time.perf_counter()
+    eng = engine or Engine(model, tokenizer, [], max_batch=max(batches), max_len=max(prefill_len, prompt_len + gen_len) + 8)
+    if eng.decoder is not None:
+        eng.warmup(sorted({b for b in (1, *batches)}))
+    res["engine_setup_s"] = time.perf_counter() - t
+    if eng.decoder is not None:
+        res["graph_capture_s"] = eng.decoder.capture_seconds
+        res["compile_s"] = eng.decoder.compile_seconds
+
+    def prompt(n):
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    # warm-up at the measured shapes: lazy kernel loading, cuBLAS/cuDNN plans, the allocator
+    run_requests(eng.generator(1), [Request(prompt(prompt_len), 4, ignore_eos=True)])
+    run_requests(eng.generator(1), [Request(prompt(prefill_len), 1, ignore_eos=True)])
+    _sync(device)
+    ttft, _, _ = run_requests(eng.generator(1), [Request(prompt(prompt_len), 2, ignore_eos=True)])
+    res["ttft_ms"] = ttft * 1e3
+    pf, _, _ = run_requests(eng.generator(1), [Request(prompt(prefill_len), 1, ignore_eos=True)])
+    res["prefill_tok_s"] = prefill_len / pf
+    kvb = kv_bytes_per_token(model, dtype)
+    for b in batches:
+        reqs = [Request(prompt(prompt_len), gen_len, ignore_eos=True) for _ in range(b)]
+        _, dt, n = run_requests(eng.generator(b), reqs)
+        steps = gen_len - 1
+        tok_s = n / dt
+        # bytes per decode step: every weight once, plus each row's KV cache read up to its position
+        kv_read = b * kvb * (prompt_len + gen_len / 2)
+        gbs = (wb + kv_read) * steps / dt / 1e9
+        res[f"decode_b{b}_tok_s"] = tok_s
+        res[f"decode_b{b}_GBs"] = gbs
+        res[f"decode_b{b}_pct_copy_bw"] = 100 * gbs / res["copy_bandwidth_GBs"]
+    res["peak_memory_GB"] = peak_memory(device) / 1e9
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in res.items()]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    import ember
+
+    from .presets import random_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    batches = tuple(int(x) for x in args.batch.split(","))
+    if args.config:
+        dtype = dtype or torch.bfloat16
+        t = time.perf_counter()
+        _, model = random_model(args.config, dtype, device)
+        load_s = time.perf_counter() - t
+        tok, label = None, f"{args.config} (random weights)"
+    else:
+        from ember.fixtures import default_model
+
+        name = args.model or default_model()
+        t = time.perf_counter()
+        llm = ember.load(name, dtype=dtype, device=device)
+        load_s = time.perf_counter() - t
+        model, tok, dtype, label = llm.model, llm.tokenizer, llm.dtype, name
+    from . import Engine
+
+    eng = Engine(model, tok, [], max_batch=max(batches), max_len=max(args.prefill, args.prompt + args.tokens) + 8,
+                 cuda_graphs=None if not args.no_graphs else False, compile=args.compile)
+    res = bench(model, tok, device=device, dtype=dtype, batches=batches, prompt_len=args.prompt, gen_len=args.tokens,
+                prefill_len=args.prefill, engine=eng, label=label)
+    res = {"load_s": load_s, **res}
+    print(json.dumps(res) if args.json else format_table(res))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure prefill/decode throughput, TTFT, memory and bandwidth")
+    p.add_argument("model", nargs="?", help="model to load (default: the default chat model)")
+    p.add_argument("--config", help="random weights of a preset shape instead: smollm2-135m, llama-1b, llama-3b, "
+                                    "llama-8b, qwen2.5-0.5b")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device")
+    p.add_argument("--batch", default="1,8,32", help="decode batch sizes (default 1,8,32)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens for decode runs")
+    p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill measurement")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reports its cost)")
+    p.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=main)

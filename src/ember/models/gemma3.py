@@ -1,0 +1,93 @@
+"""Gemma 3 (text): the Gemma 2 decoder plus RMSNorm (1 + w) over each head of q and k, per-layer
+`layer_types` (by default five sliding layers to one global), and a rotary table per layer type:
+global layers use rope_parameters["full_attention"] (old configs: rope_theta, default 1e6, with
+rope_scaling), sliding layers rope_parameters["sliding_attention"] (old: rope_local_base_freq,
+default 1e4). No attention soft-capping: the reference keeps attn_logit_softcapping in the config
+but never applies it.
+
+Checkpoints come as Gemma3ForCausalLM (model_type gemma3_text, weights model.*, lm_head.*) or as
+the multimodal Gemma3ForConditionalGeneration (model_type gemma3, the text config under
+text_config, weights language_model.model.* / language_model.lm_head.* as transformers saves them,
+or model.language_model.* / lm_head.* as it names them in memory). The multimodal form is read
+through `MultimodalConfig` and a renaming VarBuilder; its vision tower is not loaded.
+
+Reference: transformers/models/gemma3/modeling_gemma3.py, configuration_gemma3.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..varbuilder import VarBuilder
+from . import gemma, gemma2
+
+
+@dataclass
+class Config(gemma2.Config):
+    vocab_size: int = 262208
+    max_position_embeddings: int = 131072
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None
+    sliding_window_pattern: int = 6
+    qk_norm: bool = True
+
+    def validate(self) -> None:
+        self._positive("sliding_window_pattern", "rope_local_base_freq")
+        super().validate()
+
+    def default_layer_types(self) -> list[str]:
+        p = self.sliding_window_pattern
+        if not isinstance(p, int) or p <= 0:
+            return []  # validate() reports the bad pattern / the layer_types length
+        return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(self.num_hidden_layers)]
+
+    def attention_softcap(self) -> float | None:
+        return None
+
+    def rope_configs(self) -> dict[str, dict]:
+        params = self.rope_parameters or {}
+        nested = any(t in params for t in gemma.LAYER_TYPES)
+        # A flat rope_parameters is taken as the global layers' (the reference would ignore it).
+        full = dict((params.get("full_attention") if nested else params) or {})
+        if self.rope_scaling:
+            full.update(self.rope_scaling)
+        full.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 1_000_000.0)
+        sliding = dict((params.get("sliding_attention") if nested else None) or {})
+        sliding.setdefault("rope_theta", self.rope_local_base_freq if self.rope_local_base_freq is not None else 10_000.0)
+        base = {k: v for k, v in self.raw.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta")}
+        return {"full_attention": {**base, "rope_parameters": full}, "sliding_attention": {**base, "rope_parameters": sliding}}
+
+
+@dataclass
+class MultimodalConfig(Config):
+    """Parses a Gemma3ForConditionalGeneration config.json (decoder config under text_config) into
+    the text Config; a flat config (model_type gemma3 without text_config, as some GGUF
+    conversions write it) is read as is."""
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> Config:
+        if isinstance(d, dict) and isinstance(d.get("text_config"), dict):
+            d = {
+                **d["text_config"],
+                "model_type": d.get("model_type"),
+                "architectures": d.get("architectures"),
+                # the head is tied by the outer config, and the multimodal model never soft-caps the logits
+                "tie_word_embeddings": d.get("tie_word_embeddings", True),
+                "final_logit_softcapping": None,
+                **{k: d[k] for k in ("dtype", "torch_dtype") if d.get(k) is not None},
+            }
+        return Config.from_dict(d, **overrides)
+
+
+def _language_model(vb: VarBuilder) -> VarBuilder:
+    """A builder that reads a multimodal checkpoint's decoder under the text model's names."""
+    if vb.contains("language_model.model.embed_tokens.weight"):  # as saved by transformers
+        return vb.rename({"model": "language_model.model", "lm_head": "language_model.lm_head"})
+    if vb.contains("model.language_model.embed_tokens.weight"):  # transformers' in-memory names
+        return vb.rename({"model": "model.language_model"})
+    return vb
+
+
+class ForCausalLM(gemma.ForCausalLM):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+        super().__init__(cfg, _language_model(vb), fuse)

@@ -1,0 +1,218 @@
+"""Writing small GGUF files for tests: tiny transformers models converted as llama.cpp's
+convert_hf_to_gguf.py does (names from gguf's own tensor map, Q/K permutation for llama, `w + 1`
+norms for Gemma, transposed Conv1D for GPT-2), a tiny byte-level tokenizer, and raw files for the
+bad-input tests.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+U32, I32, F32, BOOL, STR, ARR, U64 = 4, 5, 6, 7, 8, 9, 10
+
+
+def write(path, arch: str, meta: dict, tensors: dict[str, tuple[np.ndarray, int | None]]) -> Path:
+    """A GGUF file with `meta` ({key: value | (value, GGUFValueType) }) and tensors {name: (array, raw ggml type)}.
+    Arrays are values in torch order (float), or raw uint8 block bytes when a raw type is given."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.architecture", arch)
+    for k, v in meta.items():
+        if isinstance(v, tuple):
+            val, vt = v
+            if vt == ARR:
+                sub = gguf.GGUFValueType.get_type(val[0]) if val else gguf.GGUFValueType.INT32
+                w.add_key_value(k, val, gguf.GGUFValueType.ARRAY, sub)
+            else:
+                w.add_key_value(k, val, gguf.GGUFValueType(vt))
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, list):
+            w.add_array(k, v)
+        else:
+            raise TypeError(k)
+    for name, (arr, raw) in tensors.items():
+        if raw is None:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, arr, raw_dtype=gguf.GGMLQuantizationType(raw))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def quantize(values: np.ndarray, qtype: int) -> tuple[np.ndarray, int | None]:
+    """(array, raw type) for add_tensor: float32/float16 as values, others quantised by gguf.quants."""
+    import gguf
+
+    if qtype == 0:
+        return values.astype(np.float32), None
+    if qtype == 1:
+        return values.astype(np.float16), None
+    return gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType(qtype)), qtype
+
+
+# ---- a tiny byte-level tokenizer ----------------------------------------------------------------
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER = ["<think>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_vocab() -> tuple[list[str], list[int], list[str]]:
+    """256 byte tokens, a few merged ones, the specials: (tokens, types, merges)."""
+    from ember.io.gguf_tokenizer import bytes_to_unicode
+
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
+    merged = ["Ġt", "he", "Ġthe", "in", "Ġa"]
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+    tokens = alphabet + merged + SPECIALS + USER
+    types = [1] * (len(alphabet) + len(merged)) + [3] * len(SPECIALS) + [4] * len(USER)
+    return tokens, types, merges
+
+
+def tokenizer_meta(pre: str = "qwen2") -> dict:
+    tokens, types, merges = byte_vocab()
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": (types, ARR),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": tokens.index("<|im_start|>"),
+        "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+        "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+
+
+# ---- transformers model -> GGUF, as convert_hf_to_gguf.py writes it -----------------------------
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+             "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2"}
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_metadata(cfg, arch: str) -> dict:
+    c = cfg
+    if arch == "gpt2":
+        return {"gpt2.context_length": c.n_positions, "gpt2.embedding_length": c.n_embd, "gpt2.block_count": c.n_layer,
+                "gpt2.feed_forward_length": c.n_inner or 4 * c.n_embd, "gpt2.attention.head_count": c.n_head,
+                "gpt2.attention.layer_norm_epsilon": float(c.layer_norm_epsilon)}
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    m = {
+        f"{arch}.context_length": c.max_position_embeddings,
+        f"{arch}.embedding_length": c.hidden_size,
+        f"{arch}.block_count": c.num_hidden_layers,
+        f"{arch}.feed_forward_length": c.intermediate_size,
+        f"{arch}.attention.head_count": c.num_attention_heads,
+        f"{arch}.attention.head_count_kv": c.num_key_value_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+    }
+    rope = getattr(c, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:
+        rope = rope["full_attention"]
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
+    if theta is not None:
+        m[f"{arch}.rope.freq_base"] = float(theta)
+    if arch == "llama":
+        m["llama.rope.dimension_count"] = head_dim
+        m["llama.vocab_size"] = c.vocab_size
+    if arch in ("qwen3", "gemma2", "gemma3"):
+        m[f"{arch}.attention.key_length"] = head_dim
+        m[f"{arch}.attention.value_length"] = head_dim
+    if arch in ("gemma2", "gemma3") and getattr(c, "sliding_window", None):
+        m[f"{arch}.attention.sliding_window"] = c.sliding_window
+    if arch == "gemma2":
+        m["gemma2.attn_logit_softcapping"] = float(c.attn_logit_softcapping)
+        m["gemma2.final_logit_softcapping"] = float(c.final_logit_softcapping)
+    if arch == "phi3":
+        m["phi3.rope.dimension_count"] = int(head_dim * getattr(c, "partial_rotary_factor", 1.0))
+        if c.sliding_window:
+            m["phi3.attention.sliding_window"] = c.sliding_window
+    return m
+
+
+def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: dict | None = None) -> Path:
+    """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does."""
+    import gguf
+
+    cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type]
+    n_layers = cfg.num_hidden_layers if arch != "gpt2" else cfg.n_layer
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
+    tensors = {}
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for name, t in model.state_dict().items():
+        if "rotary_emb" in name or name.endswith(".attn.bias") or name.endswith("masked_bias"):
+            continue
+        if name == "lm_head.weight" and tied:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        gname = name_map.get_name(base)
+        assert gname is not None, name
+        gname = f"{gname}.{suffix}"
+        w = t.detach().float().numpy().copy()
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _llama_permute(w, cfg.num_attention_heads)
+        if arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _llama_permute(w, cfg.num_key_value_heads)
+        if arch in ("gemma2", "gemma3") and gname.endswith("norm.weight"):
+            w = w + 1
+        if arch == "gpt2" and suffix == "weight" and any(k in gname for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")):
+            w = w.T.copy()
+        q = qtype if (w.ndim == 2 and w.shape[-1] % 32 == 0 and not gname.endswith("norm.weight")) else 0
+        tensors[gname] = quantize(w, q)
+    meta = hf_metadata(cfg, arch)
+    if tokenizer:
+        meta.update(tokenizer_meta())
+    meta.update(extra_meta or {})
+    return write(path, arch, meta, tensors)
+
+
+# ---- raw files for the bad-input tests ----------------------------------------------------------
+def gguf_string(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def raw_header(n_tensors: int, n_kv: int, version: int = 3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
+
+
+def raw_kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return gguf_string(key) + struct.pack("<I", vtype) + payload
+
+
+def raw_tensor_info(name: str, dims: list[int], ggml_type: int, offset: int) -> bytes:
+    return gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims) + struct.pack(
+        "<IQ", ggml_type, offset)
+
+
+def raw_file(path, kvs: list[bytes], infos: list[bytes], data: bytes = b"", n_tensors=None, n_kv=None, align=32) -> Path:
+    head = raw_header(len(infos) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv)
+    body = head + b"".join(kvs) + b"".join(infos)
+    body += b"\0" * (-len(body) % align)
+    Path(path).write_bytes(body + data)
+    return Path(path)
+
+
+def torch_seed(seed: int = 0):
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)

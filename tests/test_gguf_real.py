@@ -1,0 +1,246 @@
+"""Real GGUF files against transformers loading the same file (dequantised, float32):
+SmolLM2-135M-Instruct Q4_1 (llama), Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2, untied head),
+Gemma 3 270M Q4_K_M (gemma3). Each reference model is loaded once per module."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ember
+
+pytestmark = pytest.mark.slow
+
+TEXTS = [
+    "Hello world", " leading space", "  two leading spaces", "trailing space ", "tabs\tand\nnewlines\n\n\nend",
+    "Ünïcödé façade — naïve café", "日本語のテキストと中文混合", "emoji 😀👍🏽 family 👨‍👩‍👧",
+    "digits 1234567890 3.14159 1,000,000", "code: def f(x):\n    return x**2  # comment",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<bos>text with bos<eos>",
+    "<start_of_turn>user\nHi<end_of_turn>", "   ", "", "I'm don't we'll THEY'RE", "Ελληνικά и русский текст",
+    "\u00a0non-breaking\u2009thin", "<|endoftext|><|endoftext|>", "<think>reasoning</think>", "mixed\r\nwindows\rlines",
+    "zero\u200bwidth", "🤗🤗🤗", "The quick brown fox jumps over the lazy dog. " * 3,
+]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+
+
+class Ref:
+    """The transformers side (model and tokenizer) and the ember side for one GGUF file."""
+
+    def __init__(self, path: Path, model: bool = True):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        self.path = path
+        self.tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.hf = None
+        if model:
+            self.hf = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32).eval()
+        self.llm = ember.load(path, dtype=torch.float32, device="cpu", packed=False) if model else None
+
+
+def _native(model_type: str) -> bool:
+    try:
+        ember.registry.lookup({"model_type": model_type}).load()
+        return True
+    except (ember.UnsupportedModelError, ImportError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import realmodels
+
+    return Ref(realmodels.smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    import realmodels
+
+    return Ref(realmodels.qwen25_coder_gguf())
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    import realmodels
+
+    return Ref(realmodels.gemma3_gguf(), model=_native("gemma3_text"))
+
+
+def _check_logits_and_greedy(ref: Ref, prompt: str):
+    from parity import ember_greedy, hf_greedy
+
+    ids = ref.tok.encode(prompt)
+    assert ref.llm.encode(prompt) == ids
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(0, ref.llm.config.vocab_size, (2, 20), generator=g)
+    with torch.no_grad():
+        for batch in (torch.tensor([ids]), rand):
+            want, got = ref.hf(batch).logits, ref.llm.model(batch)
+            d = (want - got).abs().max().item()
+            assert d <= 1e-3, f"logits differ by {d}"
+    prompts = [ids, rand[0, :7].tolist()]
+    want = [hf_greedy(ref.hf, p, 32) for p in prompts]
+    assert ember_greedy(ref.llm, prompts, 32) == want
+
+
+def _check_tokenizer(ref: Ref, tok):
+    for text in TEXTS:
+        for special in (True, False):
+            assert tok.encode(text, add_special_tokens=special) == ref.tok.encode(text, add_special_tokens=special), (text, special)
+        ids = ref.tok.encode(text, add_special_tokens=False)
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.tok.decode(ids, skip_special_tokens=skip), text
+    if ref.tok.chat_template:
+        for agp in (True, False):
+            want = ref.tok.apply_chat_template(MESSAGES, add_generation_prompt=agp, tokenize=False)
+            assert tok.apply_chat_template(MESSAGES, add_generation_prompt=agp) == want
+
+
+# ---- SmolLM2 (llama, Q4_1 + Q8_0 tied embeddings) ------------------------------------------------
+def test_smollm2_logits_and_greedy(smollm2):
+    _check_logits_and_greedy(smollm2, "The capital of France is")
+
+
+def test_smollm2_tokenizer_and_chat_template(smollm2):
+    _check_tokenizer(smollm2, smollm2.llm.tokenizer)
+
+
+def test_smollm2_packed_matches_dequantized(smollm2):
+    packed = ember.load(smollm2.path, dtype=torch.float32, packed=True)
+    ids = torch.tensor([smollm2.tok.encode("Packed weights are dequantised inside the layer.")])
+    with torch.no_grad():
+        d = (packed.model(ids) - smollm2.llm.model(ids)).abs().max().item()
+    assert d <= 1e-3
+
+
+def test_default_model_chats_and_stops(smollm2):
+    from ember.fixtures import default_model
+
+    path = default_model()
+    llm = ember.load(path)
+    assert llm._loaded.entry.model_type == "llama"
+    reqs = [llm.request(llm.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}]), 64)]
+    events = list(llm.events(reqs))
+    text = "".join(e.text for e in events)
+    assert "Paris" in text
+    assert events[-1].finish_reason == "stop", events[-1].finish_reason  # stopped on <|im_end|>, not the budget
+    assert llm.tokenizer.token_to_id("<|im_end|>") in llm.eos_token_ids
+
+
+# ---- Qwen2.5-Coder (qwen2, q/k/v bias, untied head, Q5_0/Q8_0/Q4_K/Q6_K) ---------------------------
+def test_qwen_logits_and_greedy(qwen):
+    assert not qwen.llm.config.tie_word_embeddings
+    _check_logits_and_greedy(qwen, "def fibonacci(n):")
+
+
+def test_qwen_tokenizer_and_chat_template(qwen):
+    _check_tokenizer(qwen, qwen.llm.tokenizer)
+
+
+def test_qwen_packed_matches_dequantized(qwen):
+    packed = ember.load(qwen.path, dtype=torch.float32, packed=True)
+    from ember.nn.quantized import packed_nbytes
+
+    assert packed_nbytes(packed.model) > 0.8 * (qwen.path.stat().st_size - 10_000_000)
+    ids = torch.tensor([qwen.tok.encode("import numpy as np\nx = np.")])
+    with torch.no_grad():
+        d = (packed.model(ids) - qwen.llm.model(ids)).abs().max().item()
+    assert d <= 1e-3
+
+
+RSS_SCRIPT = """
+import json, os, resource, sys
+import torch
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = rss()
+import ember
+llm = ember.load(sys.argv[1], dtype=torch.float32, device="cpu", packed=True)
+load = rss()
+llm.generate("def f(x):", max_tokens=2, ignore_eos=True)
+print(json.dumps({"base": base, "load": load, "run": rss()}))
+"""
+
+
+def test_qwen_packed_peak_rss_under_1_6x_file_size():
+    import realmodels
+
+    path = realmodels.qwen25_coder_gguf()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ember.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    size = path.stat().st_size
+    assert r["load"] - r["base"] < 1.6 * size, r
+    assert r["run"] - r["base"] < 1.6 * size, r
+
+
+# ---- Gemma 3 270M (gemma3: w+1 norms, sliding window, Q8_0 tied embeddings) ------------------------
+def test_gemma3_tokenizer(gemma3):
+    from ember.io.gguf import GGUFFile
+    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+
+    tok = gemma3.llm.tokenizer if gemma3.llm is not None else tokenizer_from_gguf(GGUFFile(gemma3.path).metadata)
+    _check_tokenizer(gemma3, tok)
+    assert tok.encode("Hi")[0] == tok.bos_token_id  # SentencePiece vocabularies add BOS
+
+
+def test_gemma3_config_and_names():
+    import realmodels
+    from ember.io.gguf import GGUFFile
+    from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    f = GGUFFile(realmodels.gemma3_gguf())
+    raw = config_dict(f)
+    assert raw["model_type"] == "gemma3_text" and raw["head_dim"] == 256 and raw["sliding_window"] == 512
+    assert raw["num_hidden_layers"] == 18 and raw["num_key_value_heads"] == 1 and raw["tie_word_embeddings"]
+    cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "rope_theta")})
+    with torch.device("meta"):
+        hf = Gemma3ForCausalLM(cfg)
+    want = {k for k in hf.state_dict() if k != "lm_head.weight"}
+    src = GGUFSource(f, family_for(f)[1], raw, packed=True, dtype=torch.float32)
+    assert set(src.keys()) == want
+    for k, v in hf.state_dict().items():
+        if k in want:
+            assert tuple(src.shape(k)) == tuple(v.shape), k
+    norm = src.load("model.layers.0.input_layernorm.weight")  # stored as w + 1
+    raw_norm = f.raw("blk.0.attn_norm.weight").reshape(-1).view(torch.float32)
+    assert torch.equal(norm, raw_norm - 1)
+
+
+def test_gemma3_logits_and_greedy(gemma3):
+    if gemma3.llm is None:
+        pytest.skip("ember.models.gemma3 (model_type gemma3_text) is not on this branch")
+    _check_logits_and_greedy(gemma3, "The capital of France is")
+    assert gemma3.llm.tokenizer.token_to_id("<end_of_turn>") in gemma3.llm.eos_token_ids
+
+
+def test_gemma3_mapping_reproduces_transformers_logits(gemma3):
+    """Without the native model: transformers' Gemma3 built from ember's config dict and ember's
+    tensors gives the logits transformers gets from the GGUF itself."""
+    from ember.io.gguf import GGUFFile
+    from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GgufConfig
+
+    f = GGUFFile(gemma3.path)
+    raw = config_dict(f)
+    src = GGUFSource(f, family_for(f)[1], raw, packed=False, dtype=torch.float32)
+    cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    mine = Gemma3ForCausalLM(cfg).eval()
+    sd = {k: src.load(k).float() for k in src.keys()}
+    missing, unexpected = mine.load_state_dict(sd, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    mine.tie_weights()
+    ref = gemma3.hf or AutoModelForCausalLM.from_pretrained(
+        gemma3.path.parent, gguf_file=gemma3.path.name, quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32).eval()
+    ids = torch.tensor([gemma3.tok.encode("The capital of France is")])
+    with torch.no_grad():
+        d = (mine(ids).logits - ref(ids).logits).abs().max().item()
+    assert d <= 1e-4

@@ -1,0 +1,111 @@
+"""Bad input through `ember.load`: every failure is an EmberError that names the problem."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ember
+from ember.errors import (CheckpointError, ConfigError, EmberError, ShapeMismatchError, TensorNotFoundError,
+                          UnsupportedModelError)
+from ember.io.safetensors import save_file
+from parity import save, tiny_hf_model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=None, eos_token_id=None)
+    save(tiny_hf_model(cfg), tmp_path)
+    return tmp_path
+
+
+def _edit_config(folder, **kw):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(kw)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_model_type_lists_the_supported_ones(folder):
+    _edit_config(folder, model_type="frobnicator", architectures=["FrobForCausalLM"])
+    with pytest.raises(UnsupportedModelError) as e:
+        ember.load(folder)
+    assert "'frobnicator'" in str(e.value) and "llama" in str(e.value) and "qwen2" in str(e.value)
+
+
+def test_config_that_disagrees_with_the_weights_names_key_and_shapes(folder):
+    _edit_config(folder, intermediate_size=50)
+    with pytest.raises(ShapeMismatchError) as e:
+        ember.load(folder)
+    assert "mlp.gate_proj.weight" in str(e.value) and "[48, 32]" in str(e.value) and "[50, 32]" in str(e.value)
+
+
+def test_missing_tensor_is_named_with_nearest_keys(folder):
+    from safetensors.torch import load_file
+
+    sd = load_file(folder / "model.safetensors")
+    del sd["model.layers.1.post_attention_layernorm.weight"]
+    save_file(sd, folder / "model.safetensors")
+    with pytest.raises(TensorNotFoundError) as e:
+        ember.load(folder)
+    assert "model.layers.1.post_attention_layernorm.weight" in str(e.value)
+    assert "model.layers.0.post_attention_layernorm.weight" in str(e.value)
+
+
+def test_truncated_weights_are_refused(folder):
+    p = folder / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ember.load(folder)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(hidden_size="64"), "'hidden_size' should be int"),
+    (dict(num_attention_heads=-2), "'num_attention_heads' must be positive"),
+    (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(rope_parameters={"rope_type": "warp", "rope_theta": 1.0}), "unsupported rope type 'warp'"),
+    (dict(hidden_act="zap"), "unsupported activation 'zap'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0}), "needs 'factor'"),
+])
+def test_bad_config_values_are_config_errors(folder, kw, msg):
+    _edit_config(folder, **kw)
+    with pytest.raises(ConfigError, match=msg):
+        ember.load(folder)
+
+
+def test_unreadable_config_json(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ember.load(folder)
+
+
+def test_pickle_checkpoints_load_weights_only(tmp_path, folder):
+    from safetensors.torch import load_file
+
+    sd = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    llm = ember.load(folder, dtype=torch.float32)
+    assert llm.model(torch.tensor([[1, 2]])).shape == (1, 2, 64)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, folder / "pytorch_model.bin", _use_new_zipfile_serialization=True)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        ember.load(folder)
+
+
+def test_all_errors_derive_from_ember_error():
+    for cls in (CheckpointError, ConfigError, UnsupportedModelError, ShapeMismatchError, TensorNotFoundError):
+        assert issubclass(cls, EmberError)
+
+
+def test_import_ember_is_light():
+    code = "import sys, ember; print('transformers' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
