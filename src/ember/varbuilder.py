@@ -67,6 +67,9 @@ class SafetensorsSource:
     def load(self, key: str) -> torch.Tensor:
         return self._where[key].tensor(key)
 
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
+
     def describe(self) -> str:
         names = [f.path.name for f in self.files]
         where = self.files[0].path.parent
@@ -286,7 +289,21 @@ class VarBuilder:
             if packed:
                 return raw.to(self.device)
             return raw.dequantize(dtype or self.dtype or torch.float32).to(self.device)
-        return self._convert(raw, dtype)
+        out = self._convert(raw, dtype)
+        if out.numel() and out.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            self._release(key)  # a converted copy: the file's pages are not needed in memory
+        return out
+
+    def release(self, name: str) -> None:
+        """Tell the source that `name`'s data was copied and its mapped pages can be dropped."""
+        key = self._lookup(name)
+        if key is not None:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        fn = getattr(self._shared.source, "release", None)
+        if fn is not None:
+            fn(key)
 
     def _convert(self, t: torch.Tensor, dtype) -> torch.Tensor:
         dtype = dtype or self.dtype

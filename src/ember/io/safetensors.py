@@ -174,8 +174,39 @@ class SafetensorsFile:
         raw = torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.nbytes,), (1,))
         return raw.clone().view(info.dtype).reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor that was copied out (fused, converted): they count in
+        RSS while mapped. The mapping is private and those pages were never written, so a later
+        read simply faults them in again from the file."""
+        if self._storage is None or name not in self.tensors:
+            return
+        info = self.tensors[name]
+        base = self._storage.data_ptr()
+        page = _PAGE
+        start = (base + info.begin + page - 1) // page * page
+        end = (base + info.end) // page * page
+        if end > start and _madvise is not None:
+            _madvise(start, end - start, 4)  # MADV_DONTNEED
+
     def close(self) -> None:
         self._storage = None
+
+
+def _libc_madvise():
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn, mmap.PAGESIZE
+    except (OSError, AttributeError):  # not Linux/glibc: releasing pages is only an optimisation
+        return None, 4096
+
+
+_madvise, _PAGE = _libc_madvise()
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
