@@ -157,6 +157,7 @@ class SafetensorsFile:
             size = self.path.stat().st_size
             # shared=False maps the file MAP_PRIVATE: lazy, zero-copy, writes never reach the file.
             self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            _MAPPINGS[self._storage.data_ptr()] = size
         return self._storage
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -182,11 +183,7 @@ class SafetensorsFile:
             return
         info = self.tensors[name]
         base = self._storage.data_ptr()
-        page = _PAGE
-        start = (base + info.begin + page - 1) // page * page
-        end = (base + info.end) // page * page
-        if end > start and _madvise is not None:
-            _madvise(start, end - start, 4)  # MADV_DONTNEED
+        _drop_pages(base + info.begin, base + info.end)
 
     def close(self) -> None:
         self._storage = None
@@ -207,6 +204,26 @@ def _libc_madvise():
 
 
 _madvise, _PAGE = _libc_madvise()
+# base address -> size of every file mapping made here: release_view() acts on these alone, since
+# MADV_DONTNEED on ordinary (anonymous) memory would zero it.
+_MAPPINGS: dict[int, int] = {}
+
+
+def _drop_pages(start: int, end: int) -> None:
+    start = (start + _PAGE - 1) // _PAGE * _PAGE
+    end = end // _PAGE * _PAGE
+    if end > start and _madvise is not None:
+        _madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
+def release_view(t: torch.Tensor) -> None:
+    """Drop the resident pages behind `t` if it is a view on a checkpoint mapping (after its data
+    was copied elsewhere, e.g. prepacked); does nothing for any other tensor."""
+    st = t.untyped_storage()
+    size = _MAPPINGS.get(st.data_ptr())
+    if size is None or not t.is_contiguous():
+        return
+    _drop_pages(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

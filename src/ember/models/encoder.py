@@ -29,6 +29,8 @@ from torch import nn
 
 from ..nn import FusedLinears, LayerNorm, activation, linear
 from ..nn.layers import Linear
+from ..nn.packed import PackedLinear, can_pack, packable
+from ..nn.packed import pack_all as _pack_all
 from ..varbuilder import VarBuilder
 
 # Heads that task checkpoints (ForMaskedLM, ForSequenceClassification, ...) carry beside the
@@ -81,65 +83,15 @@ def padding_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor
     return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
 
 
-@functools.lru_cache(maxsize=None)
-def can_pack() -> bool:
-    """Whether bf16 Linears can run as oneDNN prepacked weights (`PackedLinear`) on this CPU: the
-    ops exist, the CPU has native bf16, and they agree with F.linear on a small check.
-    EMBER_PACK_LINEAR=0 turns it off."""
-    if os.environ.get("EMBER_PACK_LINEAR", "1") == "0":
-        return False
-    try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return False
-        g = torch.Generator().manual_seed(0)
-        w, b = torch.randn(24, 16, generator=g).bfloat16(), torch.randn(24, generator=g).bfloat16()
-        x = torch.randn(2, 3, 16, generator=g).bfloat16()
-        p = torch.ops.mkldnn._reorder_linear_weight(w, 6)
-        y = torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
-        yg = torch.ops.mkldnn._linear_pointwise(x, p, b, "gelu", [], "none")
-        ref = F.linear(x.float(), w.float(), b.float())
-        return bool(torch.allclose(y.float(), ref, atol=0.1, rtol=0.02)
-                    and torch.allclose(yg.float(), F.gelu(ref), atol=0.1, rtol=0.02))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-class PackedLinear(nn.Module):
-    """A bf16 Linear whose weight is prepacked once into oneDNN's blocked layout (CPU), with an
-    optional fused exact GELU: ~10% faster than F.linear, which reorders the weight on every call,
-    and the GELU then acts on the float32 accumulator instead of a bf16-rounded output."""
-
-    def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.dtype = lin.weight.dtype
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), rows_hint),
-                             persistent=False)
-        self.bias = lin.bias
-        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, dtype={self.dtype}, fused={self.attr}"
-
-
-def _packable(m) -> bool:
-    return isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
-
-
 def pack_linears(model: nn.Module) -> None:
-    """Replace the bf16 CPU Linears of `model` by PackedLinears (no-op where `can_pack()` is false),
-    fusing GELU into the layers' up projections where the activation is exact GELU."""
-    if not any(_packable(m) for m in model.modules()) or not can_pack():
+    """Prepack the bf16 CPU Linears of `model` (see ember.nn.packed), fusing GELU into the layers'
+    up projections where the activation is exact GELU."""
+    if not any(packable(m) for m in model.modules()) or not can_pack():
         return
     for mod in list(model.modules()):
-        if isinstance(mod, PostLNLayer) and mod.act_name == "gelu" and _packable(mod.up):
+        if isinstance(mod, PostLNLayer) and mod.act_name == "gelu" and packable(mod.up):
             mod.up, mod.act = PackedLinear(mod.up, gelu=True), _identity
-        for name, child in list(mod.named_children()):
-            if _packable(child):
-                setattr(mod, name, PackedLinear(child))
+    _pack_all(model)
 
 
 def _identity(x):

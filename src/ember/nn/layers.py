@@ -51,7 +51,9 @@ def linear_from_weight(weight, bias: torch.Tensor | None = None) -> nn.Module:
     """A Linear around an already loaded weight (plain tensor or packed)."""
     if not isinstance(weight, torch.Tensor):
         return weight.as_linear(bias)
-    return Linear(weight, bias)
+    from .packed import maybe_pack
+
+    return maybe_pack(Linear(weight, bias))
 
 
 class Embedding(nn.Module):
