@@ -67,7 +67,8 @@ else:
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=n_decode, min_new_tokens=n_decode, do_sample=False)
         res["decode_tok_s"] = (n_decode - 1) / (time.perf_counter() - t - one)
-res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec)
+res["peak_rss_mb"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
 print("RESULT " + json.dumps(res))
 """
 

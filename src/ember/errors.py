@@ -49,6 +49,10 @@ class GenerationError(EmberError):
     """Bad generation arguments (negative max_tokens, prompt longer than the context, ...)."""
 
 
+class EmbeddingError(EmberError):
+    """Bad embedding input (no texts, a non-string item, a bad batch size) or sentence-transformers files."""
+
+
 __all__ = [
     "EmberError",
     "CheckpointError",
@@ -60,4 +64,5 @@ __all__ = [
     "TokenizerError",
     "TemplateError",
     "GenerationError",
+    "EmbeddingError",
 ]

@@ -34,6 +34,7 @@ SIDE_FILES = (
     "*_Pooling/config.json",
     "*_Dense/config.json",
     "*_Dense/model.safetensors",
+    "*_Dense/pytorch_model.bin",  # older sentence-transformers saves (read weights-only)
     "*_Normalize/*",
 )
 

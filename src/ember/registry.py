@@ -127,3 +127,24 @@ register("gpt2", "ember.models.gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",))
 register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",))
+
+# Encoders (ember.load returns an Embedder). A checkpoint of any task model (ForMaskedLM, ...) loads
+# as its encoder; the task head is left unused.
+_ENC = dict(task="encoder", model_class="Model")
+
+
+def _archs(name: str, *tasks: str) -> tuple[str, ...]:
+    return (f"{name}Model",) + tuple(f"{name}For{t}" for t in tasks)
+
+
+_TASKS = ("MaskedLM", "SequenceClassification", "TokenClassification", "QuestionAnswering", "MultipleChoice")
+register("bert", "ember.models.bert", architectures=_archs("Bert", "PreTraining", *_TASKS), **_ENC)
+register("roberta", "ember.models.bert", architectures=_archs("Roberta", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("xlm-roberta", "ember.models.bert", architectures=_archs("XLMRoberta", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("camembert", "ember.models.bert", architectures=_archs("Camembert", *_TASKS), **_ENC,
+         defaults={"pad_token_id": 1, "padding_positions": True, "base_model_prefix": "roberta"})
+register("distilbert", "ember.models.distilbert", architectures=_archs("DistilBert", *_TASKS), **_ENC)
+register("mpnet", "ember.models.mpnet", architectures=_archs("MPNet", *_TASKS), **_ENC)
+register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBert", *_TASKS), **_ENC)

@@ -58,6 +58,10 @@ class Tokenizer:
         add_eos_token: bool | None = None,
         model_max_length: int | None = None,
     ):
+        # Padding/truncation baked into tokenizer.json (sentence-transformers exports pad to 128) would
+        # silently change prompts; batching and truncation are ember's job.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tk = tokenizer
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template

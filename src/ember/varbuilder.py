@@ -67,6 +67,9 @@ class SafetensorsSource:
     def load(self, key: str) -> torch.Tensor:
         return self._where[key].tensor(key)
 
+    def release(self, key: str) -> None:
+        self._where[key].release(key)
+
     def describe(self) -> str:
         names = [f.path.name for f in self.files]
         where = self.files[0].path.parent
@@ -164,6 +167,21 @@ class VarBuilder:
         return self._derive(prefix=self._join(str(name)))
 
     push_prefix = pp
+
+    def pp_first(self, prefixes: Sequence[str], probe: str) -> "VarBuilder":
+        """The builder under the first of `prefixes` ("" = here) whose checkpoint holds `probe`.
+
+        For checkpoints saved with or without a wrapper's prefix (`BertModel` vs `bert.` inside
+        `BertForMaskedLM`): `vb.pp_first(["", "bert"], "embeddings.word_embeddings.weight")`.
+        """
+        for p in prefixes:
+            vb = self.pp(p) if p else self
+            if vb.contains(probe):
+                return vb
+        tried = ", ".join(repr(self._join(f"{p}.{probe}" if p else probe)) for p in prefixes)
+        near = difflib.get_close_matches(self._join(probe), self._shared.all_keys(), n=5, cutoff=0.6)
+        hint = f"; nearest keys: {', '.join(near)}" if near else ""
+        raise TensorNotFoundError(f"none of {tried} is in {self._shared.source.describe()}{hint}")
 
     def root(self) -> "VarBuilder":
         return self._derive(prefix="")
@@ -271,7 +289,21 @@ class VarBuilder:
             if packed:
                 return raw.to(self.device)
             return raw.dequantize(dtype or self.dtype or torch.float32).to(self.device)
-        return self._convert(raw, dtype)
+        out = self._convert(raw, dtype)
+        if out.numel() and out.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            self._release(key)  # a converted copy: the file's pages are not needed in memory
+        return out
+
+    def release(self, name: str) -> None:
+        """Tell the source that `name`'s data was copied and its mapped pages can be dropped."""
+        key = self._lookup(name)
+        if key is not None:
+            self._release(key)
+
+    def _release(self, key: str) -> None:
+        fn = getattr(self._shared.source, "release", None)
+        if fn is not None:
+            fn(key)
 
     def _convert(self, t: torch.Tensor, dtype) -> torch.Tensor:
         dtype = dtype or self.dtype

@@ -200,6 +200,7 @@ class SafetensorsFile:
                 self._storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
             except RuntimeError as e:  # torch reports open/mmap failures (permissions, ...) as RuntimeError
                 raise CheckpointError(f"{self.path}: cannot map the file: {str(e).splitlines()[0][:200]}") from None
+            _MAPPINGS[self._storage.data_ptr()] = size
         return self._storage
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -217,8 +218,55 @@ class SafetensorsFile:
         raw = torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.nbytes,), (1,))
         return raw.clone().view(info.dtype).reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor that was copied out (fused, converted): they count in
+        RSS while mapped. The mapping is private and those pages were never written, so a later
+        read simply faults them in again from the file."""
+        if self._storage is None or name not in self.tensors:
+            return
+        info = self.tensors[name]
+        base = self._storage.data_ptr()
+        _drop_pages(base + info.begin, base + info.end)
+
     def close(self) -> None:
         self._storage = None
+
+
+def _libc_madvise():
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn, mmap.PAGESIZE
+    except (OSError, AttributeError):  # not Linux/glibc: releasing pages is only an optimisation
+        return None, 4096
+
+
+_madvise, _PAGE = _libc_madvise()
+# base address -> size of every file mapping made here: release_view() acts on these alone, since
+# MADV_DONTNEED on ordinary (anonymous) memory would zero it.
+_MAPPINGS: dict[int, int] = {}
+
+
+def _drop_pages(start: int, end: int) -> None:
+    start = (start + _PAGE - 1) // _PAGE * _PAGE
+    end = end // _PAGE * _PAGE
+    if end > start and _madvise is not None:
+        _madvise(start, end - start, 4)  # MADV_DONTNEED
+
+
+def release_view(t: torch.Tensor) -> None:
+    """Drop the resident pages behind `t` if it is a view on a checkpoint mapping (after its data
+    was copied elsewhere, e.g. prepacked); does nothing for any other tensor."""
+    st = t.untyped_storage()
+    size = _MAPPINGS.get(st.data_ptr())
+    if size is None or not t.is_contiguous():
+        return
+    _drop_pages(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

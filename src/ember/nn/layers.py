@@ -51,7 +51,9 @@ def linear_from_weight(weight, bias: torch.Tensor | None = None) -> nn.Module:
     """A Linear around an already loaded weight (plain tensor or packed)."""
     if not isinstance(weight, torch.Tensor):
         return weight.as_linear(bias)
-    return Linear(weight, bias)
+    from .packed import maybe_pack
+
+    return maybe_pack(Linear(weight, bias))
 
 
 class Embedding(nn.Module):
@@ -141,6 +143,8 @@ class FusedLinears(nn.Module):
                 b = torch.cat([x if x is not None else ref.new_zeros(n) for x, n in zip(biases, self.sizes)])
             w = torch.cat(weights, dim=0) if plain else weights[0].cat_rows(weights)
             self.fused = linear_from_weight(w, b)
+            for _, vb in parts.values():  # the parts were copied into w: let their pages go
+                vb.release("weight")
         else:
             for (name, _), w, b in zip(parts.items(), weights, biases):
                 self.parts[name] = linear_from_weight(w, b)

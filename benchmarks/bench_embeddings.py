@@ -1,0 +1,144 @@
+"""ember vs sentence-transformers on sentence embeddings, measured in the same run.
+
+    python benchmarks/bench_embeddings.py                      # all-MiniLM-L6-v2 from the test fixtures
+    python benchmarks/bench_embeddings.py --model PATH_OR_ID --n 1000 --repeats 5
+
+Two measurements:
+  throughput  sentences/s embedding N sentences of ~20 words (batch 32), in one process with both
+              libraries loaded, runs interleaved; the best of --repeats runs is reported (a shared
+              machine's noise only ever slows a run down).
+  startup     wall time from launching `python` to the first embedding returned, each library in
+              a fresh subprocess (interleaved, best and median of --startup-repeats).
+Also: the cosine similarity between the two libraries' embeddings, and the ratios against the bars
+(throughput >= 2x sentence-transformers, startup <= 1.5 s).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORDS = ("the a of to and in is was for on that with as by at from it this be are an or have which not but "
+         "people city river music science history school market water light night morning summer winter "
+         "government company family student teacher doctor computer language garden window mountain ocean "
+         "quickly slowly carefully often never always sometimes together alone early late again "
+         "walks reads builds writes finds brings opens closes carries watches follows changes explains "
+         "old new small large bright dark quiet loud happy strange famous simple ancient modern "
+         "because although while after before during between under over through").split()
+
+
+def sentences(n: int, words: int = 20, seed: int = 0) -> list[str]:
+    """n sentences of about `words` words (±5), deterministic."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = max(3, words + rng.randint(-5, 5))
+        s = " ".join(rng.choice(WORDS) for _ in range(k))
+        out.append(s[0].upper() + s[1:] + ".")
+    return out
+
+
+def default_model() -> str:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import realmodels
+
+    return str(realmodels.minilm_dir())
+
+
+STARTUP = {
+    "ember": "import ember; e = ember.load({model!r}{kw}); v = e.embed(['hello world'])",
+    "sentence-transformers": "from sentence_transformers import SentenceTransformer; "
+                             "m = SentenceTransformer({model!r}, device='cpu'); v = m.encode(['hello world'])",
+    "(import torch alone)": "import torch",
+}
+
+
+def startup_times(model: str, repeats: int, dtype: str | None) -> dict[str, list[float]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    kw = f", dtype={dtype!r}" if dtype else ""
+    times: dict[str, list[float]] = {k: [] for k in STARTUP}
+    for _ in range(repeats):
+        for name, code in STARTUP.items():
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code.format(model=model, kw=kw)], env=env, capture_output=True,
+                               text=True)
+            dt = time.perf_counter() - t
+            if r.returncode != 0:
+                raise SystemExit(f"{name} startup run failed:\n{r.stderr[-2000:]}")
+            times[name].append(dt)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="folder or Hub id (default: all-MiniLM-L6-v2 from the test fixtures)")
+    ap.add_argument("--n", type=int, default=1000, help="sentences (default 1000)")
+    ap.add_argument("--words", type=int, default=20, help="words per sentence (default 20)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="throughput runs per library (best is reported)")
+    ap.add_argument("--startup-repeats", type=int, default=3)
+    ap.add_argument("--dtype", help="ember's dtype (default: ember's default: bf16 matmuls on CPUs with native bf16)")
+    ap.add_argument("--also-fp32", action="store_true", help="also measure ember with dtype=float32")
+    ap.add_argument("--skip-startup", action="store_true")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    model = a.model or default_model()
+    startup = None if a.skip_startup else startup_times(model, a.startup_repeats, a.dtype)  # before any threads
+
+    import torch
+    import torch.nn.functional as F
+
+    import ember
+    from sentence_transformers import SentenceTransformer
+
+    texts = sentences(a.n, a.words)
+    st = SentenceTransformer(model, device="cpu")
+    runners = {"sentence-transformers": lambda: torch.as_tensor(st.encode(texts, batch_size=a.batch_size))}
+    enc = ember.load(model, dtype=a.dtype, device="cpu")
+    runners[f"ember ({str(enc.dtype).replace('torch.', '')})"] = lambda: enc.embed(texts, batch_size=a.batch_size)
+    if a.also_fp32 and enc.dtype != torch.float32:
+        enc32 = ember.load(model, dtype=torch.float32, device="cpu")
+        runners["ember (float32)"] = lambda: enc32.embed(texts, batch_size=a.batch_size)
+    print(f"model: {model}\ncpu threads: {torch.get_num_threads()}, bf16 native: "
+          f"{ember.loading.cpu_bf16_fast()}, torch {torch.__version__}")
+    print(f"{a.n} sentences, ~{a.words} words, batch {a.batch_size}; {enc!r}")
+
+    outs = {k: f() for k, f in runners.items()}  # warm-up, and the embeddings to compare
+    ref = outs["sentence-transformers"].float()
+    for k, v in outs.items():
+        if k != "sentence-transformers":
+            cos = F.cosine_similarity(ref, v.float())
+            print(f"cosine to sentence-transformers, {k}: min {cos.min().item():.6f}, mean {cos.mean().item():.6f}")
+    best: dict[str, float] = {}
+    for _ in range(a.repeats):
+        for k, f in runners.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best.get(k, float("inf")), time.perf_counter() - t)
+    base = a.n / best["sentence-transformers"]
+    print("\nthroughput (best of %d):" % a.repeats)
+    for k, t in best.items():
+        print(f"  {k:<28} {a.n / t:8.0f} sentences/s   {a.n / t / base:5.2f}x sentence-transformers")
+
+    if startup is not None:
+        print(f"\nprocess start -> first embedding (best / median of {a.startup_repeats}):")
+        for k, ts in startup.items():
+            print(f"  {k:<28} {min(ts):6.2f} s / {statistics.median(ts):6.2f} s")
+        e, s = min(startup["ember"]), min(startup["sentence-transformers"])
+        print(f"  ember startup is {s / e:.2f}x faster; {e - min(startup['(import torch alone)']):.2f} s over importing "
+              f"torch; bar <= 1.5 s: {'met' if e <= 1.5 else 'NOT met'}")
+    ratio = max(n for k, n in ((k, a.n / t) for k, t in best.items()) if k.startswith("ember")) / base
+    print(f"throughput bar >= 2x sentence-transformers: {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Sentence embeddings from an encoder: `ember.load(model).embed(texts)`.
+
+    enc = ember.load("sentence-transformers/all-MiniLM-L6-v2")
+    vecs = enc.embed(["A cat sat on the mat.", "Un chat"])      # [2, 384] float32, L2-normalised
+    vecs, truncated = enc.embed(texts, return_truncated=True)    # which texts exceeded enc.max_length
+    hidden = enc.model(input_ids, attention_mask)                # last hidden states [B, T, hidden]
+
+What happens after the encoder follows the checkpoint's sentence-transformers files, read the way
+sentence-transformers reads them: `modules.json` lists the modules in order (Transformer, Pooling,
+Dense, Normalize); `1_Pooling/config.json` picks the pooling (cls, mean, max, mean_sqrt_len_tokens,
+weightedmean, lasttoken, or several concatenated); `2_Dense` holds a linear layer + activation;
+`sentence_bert_config.json` gives max_seq_length and do_lower_case; `config_sentence_transformers.json`
+the prompts. A checkpoint without them is mean-pooled, unnormalised, and the Embedder says so
+(`pooling_source`, and a log line).
+
+Texts are tokenized together, sorted by length and run in batches of `batch_size` with little
+padding; the results come back in the input order. Texts longer than `max_length` tokens are
+truncated (as sentence-transformers does); `return_truncated=True` tells which ones.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import EmbeddingError, TokenizerError
+from .loading import Loaded
+
+log = logging.getLogger("ember")
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers' legacy boolean keys, in the order it concatenates the modes
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Dense activations by class name (sentence-transformers stores e.g. "torch.nn.modules.activation.Tanh")
+_DENSE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Tanh": torch.tanh, "Identity": lambda x: x, "ReLU": F.relu, "GELU": F.gelu, "Sigmoid": torch.sigmoid,
+    "SiLU": F.silu,
+}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmbeddingError(f"{path}: cannot read: {e}") from None
+
+
+# ---- modules after the encoder ----------------------------------------------------------------
+class Pooling:
+    """Token embeddings [B, T, E] + padding mask [B, T] → one vector per text, computed in float32."""
+
+    def __init__(self, modes: Sequence[str] = ("mean",), include_prompt: bool = True):
+        modes = tuple(modes)
+        bad = [m for m in modes if m not in POOLING_MODES]
+        if bad or not modes:
+            raise EmbeddingError(f"unsupported pooling mode(s) {bad or modes}; supported: {', '.join(POOLING_MODES)}")
+        self.modes = modes
+        self.include_prompt = include_prompt
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Pooling":
+        """From a sentence-transformers Pooling config (new `pooling_mode` or legacy boolean keys)."""
+        mode = cfg.get("pooling_mode")
+        if mode is None:
+            mode = tuple(m for k, m in _LEGACY_POOLING_KEYS.items() if cfg.get(k)) or ("mean",)
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        return cls(modes, include_prompt=bool(cfg.get("include_prompt", True)))
+
+    def __repr__(self) -> str:
+        return f"Pooling({'+'.join(self.modes)})"
+
+    def __call__(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        m = mask.to(h.dtype).unsqueeze(-1)  # [B, T, 1]
+        out = []
+        for mode in self.modes:
+            if mode == "cls":
+                first = mask.to(torch.int).argmax(dim=1)  # first attended token (0 unless a prompt is excluded)
+                out.append(h[torch.arange(h.shape[0], device=h.device), first])
+            elif mode == "max":
+                out.append(h.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                n = m.sum(dim=1).clamp(min=1e-9)
+                out.append((h * m).sum(dim=1) / (n if mode == "mean" else n.sqrt()))
+            elif mode == "weightedmean":
+                w = m * torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+                out.append((h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9))
+            else:  # lasttoken: the last attended token (right padding)
+                T = h.shape[1]
+                values, idx = mask.flip(1).max(1)
+                idx = torch.where(values == 0, T - 1, idx)
+                out.append((h * m)[torch.arange(h.shape[0], device=h.device), T - 1 - idx])
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+
+class Dense(nn.Module):
+    """sentence-transformers' Dense: act(W x + b) (+ x, or + R x, with use_residual)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "Tanh",
+                 residual: torch.Tensor | None | bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.bias = nn.Parameter(bias.float(), requires_grad=False) if bias is not None else None
+        if act not in _DENSE_ACTIVATIONS:
+            raise EmbeddingError(f"Dense activation {act!r} is not supported; supported: {', '.join(_DENSE_ACTIVATIONS)}")
+        self.act_name = act
+        self.act = _DENSE_ACTIVATIONS[act]
+        self.use_residual = residual is not False
+        self.residual = nn.Parameter(residual.float(), requires_grad=False) if isinstance(residual, torch.Tensor) else None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Dense":
+        cfg = _read_json(folder / "config.json")
+        if not isinstance(cfg, dict):
+            raise EmbeddingError(f"{folder / 'config.json'}: expected a JSON object")
+        if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+            raise EmbeddingError(f"{folder}: a Dense module over {cfg['module_input_name']!r} is not supported")
+        try:
+            fin, fout = int(cfg["in_features"]), int(cfg["out_features"])
+        except (KeyError, TypeError, ValueError):
+            raise EmbeddingError(f"{folder / 'config.json'}: needs integer in_features and out_features") from None
+        act = str(cfg.get("activation_function") or "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+        tensors = _module_weights(folder)
+        try:
+            w = tensors["linear.weight"]
+            b = tensors.get("linear.bias") if cfg.get("bias", True) else None
+        except KeyError:
+            raise EmbeddingError(f"{folder}: no linear.weight in the Dense module's weights") from None
+        if tuple(w.shape) != (fout, fin):
+            raise EmbeddingError(f"{folder}: linear.weight has shape {list(w.shape)}, config says [{fout}, {fin}]")
+        residual: torch.Tensor | bool = False
+        if cfg.get("use_residual"):
+            residual = True if fin == fout else tensors.get("residual.weight")
+            if residual is None:
+                raise EmbeddingError(f"{folder}: use_residual with in != out needs residual.weight")
+        return cls(w, b, act, residual)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(F.linear(x, self.weight, self.bias))
+        if self.use_residual:
+            y = y + (x if self.residual is None else F.linear(x, self.residual))
+        return y
+
+
+def _module_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st = folder / "model.safetensors"
+    if st.is_file():
+        from .varbuilder import SafetensorsSource
+
+        src = SafetensorsSource([st])
+        return {k: src.load(k) for k in src.keys()}
+    binf = folder / "pytorch_model.bin"
+    if binf.is_file():
+        try:
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused or corrupt pickle
+            raise EmbeddingError(f"{binf}: unreadable as a weights-only PyTorch file: {type(e).__name__}: {e}") from None
+        if isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            return sd
+        raise EmbeddingError(f"{binf}: not a state dict of tensors")
+    raise EmbeddingError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+class Normalize:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2, dim=-1)
+
+    def __repr__(self) -> str:
+        return "Normalize()"
+
+
+# ---- the sentence-transformers files ------------------------------------------------------------
+def _read_object(path: Path) -> dict:
+    """A JSON object file's contents, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_sentence_transformers(root: Path):
+    """(pooling, post-modules after pooling, source description) from a checkpoint folder."""
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return None, [], None
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise EmbeddingError(f"{modules_file}: expected a list of module objects")
+    pooling, post = None, []
+    for m in sorted(modules, key=lambda m: m.get("idx", 0)):
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        path = root / str(m.get("path", ""))
+        if kind == "Transformer":
+            if m.get("path"):
+                raise EmbeddingError(f"{modules_file}: a Transformer module in a subfolder ({m['path']}) is not supported")
+        elif kind == "Pooling":
+            pooling = Pooling.from_config(_read_object(path / "config.json"))
+        elif kind == "Dense":
+            if pooling is None:
+                raise EmbeddingError(f"{modules_file}: a Dense module before Pooling is not supported")
+            post.append(Dense.from_folder(path))
+        elif kind == "Normalize":
+            post.append(Normalize())
+        else:
+            raise EmbeddingError(f"{modules_file}: sentence-transformers module {m.get('type')!r} is not supported "
+                                 f"(supported: Transformer, Pooling, Dense, Normalize)")
+    if pooling is None:
+        raise EmbeddingError(f"{modules_file}: no Pooling module (token-level models are not supported)")
+    return pooling, post, str(modules_file)
+
+
+class CausalLMEncoder(nn.Module):
+    """A causal LM's last hidden states (final norm applied) seen as an encoder, for embedding models
+    built on decoders (Qwen3-Embedding and the like: last-token pooling). Batches are right-padded,
+    which causal attention makes exact: a token never sees the padding after it."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+        self.hidden_size = lm.config.hidden_size
+        self.max_tokens = lm.max_context
+        pad = getattr(lm.config, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) else 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        from .models.base import make_step
+
+        return self.lm.model(input_ids, make_step(input_ids, attention_mask)).float()
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if texts is None:
+        raise EmbeddingError("embed() needs a string or a list of strings, got None")
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise EmbeddingError(f"embed() needs a string or a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise EmbeddingError("embed() got an empty list of texts; pass at least one string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise EmbeddingError(f"texts[{i}] is {type(t).__name__} ({t!r:.40}), not a string; "
+                                 f"every text must be a str")
+    return texts
+
+
+class Embedder:
+    """A loaded encoder with its tokenizer and sentence-transformers pipeline; see the module docstring.
+
+    Attributes: `model` (the encoder: model(input_ids, attention_mask) -> hidden states),
+    `tokenizer`, `pooling`, `modules` (after pooling: Dense, Normalize), `max_length` (tokens, settable),
+    `dim`, `pooling_source` (the file the pipeline came from, or "default"), `prompts`.
+    """
+
+    def __init__(self, loaded: Loaded):
+        self._loaded = loaded
+        self.config = loaded.config
+        # the encoder: model(input_ids, attention_mask) -> last hidden states
+        self.model = loaded.model if loaded.entry.task == "encoder" else CausalLMEncoder(loaded.model)
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        root = Path(loaded.snapshot.root)
+        hidden = self.model.hidden_size
+        pooling, modules, source = read_sentence_transformers(root)
+        if pooling is None:
+            log.warning("%s has no sentence-transformers modules.json: using mean pooling over the last hidden "
+                        "states, not normalised", loaded.snapshot.source or root)
+            pooling, modules, source = Pooling(("mean",)), [], "default"
+        self.pooling: Pooling = pooling
+        self.modules: list = modules
+        self.pooling_source: str = source
+        self.normalized = any(isinstance(m, Normalize) for m in modules)
+        self._post = [m.to(self.device) if isinstance(m, nn.Module) else m for m in modules]
+        dim = hidden * len(pooling.modes)
+        for m in modules:
+            if isinstance(m, Dense):
+                if m.weight.shape[1] != dim:
+                    raise EmbeddingError(f"a Dense module expects {m.weight.shape[1]} inputs, the pooling gives {dim}")
+                dim = m.out_features
+        self.dim = dim
+
+        sb = _read_object(root / "sentence_bert_config.json")
+        stc = _read_object(root / "config_sentence_transformers.json")
+        prompts = stc.get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+            raise EmbeddingError(f"{root / 'config_sentence_transformers.json'}: 'prompts' must map names to strings")
+        self.prompts: dict[str, str] = dict(prompts)
+        self.default_prompt_name: str | None = stc.get("default_prompt_name") or None
+        self._max_length = self._default_max_length(sb.get("max_seq_length"))
+        self.do_lower_case = bool(sb.get("do_lower_case"))
+        self._warned_truncation = False
+        self._prompt_lengths: dict[str, int] = {}
+        self.pad_token_id = self.model.pad_token_id
+        if self.tokenizer is not None:
+            self._setup_tokenizer()
+
+    def __repr__(self) -> str:
+        return (f"Embedder({self._loaded.snapshot.source!r}, type={self._loaded.entry.model_type}, dim={self.dim}, "
+                f"pooling={'+'.join(self.pooling.modes)}, normalize={self.normalized}, max_length={self.max_length}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    def _default_max_length(self, configured) -> int:
+        """sentence_bert_config's max_seq_length, else the tokenizer's model_max_length, capped by the
+        positions the model has (as sentence-transformers does)."""
+        cap = int(self.model.max_tokens)
+        if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0:
+            if configured > cap:
+                log.warning("max_seq_length %d exceeds the %d positions the model has: using %d", configured, cap, cap)
+            return min(configured, cap)
+        mml = self.tokenizer.model_max_length if self.tokenizer is not None else None
+        return min(mml, cap) if isinstance(mml, int) and mml > 0 else cap
+
+    # ---- tokenizer ----------------------------------------------------------------------------
+    def _setup_tokenizer(self):
+        tk = self.tokenizer.tk
+        tk.no_padding()  # tokenizer.json may carry a fixed padding/truncation; batches are padded here
+        tk.enable_truncation(self._max_length)
+        if self.do_lower_case:  # as sentence-transformers: lowercase before the tokenizer's own normaliser
+            from tokenizers import normalizers
+
+            cur = tk.normalizer
+            tk.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([cur] if cur is not None else []))
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.model.pad_token_id
+
+    @property
+    def max_length(self) -> int:
+        """Texts longer than this many tokens (special tokens included) are truncated."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2 or n > self.model.max_tokens:
+            raise EmbeddingError(f"max_length must be an int in [2, {self.model.max_tokens}], got {n!r}")
+        self._max_length = n
+        if self.tokenizer is not None:
+            self.tokenizer.tk.enable_truncation(n)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text (special tokens added, truncated to max_length), and which were truncated."""
+        if self.tokenizer is None:
+            raise TokenizerError("this model has no tokenizer.json; call embedder.model(input_ids, attention_mask) "
+                                 "with token ids instead")
+        encs = self.tokenizer.tk.encode_batch(list(texts), add_special_tokens=True)
+        return [e.ids for e in encs], [bool(e.overflowing) for e in encs]
+
+    def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        if prompt is not None and not isinstance(prompt, str):
+            raise EmbeddingError(f"prompt must be a string, got {type(prompt).__name__}")
+        if prompt is None and prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise EmbeddingError(f"no prompt named {prompt_name!r}; this model has: {', '.join(self.prompts) or 'none'}")
+            return self.prompts[prompt_name]
+        if prompt is None and self.default_prompt_name:
+            return self.prompts.get(self.default_prompt_name)
+        return prompt or None
+
+    def _prompt_length(self, prompt: str) -> int:
+        # tokens of the prompt alone, without a trailing special token (sentence-transformers' rule)
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenizer.tk.encode(prompt, add_special_tokens=True).ids
+            n = len(ids) - (1 if ids and ids[-1] in self.tokenizer.special_ids else 0)
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    # ---- embedding ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None, *,
+              return_truncated: bool = False, progress: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None):
+        """Embeddings [N, dim] (float32, CPU) of `texts`, in their order.
+
+        normalize: None follows the model (its Normalize module), True/False forces L2 normalisation
+        on/off. return_truncated=True also returns a [N] bool tensor: which texts were longer than
+        `max_length` tokens and cut. progress=True shows a progress bar. prompt / prompt_name prepend
+        an instruction (prompt_name looks it up in the model's prompts; the model's default prompt
+        applies otherwise, as in sentence-transformers).
+        """
+        texts = _check_texts(texts)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise EmbeddingError(f"batch_size must be a positive int, got {batch_size!r}")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise EmbeddingError(f"normalize must be True, False or None, got {normalize!r}")
+        p = self._resolve_prompt(prompt, prompt_name)
+        if p:
+            texts = [p + t for t in texts]
+        ids, truncated = self.tokenize(texts)
+        exclude = self._prompt_length(p) if p and not self.pooling.include_prompt else 0
+        n_trunc = sum(truncated)
+        if n_trunc and not self._warned_truncation and not return_truncated:
+            self._warned_truncation = True
+            log.warning("%d of %d texts were longer than %d tokens and were truncated (this is logged once; "
+                        "embed(..., return_truncated=True) tells which)", n_trunc, len(texts), self.max_length)
+        out = self._embed_ids(ids, batch_size, normalize, exclude, progress)
+        if return_truncated:
+            return out, torch.tensor(truncated, dtype=torch.bool)
+        return out
+
+    __call__ = embed
+
+    def _embed_ids(self, ids: list[list[int]], batch_size: int, normalize: bool | None, exclude: int = 0,
+                   progress: bool = False) -> torch.Tensor:
+        N = len(ids)
+        order = sorted(range(N), key=lambda i: -len(ids[i]))
+        out = torch.empty(N, self.dim, dtype=torch.float32)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=N, unit="text", desc="embedding")
+        pad = self.pad_token_id
+        for start in range(0, N, batch_size):
+            rows = order[start:start + batch_size]
+            T = max(1, len(ids[rows[0]]))  # an empty text may have no tokens at all (no special tokens)
+            batch = [ids[i] + [pad] * (T - len(ids[i])) for i in rows]
+            input_ids = torch.tensor(batch, dtype=torch.long)
+            lens = torch.tensor([len(ids[i]) for i in rows])
+            mask = (torch.arange(T)[None, :] < lens[:, None]).to(torch.long)
+            input_ids, mask_d = input_ids.to(self.device), mask.to(self.device)
+            h = self.model(input_ids, attention_mask=mask_d if bool((lens < T).any()) else None)
+            if exclude:
+                mask_d = mask_d.clone()
+                mask_d[:, :exclude] = 0
+            e = self._finish(h, mask_d, normalize)
+            out[torch.tensor(rows)] = e.float().cpu()
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def _finish(self, h: torch.Tensor, mask: torch.Tensor, normalize: bool | None) -> torch.Tensor:
+        e = self.pooling(h, mask)
+        for m in self._post:
+            if not (normalize is False and isinstance(m, Normalize)):
+                e = m(e)
+        if normalize and not self.normalized:
+            e = F.normalize(e, p=2, dim=-1)
+        return e
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings."""
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T

@@ -1,0 +1,266 @@
+"""The Embedder on tiny random BERTs with real tokenizers: the sentence-transformers pipeline
+(pooling modes, Dense, Normalize, max_seq_length, do_lower_case, prompts) against
+sentence-transformers itself, the defaults without its files, bad input, and `ember embed`."""
+import json
+import logging
+
+import pytest
+import torch
+
+import tinyencoders as T
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "", "ça va? 日本語のテキスト", "A man is eating food.",
+         "word " * 100, "fox", "[CLS] [SEP] [PAD]", "Numbers 123 and punctuation !?"]
+
+
+def _st_encode(folder, texts, **kw):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu")
+    return torch.as_tensor(st.encode(texts, batch_size=3, **kw))
+
+
+def _load(folder):
+    import ember
+
+    return ember.load(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("pooling", [
+    {"pooling_mode_cls_token": True},
+    {"pooling_mode_max_tokens": True},
+    {"pooling_mode_mean_sqrt_len_tokens": True},
+    {"pooling_mode_weightedmean_tokens": True},
+    {"pooling_mode_lasttoken": True},
+    {"pooling_mode": "mean"},
+    {"pooling_mode": ["cls", "max", "mean"]},
+    {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True, "pooling_mode_weightedmean_tokens": True},
+], ids=lambda p: "+".join(k.replace("pooling_mode_", "") for k in p) if "pooling_mode" not in p else str(p["pooling_mode"]))
+def test_pooling_modes_match_sentence_transformers(tmp_path, pooling):
+    T.add_sentence_transformers(T.tiny_bert(tmp_path), pooling=pooling)
+    enc = _load(tmp_path)
+    got = enc.embed(TEXTS, batch_size=3)
+    ref = _st_encode(tmp_path, TEXTS)
+    assert got.shape == ref.shape == (len(TEXTS), enc.dim)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dense", [
+    [{"out_features": 16}],
+    [{"out_features": 24, "bias": False, "activation_function": "torch.nn.modules.linear.Identity"},
+     {"out_features": 8, "activation_function": "torch.nn.modules.activation.ReLU"}],
+    [{"out_features": 32, "use_residual": True}],
+    [{"out_features": 12, "use_residual": True, "activation_function": "torch.nn.modules.activation.GELU"}],
+])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dense_and_normalize_match_sentence_transformers(tmp_path, dense, normalize):
+    T.add_sentence_transformers(T.tiny_bert(tmp_path), pooling={"pooling_mode": "mean"}, dense=dense,
+                                normalize=normalize)
+    enc = _load(tmp_path)
+    assert enc.dim == dense[-1]["out_features"] and enc.normalized == normalize
+    got = enc.embed(TEXTS, batch_size=3)
+    assert (got - _st_encode(tmp_path, TEXTS)).abs().max().item() < 1e-5
+    if normalize:  # normalize=False skips the model's Normalize module, True adds one
+        raw = enc.embed(TEXTS, normalize=False)
+        assert torch.allclose(torch.nn.functional.normalize(raw, dim=-1), got, atol=1e-6)
+    else:
+        assert torch.allclose(enc.embed(TEXTS, normalize=True).norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+
+
+def test_dense_weights_in_pytorch_model_bin(tmp_path):
+    T.add_sentence_transformers(T.tiny_bert(tmp_path), dense=[{"out_features": 8}], dense_format="bin")
+    assert (tmp_path / "2_Dense" / "pytorch_model.bin").is_file()
+    got = _load(tmp_path).embed(TEXTS)
+    assert (got - _st_encode(tmp_path, TEXTS)).abs().max().item() < 1e-5
+
+
+def test_max_seq_length_lower_case_and_truncation(tmp_path):
+    T.tiny_bert(tmp_path, lowercase=False)
+    T.add_sentence_transformers(tmp_path, max_seq_length=12, do_lower_case=True, normalize=True)
+    enc = _load(tmp_path)
+    assert enc.max_length == 12 and enc.do_lower_case
+    texts = TEXTS + ["THE QUICK BROWN FOX", "The Quick Brown Fox"]
+    got, truncated = enc.embed(texts, return_truncated=True)
+    assert (got - _st_encode(tmp_path, texts)).abs().max().item() < 1e-5
+    assert torch.allclose(got[-1], got[-2], atol=1e-6)  # lowercased before tokenizing
+    enc.tokenizer.tk.no_truncation()
+    full = [len(e.ids) for e in enc.tokenizer.tk.encode_batch(texts)]
+    enc.max_length = 12
+    assert truncated.dtype == torch.bool and truncated.tolist() == [n > 12 for n in full]
+    assert truncated.any() and not truncated.all()
+
+
+def test_prompts_and_include_prompt_false_match_sentence_transformers(tmp_path):
+    T.tiny_bert(tmp_path)
+    T.add_sentence_transformers(tmp_path, pooling={"pooling_mode": "mean", "include_prompt": False},
+                                prompts={"query": "query: the ", "doc": ""}, default_prompt_name="query")
+    enc = _load(tmp_path)
+    assert enc.prompts == {"query": "query: the ", "doc": ""} and enc.default_prompt_name == "query"
+    got = enc.embed(TEXTS[:4])  # the default prompt applies, and is left out of the mean
+    assert (got - _st_encode(tmp_path, TEXTS[:4])).abs().max().item() < 1e-5
+    got = enc.embed(TEXTS[:4], prompt="fox ")
+    assert (got - _st_encode(tmp_path, TEXTS[:4], prompt="fox ")).abs().max().item() < 1e-5
+
+
+def test_no_sentence_transformers_files_means_mean_pooling(tmp_path, caplog):
+    T.tiny_bert(tmp_path, model_cls="BertForMaskedLM")  # a task checkpoint: heads are left unused quietly
+    with caplog.at_level(logging.INFO, logger="ember"):
+        enc = _load(tmp_path)
+    assert enc.pooling_source == "default" and enc.pooling.modes == ("mean",) and not enc.normalized
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("mean pooling" in w for w in warnings)
+    assert not any("not used" in w for w in warnings), warnings  # cls.predictions.* is a known head
+    assert any("task heads" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert enc.max_length == 64
+    ids, _ = enc.tokenize(TEXTS[:2])
+    x = torch.tensor([ids[0]])
+    h = enc.model(x)  # power users: the last hidden states
+    assert h.shape == (1, len(ids[0]), 32)
+    assert torch.allclose(enc.embed(TEXTS[:1])[0], h[0].mean(0), atol=1e-5)
+
+
+def test_order_restored_and_padding_invariant(tmp_path):
+    T.add_sentence_transformers(T.tiny_bert(tmp_path))
+    enc = _load(tmp_path)
+    texts = [("fox " * k).strip() for k in (3, 1, 9, 2, 14, 5, 1)]
+    together = enc.embed(texts, batch_size=4)
+    alone = torch.cat([enc.embed(t) for t in texts])  # a str is one text: [1, dim]
+    assert (together - alone).abs().max().item() < 1e-5
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_enc(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_enc")
+    T.add_sentence_transformers(T.tiny_bert(d), prompts={"q": "query: "})
+    return _load(d)
+
+
+@pytest.mark.parametrize("texts,msg", [
+    (None, "needs a string or a list of strings, got None"),
+    ([], "empty list of texts"),
+    ((), "empty list of texts"),
+    ([1, "a"], "texts[0] is int"),
+    (["a", None], "texts[1] is NoneType"),
+    (["a", b"b"], "texts[1] is bytes"),
+    (b"bytes", "got bytes"),
+    (42, "got int"),
+])
+def test_bad_texts(tiny_enc, texts, msg):
+    from ember import EmberError, EmbeddingError
+
+    with pytest.raises(EmbeddingError, match=msg.replace("[", r"\[").replace("]", r"\]")) as e:
+        tiny_enc.embed(texts)
+    assert isinstance(e.value, EmberError)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(batch_size=2.5), "batch_size must be a positive int"),
+    (dict(normalize="yes"), "normalize must be True, False or None"),
+    (dict(prompt_name="nope"), "no prompt named 'nope'; this model has: q"),
+    (dict(prompt=3), "prompt must be a string"),
+])
+def test_bad_options(tiny_enc, kw, msg):
+    from ember import EmbeddingError
+
+    with pytest.raises(EmbeddingError, match=msg):
+        tiny_enc.embed(["a"], **kw)
+
+
+def test_bad_max_length(tiny_enc):
+    from ember import EmbeddingError
+
+    with pytest.raises(EmbeddingError, match=r"max_length must be an int in \[2, 64\], got 100"):
+        tiny_enc.max_length = 100
+
+
+def test_bad_sentence_transformers_files(tmp_path):
+    from ember import EmbeddingError
+
+    T.add_sentence_transformers(T.tiny_bert(tmp_path))
+    mods = json.loads((tmp_path / "modules.json").read_text())
+    mods.append({"idx": 2, "name": "2", "path": "2_X", "type": "sentence_transformers.models.WeightedLayerPooling"})
+    (tmp_path / "modules.json").write_text(json.dumps(mods))
+    with pytest.raises(EmbeddingError, match="WeightedLayerPooling' is not supported"):
+        _load(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps(mods[:2]))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "median"}))
+    with pytest.raises(EmbeddingError, match="unsupported pooling mode"):
+        _load(tmp_path)
+
+
+def test_no_tokenizer_means_token_ids_only(tmp_path):
+    from ember import TokenizerError
+
+    T.tiny_bert(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    enc = _load(tmp_path)
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        enc.embed(["a"])
+    assert enc.model(torch.tensor([[2, 7, 9, 3]])).shape == (1, 4, 32)
+
+
+# ---- ember embed ------------------------------------------------------------------------------------
+def test_cli_embed(tmp_path, capsys):
+    import numpy as np
+
+    from ember.cli import main
+
+    d = T.add_sentence_transformers(T.tiny_bert(tmp_path / "m"), normalize=True)
+    assert main(["embed", str(d), "The quick brown fox.", "ça va", "--dtype", "float32"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = _load(d).embed(["The quick brown fox.", "ça va"])
+    assert torch.allclose(torch.tensor(rows), want, atol=1e-5)
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("The quick brown fox.\n\n" + "word " * 100 + "\n", encoding="utf-8")
+    out = tmp_path / "v.npy"
+    assert main(["embed", str(d), "--file", str(lines), "--out", str(out), "--progress", "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 texts were longer than 64 tokens" in err and f"wrote 3 x {want.shape[1]}" in err
+    arr = np.load(out)
+    assert arr.shape == (3, want.shape[1]) and arr.dtype == np.float32
+    assert np.allclose(arr[0], want[0].numpy(), atol=1e-5)
+
+    assert main(["embed", str(d)]) == 1
+    assert "no texts to embed" in capsys.readouterr().err
+    assert main(["embed", str(d), "x", "--out", str(tmp_path / "v.txt")]) == 1
+    assert "use a .npy, .pt or .jsonl" in capsys.readouterr().err
+
+
+def test_cli_embed_refuses_a_causal_lm(tiny_chat, capsys):
+    from ember.cli import main
+
+    assert main(["embed", str(tiny_chat), "hello"]) == 1
+    assert "not an encoder" in capsys.readouterr().err
+
+
+# ---- decoder-based embedders ----------------------------------------------------------------------
+def test_causal_lm_with_sentence_transformers_files_embeds(tmp_path):
+    """A Qwen3 causal LM packaged as a sentence-transformers model (last-token pooling, as
+    Qwen3-Embedding): ember.load gives an Embedder that matches sentence-transformers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import ember
+    import tinymodels
+    from parity import randomize_
+
+    tk = tinymodels.build_tokenizer()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as is (not rebuilt as Qwen2Tokenizer)
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 128}))
+    cfg = Qwen3Config(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                      pad_token_id=tk.token_to_id("<|endoftext|>"), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    randomize_(Qwen3ForCausalLM(cfg).float().eval()).save_pretrained(tmp_path)
+    T.add_sentence_transformers(tmp_path, pooling={"pooling_mode": "lasttoken"}, normalize=True)
+    enc = ember.load(tmp_path, dtype=torch.float32)
+    assert isinstance(enc, ember.Embedder) and enc.dim == 64 and enc.max_length == 128
+    texts = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld", "a", "1234567890 " * 3]
+    got = enc.embed(texts, batch_size=3)
+    assert (got - _st_encode(tmp_path, texts)).abs().max().item() < 1e-4
+    # an empty text has no tokens at all here (sentence-transformers fails on a batch of those)
+    assert torch.isfinite(enc.embed(["", ""])).all()

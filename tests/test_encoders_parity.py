@@ -1,0 +1,200 @@
+"""BERT, RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, MPNet and ModernBERT encoders against
+transformers on tiny random checkpoints: last hidden states on a plain and a right-padded batch
+(padded rows equal to the rows alone), with and without the task models' checkpoint prefixes."""
+import pytest
+import torch
+
+from parity import randomize_, save
+
+VOCAB = 120
+
+
+def _hf(config, cls_name: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    m = getattr(transformers, cls_name)(config)
+    return randomize_(m.float().eval(), seed)
+
+
+def _base(hf):
+    """The encoder inside a task model (BertForMaskedLM.bert, ...) or the model itself."""
+    return getattr(hf, hf.base_model_prefix, hf)
+
+
+def _batch(pad_id: int, seed: int = 0, lengths=(17, 9, 4, 1 + 0)):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(5, VOCAB, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = pad_id
+    return ids, mask
+
+
+def check_encoder(hf, folder, pad_id: int, atol: float = 1e-4, lengths=(17, 9, 4, 1)):
+    import ember
+
+    enc = ember.load(folder, dtype=torch.float32, device="cpu")
+    assert isinstance(enc, ember.Embedder)
+    ref_model = _base(hf)
+    ids, mask = _batch(pad_id, lengths=lengths)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids[:1, :lengths[0]]).last_hidden_state
+        got = enc.model(ids[:1, :lengths[0]])
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        d = (ref - got).abs().max().item()
+        assert d <= atol, f"hidden states differ by {d}"
+        ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = enc.model(ids, attention_mask=mask)
+        m = mask.bool()
+        d = (ref[m] - got[m]).abs().max().item()
+        assert d <= atol, f"padded-batch hidden states differ by {d}"
+        for i, n in enumerate(lengths):  # a padded row equals the row alone
+            solo = enc.model(ids[i:i + 1, :n])
+            d = (solo[0] - got[i, :n]).abs().max().item()
+            assert d <= atol, f"row {i} padded differs from alone by {d}"
+    return enc
+
+
+def _bert_cfg(cls="BertConfig", **kw):
+    import transformers
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                max_position_embeddings=64, type_vocab_size=2)
+    return getattr(transformers, cls)(**{**base, **kw})
+
+
+@pytest.mark.parametrize("model_cls", ["BertModel", "BertForMaskedLM", "BertForSequenceClassification"])
+def test_bert_matches(tmp_path, model_cls):
+    hf = _hf(_bert_cfg(), model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+def test_bert_gelu_new_no_token_types(tmp_path):
+    hf = _hf(_bert_cfg(hidden_act="gelu_new", type_vocab_size=0 + 1, layer_norm_eps=1e-7), "BertModel")
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("cls,model_cls", [("RobertaConfig", "RobertaModel"), ("RobertaConfig", "RobertaForMaskedLM"),
+                                           ("XLMRobertaConfig", "XLMRobertaModel"),
+                                           ("XLMRobertaConfig", "XLMRobertaForSequenceClassification"),
+                                           ("CamembertConfig", "CamembertModel")])
+def test_roberta_family_matches(tmp_path, cls, model_cls):
+    # positions count from padding_idx + 1; max_position_embeddings leaves room for the offset
+    hf = _hf(_bert_cfg(cls, pad_token_id=1, max_position_embeddings=66, type_vocab_size=1), model_cls)
+    enc = check_encoder(hf, save(hf, tmp_path), pad_id=1)
+    assert enc.model.max_tokens == 64
+
+
+@pytest.mark.parametrize("model_cls", ["DistilBertModel", "DistilBertForMaskedLM"])
+@pytest.mark.parametrize("sinusoidal", [False, True])
+def test_distilbert_matches(tmp_path, model_cls, sinusoidal):
+    from transformers import DistilBertConfig
+
+    cfg = DistilBertConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=64,
+                           sinusoidal_pos_embds=sinusoidal)
+    hf = _hf(cfg, model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("model_cls", ["MPNetModel", "MPNetForMaskedLM"])
+def test_mpnet_matches(tmp_path, model_cls):
+    from transformers import MPNetConfig
+
+    cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                      max_position_embeddings=80)
+    hf = _hf(cfg, model_cls)
+    # sequences past 8 and 16 tokens exercise the logarithmic relative-position buckets
+    check_encoder(hf, save(hf, tmp_path), pad_id=1, lengths=(40, 23, 9, 2))
+
+
+@pytest.mark.parametrize("model_cls", ["ModernBertModel", "ModernBertForMaskedLM"])
+@pytest.mark.parametrize("kw", [dict(), dict(norm_bias=True, attention_bias=True, mlp_bias=True, global_attn_every_n_layers=2)])
+def test_modernbert_matches(tmp_path, model_cls, kw):
+    from transformers import ModernBertConfig
+
+    # local_attention 8: a 4-token half window, shorter than the sequences, so sliding layers differ from global
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, local_attention=8, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, **kw)
+    hf = _hf(cfg, model_cls)
+    check_encoder(hf, save(hf, tmp_path), pad_id=0)
+
+
+def test_modernbert_original_config_keys(tmp_path):
+    """An answerdotai-style config.json: global_attn_every_n_layers and global/local_rope_theta, no layer_types."""
+    import json
+
+    from transformers import ModernBertConfig
+
+    cfg = ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=64, local_attention=6, pad_token_id=0,
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}})
+    hf = _hf(cfg, "ModernBertModel")
+    save(hf, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for k in ("layer_types", "rope_parameters"):
+        raw.pop(k, None)
+    raw.update(global_attn_every_n_layers=3, global_rope_theta=5000.0, local_rope_theta=500.0)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    check_encoder(hf, str(tmp_path), pad_id=0)
+
+
+@pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "plain"])
+@pytest.mark.parametrize("family", ["bert", "mpnet", "modernbert"])
+def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
+    """dtype=bfloat16: bf16 matmuls (oneDNN-prepacked on CPUs that allow it, else F.linear) with a
+    float32 residual stream stay close to float32, padded batches included."""
+    import ember
+    from ember.models import encoder
+
+    monkeypatch.setenv("EMBER_PACK_LINEAR", pack)
+    encoder.can_pack.cache_clear()
+    try:
+        if family == "bert":
+            hf = _hf(_bert_cfg(num_hidden_layers=3), "BertModel")
+        elif family == "mpnet":
+            from transformers import MPNetConfig
+
+            hf = _hf(MPNetConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=96, max_position_embeddings=80), "MPNetModel")
+        else:
+            from transformers import ModernBertConfig
+
+            hf = _hf(ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      intermediate_size=48, max_position_embeddings=64, local_attention=8,
+                                      pad_token_id=0), "ModernBertModel")
+        folder = save(hf, tmp_path)
+        e32 = ember.load(folder, dtype=torch.float32, device="cpu")
+        e16 = ember.load(folder, dtype=torch.bfloat16, device="cpu")
+        packed = any(isinstance(m, encoder.PackedLinear) for m in e16.model.modules())
+        assert packed == (pack == "1" and encoder.can_pack())
+        pad = 1 if family == "mpnet" else 0
+        ids, mask = _batch(pad, lengths=(30, 12, 5))
+        with torch.no_grad():
+            a, b = e32.model(ids, mask), e16.model(ids, mask)
+            solo = e16.model(ids[1:2, :12])
+        assert b.dtype == torch.float32  # the residual stream and the hidden states stay float32
+        m = mask.bool()
+        cos = torch.nn.functional.cosine_similarity(a[m], b[m], dim=-1)
+        assert cos.min().item() > 0.999, cos.min().item()
+        assert (solo[0] - b[1, :12]).abs().max().item() < 0.05
+    finally:
+        encoder.can_pack.cache_clear()
+
+
+def test_bert_tf_era_gamma_beta_names(tmp_path):
+    """Old BERT checkpoints name LayerNorm parameters gamma/beta (transformers renames them on load)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf(_bert_cfg(), "BertForMaskedLM")
+    save(hf, tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in sd.items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in renamed)
+    save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    check_encoder(hf, str(tmp_path), pad_id=0)
