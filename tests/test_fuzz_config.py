@@ -52,6 +52,18 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", dict(TINY)),
     "granite": ("GraniteConfig", dict(TINY, embedding_multiplier=2.0, attention_multiplier=0.5)),
 }
+# Encoders (ember.load gives an Embedder): transformers model class, config class, config; the vocabulary
+# is the tiny WordPiece tokenizer's (tests/tinyencoders.py), whose files are copied beside the weights.
+ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+ENCODERS = {
+    "bert": ("BertModel", "BertConfig", dict(ENC, pad_token_id=0)),
+    "distilbert": ("DistilBertModel", "DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                                                                max_position_embeddings=64)),
+    "mpnet": ("MPNetModel", "MPNetConfig", dict(ENC, max_position_embeddings=80)),
+    "modernbert": ("ModernBertModel", "ModernBertConfig", dict(ENC, local_attention=8, pad_token_id=0,
+                                                                bos_token_id=2, eos_token_id=3, cls_token_id=2,
+                                                                sep_token_id=3)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +72,25 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict, list[str]]]:
     import transformers
     from parity import save, tiny_hf_model
 
+    import shutil
+
+    import tinyencoders
+
     out = {}
     root = tmp_path_factory.mktemp("fuzz_cfg")
-    for mt, (cls, kw) in FAMILIES.items():
-        cfg = getattr(transformers, cls)(**kw)
+    bert = tinyencoders.tiny_bert(root / "_bert_tokenizer")
+    vocab = json.loads((bert / "config.json").read_text())["vocab_size"]
+    for mt, spec in (*FAMILIES.items(), *ENCODERS.items()):
         folder = root / mt
-        save(tiny_hf_model(cfg), folder)
+        if mt in ENCODERS:
+            model_cls, cls, kw = spec
+            save(tiny_hf_model(getattr(transformers, cls)(vocab_size=vocab, **kw), getattr(transformers, model_cls)),
+                 folder)
+            for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+                shutil.copyfile(bert / name, folder / name)
+        else:
+            cls, kw = spec
+            save(tiny_hf_model(getattr(transformers, cls)(**kw)), folder)
         raw = json.loads((folder / "config.json").read_text())
         entry = registry.lookup(raw)
         cfg_cls, _ = entry.load()
@@ -136,10 +161,17 @@ def _apply(raw: dict, mutation) -> object:
 
 
 def _load_and_run(folder: Path) -> None:
-    """The property's body: EmberError, or a model that generates."""
+    """The property's body: EmberError, or a model that generates (an encoder: that embeds)."""
     try:
         llm = ember.load(folder, dtype=torch.float32, device="cpu")
     except EmberError:
+        return
+    if not hasattr(llm, "request"):  # an Embedder
+        try:
+            vecs = llm.embed(["hello world", "the quick brown fox"])
+        except EmberError:
+            return
+        assert vecs.shape[0] == 2 and vecs.dim() == 2
         return
     assert isinstance(llm.model.max_context, int) and llm.model.max_context > 0
     try:
@@ -164,7 +196,7 @@ def _write_config(folder: Path, cfg: object, gen: object) -> None:
         g.write_text(json.dumps(gen, allow_nan=True))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *ENCODERS])
 @fuzz_settings(15, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_config(checkpoints, family, data):
@@ -183,7 +215,10 @@ def test_valid_tiny_checkpoints_load(checkpoints):
     """The fuzz starts from checkpoints that load and run."""
     for family, (folder, raw, _) in checkpoints.items():
         llm = ember.load(folder, dtype=torch.float32, device="cpu")
-        assert _tokens(llm) == 2, family
+        if family in ENCODERS:
+            assert llm.embed(["hello world"]).shape[0] == 1, family
+        else:
+            assert _tokens(llm) == 2, family
 
 
 # ---- regressions ------------------------------------------------------------------------------------
