@@ -258,15 +258,16 @@ class Generator:
             # The device already holds every row's next input (last step's argmax, position + 1).
             logits, toks = hook.replay(hi)
         else:
-            ids = torch.zeros(hi, 1, dtype=torch.long)
             # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
             # token to the last column, which no live sequence reads before writing it itself.
-            pos = torch.full((hi, 1), self.max_len - 1, dtype=torch.long)
+            tok_col, pos_col = [0] * hi, [self.max_len - 1] * hi
             for s in running:
-                ids[s.slot, 0] = s.out[-1]
-                pos[s.slot, 0] = s.pos
+                tok_col[s.slot], pos_col[s.slot] = s.out[-1], s.pos
             kv_len = max(s.pos for s in running) + 1
-            ids, pos = ids.to(self.device), pos.to(self.device)
+            ids = torch.tensor(tok_col, dtype=torch.long).view(hi, 1)
+            pos = torch.tensor(pos_col, dtype=torch.long).view(hi, 1)
+            if self.device.type != "cpu":
+                ids, pos = ids.to(self.device), pos.to(self.device)
             if hook is not None:
                 out = hook(ids, pos, kv_len)
                 logits, toks = out if isinstance(out, tuple) else (out, None)

@@ -35,8 +35,20 @@ class Step:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
         if window not in self._masks:
             kv_len = None if self.fresh else self.kv_len
-            self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
+            if self._single_query_sees_all(window):
+                self._masks[window] = None  # one query at the last cached position: every key is visible
+            else:
+                self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
         return self._masks[window]
+
+    def _single_query_sees_all(self, window) -> bool:
+        # CPU decode of one row: a host read of its position is cheap, and skipping the mask lets
+        # SDPA take its unmasked kernel. (Never on CUDA: no host sync, and graphs need static masks.)
+        p = self.position_ids
+        if self.kv_len is None or self.fresh or p.shape != (1, 1) or p.is_cuda:
+            return False
+        pos = int(p[0, 0])
+        return pos == self.kv_len - 1 and (window is None or window > pos)
 
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,

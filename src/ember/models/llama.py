@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..nn import Embedding, FusedLinears, RMSNorm, activation, apply_rotary, attention, linear, rotary_from_config
+from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
+                  rotary_from_config)
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step, tied_or_own_head
 
@@ -135,6 +136,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv.fused is not None and self.qk_norm is None:
+            # q and k rotated together as one view of the fused projection: half the small ops
+            out = self.qkv.fused(x)
+            qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+            v = out[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
+            return self._attend(q, k, v, step, B, T)
         q, k, v = self.qkv(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -144,6 +153,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return self._attend(q, k, v, step, B, T)
+
+    def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
         if step.cache is not None:
             k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows)
         o = attention(q, k, v, step.mask(self.window), scale=self.scale, softcap=self.softcap)

@@ -68,10 +68,10 @@ def attention(
     B, H, T, D = q.shape
     KV = k.shape[1]
     gqa = KV != H
-    if gqa and T == 1 and mask is not None and mask.shape[1] == 1:
+    if gqa and T == 1 and (mask is None or mask.shape[1] == 1):
         # Decode with grouped queries: fold each KV head's query group into the query-length axis,
         # so the kernel sees plain multi-head attention over KV heads (no K/V repeat, no GQA path).
-        o = F.scaled_dot_product_attention(q.view(B, KV, H // KV, D), k, v, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask, scale=scale)
         return o.view(B, H, 1, D)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)

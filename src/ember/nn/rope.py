@@ -246,6 +246,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
 
 
+def apply_rotary_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, H, D] (heads second to last, as projections come out) with cos/sin [B, T, R].
+    Lets q and k be rotated together as one [B, T, H + KV, D] view of a fused projection."""
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    r = c.shape[-1]
+    if r == x.shape[-1]:
+        return x * c + rotate_half(x) * s
+    xr = x[..., :r]
+    return torch.cat((xr * c + rotate_half(xr) * s, x[..., r:]), dim=-1)
+
+
 def rotary_from_config(raw: dict, head_dim: int, max_position_embeddings: int, rotary_dim: int | None = None,
                        rope_theta_default: float = 10000.0, device=None) -> RotaryEmbedding:
     """A RotaryEmbedding for a config.json dict, its tables on `device` (pass the VarBuilder's)."""
