@@ -121,3 +121,14 @@ def test_pipelined_continuous_batching_with_random_admissions_and_aborts(llm):
         assert g.running == 0
         for p in prompts:
             assert got[p] == (want[p][: len(got[p])] if p in aborted else want[p]), p
+
+
+@pytest.mark.slow
+def test_compiled_static_decoder_on_cpu_matches_eager(tiny_chat):
+    """torch.compile of the decode step (what the GPU engine captures), on CPU: same greedy tokens."""
+    plain = ember.load(tiny_chat, dtype=torch.float32)
+    want = _tokens(plain, ["The quick brown fox", "Héllo"], 12)
+    llm = ember.load(tiny_chat, dtype=torch.float32, compile="default")
+    assert llm.engine is not None and llm.engine.decoder is not None
+    assert _tokens(llm, ["The quick brown fox", "Héllo"], 12) == want
+    assert llm.engine.decoder.compile_seconds > 0

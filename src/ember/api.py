@@ -27,6 +27,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     if isinstance(dtype, str):
         dtype = _parse_dtype(dtype)
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
+    if compile:
+        model_kw.setdefault("prepack", False)  # Inductor (freezing) packs the weights itself
     loaded = load_snapshot(snap, dtype, device, **model_kw)
     # encoders, and causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...), embed
     if loaded.entry.task == "encoder" or snap.file("modules.json") is not None:

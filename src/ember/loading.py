@@ -113,12 +113,14 @@ def eos_ids(*sources: Any) -> list[int]:
     return out
 
 
-def build_model(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Module:
+def build_model(entry: registry.Entry, cfg, vb: VarBuilder, prepack: bool | None = None, **kw) -> torch.nn.Module:
+    """The model class for `entry` built from (cfg, vb). prepack: oneDNN-prepacked bf16 Linears on CPU
+    (default: on for causal LMs; off when the model will be torch.compile'd, which packs itself)."""
     _, model_cls = entry.load()
     from .nn.packed import pack_all, packing
 
     # oneDNN-prepacked bf16 weights: faster CPU matmuls (ember.nn.packed); packed as layers are built
-    pack = entry.task == "causal-lm" and vb.device.type == "cpu" and vb.dtype == torch.bfloat16
+    pack = entry.task == "causal-lm" and vb.device.type == "cpu" and vb.dtype == torch.bfloat16 and prepack is not False
     with packing(pack):
         # .to() moves only what a family left elsewhere (buffers such as rotary tables); weights are already there.
         model = model_cls(cfg, vb, **kw).eval().to(vb.device)
