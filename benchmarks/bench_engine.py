@@ -42,12 +42,13 @@ def hf_model(preset: str, dtype, device):
 
 
 def ember_from_hf(preset: str, hf, dtype, device):
+    from ember.loading import build_model
+
     raw = dict(PRESETS[preset])
     entry = registry.lookup(raw)
     cfg = entry.parse_config(raw)
-    _, cls = entry.load()
     vb = VarBuilder.from_tensors(hf.state_dict(), dtype, device)
-    return cls(cfg, vb).eval().to(device)
+    return build_model(entry, cfg, vb)  # as ember.load builds it (prepacked bf16 Linears on CPU)
 
 
 def hf_decode(hf, batch: int, prompt_len: int, gen_len: int, vocab: int, device) -> float:
@@ -129,7 +130,9 @@ def main():
         results["transformers"] = {f"decode_b{b}_tok_s": hf_decode(hf, b, args.prompt, args.tokens, vocab, device)
                                    for b in batches}
         print("transformers", json.dumps(results["transformers"]), flush=True)
-    wb = sum(p.numel() * p.element_size() for p in model.parameters())
+    from ember.engine.bench import weight_bytes
+
+    wb = weight_bytes(model)
     print(f"\n{args.config} {args.dtype} on {results['device']}, weights {wb / 1e9:.2f} GB, "
           f"copy bandwidth {results['copy_bandwidth_GBs']:.0f} GB/s, "
           f"limit ~{results['copy_bandwidth_GBs'] * 1e9 / wb:.0f} tok/s at batch 1")

@@ -131,4 +131,5 @@ def test_compiled_static_decoder_on_cpu_matches_eager(tiny_chat):
     llm = ember.load(tiny_chat, dtype=torch.float32, compile="default")
     assert llm.engine is not None and llm.engine.decoder is not None
     assert _tokens(llm, ["The quick brown fox", "Héllo"], 12) == want
+    assert _tokens(llm, ["Héllo"], 12) == want[1:]  # batch 1: the single-row decode path, compiled
     assert llm.engine.decoder.compile_seconds > 0

@@ -43,12 +43,14 @@ def peak_memory(device: torch.device) -> float:
 
 
 def weight_bytes(model) -> int:
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-    for b in model.buffers():
-        if getattr(b, "_ember_packed", False):
-            total += b.numel() * b.element_size()
+    """Bytes a decode step streams: parameters plus tensor buffers (prepacked or quantised weights
+    live in buffers), each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
     return total
 
 

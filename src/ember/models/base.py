@@ -45,7 +45,7 @@ class Step:
         # CPU decode of one row: a host read of its position is cheap, and skipping the mask lets
         # SDPA take its unmasked kernel. (Never on CUDA: no host sync, and graphs need static masks.)
         p = self.position_ids
-        if self.kv_len is None or self.fresh or p.shape != (1, 1) or p.is_cuda:
+        if self.kv_len is None or self.fresh or p.shape != (1, 1) or p.is_cuda or torch.compiler.is_compiling():
             return False
         pos = int(p[0, 0])
         return pos == self.kv_len - 1 and (window is None or window > pos)

@@ -44,7 +44,7 @@ class KVCache:
         B, T = position_ids.shape
         rows = rows or slice(0, B)
         kc, vc = self.k[layer][rows], self.v[layer][rows]
-        if B == 1 and T == 1 and not position_ids.is_cuda:
+        if B == 1 and T == 1 and not position_ids.is_cuda and not torch.compiler.is_compiling():
             # Single-token decode on CPU: a narrow copy is cheaper than index_put.
             p = int(position_ids[0, 0])
             kc[:, :, p : p + 1].copy_(k)
