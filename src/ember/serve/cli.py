@@ -31,6 +31,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"ember serve needs the server extra ({e.name} is missing): pip install 'ember[serve]'") from None
     from .server import serve
 
     model, name = args.model, args.served_model_name
