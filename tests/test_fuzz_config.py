@@ -282,3 +282,16 @@ def test_regression_rope_parameters_crashed(checkpoints, family, changes):
         llm = _load_with(checkpoints, family, **changes)
         llm.model.max_context  # noqa: B018
         _tokens(llm)
+
+
+@pytest.mark.parametrize("field,value", [("rms_norm_eps", math.nan), ("rope_theta", math.inf),
+                                         ("rms_norm_eps", -math.inf)])
+def test_non_finite_numbers_are_refused_by_name(field, value):
+    """JSON's NaN/Infinity literals parse to floats; a NaN epsilon or rope base used to load and then
+    produce NaN logits silently."""
+    from ember.models.llama import Config as LlamaConfig
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "vocab_size": 100, field: value}
+    with pytest.raises(ConfigError, match=f"{field}.*finite"):
+        LlamaConfig.from_dict(json.loads(json.dumps(cfg, allow_nan=True)))

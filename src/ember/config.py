@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 from pathlib import Path
@@ -46,6 +47,15 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is dict or tp is dict:
         return isinstance(value, dict)
     return True
+
+
+def _non_finite(value: Any) -> bool:
+    """NaN or ±inf (JSON's NaN/Infinity literals parse to these), also inside a list."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(isinstance(v, float) and not math.isfinite(v) for v in value)
+    return False
 
 
 def _type_name(tp: Any) -> str:
@@ -94,6 +104,8 @@ class ModelConfig:
                 raise ConfigError(
                     f"config field {f.name!r} should be {_type_name(tp)}, got {type(value).__name__} {value!r:.80}"
                 )
+            if _non_finite(value):
+                raise ConfigError(f"config field {f.name!r} is {value!r:.80}: numbers must be finite")
             kwargs[f.name] = value
         for name in LAYER_COUNT_FIELDS:
             v = kwargs.get(name)
