@@ -69,9 +69,66 @@ ESCAPES = [
 @pytest.mark.parametrize("template", [t for _, t in ESCAPES], ids=[i for i, _ in ESCAPES])
 def test_no_way_out_of_the_sandbox(template):
     out = _bounded(template)
-    # Refused, or rendered without reaching anything (jinja renders a blocked attribute as empty)
-    assert isinstance(out, TemplateError) or ("globals" not in out and "class" not in out and "<built-in" not in out
-                                              and "module" not in out), out
+    assert isinstance(out, TemplateError), out  # refused, never rendered (not even as an empty value)
+
+
+# (id, template): each reaches for a Python internal; the access itself is refused, whether the
+# result is printed, tested, stored and never used, or the attribute does not exist at all
+REACH = [
+    ("mro", "{{ ''.__class__.__mro__ }}"),
+    ("class", "{{ ''.__class__ }}"),
+    ("class-unused", "{% set x = ''.__class__ %}ok"),
+    ("class-in-if", "{% if ''.__class__ %}x{% endif %}"),
+    ("class-is-defined", "{% if ''.__class__ is defined %}x{% endif %}"),
+    ("mro-subclasses", "{{ ''.__class__.__mro__[1].__subclasses__() }}"),
+    ("base-subclasses", "{{ ().__class__.__base__.__subclasses__() }}"),
+    ("int-subclasses", "{{ (1).__class__.__subclasses__ }}"),
+    ("globals", "{{ lipsum.__globals__ }}"),
+    ("globals-unused", "{% set g = raise_exception.__globals__ %}ok"),
+    ("globals-os", "{{ cycler.__init__.__globals__.os }}"),
+    ("globals-builtins", "{{ lipsum.__globals__['__builtins__'] }}"),
+    ("builtins", "{{ range.__builtins__ }}"),
+    ("builtins-missing", "{{ messages.__builtins__ }}"),
+    ("builtins-item", "{{ messages[0]['__builtins__'] }}"),
+    ("class-item", "{{ messages[0]['__class__'] }}"),
+    ("attr-filter", "{{ messages|attr('__class__') }}"),
+    ("map-attribute", "{{ messages|map(attribute='__class__')|list }}"),
+    ("selectattr", "{{ messages|selectattr('__class__')|list }}"),
+    ("format-field", "{{ '{0.__class__.__mro__}'.format('') }}"),
+    ("format-map-field", "{{ '{x.__globals__}'.format_map({'x': lipsum}) }}"),
+    ("loop-cycle", "{% for m in messages %}{{ loop.cycle.__globals__ }}{% endfor %}"),
+    ("caller", "{% macro m() %}{{ caller.__globals__ }}{% endmacro %}{% call m() %}x{% endcall %}"),
+    ("self-dict", "{{ self.__dict__ }}"),
+]
+
+
+@pytest.mark.parametrize("template", [t for _, t in REACH], ids=[i for i, _ in REACH])
+def test_reaching_python_internals_raises_template_error(template):
+    from ember.errors import EmberError
+
+    with time_limit(10), pytest.raises(TemplateError, match=r"sandbox forbids: access to attribute '__\w+__'") as e:
+        render(template, MSGS)
+    assert isinstance(e.value, EmberError)
+
+
+def test_reaching_python_internals_through_the_tokenizer(tiny_chat):
+    """The same refusal where ember renders a chat template: Tokenizer.apply_chat_template / encode_chat."""
+    from ember.errors import EmberError
+    from ember.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_chat)
+    msgs = [{"role": "user", "content": "hi"}]
+    for template in ("{{ ''.__class__.__mro__ }}", "{% set x = lipsum.__globals__ %}ok"):
+        with pytest.raises(EmberError, match="sandbox forbids"):
+            tok.apply_chat_template(msgs, template=template)
+    tok.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(TemplateError, match="sandbox forbids"):
+        tok.encode_chat(msgs)
+
+
+def test_dunder_keys_of_message_dicts_are_data():
+    """A message key that happens to look like a dunder is read as data, not refused."""
+    assert render("{{ messages[0]['__x__'] }}", [{"role": "user", "content": "c", "__x__": "v"}]) == "v"
 
 
 # (id, template): resource exhaustion

@@ -2,7 +2,8 @@
 
 Templates come from downloaded repositories, so they run sandboxed: attribute access to Python
 internals (`__class__`, `__globals__`, ...) and mutation of caller objects are refused, and the
-refusal surfaces as a `TemplateError`, like any other template failure.
+refusal surfaces as a `TemplateError` at once (the access itself fails, not only a later use of its
+result), like any other template failure.
 
 The sandbox is also bounded, so that a hostile template cannot exhaust memory or time either
 (jinja's own sandbox only caps `range()`). Each render has a budget (`Limits`):
@@ -104,6 +105,12 @@ def _refuse(what: str):
     from jinja2.exceptions import SecurityError
 
     raise SecurityError(f"resource limit: {what}")
+
+
+def _forbid_attribute(obj: Any, attribute: Any):
+    from jinja2.exceptions import SecurityError
+
+    raise SecurityError(f"access to attribute {str(attribute)[:60]!r} of {type(obj).__name__!r} object is unsafe")
 
 
 def _limits() -> Limits:
@@ -519,11 +526,23 @@ def _compile(source: str):
             _step()
             return _charged(super().call(__context, __obj, *args, **kwargs))
 
+        # Reaching for a dunder (`__class__`, `__globals__`, `__subclasses__`, `__builtins__` ...) is refused
+        # outright, whether or not the object has it. (jinja's own sandbox renders a blocked attribute as
+        # an empty Undefined and fails only when that is used further.)
         def getattr(self, obj, attribute):
+            if isinstance(attribute, str) and attribute.startswith("__"):
+                _forbid_attribute(obj, attribute)
             return _guard_method(super().getattr(obj, attribute))
 
         def getitem(self, obj, argument):
+            # a dict key that happens to be a dunder is data (`messages[0]['__x__']`), not an attribute
+            is_key = isinstance(obj, dict) and argument in obj
+            if isinstance(argument, str) and argument.startswith("__") and not is_key:
+                _forbid_attribute(obj, argument)
             return _guard_method(super().getitem(obj, argument))
+
+        def unsafe_undefined(self, obj, attribute):  # any other attribute the sandbox deems unsafe
+            _forbid_attribute(obj, attribute)
 
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols],
                          finalize=_output)
