@@ -127,6 +127,36 @@ def test_bad_generation_arguments_raise_generation_error(llm, kw, msg):
         llm.generate("Hi", max_tokens=max_tokens, **kw)
 
 
+@pytest.mark.parametrize("kw, msg", [
+    (dict(max_tokens="5"), "max_tokens must be a non-negative integer, got '5'"),  # was: TypeError int + str
+    (dict(max_tokens=2.5), "max_tokens must be a non-negative integer, got 2.5"),
+    (dict(max_tokens=None), "max_tokens must be a non-negative integer, got None"),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),  # was: TypeError not iterable
+    (dict(stop_token_ids=5), "stop_token_ids must be a list of non-negative integer token ids, got 5"),
+    (dict(stop_token_ids=["a"]), "stop_token_ids must be a list of non-negative integer token ids"),
+    (dict(ignore_eos="yes"), "ignore_eos must be True or False, got 'yes'"),
+    (dict(logprobs="2"), "logprobs must be None or a non-negative integer"),  # was: TypeError in topk
+    (dict(logprobs=-1), "logprobs must be None or a non-negative integer"),  # was: RuntimeError in topk
+    (dict(logprobs=10**6), "logprobs must be None or an integer in [0, 400]"),
+])
+def test_bad_arguments_to_generate_and_stream_are_generation_errors(llm, kw, msg):
+    import re
+
+    kw = {"max_tokens": 4, **kw}
+    for call in (lambda: llm.generate("Hi", **kw), lambda: list(llm.stream("Hi", **kw)),
+                 lambda: llm.chat([{"role": "user", "content": "Hi"}], **kw)):
+        with pytest.raises(GenerationError, match=re.escape(msg)):
+            call()
+
+
+def test_bad_arguments_to_chat_are_generation_errors(llm):
+    msgs = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(GenerationError, match="chat_template_kwargs must be a dict, got int"):
+        llm.chat(msgs, max_tokens=2, chat_template_kwargs=5)
+    with pytest.raises(GenerationError, match="stream must be True or False, got 1"):
+        llm.chat(msgs, max_tokens=2, stream=1)
+
+
 def test_prompt_longer_than_the_context_is_refused(llm):
     with pytest.raises(GenerationError, match="context holds"):
         llm.generate([5] * 600, max_tokens=4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import ember
-from ember.errors import (CheckpointError, ConfigError, EmberError, ShapeMismatchError, TensorNotFoundError,
-                          UnsupportedModelError)
+from ember.errors import (ArgumentError, CheckpointError, ConfigError, EmberError, ShapeMismatchError,
+                          TensorNotFoundError, UnsupportedModelError)
 from ember.io.safetensors import save_file
 from parity import save, tiny_hf_model
 
@@ -101,8 +101,40 @@ def test_pickle_checkpoints_load_weights_only(tmp_path, folder):
 
 
 def test_all_errors_derive_from_ember_error():
-    for cls in (CheckpointError, ConfigError, UnsupportedModelError, ShapeMismatchError, TensorNotFoundError):
+    for cls in (CheckpointError, ConfigError, UnsupportedModelError, ShapeMismatchError, TensorNotFoundError,
+                ArgumentError):
         assert issubclass(cls, EmberError)
+    import ember.errors
+
+    assert all(issubclass(getattr(ember.errors, name), EmberError) for name in ember.errors.__all__)
+    assert set(ember.errors.__all__) <= set(ember.__all__)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(device="nope"), "unknown device 'nope'; use 'cpu', 'cuda', 'cuda:N' or 'mps'"),  # was: RuntimeError
+    (dict(device=""), "unknown device ''"),
+    (dict(device=[0]), "device must be a string such as 'cpu'"),
+    (dict(device="meta"), "device 'meta': ember runs models on 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    (dict(dtype=5), "dtype must be a torch.dtype or a name such as 'float32' or 'bf16', got int"),  # was: TypeError
+    (dict(dtype="nope"), "unknown dtype 'nope'"),
+    (dict(dtype=torch.int8), "dtype torch.int8 is not one ember computes in"),
+])
+def test_bad_load_arguments_are_argument_errors(folder, kw, msg):
+    with pytest.raises(ArgumentError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+        ember.load(folder, **kw)
+    assert isinstance(e.value, EmberError) and isinstance(e.value, ValueError)
+
+
+def test_unavailable_cuda_device_is_an_argument_error(folder):
+    """Was an AssertionError from torch ("Torch not compiled with CUDA enabled") or a CUDA RuntimeError."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ArgumentError, match=f"has {n} CUDA device"):
+            ember.load(folder, device=f"cuda:{n}")
+    else:
+        for device in ("cuda", "cuda:3", 0):
+            with pytest.raises(ArgumentError, match="CUDA is not available"):
+                ember.load(folder, device=device)
 
 
 def test_import_ember_is_light():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import (
+    ArgumentError,
     CheckpointError,
     ConfigError,
     EmberError,
@@ -65,5 +66,5 @@ def __dir__():
 __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
-    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError",
+    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError",
 ]

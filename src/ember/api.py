@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import EmberError, GenerationError, TokenizerError
+from .errors import ArgumentError, GenerationError, TokenizerError
 from .generation.loop import Event, Generator, Request
 from .generation.sampling import SamplingParams
 from .loading import Loaded, eos_ids, load_snapshot
@@ -24,8 +24,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     """
     from . import hub
 
-    if isinstance(dtype, str):
-        dtype = _parse_dtype(dtype)
+    dtype = _parse_dtype(dtype)
+    device = _parse_device(device)
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) packs the weights itself
@@ -43,12 +43,80 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     return llm
 
 
-def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise EmberError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
-    return table[name]
+_DTYPE_NAMES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    """None, a floating torch.dtype ember computes in, or one of its names ("float32", "bf16" ...)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ArgumentError(f"unknown dtype {dtype!r:.60}; use one of {', '.join(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[dtype]
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES:
+            raise ArgumentError(f"dtype {dtype} is not one ember computes in; use torch.float32, torch.bfloat16 "
+                                f"or torch.float16")
+        return dtype
+    raise ArgumentError(f"dtype must be a torch.dtype or a name such as 'float32' or 'bf16', "
+                        f"got {type(dtype).__name__} ({dtype!r:.40})")
+
+
+def _parse_device(device) -> torch.device | None:
+    """None, or a device that exists here: cpu, cuda / cuda:N (CUDA available, N in range), mps."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ArgumentError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1' (or a torch.device), "
+                            f"got {type(device).__name__} ({device!r:.40})")
+    try:
+        d = torch.device(f"cuda:{device}" if isinstance(device, int) else device)  # an int is a CUDA index
+    except (RuntimeError, ValueError, TypeError):
+        raise ArgumentError(f"unknown device {device!r:.60}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ArgumentError(f"device {device!r:.60}: CUDA is not available ({why}); use device='cpu'")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ArgumentError(f"device {device!r:.60}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    elif d.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ArgumentError(f"device {device!r:.60}: MPS is not available on this machine; use device='cpu'")
+    elif d.type != "cpu":
+        raise ArgumentError(f"device {device!r:.60}: ember runs models on 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return d
+
+
+def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) -> tuple[tuple, tuple]:
+    """Type checks of a request's arguments, before anything uses them; (stop, stop_token_ids) as tuples.
+    Messages start with the argument's name (the server reports it as the error's `param`)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise GenerationError(f"max_tokens must be a non-negative integer, got {max_tokens!r:.60}")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in stop):
+        stop = tuple(stop)
+    else:
+        raise GenerationError(f"stop must be a string or a list of strings, got {stop!r:.60}")
+    if stop_token_ids is None:
+        stop_token_ids = ()
+    if not isinstance(stop_token_ids, (list, tuple, set, frozenset)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_token_ids):
+        raise GenerationError(f"stop_token_ids must be a list of non-negative integer token ids, "
+                              f"got {stop_token_ids!r:.60}")
+    if not isinstance(ignore_eos, bool):
+        raise GenerationError(f"ignore_eos must be True or False, got {ignore_eos!r:.60}")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise GenerationError(f"logprobs must be None or a non-negative integer (the top alternatives to report "
+                              f"per token), got {logprobs!r:.60}")
+    return stop, tuple(stop_token_ids)
 
 
 class LLM:
@@ -92,18 +160,15 @@ class LLM:
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                 logprobs: int | None = None) -> Request:
         """A generation request (what generate/stream build; the server makes its own)."""
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and not all(isinstance(s, str) for s in stop):
-            raise GenerationError("stop must be a string or a list of strings")
+        stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
         sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
                                   repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
-        return Request(self.encode(prompt), max_tokens, sampling, tuple(stop or ()), tuple(stop_token_ids),
-                       ignore_eos, logprobs)
+        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
 
     def generator(self, requests: Sequence[Request], max_batch: int | None = None) -> Generator:
-        longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
+        # (a Request built by hand with a bad max_tokens is refused by the generator's check)
+        longest = max(len(r.prompt_ids) + (r.max_tokens if isinstance(r.max_tokens, int) else 0) for r in requests)
         if self.engine is not None:
             return self.engine.generator(max_batch or len(requests), longest)
         return Generator(self.model, self.tokenizer, max_batch=max_batch or len(requests), max_len=longest + 1,
@@ -141,6 +206,10 @@ class LLM:
     def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools=None,
              chat_template_kwargs: dict | None = None, **kw):
         """Apply the chat template and generate the assistant's reply (a str, or pieces with stream=True)."""
+        if not isinstance(stream, bool):
+            raise GenerationError(f"stream must be True or False, got {stream!r:.60}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise GenerationError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         ids = self._need_tokenizer().encode_chat(messages, add_generation_prompt=True, tools=tools,
                                                  **(chat_template_kwargs or {}))
         if stream:

@@ -53,6 +53,12 @@ class EmbeddingError(EmberError):
     """Bad embedding input (no texts, a non-string item, a bad batch size) or sentence-transformers files."""
 
 
+class ArgumentError(EmberError, ValueError):
+    """A bad argument to `ember.load` (an unknown or unavailable device, a dtype ember cannot compute
+    in). Also a ValueError, as Python code expects of a bad argument value. (Bad arguments to
+    generate/stream/chat are GenerationErrors, to embed EmbeddingErrors.)"""
+
+
 __all__ = [
     "EmberError",
     "CheckpointError",
@@ -65,4 +71,5 @@ __all__ = [
     "TemplateError",
     "GenerationError",
     "EmbeddingError",
+    "ArgumentError",
 ]

@@ -132,6 +132,9 @@ class Generator:
             raise GenerationError(f"the prompt has {n} tokens but the context holds {self.max_len}; shorten it")
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab for t in req.prompt_ids):
             raise GenerationError(f"prompt token ids must be integers in [0, {self.vocab})")
+        lp = req.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.vocab):
+            raise GenerationError(f"logprobs must be None or an integer in [0, {self.vocab}], got {lp!r:.60}")
         req.sampling.validate()
 
     def add(self, req: Request) -> None:
