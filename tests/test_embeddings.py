@@ -3,6 +3,10 @@
 sentence-transformers itself, the defaults without its files, bad input, and `ember embed`."""
 import json
 import logging
+import math
+import re
+import shutil
+import sys
 
 import pytest
 import torch
@@ -160,6 +164,9 @@ def test_bad_texts(tiny_enc, texts, msg):
     (dict(normalize="yes"), "normalize must be True, False or None"),
     (dict(prompt_name="nope"), "no prompt named 'nope'; this model has: q"),
     (dict(prompt=3), "prompt must be a string"),
+    (dict(prompt_name=[1]), r"prompt_name must be a string \(one of: q\), got list"),  # was: TypeError unhashable
+    (dict(progress="yes"), "progress must be True or False"),
+    (dict(return_truncated=1), "return_truncated must be True or False"),
 ])
 def test_bad_options(tiny_enc, kw, msg):
     from ember import EmbeddingError
@@ -188,6 +195,88 @@ def test_bad_sentence_transformers_files(tmp_path):
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "median"}))
     with pytest.raises(EmbeddingError, match="unsupported pooling mode"):
         _load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def st_base(tmp_path_factory):
+    """A tiny BERT with every sentence-transformers file (Pooling, Dense, Normalize, prompts): copy it to edit."""
+    d = tmp_path_factory.mktemp("st_base") / "m"
+    return T.add_sentence_transformers(T.tiny_bert(d), dense=[{"out_features": 16}], normalize=True, max_seq_length=32,
+                                       prompts={"q": "query: "})
+
+
+def _edit(folder, name, change):
+    f = folder / name
+    if isinstance(change, str):
+        f.write_text(change)
+    else:
+        f.write_text(json.dumps(change(json.loads(f.read_text())), allow_nan=True))
+
+
+HOSTILE_FILES = [
+    # (file, change, message); the first five raised plain Python exceptions, the others loaded silently
+    ("1_Pooling/config.json", lambda c: {**c, "pooling_mode": 5}, "'pooling_mode' must be a mode name"),  # TypeError
+    ("modules.json", lambda ms: [dict(m, idx=str(m["idx"])) if i % 2 else m for i, m in enumerate(ms)],
+     "module 1 'idx' must be an integer, got '1'"),  # TypeError in sorted()
+    ("config_sentence_transformers.json", lambda c: {**c, "default_prompt_name": [1]},
+     "'default_prompt_name' must be a string, got [1]"),  # TypeError (unhashable) at embed()
+    ("2_Dense/config.json", lambda c: {**c, "in_features": math.inf},
+     "'in_features' must be a positive integer, got inf"),  # OverflowError
+    ("modules.json", "[" * 100_000, "nested too deeply"),  # RecursionError
+    ("1_Pooling/config.json", lambda c: {**c, "pooling_mode_mean_tokens": "no"},
+     "'pooling_mode_mean_tokens' must be true or false"),
+    ("1_Pooling/config.json", lambda c: {**c, "include_prompt": "no"}, "'include_prompt' must be true or false"),
+    ("2_Dense/config.json", lambda c: {**c, "out_features": 16.5}, "'out_features' must be a positive integer"),
+    ("2_Dense/config.json", lambda c: {**c, "bias": "false"}, "'bias' must be true or false"),
+    ("2_Dense/config.json", lambda c: {**c, "activation_function": "os.system"}, "'activation_function' 'system'"),
+    ("sentence_bert_config.json", lambda c: {**c, "max_seq_length": "128"}, "'max_seq_length' must be a positive"),
+    ("sentence_bert_config.json", lambda c: {**c, "do_lower_case": 1}, "'do_lower_case' must be true or false"),
+    ("config_sentence_transformers.json", lambda c: {**c, "default_prompt_name": "doc"},
+     "'default_prompt_name' 'doc' is not one of its prompts"),
+    ("config_sentence_transformers.json", lambda c: {**c, "prompts": ["query: "]}, "'prompts' must map names"),
+    ("modules.json", lambda ms: [dict(m, type=None) if i == 1 else m for i, m in enumerate(ms)],
+     "module 1 'type' must be a class name string"),
+]
+
+
+@pytest.mark.parametrize("name,change,msg", HOSTILE_FILES,
+                         ids=[f"{i}-{n}" for i, (n, _, _) in enumerate(HOSTILE_FILES)])
+def test_hostile_sentence_transformers_files(st_base, tmp_path, name, change, msg):
+    """Each is an EmbeddingError naming the file and the field, at load (never at embed, never another type)."""
+    from ember import EmbeddingError
+
+    d = shutil.copytree(st_base, tmp_path / "m")
+    _edit(d, name, change)
+    with pytest.raises(EmbeddingError, match=msg.replace("[", r"\[").replace("]", r"\]")) as e:
+        _load(d)
+    assert str(d / name) in str(e.value)
+
+
+def test_module_paths_stay_inside_the_model_folder(st_base, tmp_path):
+    """modules.json `path` entries that lead outside the model folder (or are absolute) are refused,
+    although a valid Dense module waits there; one that goes up and comes back in is fine."""
+    from ember import EmbeddingError
+
+    d = shutil.copytree(st_base, tmp_path / "m")
+    other = shutil.copytree(d / "2_Dense", tmp_path / "other" / "2_Dense")
+    (d / "link").symlink_to(other, target_is_directory=True)
+    valid = json.loads((d / "modules.json").read_text())
+    assert valid[2]["path"] == "2_Dense"
+
+    def with_dense_path(path):
+        (d / "modules.json").write_text(json.dumps([dict(m, path=path) if i == 2 else m for i, m in enumerate(valid)]))
+
+    for path, msg in [("../other/2_Dense", "leads outside the model folder"),
+                      ("1_Pooling/../../other/2_Dense", "leads outside the model folder"),
+                      ("link", "leads outside the model folder"),  # a symlink to a folder outside
+                      (str(other), "is absolute"),
+                      ("2_Dense\0", "NUL character"),
+                      ([1], "must be a string")]:
+        with_dense_path(path)
+        with pytest.raises(EmbeddingError, match=f"module 2 'path' .*{msg}"):
+            _load(d)
+    with_dense_path("1_Pooling/../2_Dense")
+    assert _load(d).dim == 16
 
 
 def test_no_tokenizer_means_token_ids_only(tmp_path):
@@ -227,6 +316,34 @@ def test_cli_embed(tmp_path, capsys):
     assert "no texts to embed" in capsys.readouterr().err
     assert main(["embed", str(d), "x", "--out", str(tmp_path / "v.txt")]) == 1
     assert "use a .npy, .pt or .jsonl" in capsys.readouterr().err
+
+
+def test_cli_embed_progress_bar(tmp_path, capsys, monkeypatch):
+    """--progress draws a bar on stderr (stdout keeps only the vectors); without it the bar appears only
+    for PROGRESS_MIN texts or more with stderr on a terminal; --no-progress never draws it."""
+    from ember.cli import main
+    from ember.cli_embed import PROGRESS_MIN
+
+    d = T.add_sentence_transformers(T.tiny_bert(tmp_path / "m"))
+    bar = re.compile(r"embedding: +100%\|.*\| (\d+)/\1 ")
+
+    def run(*args):
+        assert main(["embed", str(d), *args, "--dtype", "float32"]) == 0
+        return capsys.readouterr()
+
+    got = run("fox", "dog", "--progress")
+    assert bar.search(got.err) and bar.search(got.err).group(1) == "2", got.err
+    assert len(got.out.splitlines()) == 2 and "embedding:" not in got.out
+    assert "embedding:" not in run("fox", "dog").err  # few texts, stderr not a terminal
+
+    lines = tmp_path / "many.txt"
+    lines.write_text("fox\n" * PROGRESS_MIN, encoding="utf-8")
+    out = tmp_path / "v.npy"
+    assert "embedding:" not in run("--file", str(lines), "--out", str(out)).err  # many texts, not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    err = run("--file", str(lines), "--out", str(out)).err
+    assert bar.search(err) and bar.search(err).group(1) == str(PROGRESS_MIN), err
+    assert "embedding:" not in run("--file", str(lines), "--out", str(out), "--no-progress").err
 
 
 def test_cli_embed_refuses_a_causal_lm(tiny_chat, capsys):

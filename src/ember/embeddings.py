@@ -11,7 +11,9 @@ Dense, Normalize); `1_Pooling/config.json` picks the pooling (cls, mean, max, me
 weightedmean, lasttoken, or several concatenated); `2_Dense` holds a linear layer + activation;
 `sentence_bert_config.json` gives max_seq_length and do_lower_case; `config_sentence_transformers.json`
 the prompts. A checkpoint without them is mean-pooled, unnormalised, and the Embedder says so
-(`pooling_source`, and a log line).
+(`pooling_source`, and a log line). The files come from downloaded repositories: every field ember
+reads is type- and range-checked (an `EmbeddingError` names the file and the field), and a module's
+`path` must be relative and stay inside the model folder.
 
 Texts are tokenized together, sorted by length and run in batches of `batch_size` with little
 padding; the results come back in the input order. Texts longer than `max_length` tokens are
@@ -53,8 +55,39 @@ _DENSE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, ints past the digit limit
         raise EmbeddingError(f"{path}: cannot read: {e}") from None
+    except RecursionError:
+        raise EmbeddingError(f"{path}: cannot read: JSON nested too deeply") from None
+
+
+# ---- typed fields of the sentence-transformers files (each error names the file and the field) ----
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _opt_bool(cfg: dict, key: str, default: bool, where: Path | str) -> bool:
+    """cfg[key] as a bool: absent or null gives `default`; anything but true/false is refused."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise EmbeddingError(f"{where}: '{key}' must be true or false, got {v!r:.60}")
+    return v
+
+
+def _opt_str(cfg: dict, key: str, where: Path | str) -> str | None:
+    v = cfg.get(key)
+    if v is not None and not isinstance(v, str):
+        raise EmbeddingError(f"{where}: '{key}' must be a string, got {v!r:.60}")
+    return v
+
+
+def _positive_int(cfg: dict, key: str, where: Path | str) -> int:
+    v = cfg.get(key)
+    if not _is_int(v) or v < 1:
+        raise EmbeddingError(f"{where}: '{key}' must be a positive integer, got {v!r:.60}")
+    return v
 
 
 # ---- modules after the encoder ----------------------------------------------------------------
@@ -70,13 +103,26 @@ class Pooling:
         self.include_prompt = include_prompt
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Pooling":
-        """From a sentence-transformers Pooling config (new `pooling_mode` or legacy boolean keys)."""
+    def from_config(cls, cfg: dict, where: Path | str = "the Pooling config") -> "Pooling":
+        """From a sentence-transformers Pooling config (new `pooling_mode` or legacy boolean keys);
+        `where` (the file) names the source in errors."""
+        if not isinstance(cfg, dict):
+            raise EmbeddingError(f"{where}: expected a JSON object")
         mode = cfg.get("pooling_mode")
         if mode is None:
-            mode = tuple(m for k, m in _LEGACY_POOLING_KEYS.items() if cfg.get(k)) or ("mean",)
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
-        return cls(modes, include_prompt=bool(cfg.get("include_prompt", True)))
+            mode = tuple(m for k, m in _LEGACY_POOLING_KEYS.items() if _opt_bool(cfg, k, False, where)) or ("mean",)
+        if isinstance(mode, str):
+            modes = (mode,)
+        elif isinstance(mode, (list, tuple)) and mode and all(isinstance(m, str) for m in mode):
+            modes = tuple(mode)
+        else:
+            raise EmbeddingError(f"{where}: 'pooling_mode' must be a mode name or a non-empty list of them "
+                                 f"({', '.join(POOLING_MODES)}), got {mode!r:.60}")
+        include_prompt = _opt_bool(cfg, "include_prompt", True, where)
+        try:
+            return cls(modes, include_prompt=include_prompt)
+        except EmbeddingError as e:
+            raise EmbeddingError(f"{where}: 'pooling_mode': {e}") from None
 
     def __repr__(self) -> str:
         return f"Pooling({'+'.join(self.modes)})"
@@ -125,26 +171,35 @@ class Dense(nn.Module):
         cfg = _read_json(folder / "config.json")
         if not isinstance(cfg, dict):
             raise EmbeddingError(f"{folder / 'config.json'}: expected a JSON object")
+        where = folder / "config.json"
         if cfg.get("module_input_name", "sentence_embedding") != "sentence_embedding":
-            raise EmbeddingError(f"{folder}: a Dense module over {cfg['module_input_name']!r} is not supported")
-        try:
-            fin, fout = int(cfg["in_features"]), int(cfg["out_features"])
-        except (KeyError, TypeError, ValueError):
-            raise EmbeddingError(f"{folder / 'config.json'}: needs integer in_features and out_features") from None
-        act = str(cfg.get("activation_function") or "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+            raise EmbeddingError(f"{where}: a Dense module over 'module_input_name' {cfg['module_input_name']!r:.60} "
+                                 f"is not supported (only 'sentence_embedding')")
+        fin, fout = _positive_int(cfg, "in_features", where), _positive_int(cfg, "out_features", where)
+        act = (_opt_str(cfg, "activation_function", where) or "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+        if act not in _DENSE_ACTIVATIONS:
+            raise EmbeddingError(f"{where}: 'activation_function' {act!r:.60} is not supported; supported: "
+                                 f"{', '.join(_DENSE_ACTIVATIONS)}")
+        use_bias = _opt_bool(cfg, "bias", True, where)
+        use_residual = _opt_bool(cfg, "use_residual", False, where)
         tensors = _module_weights(folder)
         try:
             w = tensors["linear.weight"]
-            b = tensors.get("linear.bias") if cfg.get("bias", True) else None
+            b = tensors.get("linear.bias") if use_bias else None
         except KeyError:
             raise EmbeddingError(f"{folder}: no linear.weight in the Dense module's weights") from None
         if tuple(w.shape) != (fout, fin):
             raise EmbeddingError(f"{folder}: linear.weight has shape {list(w.shape)}, config says [{fout}, {fin}]")
+        if b is not None and tuple(b.shape) != (fout,):
+            raise EmbeddingError(f"{folder}: linear.bias has shape {list(b.shape)}, config says [{fout}]")
         residual: torch.Tensor | bool = False
-        if cfg.get("use_residual"):
+        if use_residual:
             residual = True if fin == fout else tensors.get("residual.weight")
             if residual is None:
                 raise EmbeddingError(f"{folder}: use_residual with in != out needs residual.weight")
+            if isinstance(residual, torch.Tensor) and tuple(residual.shape) != (fout, fin):
+                raise EmbeddingError(f"{folder}: residual.weight has shape {list(residual.shape)}, "
+                                     f"config says [{fout}, {fin}]")
         return cls(w, b, act, residual)
 
     @property
@@ -188,12 +243,37 @@ class Normalize:
 # ---- the sentence-transformers files ------------------------------------------------------------
 def _read_object(path: Path) -> dict:
     """A JSON object file's contents, or {} when the file is absent."""
-    if not path.is_file():
-        return {}
+    try:
+        if not path.is_file():
+            return {}
+    except OSError as e:  # a name too long, ...
+        raise EmbeddingError(f"{path}: cannot read: {e}") from None
     data = _read_json(path)
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: expected a JSON object")
     return data
+
+
+def _module_dir(root: Path, modules_file: Path, i: int, rel: Any) -> Path:
+    """The folder of module i: `rel` must be a relative path that stays inside the model folder."""
+    if rel is None:
+        rel = ""
+    if not isinstance(rel, str):
+        raise EmbeddingError(f"{modules_file}: module {i} 'path' must be a string, got {rel!r:.60}")
+    if "\0" in rel:
+        raise EmbeddingError(f"{modules_file}: module {i} 'path' {rel!r:.60} contains a NUL character")
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or rel[1:2] == ":" and rel[:1].isalpha():
+        raise EmbeddingError(f"{modules_file}: module {i} 'path' {rel!r:.60} is absolute; module paths must be "
+                             f"relative to the model folder")
+    folder = root / rel
+    try:
+        inside = folder.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a name too long ...
+        raise EmbeddingError(f"{modules_file}: module {i} 'path' {rel!r:.60} cannot be resolved: {e}") from None
+    if not inside:
+        raise EmbeddingError(f"{modules_file}: module {i} 'path' {rel!r:.60} leads outside the model folder; "
+                             f"module paths must stay inside it")
+    return folder
 
 
 def read_sentence_transformers(root: Path):
@@ -204,15 +284,24 @@ def read_sentence_transformers(root: Path):
     modules = _read_json(modules_file)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise EmbeddingError(f"{modules_file}: expected a list of module objects")
+    for i, m in enumerate(modules):
+        if m.get("idx") is not None and not _is_int(m["idx"]):
+            raise EmbeddingError(f"{modules_file}: module {i} 'idx' must be an integer, got {m['idx']!r:.60}")
+        if not isinstance(m.get("type"), str):
+            raise EmbeddingError(f"{modules_file}: module {i} 'type' must be a class name string, "
+                                 f"got {m.get('type')!r:.60}")
     pooling, post = None, []
-    for m in sorted(modules, key=lambda m: m.get("idx", 0)):
-        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        path = root / str(m.get("path", ""))
+    order = sorted(range(len(modules)), key=lambda i: (modules[i].get("idx") or 0, i))
+    for i in order:
+        m = modules[i]
+        kind = m["type"].rsplit(".", 1)[-1]
+        path = _module_dir(root, modules_file, i, m.get("path"))
         if kind == "Transformer":
             if m.get("path"):
                 raise EmbeddingError(f"{modules_file}: a Transformer module in a subfolder ({m['path']}) is not supported")
         elif kind == "Pooling":
-            pooling = Pooling.from_config(_read_object(path / "config.json"))
+            cfg_file = path / "config.json"
+            pooling = Pooling.from_config(_read_object(cfg_file), cfg_file)
         elif kind == "Dense":
             if pooling is None:
                 raise EmbeddingError(f"{modules_file}: a Dense module before Pooling is not supported")
@@ -220,7 +309,7 @@ def read_sentence_transformers(root: Path):
         elif kind == "Normalize":
             post.append(Normalize())
         else:
-            raise EmbeddingError(f"{modules_file}: sentence-transformers module {m.get('type')!r} is not supported "
+            raise EmbeddingError(f"{modules_file}: sentence-transformers module {m['type']!r:.200} is not supported "
                                  f"(supported: Transformer, Pooling, Dense, Normalize)")
     if pooling is None:
         raise EmbeddingError(f"{modules_file}: no Pooling module (token-level models are not supported)")
@@ -301,15 +390,24 @@ class Embedder:
                 dim = m.out_features
         self.dim = dim
 
-        sb = _read_object(root / "sentence_bert_config.json")
-        stc = _read_object(root / "config_sentence_transformers.json")
-        prompts = stc.get("prompts") or {}
+        sb_file, stc_file = root / "sentence_bert_config.json", root / "config_sentence_transformers.json"
+        sb, stc = _read_object(sb_file), _read_object(stc_file)
+        prompts = stc.get("prompts")
+        if prompts is None:
+            prompts = {}
         if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
-            raise EmbeddingError(f"{root / 'config_sentence_transformers.json'}: 'prompts' must map names to strings")
+            raise EmbeddingError(f"{stc_file}: 'prompts' must map names to strings, got {prompts!r:.60}")
         self.prompts: dict[str, str] = dict(prompts)
-        self.default_prompt_name: str | None = stc.get("default_prompt_name") or None
-        self._max_length = self._default_max_length(sb.get("max_seq_length"))
-        self.do_lower_case = bool(sb.get("do_lower_case"))
+        default = _opt_str(stc, "default_prompt_name", stc_file) or None
+        if default is not None and default not in self.prompts:
+            raise EmbeddingError(f"{stc_file}: 'default_prompt_name' {default!r:.60} is not one of its prompts "
+                                 f"({', '.join(map(repr, self.prompts)) or 'none'})")
+        self.default_prompt_name: str | None = default
+        max_seq = sb.get("max_seq_length")
+        if max_seq is not None and (not _is_int(max_seq) or max_seq < 1):
+            raise EmbeddingError(f"{sb_file}: 'max_seq_length' must be a positive integer, got {max_seq!r:.60}")
+        self._max_length = self._default_max_length(max_seq)
+        self.do_lower_case = _opt_bool(sb, "do_lower_case", False, sb_file)
         self._warned_truncation = False
         self._prompt_lengths: dict[str, int] = {}
         self.pad_token_id = self.model.pad_token_id
@@ -369,6 +467,9 @@ class Embedder:
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
         if prompt is not None and not isinstance(prompt, str):
             raise EmbeddingError(f"prompt must be a string, got {type(prompt).__name__}")
+        if prompt_name is not None and not isinstance(prompt_name, str):
+            raise EmbeddingError(f"prompt_name must be a string (one of: {', '.join(self.prompts) or 'none'}), "
+                                 f"got {type(prompt_name).__name__}")
         if prompt is None and prompt_name is not None:
             if prompt_name not in self.prompts:
                 raise EmbeddingError(f"no prompt named {prompt_name!r}; this model has: {', '.join(self.prompts) or 'none'}")
@@ -403,6 +504,9 @@ class Embedder:
             raise EmbeddingError(f"batch_size must be a positive int, got {batch_size!r}")
         if normalize is not None and not isinstance(normalize, bool):
             raise EmbeddingError(f"normalize must be True, False or None, got {normalize!r}")
+        for name, flag in (("return_truncated", return_truncated), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise EmbeddingError(f"{name} must be True or False, got {flag!r:.60}")
         p = self._resolve_prompt(prompt, prompt_name)
         if p:
             texts = [p + t for t in texts]
