@@ -1,9 +1,10 @@
 """`ember serve`: the OpenAI-compatible server, driven by the official `openai` client (and httpx for
 raw requests) against a uvicorn server started here on 127.0.0.1 with the tiny chat model.
 
-Embeddings use a STUB embedder (deterministic vectors from a hash of the text): `ember.embeddings`
-lives on another branch. The server only needs an object with `embed(list[str]) -> [N, dim]` and a
-`.tokenizer`.
+Most embedding tests use a STUB embedder (deterministic vectors from a hash of the text: exact
+expected values without a model); the server only needs an object with `embed(list[str]) -> [N, dim]`
+and a `.tokenizer`. `test_embeddings_tiny_bert` serves a real `ember.Embedder` (a tiny random BERT),
+and `test_ember_serve_end_to_end` runs the `ember serve` command itself in a subprocess.
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -538,6 +544,116 @@ def test_embeddings_only_server(llm):
         r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         assert h.get("/health").json() == {"status": "ok"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with sentence-transformers files (mean pooling, Dense, Normalize)."""
+    import tinyencoders
+
+    d = tmp_path_factory.mktemp("tiny_bert") / "tiny-bert"
+    return tinyencoders.add_sentence_transformers(tinyencoders.tiny_bert(d), dense=[{"out_features": 16}],
+                                                  normalize=True)
+
+
+def _log_line(caplog, needle: str) -> str:
+    """The one ember.serve log line that contains `needle` (written once the response has ended)."""
+    end = time.monotonic() + 5
+    while time.monotonic() < end and not any(needle in r.getMessage() for r in caplog.records):
+        time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if needle in r.getMessage()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_embeddings_tiny_bert(tiny_bert_dir, caplog):
+    """A real ember Embedder behind /v1/embeddings: the vectors are embedder.embed()'s, bit for bit,
+    in both encodings; usage counts its tokens; the request has an id (header and log line)."""
+    caplog.set_level(logging.INFO, logger="ember.serve")
+    emb = ember.load(tiny_bert_dir, dtype="float32", device="cpu")
+    texts = ["The quick brown fox jumps over the lazy dog.", "fox", "ça va? 日本語", "word " * 100]
+    want = emb.embed(texts)
+    assert want.shape == (4, 16)
+    app = create_app(None, emb, embedding_model_name="tiny-bert")
+    with running_server(app) as url:
+        with openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0) as c:
+            r = c.embeddings.create(model="tiny-bert", input=texts)  # base64 on the wire, decoded by the client
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as h:
+            raw = h.post("/v1/embeddings", json={"model": "tiny-bert", "input": texts, "encoding_format": "float"})
+            bad = h.post("/v1/embeddings", json={"model": "tiny-bert", "input": []})
+    assert [d.index for d in r.data] == [0, 1, 2, 3] and r.model == "tiny-bert"
+    assert torch.equal(torch.tensor([d.embedding for d in r.data], dtype=torch.float32), want)
+    assert raw.status_code == 200
+    assert torch.equal(torch.tensor([d["embedding"] for d in raw.json()["data"]], dtype=torch.float32), want)
+    n_tok = sum(len(emb.tokenizer.encode(t)) for t in texts)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == n_tok
+    rid = raw.headers["x-request-id"]
+    assert re.fullmatch(r"embd-[0-9a-f]{24}", rid)
+    assert re.match(rf"{rid} POST /v1/embeddings 200 prompt={n_tok} completion=0 time=\S+s finish=embed",
+                    _log_line(caplog, rid))
+    # a refused request is logged with its own id too (it was "-")
+    assert bad.status_code == 400
+    line = _log_line(caplog, "POST /v1/embeddings 400")
+    assert re.match(r"embd-[0-9a-f]{24} POST /v1/embeddings 400 ", line), line
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ember_serve_end_to_end(tiny_chat, tiny_bert_dir, llm, tmp_path):
+    """`ember serve MODEL --embedding-model M --port P` as a user runs it (the CLI in a subprocess):
+    it starts, says where it listens and what it serves, answers a chat completion and an embedding
+    request, and stops cleanly on Ctrl-C."""
+    port = _free_port()
+    src = str(Path(ember.__file__).resolve().parents[1])  # the ember this test imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    out_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "ember.cli", "serve", str(tiny_chat), "--embedding-model", str(tiny_bert_dir),
+           "--port", str(port), "--served-model-name", "tiny", "--device", "cpu", "--dtype", "float32",
+           "--max-batch", "2"]
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"ember serve exited with {proc.returncode}:\n{out_path.read_text()}"
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, f"ember serve did not answer /health:\n{out_path.read_text()}"
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as h:
+            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["tiny", str(tiny_bert_dir)]
+            r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "max_tokens": 6,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == llm.chat(MESSAGES, max_tokens=6)
+            texts = ["hello world", "the quick brown fox"]
+            r = h.post("/v1/embeddings", json={"model": str(tiny_bert_dir), "input": texts,
+                                               "encoding_format": "float"})
+            assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        want = ember.load(tiny_bert_dir, dtype="float32", device="cpu").embed(texts)
+        assert torch.allclose(got, want, atol=1e-5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully, then ember exits 130 (or 0)
+        assert proc.wait(timeout=20) in (0, 130), out_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = out_path.read_text()
+    assert f"ember serve: listening on {url}/v1" in log, log
+    assert re.search(r"^  model +tiny +\(LLM\(", log, re.M), log
+    assert re.search(rf"^  embeddings +{re.escape(str(tiny_bert_dir))}$", log, re.M), log
+    assert re.search(r"chatcmpl-\w+ POST /v1/chat/completions 200 ", log) and \
+        re.search(r"embd-\w+ POST /v1/embeddings 200 ", log), log
+    assert "Traceback" not in log, log
 
 
 @pytest.mark.slow

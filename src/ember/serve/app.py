@@ -550,7 +550,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         except GenerationError as e:
             msg = str(e)
             param = next((k for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                      "seed", "stop") if msg.startswith(k)), None)
+                                      "seed", "stop_token_ids", "stop", "logprobs") if msg.startswith(k)), None)
             raise ApiError(400, msg, param=param, code="invalid_value") from None
         return reqs
 
@@ -607,6 +607,9 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
+        rid = f"embd-{uuid.uuid4().hex[:24]}"
+        info = _log_info(request)
+        info["id"] = rid  # the request's log line carries it, refusals included
         body = await body_of(request)
         model = st.resolve(body, "embed")
         texts, fmt, dims = parse_embeddings(body)
@@ -637,9 +640,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         for i, row in enumerate(arr):
             e = base64.b64encode(row.tobytes()).decode() if fmt == "base64" else row.tolist()
             data.append({"object": "embedding", "index": i, "embedding": e})
-        info = _log_info(request)
         info.update(prompt=n_tokens, completion=0, finish="embed")
         return _JSON({"object": "list", "data": data, "model": model,
-                      "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+                      "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}, headers={"x-request-id": rid})
 
     return app
