@@ -229,7 +229,14 @@ def test_rewrite_round_trips(tiny):
     p = _rewrite(f, base, _typed_meta(f), scratch)
     assert GGUFFile(p).metadata == f.metadata
     llm = ember.load(str(p), dtype=torch.float32, device="cpu")
-    assert llm.tokenizer is not None and len(llm.generate([1, 2, 3], max_tokens=2, ignore_eos=True)) >= 0
+    assert llm.tokenizer is not None
+    text = llm.generate([1, 2, 3], max_tokens=2, ignore_eos=True)
+    assert isinstance(text, str)
+    events = list(llm.events([llm.request([1, 2, 3], 2, ignore_eos=True)]))
+    ids = [ev.token_id for ev in events if ev.token_id is not None]
+    assert len(ids) == 2 and events[-1].finished and events[-1].finish_reason == "length"  # ignore_eos: exactly 2
+    assert all(isinstance(t, int) and 0 <= t < llm.config.vocab_size for t in ids)
+    assert "".join(ev.text for ev in events) == text  # greedy: the same tokens as generate()
 
 
 # ---- raw headers with absurd counts and lengths ----------------------------------------------------------
