@@ -1,7 +1,9 @@
 """Gemma 3 against transformers on tiny random checkpoints: per-layer layer_types with a sliding
 window shorter than the sequence, separate rotary tables for sliding and global layers, q/k norm,
-final logit soft-capping; the text-only (gemma3_text) and the multimodal (gemma3, text_config)
-checkpoint layouts; legacy config keys (rope_local_base_freq, rope_scaling, sliding_window_pattern)."""
+final logit soft-capping small enough to change the output (and attn_logit_softcapping, which the
+reference stores but never applies, not applied either); the text-only (gemma3_text) and the
+multimodal (gemma3, text_config) checkpoint layouts; legacy config keys (rope_local_base_freq,
+rope_scaling, sliding_window_pattern)."""
 import json
 
 import pytest
@@ -27,6 +29,31 @@ SHAPES = {
 }
 
 
+def _caps(llm, ids, final: float | None, attention: float | None):
+    """The soft-caps the test values would make bite. `final` is applied: removing it changes the
+    logits. `attention` is stored but, as in transformers' Gemma 3, not applied: applying it would
+    change the logits, so parity with the reference shows that neither side applies it."""
+    m = llm.model
+    attn = [layer.self_attn for layer in m.model.layers]
+    assert m.final_logit_softcapping == final and all(a.softcap is None for a in attn)
+    with torch.no_grad():
+        ref = m(ids)
+        if final is not None:
+            m.final_logit_softcapping = None
+            assert (m(ids) - ref).abs().max() > 1e-2, "final soft-cap does not change the logits"
+            m.final_logit_softcapping = final
+        if attention is not None:
+            for a in attn:
+                a.softcap = attention
+            assert (m(ids) - ref).abs().max() > 1e-2, "an attention soft-cap would not change the logits"
+            for a in attn:
+                a.softcap = None
+
+
+def _ids(vocab: int):
+    return torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
+
+
 def _text_config(**kw):
     from transformers import Gemma3TextConfig
 
@@ -43,6 +70,7 @@ def test_gemma3_text_matches_transformers(tmp_path, shape):
         cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types]
     assert model.layer_rope == cfg.layer_types
     assert not torch.equal(model.rotaries["full_attention"].inv_freq, model.rotaries["sliding_attention"].inv_freq)
+    _caps(llm, _ids(cfg.vocab_size), cfg.final_logit_softcapping, cfg.attn_logit_softcapping)
 
 
 def test_gemma3_legacy_config_keys(tmp_path):
@@ -79,7 +107,12 @@ def test_gemma3_multimodal_checkpoint_matches_transformers(tmp_path, tie):
     folder = save(hf, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
     llm = check_parity(hf, folder, text.vocab_size)
-    assert llm.model.final_logit_softcapping is None
+    _caps(llm, _ids(text.vocab_size), final=None, attention=None)
+    # the text config's final cap would bite: parity shows that the multimodal model does not apply it
+    with torch.no_grad():
+        ref = llm.model(_ids(text.vocab_size))
+        llm.model.final_logit_softcapping = text.final_logit_softcapping
+        assert (llm.model(_ids(text.vocab_size)) - ref).abs().max() > 1e-2
     assert (llm.model.lm_head.weight is llm.model.model.embed_tokens.weight) == tie
 
 
