@@ -3,6 +3,18 @@ from __future__ import annotations
 
 import torch
 
+# Weight std of the tiny models. transformers' default (0.02) gives logits of std ~0.16 and greedy
+# text that settles into one repeated token within a few steps, which barely tests cached decoding;
+# 0.3 gives logits of std ~2.4 (max ~10) and varied continuations (check_parity asserts it).
+INIT = 0.3
+# Norms that fix a scale the init would otherwise set get gains of about what the init gives families
+# without them. q/k norms (Qwen 3, Gemma 3, OLMo 2, Phi, StableLM) make attention scores O(1) whatever
+# the weights, so attention averages the context; post-block norms (Gemma 2/3, OLMo 2) make each
+# block's output O(1), so the embedding (Gemma: times sqrt(hidden)) dominates the residual stream and,
+# with a tied head, predicts itself. Either way greedy text collapses into a repeated token.
+QK_NORM_GAIN = 3.0
+POST_NORM_GAIN = 8.0
+
 
 def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     """Perturb every 1-D parameter (norm weights, biases) so that a norm applied as w vs (1 + w),
@@ -15,15 +27,43 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> tor
     return model
 
 
-def tiny_hf_model(config, model_cls=None, seed: int = 0):
-    """A transformers model with random weights (fp32, eval mode)."""
+def _scale_gain_(norm: torch.nn.Module, k: float) -> None:
+    """Multiply a norm's output by k: its weight (and bias), or 1 + weight for Gemma's (1 + w) norms."""
+    gemma = type(norm).__name__.startswith("Gemma")
+    for p in norm.parameters():
+        p.copy_((1 + p) * k - 1 if gemma else p * k)
+
+
+def scale_norm_gains_(model: torch.nn.Module, qk: float = QK_NORM_GAIN,
+                      post: float = POST_NORM_GAIN) -> torch.nn.Module:
+    """Gains of `qk` on q/k norms and `post` on post-block norms (see QK_NORM_GAIN)."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.endswith(("q_norm", "k_norm", "q_layernorm", "k_layernorm")):
+                _scale_gain_(mod, qk)
+            # a post-attention norm only where a post-feedforward one exists: in Llama & co.
+            # post_attention_layernorm is the MLP's input norm
+            elif hasattr(mod, "post_feedforward_layernorm"):
+                _scale_gain_(mod.post_feedforward_layernorm, post)
+                _scale_gain_(mod.post_attention_layernorm, post)
+    return model
+
+
+def tiny_hf_model(config, model_cls=None, seed: int = 0, init: float | None = INIT):
+    """A transformers model with random weights (fp32, eval mode): weights of std `init` (set as the
+    config's initializer_range; None keeps the config's), 1-D parameters perturbed, q/k and
+    post-block norm gains scaled."""
     if model_cls is None:
         from transformers import AutoModelForCausalLM
 
         model_cls = AutoModelForCausalLM
+    if init is not None:
+        for c in (config, getattr(config, "text_config", None)):
+            if c is not None:
+                c.initializer_range = init
     torch.manual_seed(seed)
     m = model_cls.from_config(config) if hasattr(model_cls, "from_config") else model_cls(config)
-    return randomize_(m.float().eval(), seed)
+    return scale_norm_gains_(randomize_(m.float().eval(), seed))
 
 
 def save(model, folder, max_shard_size=None) -> str:
@@ -32,13 +72,17 @@ def save(model, folder, max_shard_size=None) -> str:
     return str(folder)
 
 
-def left_padded(batch: int, length: int, vocab: int, pads: list[int], seed: int = 0):
-    """(ids, attention_mask, position_ids) for a batch whose row i has pads[i] left-padding tokens."""
+def padded(batch: int, length: int, vocab: int, pads: list[int], side: str = "left", seed: int = 0):
+    """(ids, attention_mask, position_ids) for a batch whose row i has pads[i] padding tokens on the
+    left or the right (the same random ids either way; padding positions hold random ids too)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
     for i, p in enumerate(pads):
-        mask[i, :p] = 0
+        if side == "left":
+            mask[i, :p] = 0
+        else:
+            mask[i, length - p:] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -65,32 +109,47 @@ def ember_greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
     return [out[r.id] for r in reqs]
 
 
+def assert_varied(tokens: list[int], prompt) -> None:
+    """A greedy continuation that exercises cached decoding: not collapsed into one repeated token
+    or a short loop, as random weights at transformers' default init make it (see INIT)."""
+    assert len(set(tokens)) >= 8 and len(set(tokens[-16:])) >= 4, \
+        f"the greedy continuation of {prompt} is degenerate, so it tests little: {tokens}"
+
+
 def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int = 24, gen: int = 32,
                  prompts=((5, 6, 7, 8, 9, 10, 11), (12, 13, 14)), padding_invariant: bool = True):
-    """The standard checks: logits on a plain and a left-padded batch, greedy continuations.
+    """The standard checks: logits on a plain, a left-padded and a right-padded batch; greedy
+    continuations (varied ones) equal to transformers' generate.
 
     padding_invariant=False for rope types whose frequencies depend on the batch's longest
     sequence (dynamic, longrope): a padded row then legitimately differs from the row alone."""
     import ember
 
     llm = ember.load(folder, dtype=torch.float32, device="cpu")
-    ids, mask, pos = left_padded(3, seq, vocab, [0, 5, 11])
+    pads = [0, 5, 11]
     with torch.no_grad():
-        ref = hf_model(ids[:1]).logits
-        got = llm.model(ids[:1])
+        ids, _, _ = padded(1, seq, vocab, [0])
+        ref = hf_model(ids).logits
+        got = llm.model(ids)
         assert got.dtype == torch.float32 and got.shape == ref.shape
         d = max_diff_masked(ref, got, None)
         assert d <= atol, f"logits differ by {d}"
-        ref = hf_model(ids, attention_mask=mask, position_ids=pos).logits
-        got = llm.model(ids, attention_mask=mask)
-        d = max_diff_masked(ref, got, mask)
-        assert d <= atol, f"left-padded logits differ by {d}"
-        if padding_invariant:  # a padded row must equal the same sequence unpadded
-            solo = llm.model(ids[2:3, 11:])
-            d = (solo[0] - got[2, 11:]).abs().max().item()
-            assert d <= atol, f"padded row differs from the unpadded sequence by {d}"
+        for side in ("left", "right"):
+            ids, mask, pos = padded(3, seq, vocab, pads, side)
+            ref = hf_model(ids, attention_mask=mask, position_ids=pos).logits
+            got = llm.model(ids, attention_mask=mask)
+            d = max_diff_masked(ref, got, mask)
+            assert d <= atol, f"{side}-padded logits differ by {d}"
+            if padding_invariant:  # a padded row must equal the same sequence unpadded
+                for i in range(1, len(pads)):
+                    real = mask[i].bool()
+                    alone = hf_model(ids[i:i + 1, real]).logits[0]
+                    d = (alone - got[i, real]).abs().max().item()
+                    assert d <= atol, f"{side}-padded row {i} differs from the unpadded sequence by {d}"
     prompts = [list(p) for p in prompts]
     want = [hf_greedy(hf_model, p, gen) for p in prompts]
+    for p, w in zip(prompts, want):
+        assert_varied(w, p)
     if padding_invariant:
         assert ember_greedy(llm, prompts, gen) == want
     else:  # frequencies depend on the batch's longest row: compare prompt by prompt

@@ -8,8 +8,7 @@ from parity import check_parity, save, tiny_hf_model
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-            attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
-            initializer_range=0.2)  # logits and scores large enough for the caps to bite
+            attn_logit_softcapping=2.0, final_logit_softcapping=5.0)  # small enough to bite at parity.INIT
 
 SHAPES = {
     # default layer_types (sliding, full), window 4, GQA, tied head
@@ -19,6 +18,11 @@ SHAPES = {
                                query_pre_attn_scalar=32, tie_word_embeddings=False,
                                layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
+
+
+# Seeds whose greedy continuations are varied (check_parity asserts it): with a tied head, a window of 4
+# and scores capped at 2, a random Gemma 2 often settles on repeating one token.
+SEEDS = {"window4_gqa_tied": 2}
 
 
 def _caps_bite(llm, ids):
@@ -42,7 +46,7 @@ def test_gemma2_matches_transformers(tmp_path, shape):
     from transformers import Gemma2Config
 
     cfg = Gemma2Config(**{**BASE, **SHAPES[shape]})
-    hf = tiny_hf_model(cfg)
+    hf = tiny_hf_model(cfg, seed=SEEDS.get(shape, 0))
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
     windows = [layer.self_attn.window for layer in llm.model.model.layers]
     assert windows == [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types]

@@ -1,7 +1,9 @@
 """Gemma 3 against transformers on tiny random checkpoints: per-layer layer_types with a sliding
 window shorter than the sequence, separate rotary tables for sliding and global layers, q/k norm,
-final logit soft-capping; the text-only (gemma3_text) and the multimodal (gemma3, text_config)
-checkpoint layouts; legacy config keys (rope_local_base_freq, rope_scaling, sliding_window_pattern)."""
+final logit soft-capping small enough to change the output (and attn_logit_softcapping, which the
+reference stores but never applies, not applied either); the text-only (gemma3_text) and the
+multimodal (gemma3, text_config) checkpoint layouts; legacy config keys (rope_local_base_freq,
+rope_scaling, sliding_window_pattern)."""
 import json
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from parity import check_parity, save, tiny_hf_model
 
 TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4, max_position_embeddings=128,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None, initializer_range=0.2)
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 SHAPES = {
     # sliding, sliding, global; window 5; GQA; tied; the global layers' rope linearly scaled; final cap 5 and
@@ -25,6 +27,31 @@ SHAPES = {
         num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"], num_key_value_heads=1, head_dim=24,
         sliding_window=8, query_pre_attn_scalar=16, tie_word_embeddings=False),
 }
+
+
+def _caps(llm, ids, final: float | None, attention: float | None):
+    """The soft-caps the test values would make bite. `final` is applied: removing it changes the
+    logits. `attention` is stored but, as in transformers' Gemma 3, not applied: applying it would
+    change the logits, so parity with the reference shows that neither side applies it."""
+    m = llm.model
+    attn = [layer.self_attn for layer in m.model.layers]
+    assert m.final_logit_softcapping == final and all(a.softcap is None for a in attn)
+    with torch.no_grad():
+        ref = m(ids)
+        if final is not None:
+            m.final_logit_softcapping = None
+            assert (m(ids) - ref).abs().max() > 1e-2, "final soft-cap does not change the logits"
+            m.final_logit_softcapping = final
+        if attention is not None:
+            for a in attn:
+                a.softcap = attention
+            assert (m(ids) - ref).abs().max() > 1e-2, "an attention soft-cap would not change the logits"
+            for a in attn:
+                a.softcap = None
+
+
+def _ids(vocab: int):
+    return torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
 
 
 def _text_config(**kw):
@@ -43,6 +70,7 @@ def test_gemma3_text_matches_transformers(tmp_path, shape):
         cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types]
     assert model.layer_rope == cfg.layer_types
     assert not torch.equal(model.rotaries["full_attention"].inv_freq, model.rotaries["sliding_attention"].inv_freq)
+    _caps(llm, _ids(cfg.vocab_size), cfg.final_logit_softcapping, cfg.attn_logit_softcapping)
 
 
 def test_gemma3_legacy_config_keys(tmp_path):
@@ -79,7 +107,12 @@ def test_gemma3_multimodal_checkpoint_matches_transformers(tmp_path, tie):
     folder = save(hf, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
     llm = check_parity(hf, folder, text.vocab_size)
-    assert llm.model.final_logit_softcapping is None
+    _caps(llm, _ids(text.vocab_size), final=None, attention=None)
+    # the text config's final cap would bite: parity shows that the multimodal model does not apply it
+    with torch.no_grad():
+        ref = llm.model(_ids(text.vocab_size))
+        llm.model.final_logit_softcapping = text.final_logit_softcapping
+        assert (llm.model(_ids(text.vocab_size)) - ref).abs().max() > 1e-2
     assert (llm.model.lm_head.weight is llm.model.model.embed_tokens.weight) == tie
 
 

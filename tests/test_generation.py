@@ -65,6 +65,31 @@ def test_eos_ids_come_from_config_and_tokenizer(llm):
     assert llm.tokenizer.eos_token_id in llm.eos_token_ids
 
 
+@pytest.mark.parametrize("as_list", [False, True], ids=["int", "list"])
+def test_generation_config_eos_ids_stop_generation(llm, tiny_chat, tmp_path, as_list):
+    """generation_config.json's eos_token_id (an int or a list), other than config.json's and the
+    tokenizer's, ends generation at that token."""
+    import json
+    import shutil
+
+    ids = llm.encode("Once upon a time")
+    full = [ev.token_id for ev in llm.events([llm.request(ids, 16, ignore_eos=True)])]
+    k = next(i for i in range(3, len(full)) if full[i] not in full[:i])  # a token first generated at step k
+    stop, unused = full[k], next(t for t in range(3, 400) if t not in full)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chat, folder)
+    config_eos = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    assert stop not in (config_eos, llm.tokenizer.eos_token_id)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, stop] if as_list else stop}))
+    m = ember.load(folder, dtype=torch.float32)
+    assert stop in m.eos_token_ids and (unused in m.eos_token_ids) == as_list
+    evs = list(m.events([m.request(ids, 16)]))
+    assert [ev.token_id for ev in evs] == full[:k + 1]
+    assert evs[-1].finish_reason == "stop" and evs[-1].text == ""
+    assert m.generate(ids, max_tokens=16) == llm.tokenizer.decode(full[:k])
+    assert len(list(m.events([m.request(ids, 16, ignore_eos=True)]))) == 16
+
+
 def test_seeded_sampling_reproduces(llm):
     a = llm.generate("Once", max_tokens=20, temperature=1.0, seed=7)
     b = llm.generate("Once", max_tokens=20, temperature=1.0, seed=7)

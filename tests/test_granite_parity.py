@@ -11,8 +11,11 @@ MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_
 
 SHAPES = {
     "gqa_untied": dict(num_key_value_heads=2, **MULTIPLIERS),
+    # an embedding multiplier below 1 and a residual one above: with a tied head, Granite's usual
+    # large embeddings and damped blocks make a random model predict its input token again and again
     "mqa_tied_bias": dict(num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                          **{**MULTIPLIERS, "attention_multiplier": 0.0625, "logits_scaling": 0.5}),
+                          embedding_multiplier=0.5, residual_multiplier=1.5, attention_multiplier=0.0625,
+                          logits_scaling=0.5),
 }
 
 
