@@ -309,26 +309,31 @@ class GGUFFile:
         rows, rb = _byte_shape(t)
         return torch.empty(0, dtype=torch.uint8).set_(self._mapped(), t.offset, (rows, rb), (rb, 1))
 
-    def read(self, name: str) -> torch.Tensor:
-        """A private copy of the tensor's bytes as uint8 [rows, row_bytes], read with pread: the pages
-        go through the page cache without being mapped into this process (so they do not count in
-        its resident memory, unlike a copy taken from the mmap)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A private copy of the tensor's bytes as uint8 [rows, row_bytes] (all rows, or rows
+        [start, stop)), read with pread: the pages go through the page cache without being mapped
+        into this process (so they do not count in its resident memory, unlike a copy taken from
+        the mmap)."""
         t = self.check_supported(name)
-        rows, rb = _byte_shape(t)
-        out = torch.empty((rows, rb), dtype=torch.uint8)
+        n_rows, rb = _byte_shape(t)
+        start, stop = (0, n_rows) if rows is None else rows
+        if not 0 <= start <= stop <= n_rows:
+            raise ValueError(f"rows {rows} out of range for {name!r} ({n_rows} rows)")
+        out = torch.empty((stop - start, rb), dtype=torch.uint8)
         view = memoryview(out.numpy()).cast("B")
+        want = (stop - start) * rb
         try:
             with open(self.path, "rb", buffering=0) as f:
-                f.seek(t.offset)
+                f.seek(t.offset + start * rb)
                 got = 0
-                while got < t.nbytes:
+                while got < want:
                     n = f.readinto(view[got:])
                     if not n:
                         break
                     got += n
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r}: {e.strerror or e}") from None
-        if got != t.nbytes:
+        if got != want:
             raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated while reading?)")
         return out
 
