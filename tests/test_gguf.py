@@ -283,6 +283,19 @@ def test_describe_gguf(tmp_path):
     assert names["blk.0.attn_q.weight"]["type"] == "Q8_0" and names["blk.0.attn_q.weight"]["shape"] == [64, 64]
     assert d["metadata"]["tokenizer.ggml.tokens"].startswith("[265 x string")
     assert d["parameters"] == sum(t["shape"][0] * (t["shape"][1] if len(t["shape"]) > 1 else 1) for t in d["tensors"])
+    # what `ember inspect` summarises: the derived config and the tokenizer
+    assert d["model_type"] == "qwen2" and d["supported"] == "yes"
+    assert d["config"]["num_hidden_layers"] == 2 and d["config"]["vocab_size"] == 265
+    tok = d["tokenizer"]
+    assert (tok["model"], tok["kind"], tok["pre"], tok["vocab_size"]) == ("gpt2", "byte-level BPE", "qwen2", 265)
+    assert tok["eos"] == {"id": 263, "token": "<|im_end|>"} and tok["chat_template_chars"] == len(gm.CHAT_TEMPLATE)
+
+
+def test_describe_gguf_of_an_architecture_ember_does_not_run(tmp_path):
+    path = gm.write(tmp_path / "m.gguf", "mamba", {}, {"x.weight": (np.zeros((4, 32), np.float32), None)})
+    d = describe_gguf(path)
+    assert d["architecture"] == "mamba" and d["config"] is None and d["tokenizer"] is None
+    assert d["supported"].startswith("no (") and "'mamba' is not supported" in d["supported"]
 
 
 def test_llama3_rope_freqs_divide_the_frequencies(tmp_path):

@@ -154,30 +154,81 @@ def test_qwen_packed_matches_dequantized(qwen):
 
 
 RSS_SCRIPT = """
-import json, os, resource, sys
+import json, resource, sys
 import torch
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-base = rss()
 import ember
-llm = ember.load(sys.argv[1], dtype=torch.float32, device="cpu", packed=True)
-load = rss()
-llm.generate("def f(x):", max_tokens=2, ignore_eos=True)
-print(json.dumps({"base": base, "load": load, "run": rss()}))
+from ember.io.ggml import type_name
+from ember.io.gguf_loader import int4_fast_path
+from ember.nn.quantized import QuantEmbedding, QuantLinear
+
+
+def peak():
+    # The process's peak resident memory so far, in bytes: VmHWM belongs to this program's own memory
+    # map. (Linux's ru_maxrss survives execve: a child forked from a large pytest process would report
+    # the parent's peak.)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    except OSError:
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024
+
+
+base = peak()  # Python + torch + ember imported, no model yet
+kw = json.loads(sys.argv[2])
+if kw.pop("float32", False):
+    kw["dtype"] = torch.float32
+llm = ember.load(sys.argv[1], device="cpu", **kw)
+load = peak()
+llm.generate("def f(x):", max_tokens=8, ignore_eos=True)
+forms = {}
+for m in llm.model.modules():
+    if isinstance(m, QuantLinear):
+        form = "int4" if m.int4_terms else "dense" if m.dense is not None else "blocks"
+        forms.setdefault(type_name(m.ggml_type), set()).add(form)
+    elif isinstance(m, QuantEmbedding):
+        forms.setdefault("embedding", set()).add(type_name(m.ggml_type))
+print(json.dumps({"base": base, "load": load, "run": peak(), "int4_fast_path": int4_fast_path(torch.device("cpu")),
+                  "forms": {k: sorted(v) for k, v in forms.items()}}))
 """
 
 
-def test_qwen_packed_peak_rss_under_1_6x_file_size():
+def _qwen_rss(**kw) -> tuple[dict, int]:
     import realmodels
 
     path = realmodels.qwen25_coder_gguf()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ember.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), json.dumps(kw)], capture_output=True, text=True,
+                         env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    size = path.stat().st_size
-    assert r["load"] - r["base"] < 1.6 * size, r
-    assert r["run"] - r["base"] < 1.6 * size, r
+    return json.loads(out.stdout.strip().splitlines()[-1]), path.stat().st_size
+
+
+def test_qwen_packed_float32_peak_rss_under_1_6x_file_size():
+    """packed=True in float32, the memory-lean mode: every quantised weight stays as the file's blocks.
+    The whole process (Python and torch included) peaks under 1.6x the 491 MB file, after loading and
+    after generating (the weights' mapped file pages then count as resident). Measured on the 2-core
+    dev machine: 0.97-1.18x after load, 1.43-1.46x after generating."""
+    r, size = _qwen_rss(packed=True, float32=True)
+    assert set(r["forms"]) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "embedding"}
+    assert all(v == ["blocks"] for k, v in r["forms"].items() if k != "embedding"), r["forms"]
+    assert r["load"] < 1.6 * size, r
+    assert r["run"] < 1.6 * size, r
+
+
+def test_qwen_default_keeps_int4_kernel_types_packed_and_bounds_memory():
+    """The default (packed=None). On a CPU with native bf16: Q4_K, Q5_0 and Q8_0 linears stay packed as
+    int4-kernel planes (one plane for Q4_K, two for Q5_0/Q8_0: 5 or 10 bits per weight), Q6_K (no int4
+    form) is dequantised to bf16 once, the embedding stays as its Q5_0 blocks. That is 1.44x the file
+    resident beyond the runtime after loading; the load's peak (beyond the runtime, measured 1.56-1.63x)
+    must stay under 1.8x: a whole-tensor copy while repacking the 151936 x 896 Q8_0 head once pushed it
+    past 2x."""
+    r, size = _qwen_rss()
+    if r["int4_fast_path"]:
+        assert r["forms"] == {"Q4_K": ["int4"], "Q5_0": ["int4"], "Q8_0": ["int4"], "Q6_K": ["dense"],
+                              "embedding": ["Q5_0"]}, r["forms"]
+    assert r["load"] - r["base"] < 1.8 * size, r
+    assert r["run"] - r["base"] < 1.8 * size, r
 
 
 # ---- Gemma 3 270M (gemma3: w+1 norms, sliding window, Q8_0 tied embeddings) ------------------------

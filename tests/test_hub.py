@@ -156,3 +156,93 @@ def test_several_gguf_files_need_a_tag(tmp_path):
     with pytest.raises(ModelNotFoundError, match="several GGUF files"):
         hub.resolve(tmp_path)
     assert hub.resolve(tmp_path, gguf_file="Q8_0").weights == [tmp_path / "m-Q8_0.gguf"]
+
+
+# ---- a repository with both safetensors and GGUF files: `org/name:TAG` ---------------------------
+@pytest.fixture(scope="module")
+def both_repo(tiny_repo, tmp_path_factory):
+    """The tiny model's Hub folder plus two GGUF conversions of it (F32 and Q8_0), as many repos ship."""
+    from ggufmake import hf_to_gguf
+
+    folder, m = tiny_repo
+    ggufs = tmp_path_factory.mktemp("ggufs")
+    return {"config.json": folder / "config.json", "model.safetensors": folder / "model.safetensors",
+            "tiny-F32.gguf": hf_to_gguf(m, ggufs / "tiny-F32.gguf", qtype=0),
+            "tiny-Q8_0.gguf": hf_to_gguf(m, ggufs / "tiny-Q8_0.gguf", qtype=8)}, m
+
+
+def test_a_tag_picks_the_gguf_even_where_the_repo_has_safetensors(env, both_repo, monkeypatch):
+    files, m = both_repo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap_dir = _lay_out_cache(env, "acme/both", files)
+    assert hub.resolve("acme/both").weights == [snap_dir / "model.safetensors"]  # no tag: safetensors
+    snap = hub.resolve("acme/both:Q8_0")
+    assert snap.format == "gguf" and snap.weights == [snap_dir / "tiny-Q8_0.gguf"]
+    assert hub.resolve("acme/both", gguf_file="tiny-F32.gguf").weights == [snap_dir / "tiny-F32.gguf"]
+    llm = ember.load("acme/both:F32", dtype=torch.float32)
+    assert llm._loaded.snapshot.format == "gguf"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert (llm.model(ids) - m(ids).logits).abs().max() < 1e-4
+
+
+def test_a_tag_no_gguf_matches_lists_the_gguf_files(env, both_repo, monkeypatch):
+    files, _ = both_repo
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _lay_out_cache(env, "acme/both", files)
+    with pytest.raises(ModelNotFoundError) as e:
+        hub.resolve("acme/both:Q4_K_M")
+    msg = str(e.value)
+    assert "no GGUF file matches 'Q4_K_M'" in msg and "tiny-F32.gguf, tiny-Q8_0.gguf" in msg
+    assert "model.safetensors" not in msg.split("available GGUF files:")[1]
+
+
+def test_a_tag_names_the_whole_quant_type(tmp_path):
+    for q in ("Q4_K", "Q4_K_M", "Q4_K_S"):
+        (tmp_path / f"m-{q}.gguf").write_bytes(b"GGUF")
+    assert hub.resolve(tmp_path, gguf_file="Q4_K").weights == [tmp_path / "m-Q4_K.gguf"]
+    assert hub.resolve(tmp_path, gguf_file="q4_k_m").weights == [tmp_path / "m-Q4_K_M.gguf"]
+    with pytest.raises(ModelNotFoundError, match="2 GGUF files match 'Q4_K_'"):
+        hub.resolve(tmp_path, gguf_file="Q4_K_")
+
+
+def test_a_tag_downloads_only_that_gguf(env, both_repo, monkeypatch, tmp_path):
+    files, _ = both_repo
+    repo = tmp_path / "served"
+    repo.mkdir()
+    for name, src in files.items():
+        shutil.copy(src, repo / name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with FakeHub({"acme/both": repo}) as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.url)
+        snap = hub.resolve("acme/both:Q8_0")
+        got = {r.split(" ", 1)[1].rsplit("/", 1)[1] for r in fake.requests if "/resolve/" in r}
+        with pytest.raises(ModelNotFoundError, match="'acme/both': no GGUF file matches 'Q2_K'; available GGUF files: "
+                                                     "tiny-F32.gguf, tiny-Q8_0.gguf"):
+            hub.resolve("acme/both:Q2_K")
+    assert snap.format == "gguf" and snap.weights == [snap.root / "tiny-Q8_0.gguf"]
+    assert "tiny-Q8_0.gguf" in got and not got & {"model.safetensors", "tiny-F32.gguf"}
+
+
+# ---- a sharded safetensors checkpoint in the cache -------------------------------------------------
+def test_sharded_checkpoint_resolves_from_the_cache_and_loads(env, tiny_repo, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    _, m = tiny_repo
+    folder = tmp_path / "sharded"
+    save(m, folder, max_shard_size="20KB")  # transformers writes the index and the shards
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and not (folder / "model.safetensors").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap_dir = _lay_out_cache(env, "acme/sharded", {n: folder / n for n in
+                                                     ["config.json", "model.safetensors.index.json", *shards]})
+    snap = hub.resolve("acme/sharded")
+    assert snap.format == "safetensors" and snap.root == snap_dir
+    assert sorted(snap.weights) == [snap_dir / s for s in shards]
+    assert all(w.is_symlink() for w in snap.weights)  # the cache's own layout: snapshot links into blobs/
+    assert sum(len(load_file(w)) for w in snap.weights) == len(index["weight_map"])
+    llm = ember.load("acme/sharded", dtype=torch.float32)
+    ids = torch.tensor([[7, 8, 9, 10]])
+    with torch.no_grad():
+        assert (llm.model(ids) - m(ids).logits).abs().max() < 1e-5

@@ -48,6 +48,42 @@ def _load(model: str | None, a):
     return obj
 
 
+def _embedding_model_type(name: str, a) -> str | None:
+    """The model_type when `name` is an embedding model (what `ember.load` returns an Embedder for:
+    an encoder, or a folder with sentence-transformers modules.json), from its files alone."""
+    from ember import hub, registry
+    from ember.config import load_json
+    from ember.errors import EmberError
+
+    try:
+        snap = hub.resolve(name, a.revision)
+        if snap.format == "gguf" or snap.config is None:
+            return None
+        cfg = load_json(snap.config)
+        entry = registry.lookup(cfg)
+    except EmberError:
+        return None  # the load that follows reports it
+    if entry.task == "encoder" or snap.file("modules.json") is not None:
+        return entry.model_type
+    return None
+
+
+def _load_generator(model: str | None, a):
+    """`_load` for run/chat: None (after a one-line error) when MODEL is an embedding model."""
+    from ember.api import LLM
+    from ember.fixtures import default_model
+
+    name = model or default_model()
+    kind = _embedding_model_type(name, a)
+    obj = _load(name, a) if kind is None else None
+    if obj is not None and not isinstance(obj, LLM):  # the same rule, decided by ember.load
+        kind = getattr(getattr(obj, "config", None), "model_type", "") or "encoder"
+    if kind is not None:
+        print(f"ember: error: {name} is an embedding model ({kind}); use `ember embed`", file=sys.stderr)
+        return None
+    return obj
+
+
 # ---- run ---------------------------------------------------------------------------------------
 def cmd_run(a) -> int:
     words = a.args
@@ -60,7 +96,9 @@ def cmd_run(a) -> int:
         return 2
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = _load(model, a)
+    llm = _load_generator(model, a)
+    if llm is None:
+        return 2
     kw = _sampling_kw(a)
     use_chat = not a.raw and llm.tokenizer is not None and llm.tokenizer.chat_template
     if use_chat:
@@ -82,7 +120,9 @@ def cmd_run(a) -> int:
 
 # ---- chat --------------------------------------------------------------------------------------
 def cmd_chat(a) -> int:
-    llm = _load(a.model, a)
+    llm = _load_generator(a.model, a)
+    if llm is None:
+        return 2
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         print("ember: error: this model has no chat template; use `ember run --raw`", file=sys.stderr)
         return 1
@@ -127,7 +167,111 @@ def _human(n: float) -> str:
     return ""
 
 
+# config.json names (several spellings across families) for the summary line
+_CONFIG_SUMMARY = (
+    ("layers", ("num_hidden_layers", "n_layer", "num_layers")),
+    ("hidden", ("hidden_size", "n_embd", "d_model")),
+    ("intermediate", ("intermediate_size", "n_inner", "ffn_dim")),
+    ("heads", ("num_attention_heads", "n_head")),
+    ("kv_heads", ("num_key_value_heads",)),
+    ("head_dim", ("head_dim",)),
+    ("vocab", ("vocab_size",)),
+    ("context", ("max_position_embeddings", "n_positions")),
+    ("sliding_window", ("sliding_window",)),
+    ("rope_theta", ("rope_theta",)),
+    ("rope_scaling", ("rope_scaling",)),
+    ("tied", ("tie_word_embeddings",)),
+)
+
+
+def _config_line(cfg: dict) -> str:
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    parts = []
+    for short, keys in _CONFIG_SUMMARY:
+        v = next((c[k] for k in keys for c in (cfg, text) if c.get(k) is not None), None)
+        if v is None:
+            continue
+        if isinstance(v, dict):  # rope_scaling: its type and factor, not the factor lists
+            v = "/".join(str(v[k]) for k in ("rope_type", "type", "factor") if isinstance(v.get(k), (str, int, float)))
+        parts.append(f"{short}={v}")
+    return ", ".join(parts)
+
+
+def _types_line(types: dict) -> str:
+    """{type: {"tensors", "nbytes"}} -> 'Q5_0 x133 (254.4 MB), ...', largest first."""
+    order = sorted(types.items(), key=lambda kv: -kv[1]["nbytes"])
+    return ", ".join(f"{t} x{e['tensors']} ({_human(e['nbytes'])})" for t, e in order)
+
+
+def _token_text(t) -> str:
+    return f"{t['id']} {t['token']!r}" if t.get("token") is not None else str(t["id"])
+
+
+def _gguf_tokenizer_line(tok: dict | None) -> str:
+    if not tok:
+        return "none in the metadata (token ids only)"
+    parts = [f"{tok.get('model')}" + (f" ({tok['kind']}" + (f", pre {tok['pre']}" if tok.get("pre") else "") + ")"
+                                        if tok.get("kind") else "")]
+    if tok.get("vocab_size") is not None:
+        parts.append(f"{tok['vocab_size']} tokens")
+    for key in ("bos", "eos"):
+        if key in tok:
+            parts.append(f"{key} {_token_text(tok[key])}")
+    n = tok.get("chat_template_chars", 0)
+    parts.append(f"chat template: {'yes (%d chars)' % n if n else 'no'}")
+    return ", ".join(parts)
+
+
+def _folder_tokenizer_line(snap) -> str:
+    """Tokenizer facts from the folder's files, without building the tokenizer."""
+    from ember.config import load_json
+
+    tj = snap.file("tokenizer.json")
+    parts = []
+    if tj is None:
+        have = [n for n in ("vocab.txt", "tokenizer.model", "vocab.json") if snap.file(n)]
+        parts.append("no tokenizer.json" + (f" (has {', '.join(have)}; ember reads tokenizer.json)" if have else ""))
+    else:
+        try:
+            data = load_json(tj)
+            model = data.get("model") or {}
+            vocab = model.get("vocab")
+            ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab or [])))
+            ids |= {t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)}
+            parts += [f"{model.get('type') or '?'} (tokenizer.json)", f"{len(ids)} tokens"]
+        except Exception as e:  # an unreadable file is reported, not fatal: inspect is for looking at broken folders too
+            parts.append(f"tokenizer.json unreadable ({str(e)[:80]})")
+    tc = {}
+    if snap.file("tokenizer_config.json"):
+        try:
+            tc = load_json(snap.file("tokenizer_config.json"))
+        except Exception:
+            tc = {}
+    for key in ("bos_token", "eos_token"):
+        v = tc.get(key)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            parts.append(f"{key[:3]} {v!r}")
+    template = tc.get("chat_template")
+    source = "tokenizer_config.json" if template else None
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if not source and snap.file(name):
+            source = name
+    parts.append(f"chat template: {'yes (' + source + ')' if source else 'no'}")
+    return ", ".join(parts)
+
+
+def _print_tensors(rows: list[tuple[str, str, list]], limit: int, width: int) -> None:
+    print("tensors:")
+    for name, dt, shape in rows[:limit]:
+        print(f"  {name:<{width}} {dt:<9} {shape}")
+    if len(rows) > limit:
+        print(f"  ... {len(rows) - limit} more (use --limit)")
+
+
 def cmd_inspect(a) -> int:
+    """A checkpoint's summary (architecture, parameters, size, tensor types, config, tokenizer) and tensors,
+    the same for a GGUF file and a safetensors folder/file."""
     import json
     import math
 
@@ -141,18 +285,22 @@ def cmd_inspect(a) -> int:
         if a.json:
             print(json.dumps(info, indent=2, default=str))
             return 0
-        print(f"file: {snap.weights[0]}")
-        for k, v in info.get("summary", {}).items():
-            print(f"  {k}: {v}")
-        tensors = info.get("tensors", [])
-        for t in tensors[: a.limit]:
-            print(f"  {t['name']:<48} {t['type']:<6} {t['shape']}")
-        if len(tensors) > a.limit:
-            print(f"  ... {len(tensors) - a.limit} more (use --limit)")
+        print(f"file: {snap.weights[0]} ({info['format']}, {_human(info['file_size'])})")
+        name = f", name {info['name']!r}" if info.get("name") else ""
+        print(f"architecture: {info['architecture']}, model_type={info.get('model_type') or '?'}{name}")
+        print(f"parameters: {info['parameters']:,}")
+        print(f"size: {_human(info['tensor_bytes'])} in {info['tensor_count']} tensors")
+        print(f"tensor types: {_types_line(info['types'])}")
+        if info.get("config"):
+            print(f"config: {_config_line(info['config'])}")
+        print(f"tokenizer: {_gguf_tokenizer_line(info.get('tokenizer'))}")
+        print(f"supported by ember: {info['supported']}")
+        rows = [(t["name"], t["type"], t["shape"]) for t in info.get("tensors", [])]
+        _print_tensors(rows, a.limit, 40)
         return 0
     from ember.io.safetensors import read_header
 
-    rows, total_bytes, total_params, metadata = [], 0, 0, {}
+    rows, total_bytes, total_params, metadata, types = [], 0, 0, {}, {}
     for f in snap.weights:
         if snap.format != "safetensors":
             print(f"(pickle checkpoint {f.name}: tensors are not listed without unpickling)")
@@ -160,9 +308,13 @@ def cmd_inspect(a) -> int:
         tensors, meta = read_header(f)
         metadata.update(meta)
         for t in tensors.values():
-            rows.append((t.name, str(t.dtype).replace("torch.", ""), list(t.shape), f.name))
+            dt = str(t.dtype).replace("torch.", "")
+            rows.append((t.name, dt, list(t.shape), f.name))
             total_bytes += t.nbytes
             total_params += math.prod(t.shape)
+            e = types.setdefault(dt, {"tensors": 0, "nbytes": 0})
+            e["tensors"] += 1
+            e["nbytes"] += t.nbytes
     cfg = {}
     if snap.config is not None:
         from ember.config import load_json
@@ -170,14 +322,22 @@ def cmd_inspect(a) -> int:
         cfg = load_json(snap.config)
     if a.json:
         print(json.dumps({"files": [str(w) for w in snap.weights], "tensors": rows, "params": total_params,
-                          "bytes": total_bytes, "metadata": metadata, "config": cfg}, indent=2))
+                          "bytes": total_bytes, "types": types, "metadata": metadata, "config": cfg}, indent=2))
         return 0
     print(f"folder: {snap.root}")
     print(f"files: {', '.join(w.name for w in snap.weights)}")
     if cfg:
-        keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
-        print("config: " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg))
+        archs = cfg.get("architectures")
+        archs = f", architectures={','.join(map(str, archs))}" if isinstance(archs, list) and archs else ""
+        print(f"architecture: model_type={cfg.get('model_type', '?')}{archs}")
+    print(f"parameters: {total_params:,}")
+    print(f"size: {_human(total_bytes)} in {len(rows)} tensors")
+    if types:
+        print(f"tensor types: {_types_line(types)}")
+    if cfg:
+        print(f"config: {_config_line(cfg)}")
+    print(f"tokenizer: {_folder_tokenizer_line(snap)}")
+    if cfg:
         from ember import registry
 
         try:
@@ -187,11 +347,7 @@ def cmd_inspect(a) -> int:
             print(f"supported by ember: no ({e})")
     if metadata:
         print(f"metadata: {metadata}")
-    print(f"tensors: {len(rows)}, parameters: {total_params:,}, size: {_human(total_bytes)}")
-    for name, dt, shape, fname in rows[: a.limit]:
-        print(f"  {name:<56} {dt:<9} {shape}")
-    if len(rows) > a.limit:
-        print(f"  ... {len(rows) - a.limit} more (use --limit)")
+    _print_tensors([r[:3] for r in rows], a.limit, 56)
     return 0
 
 

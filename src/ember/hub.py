@@ -59,9 +59,35 @@ class Snapshot:
 
 
 # ---- choosing files ------------------------------------------------------------------------------
+def _match_gguf(gg: list[str], hint: str) -> list[str]:
+    """The GGUF files a `:TAG` (or gguf_file=) names: the exact path or base name, else the files whose
+    name contains the tag; among several, those where the tag is not followed by more of a longer
+    tag (`Q4_K` picks `m-Q4_K.gguf` over `m-Q4_K_M.gguf`)."""
+    exact = [n for n in gg if n == hint or Path(n).name == hint]
+    if exact:
+        return exact
+    low = hint.lower()
+    found = [n for n in gg if low in Path(n).name.lower()]
+    if len(found) > 1:
+        whole = [n for n in found if re.search(re.escape(low) + r"(?![a-z0-9_])", Path(n).name.lower())]
+        found = whole or found
+    return found
+
+
 def _pick_weights(names: list[str], gguf_hint: str | None = None) -> tuple[str, list[str]]:
-    """(format, weight files) from a repository's file list; index files are included."""
+    """(format, weight files) from a repository's file list; index files are included.
+
+    With a GGUF hint (`org/name:TAG`, gguf_file=) the matching GGUF file is the answer even where the
+    repository also has safetensors weights; no match is a `ModelNotFoundError` listing the GGUF files.
+    Without one, safetensors come first, then a lone GGUF file, then pytorch_model.bin."""
     top = [n for n in names if "/" not in n]
+    gg = sorted(n for n in names if n.lower().endswith(".gguf"))
+    if gguf_hint:
+        chosen = _match_gguf(gg, gguf_hint)
+        if len(chosen) != 1:
+            what = "no GGUF file matches" if not chosen else f"{len(chosen)} GGUF files match"
+            raise ModelNotFoundError(f"{what} {gguf_hint!r}; available GGUF files: {', '.join(gg) or '(none)'}")
+        return "gguf", chosen
     if "model.safetensors.index.json" in top:
         return "safetensors", ["model.safetensors.index.json"]
     if "model.safetensors" in top:
@@ -69,13 +95,7 @@ def _pick_weights(names: list[str], gguf_hint: str | None = None) -> tuple[str, 
     st = sorted(n for n in top if n.endswith(".safetensors") and not n.startswith("consolidated"))
     if st:
         return "safetensors", st
-    gg = sorted(n for n in names if n.lower().endswith(".gguf"))
     if gg:
-        if gguf_hint:
-            chosen = [n for n in gg if n == gguf_hint or gguf_hint.lower() in Path(n).name.lower()]
-            if len(chosen) != 1:
-                raise ModelNotFoundError(f"{len(chosen)} GGUF files match {gguf_hint!r}; available: {', '.join(gg)}")
-            return "gguf", chosen
         if len(gg) > 1:
             raise ModelNotFoundError(
                 "this repository has several GGUF files; pick one with 'org/name:TAG' (e.g. :Q4_K_M) or gguf_file=: "
@@ -172,7 +192,10 @@ def _from_cache(repo: str, revision: str | None, gguf_hint: str | None) -> tuple
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         return None, f"no snapshot of {repo!r} (revision {revision or 'main'}) in the cache"
     names = _local_names(root)
-    fmt, files = _pick_weights(names, gguf_hint)
+    try:
+        fmt, files = _pick_weights(names, gguf_hint)
+    except ModelNotFoundError as e:  # e.g. the tagged GGUF file is not cached yet: the Hub may have it
+        return None, f"the cached snapshot {root}: {e}"
     if not files:
         return None, f"the cached snapshot {root} has no weight files"
     if fmt != "gguf" and "config.json" not in names:
@@ -202,7 +225,10 @@ def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> 
             f"{repo!r} is not in the local cache ({cache_dir()}) and the Hub could not be reached "
             f"({type(e).__name__}: {str(e)[:120]}). Connect, or point ember at a local folder.") from None
     names = [s.rfilename for s in (info.siblings or [])]
-    fmt, weights = _pick_weights(names, gguf_hint)
+    try:
+        fmt, weights = _pick_weights(names, gguf_hint)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{repo!r}: {e}") from None
     if not weights:
         raise ModelNotFoundError(f"{repo!r} has no weights ember can read (safetensors, GGUF); files: {', '.join(names[:20])}")
     wanted = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in SIDE_FILES)] if fmt != "gguf" else \

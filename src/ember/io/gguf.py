@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, EmberError, UnsupportedModelError
 from . import ggml
 
 MAGIC = b"GGUF"
@@ -309,26 +309,31 @@ class GGUFFile:
         rows, rb = _byte_shape(t)
         return torch.empty(0, dtype=torch.uint8).set_(self._mapped(), t.offset, (rows, rb), (rb, 1))
 
-    def read(self, name: str) -> torch.Tensor:
-        """A private copy of the tensor's bytes as uint8 [rows, row_bytes], read with pread: the pages
-        go through the page cache without being mapped into this process (so they do not count in
-        its resident memory, unlike a copy taken from the mmap)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A private copy of the tensor's bytes as uint8 [rows, row_bytes] (all rows, or rows
+        [start, stop)), read with pread: the pages go through the page cache without being mapped
+        into this process (so they do not count in its resident memory, unlike a copy taken from
+        the mmap)."""
         t = self.check_supported(name)
-        rows, rb = _byte_shape(t)
-        out = torch.empty((rows, rb), dtype=torch.uint8)
+        n_rows, rb = _byte_shape(t)
+        start, stop = (0, n_rows) if rows is None else rows
+        if not 0 <= start <= stop <= n_rows:
+            raise ValueError(f"rows {rows} out of range for {name!r} ({n_rows} rows)")
+        out = torch.empty((stop - start, rb), dtype=torch.uint8)
         view = memoryview(out.numpy()).cast("B")
+        want = (stop - start) * rb
         try:
             with open(self.path, "rb", buffering=0) as f:
-                f.seek(t.offset)
+                f.seek(t.offset + start * rb)
                 got = 0
-                while got < t.nbytes:
+                while got < want:
                     n = f.readinto(view[got:])
                     if not n:
                         break
                     got += n
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r}: {e.strerror or e}") from None
-        if got != t.nbytes:
+        if got != want:
             raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated while reading?)")
         return out
 
@@ -343,6 +348,31 @@ def _byte_shape(t: TensorInfo) -> tuple[int, int]:
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
     return GGUFFile(path)
+
+
+_TOKENIZER_KINDS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE", "bert": "WordPiece", "t5": "Unigram",
+                    "rwkv": "RWKV"}
+
+
+def _tokenizer_summary(m: dict) -> dict | None:
+    """The tokenizer the metadata describes: kind, vocabulary size, BOS/EOS, chat template."""
+    tokens = m.get("tokenizer.ggml.tokens")
+    model = m.get("tokenizer.ggml.model")
+    if not isinstance(tokens, list) and model is None:
+        return None
+    out: dict[str, Any] = {"model": model, "kind": _TOKENIZER_KINDS.get(model) if isinstance(model, str) else None,
+                           "pre": m.get("tokenizer.ggml.pre"), "vocab_size": len(tokens) if isinstance(tokens, list) else None}
+    for key in ("bos", "eos"):
+        i = m.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and not isinstance(i, bool):
+            tok = tokens[i] if isinstance(tokens, list) and 0 <= i < len(tokens) else None
+            out[key] = {"id": i, "token": tok if isinstance(tok, str) else None}
+    add_bos = m.get("tokenizer.ggml.add_bos_token")
+    if isinstance(add_bos, bool):
+        out["add_bos"] = add_bos
+    template = m.get("tokenizer.chat_template")
+    out["chat_template_chars"] = len(template) if isinstance(template, str) else 0
+    return out
 
 
 def describe_gguf(path: str | os.PathLike) -> dict:
@@ -369,16 +399,27 @@ def describe_gguf(path: str | os.PathLike) -> dict:
         e["tensors"] += 1
         e["nbytes"] += max(t.nbytes, 0)
         e["params"] += t.numel
+    # the config ember derives from the metadata (what config.json would say), if ember reads this architecture
+    from .gguf_loader import config_dict  # (imports this module)
+
+    try:
+        config, supported = config_dict(f), "yes"
+    except EmberError as e:
+        config, supported = None, f"no ({e})"
     return {
         "path": str(f.path),
         "format": f"GGUF v{f.version}",
         "architecture": f.architecture,
+        "model_type": (config or {}).get("model_type"),
+        "supported": supported,
         "name": f.metadata.get("general.name"),
         "file_size": f.size,
         "tensor_count": len(f.tensors),
         "parameters": sum(t.numel for t in f.tensors.values()),
         "tensor_bytes": sum(max(t.nbytes, 0) for t in f.tensors.values()),
         "types": by_type,
+        "config": config,
+        "tokenizer": _tokenizer_summary(f.metadata),
         "metadata": meta,
         "tensors": tensors,
     }

@@ -409,7 +409,7 @@ class GGUFSource:
 
             name = plan.gguf
             w = GGMLWeight(self.f.raw(name), info.ggml_type, info.shape, dtype=self.dtype,
-                           reader=lambda: self.f.read(name), name=name, dense_fallback=self.dense_fallback)
+                           reader=lambda rows=None: self.f.read(name, rows), name=name, dense_fallback=self.dense_fallback)
             if plan.permute_heads:
                 w = w.permute_rows(_qk_perm(info.shape[0], plan.permute_heads))
             return w
@@ -549,16 +549,19 @@ def load_gguf(snap, dtype: torch.dtype | None, device: torch.device, *, packed: 
     except ConfigError as e:
         raise ConfigError(f"{f.path}: {e}") from None
     dtype, packed, dense_fallback, mode = plan_loading(f, dtype, device, packed)
-    _, fam = family_for(f)
-    source = GGUFSource(f, fam, raw, packed=packed, dtype=dtype, dense_fallback=dense_fallback)
-    vb = VarBuilder(source, dtype, device)
-    model = build_model(entry, cfg, vb, **model_kw)
-    _apply_rope_freqs(model, source, vb)
+    # The tokenizer first: building it from a large vocabulary (150k tokens and merges) needs ~70 MB
+    # of temporaries, which then come and go before the weights are resident, not on top of them.
     tokenizer = None
     if isinstance(f.metadata.get("tokenizer.ggml.tokens"), list):
         tokenizer = tokenizer_from_gguf(f.metadata, path=f.path)
     else:
         log.warning("%s has no tokenizer in its metadata: text in/out is unavailable, token ids only", f.path)
+    _release_free_memory()
+    _, fam = family_for(f)
+    source = GGUFSource(f, fam, raw, packed=packed, dtype=dtype, dense_fallback=dense_fallback)
+    vb = VarBuilder(source, dtype, device)
+    model = build_model(entry, cfg, vb, **model_kw)
+    _apply_rope_freqs(model, source, vb)
     if not packed:
         f.close()  # nothing refers to the mapping any more
     _release_free_memory()
