@@ -141,3 +141,13 @@ def test_import_ember_is_light():
     code = "import sys, ember; print('transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_cli_help_does_not_import_torch():
+    """`ember --help` and the parser of every subcommand stay instant: torch loads on first use."""
+    code = ("import sys, contextlib, io\nfrom ember import cli\nfor argv in (['--help'], ['bench', '--help'], "
+            "['serve', '--help'], ['embed', '--help']):\n    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n            cli.main(argv)\n        except SystemExit:\n            pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False"]

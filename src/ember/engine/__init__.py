@@ -7,48 +7,17 @@ model modules as the plain path; greedy outputs are identical.
 """
 from __future__ import annotations
 
-from ..generation.loop import Generator
-from .graphs import DEFAULT_BUCKETS, StaticDecoder
+from typing import Any
+
+# Lazy: `ember --help` and `import ember.engine.cli` must not import torch.
+_EXPORTS = {"Engine": ".core", "enable": ".core", "disable": ".core", "StaticDecoder": ".graphs",
+            "DEFAULT_BUCKETS": ".graphs"}
+__all__ = list(_EXPORTS)
 
 
-class Engine:
-    def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 32, max_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | str = False, buckets=DEFAULT_BUCKETS, dtype=None):
-        """compile: False, True (torch.compile mode "max-autotune-no-cudagraphs"), or a mode name."""
-        self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
-        p = next(model.parameters())
-        self.device = p.device
-        self.max_len = min(max_len or 4096, model.max_context)
-        self.max_batch = max_batch
-        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
-        use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
-        # On CPU "graphs" means the same static-shape step run eagerly (what the tests exercise).
-        mode = compile if isinstance(compile, str) else "max-autotune-no-cudagraphs"
-        self.decoder = StaticDecoder(model, self.cache, buckets=buckets, capture=use_graphs and self.device.type == "cuda",
-                                     compile=bool(compile), compile_mode=mode) if (use_graphs or compile) else None
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
 
-    def generator(self, max_batch: int | None = None, longest: int | None = None) -> Generator:
-        """A Generator over the engine's cache. Requests longer than the engine's context fall back
-        to a plain generator sized for them."""
-        if longest is not None and longest + 1 > self.max_len:
-            return Generator(self.model, self.tokenizer, max_batch=min(max_batch or 1, self.max_batch),
-                             max_len=longest + 1, eos_ids=self.eos_ids, device=self.device)
-        g = Generator(self.model, self.tokenizer, max_batch=min(max_batch or self.max_batch, self.max_batch),
-                      max_len=self.max_len, eos_ids=self.eos_ids, device=self.device, cache=self.cache)
-        if self.decoder is not None:
-            g.step_hook = self.decoder
-        return g
-
-    def warmup(self, buckets=None) -> None:
-        if self.decoder is not None:
-            self.decoder.warmup(buckets)
-
-
-def enable(llm, **kw) -> Engine:
-    """Attach an Engine to an LLM: generate/stream/chat then run through it."""
-    llm.engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, **kw)
-    return llm.engine
-
-
-def disable(llm) -> None:
-    llm.engine = None
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
