@@ -381,3 +381,71 @@ def test_causal_lm_with_sentence_transformers_files_embeds(tmp_path):
     assert (got - _st_encode(tmp_path, texts)).abs().max().item() < 1e-4
     # an empty text has no tokens at all here (sentence-transformers fails on a batch of those)
     assert torch.isfinite(enc.embed(["", ""])).all()
+
+
+def _tiny_embeddinggemma(tmp_path, **over):
+    """A tiny Gemma3TextModel with use_bidirectional_attention, saved as transformers saves
+    EmbeddingGemma (no "model." prefix, no lm_head)."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    import tinymodels
+    from parity import randomize_
+
+    tk = tinymodels.build_tokenizer()
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|endoftext|>", "model_max_length": 128}))
+    kw = dict(vocab_size=tk.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+              sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              pad_token_id=tk.token_to_id("<|endoftext|>"), use_bidirectional_attention=True)
+    kw.update(over)
+    torch.manual_seed(0)
+    model = randomize_(Gemma3TextModel(Gemma3TextConfig(**kw)).float().eval())
+    model.save_pretrained(tmp_path)
+    return model, tk
+
+
+def test_bidirectional_gemma3_embeds_like_sentence_transformers(tmp_path):
+    """EmbeddingGemma-style checkpoints (gemma3_text with use_bidirectional_attention): every token
+    sees the whole text (global layers) or its window both ways (sliding layers, w // 2 + 1 as the
+    reference), weights without the "model." prefix; ember.load gives an Embedder matching
+    sentence-transformers."""
+    import ember
+
+    hf, tk = _tiny_embeddinggemma(tmp_path)
+    T.add_sentence_transformers(tmp_path, pooling={"pooling_mode": "mean"}, normalize=True)
+    enc = ember.load(tmp_path, dtype=torch.float32)
+    assert isinstance(enc, ember.Embedder) and enc.model.lm.bidirectional
+    texts = ["The quick brown fox jumps over the lazy dog, again and again.", "Héllo wörld", "a",
+             "1234567890 " * 4]
+    got = enc.embed(texts, batch_size=3)
+    assert (got - _st_encode(tmp_path, texts)).abs().max().item() < 1e-4
+
+    # hidden states of a right-padded batch against the reference model itself
+    ids = [tk.encode(t).ids for t in texts[:2]]
+    n = max(map(len, ids))
+    pad = tk.token_to_id("<|endoftext|>")
+    input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        out = enc.model(input_ids, mask)
+    real = mask.bool()
+    assert n > 8 and (out[real] - ref[real]).abs().max().item() < 1e-4
+
+    # the attention really is bidirectional: an early token's state depends on later tokens
+    with torch.no_grad():
+        cut = enc.model(input_ids[:1, :4], mask[:1, :4])
+    assert (cut[0, 0] - out[0, 0]).abs().max().item() > 1e-3
+
+
+def test_bidirectional_gemma3_without_sentence_transformers_files_still_embeds(tmp_path):
+    """No modules.json: a bidirectional decoder is an encoder, so ember.load embeds (mean pooling)
+    instead of handing back a generator that would decode with the wrong attention."""
+    import ember
+
+    _tiny_embeddinggemma(tmp_path)
+    enc = ember.load(tmp_path, dtype=torch.float32)
+    assert isinstance(enc, ember.Embedder) and enc.pooling_source == "default"
+    assert enc.embed(["hello world"]).shape == (1, 64)

@@ -118,7 +118,7 @@ def test_gemma3_multimodal_checkpoint_matches_transformers(tmp_path, tie):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(sliding_window_pattern=0), "sliding_window_pattern"), (dict(rope_local_base_freq=-1.0), "rope_local_base_freq"),
-    (dict(use_bidirectional_attention=True), "bidirectional"), (dict(head_dim=0), "head_dim")])
+    (dict(head_dim=0), "head_dim")])
 def test_gemma3_config_rejects_impossible_values(bad, match):
     from ember.errors import ConfigError
     from ember.registry import lookup

@@ -30,8 +30,10 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) packs the weights itself
     loaded = load_snapshot(snap, dtype, device, **model_kw)
-    # encoders, and causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...), embed
-    if loaded.entry.task == "encoder" or snap.file("modules.json") is not None:
+    # encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...) and decoders
+    # turned bidirectional (EmbeddingGemma) embed
+    bidirectional = bool(getattr(loaded.model, "bidirectional", False))
+    if loaded.entry.task == "encoder" or snap.file("modules.json") is not None or bidirectional:
         from .embeddings import Embedder
 
         return Embedder(loaded)

@@ -334,7 +334,8 @@ class CausalLMEncoder(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         from .models.base import make_step
 
-        return self.lm.model(input_ids, make_step(input_ids, attention_mask)).float()
+        step = make_step(input_ids, attention_mask, causal=not self.lm.bidirectional)
+        return self.lm.model(input_ids, step).float()
 
 
 def _check_texts(texts) -> list[str]:

@@ -30,12 +30,15 @@ class Step:
     _masks: dict
     cache_rows: slice | None = None  # which cache rows this batch occupies (default: the first B)
     fresh: bool = False  # prefill from position 0: keys are the queries, plain causal attention
+    causal: bool = True  # False: bidirectional self-attention (decoder-based encoders), no cache
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
         if window not in self._masks:
             kv_len = None if self.fresh else self.kv_len
-            if self._single_query_sees_all(window):
+            if not self.causal:
+                self._masks[window] = build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
+            elif self._single_query_sees_all(window):
                 self._masks[window] = None  # one query at the last cached position: every key is visible
             else:
                 self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
@@ -52,7 +55,7 @@ class Step:
 
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
-              cache_rows: slice | None = None, fresh: bool = False) -> Step:
+              cache_rows: slice | None = None, fresh: bool = False, causal: bool = True) -> Step:
     B, T = input_ids.shape[:2]
     if position_ids is None:
         if cache is not None:
@@ -64,7 +67,9 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
         raise ValueError("with a cache, padding is expressed through position_ids, not attention_mask")
     if fresh and (cache is None or kv_len != T):
         raise ValueError("fresh=True means a prefill from position 0 whose kv_len equals its length")
-    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh)
+    if not causal and cache is not None:
+        raise ValueError("bidirectional attention runs without a cache")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal)
 
 
 class CausalLM(nn.Module):
@@ -72,6 +77,12 @@ class CausalLM(nn.Module):
 
     final_logit_softcapping: float | None = None  # tanh soft-capping of the logits (Gemma 2)
     logits_scaling: float = 1.0  # logits are divided by it (Granite)
+
+    @property
+    def bidirectional(self) -> bool:
+        """An encoder variant of a decoder (EmbeddingGemma's use_bidirectional_attention): it embeds,
+        it does not generate."""
+        return bool(getattr(self.config, "use_bidirectional_attention", False))
 
     def forward(
         self,
@@ -88,7 +99,8 @@ class CausalLM(nn.Module):
 
         fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
         causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then."""
-        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh)
+        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
+                         causal=not self.bidirectional)
         h = self.model(input_ids, step)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)

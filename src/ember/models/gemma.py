@@ -13,6 +13,7 @@ Reference: transformers/models/gemma/modeling_gemma.py (gemma2, gemma3 for the o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ class Config(llama.Config):
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
-    # ember flag set by the Gemma 2 / 3 configs (not a config.json key)
+    # ember flags set by the Gemma 2 / 3 configs (not config.json keys)
     sandwich_norms: bool = False
+    bidirectional_ok: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.hidden_act == "gelu":  # as GemmaConfig: the released configs' "gelu" means the tanh approximation
@@ -57,8 +59,8 @@ class Config(llama.Config):
     def validate(self) -> None:
         super().validate()
         self._positive("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
-        self._require(not self.use_bidirectional_attention,
-                      "use_bidirectional_attention (an encoder variant) is not supported for causal generation")
+        self._require(not self.use_bidirectional_attention or self.bidirectional_ok,
+                      f"use_bidirectional_attention is supported for gemma3_text only, not {self.model_type}")
         if self.layer_types is not None:
             bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
             self._require(not bad, f"unsupported layer_types {bad}; supported: {', '.join(LAYER_TYPES)}")
@@ -130,6 +132,8 @@ class ForCausalLM(CausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         self.config = cfg
-        self.model = Model(cfg, vb.pp("model"), fuse)
+        # Gemma3TextModel checkpoints (EmbeddingGemma) are saved without the "model." prefix
+        inner = vb.pp_first(["model", ""], "embed_tokens.weight") if cfg.use_bidirectional_attention else vb.pp("model")
+        self.model = Model(cfg, inner, fuse)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.final_logit_softcapping = cfg.final_logit_softcapping

@@ -16,6 +16,7 @@ Reference: transformers/models/gemma3/modeling_gemma3.py, configuration_gemma3.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..varbuilder import VarBuilder
 from . import gemma, gemma2
@@ -30,6 +31,14 @@ class Config(gemma2.Config):
     rope_local_base_freq: float | None = None
     sliding_window_pattern: int = 6
     qk_norm: bool = True
+    bidirectional_ok: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_bidirectional_attention and isinstance(self.sliding_window, int):
+            # As Gemma3TextConfig: a bidirectional window of w reaches w // 2 tokens either way
+            # (distance < w // 2 + 1), not w tokens back.
+            self.sliding_window = self.sliding_window // 2 + 1
 
     def validate(self) -> None:
         self._positive("sliding_window_pattern", "rope_local_base_freq")

@@ -26,11 +26,14 @@ def build_mask(
     *,
     kv_len: int | None = None,
     window: int | None = None,
+    causal: bool = True,
 ) -> torch.Tensor | None:
     """A boolean mask [B, 1, T, S] (True = attend), or None when plain causal attention does.
 
     `kv_len` set: cached attention, keys are cache columns 0..kv_len-1 (column = position).
     `kv_len` None: self-attention over the T query tokens with optional padding mask [B, T].
+    causal=False (encoders built on decoders, e.g. EmbeddingGemma): every real token sees every real
+    token, or those less than `window` positions away in either direction.
     """
     B, T = position_ids.shape
     device = position_ids.device
@@ -41,6 +44,15 @@ def build_mask(
         if window is not None:
             mask = mask & (pos - cols < window)
         return mask.unsqueeze(1)
+    if not causal:
+        if kv_len is not None:
+            raise ValueError("bidirectional attention has no incremental (cached) form")
+        mask = torch.ones(B, T, T, dtype=torch.bool, device=device)
+        if window is not None:
+            mask = (position_ids[:, :, None] - position_ids[:, None, :]).abs() < window
+        if attention_mask is not None:
+            mask = mask & attention_mask.to(torch.bool)[:, None, :]
+        return (mask | torch.eye(T, dtype=torch.bool, device=device)).unsqueeze(1)
     if attention_mask is None and (window is None or window >= T):
         return None  # is_causal fast path
     idx = torch.arange(T, device=device)
