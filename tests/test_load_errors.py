@@ -118,11 +118,23 @@ def test_all_errors_derive_from_ember_error():
     (dict(dtype=5), "dtype must be a torch.dtype or a name such as 'float32' or 'bf16', got int"),  # was: TypeError
     (dict(dtype="nope"), "unknown dtype 'nope'"),
     (dict(dtype=torch.int8), "dtype torch.int8 is not one ember computes in"),
+    (dict(dtyp="bf16"), "unknown option(s) 'dtyp'"),  # was: TypeError from the model's constructor
+    (dict(packed=True), "packed=True applies to GGUF files"),  # was: TypeError
 ])
 def test_bad_load_arguments_are_argument_errors(folder, kw, msg):
     with pytest.raises(ArgumentError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
         ember.load(folder, **kw)
     assert isinstance(e.value, EmberError) and isinstance(e.value, ValueError)
+
+
+def test_unknown_option_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(ArgumentError, match="unknown option.*'fuze'.*fuse"):
+        ember.load(tmp_path / "does-not-exist", fuze=False)
+
+
+def test_load_options_reach_the_model(folder):
+    assert ember.load(folder, fuse=False, packed=None).model.model.layers[0].self_attn.qkv.fused is None
+    assert ember.load(folder).model.model.layers[0].self_attn.qkv.fused is not None
 
 
 def test_unavailable_cuda_device_is_an_argument_error(folder):

@@ -12,6 +12,14 @@ from .generation.sampling import SamplingParams
 from .loading import Loaded, eos_ids, load_snapshot
 
 
+# ember.load's options beyond its named arguments, passed on to the loader
+LOAD_OPTIONS = {
+    "packed": "GGUF: keep quantised weights packed (True), dequantise at load (False), or decide (None)",
+    "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
+    "prepack": "CPU bf16: oneDNN-prepacked weights (default on for causal LMs)",
+}
+
+
 def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
          revision: str | None = None, token=None, gguf_file: str | None = None, engine: bool | None = None,
          compile: bool | str = False, **model_kw):
@@ -24,6 +32,11 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     """
     from . import hub
 
+    unknown = sorted(set(model_kw) - set(LOAD_OPTIONS))
+    if unknown:
+        raise ArgumentError(f"ember.load() got unknown option(s) {', '.join(map(repr, unknown))}; it takes dtype, "
+                            f"device, revision, token, gguf_file, engine, compile and "
+                            f"{', '.join(f'{k} ({v})' for k, v in LOAD_OPTIONS.items())}")
     dtype = _parse_dtype(dtype)
     device = _parse_device(device)
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)

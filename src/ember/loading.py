@@ -144,10 +144,18 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
         from .io.gguf_loader import load_gguf
 
         return load_gguf(snap, dtype, device, **model_kw)
+    if model_kw.get("packed") is not None:
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"packed={model_kw['packed']!r} applies to GGUF files; {snap.root} holds "
+                            f"{snap.format} weights")
+    model_kw.pop("packed", None)
     if snap.config is None:
         raise ConfigError(f"{snap.root}: no config.json beside the weights")
     raw = load_json(snap.config)
     entry = registry.lookup(raw)
+    if entry.task == "encoder":
+        model_kw.pop("fuse", None)  # encoders have no fused projections to choose
     cfg = entry.parse_config(raw)
     source = tensor_source(snap)
     if dtype is None:
