@@ -398,7 +398,9 @@ class TokenText:
             pass
         self._cache: dict[int, tuple[str, list[int]]] = {}
         if self.byte_level:
-            self._unbyte = {c: b for b, c in _bytes_to_unicode().items()}
+            from ..io.gguf_tokenizer import bytes_to_unicode
+
+            self._unbyte = {c: b for b, c in bytes_to_unicode().items()}
 
     def __call__(self, tid: int) -> tuple[str, list[int]]:
         hit = self._cache.get(tid)
@@ -439,16 +441,3 @@ def _is_byte_level(tokenizer) -> bool:
         return False
 
     return walk(state)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character table (byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
