@@ -133,3 +133,47 @@ def test_compiled_static_decoder_on_cpu_matches_eager(tiny_chat):
     assert _tokens(llm, ["The quick brown fox", "Héllo"], 12) == want
     assert _tokens(llm, ["Héllo"], 12) == want[1:]  # batch 1: the single-row decode path, compiled
     assert llm.engine.decoder.compile_seconds > 0
+
+
+def test_weight_bytes_counts_prepacked_weights_and_not_gathered_tables():
+    """What `ember bench` divides by: every Linear's bytes once, prepacked (opaque) ones included;
+    the embedding table only where a tied head reads it whole."""
+    from ember.engine.bench import weight_bytes
+    from ember.nn.packed import can_pack
+
+    small = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
+    h, i, d = small["hidden_size"], small["intermediate_size"], small["head_dim"]
+    q, kv = small["num_attention_heads"] * d, small["num_key_value_heads"] * d
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    want = 2 * (2 * per_layer + h + 512 * h)  # bf16: layers, final norm, the (tied) head
+    _, plain = random_model(small, torch.bfloat16, prepack=False)
+    assert weight_bytes(plain) == want
+    untied = dict(small, tie_word_embeddings=False)
+    _, own_head = random_model(untied, torch.bfloat16, prepack=False)
+    assert weight_bytes(own_head) == want  # the untied table is gathered, not streamed
+    if can_pack():
+        _, packed = random_model(small, torch.bfloat16)
+        assert any(type(m).__name__ == "PackedLinear" for m in packed.modules())
+        assert weight_bytes(packed) >= want
+
+
+def test_ember_bench_with_a_preset_runs_on_cpu(capsys):
+    import argparse
+
+    from ember.engine.bench import main
+    from ember.engine.presets import PRESETS as P
+
+    P["_tiny_test"] = dict(P["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
+    try:
+        args = argparse.Namespace(config="_tiny_test", dtype="bfloat16", device="cpu", batch="1,2", prompt=8,
+                                  tokens=6, prefill=16, compile=False, no_graphs=False, json=True, model=None)
+        assert main(args) == 0
+    finally:
+        del P["_tiny_test"]
+    import json
+
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("decode_b1_tok_s", "decode_b2_tok_s", "prefill_tok_s", "ttft_ms", "peak_memory_GB",
+              "copy_bandwidth_GBs", "decode_b1_pct_copy_bw"):
+        assert res[k] > 0, k
+    assert res["weights_GB"] > 0 and res["peak_memory_GB"] < 4

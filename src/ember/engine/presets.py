@@ -68,13 +68,14 @@ class RandomVarBuilder(VarBuilder):
         return []
 
 
-def random_model(preset: str | dict, dtype=torch.bfloat16, device="cpu", **model_kw):
-    """(config, model) with random weights for a preset name or a config dict."""
+def random_model(preset: str | dict, dtype=torch.bfloat16, device="cpu", prepack: bool | None = None, **model_kw):
+    """(config, model) with random weights for a preset name or a config dict, built as `ember.load`
+    builds a checkpoint (prepacked bf16 Linears on CPU unless prepack=False)."""
     from .. import registry
+    from ..loading import build_model
 
     raw = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     entry = registry.lookup(raw)
     cfg = entry.parse_config(raw)
-    _, cls = entry.load()
-    vb = RandomVarBuilder(dtype, device, tie=bool(raw.get("tie_word_embeddings", False)))
-    return cfg, cls(cfg, vb, **model_kw).eval().to(device)
+    vb = RandomVarBuilder(dtype, torch.device(device), tie=bool(raw.get("tie_word_embeddings", False)))
+    return cfg, build_model(entry, cfg, vb, prepack=prepack, **model_kw)
