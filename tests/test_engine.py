@@ -68,11 +68,14 @@ def test_long_requests_fall_back_to_a_plain_generator(llm):
     assert eng.generator(1, 10).cache is eng.cache
 
 
-@pytest.mark.parametrize("preset", ["smollm2-135m", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("preset", ["smollm2-135m", "qwen2.5-0.5b", "gemma3-1b"])
 def test_presets_build_models_with_random_weights(preset):
-    small = dict(PRESETS[preset], num_hidden_layers=2, vocab_size=512)
+    small = dict(PRESETS[preset], num_hidden_layers=6 if preset == "gemma3-1b" else 2, vocab_size=512)
     cfg, model = random_model(small, torch.float32)
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 512)
+    if preset == "gemma3-1b":  # five sliding layers to one global: five rings of 513 columns
+        cache = model.new_cache(1, 4096)
+        assert [k.shape[2] for k in cache.k] == [513] * 5 + [4096]
 
 
 def test_engine_mixed_sampling_and_logprobs_match_plain_path(llm):
@@ -133,6 +136,41 @@ def test_compiled_static_decoder_on_cpu_matches_eager(tiny_chat):
     assert _tokens(llm, ["The quick brown fox", "Héllo"], 12) == want
     assert _tokens(llm, ["Héllo"], 12) == want[1:]  # batch 1: the single-row decode path, compiled
     assert llm.engine.decoder.compile_seconds > 0
+
+
+def test_unpacking_prepacked_linears_gives_back_the_weights():
+    from ember.nn.packed import PackedLinear, can_pack, unpack_all
+
+    if not can_pack():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    from ember.nn.layers import Linear
+
+    w, b, w2 = torch.randn(24, 16).bfloat16(), torch.randn(24).bfloat16(), torch.randn(16, 24).bfloat16()
+    m = torch.nn.Sequential(PackedLinear(Linear(w.clone(), b)), torch.nn.ReLU(), PackedLinear(Linear(w2.clone())))
+    x = torch.randn(3, 16).bfloat16()
+    want = m(x)
+    assert unpack_all(m) == 2 and not any(isinstance(c, PackedLinear) for c in m.modules())
+    assert torch.equal(m[0].weight, w) and torch.equal(m[0].bias, b) and torch.equal(m[2].weight, w2)
+    torch.testing.assert_close(m(x), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_compiling_a_prepacked_bf16_model_on_cpu(tiny_chat):
+    """engine.enable(compile=...) on a model ember.load prepacked: Inductor cannot lower oneDNN's
+    packed weights, so the engine unpacks them first; tokens match the eager path."""
+    from ember.nn.packed import PackedLinear, can_pack
+
+    if not can_pack():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    llm = ember.load(tiny_chat, dtype=torch.bfloat16)
+    assert any(isinstance(m, PackedLinear) for m in llm.model.modules())
+    want = _tokens(llm, ["The quick brown fox"], 8)
+    engine.enable(llm, max_batch=1, max_len=64, compile="default")
+    try:
+        assert not any(isinstance(m, PackedLinear) for m in llm.model.modules())
+        assert _tokens(llm, ["The quick brown fox"], 8) == want
+    finally:
+        engine.disable(llm)
 
 
 def test_weight_bytes_counts_prepacked_weights_and_not_gathered_tables():

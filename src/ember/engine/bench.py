@@ -63,9 +63,13 @@ def weight_bytes(model) -> int:
     return sum(sizes[k] for k in read)
 
 
-def kv_bytes_per_token(model, dtype) -> int:
+def kv_bytes_read(model, dtype, length: float) -> float:
+    """KV-cache bytes one row's decode step reads at a context of `length` tokens: a sliding-window
+    layer reads at most its window."""
     es = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * h * d * es for h, d in model.cache_layout())
+    windows = model.cache_windows() if hasattr(model, "cache_windows") else [None] * len(model.cache_layout())
+    return sum(2 * h * d * es * (length if w is None else min(length, w))
+               for (h, d), w in zip(model.cache_layout(), windows))
 
 
 def run_requests(gen, reqs) -> tuple[float, float, int]:
@@ -103,6 +107,7 @@ def bench(llm_model, tokenizer=None, *, device, dtype, batches=(1, 8, 32), promp
     if eng.decoder is not None:
         eng.warmup(sorted({b for b in (1, *batches)}))
     res["engine_setup_s"] = time.perf_counter() - t
+    res["kv_cache_GB"] = eng.cache.nbytes / 1e9  # sliding-window layers keep only a ring of their window
     if eng.decoder is not None:
         res["graph_capture_s"] = eng.decoder.capture_seconds
         res["compile_s"] = eng.decoder.compile_seconds
@@ -118,14 +123,13 @@ def bench(llm_model, tokenizer=None, *, device, dtype, batches=(1, 8, 32), promp
     res["ttft_ms"] = ttft * 1e3
     pf, _, _ = run_requests(eng.generator(1), [Request(prompt(prefill_len), 1, ignore_eos=True)])
     res["prefill_tok_s"] = prefill_len / pf
-    kvb = kv_bytes_per_token(model, dtype)
     for b in batches:
         reqs = [Request(prompt(prompt_len), gen_len, ignore_eos=True) for _ in range(b)]
         _, dt, n = run_requests(eng.generator(b), reqs)
         steps = gen_len - 1
         tok_s = n / dt
         # bytes per decode step: every weight once, plus each row's KV cache read up to its position
-        kv_read = b * kvb * (prompt_len + gen_len / 2)
+        kv_read = b * kv_bytes_read(model, dtype, prompt_len + gen_len / 2)
         gbs = (wb + kv_read) * steps / dt / 1e9
         res[f"decode_b{b}_tok_s"] = tok_s
         res[f"decode_b{b}_GBs"] = gbs

@@ -53,6 +53,12 @@ class StaticDecoder:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
+                from ..nn.packed import unpack_all
+
+                # Inductor cannot lower oneDNN-prepacked weights; it prepacks the plain ones itself.
+                if unpack_all(model):
+                    log.info("compile: prepacked Linears turned back into plain ones for Inductor")
+
                 # Weights become constants: Inductor prepacks them for oneDNN and folds what it can.
                 inductor_config.freezing = True
             t = time.perf_counter()

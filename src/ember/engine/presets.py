@@ -29,6 +29,12 @@ PRESETS: dict[str, dict] = {
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=True),
+    # sliding-window layers (512) five to one with global ones: what the ring KV cache is for
+    "gemma3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                      num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                      max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                      sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256,
+                      rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
 }
 
 

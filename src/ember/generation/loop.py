@@ -194,6 +194,15 @@ class Generator:
                 runs[-1].append(s)
             else:
                 runs.append([s])
+        ring = getattr(self.cache, "smallest_ring", None)
+        if ring is not None:
+            # A row padded past a sliding window's ring would wrap its padding onto its own tokens
+            # (kv_cache.py): such runs are prefilled a row at a time.
+            split = []
+            for run in runs:
+                lens = {len(s.req.prompt_ids) for s in run}
+                split += [[s] for s in run] if len(lens) > 1 and max(lens) > ring else [run]
+            runs = split
         for run in runs:
             logits = self._prefill(run)
             events += self._emit(run, logits)

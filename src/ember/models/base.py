@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import build_mask, positions_from_mask
-from ..nn.kv_cache import KVCache
+from ..nn.kv_cache import KVCache, ring_key_positions
 
 
 @dataclass
@@ -38,11 +38,31 @@ class Step:
             kv_len = None if self.fresh else self.kv_len
             if not self.causal:
                 self._masks[window] = build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
+            elif self.cache is not None and self.cache.is_ring(window):
+                self._masks[window] = self._ring_mask(window)
             elif self._single_query_sees_all(window):
                 self._masks[window] = None  # one query at the last cached position: every key is visible
             else:
                 self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
         return self._masks[window]
+
+    def _ring_mask(self, window: int) -> torch.Tensor | None:
+        """The mask over what KVCache.update returns for a ring layer (see kv_cache.py)."""
+        T = self.position_ids.shape[1]
+        mode = KVCache.ring_mode(window, T, self.kv_len)
+        if mode == "plain":
+            if self._single_query_sees_all(None):
+                return None
+            return build_mask(self.position_ids, None, kv_len=None if self.fresh else self.kv_len, window=window)
+        if mode == "decode":
+            if self._single_query_sees_all(None):
+                return None  # one row at its last position: every ring column is in its window
+            cols = torch.arange(window, device=self.position_ids.device)
+            return (cols <= self.position_ids.unsqueeze(-1)).unsqueeze(1)
+        kpos, valid = ring_key_positions(self.position_ids, window, self.fresh)
+        q = self.position_ids.unsqueeze(-1)  # [B, T, 1]
+        k = kpos.unsqueeze(1)  # [B, 1, S]
+        return (valid.unsqueeze(1) & (k <= q) & (q - k < window)).unsqueeze(1)
 
     def _single_query_sees_all(self, window) -> bool:
         # CPU decode of one row: a host read of its position is cheap, and skipping the mask lets
@@ -116,10 +136,15 @@ class CausalLM(nn.Module):
         """(kv_heads, head_dim) per layer, for KVCache."""
         return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
 
+    def cache_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None = full attention): those layers keep a ring in KVCache."""
+        return [getattr(layer.self_attn, "window", None) for layer in self.model.layers]
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         p = next(iter(self.parameters()))
         dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
-        return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device)
+        return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device,
+                       windows=self.cache_windows())
 
     @property
     def max_context(self) -> int:

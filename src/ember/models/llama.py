@@ -157,7 +157,8 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
         if step.cache is not None:
-            k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows)
+            k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows,
+                                     fresh=step.fresh)
         o = attention(q, k, v, step.mask(self.window), scale=self.scale, softcap=self.softcap)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

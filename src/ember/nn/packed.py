@@ -63,6 +63,12 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.dtype}, fused={self.attr}"
 
+    def unpack(self) -> nn.Module:
+        """The plain Linear again (oneDNN reorders the blocked weight back), e.g. for torch.compile,
+        which packs weights itself and cannot lower an already packed one."""
+        lin = Linear(self.packed.to_dense(), self.bias)
+        return nn.Sequential(lin, nn.GELU()) if self.attr == "gelu" else lin
+
 
 def packable(m) -> bool:
     return isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
@@ -78,6 +84,17 @@ def pack_all(model: nn.Module) -> int:
         for name, child in list(mod.named_children()):
             if packable(child):
                 setattr(mod, name, PackedLinear(child))
+                n += 1
+    return n
+
+
+def unpack_all(model: nn.Module) -> int:
+    """Undo pack_all: every PackedLinear in `model` becomes a plain Linear. Returns how many."""
+    n = 0
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(mod, name, child.unpack())
                 n += 1
     return n
 
