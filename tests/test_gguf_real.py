@@ -274,6 +274,31 @@ def test_gemma3_logits_and_greedy(gemma3):
     assert gemma3.llm.tokenizer.token_to_id("<end_of_turn>") in gemma3.llm.eos_token_ids
 
 
+def test_gemma3_past_its_sliding_window(gemma3):
+    """A prompt longer than Gemma 3's 512-token window: its sliding layers keep a ring of 512
+    columns (kv_cache.py), prefilled in chunks that wrap it, batched with a short prompt; greedy
+    continuations equal transformers'."""
+    from parity import hf_greedy
+
+    from ember.generation.loop import Generator, Request
+
+    if gemma3.llm is None:
+        pytest.skip("ember.models.gemma3 (model_type gemma3_text) is not on this branch")
+    text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'}." for i in range(120)) + " So item 121 is"
+    long = gemma3.tok.encode(text)
+    assert 600 < len(long) < 1100, len(long)
+    short = gemma3.tok.encode("The capital of France is")
+    want = [hf_greedy(gemma3.hf, p, 12) for p in (long, short)]
+    model = gemma3.llm.model
+    gen = Generator(model, None, max_batch=2, max_len=len(long) + 16, prefill_chunk=256)
+    assert 512 in gen.cache.windows and gen.cache.k[0].shape[2] == 513
+    reqs = [Request(long, 12, ignore_eos=True), Request(short, 12, ignore_eos=True)]
+    got = {r.id: [] for r in reqs}
+    for ev in gen.run(reqs):
+        got[ev.request.id].append(ev.token_id)
+    assert [got[r.id] for r in reqs] == want
+
+
 def test_gemma3_mapping_reproduces_transformers_logits(gemma3):
     """Without the native model: transformers' Gemma3 built from ember's config dict and ember's
     tensors gives the logits transformers gets from the GGUF itself."""
