@@ -1,4 +1,6 @@
 """generate / stream / chat on a tiny chat model with a real tokenizer."""
+import re
+
 import pytest
 import torch
 
@@ -165,8 +167,6 @@ def test_bad_generation_arguments_raise_generation_error(llm, kw, msg):
     (dict(logprobs=10**6), "logprobs must be None or an integer in [0, 400]"),
 ])
 def test_bad_arguments_to_generate_and_stream_are_generation_errors(llm, kw, msg):
-    import re
-
     kw = {"max_tokens": 4, **kw}
     for call in (lambda: llm.generate("Hi", **kw), lambda: list(llm.stream("Hi", **kw)),
                  lambda: llm.chat([{"role": "user", "content": "Hi"}], **kw)):
@@ -180,6 +180,21 @@ def test_bad_arguments_to_chat_are_generation_errors(llm):
         llm.chat(msgs, max_tokens=2, chat_template_kwargs=5)
     with pytest.raises(GenerationError, match="stream must be True or False, got 1"):
         llm.chat(msgs, max_tokens=2, stream=1)
+
+
+def test_unknown_generation_options_are_refused_with_a_suggestion(llm):
+    """A misspelt option is an ArgumentError naming it and the option it resembles (before: Python's
+    TypeError from deep inside), from every entry point, before anything runs."""
+    from ember.errors import ArgumentError
+
+    calls = [lambda: llm.generate("Hi", max_token=5), lambda: list(llm.stream("Hi", temprature=0.5)),
+             lambda: llm.chat([{"role": "user", "content": "Hi"}], topp=0.9), lambda: llm("Hi", stream=True)]
+    for call, (name, hint) in zip(calls, [("max_token", "max_tokens"), ("temprature", "temperature"),
+                                           ("topp", "top_p"), ("stream", None)]):
+        with pytest.raises(ArgumentError, match=re.escape(repr(name))) as e:
+            call()
+        assert (f"did you mean {hint!r}" in str(e.value)) if hint else "did you mean" not in str(e.value)
+        assert "the options are max_tokens, temperature" in str(e.value)
 
 
 def test_prompt_longer_than_the_context_is_refused(llm):

@@ -58,6 +58,20 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     return llm
 
 
+REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                   "stop_token_ids", "ignore_eos", "logprobs")
+
+
+def _unknown_options(unknown, known) -> str:
+    import difflib
+
+    parts = []
+    for k in sorted(unknown):
+        close = difflib.get_close_matches(k, known, n=1)
+        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown generation option(s) {', '.join(parts)}; the options are {', '.join(known)}"
+
+
 _DTYPE_NAMES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "f16": torch.float16, "fp16": torch.float16}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -173,8 +187,10 @@ class LLM:
     def request(self, prompt, max_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                logprobs: int | None = None) -> Request:
+                logprobs: int | None = None, **unknown) -> Request:
         """A generation request (what generate/stream build; the server makes its own)."""
+        if unknown:
+            raise ArgumentError(_unknown_options(unknown, REQUEST_OPTIONS))
         stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
         sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,

@@ -86,7 +86,8 @@ class StaticDecoder:
         t = time.perf_counter()
         if not self.capture:
             if self._compile:
-                self._fn(ids, pos)  # compile now, not inside a timed step
+                with torch.inference_mode():  # as every later step runs: a grad-mode change would recompile
+                    self._fn(ids, pos)  # compile now, not inside a timed step
                 self.compile_seconds += time.perf_counter() - t
             return None, ids, pos, None
         s = torch.cuda.Stream(self.device)
