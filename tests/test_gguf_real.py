@@ -286,7 +286,7 @@ def test_gemma3_past_its_sliding_window(gemma3):
         pytest.skip("ember.models.gemma3 (model_type gemma3_text) is not on this branch")
     text = " ".join(f"Item {i} is {'red' if i % 3 else 'blue'}." for i in range(120)) + " So item 121 is"
     long = gemma3.tok.encode(text)
-    assert 600 < len(long) < 1100, len(long)
+    assert 600 < len(long) < 1100, len(long)  # 858 with this tokenizer
     short = gemma3.tok.encode("The capital of France is")
     want = [hf_greedy(gemma3.hf, p, 12) for p in (long, short)]
     model = gemma3.llm.model
