@@ -41,6 +41,46 @@ def hf_model(preset: str, dtype, device):
     return m.eval()
 
 
+def llamacpp_bf16(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a BF16 GGUF for llama.cpp, made once from the default model's Q4_1
+    file with llama.cpp's own quantize (requantising: the values are the Q4_1 ones, the layout and
+    every byte streamed per token are those of a BF16 model, which is what decode speed depends on)."""
+    import llama_cpp
+
+    from ember.fixtures import default_model
+
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_BF16
+        params.allow_requantize = True
+        tmp = out.with_suffix(".tmp")
+        rc = llama_cpp.llama_model_quantize(str(default_model()).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize failed ({rc})")
+        tmp.replace(out)
+    return out
+
+
+def llamacpp_decode(path: Path, prompt_len: int, gen_len: int, vocab: int, threads: int) -> float:
+    """llama.cpp's greedy decode tok/s at batch 1 after a random prompt of prompt_len tokens."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=prompt_len + gen_len + 16, n_threads=threads, n_batch=512, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(vocab, llm.n_vocab()), (prompt_len,), generator=g).tolist()
+    best = 0.0
+    for _ in range(2):
+        llm.reset()
+        times = []
+        for _tok in llm.generate(prompt, temp=0.0, reset=True):
+            times.append(time.perf_counter())
+            if len(times) == gen_len:
+                break
+        best = max(best, (len(times) - 1) / (times[-1] - times[0]))
+    return best
+
+
 def ember_from_hf(preset: str, hf, dtype, device):
     from ember.loading import build_model
 
@@ -101,6 +141,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="smollm2-135m on CPU: also llama.cpp (llama-cpp-python) on a BF16 GGUF of the same shape")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -130,6 +172,13 @@ def main():
         results["transformers"] = {f"decode_b{b}_tok_s": hf_decode(hf, b, args.prompt, args.tokens, vocab, device)
                                    for b in batches}
         print("transformers", json.dumps(results["transformers"]), flush=True)
+    if args.llama_cpp:
+        if args.config != "smollm2-135m" or device.type != "cpu":
+            raise SystemExit("--llama-cpp: only for --config smollm2-135m on --device cpu")
+        path = llamacpp_bf16(Path.home() / ".cache" / "ember-fixtures" / "bench" / "SmolLM2-135M-Instruct.BF16.gguf")
+        results["llama.cpp bf16"] = {"decode_b1_tok_s": llamacpp_decode(path, args.prompt, args.tokens, vocab,
+                                                                       torch.get_num_threads())}
+        print("llama.cpp bf16", json.dumps(results["llama.cpp bf16"]), flush=True)
     from ember.engine.bench import weight_bytes
 
     wb = weight_bytes(model)
@@ -137,12 +186,17 @@ def main():
           f"copy bandwidth {results['copy_bandwidth_GBs']:.0f} GB/s, "
           f"limit ~{results['copy_bandwidth_GBs'] * 1e9 / wb:.0f} tok/s at batch 1")
     print(f"{'variant':<14}" + "".join(f"{'b' + str(b) + ' tok/s':>14}{'%bw':>7}" for b in batches))
-    for variant in [v for v in args.variants.split(",")] + ([] if args.no_transformers else ["transformers"]):
+    peers = ([] if args.no_transformers else ["transformers"]) + (["llama.cpp bf16"] if args.llama_cpp else [])
+    for variant in args.variants.split(",") + peers:
         r = results[variant]
         row = f"{variant:<14}"
         for b in batches:
-            row += f"{r[f'decode_b{b}_tok_s']:>14.1f}{r.get(f'decode_b{b}_pct_copy_bw', float('nan')):>7.1f}"
+            row += f"{r.get(f'decode_b{b}_tok_s', float('nan')):>14.1f}{r.get(f'decode_b{b}_pct_copy_bw', float('nan')):>7.1f}"
         print(row)
+    if args.llama_cpp:
+        for variant in args.variants.split(","):
+            print(f"{variant} / llama.cpp bf16: b1 "
+                  f"{results[variant]['decode_b1_tok_s'] / results['llama.cpp bf16']['decode_b1_tok_s']:.2f}x")
     if not args.no_transformers:
         for variant in args.variants.split(","):
             print(f"{variant} / transformers: " + ", ".join(
