@@ -82,13 +82,16 @@ def llamacpp_decode(path: Path, prompt_len: int, gen_len: int, vocab: int, threa
 
 
 def ember_from_hf(preset: str, hf, dtype, device):
-    from ember.loading import build_model
+    from ember import transforms
+    from ember.loading import build
 
     raw = dict(PRESETS[preset])
     entry = registry.lookup(raw)
     cfg = entry.parse_config(raw)
     vb = VarBuilder.from_tensors(hf.state_dict(), dtype, device)
-    return build_model(entry, cfg, vb)  # as ember.load builds it (prepacked bf16 Linears on CPU)
+    model = build(entry, cfg, vb)  # as ember.load builds it (prepacked bf16 Linears on CPU)
+    transforms.apply(model, transforms.plan(entry.task, dtype, torch.device(device)))
+    return model
 
 
 def hf_decode(hf, batch: int, prompt_len: int, gen_len: int, vocab: int, device) -> float:

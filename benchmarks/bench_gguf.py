@@ -7,7 +7,7 @@ same file: load time, time to first token from process start, decode tokens/s, p
 
 Every run is a fresh process (so "first token" counts interpreter start, imports, load and
 prefill, and peak RSS is that run's alone); runs are repeated `--repeat` times and the best is kept.
-ember runs in its loading modes: the default (`packed=None`), all packed, all dequantised at load,
+ember runs in its loading modes: the default (`keep_quantized=None`), all kept quantised, all dequantised at load,
 in float32 and bfloat16. Greedy decoding, ignore EOS, a fixed prompt.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def worker_ember(args, t_start: float) -> dict:
     t_import = time.time()
     kw = {}
     if args.packed != "auto":
-        kw["packed"] = args.packed == "packed"
+        kw["keep_quantized"] = args.packed == "packed"
     if args.dtype != "auto":
         kw["dtype"] = args.dtype
     llm = ember.load(args.model, device="cpu", **kw)
@@ -52,7 +52,7 @@ def worker_ember(args, t_start: float) -> dict:
     return {
         "import_s": t_import - t_start, "load_s": t_load - t_import, "first_token_s": times[0] - t_start,
         "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]), "tokens": len(times), "prompt_tokens": len(ids),
-        "peak_rss_mb": _rss_mb(), "mode": getattr(llm._loaded, "gguf_mode", "?"), "dtype": str(llm.dtype).replace("torch.", ""),
+        "peak_rss_mb": _rss_mb(), "mode": llm._loaded.load_mode or "?", "dtype": str(llm.dtype).replace("torch.", ""),
     }
 
 

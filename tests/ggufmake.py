@@ -73,7 +73,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + 
 
 def byte_vocab() -> tuple[list[str], list[int], list[str]]:
     """256 byte tokens, a few merged ones, the specials: (tokens, types, merges)."""
-    from ember.io.gguf_tokenizer import bytes_to_unicode
+    from ember.gguf_tokenizer import bytes_to_unicode
 
     alphabet = [bytes_to_unicode()[b] for b in range(256)]
     merged = ["Ġt", "he", "Ġthe", "in", "Ġa"]

@@ -149,10 +149,10 @@ def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
     """dtype=bfloat16: bf16 matmuls (oneDNN-prepacked on CPUs that allow it, else F.linear) with a
     float32 residual stream stay close to float32, padded batches included."""
     import ember
-    from ember.models import encoder
+    from ember.backends import onednn
 
-    monkeypatch.setenv("EMBER_PACK_LINEAR", pack)
-    encoder.can_pack.cache_clear()
+    monkeypatch.setenv("EMBER_PREPACK", pack)
+    onednn.can_prepack.cache_clear()
     try:
         if family == "bert":
             hf = _hf(_bert_cfg(num_hidden_layers=3), "BertModel")
@@ -170,8 +170,9 @@ def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
         folder = save(hf, tmp_path)
         e32 = ember.load(folder, dtype=torch.float32, device="cpu")
         e16 = ember.load(folder, dtype=torch.bfloat16, device="cpu")
-        packed = any(isinstance(m, encoder.PackedLinear) for m in e16.model.modules())
-        assert packed == (pack == "1" and encoder.can_pack())
+        prepacked = any(isinstance(m, onednn.PrepackedLinear) for m in e16.model.modules())
+        assert prepacked == (pack == "1" and onednn.can_prepack())
+        assert ("prepack" in e16._loaded.transforms) == prepacked
         pad = 1 if family == "mpnet" else 0
         ids, mask = _batch(pad, lengths=(30, 12, 5))
         with torch.no_grad():
@@ -183,7 +184,7 @@ def test_bf16_matmuls_track_float32(tmp_path, monkeypatch, family, pack):
         assert cos.min().item() > 0.999, cos.min().item()
         assert (solo[0] - b[1, :12]).abs().max().item() < 0.05
     finally:
-        encoder.can_pack.cache_clear()
+        onednn.can_prepack.cache_clear()
 
 
 def test_bert_tf_era_gamma_beta_names(tmp_path):

@@ -25,13 +25,10 @@ def _tokens(llm, prompts, n):
 def test_static_decoder_greedy_equals_plain_path(llm):
     prompts = ["The quick brown fox", "Héllo", "def add(a, b):"]  # 3 rows → bucket 4 with an idle row
     want = _tokens(llm, prompts, 20)
-    engine.enable(llm, max_batch=8, max_len=128, cuda_graphs=False, compile=False)
-    try:
-        llm.engine.decoder = StaticDecoder(llm.model, llm.engine.cache, capture=False)
-        assert _tokens(llm, prompts, 20) == want
-        assert set(llm.engine.decoder.graphs) == {4}
-    finally:
-        engine.disable(llm)
+    fast = llm.with_engine(max_batch=8, max_len=128, cuda_graphs=True)  # static step, eager on CPU
+    assert isinstance(fast.engine.decoder, StaticDecoder) and llm.engine is None
+    assert _tokens(fast, prompts, 20) == want
+    assert set(fast.engine.decoder.graphs) == {4}
 
 
 def test_requests_joining_a_running_batch_get_the_same_tokens(llm):
@@ -88,11 +85,7 @@ def test_engine_mixed_sampling_and_logprobs_match_plain_path(llm):
         return [out[r.id] for r in reqs]
 
     want = run(llm)
-    engine.enable(llm, max_batch=4, max_len=64, cuda_graphs=True)  # static path, eager on CPU
-    try:
-        assert run(llm) == want
-    finally:
-        engine.disable(llm)
+    assert run(llm.with_engine(max_batch=4, max_len=64, cuda_graphs=True)) == want  # static path, eager on CPU
 
 
 def test_pipelined_continuous_batching_with_random_admissions_and_aborts(llm):
@@ -146,56 +139,50 @@ def test_compiled_buckets_warmed_up_do_not_recompile_while_decoding(tiny_chat):
     import torch._dynamo
 
     llm = ember.load(tiny_chat, dtype=torch.float32)
-    engine.enable(llm, max_batch=2, max_len=64, compile="default")
-    try:
-        llm.engine.warmup([1, 2])
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            assert len(_tokens(llm, ["The quick brown fox", "Héllo"], 6)[1]) == 6
-            assert len(_tokens(llm, ["Héllo"], 6)[0]) == 6
-    finally:
-        engine.disable(llm)
+    llm = llm.with_engine(max_batch=2, max_len=64, compile="default")
+    llm.engine.warmup([1, 2])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert len(_tokens(llm, ["The quick brown fox", "Héllo"], 6)[1]) == 6
+        assert len(_tokens(llm, ["Héllo"], 6)[0]) == 6
 
 
 def test_unpacking_prepacked_linears_gives_back_the_weights():
-    from ember.nn.packed import PackedLinear, can_pack, unpack_all
+    from ember.backends.onednn import PrepackedLinear, can_prepack, unprepack_all
 
-    if not can_pack():
+    if not can_prepack():
         pytest.skip("no oneDNN bf16 on this CPU")
     from ember.nn.layers import Linear
 
     w, b, w2 = torch.randn(24, 16).bfloat16(), torch.randn(24).bfloat16(), torch.randn(16, 24).bfloat16()
-    m = torch.nn.Sequential(PackedLinear(Linear(w.clone(), b)), torch.nn.ReLU(), PackedLinear(Linear(w2.clone())))
+    m = torch.nn.Sequential(PrepackedLinear(Linear(w.clone(), b)), torch.nn.ReLU(), PrepackedLinear(Linear(w2.clone())))
     x = torch.randn(3, 16).bfloat16()
     want = m(x)
-    assert unpack_all(m) == 2 and not any(isinstance(c, PackedLinear) for c in m.modules())
+    assert unprepack_all(m) == 2 and not any(isinstance(c, PrepackedLinear) for c in m.modules())
     assert torch.equal(m[0].weight, w) and torch.equal(m[0].bias, b) and torch.equal(m[2].weight, w2)
     torch.testing.assert_close(m(x), want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.slow
 def test_compiling_a_prepacked_bf16_model_on_cpu(tiny_chat):
-    """engine.enable(compile=...) on a model ember.load prepacked: Inductor cannot lower oneDNN's
+    """llm.with_engine(compile=...) on a model ember.load prepacked: Inductor cannot lower oneDNN's
     packed weights, so the engine unpacks them first; tokens match the eager path."""
-    from ember.nn.packed import PackedLinear, can_pack
+    from ember.backends.onednn import PrepackedLinear, can_prepack
 
-    if not can_pack():
+    if not can_prepack():
         pytest.skip("no oneDNN bf16 on this CPU")
     llm = ember.load(tiny_chat, dtype=torch.bfloat16)
-    assert any(isinstance(m, PackedLinear) for m in llm.model.modules())
+    assert any(isinstance(m, PrepackedLinear) for m in llm.model.modules())
     want = _tokens(llm, ["The quick brown fox"], 8)
-    engine.enable(llm, max_batch=1, max_len=64, compile="default")
-    try:
-        assert not any(isinstance(m, PackedLinear) for m in llm.model.modules())
-        assert _tokens(llm, ["The quick brown fox"], 8) == want
-    finally:
-        engine.disable(llm)
+    fast = llm.with_engine(max_batch=1, max_len=64, compile="default")
+    assert not any(isinstance(m, PrepackedLinear) for m in fast.model.modules())
+    assert _tokens(fast, ["The quick brown fox"], 8) == want
 
 
 def test_weight_bytes_counts_prepacked_weights_and_not_gathered_tables():
     """What `ember bench` divides by: every Linear's bytes once, prepacked (opaque) ones included;
     the embedding table only where a tied head reads it whole."""
     from ember.engine.bench import weight_bytes
-    from ember.nn.packed import can_pack
+    from ember.backends.onednn import can_prepack
 
     small = dict(PRESETS["smollm2-135m"], num_hidden_layers=2, vocab_size=512)
     h, i, d = small["hidden_size"], small["intermediate_size"], small["head_dim"]
@@ -207,9 +194,9 @@ def test_weight_bytes_counts_prepacked_weights_and_not_gathered_tables():
     untied = dict(small, tie_word_embeddings=False)
     _, own_head = random_model(untied, torch.bfloat16, prepack=False)
     assert weight_bytes(own_head) == want  # the untied table is gathered, not streamed
-    if can_pack():
+    if can_prepack():
         _, packed = random_model(small, torch.bfloat16)
-        assert any(type(m).__name__ == "PackedLinear" for m in packed.modules())
+        assert any(type(m).__name__ == "PrepackedLinear" for m in packed.modules())
         assert weight_bytes(packed) >= want
 
 

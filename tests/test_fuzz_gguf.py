@@ -312,8 +312,8 @@ def test_fuzz_real_smollm2_gguf(smollm2_gguf, tmp_path):
     import random
     import shutil
 
-    from ember.io.gguf_loader import config_dict
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.loading import gguf_config as config_dict
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     p = tmp_path / "smollm2.gguf"
     shutil.copyfile(smollm2_gguf, p)

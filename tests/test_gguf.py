@@ -5,10 +5,17 @@ import pytest
 import torch
 
 import ember
-from ember.errors import CheckpointError, EmberError, UnsupportedModelError
+from ember.errors import CheckpointError, ConfigError, EmberError, UnsupportedModelError
 from ember.io import ggml
-from ember.io.gguf import GGUFFile, describe_gguf
-from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+from ember import registry
+from ember.gguf_source import GGUFSource, architecture
+from ember.io.gguf import GGUFFile
+from ember.loading import describe_gguf, gguf_config as config_dict
+
+
+def family_for(f):
+    arch = architecture(f)
+    return arch, registry.lookup_gguf(arch).gguf_mapping(arch)
 
 import ggufmake as gm
 
@@ -80,7 +87,7 @@ def test_dequantize_large_tensor_in_chunks_and_to_bf16():
 
 # ---- packed layers ------------------------------------------------------------------------------
 def _packed(qtype, rows=40, blocks=3, seed=0, dtype=None):
-    from ember.nn.quantized import GGMLWeight
+    from ember.io.ggml_weight import GGMLWeight
 
     n, _ = ggml.block_size(qtype)
     raw = torch.from_numpy(random_blocks(qtype, rows, blocks, seed))
@@ -95,7 +102,7 @@ def test_quant_linear_equals_dense_linear(qtype, monkeypatch):
     bias = torch.randn(w.shape[0])
     dense = w.dequantize(torch.float32)
     monkeypatch.setattr(q, "SLAB_VALUES", 8 * w.shape[1])  # several slabs of rows
-    lin = w.as_linear(bias)
+    lin = q.quantized_linear(w, bias)
     x = torch.randn(2, 5, w.shape[1])
     # slabs of rows are separate matmuls: equal up to the BLAS summation order
     ref = torch.nn.functional.linear(x, dense, bias)
@@ -119,7 +126,7 @@ def test_int4_kernel_path_close_to_dense_in_bf16(qtype):
 
     old, q.INT4_CHUNK_VALUES = q.INT4_CHUNK_VALUES, 64 * w.shape[1]  # converted in chunks of 64 rows
     try:
-        lin = w.as_linear(None)
+        lin = q.quantized_linear(w, None)
     finally:
         q.INT4_CHUNK_VALUES = old
     assert lin.int4_terms > 0, "bf16 + this type should use the int4 kernel"
@@ -130,16 +137,17 @@ def test_int4_kernel_path_close_to_dense_in_bf16(qtype):
 
 
 def test_quant_embedding_and_mixed_type_fusion():
-    from ember.nn.quantized import ConcatLinear, GGMLWeightGroup
+    from ember.io.ggml_weight import GGMLWeightGroup
+    from ember.nn.quantized import ConcatLinear, QuantEmbedding, quantized_linear
 
     w = _packed(ggml.Q8_0, rows=50)
-    emb = w.as_embedding(torch.float32)
+    emb = QuantEmbedding(w, torch.float32)
     ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
     assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, w.dequantize()))
     a, b = _packed(ggml.Q5_0, rows=8), _packed(ggml.Q8_0, rows=4, seed=1)
     group = a.cat_rows([a, b])
     assert isinstance(group, GGMLWeightGroup) and tuple(group.shape) == (12, a.shape[1])
-    lin = group.as_linear(torch.randn(12))
+    lin = quantized_linear(group, torch.randn(12))
     assert isinstance(lin, ConcatLinear)
     x = torch.randn(2, a.shape[1])
     bias = torch.cat([p.bias for p in lin.parts])
@@ -207,7 +215,7 @@ def test_family_mapping_matches_transformers_names_and_values(tmp_path, kind):
         for key in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size"):
             assert raw[key] == getattr(c, key), key
     _, fam = family_for(f)
-    src = GGUFSource(f, fam, raw, packed=False, dtype=torch.float32)
+    src = GGUFSource(f, fam, raw, quantized=False, dtype=torch.float32)
     sd = {k: v for k, v in hf.state_dict().items() if "rotary_emb" not in k and not k.endswith((".attn.bias", "masked_bias"))}
     if raw.get("tie_word_embeddings"):
         sd.pop("lm_head.weight", None)
@@ -242,7 +250,7 @@ def test_quantized_llama_packed_equals_dequantized_and_transformers(tmp_path, qt
     path = gm.hf_to_gguf(hf, tmp_path / "m.gguf", qtype=qtype)
     a = ember.load(path, dtype=torch.float32, packed=False)
     b = ember.load(path, dtype=torch.float32, packed=True)
-    assert b._loaded.packed and not a._loaded.packed
+    assert b._loaded.quantized and not a._loaded.quantized
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", quantization_config=GgufConfig(dequantize=True),
                                                dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -418,3 +426,28 @@ def test_bad_metadata_is_a_config_error_naming_the_key(tmp_path):
     tensors = {n: (ggml.dequantize(f.raw(n), t.ggml_type, t.shape).numpy(), None) for n, t in f.tensors.items()}
     msg = _load_error(gm.write(tmp_path / "m.gguf", "llama", meta, tensors), ember.ConfigError)
     assert "llama.embedding_length" in msg
+
+
+def _rewrite(path, out, **meta_changes):
+    """The GGUF at `path` rewritten with some `llama.*` metadata changed."""
+    f = GGUFFile(path)
+    meta = {k: v for k, v in f.metadata.items() if k != "general.architecture"}
+    meta["tokenizer.ggml.token_type"] = (meta["tokenizer.ggml.token_type"], gm.ARR)
+    meta.update({f"llama.{k}": v for k, v in meta_changes.items()})
+    tensors = {n: (ggml.dequantize(f.raw(n), t.ggml_type, t.shape).numpy(), None) for n, t in f.tensors.items()}
+    return gm.write(out, "llama", meta, tensors)
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"block_count": 10**9}, "block_count is 1000000000; a model has 1 to"),
+    ({"block_count": 0}, "block_count is 0"),
+    ({"attention.head_count": 0}, "head_count is 0; it must be between 1 and the embedding length"),
+    ({"attention.head_count": 10**6}, "head_count is 1000000; it must be between 1"),
+])
+def test_claimed_counts_are_checked_before_anything_is_sized_by_them(tmp_path, change, msg):
+    """A block_count of 1e9 built a per-layer list first (MemoryError after 40 s; inspect hung);
+    head_count 0 divided by zero."""
+    path = _rewrite(gm.hf_to_gguf(_hf_model("llama"), tmp_path / "m.gguf"), tmp_path / "bad.gguf", **change)
+    with pytest.raises(ConfigError, match=msg):
+        ember.load(path)
+    assert describe_gguf(path)["supported"].startswith("no (")

@@ -158,7 +158,7 @@ import json, resource, sys
 import torch
 import ember
 from ember.io.ggml import type_name
-from ember.io.gguf_loader import int4_fast_path
+from ember.loading import int4_fast as int4_fast_path
 from ember.nn.quantized import QuantEmbedding, QuantLinear
 
 
@@ -236,7 +236,7 @@ def test_qwen_default_keeps_int4_kernel_types_packed_and_bounds_memory():
 # ---- Gemma 3 270M (gemma3: w+1 norms, sliding window, Q8_0 tied embeddings) ------------------------
 def test_gemma3_tokenizer(gemma3):
     from ember.io.gguf import GGUFFile
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     tok = gemma3.llm.tokenizer if gemma3.llm is not None else tokenizer_from_gguf(GGUFFile(gemma3.path).metadata)
     _check_tokenizer(gemma3, tok)
@@ -246,7 +246,13 @@ def test_gemma3_tokenizer(gemma3):
 def test_gemma3_config_and_names():
     import realmodels
     from ember.io.gguf import GGUFFile
-    from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+    from ember import registry
+    from ember.gguf_source import GGUFSource, architecture
+    from ember.loading import gguf_config as config_dict
+
+    def family_for(f):
+        arch = architecture(f)
+        return arch, registry.lookup_gguf(arch).gguf_mapping(arch)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     f = GGUFFile(realmodels.gemma3_gguf())
@@ -257,7 +263,7 @@ def test_gemma3_config_and_names():
     with torch.device("meta"):
         hf = Gemma3ForCausalLM(cfg)
     want = {k for k in hf.state_dict() if k != "lm_head.weight"}
-    src = GGUFSource(f, family_for(f)[1], raw, packed=True, dtype=torch.float32)
+    src = GGUFSource(f, family_for(f)[1], raw, quantized=True, dtype=torch.float32)
     assert set(src.keys()) == want
     for k, v in hf.state_dict().items():
         if k in want:
@@ -303,12 +309,18 @@ def test_gemma3_mapping_reproduces_transformers_logits(gemma3):
     """Without the native model: transformers' Gemma3 built from ember's config dict and ember's
     tensors gives the logits transformers gets from the GGUF itself."""
     from ember.io.gguf import GGUFFile
-    from ember.io.gguf_loader import GGUFSource, config_dict, family_for
+    from ember import registry
+    from ember.gguf_source import GGUFSource, architecture
+    from ember.loading import gguf_config as config_dict
+
+    def family_for(f):
+        arch = architecture(f)
+        return arch, registry.lookup_gguf(arch).gguf_mapping(arch)
     from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GgufConfig
 
     f = GGUFFile(gemma3.path)
     raw = config_dict(f)
-    src = GGUFSource(f, family_for(f)[1], raw, packed=False, dtype=torch.float32)
+    src = GGUFSource(f, family_for(f)[1], raw, quantized=False, dtype=torch.float32)
     cfg = Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
     mine = Gemma3ForCausalLM(cfg).eval()
     sd = {k: src.load(k).float() for k in src.keys()}

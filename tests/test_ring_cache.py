@@ -131,9 +131,9 @@ def test_generator_and_engine_over_a_ring_match_uncached_greedy(model):
     want = [_greedy(model, p, 12) for p in prompts]
     assert any(len(set(w)) > 3 for w in want)
     for chunk, static in ((3, False), (8, False), (512, True)):
-        gen = Generator(model, None, max_batch=4, max_len=40, prefill_chunk=chunk)
-        if static:
-            gen.step_hook = StaticDecoder(model, gen.cache, capture=False)
+        cache = model.new_cache(4, 40)
+        step = StaticDecoder(model, cache, capture=False) if static else None
+        gen = Generator(model, None, max_batch=4, max_len=40, prefill_chunk=chunk, cache=cache, step=step)
         reqs = [Request(p[0].tolist(), 12, ignore_eos=True) for p in prompts]
         got = {r.id: [] for r in reqs}
         for ev in gen.run(reqs):
@@ -157,11 +157,12 @@ def test_compiled_static_step_over_a_ring():
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (1, n), generator=g) for n in (9, 2)]
     want = [_greedy(model, p, 10) for p in prompts]
-    gen = Generator(model, None, max_batch=2, max_len=24)
-    gen.step_hook = StaticDecoder(model, gen.cache, capture=False, compile=True, compile_mode="default")
+    cache = model.new_cache(2, 24)
+    step = StaticDecoder(model, cache, capture=False, compile=True, compile_mode="default")
+    gen = Generator(model, None, max_batch=2, max_len=24, cache=cache, step=step)
     reqs = [Request(p[0].tolist(), 10, ignore_eos=True) for p in prompts]
     got = {r.id: [] for r in reqs}
     for ev in gen.run(reqs):
         got[ev.request.id].append(ev.token_id)
     assert [got[r.id] for r in reqs] == want
-    assert gen.step_hook.compile_seconds > 0
+    assert step.compile_seconds > 0

@@ -69,14 +69,6 @@ def test_rename_maps_model_keys_to_checkpoint_keys(vb):
     assert fn.contains("model.layers.0.attention.k_proj.weight")
 
 
-def test_get_sharded_returns_this_ranks_slice(vb):
-    full = vb.get((8, 4), "model.layers.0.self_attn.q_proj.weight")
-    parts = [vb.get_sharded("model.layers.0.self_attn.q_proj.weight", 0, r, 2) for r in range(2)]
-    assert torch.equal(torch.cat(parts), full)
-    with pytest.raises(ShapeMismatchError, match="does not split into 3"):
-        vb.get_sharded("model.layers.0.self_attn.q_proj.weight", 0, 0, 3)
-
-
 def test_duplicate_keys_across_shards_are_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "1.safetensors")
     save_file({"a": torch.zeros(2)}, tmp_path / "2.safetensors")

@@ -12,12 +12,14 @@ from .generation.sampling import SamplingParams
 from .loading import Loaded, eos_ids, load_snapshot
 
 
-# ember.load's options beyond its named arguments, passed on to the loader
+# ember.load's options beyond its named arguments, passed on to the loading pipeline
 LOAD_OPTIONS = {
-    "packed": "GGUF: keep quantised weights packed (True), dequantise at load (False), or decide (None)",
+    "keep_quantized": "GGUF: keep quantised weights as blocks (True), dequantise at load (False), or decide (None)",
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
-    "prepack": "CPU bf16: oneDNN-prepacked weights (default on for causal LMs)",
+    "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
 }
+# older names of options, still accepted with a DeprecationWarning
+RENAMED_OPTIONS = {"packed": "keep_quantized"}
 
 
 def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
@@ -32,6 +34,12 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     """
     from . import hub
 
+    for old, new in RENAMED_OPTIONS.items():
+        if old in model_kw:
+            import warnings
+
+            warnings.warn(f"ember.load({old}=...) is now {new}=...", DeprecationWarning, stacklevel=2)
+            model_kw.setdefault(new, model_kw.pop(old))
     unknown = sorted(set(model_kw) - set(LOAD_OPTIONS))
     if unknown:
         raise ArgumentError(f"ember.load() got unknown option(s) {', '.join(map(repr, unknown))}; it takes dtype, "
@@ -41,7 +49,7 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     device = _parse_device(device)
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     if compile:
-        model_kw.setdefault("prepack", False)  # Inductor (freezing) packs the weights itself
+        model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
     loaded = load_snapshot(snap, dtype, device, **model_kw)
     # encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...) and decoders
     # turned bidirectional (EmbeddingGemma) embed
@@ -52,9 +60,7 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
         return Embedder(loaded)
     llm = LLM(loaded)
     if engine or (engine is None and (loaded.device.type == "cuda" or compile)):
-        from . import engine as _engine
-
-        _engine.enable(llm, compile=compile)
+        llm = llm.with_engine(compile=compile)
     return llm
 
 
@@ -151,7 +157,9 @@ def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) 
 class LLM:
     """A loaded causal language model with its tokenizer."""
 
-    def __init__(self, loaded: Loaded):
+    def __init__(self, loaded: Loaded, engine=None):
+        """engine: an `ember.engine.Engine` over this model that generation runs through (see
+        `with_engine`); None: the plain generator, sized per call."""
         self._loaded = loaded
         self.config = loaded.config
         self.model = loaded.model
@@ -165,7 +173,14 @@ class LLM:
             getattr(self.config, "eos_token_id", None),
             tok.eos_token_id if tok is not None else None,
         )
-        self.engine = None  # set by ember.engine when the fast path is enabled
+        self.engine = engine
+
+    def with_engine(self, **options) -> "LLM":
+        """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
+        cuda_graphs, compile, buckets): a persistent cache and the static decode step."""
+        from .engine import Engine
+
+        return LLM(self._loaded, Engine(self.model, self.tokenizer, self.eos_token_ids, **options))
 
     def __repr__(self) -> str:
         return (f"LLM({self._loaded.snapshot.source!r}, type={self._loaded.entry.model_type}, "
@@ -197,12 +212,18 @@ class LLM:
                                   repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
         return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
 
-    def generator(self, requests: Sequence[Request], max_batch: int | None = None) -> Generator:
+    def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
+                  max_len: int | None = None) -> Generator:
+        """A Generator for `requests` (sized for the longest) or for `max_batch` rows of `max_len`
+        tokens: the engine's when this LLM has one, else a plain one."""
         # (a Request built by hand with a bad max_tokens is refused by the generator's check)
-        longest = max(len(r.prompt_ids) + (r.max_tokens if isinstance(r.max_tokens, int) else 0) for r in requests)
+        if max_len is None:
+            max_len = max(len(r.prompt_ids) + (r.max_tokens if isinstance(r.max_tokens, int) else 0)
+                          for r in requests) + 1
+        max_batch = max_batch or len(requests)
         if self.engine is not None:
-            return self.engine.generator(max_batch or len(requests), longest)
-        return Generator(self.model, self.tokenizer, max_batch=max_batch or len(requests), max_len=longest + 1,
+            return self.engine.generator(max_batch, max_len - 1)
+        return Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
                          eos_ids=self.eos_token_ids, device=self.device)
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:

@@ -279,7 +279,7 @@ def cmd_inspect(a) -> int:
 
     snap = hub.resolve(a.target, a.revision)
     if snap.format == "gguf":
-        from ember.io.gguf import describe_gguf
+        from ember.loading import describe_gguf
 
         info = describe_gguf(snap.weights[0])
         if a.json:

@@ -160,3 +160,43 @@ def load_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+@dataclasses.dataclass
+class DecoderConfig(ModelConfig):
+    """The attention shape every decoder family's config declares (config.json names) and what ember's
+    shared attention (`ember.models.llama.Attention`) reads, with the checks they all need.
+
+    A family whose config.json spells a flag differently maps it onto these fields in its registry
+    entry (`prepare`), so no family fakes another's fields.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: as many as attention heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False  # bias on q, k, v and o
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2, StableLM)
+    qk_norm: bool = False  # RMSNorm over each head of q and k (Qwen3)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        self._positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "max_position_embeddings")
+        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
+                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                      f"num_key_value_heads ({self.num_key_value_heads})")
+
+    def _head_dim_divides_hidden(self) -> None:
+        """For families whose head_dim is always hidden_size / heads."""
+        self._require(self.hidden_size % self.num_attention_heads == 0,
+                      f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                      f"({self.num_attention_heads})")

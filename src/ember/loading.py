@@ -1,18 +1,29 @@
-"""From a resolved snapshot to (config, model, tokenizer): the steps behind `ember.load`."""
+"""The loading pipeline behind `ember.load`: one path for every weight format.
+
+    hub.resolve ─► open the weights (safetensors | PyTorch pickle | GGUF): `open_checkpoint`
+                ─► registry entry ─► config (typed, validated)
+                ─► build Model(cfg, vb) through the VarBuilder: `build`
+                ─► transforms, in order (ember.transforms: prepack ...)
+                ─► Loaded
+
+Each stage knows only the one below it. A GGUF file differs only in where its config dict, its
+tokenizer and its generation defaults come from (the metadata, read by the family's own mapping)
+and in whether its quantised weights stay as blocks; everything after that is shared.
+"""
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from . import registry
+from . import registry, transforms
 from .config import load_json
-from .errors import CheckpointError, ConfigError
+from .errors import ArgumentError, CheckpointError, ConfigError, UnsupportedModelError
 from .hub import Snapshot
-from .varbuilder import DictSource, SafetensorsSource, VarBuilder
+from .varbuilder import DictSource, SafetensorsSource, TensorSource, VarBuilder
 
 log = logging.getLogger("ember")
 
@@ -22,6 +33,8 @@ IGNORABLE_UNUSED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias$|\.attn\.bia
 
 @dataclass
 class Loaded:
+    """What the pipeline hands to `LLM` / `Embedder`."""
+
     snapshot: Snapshot
     entry: registry.Entry
     config: Any
@@ -30,8 +43,12 @@ class Loaded:
     generation_config: dict
     dtype: torch.dtype
     device: torch.device
+    quantized: bool = False  # GGUF: quantised weights kept as blocks in memory
+    load_mode: str = ""  # GGUF: what was done with quantised weights, in words
+    transforms: tuple[str, ...] = ()  # the backend transforms that ran, in order
 
 
+# ---- dtype -------------------------------------------------------------------------------------
 def cpu_bf16_fast() -> bool:
     """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX): then bf16 is the fast CPU dtype."""
     try:
@@ -60,7 +77,7 @@ def _dtype_from_config(raw: dict) -> torch.dtype | None:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name) if isinstance(name, str) else None
 
 
-def _checkpoint_dtype(source) -> torch.dtype | None:
+def _first_float_dtype(source) -> torch.dtype | None:
     for k in source.keys():
         dt = source.dtype(k) if hasattr(source, "dtype") else None
         if isinstance(dt, torch.dtype) and dt.is_floating_point:
@@ -68,30 +85,155 @@ def _checkpoint_dtype(source) -> torch.dtype | None:
     return None
 
 
-def tensor_source(snap: Snapshot):
-    if snap.format == "safetensors":
-        return SafetensorsSource(snap.weights)
-    if snap.format == "pytorch":
-        return _pickle_source(snap)
+def int4_fast(device: torch.device) -> bool:
+    """Whether quantised 4/5/8-bit weights run fast kept as blocks here: a CPU with native bf16 and
+    torch's int4 kernel."""
+    from .nn.quantized import int4_kernel_available
+
+    return device.type == "cpu" and int4_kernel_available() and cpu_bf16_fast()
+
+
+# ---- stage 1: the weights and what they say about the model ------------------------------------
+@dataclass
+class Checkpoint:
+    """An opened checkpoint before the model is built: its config dict and registry entry, and how
+    to get its tokenizer, generation defaults and tensor source."""
+
+    snapshot: Snapshot
+    raw: dict  # the config.json-style dict (from GGUF metadata for a GGUF file)
+    entry: registry.Entry
+    generation_config: dict
+    tokenizer: Callable[[], Any]
+    source: Callable[..., TensorSource]  # source(dtype, device, keep_quantized) -> (source, Loaded fields)
+    checkpoint_dtype: torch.dtype | None = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+def open_checkpoint(snap: Snapshot) -> Checkpoint:
+    if snap.format == "gguf":
+        return _open_gguf(snap)
+    if snap.format in ("safetensors", "pytorch"):
+        return _open_hf(snap)
     raise CheckpointError(f"unsupported weight format {snap.format!r}")
 
 
-def _pickle_source(snap: Snapshot) -> DictSource:
-    """pytorch_model.bin: only when no safetensors exist, and only through weights_only unpickling."""
-    tensors: dict[str, torch.Tensor] = {}
-    for p in snap.weights:
+# tensor names only quantised checkpoints have (FP8 scales, GPTQ/AWQ packing, compressed-tensors)
+QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".qzeros", ".g_idx", ".weight_packed",
+                         ".input_scale", ".SCB")
+
+
+def _refuse_quantization(raw: dict, snap: Snapshot) -> None:
+    """Quantised HF checkpoints (FP8, GPTQ, AWQ, bitsandbytes, compressed-tensors...) are not read yet:
+    refused by name, never loaded as if their integer/FP8 tensors were plain weights."""
+    qc = raw.get("quantization_config")
+    side = snap.file("quantize_config.json") if qc is None else None
+    if qc is None and side is None:
+        return
+    if qc is None:
         try:
-            sd = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for hostile or corrupt files
-            raise CheckpointError(f"{p}: refused or unreadable as a weights-only PyTorch checkpoint: "
-                                  f"{type(e).__name__}: {str(e)[:200]}") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{p}: not a state dict of tensors")
-        tensors.update(sd)
-    return DictSource(tensors, name=", ".join(p.name for p in snap.weights))
+            qc = load_json(side)
+        except ConfigError:
+            qc = {}
+    method = qc.get("quant_method", "gptq" if side is not None else None) if isinstance(qc, dict) else None
+    raise UnsupportedModelError(
+        f"{snap.root}: a quantised checkpoint (quant_method {method!r:.40}); ember does not read quantised "
+        f"safetensors checkpoints yet. Supported: unquantised safetensors/PyTorch weights, and GGUF files "
+        f"(Q4_0 ... Q8_0, K-quants)")
 
 
-def generation_config(snap: Snapshot) -> dict:
+def _open_hf(snap: Snapshot) -> Checkpoint:
+    if snap.config is None:
+        raise ConfigError(f"{snap.root}: no config.json beside the weights")
+    raw = load_json(snap.config)
+    entry = registry.lookup(raw)
+    _refuse_quantization(raw, snap)
+    if snap.format == "safetensors":
+        source: TensorSource = SafetensorsSource(snap.weights)
+        scales = next((k for k in source.keys() if k.endswith(QUANT_TENSOR_SUFFIXES)), None)
+        if scales is not None:
+            raise UnsupportedModelError(f"{snap.root}: tensor {scales!r} belongs to a quantised checkpoint, which ember "
+                                        f"does not read yet (no quantization_config says which method)")
+    else:
+        from .io.torch_pickle import read_state_dicts
+
+        source = DictSource(read_state_dicts(snap.weights), name=", ".join(p.name for p in snap.weights))
+
+    def tokenizer():
+        if snap.file("tokenizer.json") is None:
+            log.warning("%s has no tokenizer.json: text in/out is unavailable, token ids only", snap.root)
+            return None
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(snap.root)
+
+    def make_source(dtype, device, keep_quantized):
+        return source, {}
+
+    return Checkpoint(snap, raw, entry, _generation_config(snap), tokenizer, make_source,
+                      _first_float_dtype(source) or _dtype_from_config(raw))
+
+
+def gguf_config(f) -> dict:
+    """The config dict ember derives from a GGUF file's metadata (what its config.json would say)."""
+    from .gguf_source import Meta, architecture
+
+    arch = architecture(f)
+    entry = registry.lookup_gguf(arch, str(f.path))
+    return entry.gguf_mapping(arch).config(Meta(f, arch))
+
+
+def describe_gguf(path) -> dict:
+    """What `ember inspect FILE.gguf` prints (ember.io.gguf.describe_gguf with ember's config)."""
+    from .io.gguf import describe_gguf as describe
+
+    return describe(path, config_of=gguf_config)
+
+
+def _open_gguf(snap: Snapshot) -> Checkpoint:
+    from . import gguf_source
+    from .io.gguf import GGUFFile
+
+    if len(snap.weights) != 1:
+        raise CheckpointError(f"{snap.root}: a GGUF model is one file, got {len(snap.weights)} "
+                              f"(split GGUF files are not supported; merge them with llama-gguf-split)")
+    f = GGUFFile(snap.weights[0])
+    arch = gguf_source.architecture(f)
+    entry = registry.lookup_gguf(arch, str(f.path))
+    for info in f.tensors.values():  # refuse unknown/unsupported types before building anything
+        f.check_supported(info.name)
+    mapping = entry.gguf_mapping(arch)
+    try:
+        raw = mapping.config(gguf_source.Meta(f, arch))
+        entry = registry.lookup(raw)
+    except (ConfigError, UnsupportedModelError) as e:
+        raise type(e)(e if str(f.path) in str(e) else f"{f.path}: {e}") from None
+
+    def tokenizer():
+        if not isinstance(f.metadata.get("tokenizer.ggml.tokens"), list):
+            log.warning("%s has no tokenizer in its metadata: text in/out is unavailable, token ids only", f.path)
+            return None
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        tok = tokenizer_from_gguf(f.metadata, path=f.path)
+        # building a large vocabulary's tokenizer needs ~70 MB of temporaries: hand them back before
+        # the weights are resident, not on top of them
+        gguf_source.release_free_memory()
+        return tok
+
+    def make_source(dtype, device, keep_quantized):
+        plan = gguf_source.plan_quantized(f, dtype, device, keep_quantized, default_dtype, int4_fast(device))
+        src = gguf_source.GGUFSource(f, mapping, raw, quantized=plan.keep, dtype=plan.dtype,
+                                     dense_fallback=plan.dense_fallback)
+        return src, {"dtype": plan.dtype, "quantized": plan.keep, "load_mode": plan.mode}
+
+    def close():
+        gguf_source.release_free_memory()
+
+    return Checkpoint(snap, raw, entry, gguf_source.generation_config(f), tokenizer, make_source,
+                      gguf_source.file_float_dtype(f), close)
+
+
+def _generation_config(snap: Snapshot) -> dict:
     p = snap.file("generation_config.json")
     if p is None:
         return {}
@@ -113,19 +255,13 @@ def eos_ids(*sources: Any) -> list[int]:
     return out
 
 
-def build_model(entry: registry.Entry, cfg, vb: VarBuilder, prepack: bool | None = None, **kw) -> torch.nn.Module:
-    """The model class for `entry` built from (cfg, vb). prepack: oneDNN-prepacked bf16 Linears on CPU
-    (default: on for causal LMs; off when the model will be torch.compile'd, which packs itself)."""
+# ---- stage 2: the model ------------------------------------------------------------------------
+def build(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Module:
+    """The model class for `entry` built from (cfg, vb), plain (no backend transform), with the
+    checkpoint tensors no layer used reported."""
     _, model_cls = entry.load()
-    from .nn.packed import pack_all, packing
-
-    # oneDNN-prepacked bf16 weights: faster CPU matmuls (ember.nn.packed); packed as layers are built
-    pack = entry.task == "causal-lm" and vb.device.type == "cpu" and vb.dtype == torch.bfloat16 and prepack is not False
-    with packing(pack):
-        # .to() moves only what a family left elsewhere (buffers such as rotary tables); weights are already there.
-        model = model_cls(cfg, vb, **kw).eval().to(vb.device)
-    if pack:
-        pack_all(model)  # whatever a family built outside ember.nn's constructors (tied heads...)
+    # .to() moves only what a family left elsewhere (buffers such as rotary tables); weights are already there.
+    model = model_cls(cfg, vb, **kw).eval().to(vb.device)
     unused = [k for k in vb.unused() if not IGNORABLE_UNUSED.search(k)]
     heads = getattr(model, "ignore_unused", None)  # task heads a model leaves unused on purpose (encoders)
     if heads is not None and any(heads.search(k) for k in unused):
@@ -137,40 +273,40 @@ def build_model(entry: registry.Entry, cfg, vb: VarBuilder, prepack: bool | None
     return model
 
 
-def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                  **model_kw) -> Loaded:
+def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+                  keep_quantized: bool | None = None, fuse: bool = True, prepack: bool | None = None) -> Loaded:
+    """The whole pipeline for a resolved snapshot.
+
+    keep_quantized (GGUF): keep quantised weights as blocks (True), dequantise at load (False), or
+    decide (None). fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
+    transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
+    """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if snap.format == "gguf":
-        from .io.gguf_loader import load_gguf
-
-        return load_gguf(snap, dtype, device, **model_kw)
-    if model_kw.get("packed") is not None:
-        from .errors import ArgumentError
-
-        raise ArgumentError(f"packed={model_kw['packed']!r} applies to GGUF files; {snap.root} holds "
+    if keep_quantized is not None and snap.format != "gguf":
+        raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files; {snap.root} holds "
                             f"{snap.format} weights")
-    model_kw.pop("packed", None)
-    if snap.config is None:
-        raise ConfigError(f"{snap.root}: no config.json beside the weights")
-    raw = load_json(snap.config)
-    entry = registry.lookup(raw)
-    if entry.task == "encoder":
-        model_kw.pop("fuse", None)  # encoders have no fused projections to choose
-    cfg = entry.parse_config(raw)
-    source = tensor_source(snap)
-    if dtype is None:
-        dtype = default_dtype(device, _checkpoint_dtype(source) or _dtype_from_config(raw))
+    ckpt = open_checkpoint(snap)
+    entry = ckpt.entry
+    try:
+        cfg = entry.parse_config(ckpt.raw)
+    except ConfigError as e:
+        raise ConfigError(e if snap.format != "gguf" or str(snap.weights[0]) in str(e) else f"{snap.weights[0]}: {e}") from None
+    if dtype is None and snap.format != "gguf":
+        dtype = default_dtype(device, ckpt.checkpoint_dtype)
         if entry.task == "encoder" and device.type == "cpu" and dtype == torch.float32 and cpu_bf16_fast():
             # encoders keep their residual stream in float32 (see models/encoder.py): bf16 matmuls are
             # 2-3x faster and stay within cosine 0.9999 of float32 embeddings
             dtype = torch.bfloat16
+    tokenizer = ckpt.tokenizer()  # (GGUF: before the weights; see Checkpoint.tokenizer)
+    source, extra = ckpt.source(dtype, device, keep_quantized)
+    dtype = extra.pop("dtype", dtype)
     vb = VarBuilder(source, dtype, device)
-    model = build_model(entry, cfg, vb, **model_kw)
-    tokenizer = None
-    if snap.file("tokenizer.json") is not None:
-        from .tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(snap.root)
-    else:
-        log.warning("%s has no tokenizer.json: text in/out is unavailable, token ids only", snap.root)
-    return Loaded(snap, entry, cfg, model, tokenizer, generation_config(snap), dtype, device)
+    model = build(entry, cfg, vb, **({"fuse": fuse} if entry.task == "causal-lm" else {}))
+    done = transforms.apply(model, transforms.plan(entry.task, dtype, device, prepack=prepack))
+    if not extra.get("quantized", True):
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # nothing refers to the mapping any more
+    ckpt.close()
+    return Loaded(snap, entry, cfg, model, tokenizer, ckpt.generation_config, dtype, device,
+                  transforms=tuple(done), **extra)

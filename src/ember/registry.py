@@ -22,6 +22,7 @@ class Entry:
     config_class: str = "Config"
     defaults: dict = field(default_factory=dict)  # filled in when config.json lacks the key
     prepare: Callable[[dict], dict] | None = None  # last fix-ups of the raw dict
+    gguf: tuple[str, ...] = ()  # GGUF architectures read as this type (their mapping: the module's GGUF dict)
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -35,15 +36,39 @@ class Entry:
         return cfg_cls.from_dict(d)
 
 
+    def gguf_mapping(self, arch: str):
+        """The family's `GGUFMapping` for GGUF architecture `arch` (declared beside its model)."""
+        return importlib.import_module(self.module).GGUF[arch]
+
+
 _ENTRIES: dict[str, Entry] = {}
 # architectures[0] → model_type, for configs that lack a model_type
 _ARCHITECTURES: dict[str, str] = {}
+# GGUF general.architecture → model_type
+_GGUF: dict[str, str] = {}
 
 
-def register(model_type: str, module: str, *, architectures: tuple[str, ...] = (), **kw: Any) -> None:
-    _ENTRIES[model_type] = Entry(model_type, module, **kw)
+def register(model_type: str, module: str, *, architectures: tuple[str, ...] = (), gguf: str | None = None,
+             **kw: Any) -> None:
+    """Register `model_type` as implemented by `module`; `gguf` names the llama.cpp architecture
+    whose files load as this type (the module's `GGUF[gguf]` maps them)."""
+    _ENTRIES[model_type] = Entry(model_type, module, gguf=(gguf,) if gguf else (), **kw)
     for a in architectures:
         _ARCHITECTURES[a] = model_type
+    if gguf:
+        _GGUF[gguf] = model_type
+
+
+def gguf_architectures() -> list[str]:
+    return sorted(_GGUF)
+
+
+def lookup_gguf(arch: str, where: str = "") -> Entry:
+    """The entry that reads GGUF architecture `arch`, or UnsupportedModelError listing those ember reads."""
+    if arch not in _GGUF:
+        raise UnsupportedModelError(f"{where}{': ' if where else ''}GGUF architecture {arch!r:.80} is not supported; "
+                                    f"ember reads GGUF files of: {', '.join(gguf_architectures())}")
+    return _ENTRIES[_GGUF[arch]]
 
 
 def supported(task: str | None = None) -> list[str]:
@@ -90,22 +115,22 @@ def _phi3_rope(d: dict) -> dict:
     return out
 
 
-register("llama", "ember.models.llama", architectures=("LlamaForCausalLM",))
+register("llama", "ember.models.llama", gguf="llama", architectures=("LlamaForCausalLM",))
 register("mistral", "ember.models.llama", architectures=("MistralForCausalLM",),
          defaults={"sliding_window": 4096})
-register("qwen2", "ember.models.llama", architectures=("Qwen2ForCausalLM",),
+register("qwen2", "ember.models.llama", gguf="qwen2", architectures=("Qwen2ForCausalLM",),
          defaults={"qkv_bias": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
-register("qwen3", "ember.models.llama", architectures=("Qwen3ForCausalLM",),
+register("qwen3", "ember.models.llama", gguf="qwen3", architectures=("Qwen3ForCausalLM",),
          defaults={"qk_norm": True, "sliding_window": 4096, "max_window_layers": 28}, prepare=_qwen_sliding)
-register("phi3", "ember.models.llama", architectures=("Phi3ForCausalLM",), prepare=_phi3_rope,
+register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausalLM",), prepare=_phi3_rope,
          defaults={"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "max_position_embeddings": 4096,
                    "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "bos_token_id": 1,
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
-register("gemma2", "ember.models.gemma2", architectures=("Gemma2ForCausalLM",))
-register("gemma3_text", "ember.models.gemma3", architectures=("Gemma3ForCausalLM",))
+register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
+register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
 # Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
          config_class="MultimodalConfig")
@@ -123,10 +148,13 @@ register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalL
          defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
                    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
          prepare=_qwen_moe_sliding)
-register("gpt2", "ember.models.gpt2", architectures=("GPT2LMHeadModel",))
+register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
-register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",))
-register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",))
+# config.json flags spelled differently, mapped onto the fields the shared attention reads
+register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
+         prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})
+register("stablelm", "ember.models.stablelm", architectures=("StableLmForCausalLM",),
+         prepare=lambda d: {**d, "qkv_bias": d.get("use_qkv_bias", False)})
 
 # Encoders (ember.load returns an Embedder). A checkpoint of any task model (ForMaskedLM, ...) loads
 # as its encoder; the task head is left unused.

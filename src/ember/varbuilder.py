@@ -244,11 +244,11 @@ class VarBuilder:
             raise TensorNotFoundError(f"tensor {full!r} not found in {self._shared.source.describe()}{hint}")
         return key
 
-    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """The tensor `name` under the prefix, checked against `shape` before its data is read.
 
         Floating tensors are converted to `dtype` (default: the builder's); integer ones keep theirs.
-        With `packed=True` a quantised tensor (GGUF) is returned packed instead of dequantised.
+        With `quantized=True` a quantised tensor (GGUF blocks) is returned as is instead of dequantised.
         """
         key = self._require(name)
         if shape is not None:
@@ -259,36 +259,29 @@ class VarBuilder:
                     f"tensor {key!r} in {self._shared.source.describe()} has shape {list(found)}, "
                     f"the model expects {list(want)} (does config.json match the weights?)"
                 )
-        return self._load(key, dtype, packed)
+        return self._load(key, dtype, quantized)
 
-    def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+    def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """The tensor `name` with whatever shape the checkpoint has."""
-        return self._load(self._require(name), dtype, packed)
+        return self._load(self._require(name), dtype, quantized)
 
-    def get_optional(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, packed: bool = False):
+    def get_optional(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """Like `get`, but None when the checkpoint has no such tensor (optional biases...)."""
-        return self.get(shape, name, dtype, packed=packed) if self.contains(name) else None
+        return self.get(shape, name, dtype, quantized=quantized) if self.contains(name) else None
 
-    def get_sharded(self, name: str, dim: int, rank: int, world_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """This rank's slice of `name` along `dim` (tensor parallelism): only that slice is copied."""
-        key = self._require(name)
-        shape = self._shared.source.shape(key)
-        if shape[dim] % world_size:
-            raise ShapeMismatchError(f"tensor {key!r} dim {dim} of size {shape[dim]} does not split into {world_size} shards")
-        size = shape[dim] // world_size
-        raw = self._shared.source.load(key)
-        if not isinstance(raw, torch.Tensor):
-            raw = raw.dequantize(torch.float32)
-        self._shared.used.add(key)
-        return self._convert(raw.narrow(dim, rank * size, size), dtype)
-
-    def _load(self, key: str, dtype, packed: bool):
+    def _load(self, key: str, dtype, quantized: bool):
         raw = self._shared.source.load(key)
         self._shared.used.add(key)
-        if not isinstance(raw, torch.Tensor):  # a packed quantised tensor
-            if packed:
+        if not isinstance(raw, torch.Tensor):  # a tensor kept quantised (GGUF blocks)
+            if quantized:
                 return raw.to(self.device)
             return raw.dequantize(dtype or self.dtype or torch.float32).to(self.device)
+        if dtype is None and self.dtype is not None and self.dtype.is_floating_point and not raw.is_floating_point():
+            # integer/bool data where a layer reads float weights: a quantised checkpoint's packed
+            # values, which computing with (or casting) would silently give wrong answers
+            raise CheckpointError(f"tensor {key!r} in {self._shared.source.describe()} is stored as {raw.dtype}, "
+                                  f"where the model reads floating-point weights (a quantised checkpoint? ember "
+                                  f"reads unquantised safetensors and GGUF files)")
         out = self._convert(raw, dtype)
         if out.numel() and out.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
             self._release(key)  # a converted copy: the file's pages are not needed in memory

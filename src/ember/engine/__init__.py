@@ -2,15 +2,16 @@
 captured in CUDA graphs per batch bucket (optionally torch.compile'd first). It wraps the same
 model modules as the plain path; greedy outputs are identical.
 
-    llm = ember.load(...)                    # on CUDA the engine is enabled by default
-    ember.engine.enable(llm, compile=True)   # or explicitly, with options
+    llm = ember.load(...)                          # on CUDA the engine is on by default
+    llm = ember.load(..., compile=True)            # or asked for: torch.compile'd decode step
+    fast = llm.with_engine(max_batch=8, max_len=2048)   # the same model, an engine with these options
 """
 from __future__ import annotations
 
 from typing import Any
 
 # Lazy: `ember --help` and `import ember.engine.cli` must not import torch.
-_EXPORTS = {"Engine": ".core", "enable": ".core", "disable": ".core", "StaticDecoder": ".graphs",
+_EXPORTS = {"Engine": ".core", "StaticDecoder": ".graphs",
             "DEFAULT_BUCKETS": ".graphs"}
 __all__ = list(_EXPORTS)
 

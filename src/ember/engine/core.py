@@ -1,4 +1,5 @@
-"""The Engine: a Generator over a persistent cache, with the static decode step attached."""
+"""The Engine: Generators over one persistent cache, each given the static decode step (CUDA graphs,
+or torch.compile) when it is made. `ember.load(..., engine=, compile=)` decides whether an LLM has one."""
 from __future__ import annotations
 
 from ..generation.loop import Generator
@@ -27,22 +28,10 @@ class Engine:
         if longest is not None and longest + 1 > self.max_len:
             return Generator(self.model, self.tokenizer, max_batch=min(max_batch or 1, self.max_batch),
                              max_len=longest + 1, eos_ids=self.eos_ids, device=self.device)
-        g = Generator(self.model, self.tokenizer, max_batch=min(max_batch or self.max_batch, self.max_batch),
-                      max_len=self.max_len, eos_ids=self.eos_ids, device=self.device, cache=self.cache)
-        if self.decoder is not None:
-            g.step_hook = self.decoder
-        return g
+        return Generator(self.model, self.tokenizer, max_batch=min(max_batch or self.max_batch, self.max_batch),
+                         max_len=self.max_len, eos_ids=self.eos_ids, device=self.device, cache=self.cache,
+                         step=self.decoder)
 
     def warmup(self, buckets=None) -> None:
         if self.decoder is not None:
             self.decoder.warmup(buckets)
-
-
-def enable(llm, **kw) -> Engine:
-    """Attach an Engine to an LLM: generate/stream/chat then run through it."""
-    llm.engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, **kw)
-    return llm.engine
-
-
-def disable(llm) -> None:
-    llm.engine = None

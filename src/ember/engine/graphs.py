@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ..generation.step import DecodeStep
+
 log = logging.getLogger("ember")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -27,7 +29,7 @@ def bucket_for(n: int, buckets) -> int:
     raise ValueError(f"batch {n} exceeds the largest bucket {buckets[-1]}")
 
 
-class StaticDecoder:
+class StaticDecoder(DecodeStep):
     """decode(ids [n,1], pos [n,1]) -> (logits [n, vocab], greedy tokens [n]) through per-bucket
     static buffers.
 
@@ -53,10 +55,10 @@ class StaticDecoder:
             if self.device.type == "cpu":
                 import torch._inductor.config as inductor_config
 
-                from ..nn.packed import unpack_all
+                from ..backends.onednn import unprepack_all
 
                 # Inductor cannot lower oneDNN-prepacked weights; it prepacks the plain ones itself.
-                if unpack_all(model):
+                if unprepack_all(model):
                     log.info("compile: prepacked Linears turned back into plain ones for Inductor")
 
                 # Weights become constants: Inductor prepacks them for oneDNN and folds what it can.

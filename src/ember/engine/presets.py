@@ -59,7 +59,7 @@ class RandomVarBuilder(VarBuilder):
 
     contains_tensor = contains
 
-    def get(self, shape, name, dtype=None, *, packed=False):
+    def get(self, shape, name, dtype=None, *, quantized=False):
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         dtype = dtype or self.dtype or torch.float32
         if len(shape) == 1 and "norm" in self._join(name):
@@ -67,7 +67,7 @@ class RandomVarBuilder(VarBuilder):
         t = torch.randn(shape, generator=self._gen, device=self.device, dtype=torch.float32) * 0.02
         return t.to(dtype)
 
-    def get_optional(self, shape, name, dtype=None, *, packed=False):
+    def get_optional(self, shape, name, dtype=None, *, quantized=False):
         return self.get(shape, name, dtype) if self.contains(name) else None
 
     def unused(self) -> list[str]:
@@ -77,11 +77,13 @@ class RandomVarBuilder(VarBuilder):
 def random_model(preset: str | dict, dtype=torch.bfloat16, device="cpu", prepack: bool | None = None, **model_kw):
     """(config, model) with random weights for a preset name or a config dict, built as `ember.load`
     builds a checkpoint (prepacked bf16 Linears on CPU unless prepack=False)."""
-    from .. import registry
-    from ..loading import build_model
+    from .. import registry, transforms
+    from ..loading import build
 
     raw = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
     entry = registry.lookup(raw)
     cfg = entry.parse_config(raw)
     vb = RandomVarBuilder(dtype, torch.device(device), tie=bool(raw.get("tie_word_embeddings", False)))
-    return cfg, build_model(entry, cfg, vb, prepack=prepack, **model_kw)
+    model = build(entry, cfg, vb, **model_kw)
+    transforms.apply(model, transforms.plan(entry.task, dtype, torch.device(device), prepack=prepack))
+    return cfg, model

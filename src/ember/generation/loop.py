@@ -12,13 +12,14 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..errors import GenerationError
 from .detokenize import StreamDecoder
 from .sampling import SamplingParams, apply_repetition_penalty, logprobs_of, sample
+from .step import DecodeStep, EagerStep
 
 _ids = itertools.count()
 
@@ -102,7 +103,10 @@ class Generator:
     """Continuous-batching generation over one model. Not thread-safe: one driver calls add/step."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None,
-                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512, cache=None):
+                 eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512, cache=None,
+                 step: DecodeStep | None = None):
+        """cache: a persistent cache to run in (the engine's; CUDA graphs capture its addresses).
+        step: the decode step over that cache (default: the model's plain forward)."""
         self.model, self.tok = model, tokenizer
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -111,13 +115,12 @@ class Generator:
         self.eos_ids = set(eos_ids)
         self.prefill_chunk = prefill_chunk
         self.vocab = model.config.vocab_size
-        # The engine passes its own persistent cache (CUDA graphs capture its addresses).
         self.cache = cache if cache is not None else model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
         if cache is not None:
             self.max_len = min(self.max_len, cache.max_len)
         self.slots: list[_Seq | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
-        self.step_hook: Callable | None = None  # engine: replaces the decode forward
+        self.decode_step: DecodeStep = step if step is not None else EagerStep(model, self.cache)
         self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
         self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
 
@@ -245,14 +248,13 @@ class Generator:
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
         greedy = all(s.req.sampling.greedy and s.seen is None for s in running)
-        hook = self.step_hook
-        feedback = hook is not None and getattr(hook, "feedback", False) and greedy
+        step = self.decode_step
+        feedback = step.feedback and greedy
         signature = (hi, tuple((s.slot, s.req.id) for s in running))
-        if feedback and self._synced == signature and hasattr(hook, "launch") and \
-                all(s.req.logprobs is None for s in running):
+        if feedback and self._synced == signature and all(s.req.logprobs is None for s in running):
             # Pipelined: the device already holds every row's next input (last step's argmax,
             # position + 1). Launch this step, then hand out the previous step's tokens while it runs.
-            handle = hook.launch(hi)
+            handle = step.launch(hi)
             for s in running:
                 s.pos += 1
             events = self._flush()
@@ -268,7 +270,7 @@ class Generator:
         toks = None
         if feedback and self._synced == signature:
             # The device already holds every row's next input (last step's argmax, position + 1).
-            logits, toks = hook.replay(hi)
+            logits, toks = step.replay(hi)
         else:
             # Rows in range that are not decoding (free, or prefilled this very step) write their dummy
             # token to the last column, which no live sequence reads before writing it itself.
@@ -280,11 +282,7 @@ class Generator:
             pos = torch.tensor(pos_col, dtype=torch.long).view(hi, 1)
             if self.device.type != "cpu":
                 ids, pos = ids.to(self.device), pos.to(self.device)
-            if hook is not None:
-                out = hook(ids, pos, kv_len)
-                logits, toks = out if isinstance(out, tuple) else (out, None)
-            else:
-                logits = self.model(ids, position_ids=pos, cache=self.cache, kv_len=kv_len, cache_rows=slice(0, hi))[:, 0]
+            logits, toks = step(ids, pos, kv_len)
         self._synced = signature if feedback else None
         for s in running:
             s.pos += 1

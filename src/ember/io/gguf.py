@@ -375,7 +375,7 @@ def _tokenizer_summary(m: dict) -> dict | None:
     return out
 
 
-def describe_gguf(path: str | os.PathLike) -> dict:
+def describe_gguf(path: str | os.PathLike, config_of=None) -> dict:
     """What `ember inspect FILE` prints: architecture, metadata summary, tensors, sizes."""
     f = GGUFFile(path)
     meta: dict[str, Any] = {}
@@ -399,13 +399,14 @@ def describe_gguf(path: str | os.PathLike) -> dict:
         e["tensors"] += 1
         e["nbytes"] += max(t.nbytes, 0)
         e["params"] += t.numel
-    # the config ember derives from the metadata (what config.json would say), if ember reads this architecture
-    from .gguf_loader import config_dict  # (imports this module)
-
-    try:
-        config, supported = config_dict(f), "yes"
-    except EmberError as e:
-        config, supported = None, f"no ({e})"
+    # the config ember derives from the metadata (what config.json would say), if ember reads this
+    # architecture: `config_of(f)` (ember.loading.gguf_config) says
+    config, supported = None, "unknown"
+    if config_of is not None:
+        try:
+            config, supported = config_of(f), "yes"
+        except EmberError as e:
+            config, supported = None, f"no ({e})"
     return {
         "path": str(f.path),
         "format": f"GGUF v{f.version}",

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..errors import UnsupportedModelError
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears, padding_positions
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, padding_positions
 
 BERT_LAYER_NAMES = {
     "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -111,7 +111,6 @@ class Model(EncoderModel):
         self.pad_token_id = cfg.pad_token_id or 0
         # RoBERTa's positions start at padding_idx + 1
         self.max_tokens = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.padding_positions else 0)
-        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask
 
 LAYER_NAMES = {
     "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
@@ -58,7 +58,6 @@ class Model(EncoderModel):
         self.hidden_size = cfg.dim
         self.pad_token_id = cfg.pad_token_id or 0
         self.max_tokens = cfg.max_position_embeddings
-        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

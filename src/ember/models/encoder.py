@@ -29,8 +29,6 @@ from torch import nn
 
 from ..nn import FusedLinears, LayerNorm, activation, linear
 from ..nn.layers import Linear
-from ..nn.packed import PackedLinear, can_pack, packable
-from ..nn.packed import pack_all as _pack_all
 from ..varbuilder import VarBuilder
 
 # Heads that task checkpoints (ForMaskedLM, ForSequenceClassification, ...) carry beside the
@@ -83,17 +81,6 @@ def padding_positions(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor
     return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Prepack the bf16 CPU Linears of `model` (see ember.nn.packed), fusing GELU into the layers'
-    up projections where the activation is exact GELU."""
-    if not any(packable(m) for m in model.modules()) or not can_pack():
-        return
-    for mod in list(model.modules()):
-        if isinstance(mod, PostLNLayer) and mod.act_name == "gelu" and packable(mod.up):
-            mod.up, mod.act = PackedLinear(mod.up, gelu=True), _identity
-    _pack_all(model)
-
-
 def _identity(x):
     return x
 
@@ -121,6 +108,13 @@ class PostLNLayer(nn.Module):
         self.ln2 = LayerNorm.from_vb(hidden, eps, f32(vb).pp(names["ln2"]))
         self.act, self.act_name = activation(act), act
         self.cdtype = self.o.weight.dtype  # the matmuls' dtype; x stays float32
+
+    def fusable_gelu(self) -> str | None:
+        """The Linear whose output goes through an exact GELU (a prepacking backend may fuse it)."""
+        return "up" if self.act_name == "gelu" and self.act is not _identity else None
+
+    def gelu_fused(self) -> None:
+        self.act = _identity
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, E = x.shape

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import gguf_source as gguf
 from . import gemma
 from .gemma import ForCausalLM  # noqa: F401  (the model is Gemma's; only the config differs)
 
@@ -38,3 +39,28 @@ class Config(gemma.Config):
     def default_layer_types(self) -> list[str]:
         # Even layers slide, odd layers are global.
         return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(self.num_hidden_layers)]
+
+
+# ---- GGUF --------------------------------------------------------------------------------------
+GEMMA_LAYER = {
+    **gguf.LLAMA_LAYER,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def _gguf_gemma2(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "gemma2", head_dim=meta.get("attention.key_length", kind=int))
+    cfg["tie_word_embeddings"] = True
+    window = meta.get("attention.sliding_window", kind=int)
+    if window is not None:
+        cfg["sliding_window"] = window
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = meta.get(key, kind=(int, float))
+        if v is not None:
+            cfg[key] = float(v)
+    return cfg
+
+
+GGUF = {"gemma2": gguf.GGUFMapping(_gguf_gemma2, layer=GEMMA_LAYER, norm_offset=True)}

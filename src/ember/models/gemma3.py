@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .. import gguf_source as gguf
 from ..varbuilder import VarBuilder
 from . import gemma, gemma2
 
@@ -100,3 +101,34 @@ def _language_model(vb: VarBuilder) -> VarBuilder:
 class ForCausalLM(gemma.ForCausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__(cfg, _language_model(vb), fuse)
+
+
+# ---- GGUF --------------------------------------------------------------------------------------
+def _gguf_layer_types(meta: gguf.Meta, n_layers: int, default_pattern: int) -> list[str]:
+    pattern = meta.get("attention.sliding_window_pattern", kind=(int, list))
+    if isinstance(pattern, list):  # per-layer flags: true = sliding
+        if len(pattern) != n_layers:
+            raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern has {len(pattern)} "
+                                   f"entries for {n_layers} layers")
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    pattern = pattern or default_pattern
+    if pattern < 1:
+        raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern must be positive")
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+
+
+def _gguf_gemma3(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "gemma3_text", head_dim=meta.get("attention.key_length", kind=int))
+    cfg["tie_word_embeddings"] = "output.weight" not in meta.names
+    window = meta.get("attention.sliding_window", kind=int)
+    if window is not None:
+        cfg["sliding_window"] = window
+    cfg["layer_types"] = _gguf_layer_types(meta, cfg["num_hidden_layers"], 6)
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        v = meta.get(key, kind=(int, float))
+        if v is not None:
+            cfg[key] = float(v)
+    return cfg
+
+
+GGUF = {"gemma3": gguf.GGUFMapping(_gguf_gemma3, layer=gemma2.GEMMA_LAYER, norm_offset=True)}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, Linear, activation, attention
 from ..varbuilder import VarBuilder
@@ -139,3 +140,30 @@ class ForCausalLM(CausalLM):
         body = vb.pp("transformer") if vb.contains("transformer.wte.weight") else vb
         self.model = Model(cfg, body)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.wte.weight, cfg.n_embd, cfg.vocab_size)
+
+
+# ---- GGUF --------------------------------------------------------------------------------------
+def _gguf_gpt2(meta: gguf.Meta) -> dict:
+    ctx = meta.get("context_length", 1024, kind=int)
+    return {
+        "model_type": "gpt2",
+        "vocab_size": gguf.vocab_size(meta),
+        "n_embd": meta.need("embedding_length"),
+        "n_layer": gguf.layer_count(meta),
+        "n_head": gguf.attention_heads(meta),
+        "n_inner": meta.get("feed_forward_length", kind=int),
+        "n_positions": ctx,
+        "n_ctx": ctx,
+        "layer_norm_epsilon": float(meta.get("attention.layer_norm_epsilon", 1e-5, kind=(int, float))),
+        "tie_word_embeddings": True,
+        **gguf.token_ids(meta.m),
+    }
+
+
+GGUF = {"gpt2": gguf.GGUFMapping(
+    _gguf_gpt2, layers_prefix="transformer.h",
+    top={"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+         "output": "lm_head"},
+    layer={"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+           "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    transpose=("attn_qkv", "attn_output", "ffn_up", "ffn_down"))}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DecoderConfig
 from ..nn import Embedding, LayerNorm, activation, apply_rotary, attention, linear, linear_from_weight
 from ..nn.rope import RotaryEmbedding, rope_parameters
 from ..varbuilder import VarBuilder
@@ -23,7 +23,7 @@ from .base import CausalLM, Step, tied_or_own_head
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(DecoderConfig):
     vocab_size: int = 50432
     hidden_size: int = 6144
     num_hidden_layers: int = 44
@@ -45,10 +45,6 @@ class Config(ModelConfig):
     eos_token_id: int | list | None = 2
     pad_token_id: int | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     def rope(self) -> dict:
         """The rope parameters, with the old NeoX names folded in."""
         raw = dict(self.raw)
@@ -60,12 +56,10 @@ class Config(ModelConfig):
         return p
 
     def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "max_position_embeddings", "rotary_emb_base")
+        super().validate()
+        self._positive("intermediate_size", "rotary_emb_base")
         self._positive("layer_norm_eps", allow_zero=True)
-        self._require(self.hidden_size % self.num_attention_heads == 0,
-                      f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                      f"({self.num_attention_heads})")
+        self._head_dim_divides_hidden()
         f = float(self.rope()["partial_rotary_factor"])
         self._require(0.0 <= f <= 1.0 and int(self.head_dim * f) % 2 == 0,
                       f"the rotary fraction {f} must be in [0, 1] and rotate an even number of the "

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from .. import gguf_source as gguf
+from ..config import DecoderConfig, ModelConfig
 from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
                   rotary_from_config)
 from ..varbuilder import VarBuilder
@@ -22,21 +23,18 @@ from .base import CausalLM, Step, tied_or_own_head
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(DecoderConfig):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float | None = None
     rope_scaling: dict | None = None
     rope_parameters: dict | None = None
-    attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -45,29 +43,17 @@ class Config(ModelConfig):
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
-    # ember flags set by the registry for the remapped families (not config.json keys)
-    qkv_bias: bool = False  # Qwen2: bias on q/k/v but not o
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
     # Granite's multipliers (config.json keys; the Llama values leave the computation unchanged)
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None  # the attention scale; None = head_dim ** -0.5
     logits_scaling: float = 1.0  # logits are divided by it
 
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-
     def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+        super().validate()
+        self._positive("intermediate_size", "sliding_window")
         self._positive("rms_norm_eps", allow_zero=True)
         self._positive("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
-        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
-                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                      f"num_key_value_heads ({self.num_key_value_heads})")
         if self.layer_types is not None:
             self._require(len(self.layer_types) == self.num_hidden_layers,
                           f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
@@ -232,3 +218,68 @@ class ForCausalLM(CausalLM):
         self.model = Model(cfg, vb.pp("model"), fuse)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.logits_scaling = cfg.logits_scaling  # Granite
+
+
+# ---- GGUF (llama.cpp's llama, qwen2, qwen3 and phi3 architectures) -----------------------------
+def _gguf_llama(meta: gguf.Meta) -> dict:
+    heads = gguf.attention_heads(meta)
+    # transformers maps rope.dimension_count to head_dim for llama; key_length is explicit when present
+    head_dim = meta.get("attention.key_length", kind=int) or meta.get("rope.dimension_count", kind=int) or \
+        meta.need("embedding_length") // heads
+    cfg = gguf.decoder_config(meta, "llama", head_dim=head_dim)
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names
+    cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in meta.names
+    if "rope_freqs.weight" in meta.names:
+        # Llama 3.1-style scaling stored as per-frequency divisors instead of metadata
+        if cfg.get("rope_scaling") is not None:
+            raise gguf.UnsupportedModelError(f"{meta.f.path}: rope_freqs.weight together with rope scaling "
+                                             f"{cfg['rope_scaling'].get('rope_type')!r} is not supported")
+        cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": gguf.small_vector(meta, "rope_freqs.weight")}
+    return cfg
+
+
+def _gguf_qwen2(meta: gguf.Meta) -> dict:
+    return gguf.decoder_config(meta, "qwen2")
+
+
+def _gguf_qwen3(meta: gguf.Meta) -> dict:
+    return gguf.decoder_config(meta, "qwen3", head_dim=meta.get("attention.key_length", kind=int))
+
+
+def _gguf_phi3(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "phi3")
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    rot = meta.get("rope.dimension_count", kind=int)
+    if rot and rot != head_dim:
+        cfg["partial_rotary_factor"] = rot / head_dim
+    window = meta.get("attention.sliding_window", kind=int)
+    if window:
+        cfg["sliding_window"] = window
+    orig = meta.get("rope.scaling.original_context_length", kind=int)
+    if "rope_factors_long.weight" in meta.names and "rope_factors_short.weight" in meta.names:
+        scaling = {"rope_type": "longrope", "long_factor": gguf.small_vector(meta, "rope_factors_long.weight"),
+                   "short_factor": gguf.small_vector(meta, "rope_factors_short.weight")}
+        attn = meta.get("rope.scaling.attn_factor", kind=(int, float))
+        if attn is not None:
+            scaling["attention_factor"] = float(attn)
+        cfg["rope_scaling"] = scaling
+        if orig:
+            cfg["original_max_position_embeddings"] = orig
+    return cfg
+
+
+PHI3_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+GGUF = {
+    "llama": gguf.GGUFMapping(_gguf_llama, permute_qk=True),
+    "qwen2": gguf.GGUFMapping(_gguf_qwen2),
+    "qwen3": gguf.GGUFMapping(_gguf_qwen3),
+    "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
+}

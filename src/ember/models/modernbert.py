@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..nn import Embedding, LayerNorm, activation, linear
 from ..nn.rope import RotaryEmbedding, rope_parameters
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, attend, f32, key_padding_mask, pack_linears
+from .encoder import EncoderModel, attend, f32, key_padding_mask
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -161,7 +161,6 @@ class Model(EncoderModel):
         self.hidden_size = E
         self.pad_token_id = cfg.pad_token_id or 0
         self.max_tokens = cfg.max_position_embeddings
-        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
-from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, pack_linears, padding_positions
+from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, padding_positions
 
 LAYER_NAMES = {
     "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v", "o": "attention.attn.o",
@@ -87,7 +87,6 @@ class Model(EncoderModel):
         self.pad_token_id = PADDING_IDX
         self.max_tokens = cfg.max_position_embeddings - PADDING_IDX - 1
         self._bias_cache: tuple[int, torch.dtype, torch.Tensor] | None = None
-        pack_linears(self)  # bf16 on CPU: oneDNN prepacked weights
 
     def position_bias(self, T: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[1, H, T, T] relative attention bias (cached for the last length)."""

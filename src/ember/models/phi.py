@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DecoderConfig
 from ..nn import Embedding, FusedLinears, LayerNorm, Linear, activation, apply_rotary, attention, linear, rotary_from_config
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step
@@ -21,14 +21,12 @@ from .llama import check_partial_rotary
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(DecoderConfig):
     vocab_size: int = 51200
     hidden_size: int = 2048
     intermediate_size: int = 8192
     num_hidden_layers: int = 24
     num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
     hidden_act: str = "gelu_new"
     max_position_embeddings: int = 2048
     layer_norm_eps: float = 1e-5
@@ -42,19 +40,10 @@ class Config(ModelConfig):
     eos_token_id: int | list | None = 2
     pad_token_id: int | None = None
 
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-
     def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "max_position_embeddings")
+        super().validate()
+        self._positive("intermediate_size")
         self._positive("layer_norm_eps", allow_zero=True)
-        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
-                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                      f"num_key_value_heads ({self.num_key_value_heads})")
         check_partial_rotary(self)
         activation(self.hidden_act)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DecoderConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..nn.rope import RotaryEmbedding, rope_parameters
 from ..varbuilder import VarBuilder
@@ -22,7 +22,7 @@ from .base import CausalLM, Step, tied_or_own_head
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(DecoderConfig):
     vocab_size: int = 50304
     intermediate_size: int = 6912
     hidden_size: int = 2560
@@ -37,29 +37,14 @@ class Config(ModelConfig):
     rope_scaling: dict | None = None
     rope_parameters: dict | None = None
     partial_rotary_factor: float | None = None
-    use_qkv_bias: bool = False
+    use_qkv_bias: bool = False  # (the registry maps it onto qkv_bias)
     qk_layernorm: bool = False
     use_parallel_residual: bool = False
     bos_token_id: int | list | None = 0
     eos_token_id: int | list | None = 0
     pad_token_id: int | None = None
 
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-
-    # what llama.Attention and llama.MLP read
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def qkv_bias(self) -> bool:
-        return self.use_qkv_bias
-
-    attention_bias = False
-    mlp_bias = False
-    qk_norm = False  # StableLM's per-head LayerNorm is set up here, not Qwen3's RMSNorm
+    mlp_bias: bool = False  # (what llama.MLP reads; StableLM's MLP has none)
 
     def rope(self) -> dict:
         p = rope_parameters(self.raw)
@@ -67,15 +52,10 @@ class Config(ModelConfig):
         return p
 
     def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "max_position_embeddings")
+        super().validate()
+        self._positive("intermediate_size")
         self._positive("layer_norm_eps", allow_zero=True)
-        self._require(self.hidden_size % self.num_attention_heads == 0,
-                      f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                      f"({self.num_attention_heads})")
-        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
-                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                      f"num_key_value_heads ({self.num_key_value_heads})")
+        self._head_dim_divides_hidden()
         f = float(self.rope()["partial_rotary_factor"])
         self._require(0.0 <= f <= 1.0 and int(self.head_dim * f) % 2 == 0,
                       f"partial_rotary_factor {f} must be in [0, 1] and rotate an even number of the "

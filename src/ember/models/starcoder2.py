@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DecoderConfig
 from ..nn import Embedding, LayerNorm, activation, linear, rotary_from_config
 from ..varbuilder import VarBuilder
 from . import llama
@@ -19,14 +19,13 @@ from .base import CausalLM, Step, tied_or_own_head
 
 
 @dataclass
-class Config(ModelConfig):
+class Config(DecoderConfig):
     vocab_size: int = 49152
     hidden_size: int = 3072
     intermediate_size: int = 12288
     num_hidden_layers: int = 30
     num_attention_heads: int = 24
     num_key_value_heads: int | None = 2
-    head_dim: int | None = None
     hidden_act: str = "gelu_pytorch_tanh"
     max_position_embeddings: int = 4096
     norm_epsilon: float = 1e-5
@@ -34,33 +33,17 @@ class Config(ModelConfig):
     rope_scaling: dict | None = None
     rope_parameters: dict | None = None
     sliding_window: int | None = None
-    use_bias: bool = True
+    use_bias: bool = True  # (the registry maps it onto attention_bias)
+    attention_bias: bool = True
     tie_word_embeddings: bool = True
     bos_token_id: int | list | None = 50256
     eos_token_id: int | list | None = 50256
     pad_token_id: int | None = None
 
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-
-    # what llama.Attention reads
-    @property
-    def attention_bias(self) -> bool:
-        return self.use_bias
-
-    qkv_bias = False
-    qk_norm = False
-
     def validate(self) -> None:
-        self._positive("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+        super().validate()
+        self._positive("intermediate_size", "sliding_window")
         self._positive("norm_epsilon", allow_zero=True)
-        self._require(self.num_attention_heads % self.num_key_value_heads == 0,
-                      f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                      f"num_key_value_heads ({self.num_key_value_heads})")
         activation(self.hidden_act)
 
 

@@ -40,20 +40,20 @@ class Linear(nn.Module):
 def linear(in_features: int, out_features: int, vb: VarBuilder, bias: bool | None = False) -> nn.Module:
     """A Linear from `vb` (`weight`, and `bias` when asked; bias=None means "if present").
 
-    A quantised checkpoint may hand back a packed weight: it then builds its own module
-    (`as_linear`) that keeps the weight packed.
+    A quantised checkpoint (GGUF) may hand back a weight that stays quantised: the layer is then
+    one that computes with its blocks (`ember.nn.quantized`).
     """
-    w = vb.get((out_features, in_features), "weight", packed=True)
+    w = vb.get((out_features, in_features), "weight", quantized=True)
     return linear_from_weight(w, _bias(vb, out_features, bias))
 
 
 def linear_from_weight(weight, bias: torch.Tensor | None = None) -> nn.Module:
-    """A Linear around an already loaded weight (plain tensor or packed)."""
+    """A Linear around an already loaded weight (a plain tensor, or one kept quantised)."""
     if not isinstance(weight, torch.Tensor):
-        return weight.as_linear(bias)
-    from .packed import maybe_pack
+        from .quantized import quantized_linear
 
-    return maybe_pack(Linear(weight, bias))
+        return quantized_linear(weight, bias)
+    return Linear(weight, bias)
 
 
 class Embedding(nn.Module):
@@ -63,11 +63,13 @@ class Embedding(nn.Module):
 
     @classmethod
     def from_vb(cls, num: int, dim: int, vb: VarBuilder) -> nn.Module:
-        """An Embedding, or for a packed quantised table (GGUF) its own module that dequantises
-        only the rows it looks up (`as_embedding`); `.weight` is then the packed table."""
-        w = vb.get((num, dim), "weight", packed=True)
+        """An Embedding, or for a table kept quantised (GGUF) one that dequantises only the rows it
+        looks up (`ember.nn.quantized.QuantEmbedding`); `.weight` is then the quantised table."""
+        w = vb.get((num, dim), "weight", quantized=True)
         if not isinstance(w, torch.Tensor):
-            return w.as_embedding(vb.dtype)
+            from .quantized import QuantEmbedding
+
+            return QuantEmbedding(w, vb.dtype)
         return cls(w)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ class LayerNorm(nn.Module):
 class FusedLinears(nn.Module):
     """Several checkpoint Linears applied to the same input (q/k/v, gate/up), computed as one
     matmul: the weights are concatenated once at load (the only copy kept). Returns the parts'
-    outputs as a tuple. With fuse=False, or packed weights that cannot be concatenated, the parts
+    outputs as a tuple. With fuse=False, or quantised weights mixed with plain ones, the parts
     stay separate modules named as in the checkpoint."""
 
     def __init__(self, in_features: int, parts: dict[str, tuple[int, VarBuilder]], bias: bool | None = False, fuse: bool = True):
@@ -132,11 +134,11 @@ class FusedLinears(nn.Module):
         self.sizes = [out for out, _ in parts.values()]
         self.fused: nn.Module | None = None
         self.parts = nn.ModuleDict()
-        weights = [vb.get((out, in_features), "weight", packed=True) for out, vb in parts.values()]
+        weights = [vb.get((out, in_features), "weight", quantized=True) for out, vb in parts.values()]
         biases = [_bias(vb, out, bias) for out, vb in parts.values()]
         plain = all(isinstance(w, torch.Tensor) for w in weights)
-        packed_cat = not plain and all(type(w) is type(weights[0]) for w in weights) and hasattr(weights[0], "cat_rows")
-        if fuse and len(parts) > 1 and (plain or packed_cat):
+        quantized_cat = not plain and not any(isinstance(w, torch.Tensor) for w in weights)
+        if fuse and len(parts) > 1 and (plain or quantized_cat):
             b = None
             if any(x is not None for x in biases):
                 ref = next(x for x in biases if x is not None)

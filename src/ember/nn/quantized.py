@@ -1,8 +1,7 @@
 """Weights kept as GGUF blocks in memory, dequantised inside the layer on the fly.
 
-`GGMLWeight` is the packed weight a GGUF `TensorSource` hands out for `vb.get(..., packed=True)`;
-it implements the protocol `VarBuilder`/`nn.linear`/`FusedLinears` expect (`shape`,
-`dequantize(dtype)`, `to(device)`, `as_linear(bias)`, `cat_rows(parts)`) plus `as_embedding()`.
+The weights are `ember.io.ggml_weight.GGMLWeight`s, what a GGUF source hands out for
+`vb.get(..., quantized=True)`; `ember.nn.linear`/`Embedding.from_vb` turn them into these layers.
 
 `QuantLinear.forward` dequantises its weight a slab of rows at a time (so the float copy never
 exists whole and each slab is still in cache when the matmul reads it) and multiplies with
@@ -18,13 +17,12 @@ dequantising path.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..io import ggml
+from ..io.ggml_weight import GGMLWeight, GGMLWeightGroup
 
 # Rows dequantised per slab in QuantLinear: about this many values (1 MiB of float32).
 SLAB_VALUES = 1 << 18
@@ -35,123 +33,6 @@ INT4_TYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q4_K, ggml.Q5_0, ggml.Q5_1, ggml.Q5_K, 
 def int4_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-
-
-class GGMLWeight:
-    """A quantised tensor as its GGUF blocks: uint8 `data` of [rows, row_bytes], `shape` in torch order.
-
-    `data` may be a view on the file's mmap (zero-copy; pages are read when first used). `reader`,
-    when given, returns a private copy of the same bytes without touching that mapping (pread), for
-    operations that copy anyway (fusing, permuting, repacking), so the mapped pages of a weight that
-    is copied never count in the process's resident memory: `reader()` gives all rows,
-    `reader((start, stop))` a range of them.
-    """
-
-    def __init__(self, data: torch.Tensor, ggml_type: int, shape: Sequence[int], *,
-                 dtype: torch.dtype | None = None, reader: Callable[..., torch.Tensor] | None = None,
-                 name: str = "", dense_fallback: bool = False):
-        self.data = data
-        # as a Linear with no int4 form: dequantise once into a dense weight instead of on every forward
-        self.dense_fallback = dense_fallback
-        self.ggml_type = ggml_type
-        self.shape = torch.Size(shape)
-        self.dtype = dtype  # the compute dtype the model was loaded with (None: float32)
-        self.reader = reader
-        self.name = name
-
-    # ---- protocol -----------------------------------------------------------------------------
-    @property
-    def type_name(self) -> str:
-        return ggml.type_name(self.ggml_type)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel()
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def owned_data(self) -> torch.Tensor:
-        """A private copy of the bytes (read from the file when possible)."""
-        if self.reader is not None and self.data.device.type == "cpu":
-            return self.reader()
-        return self.data.clone()
-
-    def owned_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the bytes, read from the file when possible (the mapping untouched),
-        else a view on `data`."""
-        if self.reader is not None and self.data.device.type == "cpu":
-            return self.reader((start, stop))
-        return self.data[start:stop]
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return ggml.dequantize(self.data, self.ggml_type, tuple(self.shape), dtype or self.dtype or torch.float32)
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "GGMLWeight":
-        device = torch.device(device) if device is not None else self.data.device
-        if device == self.data.device and (dtype is None or dtype == self.dtype):
-            return self
-        data = self.data if device == self.data.device else self.data.to(device)
-        return GGMLWeight(data, self.ggml_type, self.shape, dtype=dtype or self.dtype,
-                          reader=self.reader if data is self.data else None, name=self.name,
-                          dense_fallback=self.dense_fallback)
-
-    def cat_rows(self, parts: Sequence["GGMLWeight"]) -> "GGMLWeight":
-        """The parts stacked along dim 0 (q/k/v, gate/up): blocks never span rows, so this is a byte copy."""
-        first = parts[0]
-        if any(tuple(p.shape[1:]) != tuple(first.shape[1:]) for p in parts):
-            raise ValueError("cat_rows needs parts of one row length")
-        if any(p.ggml_type != first.ggml_type for p in parts):  # e.g. Q8_0 v beside Q5_0 q/k
-            return GGMLWeightGroup(list(parts))
-        rows = sum(p.data.shape[0] for p in parts)
-        out = torch.empty((rows, first.data.shape[1]), dtype=torch.uint8, device=first.data.device)
-        r = 0
-        for p in parts:
-            n = p.data.shape[0]
-            out[r:r + n] = p.owned_data() if p.reader is not None else p.data
-            r += n
-        shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
-        return GGMLWeight(out, first.ggml_type, shape, dtype=first.dtype, name="+".join(p.name for p in parts),
-                          dense_fallback=first.dense_fallback)
-
-    def permute_rows(self, perm: torch.Tensor) -> "GGMLWeight":
-        data = self.owned_data()[perm.to(self.data.device)]
-        return GGMLWeight(data, self.ggml_type, self.shape, dtype=self.dtype, name=self.name,
-                          dense_fallback=self.dense_fallback)
-
-    def as_linear(self, bias: torch.Tensor | None = None) -> "QuantLinear":
-        return QuantLinear(self, bias)
-
-    def as_embedding(self, dtype: torch.dtype | None = None) -> "QuantEmbedding":
-        return QuantEmbedding(self, dtype)
-
-    def __repr__(self) -> str:
-        return f"GGMLWeight({self.type_name}, shape={list(self.shape)}, {self.nbytes} bytes, device={self.device})"
-
-
-class GGMLWeightGroup:
-    """Row-stacked packed weights of different ggml types (what `cat_rows` gives for mixed parts):
-    its linear runs each part and concatenates the outputs."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.shape = torch.Size((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.cat([p.dequantize(dtype) for p in self.parts], dim=0)
-
-    def to(self, device=None, dtype=None) -> "GGMLWeightGroup":
-        return GGMLWeightGroup([p.to(device, dtype) for p in self.parts])
-
-    def cat_rows(self, parts):
-        return GGMLWeightGroup([q for p in parts for q in (p.parts if isinstance(p, GGMLWeightGroup) else [p])])
-
-    def as_linear(self, bias: torch.Tensor | None = None) -> "ConcatLinear":
-        return ConcatLinear(self.parts, bias)
 
 
 class ConcatLinear(nn.Module):
@@ -366,3 +247,10 @@ def packed_nbytes(module: nn.Module) -> int:
 
 
 __all__ = ["GGMLWeight", "QuantLinear", "QuantEmbedding", "int4_terms", "packed_nbytes", "int4_kernel_available"]
+
+
+def quantized_linear(weight: GGMLWeight | GGMLWeightGroup, bias: torch.Tensor | None = None) -> nn.Module:
+    """The layer for a weight kept quantised: one block type, or row-stacked parts of several."""
+    if isinstance(weight, GGMLWeightGroup):
+        return ConcatLinear(weight.parts, bias)
+    return QuantLinear(weight, bias)

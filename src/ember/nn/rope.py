@@ -169,6 +169,14 @@ class RotaryEmbedding(nn.Module):
             self.register_buffer("long_inv_freq", 1.0 / (long * base**shape), persistent=False)
             inv = 1.0 / (short * base**shape)
             self.original_max = old
+        factors = params.get("freq_factors")  # GGUF's rope_freqs (Llama 3.1 scaling as divisors)
+        if factors is not None:
+            if self.type != "default":
+                raise ConfigError(f"freq_factors apply to the default rope type, not {self.type!r}")
+            f = torch.tensor(factors, dtype=torch.float32) if isinstance(factors, list) else None
+            if f is None or f.numel() != inv.numel() or not bool((f > 0).all()) or not bool(torch.isfinite(f).all()):
+                raise ConfigError(f"rope freq_factors must be {inv.numel()} positive finite numbers")
+            inv = inv / f
         self.attention_scaling = float(scaling)
         self.register_buffer("inv_freq", inv.float(), persistent=False)
 

@@ -55,18 +55,13 @@ def _sse(obj: Any) -> str:
 
 
 def build_generator(llm, max_batch: int, max_len: int | None):
-    """The server's generator: the fast engine's when `llm.engine` is set, else the reference one."""
+    """The server's generator: the LLM's (its engine's, when it has one)."""
     ctx = llm.model.max_context
     want = max_len or DEFAULT_MAX_LEN
     if max_len and max_len > ctx:
         log.warning("--max-len %d is beyond the model's context (%d); using %d", max_len, ctx, ctx)
     want = min(want, ctx)
-    if getattr(llm, "engine", None) is not None:
-        return llm.engine.generator(max_batch, want)
-    from ..generation.loop import Generator
-
-    return Generator(llm.model, llm.tokenizer, max_batch=max_batch, max_len=want, eos_ids=llm.eos_token_ids,
-                     device=llm.device)
+    return llm.generator(max_batch=max_batch, max_len=want)
 
 
 def sampling_defaults(generation_config: dict | None) -> dict:

@@ -398,7 +398,7 @@ class TokenText:
             pass
         self._cache: dict[int, tuple[str, list[int]]] = {}
         if self.byte_level:
-            from ..io.gguf_tokenizer import bytes_to_unicode
+            from ..gguf_tokenizer import bytes_to_unicode
 
             self._unbyte = {c: b for b, c in bytes_to_unicode().items()}
 

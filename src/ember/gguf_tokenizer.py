@@ -20,7 +20,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from ..errors import TokenizerError
+from .errors import TokenizerError
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -209,7 +209,7 @@ def tokenizer_from_gguf(meta: dict, path: str | os.PathLike | None = None):
     """An `ember.tokenizer.Tokenizer` from a GGUF file's metadata dict."""
     from tokenizers import AddedToken, processors
 
-    from ..tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     where = f"{path}: " if path else ""
     tokens = meta.get("tokenizer.ggml.tokens")

@@ -1,4 +1,4 @@
-"""bf16 Linears with oneDNN-prepacked weights, for CPUs with native bf16.
+"""oneDNN-prepacked bf16 Linears, for CPUs with native bf16: the `prepack` transform's backend.
 
 `F.linear` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on every call; a
 weight reordered once at load streams faster (measured on this project's Zen 5 CPU: the SmolLM2
@@ -7,23 +7,21 @@ The reorder is a copy: the mapped checkpoint pages of the original are released.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+from ..nn.layers import Linear
 
 
 @functools.lru_cache(maxsize=None)
-def can_pack() -> bool:
+def can_prepack() -> bool:
     """Whether the ops exist, the CPU has native bf16, and they agree with F.linear on a small check.
-    EMBER_PACK_LINEAR=0 turns packing off."""
-    if os.environ.get("EMBER_PACK_LINEAR", "1") == "0":
+    EMBER_PREPACK=0 (or the older EMBER_PACK_LINEAR=0) turns prepacking off."""
+    if os.environ.get("EMBER_PREPACK", os.environ.get("EMBER_PACK_LINEAR", "1")) == "0":
         return False
     try:
         if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
@@ -41,7 +39,7 @@ def can_pack() -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
+class PrepackedLinear(nn.Module):
     """A bf16 Linear whose weight is prepacked once into oneDNN's blocked layout (CPU), with an
     optional fused exact GELU acting on the float32 accumulator."""
 
@@ -49,7 +47,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.dtype = lin.weight.dtype
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), rows_hint),
+        self.register_buffer("prepacked", torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), rows_hint),
                              persistent=False)
         self.bias = lin.bias
         self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
@@ -58,61 +56,51 @@ class PackedLinear(nn.Module):
         release_view(lin.weight)  # the checkpoint pages the reorder just read are no longer needed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.attr, [], self.algorithm)
+        return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, self.attr, [], self.algorithm)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.dtype}, fused={self.attr}"
 
     def unpack(self) -> nn.Module:
         """The plain Linear again (oneDNN reorders the blocked weight back), e.g. for torch.compile,
-        which packs weights itself and cannot lower an already packed one."""
-        lin = Linear(self.packed.to_dense(), self.bias)
+        which prepacks weights itself and cannot lower an already prepacked one."""
+        lin = Linear(self.prepacked.to_dense(), self.bias)
         return nn.Sequential(lin, nn.GELU()) if self.attr == "gelu" else lin
 
 
-def packable(m) -> bool:
+def prepackable(m) -> bool:
     return isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
 
 
-def pack_all(model: nn.Module) -> int:
-    """Replace every bf16 CPU Linear in `model` by a PackedLinear (no-op where `can_pack()` is
-    false). Returns how many were packed."""
-    if not can_pack():
+def prepack_all(model: nn.Module) -> int:
+    """Replace every bf16 CPU Linear in `model` by a PrepackedLinear (no-op where `can_prepack()` is
+    false). A module that applies an exact GELU to one of its Linears' outputs can say so with
+    `fusable_gelu() -> attribute name` and `gelu_fused()`: that Linear then computes the GELU on its
+    float32 accumulator. Returns how many Linears were prepacked."""
+    if not can_prepack():
         return 0
     n = 0
     for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if packable(child):
-                setattr(mod, name, PackedLinear(child))
+        fusable = getattr(mod, "fusable_gelu", None)
+        name = fusable() if fusable is not None else None
+        if name is not None and prepackable(getattr(mod, name)):
+            setattr(mod, name, PrepackedLinear(getattr(mod, name), gelu=True))
+            mod.gelu_fused()
+            n += 1
+        for child_name, child in list(mod.named_children()):
+            if prepackable(child):
+                setattr(mod, child_name, PrepackedLinear(child))
                 n += 1
     return n
 
 
-def unpack_all(model: nn.Module) -> int:
-    """Undo pack_all: every PackedLinear in `model` becomes a plain Linear. Returns how many."""
+def unprepack_all(model: nn.Module) -> int:
+    """Undo prepack_all: every PrepackedLinear in `model` becomes a plain Linear (followed by its
+    GELU where one was fused). Returns how many."""
     n = 0
     for mod in list(model.modules()):
         for name, child in list(mod.named_children()):
-            if isinstance(child, PackedLinear):
+            if isinstance(child, PrepackedLinear):
                 setattr(mod, name, child.unpack())
                 n += 1
     return n
-
-
-_scope = threading.local()
-
-
-@contextlib.contextmanager
-def packing(enabled: bool = True):
-    """Within this block, Linears built by ember.nn are prepacked as they are made (so a load never
-    holds the plain and the packed copy of every weight at once)."""
-    prev = getattr(_scope, "on", False)
-    _scope.on = enabled and can_pack()
-    try:
-        yield
-    finally:
-        _scope.on = prev
-
-
-def maybe_pack(lin: nn.Module) -> nn.Module:
-    return PackedLinear(lin) if getattr(_scope, "on", False) and packable(lin) else lin

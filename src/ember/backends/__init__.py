@@ -1,0 +1,1 @@
+"""Compute backends that transforms apply to a built model (oneDNN prepacking on CPU)."""
