@@ -247,7 +247,9 @@ class VarBuilder:
     def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """The tensor `name` under the prefix, checked against `shape` before its data is read.
 
-        Floating tensors are converted to `dtype` (default: the builder's); integer ones keep theirs.
+        Floating tensors are converted to `dtype` (default: the builder's). An integer or bool tensor
+        where a floating builder reads weights is a CheckpointError (a quantised checkpoint's packed
+        values); `get_unchecked` hands integer tensors back as they are.
         With `quantized=True` a quantised tensor (GGUF blocks) is returned as is instead of dequantised.
         """
         key = self._require(name)
@@ -259,7 +261,7 @@ class VarBuilder:
                     f"tensor {key!r} in {self._shared.source.describe()} has shape {list(found)}, "
                     f"the model expects {list(want)} (does config.json match the weights?)"
                 )
-        return self._load(key, dtype, quantized)
+        return self._load(key, dtype, quantized, floating=True)
 
     def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """The tensor `name` with whatever shape the checkpoint has."""
@@ -269,14 +271,15 @@ class VarBuilder:
         """Like `get`, but None when the checkpoint has no such tensor (optional biases...)."""
         return self.get(shape, name, dtype, quantized=quantized) if self.contains(name) else None
 
-    def _load(self, key: str, dtype, quantized: bool):
+    def _load(self, key: str, dtype, quantized: bool, floating: bool = False):
         raw = self._shared.source.load(key)
         self._shared.used.add(key)
         if not isinstance(raw, torch.Tensor):  # a tensor kept quantised (GGUF blocks)
             if quantized:
                 return raw.to(self.device)
             return raw.dequantize(dtype or self.dtype or torch.float32).to(self.device)
-        if dtype is None and self.dtype is not None and self.dtype.is_floating_point and not raw.is_floating_point():
+        if floating and dtype is None and self.dtype is not None and self.dtype.is_floating_point \
+                and not raw.is_floating_point():
             # integer/bool data where a layer reads float weights: a quantised checkpoint's packed
             # values, which computing with (or casting) would silently give wrong answers
             raise CheckpointError(f"tensor {key!r} in {self._shared.source.describe()} is stored as {raw.dtype}, "
