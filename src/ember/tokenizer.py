@@ -24,9 +24,12 @@ def _token_str(v: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    from .safefile import MAX_CONFIG_BYTES, read_text
+
+    text = read_text(path, MAX_CONFIG_BYTES, TokenizerError, "tokenizer side file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
         raise TokenizerError(f"{path}: cannot read: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
@@ -82,6 +85,9 @@ class Tokenizer:
             extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
                 (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
+        from .safefile import MAX_TOKENIZER_JSON_BYTES, check_size
+
+        check_size(tj, MAX_TOKENIZER_JSON_BYTES, TokenizerError, "tokenizer.json")
         try:
             tk = TkTokenizer.from_file(str(tj))
         except Exception as e:  # the Rust library raises plain Exceptions
@@ -100,10 +106,9 @@ class Tokenizer:
         template = cfg.get("chat_template")
         jinja = folder / "chat_template.jinja"
         if jinja.is_file():
-            try:
-                template = jinja.read_text(encoding="utf-8")
-            except (OSError, ValueError) as e:
-                raise TokenizerError(f"{jinja}: cannot read: {str(e)[:200]}") from None
+            from .safefile import MAX_TEMPLATE_BYTES, read_text
+
+            template = read_text(jinja, MAX_TEMPLATE_BYTES, TokenizerError, "chat template")
         elif template is None and (folder / "chat_template.json").is_file():
             template = _read_json(folder / "chat_template.json").get("chat_template")
         mml = cfg.get("model_max_length")
