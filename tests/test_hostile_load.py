@@ -377,3 +377,70 @@ def test_ember_replaces_model_files_never_truncates_them(folder, tmp_path):
     assert not target.exists() and not list(tmp_path.glob("*.part"))
     fixtures.join_parts(parts, target, sha256=hashlib.sha256(b"abcd").hexdigest())
     assert target.read_bytes() == b"abcd"
+
+
+# ---- tokenizer.json pipelines ---------------------------------------------------------------------------
+def _tok_with(tok_folder, tmp_path, normalizer=None, pre_tokenizer=None, decoder=None):
+    """tok_folder's tokenizer with a replaced normalizer / pre-tokenizer / decoder (JSON configs)."""
+    folder = tmp_path / "t"
+    shutil.copytree(tok_folder, folder, dirs_exist_ok=True)
+    data = json.loads((tok_folder / "tokenizer.json").read_text())
+    if normalizer is not None:
+        data["normalizer"] = normalizer
+    if pre_tokenizer is not None:
+        data["pre_tokenizer"] = pre_tokenizer
+    if decoder is not None:
+        data["decoder"] = decoder
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    import tinymodels  # (test_fuzz_tokenizer_config rewrites tok_folder's config: start from a known one)
+
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "chat_template": tinymodels.CHAT_TEMPLATE}))
+    return folder
+
+
+def _replace(pattern, content, regex=False):
+    return {"type": "Replace", "pattern": {"Regex" if regex else "String": pattern}, "content": content}
+
+
+def test_regression_normaliser_bomb(tok_folder, tmp_path):
+    """Bug: a Replace normaliser of "a" by 100,000 "b"s made one 20 KB prompt grow the process to
+    20 GB (the Rust library aborts under a memory cap). Absurd normalisers are refused at load;
+    merely large growth is measured on bounded chunks before the real encode."""
+    from ember.tokenizer import MAX_NORMALIZED_CHARS, Tokenizer
+
+    for norm in (_replace("a", "b" * 100_000), {"type": "Prepend", "prepend": "p" * 5000},
+                 {"type": "Sequence", "normalizers": [_replace("a", "b" * 1000), _replace("b", "c" * 1000)]},
+                 {"type": "Sequence", "normalizers": [_replace("x+", "yy", regex=True)] * 20}):
+        with pytest.raises(TokenizerError, match="normaliser|Prepend|Replace"):
+            Tokenizer.from_dir(_tok_with(tok_folder, tmp_path, normalizer=norm))
+    with pytest.raises(TokenizerError, match="Replace decoder"):
+        Tokenizer.from_dir(_tok_with(tok_folder, tmp_path, decoder={"type": "Replace", "pattern": {"String": "a"},
+                                                                   "content": "z" * 100_000}))
+    # growth 1000: fine for a short text, refused (before encoding) for a long one
+    tok = Tokenizer.from_dir(_tok_with(tok_folder, tmp_path, normalizer=_replace("a", "b" * 1000)))
+    assert len(tok.encode("a" * 100)) > 0
+    with time_limit(20), memory_cap(1 << 30):
+        for call in (lambda: tok.encode("a" * 20_000 + " hello"), lambda: tok.encode_batch(["hi", "a" * 40_000]),
+                     lambda: tok.encode_chat([{"role": "user", "content": "a" * 40_000}])):
+            with pytest.raises(TokenizerError, match="grows the text past"):
+                call()
+        assert len(tok.encode("hello " * 1000)) > 0  # no 'a': the measure finds no growth
+        with pytest.raises(TokenizerError, match="longer than the tokenizer accepts"):
+            tok.encode("x" * (MAX_NORMALIZED_CHARS + 1))
+
+
+def test_regression_onig_regex_panic_is_a_tokenizer_error(tok_folder, tmp_path):
+    """Bug: a Split pre-tokenizer regex that runs past onig's retry limit raised pyo3's PanicException
+    (a BaseException, not an Exception) out of encode."""
+    from ember.tokenizer import Tokenizer
+
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a|aa)+$"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    tok = Tokenizer.from_dir(_tok_with(tok_folder, tmp_path, pre_tokenizer=pre))
+    assert len(tok.encode("hello")) > 0
+    with time_limit(20):
+        for call in (lambda: tok.encode("a" * 40 + "b"), lambda: tok.encode_batch(["ok", "a" * 40 + "b"])):
+            with pytest.raises(TokenizerError, match="failed to encode"):
+                call()
