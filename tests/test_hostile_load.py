@@ -444,3 +444,39 @@ def test_regression_onig_regex_panic_is_a_tokenizer_error(tok_folder, tmp_path):
         for call in (lambda: tok.encode("a" * 40 + "b"), lambda: tok.encode_batch(["ok", "a" * 40 + "b"])):
             with pytest.raises(TokenizerError, match="failed to encode"):
                 call()
+
+
+# ---- GGUF vocabularies ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_regression_gguf_vocabulary_without_merges_costs_bounded_memory(arch):
+    """Bug: a SentencePiece GGUF vocabulary with no merges had its merges derived from every split of
+    every token: 1.3 MB of ever longer tokens ("a", "aa", ... 1600 a's) cost 3.25 GB (cubic)."""
+    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + ["a" * k for k in range(1, 1600)]
+    meta = {"general.architecture": arch, "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [float(-i) for i in range(len(tokens))]}
+    with time_limit(10), memory_cap(512 << 20), pytest.raises(TokenizerError, match="deriving them"):
+        tokenizer_from_gguf(meta)
+    # a modest vocabulary of the same shape still works
+    meta["tokenizer.ggml.tokens"] = tokens[:200]
+    meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"][:200]
+    with time_limit(10), memory_cap(512 << 20):
+        tok = tokenizer_from_gguf(meta)
+        assert tok.decode(tok.encode("aaaaaaa")) .replace(" ", "") == "aaaaaaa"
+
+
+def test_regression_gemma_gguf_vocabulary_without_unk():
+    """Bug: a gemma3 GGUF vocabulary with no <unk> (and no byte tokens) named "<unk>" as the BPE's
+    unknown token, and encoding any character outside the vocabulary raised a plain Exception."""
+    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+
+    tokens = ["<pad>", "<bos>", "<eos>", "h", "i", "hi", "\u2581"]
+    meta = {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tok = tokenizer_from_gguf(meta)
+    assert tok.encode("hi") == [1, 5]
+    ids = tok.encode("hi ☃ hi")  # the snowman has no token: dropped (or a TokenizerError), never a bare Exception
+    assert ids[:2] == [1, 5] and all(0 <= i < len(tokens) for i in ids)
+    meta["tokenizer.ggml.unknown_token_id"] = 99  # out of range: the same
+    assert tokenizer_from_gguf(meta).encode("☃hi") == [1, 5]
