@@ -386,3 +386,27 @@ def test_regression_nested_array_where_a_per_layer_int_is_expected(tiny, tmp_pat
     p = _rewrite(f, base, meta, tmp_path / "n.gguf")
     with pytest.raises(ember.ConfigError, match="llama.feed_forward_length"):
         ember.load(str(p))
+
+
+@pytest.mark.parametrize("etype", [0, BOOL, 1, F32])
+def test_regression_numeric_metadata_arrays_stay_compact(tmp_path, etype):
+    """Bug: u8/bool metadata arrays came back as Python lists, ~17x their bytes in the file (f32: ~10x):
+    a 64 MB file of them took over 1 GB. Past MAX_LIST_ELEMENTS list elements per file, numeric
+    arrays are compact `array.array`s; small arrays (per-layer flags, scores) are still lists."""
+    import array
+
+    from ember.io import gguf as gg
+
+    size = {0: 1, BOOL: 1, 1: 1, F32: 4}[etype]
+    n = 16 << 20  # elements per array (16 MiB or 64 MiB each); four of them
+    arch = gm.raw_kv("general.architecture", STR, gm.gguf_string("llama"))
+    small = gm.raw_kv("llama.flags", ARR, struct.pack("<IQ", BOOL, 3) + b"\1\0\1")
+    big = [gm.raw_kv(f"x.{i}", ARR, struct.pack("<IQ", etype, n) + b"\1" * (n * size)) for i in range(4)]
+    p = gm.raw_file(tmp_path / "big.gguf", [arch, small, *big], [])
+    with time_limit(20), memory_cap((4 * n * size) + (256 << 20)):
+        f, peak = peak_python_bytes(GGUFFile, p)
+    assert isinstance(f, GGUFFile), f
+    assert f.metadata["llama.flags"] == [True, False, True]
+    assert all(isinstance(f.metadata[f"x.{i}"], array.array) and len(f.metadata[f"x.{i}"]) == n for i in range(4))
+    assert f.metadata["x.3"].tobytes()[:64] == b"\1" * 64
+    assert peak < 4 * n * size + (32 << 20), peak  # the arrays themselves, little more
