@@ -506,3 +506,67 @@ def test_regression_huge_context_claim_does_not_size_the_cache(folder):
         # accepted: the cache must be small (sized by need, not by the claim), and a few steps work
         nbytes = sum(t.numel() * t.element_size() for t in vars(gen.cache).values() if isinstance(t, torch.Tensor))
         assert nbytes < 64 << 20, nbytes
+
+
+# ---- fuzz: tokenizer.json pipelines with hostile parameters ----------------------------------------------
+_TEXT = st.text(alphabet=st.sampled_from("ab x\u0130\ufdfa\u00e9\u20ac\n."), max_size=12)
+_PATTERN = st.one_of(st.builds(lambda s: {"String": s}, _TEXT),
+                     st.builds(lambda s: {"Regex": s}, st.sampled_from(["a+", "(a|aa)+$", "\\s*", "", "x?", "(?:a*)*b",
+                                                                       "[", "a{1000}"])))
+_BIG = st.sampled_from([0, 1, 3, 1000, 1025, 100_000])
+NORMALIZER = st.recursive(
+    st.one_of(
+        st.builds(lambda p, c, n: {"type": "Replace", "pattern": p, "content": c * n}, _PATTERN, _TEXT, _BIG),
+        st.builds(lambda c, n: {"type": "Prepend", "prepend": c * n}, _TEXT, _BIG),
+        st.sampled_from([{"type": t} for t in ("NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "Nmt")]),
+        st.just({"type": "Strip", "strip_left": True, "strip_right": True}),
+        st.just({"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True, "strip_accents": None,
+                 "lowercase": True}),
+        st.just({"type": "NoSuchNormalizer"}),
+    ),
+    lambda inner: st.builds(lambda xs: {"type": "Sequence", "normalizers": xs}, st.lists(inner, max_size=4)),
+    max_leaves=6)
+PRE_TOKENIZER = st.recursive(
+    st.one_of(
+        st.builds(lambda p, b, inv: {"type": "Split", "pattern": p, "behavior": b, "invert": inv}, _PATTERN,
+                  st.sampled_from(["Isolated", "Removed", "MergedWithPrevious", "Contiguous", "Bogus"]), st.booleans()),
+        st.builds(lambda r, s: {"type": "Metaspace", "replacement": r, "prepend_scheme": s, "split": True},
+                  st.sampled_from(["\u2581", "", "ab"]), st.sampled_from(["always", "first", "never"])),
+        st.just({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}),
+        st.just({"type": "Whitespace"}), st.just({"type": "Digits", "individual_digits": True}),
+        st.builds(lambda d: {"type": "CharDelimiterSplit", "delimiter": d}, st.sampled_from(["a", "", "ab"])),
+    ),
+    lambda inner: st.builds(lambda xs: {"type": "Sequence", "pretokenizers": xs}, st.lists(inner, max_size=3)),
+    max_leaves=5)
+
+
+@fuzz_settings(40, deadline_ms=None)
+@given(norm=NORMALIZER, pre=PRE_TOKENIZER, text=st.sampled_from(["hello", "a" * 40 + "b", "a" * 5000, "\ufdfa" * 300,
+                                                                 "x y\n\u0130" * 100]))
+def test_fuzz_tokenizer_json_pipelines(tok_folder, tmp_path_factory, norm, pre, text):
+    """Any normaliser / pre-tokeniser chain with hostile parameters (huge Replace contents, regexes past
+    onig's limits, bad enum values): loading and encoding give an EmberError or work, within the caps."""
+    from ember.tokenizer import Tokenizer
+
+    folder = _tok_with(tok_folder, tmp_path_factory.mktemp("fz"), normalizer=norm, pre_tokenizer=pre)
+    with time_limit(10), memory_cap(1 << 30):
+        try:
+            tok = Tokenizer.from_dir(folder)
+            ids = tok.encode(text)
+            tok.encode_batch([text, "ok"])
+            tok.decode(ids)
+        except EmberError:
+            pass
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_regression_gguf_merge_of_a_missing_token_panicked(kind):
+    """Bug (found by test_fuzz_gguf_vocabularies): a merge whose result is not in the vocabulary made
+    the tokenizers library panic ("range end index 2000 out of range"), a PanicException (a
+    BaseException) out of tokenizer_from_gguf."""
+    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+
+    meta = {"tokenizer.ggml.model": kind, "tokenizer.ggml.tokens": ["x" * 1000, "a"],
+            "tokenizer.ggml.merges": ["x" * 1000 + " " + "x" * 1000]}
+    with pytest.raises(TokenizerError, match="cannot build the tokenizer"):
+        tokenizer_from_gguf(meta)

@@ -258,6 +258,10 @@ def tokenizer_from_gguf(meta: dict, path: str | os.PathLike | None = None):
         raise
     except Exception as e:  # the Rust library raises plain Exceptions on bad vocabularies
         raise TokenizerError(f"{where}cannot build the tokenizer from the GGUF metadata: {e}") from None
+    except BaseException as e:  # and panics (pyo3's PanicException is a BaseException), e.g. on a merge
+        if type(e).__name__ != "PanicException":  # naming a token longer than the vocabulary's
+            raise
+        raise TokenizerError(f"{where}cannot build the tokenizer from the GGUF metadata: {str(e)[:300]}") from None
 
     special = {name: _token(tokens, meta, key) for name, key in (
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
