@@ -386,3 +386,80 @@ def test_regression_nested_array_where_a_per_layer_int_is_expected(tiny, tmp_pat
     p = _rewrite(f, base, meta, tmp_path / "n.gguf")
     with pytest.raises(ember.ConfigError, match="llama.feed_forward_length"):
         ember.load(str(p))
+
+
+@pytest.mark.parametrize("etype", [0, BOOL, 1, F32])
+def test_regression_numeric_metadata_arrays_stay_compact(tmp_path, etype):
+    """Bug: u8/bool metadata arrays came back as Python lists, ~17x their bytes in the file (f32: ~10x):
+    a 64 MB file of them took over 1 GB. Past MAX_LIST_ELEMENTS list elements per file, numeric
+    arrays are compact `array.array`s; small arrays (per-layer flags, scores) are still lists."""
+    import array
+
+    from ember.io import gguf as gg
+
+    size = {0: 1, BOOL: 1, 1: 1, F32: 4}[etype]
+    n = 16 << 20  # elements per array (16 MiB or 64 MiB each); four of them
+    arch = gm.raw_kv("general.architecture", STR, gm.gguf_string("llama"))
+    small = gm.raw_kv("llama.flags", ARR, struct.pack("<IQ", BOOL, 3) + b"\1\0\1")
+    big = [gm.raw_kv(f"x.{i}", ARR, struct.pack("<IQ", etype, n) + b"\1" * (n * size)) for i in range(4)]
+    p = gm.raw_file(tmp_path / "big.gguf", [arch, small, *big], [])
+    with time_limit(20), memory_cap((4 * n * size) + (256 << 20)):
+        f, peak = peak_python_bytes(GGUFFile, p)
+    assert isinstance(f, GGUFFile), f
+    assert f.metadata["llama.flags"] == [True, False, True]
+    assert all(isinstance(f.metadata[f"x.{i}"], array.array) and len(f.metadata[f"x.{i}"]) == n for i in range(4))
+    assert f.metadata["x.3"].tobytes()[:64] == b"\1" * 64
+    assert peak < 4 * n * size + (32 << 20), peak  # the arrays themselves, little more
+
+
+# ---- fuzz: GGUF vocabularies (tokens, scores, merges, types) --------------------------------------------
+_PIECE = st.one_of(st.text(alphabet=st.sampled_from("ab \u2581<>\u0120\u00e9"), max_size=6),
+                   st.sampled_from(["<unk>", "<s>", "</s>", "<0x41>", "<0xZZ>", "", " ", "a" * 300]),
+                   st.integers(0, 3).map(lambda k: "x" * (10 ** k)))
+
+
+@st.composite
+def gguf_vocabulary(draw):
+    tokens = draw(st.lists(_PIECE, min_size=1, max_size=40))
+    if draw(st.booleans()):  # a long ladder: merges derived from it are costly
+        tokens += ["a" * k for k in range(1, draw(st.sampled_from([10, 200, 3000])))]
+    meta = {"general.architecture": draw(st.sampled_from(["llama", "gemma3", "phi3", "qwen2"])),
+            "tokenizer.ggml.model": draw(st.sampled_from(["llama", "gpt2", "bert", None])),
+            "tokenizer.ggml.tokens": tokens}
+    n = len(tokens)
+    if draw(st.booleans()):
+        meta["tokenizer.ggml.scores"] = draw(st.one_of(
+            st.lists(st.floats(allow_nan=True), min_size=n, max_size=n),
+            st.lists(st.floats(-10, 10), max_size=5), st.just([float(-i) for i in range(n)])))
+    if draw(st.booleans()):
+        meta["tokenizer.ggml.token_type"] = draw(st.one_of(
+            st.lists(st.integers(-1, 7), min_size=n, max_size=n), st.lists(st.integers(0, 7), max_size=3)))
+    if draw(st.booleans()):
+        pair = st.tuples(st.sampled_from(tokens), st.sampled_from(tokens)).map(" ".join)
+        meta["tokenizer.ggml.merges"] = draw(st.lists(st.one_of(pair, st.sampled_from(["a", "a b c", "", " "])),
+                                                      max_size=20))
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        if draw(st.booleans()):
+            meta[f"tokenizer.ggml.{key}"] = draw(st.sampled_from([0, 1, n - 1, n, -1, 2**40, True]))
+    for key in ("add_bos_token", "add_eos_token"):
+        if draw(st.booleans()):
+            meta[f"tokenizer.ggml.{key}"] = draw(st.sampled_from([True, False, 1]))
+    return meta
+
+
+@fuzz_settings(60, deadline_ms=None)
+@given(meta=gguf_vocabulary(), text=st.sampled_from(["hello", "ab ab", "x" * 1000, "\u2603 a\u00e9", ""]))
+def test_fuzz_gguf_vocabularies(meta, text):
+    """Any vocabulary a GGUF may carry: building the tokenizer, encoding and decoding give a
+    TokenizerError (an EmberError) or work, within the time and memory caps."""
+    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+
+    with time_limit(10), memory_cap(512 << 20):
+        try:
+            tok = tokenizer_from_gguf(meta)
+            ids = tok.encode(text)
+            assert all(isinstance(i, int) for i in ids)
+            tok.decode(ids)
+            tok.encode_batch([text, "b"])
+        except EmberError:
+            pass

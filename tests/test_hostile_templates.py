@@ -364,3 +364,58 @@ def test_fuzz_benign_templates_match_transformers(template, messages):
     tr = pytest.importorskip("transformers.utils.chat_template_utils")
     want = tr.render_jinja_template([messages], chat_template=template, add_generation_prompt=True)[0][0]
     assert render(template, messages, add_generation_prompt=True) == want
+
+
+# ---- regressions: work inside one filter / comparison, memory counted in bytes --------------------------
+DOUBLED = ("{% set ns = namespace(a=[1], b=[1], t=(1,)) %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}"
+           "{% set ns.b = [ns.b, ns.b] %}{% set ns.t = (ns.t, ns.t) %}{% endfor %}")
+SINGLE_STEP = [
+    ("wordwrap-long-word", "{{ ('a' * 2000000)|wordwrap(1)|length }}"),
+    ("wordwrap-long-words", "{{ (('a' * 100000 ~ ' ') * 20)|wordwrap(3)|length }}"),
+    ("max-nested", DOUBLED + "{{ [ns.a, ns.b]|max|length }}"),
+    ("min-nested", DOUBLED + "{{ [ns.a, ns.b]|min|length }}"),
+    ("sort-nested", DOUBLED + "{{ [ns.a, ns.b, ns.a]|sort|length }}"),
+    ("unique-tuples", DOUBLED + "{{ [ns.t, ns.t]|unique|list|length }}"),
+    ("eq-nested", DOUBLED + "{{ ns.a == ns.b }}"),
+    ("lt-nested", DOUBLED + "{{ ns.a < ns.b }}"),
+    ("in-nested", DOUBLED + "{{ ns.a in [ns.b] }}"),
+    ("test-equalto", DOUBLED + "{{ [ns.a]|select('equalto', ns.b)|list|length }}"),
+    ("is-eq", DOUBLED + "{{ ns.a is eq(ns.b) }}"),
+    ("hash-tuple-key", DOUBLED + "{{ {ns.t: 1}|length }}"),
+    ("hash-tuple-getitem", DOUBLED + "{{ {}[ns.t] is defined }}"),
+    ("hash-dict-global", DOUBLED + "{{ dict([(ns.t, 1)])|length }}"),
+    ("max-big-items", "{% set big = [1] * 1000000 %}{{ ([big] * 16)|max|length }}"),
+    ("sort-many", "{{ (range(100000)|list * 150)|sort|length }}"),
+]
+
+
+@pytest.mark.parametrize("template", [t for _, t in SINGLE_STEP], ids=[i for i, _ in SINGLE_STEP])
+def test_regression_single_steps_that_ran_for_minutes(template):
+    """Bug: limits were checked between steps, so one filter call or comparison ran unbounded:
+    ('a'*2000000)|wordwrap(1) took 102 s (textwrap cuts a long word a line at a time, copying the rest),
+    a max over a huge nested list over 180 s, and comparing or hashing two lists (tuples) doubled 40
+    times takes 2**40 steps in C, which no signal interrupts. Their work is measured first."""
+    with time_limit(10), memory_cap(1 << 30), pytest.raises(TemplateError, match="resource limit"):
+        render(template, MSGS)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ('\u20ac' * 4000000)|list|length }}",  # 4M distinct str objects: 350 MB for a 4M-item list
+    "{{ ('\u20ac' * 5000000)|length }}",  # 20 MB of text (4 bytes a character), over the 16 MB object limit
+    "{{ ('\u20ac' * 1000000).center(5000000)|length }}",
+    "{% set ns = namespace(l=[]) %}{% for i in range(40) %}{% set ns.l = ns.l + [('\u20ac' * 1000000) ~ i] %}"
+    "{% endfor %}{{ ns.l|length }}",  # 40 distinct 4 MB strings: 160 MB, over the 128 MB budget
+], ids=["list-of-chars", "wide-text", "wide-center", "wide-strings-budget"])
+def test_regression_budget_counted_items_not_bytes(template):
+    """Bug: the 128M budget and 16M object limit counted characters and items, not bytes: wide
+    characters take 4 bytes, a list of 4M one-character non-Latin-1 strings ~350 MB (4-5 GB were
+    reached inside the budget). Both now count bytes."""
+    with time_limit(10), memory_cap(1 << 30), pytest.raises(TemplateError, match="resource limit"):
+        render(template, MSGS)
+
+
+def test_ordinary_comparisons_and_wrapping_still_render():
+    t = ("{{ messages|map(attribute='role')|list|sort|join(',') }}|{{ messages|map(attribute='role')|unique|list|length }}"
+         "|{{ [3, 1, 2]|max }}|{{ ('hello world ' * 50)|wordwrap(20)|length }}|{{ messages[0] == messages[0] }}"
+         "|{{ 'user' in ['user', 'assistant'] }}|{{ {('a', 1): 2}[('a', 1)] }}|{{ ('x' * 100)|wordwrap(7)|length }}")
+    assert render(t, MSGS) == "assistant,system,user,user|3|3|599|True|True|2|114"

@@ -144,19 +144,22 @@ class ModelConfig:
         return out
 
 
-def load_json(path: str | os.PathLike) -> dict:
-    """Read a JSON config file, turning every failure into a ConfigError naming the file."""
+def load_json(path: str | os.PathLike, limit: int | None = None) -> dict:
+    """Read a JSON config file, turning every failure into a ConfigError naming the file.
+
+    Files over `limit` bytes (default `safefile.MAX_CONFIG_BYTES`, 64 MiB) are refused before they
+    are read; malformed JSON, integers past Python's 4300-digit limit and absurd nesting are
+    ConfigErrors too."""
+    from .safefile import MAX_CONFIG_BYTES, read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path}: file not found")
+    text = read_text(path, MAX_CONFIG_BYTES if limit is None else limit, ConfigError, "JSON config file")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, ints over the 4300-digit limit
+        raise ConfigError(f"{path}: not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

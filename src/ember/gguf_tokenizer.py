@@ -23,6 +23,8 @@ from typing import Any
 from .errors import TokenizerError
 
 CONTROL, USER_DEFINED = 3, 4
+# the most work (sum over tokens of length², in characters) deriving merges from a vocabulary may take
+MERGE_WORK_LIMIT = 1 << 25
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -76,15 +78,33 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def generate_merges(vocab: dict[str, int], vocab_scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary: every split of a token into two tokens, best score first
-    (transformers' `generate_merges`, same order)."""
+    (transformers' `generate_merges`, same order).
+
+    Bounded: a token of length L costs L slices of up to L characters, and may yield L - 1 merges
+    that the tokenizers library copies (L characters each), so a vocabulary whose sum of L² passes
+    MERGE_WORK_LIMIT is refused (TokenizerError) before any work: a hostile 1.3 MB list of ever longer
+    tokens would otherwise take GBs (cubic in the longest token). Real SentencePiece vocabularies
+    stay far below it (Llama 2: 1M, Gemma's 262k tokens: 11M). The halves of a merge are the
+    vocabulary's own string objects, not fresh slices."""
     reverse = vocab_scores is not None
     scores = dict(vocab_scores) if reverse else vocab
+    work = 0
+    for piece in scores:
+        work += len(piece) * len(piece)
+        if work > MERGE_WORK_LIMIT:
+            raise TokenizerError(f"the GGUF vocabulary has no tokenizer.ggml.merges, and deriving them from its tokens "
+                                 f"would cost more than {MERGE_WORK_LIMIT} characters of work (tokens too long): refused")
+    lengths = {len(t) for t in vocab}
+    canon = {t: t for t in vocab}.get  # the vocabulary's own string objects
     merges: list[tuple[str, str, Any]] = []
     for piece, score in scores.items():
         local = []
-        for i in range(1, len(piece)):
-            left, right = piece[:i], piece[i:]
-            if left in vocab and right in vocab:
+        n = len(piece)
+        for i in range(1, n):
+            if i not in lengths or n - i not in lengths:
+                continue
+            left, right = canon(piece[:i]), canon(piece[i:])
+            if left is not None and right is not None:
                 local.append((left, right, score))
         if len(local) > 1:
             local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
@@ -153,7 +173,12 @@ def _sentencepiece(meta: dict, tokens: list[str], arch: str):
         merges = generate_merges(vocab, scores)
     if gemma:
         unk = meta.get("tokenizer.ggml.unknown_token_id")
-        unk_tok = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else "<unk>"
+        unk_tok = tokens[unk] if isinstance(unk, int) and not isinstance(unk, bool) and 0 <= unk < len(tokens) else "<unk>"
+        if unk_tok not in vocab:
+            # no unknown token at all: a BPE naming a missing one fails on the first character it has
+            # no token (nor byte token) for; without one, such characters are dropped, as the
+            # tokenizers library does for any BPE without an unknown token
+            unk_tok = None
         tk = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk_tok, dropout=None, byte_fallback=True))
         tk.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
         tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -233,6 +258,10 @@ def tokenizer_from_gguf(meta: dict, path: str | os.PathLike | None = None):
         raise
     except Exception as e:  # the Rust library raises plain Exceptions on bad vocabularies
         raise TokenizerError(f"{where}cannot build the tokenizer from the GGUF metadata: {e}") from None
+    except BaseException as e:  # and panics (pyo3's PanicException is a BaseException), e.g. on a merge
+        if type(e).__name__ != "PanicException":  # naming a token longer than the vocabulary's
+            raise
+        raise TokenizerError(f"{where}cannot build the tokenizer from the GGUF metadata: {str(e)[:300]}") from None
 
     special = {name: _token(tokens, meta, key) for name, key in (
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, ModelNotFoundError
+from .safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
 
 # Files besides the weights that a model may need (config, tokenizer, chat template,
 # sentence-transformers modules). Glob patterns relative to the repository root.
@@ -114,14 +115,16 @@ def _expand_index(root: Path, fmt: str, files: list[str]) -> list[Path]:
     for f in files:
         p = root / f
         if f.endswith(".index.json"):
+            text = read_text(p, MAX_CONFIG_BYTES, CheckpointError, "shard index")
             try:
-                index = json.loads(p.read_text(encoding="utf-8"))
+                index = json.loads(text)
                 shards = list(dict.fromkeys(index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
                 raise CheckpointError(f"{p}: unreadable shard index ({str(e)[:200]})") from None
             for s in shards:
-                if not isinstance(s, str) or "/" in s or "\\" in s or s in ("", ".", ".."):
-                    raise CheckpointError(f"{p}: bad shard name {s!r}")
+                why = bad_file_name(s)
+                if why is not None:
+                    raise CheckpointError(f"{p}: bad shard name {str(s)[:100]!r}: {why}")
             out += [root / s for s in shards]
         else:
             out.append(p)
@@ -137,6 +140,14 @@ def _missing(root: Path, fmt: str, files: list[str]) -> list[str]:
 
 def _local_names(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _sibling_names(folder: Path, *names: str) -> list[str]:
+    """The side files (config, tokenizer, template) beside a weight file, looked up by name: a
+    weight file given by path may sit in any folder (/usr/...), which is never listed, let alone
+    recursively."""
+    plain = [n for n in SIDE_FILES if not any(ch in n for ch in "*?[")]
+    return sorted(set(names) | {n for n in plain if (folder / n).is_file()})
 
 
 def _snapshot_from_folder(root: Path, source: str, gguf_hint: str | None = None) -> Snapshot:
@@ -267,10 +278,12 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, token=None
         suffix = path.suffix.lower()
         if suffix in (".safetensors", ".gguf"):
             fmt = "gguf" if suffix == ".gguf" else "safetensors"
-            return Snapshot(path.parent, [path], fmt, model, _local_names(path.parent) if fmt == "safetensors" else [path.name])
+            return Snapshot(path.parent, [path], fmt, model,
+                            _sibling_names(path.parent, path.name) if fmt == "safetensors" else [path.name])
         if path.name.endswith(".index.json"):
-            return Snapshot(path.parent, _expand_index(path.parent, "safetensors", [path.name]), "safetensors", model,
-                            _local_names(path.parent))
+            weights = _expand_index(path.parent, "safetensors", [path.name])
+            return Snapshot(path.parent, weights, "safetensors", model,
+                            _sibling_names(path.parent, path.name, *(w.name for w in weights)))
         raise ModelNotFoundError(f"{path}: not a model file ember reads (.safetensors, .gguf, or a folder)")
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or model.endswith(
         (".gguf", ".safetensors"))

@@ -11,6 +11,110 @@ from typing import Any, Iterable, Sequence
 
 from .errors import TokenizerError
 
+# ---- bounding what one request costs the tokenizer -------------------------------------------------
+# The tokenizers library normalises a whole text in memory before anything else (with ~10 bytes of
+# alignment bookkeeping per byte), and a tokenizer.json's normaliser can multiply a text's length: a
+# `Replace` of "a" by 100,000 "b"s turns a 20 KB prompt into 2 G characters (20 GB). So:
+#   * at load, each normaliser step's worst-case growth factor is read from its config (`_growth`:
+#     Replace = content / pattern length, or content + 1 for a regex or empty pattern, which can match
+#     between every two characters; Prepend = 1 + its length per piece; Unicode normal forms 18, the
+#     longest NFKC expansion; Lowercase 3; ...), multiplied along Sequences. A tokenizer with a single
+#     Replace/Prepend text over MAX_REPLACEMENT characters, or a total factor over MAX_GROWTH, is
+#     refused (TokenizerError): no real tokenizer comes near either.
+#   * per request (`check_input`), texts whose worst case (length x factor) fits the limits
+#     go straight through (every real tokenizer on every real prompt); otherwise the normaliser runs
+#     on bounded chunks of the text first (each chunk's output is at most a quarter of the cap) to
+#     measure the real normalised length, and the request is refused past the cap before the full
+#     encode runs. Peak memory stays bounded by the cap whatever the pipeline claims; the chunked
+#     measure can miss a match straddling a chunk edge, an error of one replacement per chunk.
+# Decoders: a `Replace` decoder over MAX_REPLACEMENT characters is refused at load the same way.
+MAX_NORMALIZED_CHARS = 1 << 23  # 8M characters (~2M tokens) in one text after normalisation
+MAX_BATCH_GROWTH = 4  # a batch may normalise to at most max(MAX_NORMALIZED_CHARS, 4 x its length)
+MAX_REPLACEMENT = 1024  # characters a single Replace/Prepend step may insert
+MAX_GROWTH = 1 << 16  # worst-case growth factor of a whole normaliser
+_UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+
+
+def _growth(cfg: Any, where: str, depth: int = 0) -> int:
+    """Worst-case factor by which a normaliser (its JSON config) can lengthen a text (see above)."""
+    if not isinstance(cfg, dict) or depth > 64:
+        return 32
+    kind = cfg.get("type")
+    if kind == "Sequence":
+        out = 1
+        for sub in cfg.get("normalizers") or []:
+            out *= _growth(sub, where, depth + 1)
+            out = min(out, MAX_GROWTH + 1)
+        return out
+    if kind == "Replace":
+        content, pattern = cfg.get("content"), cfg.get("pattern")
+        n = len(content) if isinstance(content, str) else 0
+        if n > MAX_REPLACEMENT:
+            raise TokenizerError(f"{where}: a Replace normaliser inserts {n} characters (limit {MAX_REPLACEMENT}): "
+                                 f"a text would grow without bound")
+        plain = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(plain, str) and plain:
+            return max(1, -(-n // len(plain)))
+        return n + 1  # a regex (or an empty string) may match between every two characters
+    if kind == "Prepend":
+        n = len(cfg.get("prepend") or "")
+        if n > MAX_REPLACEMENT:
+            raise TokenizerError(f"{where}: a Prepend normaliser adds {n} characters (limit {MAX_REPLACEMENT})")
+        return 1 + n
+    if kind in _UNICODE_FORMS:
+        return 18  # the longest expansion (U+FDFA under NFKC)
+    if kind == "Lowercase":
+        return 3
+    if kind in ("Strip", "StripAccents", "Nmt"):
+        return 1
+    if kind == "BertNormalizer":
+        return 3 * 3 * 18  # spaces around CJK, lowercasing, NFD for accents
+    if kind == "ByteLevel":
+        return 4
+    return 32  # Precompiled (a SentencePiece charsmap) and anything newer: measured per request
+
+
+def _pipeline_growth(tk, where: str) -> int:
+    """The normaliser's worst-case growth factor; refuses absurd normalisers and decoders."""
+    for part, key in ((tk.decoder, "decoders"),):
+        if part is not None:
+            try:
+                cfg = json.loads(part.__getstate__())
+            except (ValueError, RecursionError, AttributeError, TypeError):
+                cfg = None
+            stack = [cfg]
+            while stack:
+                c = stack.pop()
+                if isinstance(c, dict):
+                    if c.get("type") == "Replace" and isinstance(c.get("content"), str) and len(c["content"]) > MAX_REPLACEMENT:
+                        raise TokenizerError(f"{where}: a Replace decoder inserts {len(c['content'])} characters "
+                                             f"(limit {MAX_REPLACEMENT})")
+                    stack.extend(c.get(key) or [])
+    norm = tk.normalizer
+    if norm is None:
+        return 1
+    try:
+        cfg = json.loads(norm.__getstate__())
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return 32
+    g = _growth(cfg, where)
+    if g > MAX_GROWTH:
+        raise TokenizerError(f"{where}: the normaliser can lengthen a text more than {MAX_GROWTH}-fold "
+                             f"(a chain of expanding steps): refused")
+    return g
+
+
+def _tokenizers_failure(e: BaseException, what: str) -> TokenizerError | None:
+    """The TokenizerError for an exception out of the tokenizers library, or None if `e` is not one.
+
+    The Rust library raises plain `Exception`s (e.g. an unknown token it needs) and, on a panic (an
+    onig regex past its retry limit), pyo3's PanicException, which derives from BaseException only.
+    Anything else (KeyboardInterrupt, a signal handler's exception) is not the tokenizer's, and passes."""
+    if type(e) is Exception or type(e).__name__ == "PanicException":
+        return TokenizerError(f"the tokenizer failed to {what}: {str(e).strip()[:300]}")
+    return None
+
+
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -24,9 +128,12 @@ def _token_str(v: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    from .safefile import MAX_CONFIG_BYTES, read_text
+
+    text = read_text(path, MAX_CONFIG_BYTES, TokenizerError, "tokenizer side file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
         raise TokenizerError(f"{path}: cannot read: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
@@ -63,6 +170,7 @@ class Tokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self.tk = tokenizer
+        self.refresh_limits()
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
@@ -82,6 +190,9 @@ class Tokenizer:
             extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
                 (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
+        from .safefile import MAX_TOKENIZER_JSON_BYTES, check_size
+
+        check_size(tj, MAX_TOKENIZER_JSON_BYTES, TokenizerError, "tokenizer.json")
         try:
             tk = TkTokenizer.from_file(str(tj))
         except Exception as e:  # the Rust library raises plain Exceptions
@@ -100,13 +211,13 @@ class Tokenizer:
         template = cfg.get("chat_template")
         jinja = folder / "chat_template.jinja"
         if jinja.is_file():
-            try:
-                template = jinja.read_text(encoding="utf-8")
-            except (OSError, ValueError) as e:
-                raise TokenizerError(f"{jinja}: cannot read: {str(e)[:200]}") from None
+            from .safefile import MAX_TEMPLATE_BYTES, read_text
+
+            template = read_text(jinja, MAX_TEMPLATE_BYTES, TokenizerError, "chat template")
         elif template is None and (folder / "chat_template.json").is_file():
             template = _read_json(folder / "chat_template.json").get("chat_template")
         mml = cfg.get("model_max_length")
+        _pipeline_growth(tk, str(tj))  # refuses absurd normalisers/decoders naming the file (see the top)
         return cls(
             tk,
             special_tokens=special,
@@ -116,25 +227,71 @@ class Tokenizer:
             model_max_length=mml if isinstance(mml, int) and mml < 1 << 40 else None,
         )
 
+    # ---- limits ---------------------------------------------------------------------------------
+    def refresh_limits(self, where: str = "tokenizer") -> None:
+        """Re-read the pipeline's worst-case growth (after changing `self.tk.normalizer`)."""
+        self._growth = _pipeline_growth(self.tk, where)
+
+    def check_input(self, texts: Sequence[str]) -> None:
+        """Refuse (TokenizerError) texts that are not valid Unicode, and texts the normaliser would
+        grow past the limits, before the tokenizers library builds anything (see the notes at the
+        top of this module): no text may normalise to more than MAX_NORMALIZED_CHARS, nor a batch to
+        more than MAX_BATCH_GROWTH times its own length (so a large batch of plain texts passes, a
+        small request cannot become a huge one). Free for every real tokenizer and prompt."""
+        _check_unicode(texts)
+        cap = MAX_NORMALIZED_CHARS
+        growth = getattr(self, "_growth", 1)
+        lengths = [len(t) for t in texts if isinstance(t, str)]
+        total = sum(lengths)
+        for n in lengths:
+            if n > cap:
+                raise TokenizerError(f"a text of {n} characters is longer than the tokenizer accepts ({cap})")
+        batch_cap = max(cap, MAX_BATCH_GROWTH * total)
+        if max(lengths, default=0) * growth <= cap and total * growth <= batch_cap:
+            return
+        norm = self.tk.normalizer
+        chunk = max(1, cap // (4 * growth))
+        made = 0
+        for t in texts:
+            if not isinstance(t, str):
+                continue
+            this = 0
+            for i in range(0, len(t), chunk):
+                try:
+                    this += len(norm.normalize_str(t[i:i + chunk]))
+                except BaseException as e:  # noqa: BLE001 - see _tokenizers_failure
+                    err = _tokenizers_failure(e, "normalise the text")
+                    if err is None:
+                        raise
+                    raise err from None
+                if this > cap or made + this > batch_cap:
+                    raise TokenizerError(f"this tokenizer's normaliser grows the text past {min(cap, batch_cap)} "
+                                         f"characters (up to {growth}x its length): text refused")
+            made += this
+
+    def _run(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - only the tokenizers library's own failures are converted
+            err = _tokenizers_failure(e, what)
+            if err is None:
+                raise
+            raise err from None
+
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
-        try:
-            ids = self.tk.encode(text, add_special_tokens=add_special_tokens).ids
-        except TypeError:
-            _check_unicode([text])
-            raise
+        self.check_input([text])
+        ids = self._run("encode the text", self.tk.encode, text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens:
             ids = self._fix_bos_eos(ids)
         return ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        try:
-            encs = self.tk.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        except TypeError:
-            _check_unicode(texts)
-            raise
+        texts = list(texts)
+        self.check_input(texts)
+        encs = self._run("encode the texts", self.tk.encode_batch, texts, add_special_tokens=add_special_tokens)
         return [self._fix_bos_eos(e.ids) if add_special_tokens else e.ids for e in encs]
 
     def _fix_bos_eos(self, ids: list[int]) -> list[int]:
@@ -148,7 +305,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._run("decode", self.tk.decode, list(ids), skip_special_tokens=skip_special_tokens)
 
     def __call__(self, text: str) -> list[int]:
         return self.encode(text)

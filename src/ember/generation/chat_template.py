@@ -7,14 +7,20 @@ result), like any other template failure.
 
 The sandbox is also bounded, so that a hostile template cannot exhaust memory or time either
 (jinja's own sandbox only caps `range()`). Each render has a budget (`Limits`):
-  * size: no string, list or bytes a template operation makes may exceed `max_size`, and all that a
-    render makes (operator, filter and method results, `~` concatenations, output) may not exceed
-    `budget`. Operations whose result can be far larger than their operands (`*`, `**`, `%`,
+  * size, in bytes of memory (wide characters take 4, a new list 8 per item plus the items CPython
+    does not share): no string, list or bytes a template operation makes may exceed `max_size`, and
+    all that a render makes (operator, filter and method results, `~` concatenations, output) may
+    not exceed `budget`. Operations whose result can be far larger than their operands (`*`, `**`, `%`,
     `str.center/ljust/rjust/zfill/expandtabs/join/replace/format`, `int.to_bytes`, the `center`,
     `indent`, `join`, `replace`, `format`, `wordwrap`, `urlize`, `sum`, `batch`, `slice` and
     `tojson` filters, `lipsum`) are checked before they run, and so is the text of a list or dict
     before anything turns it into a string; other results are charged after they are made;
-  * steps: loop iterations, calls and filter applications together may not exceed `max_steps`;
+  * steps: loop iterations, calls and filter/test applications together may not exceed `max_steps`;
+  * work inside one step: comparing or hashing (`==`, `<`, `in`, tests such as `equalto`, dict keys,
+    `max`/`min`/`unique`/`sort`/`dictsort`/`groupby`) costs the operands' expanded size (lists
+    doubled 40 times compare in 2**40 steps in C, which no time check interrupts), and `wordwrap` its
+    textwrap cost (a long word is cut one line at a time); both are charged to `max_work` before
+    they run;
   * time: a render still running after `seconds` stops at its next step.
 Exceeding any of them is a `TemplateError` ("... the sandbox forbids: resource limit ..."). Real chat
 templates use a tiny fraction of each.
@@ -28,6 +34,7 @@ import inspect
 import json
 import re
 import string
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,9 +46,10 @@ from ..errors import TemplateError
 
 @dataclass(frozen=True)
 class Limits:
-    max_size: int = 1 << 24  # characters/items/bytes in one string, list or bytes a template makes (16M)
-    budget: int = 1 << 27  # ... in all that one render makes, output included (128M)
-    max_steps: int = 1_000_000  # loop iterations + calls + filter applications per render
+    max_size: int = 1 << 24  # bytes of memory one string, list or bytes a template makes may take (16 MiB)
+    budget: int = 1 << 27  # ... all that one render makes may take, output included (128 MiB)
+    max_steps: int = 1_000_000  # loop iterations + calls + filter/test applications per render
+    max_work: int = 1 << 24  # elements compared or hashed (==, in, sort, max, unique, dict keys) per render
     seconds: float = 10.0  # wall time per render
     max_int_bits: int = 1 << 16  # integers a template computes (about 20k digits)
     max_width: int = 1 << 20  # a width, indent, batch size, slice count or format field width
@@ -75,12 +83,13 @@ def _plain(value: Any) -> Any:
 class _Budget:
     """One render's account (see the module docstring)."""
 
-    __slots__ = ("limits", "made", "steps", "deadline")
+    __slots__ = ("limits", "made", "steps", "deadline", "work")
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self.made = 0
         self.steps = 0
+        self.work = 0
         self.deadline = time.monotonic() + limits.seconds
 
     def step(self) -> None:
@@ -95,7 +104,7 @@ class _Budget:
             _refuse(f"a result of size {n} (limit {self.limits.max_size})")
         self.made += n
         if self.made > self.limits.budget:
-            _refuse(f"more than {self.limits.budget} characters/items made in one render")
+            _refuse(f"more than {self.limits.budget} bytes made in one render")
 
 
 _current: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("ember_template_budget", default=None)
@@ -146,9 +155,53 @@ def _size(x: Any) -> int | None:
     return len(x) if isinstance(x, (str, bytes, list, tuple, dict)) else None
 
 
+_SCALARS = (str, bytes, int, float)
+
+
+def _item_bytes(v: Any) -> int:
+    """Memory an item of a new container may add: 0 for the objects CPython shares (small ints,
+    bools, None, one-character Latin-1 strings, the empty string), else its size."""
+    if v is None or isinstance(v, bool):
+        return 0
+    if isinstance(v, int):
+        return 0 if -5 <= v <= 256 else sys.getsizeof(v)
+    if isinstance(v, str):
+        return 0 if len(v) == 0 or (len(v) == 1 and v < "\u0100") else sys.getsizeof(v)
+    if isinstance(v, (bytes, float)):
+        return sys.getsizeof(v)
+    return 0  # containers: charged when they were made
+
+
+def _unit(x: Any) -> int:
+    """Bytes per element of x when it is repeated or padded: 1 for ASCII text and bytes, 4 for other
+    text (CPython stores 1, 2 or 4 per character), 8 for a list or tuple (a reference per item)."""
+    if isinstance(x, str):
+        return 1 if x.isascii() else 4
+    if isinstance(x, (list, tuple, dict)):
+        return 8
+    return 1
+
+
+def _units(*xs: Any) -> int:
+    return max((_unit(x) for x in xs if isinstance(x, str)), default=1)
+
+
+def _nbytes(x: Any) -> int | None:
+    """The memory an operation's result takes: strings and bytes exactly (sys.getsizeof is O(1));
+    containers their own size plus their scalar items (a list of 4M one-character non-Latin-1 strings
+    is 4M items but 300 MB). Shared items are counted each time: a conservative bound."""
+    if isinstance(x, (str, bytes)):
+        return sys.getsizeof(x)
+    if isinstance(x, (list, tuple)):
+        return sys.getsizeof(x) + sum(map(_item_bytes, x))
+    if isinstance(x, dict):
+        return sys.getsizeof(x) + sum(_item_bytes(k) + _item_bytes(v) for k, v in x.items())
+    return None
+
+
 def _charged(x: Any) -> Any:
-    """Charge what an operation made (containers by their length: they hold references)."""
-    n = _size(x)
+    """Charge the memory an operation's result takes (see _nbytes)."""
+    n = _nbytes(x)
     if n is not None:
         _make(n)
     elif isinstance(x, int) and not isinstance(x, bool) and x.bit_length() > _limits().max_int_bits:
@@ -161,11 +214,15 @@ class _TooBig(Exception):
 
 
 def _text_size(x: Any, limit: int) -> int:
-    """About how many characters str(x) takes (counting stops past `limit`)."""
+    """About how many bytes str(x) takes (counting stops past `limit`). Shared sub-lists are walked
+    once but counted each time they appear, so this is also the size of x fully expanded: a bound on
+    the cost of comparing or hashing x, which Python does element by element without sharing."""
     memo: dict[int, int] = {}
 
     def walk(y: Any) -> int:
-        if isinstance(y, (str, bytes)):
+        if isinstance(y, str):
+            return len(y) if y.isascii() else 4 * len(y)
+        if isinstance(y, bytes):
             return len(y)
         if isinstance(y, (list, tuple, dict)):
             k = id(y)
@@ -188,6 +245,40 @@ def _text_size(x: Any, limit: int) -> int:
         return limit + 1
     except RecursionError:
         _refuse("a value nested too deeply to turn into text")
+
+
+def _compared(x: Any, times: int = 1) -> Any:
+    """Charge the work of comparing or hashing x (`times` over: a sort compares each item about log n
+    times). Containers cost their expanded size (see _text_size): two lists doubled 40 times compare
+    in 2**40 steps though each is 40 objects; strings and numbers compare in C, cheaply."""
+    if isinstance(x, (list, tuple, dict)):
+        b = _current.get()
+        limits = b.limits if b is not None else LIMITS
+        room = limits.max_work - (b.work if b is not None else 0)
+        n = _text_size(x, max(room // max(times, 1), 0)) * times
+        if n > room:
+            _refuse(f"comparing or hashing a {type(x).__name__} of about {n}+ elements (room for {max(room, 0)} "
+                    f"of the {limits.max_work} per render)")
+        if b is not None:
+            b.work += n
+    return x
+
+
+def _compared_work(n: int, what: str) -> None:
+    """Charge n units of comparison-like work done in C or a library (see Limits.max_work)."""
+    b = _current.get()
+    limits = b.limits if b is not None else LIMITS
+    done = b.work if b is not None else 0
+    if done + n > limits.max_work:
+        _refuse(f"{what}: about {n} steps of work (room for {max(limits.max_work - done, 0)} of the "
+                f"{limits.max_work} per render)")
+    if b is not None:
+        b.work += n
+
+
+def _compared_all(*xs: Any) -> None:
+    for x in xs:
+        _compared(x)
 
 
 def _textable(x: Any) -> Any:
@@ -250,7 +341,7 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
     elif operator == "*":
         for seq, n in ((left, right), (right, left)):
             if _size(seq) is not None and isinstance(n, int):
-                _make(len(seq) * max(n, 0))
+                _make(len(seq) * _unit(seq) * max(n, 0))
                 return
         if isinstance(left, int) and isinstance(right, int):
             if left.bit_length() + right.bit_length() > _limits().max_int_bits:
@@ -268,15 +359,16 @@ _METHODS = frozenset({"zfill", "ljust", "rjust", "center", "expandtabs", "join",
 def _check_method(name: str, obj: Any, args: tuple, kwargs: dict) -> tuple:
     if name in ("zfill", "ljust", "rjust", "center"):
         width = args[0] if args else kwargs.get("width", 0)
-        _make(max(len(obj), _int_arg(width, f"{name} width")))
+        _make(max(len(obj), _int_arg(width, f"{name} width")) * _unit(obj))
     elif name == "expandtabs":
         size = args[0] if args else kwargs.get("tabsize", 8)
         tabs = obj.count("\t" if isinstance(obj, str) else b"\t")
-        _make(len(obj) + tabs * max(_int_arg(size, "tabsize"), 0))
+        _make((len(obj) + tabs * max(_int_arg(size, "tabsize"), 0)) * _unit(obj))
     elif name == "join" and args:
         items = list(args[0])
         args = (items, *args[1:])
-        _make(sum(len(x) for x in items if _size(x) is not None) + len(obj) * max(len(items) - 1, 0))
+        _make((sum(len(x) for x in items if _size(x) is not None) + len(obj) * max(len(items) - 1, 0))
+              * _units(obj, *items[:1000]))
     elif name == "replace" and len(args) >= 2 and _size(args[0]) is not None and _size(args[1]) is not None:
         old, new = args[0], args[1]
         count = args[2] if len(args) > 2 else kwargs.get("count", -1)
@@ -286,7 +378,7 @@ def _check_method(name: str, obj: Any, args: tuple, kwargs: dict) -> tuple:
             k = 0  # str/bytes mixed: replace raises its own error
         if isinstance(count, int) and count >= 0:
             k = min(k, count)
-        _make(len(obj) + k * max(len(new) - len(old), 0))
+        _make((len(obj) + k * max(len(new) - len(old), 0)) * _units(obj, new))
     elif name in ("format", "format_map") and isinstance(obj, str):
         _check_format(obj)
         _check_args_textable(args, kwargs)
@@ -328,13 +420,14 @@ def _filter_checks() -> dict[str, Any]:
     had to materialise to measure."""
 
     def center(a):
-        _make(max(len(str(a["value"])), _int_arg(a["width"], "center width")))
+        v = str(a["value"])
+        _make(max(len(v), _int_arg(a["width"], "center width")) * _unit(v))
 
     def indent(a):
         w = a["width"]
         ind = len(w) if isinstance(w, str) else max(_int_arg(w, "indent width"), 0)
         s = str(a["s"])
-        _make(len(s) + (s.count("\n") + 1) * ind)
+        _make((len(s) + (s.count("\n") + 1) * ind) * _units(s, w))
 
     def fmt(a):
         _check_percent(str(a["value"]))
@@ -343,20 +436,46 @@ def _filter_checks() -> dict[str, Any]:
         items = list(a["value"])
         a["value"] = items
         d = a["d"] if isinstance(a["d"], str) else str(a["d"])
-        _make(sum(_text_size(x, _room()) for x in items) + len(d) * max(len(items) - 1, 0))
+        _make(sum(_text_size(x, _room()) for x in items) + len(d) * _unit(d) * max(len(items) - 1, 0))
 
     def replace(a):
         s, old, new, count = str(a["s"]), str(a["old"]), str(a["new"]), a["count"]
         k = s.count(old) if old else len(s) + 1
         if isinstance(count, int) and count >= 0:
             k = min(k, count)
-        _make(len(s) + k * max(len(new) - len(old), 0))
+        _make((len(s) + k * max(len(new) - len(old), 0)) * _units(s, new))
 
     def wordwrap(a):
         s = str(a["s"])
         width = max(_int_arg(a["width"], "wordwrap width"), 1)
         wrap = a["wrapstring"]
-        _make(len(s) + (len(s) // width + 1) * (len(wrap) if isinstance(wrap, str) else 1))
+        _make((len(s) + (len(s) // width + 1) * (len(wrap) if isinstance(wrap, str) else 1)) * _units(s, wrap))
+        # textwrap's time: a step per chunk (word or space run), and a word longer than the width is
+        # cut one line at a time, each cut copying the rest of the word: L²/width per long word
+        # (('a' * 2000000)|wordwrap(1) took 102 s). Charged as comparison work, before it runs.
+        work = 0
+        if a.get("break_long_words", True):
+            for m in re.finditer(r"\S{%d,}" % (width + 1), s):
+                n = m.end() - m.start()
+                work += n * (n // width + 1)
+        _compared_work(work + len(s) // 4, "wrapping words")
+
+    def list_(a):  # a string becomes a list of one-character strings (88 bytes each past Latin-1)
+        v = a["value"]
+        if isinstance(v, str):
+            _make(len(v) * (8 if v.isascii() else 96))
+
+    def compared(a):  # max, min, unique: each item compared or hashed about once
+        items = list(a["value"])
+        a["value"] = items
+        _compared(items)
+
+    def sort_(a):  # sort, dictsort, groupby: about log2(n) comparisons per item
+        items = a["value"]
+        if not isinstance(items, dict):
+            items = list(items)
+            a["value"] = items
+        _compared(items, times=max(len(items), 1).bit_length())
 
     def urlize(a):
         for k in ("target", "rel"):
@@ -367,14 +486,15 @@ def _filter_checks() -> dict[str, Any]:
         if _size(a["start"]) is not None:
             items = list(a["iterable"])
             a["iterable"] = items
-            _make(len(a["start"]) + sum(len(x) for x in items if _size(x) is not None))
+            _make((len(a["start"]) + sum(len(x) for x in items if _size(x) is not None))
+                  * _units(a["start"], *items[:1000]) * (8 if isinstance(a["start"], (list, tuple)) else 1))
 
     def batch(a):
         if a["fill_with"] is not None:
             _int_arg(a["linecount"], "batch size")
 
     def slice_(a):
-        _make(max(_int_arg(a["slices"], "slice count"), 0))
+        _make(max(_int_arg(a["slices"], "slice count"), 0) * 64)  # a list per slice
 
     def tojson(a):
         indent, seps = a.get("indent"), a.get("separators")
@@ -385,7 +505,9 @@ def _filter_checks() -> dict[str, Any]:
             _refuse("tojson separators beyond 64 characters")
 
     return {"center": center, "indent": indent, "format": fmt, "join": join, "replace": replace,
-            "wordwrap": wordwrap, "urlize": urlize, "sum": sum_, "batch": batch, "slice": slice_, "tojson": tojson}
+            "wordwrap": wordwrap, "urlize": urlize, "sum": sum_, "batch": batch, "slice": slice_, "tojson": tojson,
+            "list": list_, "max": compared, "min": compared, "unique": compared, "sort": sort_, "dictsort": sort_,
+            "groupby": sort_}
 
 
 def _guard_filter(name: str, fn, check=None):
@@ -424,6 +546,25 @@ def _guard_filter(name: str, fn, check=None):
     return wrapper
 
 
+# jinja tests that compare or hash their operands (charged as comparison work, like ==)
+_COMPARING_TESTS = frozenset({"==", "eq", "equalto", "!=", "ne", "<", "lt", "lessthan", "<=", "le", ">", "gt",
+                              "greaterthan", ">=", "ge", "in"})
+
+
+def _guard_test(name: str, fn):
+    """A jinja test (`x is equalto y`, `select('in', ...)`): a step each, and the comparison's work."""
+    comparing = name in _COMPARING_TESTS
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _step()
+        if comparing:
+            _compared_all(*args, *kwargs.values())
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # transformers overrides jinja's tojson (which escapes HTML) with plain json.dumps
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -442,7 +583,7 @@ def _lipsum(fn):
 def _output(value: Any) -> Any:
     """jinja's `finalize`: every `{{ ... }}` value (in macros and blocks too) is charged as output."""
     if isinstance(value, str):
-        _make(len(value))
+        _make(sys.getsizeof(value))
     elif isinstance(value, (list, tuple, dict)):
         _textable(value)
         _make(_text_size(value, _room()))
@@ -473,6 +614,18 @@ def _instrument(ast):
         def visit_For(self, node):
             node = self.generic_visit(node)
             node.iter = call("__ember_iter", node.iter)
+            return node
+
+        def visit_Compare(self, node):  # ==, <, in, ...: Python compares containers element by element
+            node = self.generic_visit(node)
+            node.expr = call("__ember_compared", node.expr)
+            for op in node.ops:
+                op.expr = call("__ember_compared", op.expr)
+            return node
+
+        def visit_Pair(self, node):  # a dict literal's keys are hashed
+            node = self.generic_visit(node)
+            node.key = call("__ember_compared", node.key)
             return node
 
         def visit_Concat(self, node):
@@ -535,6 +688,7 @@ def _compile(source: str):
             return _guard_method(super().getattr(obj, attribute))
 
         def getitem(self, obj, argument):
+            _compared(argument)  # a tuple key is hashed: its cost is its expanded size
             # a dict key that happens to be a dunder is data (`messages[0]['__x__']`), not an attribute
             is_key = isinstance(obj, dict) and argument in obj
             if isinstance(argument, str) and argument.startswith("__") and not is_key:
@@ -550,12 +704,16 @@ def _compile(source: str):
     checks = _filter_checks()
     for name, fn in list(env.filters.items()):
         env.filters[name] = _guard_filter(name, fn, checks.get(name))
+    for name, fn in list(env.tests.items()):
+        env.tests[name] = _guard_test(name, fn)
     class TemplateDict:
         # as transformers: `dict(...)` and `dict.fromkeys(...)`, not the type itself
         def __call__(self, *args, **kwargs):
+            _compared_all(*args)
             return _charged(dict(*args, **kwargs))
 
         def fromkeys(self, *args, **kwargs):
+            _compared_all(*args)
             return _charged(dict.fromkeys(*args, **kwargs))
 
     class TemplateNamespace(jinja2.utils.Namespace):
@@ -583,7 +741,7 @@ def _compile(source: str):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     env.globals.update(__ember_iter=_iterate, __ember_charged=_charged, __ember_textable=_textable,
-                       __ember_text=_text)
+                       __ember_text=_text, __ember_compared=_compared)
     try:
         return env.from_string(_instrument(env.parse(source)))
     except jinja2.exceptions.TemplateSyntaxError as e:

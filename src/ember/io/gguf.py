@@ -42,6 +42,13 @@ VALUE_TYPES: dict[int, tuple[str, str | None]] = {
     10: ("uint64", "<Q"), 11: ("int64", "<q"), 12: ("float64", "<d"),
 }
 STRING, ARRAY = 8, 9
+# Numeric metadata arrays come back as Python lists (what readers of the metadata expect), which cost
+# 8 bytes a reference plus the number objects: up to ~17x the file's bytes for a u8/bool array, ~10x for
+# f32. Past this many list elements in one file (real files: a few hundred thousand, e.g. a 262k
+# vocabulary's scores and token types), further numeric arrays come back as compact `array.array`s
+# (the file's own size), which code expecting a list refuses as a wrong type.
+MAX_LIST_ELEMENTS = 1 << 22
+_ARRAY_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class _Cursor:
 
     def __init__(self, buf, size: int, path: Path):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
+        self.list_budget = MAX_LIST_ELEMENTS  # numeric array elements still allowed as Python lists
 
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: not a valid GGUF file: {what}")
@@ -127,12 +135,38 @@ def _read_value(c: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
                      f"{c.remaining()} bytes remain in the file (truncated or corrupt file?)")
     if efmt is not None:
         size = struct.calcsize(efmt)
+        if count > c.list_budget:
+            return _compact_array(c, etype, count, size)
+        c.list_budget -= count
         vals = list(struct.unpack_from(f"<{count}{efmt[1]}", c.buf, c.pos)) if count else []
         c.pos += count * size
         return vals
     if etype == STRING:
         return _read_strings(c, count, key)
     return [_read_value(c, ARRAY, key, depth + 1) for _ in range(count)]
+
+
+def _compact_array(c: _Cursor, etype: int, count: int, size: int):
+    """A numeric array as an `array.array` over a copy of its bytes (see MAX_LIST_ELEMENTS)."""
+    import array
+    import sys
+
+    out = array.array(_ARRAY_CODES[etype])
+    if out.itemsize != size:  # (no platform ember runs on has other C sizes for these codes)
+        raise c.fail(f"cannot hold a {VALUE_TYPES[etype][0]} array compactly on this platform")
+    mv = memoryview(c.buf)  # (no intermediate copy of the bytes; views released before the map closes)
+    try:
+        part = mv[c.pos:c.pos + count * size]
+        try:
+            out.frombytes(part)
+        finally:
+            part.release()
+    finally:
+        mv.release()
+    if sys.byteorder != "little":
+        out.byteswap()
+    c.pos += count * size
+    return out
 
 
 def _read_strings(c: _Cursor, count: int, key: str) -> list[str]:
@@ -379,11 +413,13 @@ def describe_gguf(path: str | os.PathLike, config_of=None) -> dict:
     """What `ember inspect FILE` prints: architecture, metadata summary, tensors, sizes."""
     f = GGUFFile(path)
     meta: dict[str, Any] = {}
+    import array
+
     for k, v in f.metadata.items():
-        if isinstance(v, list):
+        if isinstance(v, (list, array.array)):
             vt = f.value_types.get(k)
             et = VALUE_TYPES.get(vt[1], ("?",))[0] if isinstance(vt, tuple) else "?"
-            meta[k] = f"[{len(v)} x {et}]" if len(v) > 8 else v
+            meta[k] = f"[{len(v)} x {et}]" if len(v) > 8 else list(v)
         elif isinstance(v, str) and len(v) > 200:
             meta[k] = v[:200] + f"... ({len(v)} chars)"
         else:

@@ -279,18 +279,22 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def read_index(path: str | os.PathLike) -> list[Path]:
     """The shard files named by a `model.safetensors.index.json`, in first-use order, checked to exist."""
+    from ..safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
+
     path = Path(path)
+    text = read_text(path, MAX_CONFIG_BYTES, CheckpointError, "shard index")
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
+        index = json.loads(text)
+    except (ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError, JSONDecodeError, digit limit
         raise CheckpointError(f"{path}: cannot read the shard index: {str(e)[:200]}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: shard index has no valid 'weight_map' object")
     files: list[Path] = []
     for shard in dict.fromkeys(weight_map.values()):
-        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{path}: shard name {shard!r} must be a plain file name")
+        why = bad_file_name(shard)
+        if why is not None:
+            raise CheckpointError(f"{path}: bad shard name {shard[:100]!r}: {why}")
         p = path.parent / shard
         if not p.is_file():
             raise CheckpointError(f"{path}: shard {shard!r} is listed in the index but missing from {path.parent}")
@@ -299,7 +303,12 @@ def read_index(path: str | os.PathLike) -> list[Path]:
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file (used by tests and conversion tools)."""
+    """Write tensors to a safetensors file (used by tests and conversion tools).
+
+    Written to a temporary file that then replaces `path` (never truncated in place: a model that
+    has the old file mapped keeps reading the old bytes instead of dying of SIGBUS)."""
+    from ..safefile import atomic_write
+
     header: dict = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -313,7 +322,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
         blobs.append(data)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
+    with atomic_write(path) as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for b in blobs:
