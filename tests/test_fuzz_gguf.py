@@ -452,7 +452,7 @@ def gguf_vocabulary(draw):
 def test_fuzz_gguf_vocabularies(meta, text):
     """Any vocabulary a GGUF may carry: building the tokenizer, encoding and decoding give a
     TokenizerError (an EmberError) or work, within the time and memory caps."""
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     with time_limit(10), memory_cap(512 << 20):
         try:

@@ -451,7 +451,7 @@ def test_regression_onig_regex_panic_is_a_tokenizer_error(tok_folder, tmp_path):
 def test_regression_gguf_vocabulary_without_merges_costs_bounded_memory(arch):
     """Bug: a SentencePiece GGUF vocabulary with no merges had its merges derived from every split of
     every token: 1.3 MB of ever longer tokens ("a", "aa", ... 1600 a's) cost 3.25 GB (cubic)."""
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     tokens = ["<unk>", "<s>", "</s>"] + ["a" * k for k in range(1, 1600)]
     meta = {"general.architecture": arch, "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
@@ -469,7 +469,7 @@ def test_regression_gguf_vocabulary_without_merges_costs_bounded_memory(arch):
 def test_regression_gemma_gguf_vocabulary_without_unk():
     """Bug: a gemma3 GGUF vocabulary with no <unk> (and no byte tokens) named "<unk>" as the BPE's
     unknown token, and encoding any character outside the vocabulary raised a plain Exception."""
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     tokens = ["<pad>", "<bos>", "<eos>", "h", "i", "hi", "\u2581"]
     meta = {"general.architecture": "gemma3", "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
@@ -564,7 +564,7 @@ def test_regression_gguf_merge_of_a_missing_token_panicked(kind):
     """Bug (found by test_fuzz_gguf_vocabularies): a merge whose result is not in the vocabulary made
     the tokenizers library panic ("range end index 2000 out of range"), a PanicException (a
     BaseException) out of tokenizer_from_gguf."""
-    from ember.io.gguf_tokenizer import tokenizer_from_gguf
+    from ember.gguf_tokenizer import tokenizer_from_gguf
 
     meta = {"tokenizer.ggml.model": kind, "tokenizer.ggml.tokens": ["x" * 1000, "a"],
             "tokenizer.ggml.merges": ["x" * 1000 + " " + "x" * 1000]}

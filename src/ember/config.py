@@ -150,7 +150,7 @@ def load_json(path: str | os.PathLike, limit: int | None = None) -> dict:
     Files over `limit` bytes (default `safefile.MAX_CONFIG_BYTES`, 64 MiB) are refused before they
     are read; malformed JSON, integers past Python's 4300-digit limit and absurd nesting are
     ConfigErrors too."""
-    from .safefile import MAX_CONFIG_BYTES, read_text
+    from .io.safefile import MAX_CONFIG_BYTES, read_text
 
     path = Path(path)
     if not path.exists() and not path.is_symlink():

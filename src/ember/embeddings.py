@@ -53,7 +53,7 @@ _DENSE_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _read_json(path: Path) -> Any:
-    from .safefile import MAX_CONFIG_BYTES, read_text
+    from .io.safefile import MAX_CONFIG_BYTES, read_text
 
     text = read_text(path, MAX_CONFIG_BYTES, EmbeddingError, "sentence-transformers file")
     try:

