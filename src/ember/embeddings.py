@@ -462,7 +462,18 @@ class Embedder:
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer.json; call embedder.model(input_ids, attention_mask) "
                                  "with token ids instead")
-        encs = self.tokenizer.tk.encode_batch(list(texts), add_special_tokens=True)
+        texts = list(texts)
+        try:
+            encs = self.tokenizer.tk.encode_batch(texts, add_special_tokens=True)
+        except TypeError:  # the tokenizers library's answer to text that is not valid Unicode: say which
+            for i, t in enumerate(texts):
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise EmbeddingError(f"texts[{i}] is not valid Unicode text: {e.reason} at position {e.start} "
+                                         f"({t[e.start:e.end]!r}; a lone surrogate, e.g. from a JSON \"\\ud800\" "
+                                         f"escape or undecodable bytes)") from None
+            raise
         return [e.ids for e in encs], [bool(e.overflowing) for e in encs]
 
     def _resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
