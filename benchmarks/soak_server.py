@@ -7,7 +7,7 @@ strings, n past the batch, legal-but-heavy stop strings (16 x 1024 characters), 
 Pass criteria (exit status 1 otherwise):
   * 0 errors on good requests (every good request gets a complete, well-formed answer, streamed or not);
   * every bad request gets a 4xx with an OpenAI-style error body (never a 5xx or a dropped connection);
-  * every slowloris connection is answered with a 408 and closed within --read-timeout (+ slack);
+  * every slowloris connection is answered with a 408 (or reset) and closed within --read-timeout + 15 s;
   * 0 leaked slots: once the clients stop, /health reports running == 0 and waiting == 0;
   * memory flat: the server's RSS is sampled through the run; start (after warm-up), end, max and the
     trend (MB/min, least squares) are reported. The trend is informative (a soak of a few minutes on
@@ -257,6 +257,8 @@ async def slowloris(url: str, args, st: Stats) -> None:
     try:
         data = await asyncio.wait_for(reader.read(), args.read_timeout + 15)
         ok = data.startswith(b"HTTP/1.1 408")
+    except ConnectionResetError:  # closed with dripped bytes unread: the kernel resets instead of a clean close
+        ok, data = True, b""
     except (asyncio.TimeoutError, OSError) as e:
         ok, data = False, repr(e).encode()
     finally:
