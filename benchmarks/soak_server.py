@@ -1,9 +1,13 @@
 """Soak test for `ember serve`: many concurrent streaming clients on loopback for minutes, with random
-lengths, random disconnects and a sprinkling of bad requests.
+lengths, random disconnects and a sprinkling of bad and hostile requests: malformed bodies, echo with
+out-of-range token ids, lone surrogates (generation and embeddings), too many or too long stop
+strings, n past the batch, legal-but-heavy stop strings (16 x 1024 characters), abandoned
+2,048-text embedding requests and slowloris connections (headers a byte at a time).
 
 Pass criteria (exit status 1 otherwise):
   * 0 errors on good requests (every good request gets a complete, well-formed answer, streamed or not);
   * every bad request gets a 4xx with an OpenAI-style error body (never a 5xx or a dropped connection);
+  * every slowloris connection is answered with a 408 (or reset) and closed within --read-timeout + 15 s;
   * 0 leaked slots: once the clients stop, /health reports running == 0 and waiting == 0;
   * memory flat: the server's RSS is sampled through the run; start (after warm-up), end, max and the
     trend (MB/min, least squares) are reported. The trend is informative (a soak of a few minutes on
@@ -17,6 +21,9 @@ by a timeout).
     python benchmarks/soak_server.py                               # 64 clients, 5 minutes, tiny model
     python benchmarks/soak_server.py --duration 30                 # a smoke run
     python benchmarks/soak_server.py --model smollm2 --clients 32 --duration 600 --json soak.json
+
+With the tiny model the server also gets a tiny random BERT (tests/tinyencoders.py) as its embedding
+model (`--no-embeddings` to leave it out; with --url, --embedding-model-name names the server's).
 """
 from __future__ import annotations
 
@@ -36,15 +43,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server  # noqa: E402
 from bench_server import TOPICS, resolve_model  # noqa: E402
 
-CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_embedding_model() -> str:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tinyencoders
+
+    d = tinyencoders.tiny_bert(Path(tempfile.mkdtemp(prefix="ember-soak-bert-")) / "tiny-bert")
+    return str(tinyencoders.add_sentence_transformers(d, normalize=True))
 
 
 def start_server(model: str, args, log: Path):
-    """bench_server's launcher, with this run's body limit passed on."""
+    """bench_server's launcher, with this run's body limit, read timeout and embedding model passed on."""
     popen = bench_server.subprocess.Popen
 
     def with_body_limit(cmd, *a, **kw):
-        return popen([*cmd, "--max-body-mb", str(args.max_body_mb)], *a, **kw)
+        extra = ["--max-body-mb", str(args.max_body_mb), "--read-timeout", str(args.read_timeout)]
+        if args.embedding_model_name:
+            extra += ["--embedding-model", args.embedding_model_name]
+        return popen([*cmd, *extra], *a, **kw)
 
     bench_server.subprocess.Popen = with_body_limit
     try:
@@ -53,9 +72,14 @@ def start_server(model: str, args, log: Path):
         bench_server.subprocess.Popen = popen
 
 
-def bad_requests(model: str, max_body: int) -> list[tuple[str, str, bytes]]:
-    """(name, path, raw body): requests that must be refused with a 4xx."""
+def bad_requests(model: str, max_body: int, embedding_model: str | None = None,
+                 max_batch: int = 8) -> list[tuple[str, str, bytes]]:
+    """(name, path, raw body): requests that must be refused with a 4xx (the last one is the big body)."""
     ok = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    emb = []
+    if embedding_model:
+        emb = [("surrogate-embed", EMB, b'{"model": %s, "input": ["ok", "a\\ud800b"]}' % json.dumps(embedding_model).encode()),
+               ("embed-too-many", EMB, json.dumps({"model": embedding_model, "input": ["a"] * 2049}).encode())]
 
     def j(obj) -> bytes:
         return json.dumps(obj).encode()
@@ -79,6 +103,13 @@ def bad_requests(model: str, max_body: int) -> list[tuple[str, str, bytes]]:
         ("huge-prompt", COMP, j({"model": model, "prompt": "fox " * 500_000})),
         ("surrogate", COMP, b'{"model": "%s", "prompt": "a\\ud800b"}' % model.encode()),
         ("empty-prompt", COMP, j({"model": model, "prompt": ""})),
+        ("echo-id-neg", COMP, j({"model": model, "prompt": [5, -1], "echo": True})),
+        ("echo-id-1e30", COMP, j({"model": model, "prompt": [10**30], "echo": True})),
+        ("echo-id-2^64", COMP, j({"model": model, "prompt": [[5], [2**64]], "echo": True})),
+        ("stop-too-long", CHAT, j({**ok, "stop": ["s" * 20_000] * 16})),
+        ("stops-17", CHAT, j({**ok, "stop": [f"s{i}" for i in range(17)]})),
+        ("n-past-batch", CHAT, j({**ok, "n": max(128, max_batch + 1)})),
+        *emb,
         ("body-too-large", COMP, b'{"model": "m", "prompt": "' + b"a" * (max_body + 1) + b'"}'),
     ]
 
@@ -86,6 +117,8 @@ def bad_requests(model: str, max_body: int) -> list[tuple[str, str, bytes]]:
 class Stats:
     def __init__(self):
         self.good = self.good_errors = self.disconnects = self.bad = self.bad_unexpected = 0
+        self.hostile: dict[str, int] = {}  # hostile-but-legal traffic sent, by kind
+        self.slow_failures = 0
         self.tokens = 0
         self.latency: list[float] = []
         self.ttft: list[float] = []
@@ -199,13 +232,100 @@ async def bad_request(http: httpx.AsyncClient, rng: random.Random, bads, st: Sta
             st.error_samples.append(f"bad request {name}: {type(e).__name__}: {e}")
 
 
+async def slowloris(url: str, args, st: Stats) -> None:
+    """Headers a byte every 0.5 s: the server must answer 408 and close within --read-timeout (+ slack)."""
+    host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError as e:
+        st.slow_failures += 1
+        st.error_samples.append(f"slowloris: connect: {e}")
+        return
+
+    async def drip():
+        try:
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(10_000):
+                await asyncio.sleep(0.5)
+                writer.write(b"a")
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            return
+
+    task = asyncio.create_task(drip())
+    try:
+        data = await asyncio.wait_for(reader.read(), args.read_timeout + 15)
+        ok = data.startswith(b"HTTP/1.1 408")
+    except ConnectionResetError:  # closed with dripped bytes unread: the kernel resets instead of a clean close
+        ok, data = True, b""
+    except (asyncio.TimeoutError, OSError) as e:
+        ok, data = False, repr(e).encode()
+    finally:
+        task.cancel()
+        writer.close()
+    if not ok:
+        st.slow_failures += 1
+        if len(st.error_samples) < 20:
+            st.error_samples.append(f"slowloris: {data[:120]!r} after {time.monotonic() - t0:.1f}s")
+
+
+async def hostile_request(http: httpx.AsyncClient, url: str, rng: random.Random, args, st: Stats) -> None:
+    """Legal but costly, or abusive traffic (outcomes checked: good ones must succeed)."""
+    kinds = ["long-stops", "n-batch", "slowloris"] + (["abandoned-embed"] if args.embedding_model_name else [])
+    kind = rng.choice(kinds)
+    st.hostile[kind] = st.hostile.get(kind, 0) + 1
+    if kind == "slowloris":
+        return await slowloris(url, args, st)
+    if kind == "abandoned-embed":  # 2,048 texts, and the client leaves at once
+        try:
+            await http.post(EMB, json={"model": args.embedding_model_name,
+                                       "input": [f"{rng.choice(TOPICS)} {i}" for i in range(2048)]},
+                            timeout=httpx.Timeout(args.request_timeout, read=0.2))
+            st.good += 1
+        except httpx.ReadTimeout:
+            st.disconnects += 1
+        return
+    body = {"model": args.model_name, "messages": [{"role": "user", "content": f"Tell me about {rng.choice(TOPICS)}"}],
+            "max_tokens": rng.randint(1, args.max_tokens), "temperature": 0.7}
+    if kind == "long-stops":  # the most a request may ask: 16 stop strings of 1,024 characters
+        body["stop"] = ["".join(rng.choice("ab ") for _ in range(1024)) for _ in range(16)]
+    else:  # every slot for one call: others must still get theirs
+        body["n"] = args.max_batch
+    try:
+        r = await http.post(CHAT, json=body)
+        if r.status_code != 200 or len(r.json()["choices"]) != body.get("n", 1):
+            st.error(f"hostile {kind}: {r.status_code} {r.text[:200]}")
+        else:
+            st.good += 1
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        st.error(f"hostile {kind}: {type(e).__name__}: {e}")
+
+
+async def good_embedding(http: httpx.AsyncClient, rng: random.Random, args, st: Stats) -> None:
+    texts = [f"{rng.choice(TOPICS)} {rng.choice(TOPICS)}" for _ in range(rng.randint(1, 8))]
+    try:
+        r = await http.post(EMB, json={"model": args.embedding_model_name, "input": texts, "encoding_format": "float"})
+        if r.status_code != 200 or len(r.json()["data"]) != len(texts):
+            st.error(f"embeddings {r.status_code} {r.text[:200]}")
+        else:
+            st.good += 1
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        st.error(f"embeddings {type(e).__name__}: {e}")
+
+
 async def client(cid: int, url: str, args, deadline: float, bads, st: Stats) -> None:
     rng = random.Random(args.seed * 1000 + cid)
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
         while time.monotonic() < deadline:
-            if rng.random() < args.bad_rate:
+            x = rng.random()
+            if x < args.bad_rate:
                 await bad_request(http, rng, bads, st)
+            elif x < args.bad_rate + args.hostile_rate:
+                await hostile_request(http, url, rng, args, st)
+            elif args.embedding_model_name and x < args.bad_rate + args.hostile_rate + 0.05:
+                await good_embedding(http, rng, args, st)
             else:
                 await good_request(http, rng, args, st)
 
@@ -266,7 +386,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 async def run(url: str, pid: int | None, args) -> dict:
-    bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20))
+    bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20), args.embedding_model_name, args.max_batch)
     st = Stats()
     samples: list = []
     t0 = time.monotonic()
@@ -288,6 +408,7 @@ async def run(url: str, pid: int | None, args) -> dict:
         "good_requests": st.good, "good_errors": st.good_errors, "disconnects": st.disconnects,
         "bad_requests": st.bad, "bad_unexpected": st.bad_unexpected,
         "bad_by_kind": {k: {str(c): n for c, n in v.items()} for k, v in sorted(st.bad_by_kind.items())},
+        "hostile_by_kind": dict(sorted(st.hostile.items())), "slowloris_not_closed": st.slow_failures,
         "completion_tokens": st.tokens, "tokens_per_s": round(st.tokens / wall, 1),
         "latency_p50_s": pct(st.latency, 0.5), "latency_p99_s": pct(st.latency, 0.99),
         "ttft_p50_s": pct(st.ttft, 0.5), "ttft_p99_s": pct(st.ttft, 0.99),
@@ -295,6 +416,7 @@ async def run(url: str, pid: int | None, args) -> dict:
         "rss_start_mb": round(warm[0][1], 1) if warm else None, "rss_end_mb": round(rss_end, 1) if rss_end else None,
         "rss_max_mb": round(max(rss_all), 1) if rss_all else None,
         "rss_trend_mb_per_min": round(trend(warm), 2),
+        "rss_samples_mb": [round(r, 1) for _, r, _, _ in samples[:: max(1, len(samples) // 30)] if r is not None],
         "max_running_seen": max((s[2] or 0 for s in samples), default=None),
         "max_waiting_seen": max((s[3] or 0 for s in samples), default=None),
         "error_samples": st.error_samples,
@@ -313,6 +435,12 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=48, help="good requests ask for 1..N tokens")
     ap.add_argument("--bad-rate", type=float, default=0.05, help="share of requests that are bad")
+    ap.add_argument("--hostile-rate", type=float, default=0.05,
+                    help="share of requests that are legal but hostile (long stops, n = batch, abandoned embeddings, "
+                         "slowloris)")
+    ap.add_argument("--read-timeout", type=float, default=5.0, help="the server's --read-timeout (slowloris bound)")
+    ap.add_argument("--embedding-model-name", default=None, help="with --url: the server's embedding model, if any")
+    ap.add_argument("--no-embeddings", action="store_true", help="start the server without an embedding model")
     ap.add_argument("--disconnect-rate", type=float, default=0.1, help="share of streams dropped mid-way")
     ap.add_argument("--request-timeout", type=float, default=120)
     ap.add_argument("--sample-every", type=float, default=2.0, help="RSS / health sampling period (s)")
@@ -333,6 +461,8 @@ def main() -> int:
     else:
         log = Path(tempfile.mkdtemp(prefix="ember-soak-")) / "server.log"
         model = resolve_model(args.model)
+        if not args.no_embeddings and args.model == "tiny":
+            args.embedding_model_name = tiny_embedding_model()
         proc, url = start_server(model, args, log)
         pid = proc.pid
         args.model_name = "bench"
@@ -354,6 +484,8 @@ def main() -> int:
         failed.append(f"{summary['good_errors']} errors on good requests")
     if summary["bad_unexpected"]:
         failed.append(f"{summary['bad_unexpected']} bad requests not answered with an OpenAI-style 4xx")
+    if summary["slowloris_not_closed"]:
+        failed.append(f"{summary['slowloris_not_closed']} slowloris connections not answered 408 and closed")
     if summary["leaked_slots"]:
         failed.append(f"{summary['leaked_slots']} leaked slots ({summary['health_after']})")
     if args.max_growth_mb is not None and summary["rss_start_mb"] and summary["rss_end_mb"] and \

@@ -60,14 +60,17 @@ class StubEmbedder:
 
 
 @contextmanager
-def running_server(app):
-    """uvicorn in a thread on a free loopback port; yields the base URL."""
+def running_server(app, **config):
+    """uvicorn in a thread on a free loopback port, configured as `ember serve` configures it (timeouts,
+    limits); yields the base URL."""
     import uvicorn
+
+    from ember.serve.server import uvicorn_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     end = time.monotonic() + 30
@@ -449,7 +452,7 @@ BAD = [
     (COMP, {"model": "tiny"}, 400, "prompt", "missing_required_parameter", "Missing required parameter: 'prompt'"),
     (COMP, {"model": "tiny", "prompt": 12}, 400, "prompt", "invalid_type", "expected a string"),
     (COMP, {"model": "tiny", "prompt": [1, "a"]}, 400, "prompt", "invalid_type", "expected a string"),
-    (COMP, {"model": "tiny", "prompt": [10 ** 9]}, 400, None, "invalid_value", "prompt token ids must be integers"),
+    (COMP, {"model": "tiny", "prompt": [10 ** 9]}, 400, "prompt", "invalid_value", "prompt token ids must be integers"),
     (COMP, {"model": "tiny", "prompt": ""}, 400, None, "invalid_value", "the prompt is empty"),
     (CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "fox " * 600}]}, 413, "messages",
      "context_length_exceeded", "maximum context length is 512 tokens, but the prompt has"),

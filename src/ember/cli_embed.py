@@ -95,6 +95,13 @@ def main(args) -> int:
     if not texts:
         raise EmbeddingError("no texts to embed: pass TEXT arguments or --file lines.txt"
                              + (f" ({args.file} is empty)" if args.file else ""))
+    for i, t in enumerate(texts):  # undecodable argv/stdin bytes arrive as lone surrogates: refuse them up front
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f"line {i + 1} of {args.file}" if args.file is not None else f"TEXT {i + 1}"
+            raise EmbeddingError(f"{where} is not valid UTF-8 text ({e.reason} at position {e.start}: "
+                                 f"{t[e.start:e.end]!r})") from None
     if args.batch_size < 1:
         raise EmbeddingError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out is not None and not args.out.endswith((".npy", ".pt", ".jsonl")):

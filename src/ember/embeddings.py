@@ -467,7 +467,14 @@ class Embedder:
             raise TokenizerError("this model has no tokenizer.json; call embedder.model(input_ids, attention_mask) "
                                  "with token ids instead")
         texts = list(texts)
-        self.tokenizer.check_input(texts)  # bounded normalisation; invalid Unicode is a TokenizerError
+        for i, t in enumerate(texts):  # text that is not valid Unicode: say which (the tokenizer raises TypeError)
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise EmbeddingError(f"texts[{i}] is not valid Unicode text: {e.reason} at position {e.start} "
+                                     f"({t[e.start:e.end]!r}; a lone surrogate, e.g. from a JSON \"\\ud800\" "
+                                     f"escape or undecodable bytes)") from None
+        self.tokenizer.check_input(texts)  # bounded normalisation
         encs = self.tokenizer._run("encode the texts", self.tokenizer.tk.encode_batch, texts, add_special_tokens=True)
         return [e.ids for e in encs], [bool(e.overflowing) for e in encs]
 

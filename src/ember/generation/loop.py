@@ -23,6 +23,12 @@ from .step import DecodeStep, EagerStep
 
 _ids = itertools.count()
 
+# Bounds on a request's stop strings (checked by Generator.check; the server refuses more with a 400).
+# OpenAI allows 4 stop sequences; vLLM sets no bound. Matching is incremental (O(new text) per token
+# and stop), these bounds keep the per-request setup and the held-back text small.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
 
 @dataclass
 class Request:
@@ -49,6 +55,53 @@ class Event:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+def _kmp_table(s: str) -> list[int]:
+    """f[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    f = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        f[i] = k
+    return f
+
+
+class _StopMatcher:
+    """Stop strings found in text that arrives piece by piece (one KMP automaton per stop string):
+    `feed` costs O(len(piece)) amortised per stop, and `hold` says how much of the text's end could
+    still be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(dict.fromkeys(s for s in stops if s))
+        self.tables = [_kmp_table(s) for s in self.stops]
+        self.state = [0] * len(self.stops)  # characters of each stop matched by the end of the text
+
+    def feed(self, piece: str) -> int | None:
+        """Advance over `piece`; the start of the earliest stop string that ends in it, relative to
+        piece (negative: it began in earlier text), or None."""
+        best = None
+        for j, s in enumerate(self.stops):
+            f, k, m = self.tables[j], self.state[j], len(s)
+            for i, c in enumerate(piece):
+                while k and c != s[k]:
+                    k = f[k - 1]
+                if c == s[k]:
+                    k += 1
+                    if k == m:
+                        if best is None or i - m + 1 < best:
+                            best = i - m + 1
+                        k = f[k - 1]
+                        break
+            self.state[j] = k
+        return best
+
+    @property
+    def hold(self) -> int:
+        return max(self.state, default=0)
+
+
 class _Seq:
     """A request in a slot."""
 
@@ -57,8 +110,9 @@ class _Seq:
         self.pos = len(req.prompt_ids)  # the cache column the next fed token goes to
         self.out: list[int] = []
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None  # None: token ids only
-        self.text = ""  # all generated text (before stop truncation)
-        self.emitted = 0  # chars of self.text already sent
+        stops = [s for s in req.stop if s]
+        self.stops = _StopMatcher(stops) if stops else None
+        self.tail = ""  # decoded text held back: it could be the start of a stop string
         self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos_ids)
         self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
         self.gen = None
@@ -71,32 +125,26 @@ class _Seq:
             self.seen[torch.tensor(req.prompt_ids, device=device)] = True
 
     def push_text(self, piece: str, final: bool) -> tuple[str, bool]:
-        """Add decoded text; return (text safe to emit now, whether a stop string ended it)."""
-        self.text += piece
-        stops = [s for s in self.req.stop if s]
-        if stops:
-            start = max(0, self.emitted - max(map(len, stops)) + 1)
-            hits = [(i, s) for s in stops if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                i, _ = min(hits)
-                out = self.text[self.emitted:i] if i > self.emitted else ""
-                self.emitted = max(self.emitted, i)
-                return out, True
-            if not final:
-                # hold back a tail that could still grow into a stop string
-                hold = 0
-                for s in stops:
-                    for n in range(min(len(s) - 1, len(self.text)), 0, -1):
-                        if self.text.endswith(s[:n]):
-                            hold = max(hold, n)
-                            break
-                end = len(self.text) - hold
-                out = self.text[self.emitted:end] if end > self.emitted else ""
-                self.emitted = max(self.emitted, end)
-                return out, False
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return out, False
+        """Add decoded text; return (text safe to emit now, whether a stop string ended it).
+
+        Incremental: only `piece` is scanned (the stop matcher carries its state over from the text
+        before), and the text held back is shorter than the longest stop string, so a call costs
+        O(len(piece)) per stop string however long the text has grown."""
+        m = self.stops
+        if m is None:
+            return piece, False
+        held = len(self.tail)
+        buf = self.tail + piece
+        hit = m.feed(piece)  # where the earliest stop starts, relative to piece (>= -held)
+        if hit is not None:
+            self.tail = ""
+            return buf[: held + hit], True
+        if final:
+            self.tail = ""
+            return buf, False
+        end = len(buf) - m.hold  # hold back a tail that could still grow into a stop string
+        self.tail = buf[end:]
+        return buf[:end], False
 
 
 class Generator:
@@ -135,6 +183,15 @@ class Generator:
             raise GenerationError(f"the prompt has {n} tokens but the context holds {self.max_len}; shorten it")
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab for t in req.prompt_ids):
             raise GenerationError(f"prompt token ids must be integers in [0, {self.vocab})")
+        stops = req.stop
+        if isinstance(stops, str) or not all(isinstance(x, str) for x in stops):
+            raise GenerationError(f"stop must be a list of strings, got {stops!r:.60}")
+        if len(stops) > MAX_STOPS:
+            raise GenerationError(f"stop: at most {MAX_STOPS} stop strings per request, got {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise GenerationError(f"stop strings must be at most {MAX_STOP_CHARS} characters long, got one of "
+                                  f"{longest}")
         lp = req.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.vocab):
             raise GenerationError(f"logprobs must be None or an integer in [0, {self.vocab}], got {lp!r:.60}")

@@ -27,12 +27,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
 from .engine import ClientGone, Engine, EngineFailure, Submission
-from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, finite, get_str, parse_chat, parse_completion,
-                       parse_embeddings, parse_json, usage)
+from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
+                       parse_common, parse_completion, parse_embeddings, parse_json, usage)
 
 log = logging.getLogger("ember.serve")
 
 DEFAULT_MAX_LEN = 4096  # per-request context (prompt + completion) unless --max-len says otherwise
+READ_TIMEOUT = 30.0  # seconds a client has to send a request's body (and, with server.py's protocol, its headers)
+EMBED_BATCH = 32  # texts per embedding job: a request's jobs interleave with others', and stop when its client leaves
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -64,14 +66,27 @@ def build_generator(llm, max_batch: int, max_len: int | None):
     return llm.generator(max_batch=max_batch, max_len=want)
 
 
-def sampling_defaults(generation_config: dict | None) -> dict:
+def sampling_defaults(generation_config: dict | None, source: str = "generation_config.json") -> dict:
     """Defaults for omitted sampling fields: the model's generation_config.json (as vLLM does), else
-    OpenAI's (temperature 1, top_p 1)."""
+    OpenAI's (temperature 1, top_p 1).
+
+    Each default is checked as if a client had sent it: one the server would refuse (top_k -5,
+    temperature 7, a string ...) is dropped with a warning that names it, and the server starts with
+    OpenAI's default for that field; otherwise every request that omits the field would be refused
+    for a parameter its client never sent."""
     out = {}
+    gc = generation_config if isinstance(generation_config, dict) else {}
     for k in SAMPLING_KEYS:
-        v = (generation_config or {}).get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = v
+        v = gc.get(k)
+        if v is None:
+            continue
+        try:
+            p = parse_common({k: v}, {}, chat=True)
+        except ApiError as e:
+            log.warning("ignoring %s's %s=%.60r: %s The server uses OpenAI's default for it instead.", source, k, v,
+                        e.message)
+            continue
+        out[k] = getattr(p, k)
     return out
 
 
@@ -84,11 +99,12 @@ def _max_token_chars(tok) -> int:
 
 
 class _State:
-    def __init__(self, llm, embedder, model_name, embedding_model_name, engine, defaults):
+    def __init__(self, llm, embedder, model_name, embedding_model_name, engine, defaults, read_timeout=READ_TIMEOUT):
         self.llm, self.embedder = llm, embedder
         self.model_name, self.embedding_model_name = model_name, embedding_model_name
         self.engine: Engine | None = engine
         self.defaults = defaults
+        self.read_timeout = read_timeout
         self.created = int(time.time())
         self.tok = getattr(llm, "tokenizer", None) if llm is not None else None
         self.token_text = TokenText(self.tok) if self.tok is not None else None
@@ -283,7 +299,16 @@ def _failure(exc: EngineFailure) -> ApiError:
                     code="engine_error")
 
 
-async def _watch_disconnect(request: Request, sub: Submission) -> None:
+class _Cancelled:
+    """A flag `_watch_disconnect` sets (what embeddings watch between batches)."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def _watch_disconnect(request: Request, sub) -> None:
     """Cancel the submission when the client goes away (the body has been read already)."""
     try:
         while True:
@@ -379,6 +404,22 @@ class _LogMiddleware:
 
         try:
             await self.app(scope, receive, send_)
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any escape (tokenizers' pyo3 PanicException is a
+            # BaseException that FastAPI's handlers never see): an OpenAI-style JSON 500, and the server goes on
+            log.error("internal error on %s %s: %s: %s", scope.get("method", ""), scope.get("path", ""),
+                      type(exc).__name__, exc, exc_info=exc)
+            info["error"] = f"internal_error: {type(exc).__name__}: {exc}"
+            if status[0] is not None:
+                raise  # the response has started (a stream): uvicorn ends the connection
+            body = _dumps(error_body(f"Internal server error: {type(exc).__name__}: {str(exc)[:500]}",
+                                     "server_error", None, "internal_error")).encode()
+            status[0] = 500
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
         finally:
             dt = time.perf_counter() - t0
             path = scope.get("path", "")
@@ -399,19 +440,25 @@ class _LogMiddleware:
 
 def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedding_model_name: str | None = None,
                max_batch: int = 8, max_len: int | None = None, generator=None,
-               defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               read_timeout: float = READ_TIMEOUT) -> FastAPI:
     """The OpenAI-compatible app over a loaded `LLM` and/or an embedding model (anything with
     `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts).
 
     max_batch: decode slots (requests generated together); max_len: tokens per request, prompt and
     completion (default min(model context, 4096)); generator: a ready generator (add/step/abort/check)
     to use instead of building one; defaults: sampling defaults (default: the model's generation_config);
-    max_body_bytes: larger request bodies are refused with a 413 before they are read in full (8 MiB).
+    max_body_bytes: larger request bodies are refused with a 413 before they are read in full (8 MiB);
+    read_timeout: seconds a client has to send a request body (a 408 after that; 30).
     """
     if llm is None and embedder is None:
         raise ValueError("create_app needs a model (llm=) and/or an embedding model (embedder=)")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2):
+        raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a completion token), got {max_len!r}")
+    if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not 0 < read_timeout < 1e6:
+        raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
     engine = None
     if llm is not None:
         gen = generator if generator is not None else build_generator(llm, max_batch, max_len)
@@ -421,7 +468,9 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         embedding_model_name = embedding_model_name or "ember-embedding"
     if defaults is None:
         defaults = sampling_defaults(getattr(llm, "generation_config", None))
-    st = _State(llm, embedder, model_name, embedding_model_name, engine, defaults)
+    else:
+        defaults = sampling_defaults(defaults, "defaults")
+    st = _State(llm, embedder, model_name, embedding_model_name, engine, defaults, read_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -478,12 +527,21 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large()
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_body_bytes:
-                raise _too_large()
-            chunks.append(chunk)
+        chunks = []
+
+        async def read():
+            n = 0
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > max_body_bytes:
+                    raise _too_large()
+                chunks.append(chunk)
+
+        try:  # a client that trickles its body (slowloris) gets read_timeout seconds in all
+            await asyncio.wait_for(read(), st.read_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {st.read_timeout:g} seconds.",
+                           code="request_timeout") from None
         return parse_json(b"".join(chunks))
 
     # ---- endpoints ----------------------------------------------------------------------------
@@ -534,6 +592,10 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                            param=param, code="context_length_exceeded")
 
     def _requests(prompts: list[list[int]], p: GenParams) -> list:
+        if p.n > st.engine.max_batch:
+            raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.engine.max_batch} "
+                           f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
+                           code="invalid_value")
         max_tokens = p.max_tokens if p.max_tokens is not None else st.engine.max_len
         reqs = []
         try:
@@ -580,9 +642,17 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         if st.tok is None and any(isinstance(x, str) for x in prompts):
             raise ApiError(400, "This model has no tokenizer; send the prompt as token ids.", param="prompt")
 
-        for x in prompts:
+        vocab = getattr(st.engine.generator, "vocab", None) or st.llm.config.vocab_size
+        for i, x in enumerate(prompts):
             if isinstance(x, str):
                 _check_text_len(x, "prompt")
+            else:  # before anything (echo's decode) reads them: ids past int64 overflow in the tokenizer
+                _check_len(x, "prompt")
+                bad = next((t for t in x if not 0 <= t < vocab), None)
+                if bad is not None:
+                    where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                    raise ApiError(400, f"Invalid '{where}': prompt token ids must be integers in [0, {vocab}), "
+                                   f"but got {str(bad)[:40]}.", param="prompt", code="invalid_value")
 
         def encode():
             ids = [st.tok.encode(x) if isinstance(x, str) else x for x in prompts]
@@ -609,25 +679,43 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         model = st.resolve(body, "embed")
         texts, fmt, dims = parse_embeddings(body)
         emb = st.embedder
+        import numpy as np
 
-        def work():
-            vecs = emb.embed(texts)
+        def work(batch: list[str]):
+            vecs = emb.embed(batch)
             tok = getattr(emb, "tokenizer", None)
             n = 0
             if tok is not None:
-                for t in texts:
+                for t in batch:
                     ids = tok.encode(t)
                     n += len(getattr(ids, "ids", ids))
-            return vecs, n
+            arr = vecs.detach().float().cpu().numpy() if hasattr(vecs, "detach") else np.asarray(vecs, dtype=np.float32)
+            return np.ascontiguousarray(arr, dtype="<f4"), n
 
+        # In jobs of EMBED_BATCH texts (longest first, for little padding): the one embedding thread
+        # interleaves concurrent requests' jobs, and a request whose client has gone stops at the next job.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        gone = _Cancelled()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, gone))
+        rows, n_tokens = [None] * len(texts), 0
         try:
-            vecs, n_tokens = await asyncio.get_running_loop().run_in_executor(st.embed_pool, work)
+            for b0 in range(0, len(order), EMBED_BATCH):
+                if gone.cancelled:
+                    info.update(prompt=n_tokens, completion=0, finish="abort")
+                    return Response(status_code=499)
+                idx = order[b0:b0 + EMBED_BATCH]
+                part, n = await asyncio.get_running_loop().run_in_executor(
+                    st.embed_pool, work, [texts[i] for i in idx])
+                if part.ndim != 2 or part.shape[0] != len(idx):
+                    raise RuntimeError(f"the embedding model returned shape {part.shape} for {len(idx)} texts")
+                for j, i in enumerate(idx):
+                    rows[i] = part[j]
+                n_tokens += n
         except EmberError as e:
-            raise ApiError(400, str(e), param="input") from None
-        import numpy as np
-
-        arr = vecs.detach().float().cpu().numpy() if hasattr(vecs, "detach") else np.asarray(vecs, dtype=np.float32)
-        arr = np.ascontiguousarray(arr, dtype="<f4")
+            raise ApiError(400, str(e), param="input", code="invalid_value") from None
+        finally:
+            watcher.cancel()
+        arr = np.stack(rows)
         if dims is not None and dims != arr.shape[1]:
             raise ApiError(400, f"Invalid value for 'dimensions': this model makes {arr.shape[1]}-dimensional "
                            f"embeddings, but got {dims}.", param="dimensions", code="invalid_value")

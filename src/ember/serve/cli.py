@@ -24,10 +24,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
     p.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB",
                    help="refuse request bodies larger than this (413; default 8 MiB)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send a request's headers, and again its body (408 after; default 30)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
     return p
+
+
+MAX_BATCH = 4096  # far past any KV cache that fits; a bound so that a typo is an error, not an allocation
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """One-line errors for numeric flags out of range (instead of a traceback from deep inside)."""
+    import math
+
+    def bad(flag, want, v):
+        raise SystemExit(f"ember serve: {flag} must be {want}, got {v}")
+
+    if not 0 <= args.port <= 65535:
+        bad("--port", "in 0..65535", args.port)
+    if not 1 <= args.max_batch <= MAX_BATCH:
+        bad("--max-batch", f"in 1..{MAX_BATCH}", args.max_batch)
+    if args.max_len is not None and args.max_len < 2:
+        bad("--max-len", "at least 2 (a prompt token and a completion token)", args.max_len)
+    if not (math.isfinite(args.max_body_mb) and 0 < args.max_body_mb <= 1024):
+        bad("--max-body-mb", "a number of MiB in (0, 1024]", args.max_body_mb)
+    if not (math.isfinite(args.read_timeout) and 0 < args.read_timeout <= 3600):
+        bad("--read-timeout", "a number of seconds in (0, 3600]", args.read_timeout)
+    if args.threads is not None and args.threads < 1:
+        bad("--threads", "at least 1", args.threads)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"ember serve needs the server extra ({e.name} is missing): pip install 'ember[serve]'") from None
+    _check_numbers(args)  # before anything is loaded
     from .server import serve
 
     model, name = args.model, args.served_model_name
@@ -46,9 +73,8 @@ def main(args: argparse.Namespace) -> int:
 
         model = default_model()
         name = name or Path(model).stem  # not the cache path
-    if args.max_batch < 1:
-        raise SystemExit("ember serve: --max-batch must be at least 1")
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
-          threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+          threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+          read_timeout=args.read_timeout)
     return 0

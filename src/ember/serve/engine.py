@@ -22,7 +22,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +204,10 @@ class Engine:
                     continue
                 try:
                     events = gen.step()
-                except Exception as exc:  # noqa: BLE001 - contained per request, see the module doc
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - contained per request, see the module doc (a
+                    # BaseException too: tokenizers' pyo3 PanicException must not kill the engine thread)
                     self._recover(exc)
                     continue
                 self.stats["steps"] += 1
@@ -228,22 +231,36 @@ class Engine:
                 e.sub.post(("error", (e.req.id, shutdown)))
 
     def _admit(self) -> None:
-        """Hand backlog requests to the generator, no more than there are free slots."""
+        """Hand backlog requests to the generator, no more than there are free slots.
+
+        Fair between submissions: a free slot goes to the waiting request whose submission holds the
+        fewest slots (the oldest among equals), so one call with many choices cannot keep every slot
+        while a later call waits for all of them."""
         gen = self.generator
         free = self.max_batch - gen.running
+        if not self._backlog or free <= 0:
+            return
+        held = Counter(id(e.sub) for e in self._live.values() if e.added)
         while self._backlog and free > 0:
             e = self._backlog[0]
             if e.suspect and self._fresh:
                 break  # a suspect is admitted alone
             if self._fresh and self._fresh[0].suspect:
                 break
-            self._backlog.popleft()
+            if e.suspect or not held:
+                self._backlog.popleft()
+            else:  # suspects sit at the front (see _recover): past them, the fairest pick
+                e = min(self._backlog, key=lambda x: held[id(x.sub)])
+                self._backlog.remove(e)
             try:
                 gen.add(e.req)
-            except Exception as exc:  # noqa: BLE001 - check() failures land here
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - check() failures land here
                 self._fail(e, exc)
                 continue
             e.added = True
+            held[id(e.sub)] += 1
             self._fresh.append(e)
             free -= 1
 

@@ -13,8 +13,9 @@ from typing import Any
 
 _MISSING = object()
 MAX_TOP_LOGPROBS = 20
-MAX_N = 128
-MAX_STOPS = 16
+MAX_N = 128  # choices per request (prompts x n); `n` alone is also bounded by the server's --max-batch
+MAX_STOPS = 16  # stop strings per request (OpenAI: 4) ...
+MAX_STOP_CHARS = 1024  # ... of at most this many characters each (the generator's own bounds)
 MAX_STOP_TOKEN_IDS = 1024
 MAX_BODY_BYTES = 8 << 20  # default request-body limit (8 MiB: far more text than any context holds)
 
@@ -194,6 +195,10 @@ def parse_common(body: dict, defaults: dict, *, chat: bool) -> GenParams:
             raise _bad_type("stop", "a string or an array of strings", body.get("stop"))
         if len(stop) > MAX_STOPS:
             raise _bad_value("stop", f"at most {MAX_STOPS} stop sequences", len(stop))
+        for i, s in enumerate(stop):
+            if len(s) > MAX_STOP_CHARS:
+                raise ApiError(400, f"Invalid 'stop[{i}]': a stop sequence may have at most {MAX_STOP_CHARS} "
+                               f"characters, but this one has {len(s)}.", param="stop", code="invalid_value")
         p.stop = [s for s in stop if s]
     sti = body.get("stop_token_ids")  # vLLM extension
     if sti is not None:
@@ -369,11 +374,23 @@ def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
     for i, s in enumerate(v):
         if not s:
             raise ApiError(400, f"Invalid 'input[{i}]': empty string.", param="input", code="invalid_value")
+        bad = unicode_error(s)
+        if bad:
+            raise ApiError(400, f"Invalid 'input[{i}]': {bad}.", param="input", code="invalid_value")
     fmt = get_str(body, "encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise _bad_value("encoding_format", "expected 'float' or 'base64'", fmt)
     dims = get_int(body, "dimensions", None, lo=1)
     return v, fmt, dims
+
+
+def unicode_error(s: str) -> str | None:
+    """Why `s` is not valid Unicode text (a lone surrogate, e.g. from a JSON "\\ud800" escape), or None."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode text ({e.reason} at position {e.start}: {s[e.start:e.end]!r})"
+    return None
 
 
 # ---- responses ----------------------------------------------------------------------------------

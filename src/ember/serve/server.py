@@ -19,6 +19,88 @@ def setup_logging(level: str = "info") -> None:
         lg.propagate = False
 
 
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds (uvicorn's default)
+MAX_HEADER_BYTES = 16 * 1024  # h11: request line + headers larger than this are refused (uvicorn's default)
+
+
+def http_protocol(read_timeout: float):
+    """uvicorn's HTTP protocol class (httptools when installed, as uvicorn's "auto" picks, else h11) with
+    a deadline on request headers, which uvicorn lacks: a connection must deliver a request's complete
+    headers within `read_timeout` seconds of opening (or of the previous response), else it gets an
+    OpenAI-style 408 and is closed. Without it a client sending a header byte every few seconds
+    (slowloris) holds its connection forever: uvicorn's keep-alive timer restarts on every byte.
+    The body has its own deadline in the app (create_app's read_timeout)."""
+    try:
+        import httptools  # noqa: F401
+
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+    from .app import _dumps
+    from .protocol import error_body
+
+    body = _dumps(error_body(f"The request headers did not arrive within {read_timeout:g} seconds.",
+                             code="request_timeout")).encode()
+    timeout_response = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
+
+    class EmberHTTPProtocol(Base):
+        _ember_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._ember_arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._ember_arm()
+
+        def connection_lost(self, exc):
+            self._ember_disarm()
+            super().connection_lost(exc)
+
+        def _ember_disarm(self):
+            if self._ember_timer is not None:
+                self._ember_timer.cancel()
+                self._ember_timer = None
+
+        def _ember_arm(self):
+            self._ember_disarm()
+            if not self.transport.is_closing():
+                self._ember_timer = self.loop.call_later(read_timeout, self._ember_expired)
+
+        def _ember_expired(self):
+            self._ember_timer = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                return  # the headers came and the app has the request (it bounds the body itself)
+            log.info("closing a connection from %s: no complete request headers within %gs",
+                     "%s:%s" % tuple(self.client[:2]) if self.client else "?", read_timeout)
+            self.transport.write(timeout_response)
+            self.transport.close()
+
+    EmberHTTPProtocol.__name__ = f"Ember{Base.__name__}"
+    return EmberHTTPProtocol
+
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, read_timeout: float | None = None, **kw):
+    """The uvicorn.Config `ember serve` runs `app` with: request-header deadline (see http_protocol),
+    keep-alive and header-size limits. read_timeout defaults to the app's (create_app's read_timeout)."""
+    import uvicorn
+
+    if read_timeout is None:
+        from .app import READ_TIMEOUT
+
+        st = getattr(getattr(app, "state", None), "ember", None)
+        read_timeout = getattr(st, "read_timeout", READ_TIMEOUT)
+    opts = dict(log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=KEEP_ALIVE_S,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, http=http_protocol(read_timeout))
+    opts.update(kw)
+    return uvicorn.Config(app, host=host, port=port, **opts)
+
+
 def load_models(model, embedding_model=None, *, dtype=None, device=None):
     """(llm, embedder) from the names; a MODEL that is an encoder makes an embeddings-only server."""
     import ember
@@ -43,10 +125,12 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None):
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
-          threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None) -> None:
+          threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
+          read_timeout: float | None = None) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
-    threads: torch CPU threads (default: torch's choice).
+    threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
+    request's headers, and again its body (default 30).
     """
     import uvicorn
 
@@ -63,7 +147,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
     if llm is None and served_model_name:
         emb_name = served_model_name
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
-                     max_len=max_len, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}))
+                     max_len=max_len, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
+                     **({"read_timeout": read_timeout} if read_timeout else {}))
     st = app.state.ember
     lines = []
     if llm is not None:
@@ -88,6 +173,5 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
             print(f"ember serve: listening on {', '.join(addrs) or f'http://{host}:{port}'}/v1", file=sys.stderr)
             print("\n".join(lines), file=sys.stderr, flush=True)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, host, port, timeout_graceful_shutdown=5)
     _Server(config).run()
