@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 
 import ember  # noqa: E402
 from ember.serve import create_app  # noqa: E402
-from ember.serve.engine import wait_idle  # noqa: E402
+from ember.serve.scheduler import wait_idle  # noqa: E402
 from ember.serve.protocol import MAX_BODY_BYTES  # noqa: E402
 from hostile import fuzz_settings, time_limit  # noqa: E402
 from test_serve import StubEmbedder, running_server  # noqa: E402
@@ -39,7 +39,7 @@ def srv(tiny_chat):
     app = create_app(llm, StubEmbedder(llm.tokenizer), model_name="tiny", embedding_model_name="stub-embed",
                      max_batch=4, max_len=64)
     with running_server(app) as url:
-        yield url, app.state.engine, app
+        yield url, app.state.scheduler, app
 
 
 @pytest.fixture
@@ -659,5 +659,5 @@ def test_fuzz_request_mixes_with_slow_and_vanishing_clients(quick_srv, kinds):
     with ThreadPoolExecutor(len(kinds)) as ex:
         errors = [e for e in ex.map(lambda a: _mixed_client(url, *a), [(k, i) for i, k in enumerate(kinds)]) if e]
     assert not errors, errors
-    assert wait_idle(app.state.engine, 30)
+    assert wait_idle(app.state.scheduler, 30)
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"

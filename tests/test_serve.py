@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import ember  # noqa: E402
 from ember.serve import create_app  # noqa: E402
-from ember.serve.engine import wait_idle  # noqa: E402
+from ember.serve.scheduler import wait_idle  # noqa: E402
 
 TIMEOUT = 60  # seconds, any single client call
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about foxes."}]
@@ -97,7 +97,7 @@ def srv(llm):
     embedder = StubEmbedder(llm.tokenizer)
     app = create_app(llm, embedder, model_name="tiny", embedding_model_name="stub-embed", max_batch=4)
     with running_server(app) as url:
-        yield SimpleNamespace(url=url, app=app, engine=app.state.engine, llm=llm, embedder=embedder)
+        yield SimpleNamespace(url=url, app=app, scheduler=app.state.scheduler, llm=llm, embedder=embedder)
 
 
 @pytest.fixture
@@ -293,7 +293,7 @@ def _stream_text(client, i: int, llm) -> tuple[str, str, int, str]:
 
 
 def test_16_concurrent_streams(client, srv, llm):
-    before = srv.engine.stats["steps"]
+    before = srv.scheduler.stats["steps"]
     with ThreadPoolExecutor(16) as ex:
         futs = [ex.submit(_stream_text, client, i, llm) for i in range(16)]
         results = [f.result(timeout=TIMEOUT) for f in futs]
@@ -301,14 +301,14 @@ def test_16_concurrent_streams(client, srv, llm):
         assert got == want, f"request {i}"
         assert n_tok == 3 + 2 * i and finish == "length"
     # 16 requests through 4 slots: continuous batching means far fewer steps than tokens
-    steps = srv.engine.stats["steps"] - before
+    steps = srv.scheduler.stats["steps"] - before
     assert steps < sum(3 + 2 * i for i in range(16))
-    assert wait_idle(srv.engine, 10) and srv.engine.generator.running == 0
+    assert wait_idle(srv.scheduler, 10) and srv.scheduler.generator.running == 0
 
 
 def test_disconnect_frees_slot(srv, client, llm, slow_model, caplog):
     caplog.set_level(logging.INFO, logger="ember.serve")
-    aborted0 = srv.engine.stats["aborted"]
+    aborted0 = srv.scheduler.stats["aborted"]
     with ThreadPoolExecutor(3) as ex:
         others = [ex.submit(_stream_text, client, i, llm) for i in (4, 5, 6)]
         # a stream that the client drops after a few chunks
@@ -330,10 +330,10 @@ def test_disconnect_frees_slot(srv, client, llm, slow_model, caplog):
             got, want, _, _ = f.result(timeout=TIMEOUT)
             assert got == want
     end = time.monotonic() + 10
-    while srv.engine.stats["aborted"] < aborted0 + 2 and time.monotonic() < end:
+    while srv.scheduler.stats["aborted"] < aborted0 + 2 and time.monotonic() < end:
         time.sleep(0.02)
-    assert srv.engine.stats["aborted"] == aborted0 + 2
-    assert wait_idle(srv.engine, 10) and srv.engine.generator.running == 0
+    assert srv.scheduler.stats["aborted"] == aborted0 + 2
+    assert wait_idle(srv.scheduler, 10) and srv.scheduler.generator.running == 0
     # both were cut short, long before their 400 tokens (logged with finish=abort)
     end = time.monotonic() + 5
     while time.monotonic() < end:
@@ -356,7 +356,7 @@ def test_failing_request_does_not_disturb_others(srv, client, http, llm, slow_mo
             raise RuntimeError("poisoned prompt")
 
     h = llm.model.register_forward_pre_hook(hook, with_kwargs=True)
-    failed0 = srv.engine.stats["failed_requests"]
+    failed0 = srv.scheduler.stats["failed_requests"]
     try:
         good_ids = [t for t in llm.tokenizer.encode("The quick brown fox jumps") if t != poison]
         bad_ids = good_ids[:3] + [poison] + good_ids[3:]
@@ -377,7 +377,7 @@ def test_failing_request_does_not_disturb_others(srv, client, http, llm, slow_mo
             assert got == want
     finally:
         h.remove()
-    assert srv.engine.stats["failed_requests"] == failed0 + 2
+    assert srv.scheduler.stats["failed_requests"] == failed0 + 2
     assert http.get("/health").json()["status"] == "ok"
     r = client.completions.create(model="tiny", prompt=good_ids, max_tokens=3, temperature=0)
     assert r.choices[0].text == llm.generate(good_ids, max_tokens=3)
@@ -399,7 +399,7 @@ def test_decode_failure_is_contained(srv, client, http, llm):
             assert "".join(c.choices[0].text for c in s) == llm.generate("Hello", max_tokens=5)
     finally:
         h.remove()
-    assert wait_idle(srv.engine, 10)
+    assert wait_idle(srv.scheduler, 10)
 
 
 # ---- bad requests ---------------------------------------------------------------------------------

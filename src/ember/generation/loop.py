@@ -10,6 +10,7 @@ the running batch as slots free up (continuous batching).
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -147,6 +148,26 @@ class _Seq:
         return buf[:end], False
 
 
+def kv_budget_bytes(device: torch.device) -> int:
+    """The most a Generator's own KV cache may take: $EMBER_MAX_KV_BYTES, else a quarter of the
+    machine's memory (CPU) or half of the GPU's."""
+    env = os.environ.get("EMBER_MAX_KV_BYTES")
+    if env:
+        return int(env)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 2
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return 8 << 30
+
+
+def kv_budget_len(model, batch: int, dtype, device) -> int:
+    """The longest context a cache of `batch` rows can hold within `kv_budget_bytes`."""
+    per = model.kv_bytes_per_token(dtype) * max(batch, 1)
+    return max(2, kv_budget_bytes(torch.device(device)) // max(per, 1))
+
+
 class Generator:
     """Continuous-batching generation over one model. Not thread-safe: one driver calls add/step."""
 
@@ -160,6 +181,8 @@ class Generator:
         self.device = torch.device(device) if device is not None else p.device
         self.max_batch = max_batch
         self.max_len = min(max_len or model.max_context, model.max_context)
+        if cache is None:  # a context the config merely claims must not size an allocation
+            self.max_len = min(self.max_len, kv_budget_len(model, max_batch, dtype, self.device))
         self.eos_ids = set(eos_ids)
         self.prefill_chunk = prefill_chunk
         self.vocab = model.config.vocab_size

@@ -146,6 +146,12 @@ class CausalLM(nn.Module):
         return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device,
                        windows=self.cache_windows())
 
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Cache bytes one more token of context costs a sequence (ring layers cost nothing more)."""
+        p = next(iter(self.parameters()))
+        size = torch.empty((), dtype=dtype or (p.dtype if p.is_floating_point() else torch.float32)).element_size()
+        return sum(2 * h * d * size for (h, d), w in zip(self.cache_layout(), self.cache_windows()) if w is None)
+
     @property
     def max_context(self) -> int:
         """The longest sequence the model is meant for: max_position_embeddings, times the factor of

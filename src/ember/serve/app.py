@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings,
 /health.
 
-Handlers validate and tokenize (tokenizing off the event loop), then submit requests to the `Engine`
+Handlers validate and tokenize (tokenizing off the event loop), then submit requests to the `Scheduler`
 (one thread, continuous batching) and read their events from an asyncio queue; they never call the
 model. Embeddings run on a one-thread executor. A client that goes away cancels its requests at the
 next step (their slots free at once).
@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
-from .engine import ClientGone, Engine, EngineFailure, Submission
+from .scheduler import ClientGone, Scheduler, StepFailure, Submission
 from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
                        parse_common, parse_completion, parse_embeddings, parse_json, usage)
 
@@ -99,10 +99,10 @@ def _max_token_chars(tok) -> int:
 
 
 class _State:
-    def __init__(self, llm, embedder, model_name, embedding_model_name, engine, defaults, read_timeout=READ_TIMEOUT):
+    def __init__(self, llm, embedder, model_name, embedding_model_name, scheduler, defaults, read_timeout=READ_TIMEOUT):
         self.llm, self.embedder = llm, embedder
         self.model_name, self.embedding_model_name = model_name, embedding_model_name
-        self.engine: Engine | None = engine
+        self.scheduler: Scheduler | None = scheduler
         self.defaults = defaults
         self.read_timeout = read_timeout
         self.created = int(time.time())
@@ -291,7 +291,7 @@ class _Run:
                          finish=finish or ",".join(str(c.finish) for c in self.choices))
 
 
-def _failure(exc: EngineFailure) -> ApiError:
+def _failure(exc: StepFailure) -> ApiError:
     cause = exc.cause
     if isinstance(cause, EmberError):
         return ApiError(400, str(cause))
@@ -323,7 +323,7 @@ async def _watch_disconnect(request: Request, sub) -> None:
 
 
 async def _generate(st: _State, request: Request, run: _Run, reqs: list) -> Response:
-    sub = st.engine.submit(Submission(reqs))
+    sub = st.scheduler.submit(Submission(reqs))
     # Watches for the client going away until the response has ended (for a stream, _stream ends it:
     # it lives on even if the stream body never starts).
     watcher = asyncio.ensure_future(_watch_disconnect(request, sub))
@@ -340,7 +340,7 @@ async def _generate(st: _State, request: Request, run: _Run, reqs: list) -> Resp
             first = await sub.next()
         run.log_info()
         return _JSON(run.response(), headers=headers)
-    except EngineFailure as e:
+    except StepFailure as e:
         handed_off = False
         run.log_info("error")
         raise _failure(e) from None
@@ -366,7 +366,7 @@ async def _stream(run: _Run, sub: Submission, first: list | None, watcher: async
             batch = await sub.next()
         for s in run.closing():
             yield s
-    except EngineFailure as e:
+    except StepFailure as e:
         finish = "error"
         yield _sse(_failure(e).body())
     except ClientGone:
@@ -459,10 +459,10 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a completion token), got {max_len!r}")
     if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not 0 < read_timeout < 1e6:
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
-    engine = None
+    scheduler = None
     if llm is not None:
         gen = generator if generator is not None else build_generator(llm, max_batch, max_len)
-        engine = Engine(gen, max_batch=max_batch)
+        scheduler = Scheduler(gen, max_batch=max_batch)
         model_name = model_name or "ember"
     if embedder is not None:
         embedding_model_name = embedding_model_name or "ember-embedding"
@@ -470,21 +470,21 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         defaults = sampling_defaults(getattr(llm, "generation_config", None))
     else:
         defaults = sampling_defaults(defaults, "defaults")
-    st = _State(llm, embedder, model_name, embedding_model_name, engine, defaults, read_timeout)
+    st = _State(llm, embedder, model_name, embedding_model_name, scheduler, defaults, read_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
-        if st.engine is not None:
-            st.engine.start()
+        if st.scheduler is not None:
+            st.scheduler.start()
         yield
-        if st.engine is not None:
-            await run_in_threadpool(st.engine.stop)
+        if st.scheduler is not None:
+            await run_in_threadpool(st.scheduler.stop)
         if st.embed_pool is not None:
             st.embed_pool.shutdown(wait=False)
 
     app = FastAPI(title="ember", description="OpenAI-compatible server", lifespan=lifespan)
     app.state.ember = st
-    app.state.engine = engine
+    app.state.scheduler = scheduler
     app.add_middleware(_LogMiddleware)
 
     def _log_error(request: Request, err: ApiError) -> None:
@@ -547,9 +547,9 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     # ---- endpoints ----------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        eng = st.engine
+        eng = st.scheduler
         if eng is not None and eng.generator is not None and eng._thread is not None and not eng.alive:
-            return _JSON({"status": "error", "error": eng.last_error or "the engine thread stopped"}, status_code=503)
+            return _JSON({"status": "error", "error": eng.last_error or "the scheduler thread stopped"}, status_code=503)
         out = {"status": "ok"}
         if eng is not None:
             out.update(running=eng.running, waiting=eng.waiting)
@@ -577,32 +577,32 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     def _check_text_len(text: str, param: str) -> None:
         """Refuse, before tokenizing it, text that cannot fit the context whatever its tokens: no token
         covers more than the tokenizer's longest vocabulary entry (x4 for normalisers that shorten text)."""
-        if st.max_token_chars and len(text) > 4 * st.max_token_chars * st.engine.max_len:
-            raise ApiError(413, f"This model's maximum context length is {st.engine.max_len} tokens, but the "
+        if st.max_token_chars and len(text) > 4 * st.max_token_chars * st.scheduler.max_len:
+            raise ApiError(413, f"This model's maximum context length is {st.scheduler.max_len} tokens, but the "
                            f"{'messages have' if param == 'messages' else 'prompt has'} {len(text)} characters, far "
                            f"more than that many tokens can hold. Shorten the "
                            f"{'messages' if param == 'messages' else 'prompt'}.", param=param,
                            code="context_length_exceeded")
 
     def _check_len(ids: list[int], param: str) -> None:
-        limit = st.engine.max_len
+        limit = st.scheduler.max_len
         if len(ids) >= limit:
             raise ApiError(413, f"This model's maximum context length is {limit} tokens, but the prompt has "
                            f"{len(ids)} tokens. Shorten the {'messages' if param == 'messages' else 'prompt'}.",
                            param=param, code="context_length_exceeded")
 
     def _requests(prompts: list[list[int]], p: GenParams) -> list:
-        if p.n > st.engine.max_batch:
-            raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.engine.max_batch} "
+        if p.n > st.scheduler.max_batch:
+            raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.scheduler.max_batch} "
                            f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
                            code="invalid_value")
-        max_tokens = p.max_tokens if p.max_tokens is not None else st.engine.max_len
+        max_tokens = p.max_tokens if p.max_tokens is not None else st.scheduler.max_len
         reqs = []
         try:
             for ids in prompts:
                 for i in range(p.n):
                     r = st.llm.request(ids, max_tokens, **p.request_kwargs(i))
-                    st.engine.check(r)
+                    st.scheduler.check(r)
                     reqs.append(r)
         except GenerationError as e:
             msg = str(e)
@@ -642,7 +642,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         if st.tok is None and any(isinstance(x, str) for x in prompts):
             raise ApiError(400, "This model has no tokenizer; send the prompt as token ids.", param="prompt")
 
-        vocab = getattr(st.engine.generator, "vocab", None) or st.llm.config.vocab_size
+        vocab = getattr(st.scheduler.generator, "vocab", None) or st.llm.config.vocab_size
         for i, x in enumerate(prompts):
             if isinstance(x, str):
                 _check_text_len(x, "prompt")

@@ -152,7 +152,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
     st = app.state.ember
     lines = []
     if llm is not None:
-        eng = st.engine
+        eng = st.scheduler
         lines.append(f"  model      {name}  ({llm!r})")
         lines.append(f"  batching   {eng.max_batch} slots x {eng.max_len} tokens per request")
         if st.defaults:

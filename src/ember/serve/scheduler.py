@@ -1,12 +1,12 @@
-"""The server's engine: one background thread owns a `Generator` and steps it while there is work.
+"""The server's scheduler: one background thread owns a `Generator` and steps it while there is work.
 
 HTTP handlers run on the asyncio event loop and never touch the model. A handler `submit()`s a
-`Submission` (the requests of one HTTP call: one per choice/prompt); the engine thread hands those
+`Submission` (the requests of one HTTP call: one per choice/prompt); the scheduler thread hands those
 requests to the generator as slots free up (`Generator.add`), loops `step()`, and posts each step's
 events back to the submission's asyncio queue with `loop.call_soon_threadsafe`. `cancel()` (a client
 went away) aborts the requests at the next step boundary, freeing their slots.
 
-Faults are contained per request. The engine only `add`s as many requests as there are free slots, so
+Faults are contained per request. The scheduler only `add`s as many requests as there are free slots, so
 every request it adds is admitted (prefilled) by the very next `step()`. When a step raises:
   * if it admitted one new request, that request is finished with the error;
   * if it admitted several, they are taken out again and re-admitted one per step, so the one that
@@ -29,8 +29,8 @@ from typing import Any
 log = logging.getLogger("ember.serve")
 
 
-class EngineFailure(Exception):
-    """A request failed inside the engine; `cause` is the original exception."""
+class StepFailure(Exception):
+    """A request failed inside a generation step; `cause` is the original exception."""
 
     def __init__(self, cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {cause}")
@@ -50,9 +50,9 @@ class Submission:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = {r.id: None for r in self.requests}  # ids not finished yet (an ordered set)
         self.cancelled = False
-        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
 
-    # engine thread → loop
+    # scheduler thread → loop
     def post(self, item: tuple) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -68,14 +68,14 @@ class Submission:
         if self.cancelled or self.done:
             return
         self.cancelled = True
-        if self.engine is not None:
-            self.engine.abort(self)
+        if self.scheduler is not None:
+            self.scheduler.abort(self)
         self.queue.put_nowait(("cancel", None))
 
     async def next(self) -> list | None:
         """The events that have arrived (waits for at least one); None once every request finished.
 
-        Raises EngineFailure if a request failed in the engine, ClientGone if cancelled.
+        Raises StepFailure if a request failed in a step, ClientGone if cancelled.
         """
         if self.cancelled:
             raise ClientGone()
@@ -91,7 +91,7 @@ class Submission:
             if kind == "error":
                 rid, exc = payload
                 self.pending.pop(rid, None)
-                raise EngineFailure(exc)
+                raise StepFailure(exc)
             for ev in payload:
                 if ev.finished:
                     self.pending.pop(ev.request.id, None)
@@ -107,10 +107,10 @@ class _Entry:
     suspect: bool = False  # was admitted with others in a step that failed: re-admit alone
 
 
-class Engine:
+class Scheduler:
     """Drives one generator from one thread (continuous batching)."""
 
-    def __init__(self, generator, *, max_batch: int | None = None, name: str = "ember-engine"):
+    def __init__(self, generator, *, max_batch: int | None = None, name: str = "ember-scheduler"):
         self.generator = generator
         self.max_batch = max_batch or getattr(generator, "max_batch", 8)
         self.name = name
@@ -119,7 +119,7 @@ class Engine:
         self._aborts: set[int] = set()
         self._stop = False
         self._thread: threading.Thread | None = None
-        # engine-thread state
+        # scheduler-thread state
         self._live: dict[int, _Entry] = {}
         self._backlog: deque[_Entry] = deque()
         self._fresh: list[_Entry] = []  # added since the last step
@@ -169,10 +169,10 @@ class Engine:
     def submit(self, sub: Submission) -> Submission:
         if self._thread is None:
             self.start()
-        sub.engine = self
+        sub.scheduler = self
         with self._cv:
             if self._stop:
-                raise RuntimeError("the engine is shutting down")
+                raise RuntimeError("the server is shutting down")
             self._incoming.extend(_Entry(r, sub) for r in sub.requests)
             self._cv.notify()
         return sub
@@ -182,7 +182,7 @@ class Engine:
             self._aborts.update(sub.pending)
             self._cv.notify()
 
-    # ---- engine thread ------------------------------------------------------------------------
+    # ---- scheduler thread ------------------------------------------------------------------------
     def _run(self) -> None:
         gen = self.generator
         try:
@@ -207,16 +207,16 @@ class Engine:
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:  # noqa: BLE001 - contained per request, see the module doc (a
-                    # BaseException too: tokenizers' pyo3 PanicException must not kill the engine thread)
+                    # BaseException too: tokenizers' pyo3 PanicException must not kill the scheduler thread)
                     self._recover(exc)
                     continue
                 self.stats["steps"] += 1
                 self.consecutive_failures = 0
                 self._fresh = []
                 self._route(events)
-        except BaseException as exc:  # a bug in the engine itself: fail everything, say so
-            log.exception("engine thread died")
-            self.last_error = f"engine thread died: {type(exc).__name__}: {exc}"
+        except BaseException as exc:  # a bug in the scheduler itself: fail everything, say so
+            log.exception("scheduler thread died")
+            self.last_error = f"scheduler thread died: {type(exc).__name__}: {exc}"
             for e in list(self._live.values()):
                 self._fail(e, exc)
             raise
@@ -324,11 +324,11 @@ class Engine:
             sub.post(("events", evs))
 
 
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
+def wait_idle(scheduler: "Scheduler", timeout: float = 10.0) -> bool:
     """Until the generator has no running request (tests)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if engine.running == 0 and engine.waiting == 0:
+        if scheduler.running == 0 and scheduler.waiting == 0:
             return True
         time.sleep(0.01)
     return False
