@@ -1,0 +1,156 @@
+"""Native CPU kernels for ggml-quantised weights (raw GGUF blocks), with a pure-PyTorch fallback.
+
+    from ember import kernels
+    y = kernels.ggml_linear(x, data, ggml_type, out_features)   # x [..., K] -> y [..., N]
+
+`data` is a uint8 tensor `[N, row_bytes]` holding the weight's blocks exactly as in the GGUF file
+(one row of blocks per output feature). Activations are quantised to int8 blocks (per 32 values
+for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, per 256 for the K-quants, as llama.cpp does) and dotted with the
+weight codes in integer arithmetic; the result is float32, returned in x's dtype.
+
+The library (one C++ file) is compiled on first use and cached (see `_build`). ISA: the best of
+avx512_vnni / avx512 / avx2 / generic this CPU has, lowered by `EMBER_CPU_ISA` or `set_isa()`;
+`EMBER_KERNELS=0` turns the native kernels off (fallback only). This package is not imported by
+`import ember`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ember.io import ggml
+
+from . import _build
+
+ISAS = ("generic", "avx2", "avx512", "avx512_vnni")
+TYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q5_0, ggml.Q5_1, ggml.Q8_0, ggml.Q4_K, ggml.Q5_K, ggml.Q6_K)
+
+_override: str | None = None
+_env_warned = False
+
+
+def _cpuinfo_isa() -> str:
+    """The best ISA from the OS's view of the CPU (no compiled code needed)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+            else:
+                return "generic"
+    except OSError:
+        return "generic"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "generic"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx2"
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
+
+
+def cpu_isa() -> str:
+    """The best ISA the CPU supports (the compiled library's own check when it is loaded)."""
+    best = _cpuinfo_isa()
+    if _build.info()["loaded"]:
+        best = ISAS[min(ISAS.index(best), int(torch.ops.ember.cpu_isa()))]
+    return best
+
+
+def _validate(name: str) -> str:
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {', '.join(ISAS)}")
+    return name
+
+
+def isa() -> str:
+    """The ISA the kernels use: the CPU's best, lowered by EMBER_CPU_ISA, then by set_isa()."""
+    global _env_warned
+    level = ISAS.index(cpu_isa())
+    env = os.environ.get("EMBER_CPU_ISA")
+    if env:
+        env = env.strip().lower()
+        if env in ISAS:
+            if ISAS.index(env) > level and not _env_warned:
+                _env_warned = True
+                warnings.warn(f"EMBER_CPU_ISA={env} is above what this CPU supports; using {ISAS[level]}",
+                              RuntimeWarning, stacklevel=2)
+            level = min(level, ISAS.index(env))
+        elif not _env_warned:
+            _env_warned = True
+            warnings.warn(f"EMBER_CPU_ISA={env!r} is not one of {', '.join(ISAS)}; ignored", RuntimeWarning,
+                          stacklevel=2)
+    if _override is not None:
+        level = min(level, ISAS.index(_override))
+    return ISAS[level]
+
+
+def isas() -> list[str]:
+    """Every ISA this machine can run (generic first)."""
+    return list(ISAS[:ISAS.index(cpu_isa()) + 1])
+
+
+def set_isa(name: str | None) -> str:
+    """Lower the ISA for this process (None: back to the default). An ISA above what the CPU
+    supports is clamped to the CPU's best: an override can only lower it. Returns the ISA in use."""
+    global _override
+    _override = None if name is None else _validate(name)
+    return isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+    """Context manager form of set_isa()."""
+    global _override
+    before = _override
+    try:
+        set_isa(name)
+        yield isa()
+    finally:
+        _override = before
+
+
+def available() -> bool:
+    """Whether the compiled kernels are usable (builds them on first call)."""
+    return _build.load()
+
+
+def supported(ggml_type: int) -> bool:
+    """Whether ggml_linear has a native kernel for this type (it falls back for any other)."""
+    return ggml_type in TYPES
+
+
+def build_info() -> dict:
+    return _build.info()
+
+
+def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
+    """The fallback: dequantise the weight and F.linear in float32 (result in x's dtype)."""
+    K = x.shape[-1]
+    w = ggml.dequantize(data.reshape(-1), ggml_type, (out_features, K))
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
+    """y = x @ W^T for W kept as raw ggml blocks `data` (uint8 [N, row_bytes]); x: [..., K] float32
+    or bfloat16 (other float dtypes go through float32); returns [..., N] in x's dtype."""
+    K = x.shape[-1]
+    if not (x.device.type == "cpu" and supported(ggml_type) and available()):
+        return reference_linear(x, data, ggml_type, out_features)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    y = torch.ops.ember.ggml_mm(x2, data.reshape(out_features, -1), ggml_type, out_features, ISAS.index(isa()))
+    return y.to(x.dtype).reshape(*lead, out_features)
+
+
+__all__ = ["ISAS", "TYPES", "available", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
+           "reference_linear", "set_isa", "supported", "use_isa"]

@@ -1,0 +1,379 @@
+// x86 kernels for ggml-block weights x int8-quantised activations.
+//
+// This file is included several times by ember_kernels.cpp, once per ISA, inside
+// `namespace <isa> { ... }` and a `#pragma GCC target(...)` region, with EMBER_VNNI set to 0/1 and
+// EMBER_MR to the activation-row tile. The code uses 256-bit vectors throughout: decode (M=1) is
+// bound by memory bandwidth, not vector width; the AVX-512 builds gain EVEX encodings, 32 vector
+// registers (so a taller activation tile for prefill) and, with VNNI, vpdpbusd in place of the
+// vpmaddubsw + vpmaddwd pair.
+//
+// Activations are quantised per row, like ggml's Q8_0 / Q8_K:
+//  - 32-blocks (for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0): int8 q[K], float d[K/32], float ds[K/32] = d * sum(q)
+//  - 256-blocks (for the K-quants):           int8 q[K], float d[K/256], int16 bs[K/16] = sums of 16
+// Weights are dotted as unsigned codes (u8) against the signed activations (s8), the code offset
+// (-8, -16, -32) or min folded in through the activation block sums.
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float f16at(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+// u8 x s8 -> 8 int32 lanes, each the sum of 4 adjacent products, added to acc.
+static inline __m256i dot_add(__m256i acc, __m256i u, __m256i s) {
+#if EMBER_VNNI
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// u8 x s8 with an int16 weight per pair of products (K-quant sub-block scales) -> 8 int32 lanes.
+static inline __m256i dot_scaled(__m256i u, __m256i s, __m256i scale16) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale16);
+}
+
+// 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..15) then high nibbles (16..31).
+static inline __m256i nibbles32(const uint8_t* p) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+// 4 bytes of bits (little-endian uint32) -> 32 bytes, 0x10 where bit i is set.
+static inline __m256i bits32_x10(const uint8_t* p) {
+    uint32_t x;
+    std::memcpy(&x, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x)), shuf);
+    const __m256i m = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, m), m), _mm256_set1_epi8(0x10));
+}
+
+static inline __m256i loadu(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantisation of one row (float or bf16) into the layouts above.
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+// 32 values -> 32 int8 stored at q (scale id), returns the 4 int32 vectors' sums in two halves.
+template <class T>
+static inline void quant32(const T* x, float id, int8_t* q, int32_t* sum_lo16, int32_t* sum_hi16) {
+    const __m256 mul = _mm256_set1_ps(id);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x), mul));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + 8), mul));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + 16), mul));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + 24), mul));
+    *sum_lo16 = hsum8i(_mm256_add_epi32(i0, i1));
+    *sum_hi16 = hsum8i(_mm256_add_epi32(i2, i3));
+    i0 = _mm256_packs_epi32(i0, i1);
+    i2 = _mm256_packs_epi32(i2, i3);
+    i0 = _mm256_packs_epi16(i0, i2);
+    i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), i0);
+}
+
+template <class T>
+static inline float absmax(const T* x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8(x + i)));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+template <class T>
+static void quantize_row(const T* x, int64_t K, bool kquant, int8_t* q, float* d, float* ds, int16_t* bs) {
+    if (kquant) {
+        for (int64_t b = 0; b < K / 256; ++b) {
+            const float amax = absmax(x + 256 * b, 256);
+            const float dd = amax / 127.0f;
+            const float id = amax > 0 ? 127.0f / amax : 0.0f;
+            d[b] = dd;
+            for (int j = 0; j < 8; ++j) {
+                int32_t s0, s1;
+                quant32(x + 256 * b + 32 * j, id, q + 256 * b + 32 * j, &s0, &s1);
+                bs[16 * b + 2 * j] = static_cast<int16_t>(s0);
+                bs[16 * b + 2 * j + 1] = static_cast<int16_t>(s1);
+            }
+        }
+    } else {
+        for (int64_t b = 0; b < K / 32; ++b) {
+            const float amax = absmax(x + 32 * b, 32);
+            const float dd = amax / 127.0f;
+            const float id = amax > 0 ? 127.0f / amax : 0.0f;
+            int32_t s0, s1;
+            quant32(x + 32 * b, id, q + 32 * b, &s0, &s1);
+            d[b] = dd;
+            ds[b] = dd * static_cast<float>(s0 + s1);
+        }
+    }
+}
+
+static void quantize_rows(const Ctx& c, int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+        int8_t* q = c.aq + m * c.K;
+        float* d = c.ad + m * c.nd;
+        float* ds = c.ads ? c.ads + m * c.nd : nullptr;
+        int16_t* bs = c.abs ? c.abs + m * (c.K / 16) : nullptr;
+        if (c.x_bf16)
+            quantize_row(static_cast<const uint16_t*>(c.x) + m * c.ldx, c.K, c.kquant, q, d, ds, bs);
+        else
+            quantize_row(static_cast<const float*>(c.x) + m * c.ldx, c.K, c.kquant, q, d, ds, bs);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-type dot kernels: one weight row (w) against MR activation rows starting at m0 -> res[MR].
+
+#define EMBER_ACT_ROWS                                         \
+    const int8_t* yq[MR];                                      \
+    const float* yd[MR];                                       \
+    for (int i = 0; i < MR; ++i) {                             \
+        yq[i] = c.aq + (m0 + i) * c.K;                         \
+        yd[i] = c.ad + (m0 + i) * c.nd;                        \
+    }
+
+// Q8_0: d f16, qs[32] int8. Signed x signed via the sign trick: |w| (u8) x sign(y, w) (s8).
+struct KQ8_0 {
+    template <int MR>
+    static void dot(const Ctx& c, const uint8_t* w, int64_t m0, float* res) {
+        EMBER_ACT_ROWS
+        __m256 acc[MR];
+        for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+        const int64_t nb = c.K / 32;
+        for (int64_t b = 0; b < nb; ++b, w += 34) {
+            const float dw = f16at(w);
+            const __m256i q = loadu(w + 2);
+            const __m256i aq = _mm256_sign_epi8(q, q);
+            for (int i = 0; i < MR; ++i) {
+                const __m256i y = _mm256_sign_epi8(loadu(yq[i] + 32 * b), q);
+                const __m256i p = dot_add(_mm256_setzero_si256(), aq, y);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * yd[i][b]), _mm256_cvtepi32_ps(p), acc[i]);
+            }
+        }
+        for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]);
+    }
+};
+
+// The 4/5-bit 32-blocks: codes u in [0, 2^bits), value = d*u - d*off (Q4_0/Q5_0) or d*u + m (Q4_1/Q5_1).
+template <int BYTES, int QS_AT, int QH_AT, bool HAS_MIN, int OFF>
+struct K32 {
+    template <int MR>
+    static void dot(const Ctx& c, const uint8_t* w, int64_t m0, float* res) {
+        EMBER_ACT_ROWS
+        const float* yds[MR];
+        for (int i = 0; i < MR; ++i) yds[i] = c.ads + (m0 + i) * c.nd;
+        __m256 acc[MR];
+        float corr[MR];
+        for (int i = 0; i < MR; ++i) {
+            acc[i] = _mm256_setzero_ps();
+            corr[i] = 0.0f;
+        }
+        const int64_t nb = c.K / 32;
+        for (int64_t b = 0; b < nb; ++b, w += BYTES) {
+            const float dw = f16at(w);
+            const float mw = HAS_MIN ? f16at(w + 2) : -static_cast<float>(OFF) * dw;
+            __m256i u = nibbles32(w + QS_AT);
+            if (QH_AT >= 0) u = _mm256_or_si256(u, bits32_x10(w + (QH_AT >= 0 ? QH_AT : 0)));
+            for (int i = 0; i < MR; ++i) {
+                const __m256i p = dot_add(_mm256_setzero_si256(), u, loadu(yq[i] + 32 * b));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * yd[i][b]), _mm256_cvtepi32_ps(p), acc[i]);
+                corr[i] += mw * yds[i][b];
+            }
+        }
+        for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]) + corr[i];
+    }
+};
+using KQ4_0 = K32<18, 2, -1, false, 8>;
+using KQ4_1 = K32<20, 4, -1, true, 0>;
+using KQ5_0 = K32<22, 6, 2, false, 16>;
+using KQ5_1 = K32<24, 8, 4, true, 0>;
+
+// shuffle controls: all 16-bit lanes = int16 element i of a 128-bit lane
+alignas(32) static const uint8_t kSplat16[8][32] = {
+#define S(i) 2 * i, 2 * i + 1
+#define R8(i) S(i), S(i), S(i), S(i), S(i), S(i), S(i), S(i)
+    {R8(0), R8(0)}, {R8(1), R8(1)}, {R8(2), R8(2)}, {R8(3), R8(3)},
+    {R8(4), R8(4)}, {R8(5), R8(5)}, {R8(6), R8(6)}, {R8(7), R8(7)},
+};
+// low 128-bit lane = int16 element 2k, high lane = element 2k+1
+alignas(32) static const uint8_t kSplat16Pair[4][32] = {
+    {R8(0), R8(1)}, {R8(2), R8(3)}, {R8(4), R8(5)}, {R8(6), R8(7)},
+#undef R8
+#undef S
+};
+
+static inline void k4_scales(const uint8_t* s12, uint32_t utmp[4]) {
+    std::memcpy(utmp, s12, 12);
+    const uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+    utmp[3] = ((utmp[2] >> 4) & kmask2) | (((utmp[1] >> 6) & kmask3) << 4);
+    const uint32_t uaux = utmp[1] & kmask1;
+    utmp[1] = (utmp[2] & kmask2) | (((utmp[0] >> 6) & kmask3) << 4);
+    utmp[2] = uaux;
+    utmp[0] &= kmask1;
+}
+
+// Q4_K (144 bytes: d, dmin, scales[12], qs[128]) and Q5_K (176: d, dmin, scales[12], qh[32], qs[128]).
+template <bool FIVE>
+struct KQ45_K {
+    template <int MR>
+    static void dot(const Ctx& c, const uint8_t* w, int64_t m0, float* res) {
+        EMBER_ACT_ROWS
+        const int16_t* ybs[MR];
+        for (int i = 0; i < MR; ++i) ybs[i] = c.abs + (m0 + i) * (c.K / 16);
+        __m256 acc[MR];
+        for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const __m256i m10 = _mm256_set1_epi8(0x10);
+        const int64_t nb = c.K / 256;
+        constexpr int BYTES = FIVE ? 176 : 144;
+        constexpr int QS = FIVE ? 48 : 16;
+        for (int64_t b = 0; b < nb; ++b, w += BYTES) {
+            const float d = f16at(w), dmin = f16at(w + 2);
+            uint32_t ut[4];
+            k4_scales(w + 4, ut);
+            const __m128i mins16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, static_cast<int>(ut[3]), static_cast<int>(ut[2])));
+            __m256i mdup = _mm256_cvtepu16_epi32(mins16);
+            mdup = _mm256_or_si256(mdup, _mm256_slli_epi32(mdup, 16));
+            const __m256i S = _mm256_broadcastsi128_si256(
+                _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, static_cast<int>(ut[1]), static_cast<int>(ut[0]))));
+            __m256i sumi[MR];
+            for (int i = 0; i < MR; ++i) {
+                const __m256i ms = _mm256_madd_epi16(mdup, loadu(ybs[i] + 16 * b));
+                acc[i] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * yd[i][b]), _mm256_cvtepi32_ps(ms), acc[i]);
+                sumi[i] = _mm256_setzero_si256();
+            }
+            __m256i H = FIVE ? loadu(w + 16) : _mm256_setzero_si256();
+            for (int j = 0; j < 4; ++j) {
+                const __m256i q4 = loadu(w + QS + 32 * j);
+                __m256i lo = _mm256_and_si256(q4, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                if (FIVE) {
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(H, 4), m10));
+                    H = _mm256_srli_epi16(H, 1);
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(H, 4), m10));
+                    H = _mm256_srli_epi16(H, 1);
+                }
+                const __m256i slo = _mm256_shuffle_epi8(S, loadu(kSplat16[2 * j]));
+                const __m256i shi = _mm256_shuffle_epi8(S, loadu(kSplat16[2 * j + 1]));
+                for (int i = 0; i < MR; ++i) {
+                    const int8_t* y = yq[i] + 256 * b + 64 * j;
+                    const __m256i p0 = dot_scaled(lo, loadu(y), slo);
+                    const __m256i p1 = dot_scaled(hi, loadu(y + 32), shi);
+                    sumi[i] = _mm256_add_epi32(sumi[i], _mm256_add_epi32(p0, p1));
+                }
+            }
+            for (int i = 0; i < MR; ++i)
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * yd[i][b]), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+        }
+        for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]);
+    }
+};
+using KQ4_K = KQ45_K<false>;
+using KQ5_K = KQ45_K<true>;
+
+// Q6_K (210 bytes: ql[128], qh[64], scales[16] int8, d f16). Codes u in [0, 64), value = u - 32.
+struct KQ6_K {
+    template <int MR>
+    static void dot(const Ctx& c, const uint8_t* w, int64_t m0, float* res) {
+        EMBER_ACT_ROWS
+        const int16_t* ybs[MR];
+        for (int i = 0; i < MR; ++i) ybs[i] = c.abs + (m0 + i) * (c.K / 16);
+        __m256 acc[MR];
+        for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        const int64_t nb = c.K / 256;
+        for (int64_t b = 0; b < nb; ++b, w += 210) {
+            const float d = f16at(w + 208);
+            const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192));
+            const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+            __m256i sumi[MR];
+            for (int i = 0; i < MR; ++i) {
+                const __m256i o = _mm256_madd_epi16(sc16, loadu(ybs[i] + 16 * b));
+                sumi[i] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(o, 5));
+            }
+            for (int h = 0; h < 2; ++h) {
+                const uint8_t* ql = w + 64 * h;
+                const uint8_t* qh = w + 128 + 32 * h;
+                const __m256i S = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc16, 1) : _mm256_castsi256_si128(sc16));
+                const __m256i A = loadu(ql), B = loadu(ql + 32), Hb = loadu(qh);
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30));
+                q[1] = _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(Hb, m30));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30));
+                for (int k = 0; k < 4; ++k) {
+                    const __m256i sk = _mm256_shuffle_epi8(S, loadu(kSplat16Pair[k]));
+                    for (int i = 0; i < MR; ++i) {
+                        const __m256i y = loadu(yq[i] + 256 * b + 128 * h + 32 * k);
+                        sumi[i] = _mm256_add_epi32(sumi[i], dot_scaled(q[k], y, sk));
+                    }
+                }
+            }
+            for (int i = 0; i < MR; ++i)
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * yd[i][b]), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+        }
+        for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]);
+    }
+};
+#undef EMBER_ACT_ROWS
+
+// ---------------------------------------------------------------------------------------------
+// Row driver: rows [n0, n1) of the output for all M activation rows.
+template <class KERN>
+static void run_rows(const Ctx& c, int64_t n0, int64_t n1) {
+    constexpr int MR = EMBER_MR;
+    constexpr int64_t NC = 8;  // weight rows per tile: the activation tile stays in L1 across them
+    float res[MR];
+    for (int64_t nn = n0; nn < n1; nn += NC) {
+        const int64_t ne = std::min(nn + NC, n1);
+        int64_t m = 0;
+        for (; m + MR <= c.M; m += MR)
+            for (int64_t n = nn; n < ne; ++n) {
+                KERN::template dot<MR>(c, c.w + n * c.row_bytes, m, res);
+                for (int i = 0; i < MR; ++i) c.out[(m + i) * c.N + n] = res[i];
+            }
+        for (; m < c.M; ++m)
+            for (int64_t n = nn; n < ne; ++n) {
+                KERN::template dot<1>(c, c.w + n * c.row_bytes, m, res);
+                c.out[m * c.N + n] = res[0];
+            }
+    }
+}
+
+static RowsFn rows_fn(int64_t type) {
+    switch (type) {
+        case 2: return run_rows<KQ4_0>;
+        case 3: return run_rows<KQ4_1>;
+        case 6: return run_rows<KQ5_0>;
+        case 7: return run_rows<KQ5_1>;
+        case 8: return run_rows<KQ8_0>;
+        case 12: return run_rows<KQ4_K>;
+        case 13: return run_rows<KQ5_K>;
+        case 14: return run_rows<KQ6_K>;
+        default: return nullptr;
+    }
+}
