@@ -69,11 +69,22 @@ def _validate(name: str) -> str:
     return name
 
 
+_isa_cache: dict = {}
+
+
 def isa() -> str:
     """The ISA the kernels use: the CPU's best, lowered by EMBER_CPU_ISA, then by set_isa()."""
+    env = os.environ.get("EMBER_CPU_ISA")
+    key = (env, _override, _build._state["loaded"])
+    hit = _isa_cache.get(key)
+    if hit is None:
+        hit = _isa_cache[key] = _resolve_isa(env)
+    return hit
+
+
+def _resolve_isa(env: str | None) -> str:
     global _env_warned
     level = ISAS.index(cpu_isa())
-    env = os.environ.get("EMBER_CPU_ISA")
     if env:
         env = env.strip().lower()
         if env in ISAS:
@@ -101,6 +112,7 @@ def set_isa(name: str | None) -> str:
     supports is clamped to the CPU's best: an override can only lower it. Returns the ISA in use."""
     global _override
     _override = None if name is None else _validate(name)
+    _isa_cache.clear()
     return isa()
 
 
@@ -140,16 +152,27 @@ def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_fe
 def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
     """y = x @ W^T for W kept as raw ggml blocks `data` (uint8 [N, row_bytes]); x: [..., K] float32
     or bfloat16 (other float dtypes go through float32); returns [..., N] in x's dtype."""
-    K = x.shape[-1]
-    if not (x.device.type == "cpu" and supported(ggml_type) and available()):
+    if not (ggml_type in TYPES and x.device.type == "cpu" and (_build._state["loaded"] or available())):
         return reference_linear(x, data, ggml_type, out_features)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.dtype not in (torch.float32, torch.bfloat16):
+    K = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    dtype = x.dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
         x2 = x2.float()
-    x2 = x2.contiguous()
-    y = torch.ops.ember.ggml_mm(x2, data.reshape(out_features, -1), ggml_type, out_features, ISAS.index(isa()))
-    return y.to(x.dtype).reshape(*lead, out_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if data.dim() != 2:
+        data = data.reshape(out_features, -1)
+    y = _ggml_mm(x2, data, ggml_type, out_features, ISAS.index(isa()))
+    if y.dtype is not dtype:
+        y = y.to(dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _ggml_mm(*args):
+    global _ggml_mm
+    _ggml_mm = torch.ops.ember.ggml_mm.default  # resolved once (the op exists once loaded)
+    return _ggml_mm(*args)
 
 
 __all__ = ["ISAS", "TYPES", "available", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",

@@ -45,6 +45,21 @@ def _so_name() -> str:
     return f"ember_kernels_{_digest()}"
 
 
+def _ninja_on_path() -> None:
+    """The `ninja` PyPI package's binary sits in the environment's bin dir, which is not on PATH
+    when the environment isn't activated: put it there for cpp_extension."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except Exception:
+        pass  # cpp_extension will say ninja is missing
+
+
 def _build(out: Path) -> Path:
     import fcntl
 
@@ -56,6 +71,7 @@ def _build(out: Path) -> Path:
             if not so.exists():
                 from torch.utils import cpp_extension
 
+                _ninja_on_path()
                 t = time.perf_counter()
                 cpp_extension.load(
                     name=_so_name(),
