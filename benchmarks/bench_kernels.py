@@ -8,7 +8,7 @@ streams from DRAM as in a real decode step. M=512 (prefill): effective GFLOP/s (
     PYTHONPATH=src python benchmarks/bench_kernels.py                      # native ISA
     EMBER_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \\
         PYTHONPATH=src python benchmarks/bench_kernels.py                  # an AVX2-only machine
-Options: --threads 2 --pool-mb 1024 --m 1,512 --json out.json --quick
+Options: --threads 2 --pool-mb 1024 --m 1,512 --quick --model --json out.json
 """
 from __future__ import annotations
 
@@ -72,6 +72,37 @@ def bandwidth(pool_bytes: int) -> dict:
     return {"copy_GBps(read+write)": round(copy, 2), "read_GBps(sum)": round(read, 2)}
 
 
+def model_pass(args, report) -> None:
+    """A whole Qwen2.5-Coder-1.5B Q4_K_M forward's matmuls (28 layers of q,k,v,o,gate,up,down and
+    the LM head, each with its own weights: ~1 GB streamed) at M=1 and M=512."""
+    g = torch.Generator().manual_seed(1)
+    # Q4_K_M: attn_v and ffn_down are Q6_K in about half the layers, the rest Q4_K
+    layers = []
+    for li in range(28):
+        six = li % 2 == 0
+        layers += [(H, H, ggml.Q4_K), (256, H, ggml.Q4_K), (256, H, ggml.Q6_K if six else ggml.Q4_K),
+                   (H, H, ggml.Q4_K), (I, H, ggml.Q4_K), (I, H, ggml.Q4_K), (H, I, ggml.Q6_K if six else ggml.Q4_K)]
+    layers.append((151936, H, ggml.Q6_K))
+    ws = [(random_blocks(t, n, k, g), t, n, k) for n, k, t in layers]
+    total = sum(w.numel() for w, *_ in ws)
+    xs = {k: torch.randn(512, k, generator=g) for k in (H, I)}
+    for m in (1, 512):
+        def run(_i):
+            for w, t, n, k in ws:
+                kernels.ggml_linear(xs[k][:m], w, t, n)
+        sec = timeit(run, 1, 3.0 if m == 1 else 0.0)
+        row = {"shape": "whole model (196 matmuls + lm_head)", "M": m, "weight_MB": round(total / 2**20),
+               "ms": round(sec * 1e3, 1)}
+        if m == 1:
+            row["GBps"] = round(total / sec / 1e9, 2)
+            row["tok_per_s_matmuls_only"] = round(1 / sec, 2)
+        else:
+            row["GFLOPs"] = round(sum(2 * m * n * k for _w, _t, n, k in ws) / sec / 1e9, 1)
+            row["prefill_tok_per_s_matmuls_only"] = round(m / sec, 1)
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -80,6 +111,7 @@ def main() -> None:
     ap.add_argument("--min-s", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true", help="only the Qwen Q4_K_M shapes")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--model", action="store_true", help="also time a whole model's matmuls")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,6 +164,8 @@ def main() -> None:
                     row["torch_int4_GFLOPs"] = round(flop / sec / 1e9, 1)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if args.model:
+        model_pass(args, report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -284,6 +284,9 @@ static int64_t block_bytes(int64_t type) {
     }
 }
 
+// from this many activation rows on, the K-quants take the VNNI GEMM (below it, the GEMV tiles)
+static constexpr int64_t kTiledMinRows = 16;
+
 at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "ember.ggml_mm: x must be a contiguous 2-D CPU tensor");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "ember.ggml_mm: x must be float32 or bfloat16");
@@ -333,6 +336,19 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
     c.abs = c.kquant ? abs.data() : nullptr;
     if (M == 1) quant(c, 0, 1);
     else at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quant(c, m0, m1); });
+    if (isa >= 3 && c.kquant && M >= kTiledMinRows) {
+        // prefill: VNNI GEMM on transposed activations (see x86_impl.h, gemm_kquant_rows)
+        const int64_t MG = (M + 15) / 16;
+        std::vector<int8_t> vq(MG * 16 * K);
+        std::vector<int32_t> vbs(MG * 16 * (K / 16));
+        std::vector<float> vd(MG * 16 * (K / 256));
+        at::parallel_for(0, MG, 1, [&](int64_t g0, int64_t g1) { vnni::build_actv(c, g0, g1, vq.data(), vbs.data(), vd.data()); });
+        const vnni::ActV A{K, MG, vq.data(), vbs.data(), vd.data()};
+        at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+            vnni::gemm_kquant_rows(c, A, type, 32 * t0, std::min(N, 32 * t1));
+        });
+        return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    }
     // GEMV: ~32 KiB of weights a task at least; GEMM: split N only (each task runs all M rows)
     const int64_t grain = M == 1 ? std::max<int64_t>(1, 32768 / row_bytes) : 16;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(c, n0, n1); });

@@ -341,6 +341,205 @@ struct KQ6_K {
 };
 #undef EMBER_ACT_ROWS
 
+
+#if EMBER_VNNI
+// ---------------------------------------------------------------------------------------------
+// Prefill GEMM for the K-quants with AVX-512 VNNI (M >= 16). The int8 activations of 16 rows are
+// transposed so one 512-bit vector holds 4 consecutive K values of each of the 16 rows; a weight
+// tile (TN rows) is unpacked once to one unsigned code byte per value plus integer sub-block
+// scales; then each vpdpbusd multiplies 4 codes of one weight row (broadcast) by those 16x4
+// activations: 64 MACs an instruction, the 16 lanes being 16 output rows. Sub-block scales are
+// applied in int32 once per sub-block, float scales once per 256-block.
+struct ActV {
+    int64_t K, MG;
+    const int8_t* q;     // [MG][K/4][16][4]
+    const int32_t* bs;   // [MG][K/16][16]   sums of 16 codes
+    const float* d;      // [MG][K/256][16]  per-256 scales (0 for padding rows)
+};
+
+static void build_actv(const Ctx& c, int64_t g0, int64_t g1, int8_t* q, int32_t* bs, float* d) {
+    const int64_t K = c.K, nk4 = K / 4, n16 = K / 16, n256 = K / 256;
+    for (int64_t g = g0; g < g1; ++g) {
+        int32_t* qd = reinterpret_cast<int32_t*>(q + g * K * 16);
+        for (int r = 0; r < 16; ++r) {
+            const int64_t m = 16 * g + r;
+            if (m < c.M) {
+                const int32_t* src = reinterpret_cast<const int32_t*>(c.aq + m * K);
+                for (int64_t k = 0; k < nk4; ++k) qd[k * 16 + r] = src[k];
+                for (int64_t k = 0; k < n16; ++k) bs[(g * n16 + k) * 16 + r] = c.abs[m * n16 + k];
+                for (int64_t b = 0; b < n256; ++b) d[(g * n256 + b) * 16 + r] = c.ad[m * c.nd + b];
+            } else {
+                for (int64_t k = 0; k < nk4; ++k) qd[k * 16 + r] = 0;
+                for (int64_t k = 0; k < n16; ++k) bs[(g * n16 + k) * 16 + r] = 0;
+                for (int64_t b = 0; b < n256; ++b) d[(g * n256 + b) * 16 + r] = 0.0f;
+            }
+        }
+    }
+}
+
+// One weight tile, unpacked: codes [TN][K], scales [TN][K/SUB], mins [TN][K/32], d/dmin [TN][K/256].
+struct WTile {
+    uint8_t* u;
+    int32_t* sc;
+    int32_t* mn;
+    float* d;
+    float* dmin;
+};
+
+// Unpack one row of Q4_K / Q5_K / Q6_K blocks.
+static void unpack_row(int64_t type, const uint8_t* w, int64_t K, uint8_t* u, int32_t* sc, int32_t* mn, float* d,
+                       float* dmin) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const int64_t nb = K / 256;
+    if (type == 14) {
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        for (int64_t b = 0; b < nb; ++b, w += 210, u += 256) {
+            d[b] = f16at(w + 208);
+            for (int i = 0; i < 16; ++i) sc[16 * b + i] = static_cast<int8_t>(w[192 + i]);
+            for (int h = 0; h < 2; ++h) {
+                const __m256i A = loadu(w + 64 * h), B = loadu(w + 64 * h + 32), Hb = loadu(w + 128 + 32 * h);
+                uint8_t* o = u + 128 * h;
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                    _mm256_or_si256(_mm256_and_si256(A, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 4), m30)));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 32),
+                    _mm256_or_si256(_mm256_and_si256(B, m4), _mm256_and_si256(_mm256_slli_epi16(Hb, 2), m30)));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 64),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), m4), _mm256_and_si256(Hb, m30)));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 96),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16(Hb, 2), m30)));
+            }
+        }
+        return;
+    }
+    const bool five = type == 13;
+    const __m256i m10 = _mm256_set1_epi8(0x10);
+    for (int64_t b = 0; b < nb; ++b, w += five ? 176 : 144, u += 256) {
+        d[b] = f16at(w);
+        dmin[b] = f16at(w + 2);
+        uint32_t ut[4];
+        k4_scales(w + 4, ut);
+        const uint8_t* scb = reinterpret_cast<const uint8_t*>(ut);
+        for (int i = 0; i < 8; ++i) {
+            sc[8 * b + i] = scb[i];
+            mn[8 * b + i] = scb[8 + i];
+        }
+        const uint8_t* qs = w + (five ? 48 : 16);
+        __m256i H = five ? loadu(w + 16) : _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+            const __m256i q4 = loadu(qs + 32 * j);
+            __m256i lo = _mm256_and_si256(q4, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            if (five) {
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(H, 4), m10));
+                H = _mm256_srli_epi16(H, 1);
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(H, 4), m10));
+                H = _mm256_srli_epi16(H, 1);
+            }
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 64 * j), lo);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 64 * j + 32), hi);
+        }
+    }
+}
+
+// 8 weight rows (t0..t0+7 of the tile) x 16 activation rows (group g), all of K -> out.
+// SUB: values per integer scale (32 for Q4_K/Q5_K, 16 for Q6_K); MIN: Q4_K/Q5_K mins; BIAS: Q6_K's 32.
+template <int SUB, bool MIN, int BIAS>
+static void micro_8x16(const WTile& W, int64_t t0, int64_t K, const ActV& A, int64_t g, float* acc_out) {
+    constexpr int NT = 8;
+    const int64_t nb = K / 256, nsub = K / SUB;
+    const int8_t* aq = A.q + g * K * 16;
+    const int32_t* abs = A.bs + g * (K / 16) * 16;
+    const float* ad = A.d + g * nb * 16;
+    __m512 facc[NT];
+    for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m512i s1[NT];
+        for (int t = 0; t < NT; ++t) s1[t] = _mm512_setzero_si512();
+        for (int s = 0; s < 256 / SUB; ++s) {
+            const int64_t sb = b * (256 / SUB) + s;  // sub-block index in the row
+            __m512i a16[NT];
+            for (int t = 0; t < NT; ++t) a16[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int gg = 0; gg < SUB / 4; ++gg) {
+                const int64_t kg = sb * (SUB / 4) + gg;
+                const __m512i codes = _mm512_loadu_si512(aq + kg * 64);
+                for (int t = 0; t < NT; ++t) {
+                    int32_t w4;
+                    std::memcpy(&w4, W.u + (t0 + t) * K + 4 * kg, 4);
+                    a16[t] = _mm512_dpbusd_epi32(a16[t], _mm512_set1_epi32(w4), codes);
+                }
+            }
+            __m512i bias = _mm512_setzero_si512();
+            if (BIAS) {  // sum over the sub-block's 16 values of BIAS * x
+                bias = _mm512_slli_epi32(_mm512_loadu_si512(abs + sb * 16), BIAS == 32 ? 5 : 0);
+            }
+            for (int t = 0; t < NT; ++t) {
+                __m512i v = BIAS ? _mm512_sub_epi32(a16[t], bias) : a16[t];
+                s1[t] = _mm512_add_epi32(s1[t], _mm512_mullo_epi32(v, _mm512_set1_epi32(W.sc[(t0 + t) * nsub + sb])));
+            }
+        }
+        const __m512 d1 = _mm512_loadu_ps(ad + b * 16);
+        if (MIN) {
+            __m512i s2[NT];
+            for (int t = 0; t < NT; ++t) s2[t] = _mm512_setzero_si512();
+            for (int s = 0; s < 8; ++s) {
+                const __m512i bs32 = _mm512_add_epi32(_mm512_loadu_si512(abs + (16 * b + 2 * s) * 16),
+                                                      _mm512_loadu_si512(abs + (16 * b + 2 * s + 1) * 16));
+                for (int t = 0; t < NT; ++t)
+                    s2[t] = _mm512_add_epi32(s2[t], _mm512_mullo_epi32(bs32, _mm512_set1_epi32(W.mn[(t0 + t) * (K / 32) + 8 * b + s])));
+            }
+            for (int t = 0; t < NT; ++t) {
+                __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(W.d[(t0 + t) * nb + b]));
+                f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(s2[t]), _mm512_set1_ps(W.dmin[(t0 + t) * nb + b]), f);
+                facc[t] = _mm512_fmadd_ps(f, d1, facc[t]);
+            }
+        } else {
+            for (int t = 0; t < NT; ++t)
+                facc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[t]), _mm512_set1_ps(W.d[(t0 + t) * nb + b])),
+                                          d1, facc[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(acc_out + 16 * t, facc[t]);
+}
+
+// Rows [n0, n1) of the output, all M: weight tiles of TN rows, each unpacked once.
+static void gemm_kquant_rows(const Ctx& c, const ActV& A, int64_t type, int64_t n0, int64_t n1) {
+    constexpr int64_t TN = 32;
+    const int64_t K = c.K, SUB = type == 14 ? 16 : 32;
+    std::vector<uint8_t> u(TN * K);
+    std::vector<int32_t> sc(TN * (K / 16)), mn(TN * (K / 32));
+    std::vector<float> d(TN * (K / 256)), dmin(TN * (K / 256));
+    WTile W{u.data(), sc.data(), mn.data(), d.data(), dmin.data()};
+    alignas(64) float res[8 * 16];
+    for (int64_t nt = n0; nt < n1; nt += TN) {
+        const int64_t rows = std::min(TN, n1 - nt);
+        const int64_t rows8 = (rows + 7) / 8 * 8;
+        for (int64_t r = 0; r < rows8; ++r) {
+            if (r < rows) {
+                unpack_row(type, c.w + (nt + r) * c.row_bytes, K, W.u + r * K, W.sc + r * (K / SUB),
+                           W.mn + r * (K / 32), W.d + r * (K / 256), W.dmin + r * (K / 256));
+            } else {  // padding rows of the last 8: zero codes and scales
+                std::memset(W.u + r * K, 0, K);
+                std::fill(W.sc + r * (K / SUB), W.sc + (r + 1) * (K / SUB), 0);
+                std::fill(W.mn + r * (K / 32), W.mn + (r + 1) * (K / 32), 0);
+                std::fill(W.d + r * (K / 256), W.d + (r + 1) * (K / 256), 0.0f);
+                std::fill(W.dmin + r * (K / 256), W.dmin + (r + 1) * (K / 256), 0.0f);
+            }
+        }
+        for (int64_t g = 0; g < A.MG; ++g) {
+            const int64_t mrows = std::min<int64_t>(16, c.M - 16 * g);
+            for (int64_t t0 = 0; t0 < rows8; t0 += 8) {
+                if (type == 14) micro_8x16<16, false, 32>(W, t0, K, A, g, res);
+                else micro_8x16<32, true, 0>(W, t0, K, A, g, res);
+                const int64_t tn = std::min<int64_t>(8, rows - t0);
+                for (int64_t t = 0; t < tn; ++t)
+                    for (int64_t i = 0; i < mrows; ++i) c.out[(16 * g + i) * c.N + nt + t0 + t] = res[16 * t + i];
+            }
+        }
+    }
+}
+#endif  // EMBER_VNNI
 // ---------------------------------------------------------------------------------------------
 // Row driver: rows [n0, n1) of the output for all M activation rows.
 template <class KERN>
