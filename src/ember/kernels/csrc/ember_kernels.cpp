@@ -349,6 +349,17 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
         });
         return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
     }
+    if (isa >= 3 && !c.kquant && M >= kTiledMinRows) {
+        const int64_t MG = (M + 15) / 16;
+        std::vector<int8_t> vq(MG * 16 * K);
+        std::vector<float> vd(MG * 16 * (K / 32)), vds(MG * 16 * (K / 32));
+        at::parallel_for(0, MG, 1, [&](int64_t g0, int64_t g1) { vnni::build_actv32(c, g0, g1, vq.data(), vd.data(), vds.data()); });
+        const vnni::ActV32 A{K, MG, vq.data(), vd.data(), vds.data()};
+        at::parallel_for(0, (N + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+            vnni::gemm_q32_rows(c, A, type, 32 * t0, std::min(N, 32 * t1));
+        });
+        return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    }
     // GEMV: ~32 KiB of weights a task at least; GEMM: split N only (each task runs all M rows)
     const int64_t grain = M == 1 ? std::max<int64_t>(1, 32768 / row_bytes) : 16;
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(c, n0, n1); });

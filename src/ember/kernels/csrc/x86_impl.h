@@ -539,6 +539,118 @@ static void gemm_kquant_rows(const Ctx& c, const ActV& A, int64_t type, int64_t 
         }
     }
 }
+
+// The 32-blocks (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0): float scales per 32 on both sides, so each
+// sub-block's int32 sums go to float at once: y += dw * (dx * sum(u*q) - BIAS * dx*sum(q)) [+ m * dx*sum(q)].
+struct ActV32 {
+    int64_t K, MG;
+    const int8_t* q;    // [MG][K/4][16][4]
+    const float* d;     // [MG][K/32][16]  scales
+    const float* ds;    // [MG][K/32][16]  scale * sum of codes
+};
+
+static void build_actv32(const Ctx& c, int64_t g0, int64_t g1, int8_t* q, float* d, float* ds) {
+    const int64_t K = c.K, nk4 = K / 4, n32 = K / 32;
+    for (int64_t g = g0; g < g1; ++g) {
+        int32_t* qd = reinterpret_cast<int32_t*>(q + g * K * 16);
+        for (int r = 0; r < 16; ++r) {
+            const int64_t m = 16 * g + r;
+            const bool real = m < c.M;
+            const int32_t* src = real ? reinterpret_cast<const int32_t*>(c.aq + m * K) : nullptr;
+            for (int64_t k = 0; k < nk4; ++k) qd[k * 16 + r] = real ? src[k] : 0;
+            for (int64_t k = 0; k < n32; ++k) {
+                d[(g * n32 + k) * 16 + r] = real ? c.ad[m * c.nd + k] : 0.0f;
+                ds[(g * n32 + k) * 16 + r] = real ? c.ads[m * c.nd + k] : 0.0f;
+            }
+        }
+    }
+}
+
+// codes (unsigned, value = d * (u - bias) [+ m]) of one row of 32-blocks
+static void unpack_row32(int64_t type, const uint8_t* w, int64_t K, uint8_t* u, float* dw, float* mw) {
+    const int64_t nb = K / 32;
+    for (int64_t b = 0; b < nb; ++b, u += 32) {
+        __m256i v;
+        switch (type) {
+            case 2: dw[b] = f16at(w); v = nibbles32(w + 2); w += 18; break;
+            case 3: dw[b] = f16at(w); mw[b] = f16at(w + 2); v = nibbles32(w + 4); w += 20; break;
+            case 6: dw[b] = f16at(w); v = _mm256_or_si256(nibbles32(w + 6), bits32_x10(w + 2)); w += 22; break;
+            case 7: dw[b] = f16at(w); mw[b] = f16at(w + 2); v = _mm256_or_si256(nibbles32(w + 8), bits32_x10(w + 4)); w += 24; break;
+            default: dw[b] = f16at(w); v = _mm256_xor_si256(loadu(w + 2), _mm256_set1_epi8(static_cast<char>(0x80))); w += 34; break;
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), v);
+    }
+}
+
+template <int BIAS, bool MIN>
+static void micro32_8x16(const uint8_t* U, const float* DW, const float* MW, int64_t t0, int64_t K, const ActV32& A,
+                         int64_t g, float* acc_out) {
+    constexpr int NT = 8;
+    const int64_t nb = K / 32;
+    const int8_t* aq = A.q + g * K * 16;
+    const float* ad = A.d + g * nb * 16;
+    const float* ads = A.ds + g * nb * 16;
+    __m512 facc[NT];
+    for (int t = 0; t < NT; ++t) facc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m512i a16[NT];
+        for (int t = 0; t < NT; ++t) a16[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int gg = 0; gg < 8; ++gg) {
+            const int64_t kg = b * 8 + gg;
+            const __m512i codes = _mm512_loadu_si512(aq + kg * 64);
+            for (int t = 0; t < NT; ++t) {
+                int32_t w4;
+                std::memcpy(&w4, U + (t0 + t) * K + 4 * kg, 4);
+                a16[t] = _mm512_dpbusd_epi32(a16[t], _mm512_set1_epi32(w4), codes);
+            }
+        }
+        const __m512 dx = _mm512_loadu_ps(ad + b * 16);
+        const __m512 dsx = _mm512_loadu_ps(ads + b * 16);
+        const __m512 bterm = _mm512_mul_ps(dsx, _mm512_set1_ps(-static_cast<float>(BIAS)));
+        for (int t = 0; t < NT; ++t) {
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a16[t]), dx, bterm);
+            facc[t] = _mm512_fmadd_ps(f, _mm512_set1_ps(DW[(t0 + t) * nb + b]), facc[t]);
+            if (MIN) facc[t] = _mm512_fmadd_ps(dsx, _mm512_set1_ps(MW[(t0 + t) * nb + b]), facc[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(acc_out + 16 * t, facc[t]);
+}
+
+static void gemm_q32_rows(const Ctx& c, const ActV32& A, int64_t type, int64_t n0, int64_t n1) {
+    constexpr int64_t TN = 32;
+    const int64_t K = c.K, nb = K / 32;
+    std::vector<uint8_t> u(TN * K);
+    std::vector<float> dw(TN * nb), mw(TN * nb);
+    alignas(64) float res[8 * 16];
+    for (int64_t nt = n0; nt < n1; nt += TN) {
+        const int64_t rows = std::min(TN, n1 - nt);
+        const int64_t rows8 = (rows + 7) / 8 * 8;
+        for (int64_t r = 0; r < rows8; ++r) {
+            if (r < rows) {
+                unpack_row32(type, c.w + (nt + r) * c.row_bytes, K, u.data() + r * K, dw.data() + r * nb, mw.data() + r * nb);
+            } else {
+                std::memset(u.data() + r * K, 0, K);
+                std::fill(dw.data() + r * nb, dw.data() + (r + 1) * nb, 0.0f);
+                std::fill(mw.data() + r * nb, mw.data() + (r + 1) * nb, 0.0f);
+            }
+        }
+        for (int64_t g = 0; g < A.MG; ++g) {
+            const int64_t mrows = std::min<int64_t>(16, c.M - 16 * g);
+            for (int64_t t0 = 0; t0 < rows8; t0 += 8) {
+                switch (type) {
+                    case 2: micro32_8x16<8, false>(u.data(), dw.data(), mw.data(), t0, K, A, g, res); break;
+                    case 3: case 7: micro32_8x16<0, true>(u.data(), dw.data(), mw.data(), t0, K, A, g, res); break;
+                    case 6: micro32_8x16<16, false>(u.data(), dw.data(), mw.data(), t0, K, A, g, res); break;
+                    default: micro32_8x16<128, false>(u.data(), dw.data(), mw.data(), t0, K, A, g, res); break;
+                }
+                const int64_t tn = std::min<int64_t>(8, rows - t0);
+                for (int64_t t = 0; t < tn; ++t)
+                    for (int64_t i = 0; i < mrows; ++i) c.out[(16 * g + i) * c.N + nt + t0 + t] = res[16 * t + i];
+            }
+        }
+    }
+}
 #endif  // EMBER_VNNI
 // ---------------------------------------------------------------------------------------------
 // Row driver: rows [n0, n1) of the output for all M activation rows.
