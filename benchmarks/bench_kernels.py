@@ -150,6 +150,8 @@ def main() -> None:
                     wbs = pool(wb, pool_bytes)
                     sec = timeit(lambda i: F.linear(xs, wbs[i % len(wbs)]), len(wbs), args.min_s)
                     row["torch_bf16_GBps"] = round(wb.numel() * 2 / sec / 1e9, 2)
+                    sec = timeit(lambda i: kernels.bf16_linear(xs, wbs[i % len(wbs)]), len(wbs), args.min_s)
+                    row["ember_bf16_GBps"] = round(wb.numel() * 2 / sec / 1e9, 2)
                     del wbs
                     wis = pool(wi, pool_bytes)
                     sec = timeit(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(xs, wis[i % len(wis)], 32, sz),

@@ -232,3 +232,24 @@ def test_fake_kernel_for_compile():
         w = mode.from_tensor(data)
         y = torch.ops.ember.ggml_mm(x, w, ggml.Q6_K, 11, 1)
         assert y.shape == (3, 11) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_linear(isa):
+    """bf16 weights, float32 sums: only float32 rounding (1e-5 of |x| @ |w|), any K (odd too)."""
+    kernels.set_isa(isa)
+    g = torch.Generator().manual_seed(11)
+    for n, k in ((7, 64), (33, 1536), (261, 1535)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        for shape in ((1, k), (3, k), (4, k), (2, 2, k), (9, k)):  # 9 rows: F.linear fallback
+            x = torch.randn(*shape, generator=g)
+            for xx in (x, x.bfloat16()):
+                y = kernels.bf16_linear(xx, w)
+                assert y.shape == (*shape[:-1], n) and y.dtype == xx.dtype
+                ref = xx.double() @ w.double().t()
+                tol = 1e-5 * (xx.double().abs() @ w.double().abs().t()) + 1e-6
+                if xx.dtype == torch.bfloat16:
+                    tol = tol + ref.abs() * 2 ** -8
+                if shape[0] == 9:  # torch's bf16 F.linear: x rounded to bf16 (and maybe partial sums)
+                    tol = tol + 2 ** -7 * (xx.double().abs() @ w.double().abs().t())
+                assert ((y.double() - ref).abs() <= tol).all()

@@ -169,11 +169,32 @@ def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_feature
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
+# bf16_linear takes the native GEMV up to this many rows (torch's GEMM is better beyond)
+BF16_MAX_ROWS = 4
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w^T for a bfloat16 weight [N, K], summed in float32; x: [..., K] float32 or
+    bfloat16; returns [..., N] in x's dtype. Up to BF16_MAX_ROWS rows (decode) it streams the
+    weight with the native kernel (torch's bf16 F.linear reaches only a fraction of memory
+    bandwidth on AVX2 CPUs); otherwise, or without the kernels, torch's bf16 F.linear (x rounded
+    to bfloat16 first, as a bf16 model computes)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if (x2.shape[0] > BF16_MAX_ROWS or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.dim() != 2
+            or not (_build._state["loaded"] or available())):
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+    if x2.dtype is not torch.float32 and x2.dtype is not torch.bfloat16:
+        x2 = x2.float()
+    y = torch.ops.ember.bf16_mm.default(x2.contiguous(), w.contiguous(), ISAS.index(isa()))
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _ggml_mm(*args):
     global _ggml_mm
     _ggml_mm = torch.ops.ember.ggml_mm.default  # resolved once (the op exists once loaded)
     return _ggml_mm(*args)
 
 
-__all__ = ["ISAS", "TYPES", "available", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
+__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
            "reference_linear", "set_isa", "supported", "use_isa"]

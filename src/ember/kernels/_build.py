@@ -125,6 +125,10 @@ def _register_fakes() -> None:
     def _ggml_mm_fake(x, w, ggml_type, out_features, isa):
         return x.new_empty((x.shape[0], out_features))
 
+    @torch.library.register_fake("ember::bf16_mm")
+    def _bf16_mm_fake(x, w, isa):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
     _state["fakes"] = True
 
 
