@@ -20,7 +20,11 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("ember_kernels.cpp", "x86_impl.h")
-CFLAGS = ("-O3", "-fno-math-errno", "-Wno-unused-function")
+# -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` in
+# torch's OpenMP builds; without it every op would run on one thread. (The library then needs
+# libgomp.so.1, which torch has already loaded.)
+CFLAGS = ("-O3", "-fno-math-errno", "-Wno-unused-function", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": None, "reason": None, "build_s": None, "load_s": None, "path": None}
@@ -31,7 +35,7 @@ def _digest() -> str:
     for name in SOURCES:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(f"{sys.version_info[:2]}{torch.__version__}{torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
     return h.hexdigest()[:16]
 
@@ -77,6 +81,7 @@ def _build(out: Path) -> Path:
                     name=_so_name(),
                     sources=[str(CSRC / "ember_kernels.cpp")],
                     extra_cflags=list(CFLAGS),
+                    extra_ldflags=list(LDFLAGS),
                     extra_include_paths=[str(CSRC)],
                     build_directory=str(out),
                     is_python_module=False,

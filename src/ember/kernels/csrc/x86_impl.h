@@ -66,6 +66,17 @@ static inline __m256i bits32_x10(const uint8_t* p) {
 
 static inline __m256i loadu(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// Software prefetch of the weight stream, EMBER_PF bytes ahead (one stream per thread: a row's
+// blocks, then the next row's, contiguous): hardware prefetchers alone leave single-row GEMV
+// short of bandwidth.
+#ifndef EMBER_PF
+#define EMBER_PF 2048
+#endif
+template <int BYTES>
+static inline void prefetch_block(const uint8_t* w) {
+    for (int o = 0; o < BYTES; o += 64) _mm_prefetch(reinterpret_cast<const char*>(w + EMBER_PF + o), _MM_HINT_T0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activation quantisation of one row (float or bf16) into the layouts above.
 static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -163,6 +174,7 @@ struct KQ8_0 {
         for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
         const int64_t nb = c.K / 32;
         for (int64_t b = 0; b < nb; ++b, w += 34) {
+            if (MR == 1) prefetch_block<34>(w);
             const float dw = f16at(w);
             const __m256i q = loadu(w + 2);
             const __m256i aq = _mm256_sign_epi8(q, q);
@@ -192,6 +204,7 @@ struct K32 {
         }
         const int64_t nb = c.K / 32;
         for (int64_t b = 0; b < nb; ++b, w += BYTES) {
+            if (MR == 1) prefetch_block<BYTES>(w);
             const float dw = f16at(w);
             const float mw = HAS_MIN ? f16at(w + 2) : -static_cast<float>(OFF) * dw;
             __m256i u = nibbles32(w + QS_AT);
@@ -250,6 +263,7 @@ struct KQ45_K {
         constexpr int BYTES = FIVE ? 176 : 144;
         constexpr int QS = FIVE ? 48 : 16;
         for (int64_t b = 0; b < nb; ++b, w += BYTES) {
+            if (MR == 1) prefetch_block<BYTES>(w);
             const float d = f16at(w), dmin = f16at(w + 2);
             uint32_t ut[4];
             k4_scales(w + 4, ut);
@@ -306,6 +320,7 @@ struct KQ6_K {
         const __m256i m30 = _mm256_set1_epi8(0x30);
         const int64_t nb = c.K / 256;
         for (int64_t b = 0; b < nb; ++b, w += 210) {
+            if (MR == 1) prefetch_block<210>(w);
             const float d = f16at(w + 208);
             const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192));
             const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -668,6 +683,7 @@ static void bf16_rows_t(const uint16_t* w, int64_t K, const float* xe, const flo
         for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
         int64_t k = 0;  // k counts pairs
         for (; k + 16 <= kh; k += 16) {
+            if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + 2 * k) + EMBER_PF, _MM_HINT_T0);
             const __m256i v0 = loadu(wr + 2 * k), v1 = loadu(wr + 2 * k + 16);
             const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
             const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
