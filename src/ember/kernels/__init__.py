@@ -161,8 +161,8 @@ def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_feature
         x2 = x2.float()
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if data.dim() != 2:
-        data = data.reshape(out_features, -1)
+    if data.dim() != 2 or not data.is_contiguous():
+        data = data.reshape(out_features, -1).contiguous()
     y = _ggml_mm(x2, data, ggml_type, out_features, ISAS.index(isa()))
     if y.dtype is not dtype:
         y = y.to(dtype)

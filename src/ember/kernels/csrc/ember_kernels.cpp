@@ -317,6 +317,12 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
     isa = std::min(isa, cpu_isa());
 
     if (isa <= 0) {
+        at::Tensor xf;
+        if (c.x_bf16) {  // convert once, not per weight row
+            xf = x.to(at::kFloat);
+            c.x = xf.data_ptr();
+            c.x_bf16 = false;
+        }
         // a task per ~64 rows for GEMV; fewer rows per task when each row is dotted many times
         const int64_t grain = std::max<int64_t>(1, 64 / std::max<int64_t>(1, M));
         at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { generic_rows(c, type, n0, n1); });
