@@ -40,7 +40,7 @@ struct Ctx {
     bool x_bf16, kquant;
     int8_t* aq;           // quantised activations [M, K]
     float* ad;            // per-block activation scales [M, nd]
-    float* ads;           // 32-blocks: d * sum(q) [M, nd]
+    float* ads;           // unused (32-blocks keep d * sum(q) interleaved in ad: [M, nd, 2])
     int16_t* abs;         // 256-blocks: sums of 16 [M, K/16]
     int64_t nd;
     float* out;           // [M, N] float32
@@ -336,11 +336,11 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
     else { rows = vnni::rows_fn(type); quant = vnni::quantize_rows; }
     c.nd = K / be;
     std::vector<int8_t> aq(M * K);
-    std::vector<float> ad(M * c.nd), ads(c.kquant ? 0 : M * c.nd);
+    std::vector<float> ad(M * c.nd * (c.kquant ? 1 : 2));  // 32-blocks: (d, d * sum) pairs
     std::vector<int16_t> abs(c.kquant ? M * (K / 16) : 0);
     c.aq = aq.data();
     c.ad = ad.data();
-    c.ads = c.kquant ? nullptr : ads.data();
+    c.ads = nullptr;
     c.abs = c.kquant ? abs.data() : nullptr;
     if (M == 1) quant(c, 0, 1);
     else at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quant(c, m0, m1); });

@@ -135,8 +135,8 @@ static void quantize_row(const T* x, int64_t K, bool kquant, int8_t* q, float* d
             const float id = amax > 0 ? 127.0f / amax : 0.0f;
             int32_t s0, s1;
             quant32(x + 32 * b, id, q + 32 * b, &s0, &s1);
-            d[b] = dd;
-            ds[b] = dd * static_cast<float>(s0 + s1);
+            d[2 * b] = dd;  // (scale, scale * sum) pairs: one 8-byte load for the dot kernels
+            d[2 * b + 1] = dd * static_cast<float>(s0 + s1);
         }
     }
 }
@@ -144,8 +144,8 @@ static void quantize_row(const T* x, int64_t K, bool kquant, int8_t* q, float* d
 static void quantize_rows(const Ctx& c, int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
         int8_t* q = c.aq + m * c.K;
-        float* d = c.ad + m * c.nd;
-        float* ds = c.ads ? c.ads + m * c.nd : nullptr;
+        float* d = c.ad + m * c.nd * (c.kquant ? 1 : 2);
+        float* ds = nullptr;
         int16_t* bs = c.abs ? c.abs + m * (c.K / 16) : nullptr;
         if (c.x_bf16)
             quantize_row(static_cast<const uint16_t*>(c.x) + m * c.ldx, c.K, c.kquant, q, d, ds, bs);
@@ -162,7 +162,7 @@ static void quantize_rows(const Ctx& c, int64_t m0, int64_t m1) {
     const float* yd[MR];                                       \
     for (int i = 0; i < MR; ++i) {                             \
         yq[i] = c.aq + (m0 + i) * c.K;                         \
-        yd[i] = c.ad + (m0 + i) * c.nd;                        \
+        yd[i] = c.ad + (m0 + i) * c.nd * (c.kquant ? 1 : 2);   \
     }
 
 // Q8_0: d f16, qs[32] int8. Signed x signed via the sign trick: |w| (u8) x sign(y, w) (s8).
@@ -181,7 +181,7 @@ struct KQ8_0 {
             for (int i = 0; i < MR; ++i) {
                 const __m256i y = _mm256_sign_epi8(loadu(yq[i] + 32 * b), q);
                 const __m256i p = dot_add(_mm256_setzero_si256(), aq, y);
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * yd[i][b]), _mm256_cvtepi32_ps(p), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * yd[i][2 * b]), _mm256_cvtepi32_ps(p), acc[i]);
             }
         }
         for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]);
@@ -194,28 +194,32 @@ struct K32 {
     template <int MR>
     static void dot(const Ctx& c, const uint8_t* w, int64_t m0, float* res) {
         EMBER_ACT_ROWS
-        const float* yds[MR];
-        for (int i = 0; i < MR; ++i) yds[i] = c.ads + (m0 + i) * c.nd;
         __m256 acc[MR];
-        float corr[MR];
+        __m128 corr[MR];  // lane 1: sum over blocks of (m or d) * (activation scale * code sum)
         for (int i = 0; i < MR; ++i) {
             acc[i] = _mm256_setzero_ps();
-            corr[i] = 0.0f;
+            corr[i] = _mm_setzero_ps();
         }
         const int64_t nb = c.K / 32;
         for (int64_t b = 0; b < nb; ++b, w += BYTES) {
             if (MR == 1) prefetch_block<BYTES>(w);
-            const float dw = f16at(w);
-            const float mw = HAS_MIN ? f16at(w + 2) : -static_cast<float>(OFF) * dw;
+            uint32_t dm;
+            std::memcpy(&dm, w, 4);
+            __m128 sc = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));  // [d, m]
+            if (!HAS_MIN) sc = _mm_moveldup_ps(sc);                                 // [d, d]
             __m256i u = nibbles32(w + QS_AT);
             if (QH_AT >= 0) u = _mm256_or_si256(u, bits32_x10(w + (QH_AT >= 0 ? QH_AT : 0)));
             for (int i = 0; i < MR; ++i) {
-                const __m256i p = dot_add(_mm256_setzero_si256(), u, loadu(yq[i] + 32 * b));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * yd[i][b]), _mm256_cvtepi32_ps(p), acc[i]);
-                corr[i] += mw * yds[i][b];
+                const __m128 p = _mm_mul_ps(sc, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(yd[i] + 2 * b))));
+                const __m256i dp = dot_add(_mm256_setzero_si256(), u, loadu(yq[i] + 32 * b));
+                acc[i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), _mm256_cvtepi32_ps(dp), acc[i]);
+                corr[i] = _mm_add_ps(corr[i], p);
             }
         }
-        for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]) + corr[i];
+        for (int i = 0; i < MR; ++i) {
+            const float cl = _mm_cvtss_f32(_mm_movehdup_ps(corr[i]));
+            res[i] = hsum8(acc[i]) + (HAS_MIN ? cl : -static_cast<float>(OFF) * cl);
+        }
     }
 };
 using KQ4_0 = K32<18, 2, -1, false, 8>;
@@ -574,8 +578,8 @@ static void build_actv32(const Ctx& c, int64_t g0, int64_t g1, int8_t* q, float*
             const int32_t* src = real ? reinterpret_cast<const int32_t*>(c.aq + m * K) : nullptr;
             for (int64_t k = 0; k < nk4; ++k) qd[k * 16 + r] = real ? src[k] : 0;
             for (int64_t k = 0; k < n32; ++k) {
-                d[(g * n32 + k) * 16 + r] = real ? c.ad[m * c.nd + k] : 0.0f;
-                ds[(g * n32 + k) * 16 + r] = real ? c.ads[m * c.nd + k] : 0.0f;
+                d[(g * n32 + k) * 16 + r] = real ? c.ad[(m * c.nd + k) * 2] : 0.0f;
+                ds[(g * n32 + k) * 16 + r] = real ? c.ad[(m * c.nd + k) * 2 + 1] : 0.0f;
             }
         }
     }
