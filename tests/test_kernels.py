@@ -253,3 +253,18 @@ def test_bf16_linear(isa):
                 if shape[0] == 9:  # torch's bf16 F.linear: x rounded to bf16 (and maybe partial sums)
                     tol = tol + 2 ** -7 * (xx.double().abs() @ w.double().abs().t())
                 assert ((y.double() - ref).abs() <= tol).all()
+
+
+@pytest.mark.slow  # a torch.compile run (~10-20 s)
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(4)
+    w = random_blocks(ggml.Q4_K, 64, 256, g)
+    wb = torch.randn(32, 64, generator=g).bfloat16()
+
+    def f(x):
+        return kernels.bf16_linear(torch.relu(kernels.ggml_linear(x, w, ggml.Q4_K, 64)), wb)
+
+    cf = torch.compile(f, fullgraph=True)
+    for m in (1, 5):
+        x = torch.randn(m, 256, generator=g)
+        torch.testing.assert_close(cf(x), f(x))

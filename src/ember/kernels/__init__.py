@@ -142,6 +142,19 @@ def build_info() -> dict:
     return _build.info()
 
 
+# Under torch.compile these two are evaluated once at trace time and baked into the graph as
+# constants (no tracing of /proc/cpuinfo, env vars or the build lock); a later set_isa() changes
+# eager calls only, not already-compiled graphs.
+@torch.compiler.assume_constant_result
+def _isa_index() -> int:
+    return ISAS.index(isa())
+
+
+@torch.compiler.assume_constant_result
+def _native_ready() -> bool:
+    return bool(_build._state["loaded"] or available())
+
+
 def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
     """The fallback: dequantise the weight and F.linear in float32 (result in x's dtype)."""
     K = x.shape[-1]
@@ -152,7 +165,7 @@ def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_fe
 def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
     """y = x @ W^T for W kept as raw ggml blocks `data` (uint8 [N, row_bytes]); x: [..., K] float32
     or bfloat16 (other float dtypes go through float32); returns [..., N] in x's dtype."""
-    if not (ggml_type in TYPES and x.device.type == "cpu" and (_build._state["loaded"] or available())):
+    if not (ggml_type in TYPES and x.device.type == "cpu" and _native_ready()):
         return reference_linear(x, data, ggml_type, out_features)
     K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
@@ -163,7 +176,7 @@ def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_feature
         x2 = x2.contiguous()
     if data.dim() != 2 or not data.is_contiguous():
         data = data.reshape(out_features, -1).contiguous()
-    y = _ggml_mm(x2, data, ggml_type, out_features, ISAS.index(isa()))
+    y = torch.ops.ember.ggml_mm.default(x2, data, ggml_type, out_features, _isa_index())
     if y.dtype is not dtype:
         y = y.to(dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
@@ -182,18 +195,13 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if (x2.shape[0] > BF16_MAX_ROWS or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.dim() != 2
-            or not (_build._state["loaded"] or available())):
+            or not _native_ready()):
         return F.linear(x.to(w.dtype), w).to(x.dtype)
     if x2.dtype is not torch.float32 and x2.dtype is not torch.bfloat16:
         x2 = x2.float()
-    y = torch.ops.ember.bf16_mm.default(x2.contiguous(), w.contiguous(), ISAS.index(isa()))
+    y = torch.ops.ember.bf16_mm.default(x2.contiguous(), w.contiguous(), _isa_index())
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
-
-def _ggml_mm(*args):
-    global _ggml_mm
-    _ggml_mm = torch.ops.ember.ggml_mm.default  # resolved once (the op exists once loaded)
-    return _ggml_mm(*args)
 
 
 __all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
