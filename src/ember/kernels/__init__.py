@@ -2,16 +2,33 @@
 
     from ember import kernels
     y = kernels.ggml_linear(x, data, ggml_type, out_features)   # x [..., K] -> y [..., N]
+    y = kernels.bf16_linear(x, w_bf16)                          # decode GEMV for bf16 weights
 
 `data` is a uint8 tensor `[N, row_bytes]` holding the weight's blocks exactly as in the GGUF file
-(one row of blocks per output feature). Activations are quantised to int8 blocks (per 32 values
-for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, per 256 for the K-quants, as llama.cpp does) and dotted with the
-weight codes in integer arithmetic; the result is float32, returned in x's dtype.
+(one row of blocks per output feature; a flat uint8 tensor of the right size works too). Types:
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (`supported()`); any other falls back to
+`reference_linear` (dequantise + F.linear). Activations are quantised to int8 blocks (scale
+amax/127 per 32 values for the 32-blocks, per 256 for the K-quants, as llama.cpp does) and dotted
+with the weight codes in integer arithmetic; sums are float32, returned in x's dtype (float32 or
+bfloat16; other float dtypes go through float32). Each output is within
+sum_k |w_k| * amax(block of k) / 254 of the float32 result (tests/test_kernels.py checks that
+bound, and an exact int8 oracle).
 
-The library (one C++ file) is compiled on first use and cached (see `_build`). ISA: the best of
-avx512_vnni / avx512 / avx2 / generic this CPU has, lowered by `EMBER_CPU_ISA` or `set_isa()`;
-`EMBER_KERNELS=0` turns the native kernels off (fallback only). This package is not imported by
-`import ember`.
+Paths (picked per call from `isa()`):
+  - M = 1..15 rows (decode): one weight row at a time against a tile of up to 4 (AVX2) or 8
+    (AVX-512) activation rows, 256-bit vpmaddubsw/vpmaddwd (vpdpbusd for the 32-blocks with VNNI),
+    software prefetch ahead of the weight stream; threads split the output features.
+  - M >= 16 with AVX-512 VNNI: a GEMM on 16-row transposed activations (one vpdpbusd = 4 K x 16
+    rows) with weight tiles unpacked once to code bytes; without VNNI the GEMV tiles above.
+  - generic: dequantise each weight row (the ggml formulas) and float dots, no int8 rounding.
+Threads: torch's pool (at::parallel_for, torch.set_num_threads). Under torch.compile the ops have
+fake kernels; the ISA and availability are read once at trace time.
+
+The library (one C++ file) is compiled on first use (~10 s) and cached under
+${EMBER_CACHE:-~/.cache/ember}/kernels/ (loading the cached library takes a few ms). ISA: the best
+of avx512_vnni / avx512 / avx2 / generic this CPU has, lowered (never raised) by `EMBER_CPU_ISA`
+or `set_isa()` / `use_isa()`; `EMBER_KERNELS=0` turns the native kernels off (fallback only).
+This package is not imported by `import ember`.
 """
 from __future__ import annotations
 
