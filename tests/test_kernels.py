@@ -268,3 +268,18 @@ def test_torch_compile_fullgraph():
     for m in (1, 5):
         x = torch.randn(m, 256, generator=g)
         torch.testing.assert_close(cf(x), f(x))
+
+
+def test_nan_propagates_and_empty_shapes():
+    g = torch.Generator().manual_seed(8)
+    for t in (ggml.Q4_K, ggml.Q6_K, ggml.Q4_1, ggml.Q8_0):
+        data = random_blocks(t, 21, 512, g)
+        for isa in ISAS:
+            kernels.set_isa(isa)
+            for m in (1, 3, 20):  # GEMV, tile and (VNNI) GEMM paths
+                x = torch.randn(m, 512, generator=g)
+                x[m - 1, 300] = float("nan")
+                y = kernels.ggml_linear(x, data, t, 21)
+                assert torch.isnan(y[m - 1]).all() and not torch.isnan(y[:m - 1]).any()
+            assert kernels.ggml_linear(torch.randn(0, 512), data, t, 21).shape == (0, 21)
+            assert kernels.ggml_linear(torch.randn(2, 0, 512), data, t, 21).shape == (2, 0, 21)

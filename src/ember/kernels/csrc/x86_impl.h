@@ -102,11 +102,18 @@ static inline void quant32(const T* x, float id, int8_t* q, int32_t* sum_lo16, i
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), i0);
 }
 
+// max |x| of a block; NaN when the block holds a NaN (vmaxps alone would drop it), so the block's
+// scale is NaN and the outputs it feeds are NaN, as with the float reference.
 template <class T>
 static inline float absmax(const T* x, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 m = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8(x + i)));
+    __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 v = load8(x + i);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    if (!_mm256_testz_ps(nan, nan)) return std::numeric_limits<float>::quiet_NaN();
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
