@@ -1,0 +1,225 @@
+"""Native CPU kernels for ggml-quantised weights (raw GGUF blocks), with a pure-PyTorch fallback.
+
+    from ember import kernels
+    y = kernels.ggml_linear(x, data, ggml_type, out_features)   # x [..., K] -> y [..., N]
+    y = kernels.bf16_linear(x, w_bf16)                          # decode GEMV for bf16 weights
+
+`data` is a uint8 tensor `[N, row_bytes]` holding the weight's blocks exactly as in the GGUF file
+(one row of blocks per output feature; a flat uint8 tensor of the right size works too). Types:
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (`supported()`); any other falls back to
+`reference_linear` (dequantise + F.linear). Activations are quantised to int8 blocks (scale
+amax/127 per 32 values for the 32-blocks, per 256 for the K-quants, as llama.cpp does) and dotted
+with the weight codes in integer arithmetic; sums are float32, returned in x's dtype (float32 or
+bfloat16; other float dtypes go through float32). Each output is within
+sum_k |w_k| * amax(block of k) / 254 of the float32 result (tests/test_kernels.py checks that
+bound, and an exact int8 oracle).
+
+Paths (picked per call from `isa()`):
+  - M = 1..15 rows (decode): one weight row at a time against a tile of up to 4 (AVX2) or 8
+    (AVX-512) activation rows, 256-bit vpmaddubsw/vpmaddwd (vpdpbusd for the 32-blocks with VNNI),
+    software prefetch ahead of the weight stream; threads split the output features.
+  - M >= 16 with AVX-512 VNNI: a GEMM on 16-row transposed activations (one vpdpbusd = 4 K x 16
+    rows) with weight tiles unpacked once to code bytes; without VNNI the GEMV tiles above.
+  - generic: dequantise each weight row (the ggml formulas) and float dots, no int8 rounding.
+Threads: torch's pool (at::parallel_for, torch.set_num_threads). Under torch.compile the ops have
+fake kernels; the ISA and availability are read once at trace time.
+
+The library (one C++ file) is compiled on first use (~10 s) and cached under
+${EMBER_CACHE:-~/.cache/ember}/kernels/ (loading the cached library takes a few ms). ISA: the best
+of avx512_vnni / avx512 / avx2 / generic this CPU has, lowered (never raised) by `EMBER_CPU_ISA`
+or `set_isa()` / `use_isa()`; `EMBER_KERNELS=0` turns the native kernels off (fallback only).
+This package is not imported by `import ember`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ember.io import ggml
+
+from . import _build
+
+ISAS = ("generic", "avx2", "avx512", "avx512_vnni")
+TYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q5_0, ggml.Q5_1, ggml.Q8_0, ggml.Q4_K, ggml.Q5_K, ggml.Q6_K)
+
+_override: str | None = None
+_env_warned = False
+
+
+def _cpuinfo_isa() -> str:
+    """The best ISA from the OS's view of the CPU (no compiled code needed)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+            else:
+                return "generic"
+    except OSError:
+        return "generic"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "generic"
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx2"
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512"
+
+
+def cpu_isa() -> str:
+    """The best ISA the CPU supports (the compiled library's own check when it is loaded)."""
+    best = _cpuinfo_isa()
+    if _build.info()["loaded"]:
+        best = ISAS[min(ISAS.index(best), int(torch.ops.ember.cpu_isa()))]
+    return best
+
+
+def _validate(name: str) -> str:
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {', '.join(ISAS)}")
+    return name
+
+
+_isa_cache: dict = {}
+
+
+def isa() -> str:
+    """The ISA the kernels use: the CPU's best, lowered by EMBER_CPU_ISA, then by set_isa()."""
+    env = os.environ.get("EMBER_CPU_ISA")
+    key = (env, _override, _build._state["loaded"])
+    hit = _isa_cache.get(key)
+    if hit is None:
+        hit = _isa_cache[key] = _resolve_isa(env)
+    return hit
+
+
+def _resolve_isa(env: str | None) -> str:
+    global _env_warned
+    level = ISAS.index(cpu_isa())
+    if env:
+        env = env.strip().lower()
+        if env in ISAS:
+            if ISAS.index(env) > level and not _env_warned:
+                _env_warned = True
+                warnings.warn(f"EMBER_CPU_ISA={env} is above what this CPU supports; using {ISAS[level]}",
+                              RuntimeWarning, stacklevel=2)
+            level = min(level, ISAS.index(env))
+        elif not _env_warned:
+            _env_warned = True
+            warnings.warn(f"EMBER_CPU_ISA={env!r} is not one of {', '.join(ISAS)}; ignored", RuntimeWarning,
+                          stacklevel=2)
+    if _override is not None:
+        level = min(level, ISAS.index(_override))
+    return ISAS[level]
+
+
+def isas() -> list[str]:
+    """Every ISA this machine can run (generic first)."""
+    return list(ISAS[:ISAS.index(cpu_isa()) + 1])
+
+
+def set_isa(name: str | None) -> str:
+    """Lower the ISA for this process (None: back to the default). An ISA above what the CPU
+    supports is clamped to the CPU's best: an override can only lower it. Returns the ISA in use."""
+    global _override
+    _override = None if name is None else _validate(name)
+    _isa_cache.clear()
+    return isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+    """Context manager form of set_isa()."""
+    global _override
+    before = _override
+    try:
+        set_isa(name)
+        yield isa()
+    finally:
+        _override = before
+
+
+def available() -> bool:
+    """Whether the compiled kernels are usable (builds them on first call)."""
+    return _build.load()
+
+
+def supported(ggml_type: int) -> bool:
+    """Whether ggml_linear has a native kernel for this type (it falls back for any other)."""
+    return ggml_type in TYPES
+
+
+def build_info() -> dict:
+    return _build.info()
+
+
+# Under torch.compile these two are evaluated once at trace time and baked into the graph as
+# constants (no tracing of /proc/cpuinfo, env vars or the build lock); a later set_isa() changes
+# eager calls only, not already-compiled graphs.
+@torch.compiler.assume_constant_result
+def _isa_index() -> int:
+    return ISAS.index(isa())
+
+
+@torch.compiler.assume_constant_result
+def _native_ready() -> bool:
+    return bool(_build._state["loaded"] or available())
+
+
+def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
+    """The fallback: dequantise the weight and F.linear in float32 (result in x's dtype)."""
+    K = x.shape[-1]
+    w = ggml.dequantize(data.reshape(-1), ggml_type, (out_features, K))
+    return F.linear(x.float(), w).to(x.dtype)
+
+
+def ggml_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
+    """y = x @ W^T for W kept as raw ggml blocks `data` (uint8 [N, row_bytes]); x: [..., K] float32
+    or bfloat16 (other float dtypes go through float32); returns [..., N] in x's dtype."""
+    if not (ggml_type in TYPES and x.device.type == "cpu" and _native_ready()):
+        return reference_linear(x, data, ggml_type, out_features)
+    K = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    dtype = x.dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if data.dim() != 2 or not data.is_contiguous():
+        data = data.reshape(out_features, -1).contiguous()
+    y = torch.ops.ember.ggml_mm.default(x2, data, ggml_type, out_features, _isa_index())
+    if y.dtype is not dtype:
+        y = y.to(dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+# bf16_linear takes the native GEMV up to this many rows (torch's GEMM is better beyond)
+BF16_MAX_ROWS = 4
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w^T for a bfloat16 weight [N, K], summed in float32; x: [..., K] float32 or
+    bfloat16; returns [..., N] in x's dtype. Up to BF16_MAX_ROWS rows (decode) it streams the
+    weight with the native kernel (torch's bf16 F.linear reaches only a fraction of memory
+    bandwidth on AVX2 CPUs); otherwise, or without the kernels, torch's bf16 F.linear (x rounded
+    to bfloat16 first, as a bf16 model computes)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if (x2.shape[0] > BF16_MAX_ROWS or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.dim() != 2
+            or not _native_ready()):
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+    if x2.dtype is not torch.float32 and x2.dtype is not torch.bfloat16:
+        x2 = x2.float()
+    y = torch.ops.ember.bf16_mm.default(x2.contiguous(), w.contiguous(), _isa_index())
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+
+__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
+           "reference_linear", "set_isa", "supported", "use_isa"]
