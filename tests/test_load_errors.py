@@ -139,7 +139,7 @@ def test_unknown_option_is_refused_before_anything_is_read(tmp_path):
 
 
 def test_load_options_reach_the_model(folder):
-    assert ember.load(folder, fuse=False, packed=None).model.model.layers[0].self_attn.qkv.fused is None
+    assert ember.load(folder, fuse=False, keep_quantized=None).model.model.layers[0].self_attn.qkv.fused is None
     assert ember.load(folder).model.model.layers[0].self_attn.qkv.fused is not None
 
 

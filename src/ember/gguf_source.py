@@ -364,15 +364,23 @@ class QuantPlan:
 
 def plan_quantized(f: GGUFFile, dtype: torch.dtype | None, device: torch.device, keep_quantized: bool | None,
                    default_dtype: Callable[[torch.device, torch.dtype | None], torch.dtype],
-                   int4_fast: bool) -> QuantPlan:
-    """keep_quantized=None (default) where torch's int4 kernel is fast (`int4_fast`: a CPU with
-    native bf16): bf16 compute, Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0 weights stay quantised and run on
-    the int4 kernel (faster than dense at decode, ~4-10 bits per weight), the others (Q6_K, Q2_K,
-    Q3_K) are dequantised once to bf16, embeddings stay quantised. Elsewhere (float32 compute,
-    GPU): dequantise at load unless that costs too much memory (`choose_quantized`).
-    keep_quantized=True keeps every quantised weight; False dequantises all.
+                   int4_fast: bool, native: bool = False) -> QuantPlan:
+    """keep_quantized=None (default):
+    - where ember's native kernels run (`native`: a CPU they build for): float32 compute, every
+      quantised weight stays as its blocks and linears compute on them (the types the kernels lack,
+      Q2_K and Q3_K, are dequantised once);
+    - else where torch's int4 kernel is fast (`int4_fast`: a CPU with native bf16): bf16 compute,
+      Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0 weights run on the int4 kernel, the others are dequantised
+      once to bf16;
+    - elsewhere (GPU, or no fast kernel): dequantise at load unless that costs too much memory
+      (`choose_quantized`).
+    Embeddings stay quantised in every mode but False. keep_quantized=True keeps every quantised
+    weight; False dequantises all.
     """
     quantized = file_float_dtype(f) is None
+    if quantized and native and keep_quantized is not False:
+        return QuantPlan(dtype or torch.float32, True, keep_quantized is None,
+                         "native kernels on the blocks" + (" (others dequantised once)" if keep_quantized is None else ""))
     if dtype is None:
         dtype = default_dtype(device, file_float_dtype(f))
         if quantized and keep_quantized is not False and int4_fast:

@@ -51,10 +51,7 @@ class Loaded:
 # ---- dtype -------------------------------------------------------------------------------------
 def cpu_bf16_fast() -> bool:
     """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX): then bf16 is the fast CPU dtype."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return transforms.bf16_native()
 
 
 def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -86,9 +83,9 @@ def _first_float_dtype(source) -> torch.dtype | None:
 
 
 def int4_fast(device: torch.device) -> bool:
-    """Whether quantised 4/5/8-bit weights run fast kept as blocks here: a CPU with native bf16 and
-    torch's int4 kernel."""
-    from .nn.quantized import int4_kernel_available
+    """Whether torch's int4 kernel runs quantised 4/5/8-bit weights fast here: a CPU with native
+    bf16 (used where ember's native kernels are unavailable)."""
+    from .backends.int4 import int4_kernel_available
 
     return device.type == "cpu" and int4_kernel_available() and cpu_bf16_fast()
 
@@ -221,7 +218,8 @@ def _open_gguf(snap: Snapshot) -> Checkpoint:
         return tok
 
     def make_source(dtype, device, keep_quantized):
-        plan = gguf_source.plan_quantized(f, dtype, device, keep_quantized, default_dtype, int4_fast(device))
+        plan = gguf_source.plan_quantized(f, dtype, device, keep_quantized, default_dtype, int4_fast(device),
+                                          transforms.native_kernels(device))
         src = gguf_source.GGUFSource(f, mapping, raw, quantized=plan.keep, dtype=plan.dtype,
                                      dense_fallback=plan.dense_fallback)
         return src, {"dtype": plan.dtype, "quantized": plan.keep, "load_mode": plan.mode}
@@ -302,7 +300,8 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     dtype = extra.pop("dtype", dtype)
     vb = VarBuilder(source, dtype, device)
     model = build(entry, cfg, vb, **({"fuse": fuse} if entry.task == "causal-lm" else {}))
-    done = transforms.apply(model, transforms.plan(entry.task, dtype, device, prepack=prepack))
+    steps = transforms.plan(entry.task, dtype, device, prepack=prepack, quantized=bool(extra.get("quantized")))
+    done = transforms.apply(model, steps)
     if not extra.get("quantized", True):
         close = getattr(source, "close", None)
         if close is not None:

@@ -1,9 +1,18 @@
 """Backend transforms: named steps the loading pipeline applies, in order, to a built model.
 
-Layers are built plain from the checkpoint (`ember.nn`); what a backend wants of them (oneDNN's
-prepacked weight layout now; quantising and sharding in coming work) is done here, after the
-build, never from inside a layer's constructor. Each step rewrites the module tree in place and
-says how many modules it changed; `Loaded.transforms` records the steps that ran.
+Layers are built plain from the checkpoint (`ember.nn`): Linear over a float weight, QuantLinear
+over GGUF blocks (dequantised slab by slab: the pure-PyTorch reference that runs anywhere). What a
+backend wants of them is done here, after the build, never inside a layer's constructor:
+
+  native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
+  int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
+  dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
+  native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
+  prepack       bf16 Linear -> oneDNN's blocked layout (CPUs with native bf16)
+
+Each step rewrites the module tree in place and says how many modules it changed;
+`Loaded.transforms` records the steps that changed something. `EMBER_KERNELS=0` turns the native
+steps off (the pure-PyTorch and torch-kernel forms remain).
 """
 from __future__ import annotations
 
@@ -21,24 +30,90 @@ class Transform:
     why: str = ""
 
 
+def _native_quant(model: nn.Module) -> int:
+    from .backends.native import use_quant_kernels
+
+    return use_quant_kernels(model)
+
+
+def _int4(model: nn.Module) -> int:
+    from .backends.int4 import to_int4
+
+    return to_int4(model)
+
+
+def _dequantize(model: nn.Module) -> int:
+    from .nn.layers import Linear
+    from .nn.quantized import QuantLinear
+
+    n = 0
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, QuantLinear) and child.dense_fallback:
+                setattr(mod, name, Linear(child.dequantized_weight(), child.bias))
+                n += 1
+    return n
+
+
+def _native_bf16(model: nn.Module) -> int:
+    from .backends.native import use_bf16_kernels
+
+    return use_bf16_kernels(model)
+
+
 def _prepack(model: nn.Module) -> int:
     from .backends.onednn import prepack_all
 
     return prepack_all(model)
 
 
-PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPU with native bf16)")
+NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
+INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
+DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
+NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
+PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
 
 
-def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool | None = None) -> list[Transform]:
+def native_kernels(device: torch.device) -> bool:
+    """Whether ember's native CPU kernels serve `device` (a CPU where they build and load)."""
+    if device.type != "cpu":
+        return False
+    from .backends.native import available
+
+    return available()
+
+
+def bf16_native() -> bool:
+    from .backends.onednn import bf16_native as f
+
+    return f()
+
+
+def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool | None = None,
+         quantized: bool = False) -> list[Transform]:
     """The steps for a model of `task` computing in `dtype` on `device`.
 
-    prepack: oneDNN-prepacked bf16 Linears on CPU. None = on where the CPU has native bf16 (the
-    backend checks); False when the model will be torch.compile'd (Inductor prepacks itself).
+    quantized: the model holds GGUF blocks (the quantised steps are planned). prepack: oneDNN
+    prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
+    be torch.compile'd (Inductor prepacks itself).
     """
     steps = []
-    if prepack is not False and device.type == "cpu" and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
-        steps.append(PREPACK)
+    cpu = device.type == "cpu"
+    if quantized:
+        if native_kernels(device):
+            steps.append(NATIVE_QUANT)
+        if cpu and dtype == torch.bfloat16 and bf16_native():
+            from .backends.int4 import int4_kernel_available
+
+            if int4_kernel_available():
+                steps.append(INT4)
+        steps.append(DEQUANTIZE)
+    if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
+        if bf16_native():
+            if prepack is not False:
+                steps.append(PREPACK)
+        elif native_kernels(device):
+            steps.append(NATIVE_BF16)
     return steps
 
 

@@ -17,6 +17,14 @@ from torch import nn
 from ..nn.layers import Linear
 
 
+def bf16_native() -> bool:
+    """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def can_prepack() -> bool:
     """Whether the ops exist, the CPU has native bf16, and they agree with F.linear on a small check.

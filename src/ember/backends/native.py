@@ -1,0 +1,116 @@
+"""ember's own CPU kernels (`ember.kernels`: AVX2 / AVX-512 / VNNI paths, built on first use) behind
+layers: the `native` transforms' backend.
+
+- `NativeQuantLinear`: a GGUF linear computed on its blocks as they are in the file (activations
+  quantised to int8 blocks and dotted in integer arithmetic, as llama.cpp does): weights stay
+  quantised in memory at any model size, and decode streams them at memory bandwidth.
+- `NativeBf16Linear`: a bf16 linear on a CPU without native bf16 (AVX2): decode rows stream the
+  bf16 weight through the native GEMV; prefill (many rows, compute-bound) multiplies in float32.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io.ggml_weight import GGMLWeight
+from ..nn.layers import Linear
+from ..nn.quantized import QuantLinear
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether ember's native kernels run here (a CPU build of them loaded; EMBER_KERNELS=0 says no)."""
+    import os
+
+    if os.environ.get("EMBER_KERNELS", "1") == "0":
+        return False
+    from .. import kernels
+
+    return kernels.available()
+
+
+def isa() -> str:
+    from .. import kernels
+
+    return kernels.isa() if available() else "none"
+
+
+class NativeQuantLinear(nn.Module):
+    """y = x W^T + b with W as GGUF blocks, on ember's native kernel."""
+
+    def __init__(self, q: QuantLinear):
+        super().__init__()
+        self.ggml_type, self.out_features, self.in_features = q.ggml_type, q.out_features, q.in_features
+        self.compute_dtype = q.compute_dtype
+        self.bias = q.bias
+        self.register_buffer("qweight", q.qweight, persistent=False)
+
+    @property
+    def weight(self) -> GGMLWeight:
+        return GGMLWeight(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype=self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import ggml_linear
+
+        y = ggml_linear(x, self.qweight, self.ggml_type, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        from ..io import ggml
+
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"{ggml.type_name(self.ggml_type)} native")
+
+
+class NativeBf16Linear(nn.Module):
+    """A bf16 Linear for CPUs without native bf16: the native GEMV for decode rows, float32 for
+    prefill (the bf16 weight widened per call: cheap beside a many-row matmul)."""
+
+    def __init__(self, lin: Linear):
+        super().__init__()
+        self.weight, self.bias = lin.weight, lin.bias
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import BF16_MAX_ROWS, bf16_linear
+
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows <= BF16_MAX_ROWS:
+            y = bf16_linear(x, self.weight)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        y = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 native"
+
+
+def _replace(model: nn.Module, want, make) -> int:
+    n = 0
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if want(child):
+                setattr(mod, name, make(child))
+                n += 1
+    return n
+
+
+def use_quant_kernels(model: nn.Module) -> int:
+    """Every CPU QuantLinear of a type the native kernels run becomes a NativeQuantLinear."""
+    from ..kernels import supported
+
+    if not available():
+        return 0
+    return _replace(model, lambda m: isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"
+                    and supported(m.ggml_type), NativeQuantLinear)
+
+
+def use_bf16_kernels(model: nn.Module) -> int:
+    """Every CPU bf16 Linear becomes a NativeBf16Linear."""
+    if not available():
+        return 0
+    return _replace(model, lambda m: isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
+                    and m.weight.device.type == "cpu", NativeBf16Linear)
