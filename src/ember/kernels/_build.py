@@ -41,8 +41,10 @@ def _digest() -> str:
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember")
-    return root / "kernels" / f"{torch.__version__.replace('+', '_')}-{_digest()}"
+    """$EMBER_KERNELS_CACHE, else $EMBER_CACHE/kernels (default ~/.cache/ember/kernels), per build."""
+    root = os.environ.get("EMBER_KERNELS_CACHE")
+    base = Path(root) if root else Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember") / "kernels"
+    return base / f"{torch.__version__.replace('+', '_')}-{_digest()}"
 
 
 def _so_name() -> str:
