@@ -17,6 +17,8 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
                    "the checkpoint's on CPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="timings and logs on stderr")
 
 
@@ -42,7 +44,10 @@ def _load(model: str | None, a):
 
     name = model or default_model()
     t0 = time.perf_counter()
-    obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision)
+    kw = {"quantize": a.quantize} if getattr(a, "quantize", None) else {}
+    if getattr(a, "compile", False):
+        kw["compile"] = True
+    obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision, **kw)
     if getattr(a, "verbose", False):
         print(f"[loaded {name} in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
     return obj

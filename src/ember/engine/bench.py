@@ -141,6 +141,32 @@ def bench(llm_model, tokenizer=None, *, device, dtype, batches=(1, 8, 32), promp
     return res
 
 
+def kernel_path(device: torch.device, model, transforms=()) -> dict:
+    """The ISA and the kernels the model's layers run on (what the figures measured)."""
+    out: dict = {}
+    if device.type == "cpu":
+        from ..backends.native import isa
+        from ..kernels import cpu_isa
+
+        out["cpu_isa"] = cpu_isa()
+        out["kernel_isa"] = isa()
+        import os
+
+        for var in ("EMBER_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+            if os.environ.get(var):
+                out[var] = os.environ[var]
+        out["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    layers: dict = {}
+    for m in model.modules():
+        if not list(m.children()) and any(True for _ in m.parameters(recurse=False)) or hasattr(m, "qweight"):
+            name = type(m).__name__
+            if name.endswith("Linear"):
+                layers[name] = layers.get(name, 0) + 1
+    out["linears"] = ", ".join(f"{k} x{v}" for k, v in sorted(layers.items()))
+    out["transforms"] = ", ".join(transforms) or "none"
+    return out
+
+
 def format_table(res: dict) -> str:
     lines = [f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in res.items()]
     return "\n".join(lines)
@@ -154,7 +180,14 @@ def main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
     batches = tuple(int(x) for x in args.batch.split(","))
+    transforms: tuple = ()
     if args.config:
+        from .presets import PRESETS
+
+        if args.config not in PRESETS:
+            raise SystemExit(f"ember bench: unknown --config {args.config!r}; presets: {', '.join(PRESETS)}")
+        if args.quantize:
+            raise SystemExit("ember bench: --quantize applies to a model's weights, not --config presets")
         dtype = dtype or torch.bfloat16
         t = time.perf_counter()
         _, model = random_model(args.config, dtype, device, prepack=False if args.compile else None)
@@ -165,15 +198,19 @@ def main(args) -> int:
 
         name = args.model or default_model()
         t = time.perf_counter()
-        llm = ember.load(name, dtype=dtype, device=device, **({"prepack": False} if args.compile else {}))
+        kw = {"prepack": False} if args.compile else {}
+        if getattr(args, "quantize", None):
+            kw["quantize"] = args.quantize
+        llm = ember.load(name, dtype=dtype, device=device, **kw)
         load_s = time.perf_counter() - t
         model, tok, dtype, label = llm.model, llm.tokenizer, llm.dtype, name
+        transforms = llm._loaded.transforms
     from . import Engine
 
     eng = Engine(model, tok, [], max_batch=max(batches), max_len=max(args.prefill, args.prompt + args.tokens) + 8,
                  cuda_graphs=None if not args.no_graphs else False, compile=args.compile)
     res = bench(model, tok, device=device, dtype=dtype, batches=batches, prompt_len=args.prompt, gen_len=args.tokens,
                 prefill_len=args.prefill, engine=eng, label=label)
-    res = {"load_s": load_s, **res}
+    res = {"load_s": load_s, **kernel_path(device, model, transforms), **res}
     print(json.dumps(res) if args.json else format_table(res))
     return 0

@@ -101,14 +101,15 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, read_timeo
     return uvicorn.Config(app, host=host, port=port, **opts)
 
 
-def load_models(model, embedding_model=None, *, dtype=None, device=None):
+def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False):
     """(llm, embedder) from the names; a MODEL that is an encoder makes an embeddings-only server."""
     import ember
     from ember.errors import EmberError
 
     llm = embedder = None
     if model:
-        m = ember.load(model, dtype=dtype, device=device)
+        kw = {"quantize": quantize} if quantize else {}
+        m = ember.load(model, dtype=dtype, device=device, compile=compile, **kw)
         if hasattr(m, "embed") and not hasattr(m, "request"):
             if embedding_model:
                 raise EmberError(f"{model} is an embedding model; give a generation model as MODEL "
@@ -126,7 +127,7 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None):
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
-          read_timeout: float | None = None) -> None:
+          read_timeout: float | None = None, quantize: str | None = None, compile: bool = False) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
@@ -141,7 +142,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         import torch
 
         torch.set_num_threads(threads)
-    llm, embedder = load_models(model, embedding_model, dtype=dtype, device=device)
+    llm, embedder = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize, compile=compile)
     name = served_model_name or (str(model) if llm is not None else None)
     emb_name = (str(embedding_model) if embedding_model else (str(model) if embedder is not None else None))
     if llm is None and served_model_name:
