@@ -436,7 +436,8 @@ int64_t cpu_isa_op() { return cpu_isa(); }
 
 }  // namespace ember_kernels
 
-TORCH_LIBRARY(ember, m) {
+// a fragment, so other code may define ops in the `ember` namespace too
+TORCH_LIBRARY_FRAGMENT(ember, m) {
     m.def("ggml_mm(Tensor x, Tensor w, int ggml_type, int out_features, int isa) -> Tensor");
     m.def("bf16_mm(Tensor x, Tensor w, int isa) -> Tensor");
     m.def("cpu_isa() -> int", &ember_kernels::cpu_isa_op);
