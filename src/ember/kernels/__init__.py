@@ -19,7 +19,9 @@ Paths (picked per call from `isa()`):
     (AVX-512) activation rows, 256-bit vpmaddubsw/vpmaddwd (vpdpbusd for the 32-blocks with VNNI),
     software prefetch ahead of the weight stream; threads split the output features.
   - M >= 16 with AVX-512 VNNI: a GEMM on 16-row transposed activations (one vpdpbusd = 4 K x 16
-    rows) with weight tiles unpacked once to code bytes; without VNNI the GEMV tiles above.
+    rows) with weight tiles unpacked once to code bytes. Without VNNI, the K-quants unpack weight
+    tiles once too (codes + int16 scale vectors: vpmaddubsw + vpmaddwd per 32 values and row);
+    the 32-blocks keep the GEMV tiles above.
   - generic: dequantise each weight row (the ggml formulas) and float dots, no int8 rounding.
 Threads: torch's pool (at::parallel_for, torch.set_num_threads). Under torch.compile the ops have
 fake kernels; the ISA and availability are read once at trace time.

@@ -358,6 +358,14 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
         });
         return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
     }
+    if (isa <= 2 && c.kquant && M >= kTiledMinRows) {
+        // prefill without VNNI: K-quant weight tiles unpacked once (x86_impl.h, gemm_kquant_rows_a)
+        at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t t0, int64_t t1) {
+            if (isa == 1) avx2::gemm_kquant_rows_a(c, type, 16 * t0, std::min(N, 16 * t1));
+            else avx512::gemm_kquant_rows_a(c, type, 16 * t0, std::min(N, 16 * t1));
+        });
+        return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    }
     if (isa >= 3 && !c.kquant && M >= kTiledMinRows) {
         const int64_t MG = (M + 15) / 16;
         std::vector<int8_t> vq(MG * 16 * K);
@@ -428,7 +436,8 @@ int64_t cpu_isa_op() { return cpu_isa(); }
 
 }  // namespace ember_kernels
 
-TORCH_LIBRARY(ember, m) {
+// a fragment, so other code may define ops in the `ember` namespace too
+TORCH_LIBRARY_FRAGMENT(ember, m) {
     m.def("ggml_mm(Tensor x, Tensor w, int ggml_type, int out_features, int isa) -> Tensor");
     m.def("bf16_mm(Tensor x, Tensor w, int isa) -> Tensor");
     m.def("cpu_isa() -> int", &ember_kernels::cpu_isa_op);

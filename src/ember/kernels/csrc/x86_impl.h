@@ -403,6 +403,8 @@ static void build_actv(const Ctx& c, int64_t g0, int64_t g1, int8_t* q, int32_t*
     }
 }
 
+#endif  // EMBER_VNNI
+
 // One weight tile, unpacked: codes [TN][K], scales [TN][K/SUB], mins [TN][K/32], d/dmin [TN][K/256].
 struct WTile {
     uint8_t* u;
@@ -468,6 +470,108 @@ static void unpack_row(int64_t type, const uint8_t* w, int64_t K, uint8_t* u, in
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Prefill GEMM for the K-quants without VNNI (M >= 16): weight tiles unpacked once (code bytes,
+// plus each 32-value group's int16 scales as a ready vector), so the inner loop is just
+// vpmaddubsw + vpmaddwd + vpaddd per 32 values and activation row, no nibble or scale decoding.
+struct WTileA {
+    std::vector<uint8_t> u;     // [TN][K] codes
+    std::vector<int16_t> sv;    // [TN][K/32][16] scales per int16 lane of the vpmaddubsw result
+    std::vector<int16_t> aux;   // [TN][K/256][16] Q4_K/Q5_K: mins, each twice; Q6_K: the 16 scales
+    std::vector<float> d, dmin; // [TN][K/256]
+    std::vector<int32_t> sc, mn;
+};
+
+static void unpack_tile_a(const Ctx& c, int64_t type, int64_t n, int64_t r, WTileA& T) {
+    const int64_t K = c.K, nb = K / 256, SUB = type == 14 ? 16 : 32;
+    unpack_row(type, c.w + n * c.row_bytes, K, T.u.data() + r * K, T.sc.data(), T.mn.data(), T.d.data() + r * nb,
+               T.dmin.data() + r * nb);
+    int16_t* sv = T.sv.data() + r * (K / 32) * 16;
+    int16_t* aux = T.aux.data() + r * nb * 16;
+    for (int64_t g = 0; g < K / 32; ++g)
+        for (int l = 0; l < 16; ++l)  // lane l of vpmaddubsw covers values 2l, 2l+1 of the group
+            sv[16 * g + l] = static_cast<int16_t>(SUB == 32 ? T.sc[g] : T.sc[2 * g + l / 8]);
+    for (int64_t b = 0; b < nb; ++b)
+        for (int l = 0; l < 16; ++l)
+            aux[16 * b + l] = static_cast<int16_t>(type == 14 ? T.sc[16 * b + l] : T.mn[8 * b + l / 2]);
+}
+
+template <int MR, bool Q6>
+static void gemm_a_dot(const WTileA& T, int64_t r, const Ctx& c, int64_t m0, float* res) {
+    const int64_t K = c.K, nb = K / 256;
+    const uint8_t* u = T.u.data() + r * K;
+    const int16_t* sv = T.sv.data() + r * (K / 32) * 16;
+    const int16_t* aux = T.aux.data() + r * nb * 16;
+    const float* d = T.d.data() + r * nb;
+    const float* dmin = T.dmin.data() + r * nb;
+    const int8_t* yq[MR];
+    const float* yd[MR];
+    const int16_t* ybs[MR];
+    for (int i = 0; i < MR; ++i) {
+        yq[i] = c.aq + (m0 + i) * K;
+        yd[i] = c.ad + (m0 + i) * c.nd;
+        ybs[i] = c.abs + (m0 + i) * (K / 16);
+    }
+    __m256 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        __m256i sumi[MR];
+        const __m256i ax = loadu(aux + 16 * b);
+        for (int i = 0; i < MR; ++i) {
+            const __m256i o = _mm256_madd_epi16(ax, loadu(ybs[i] + 16 * b));
+            if (Q6) {  // codes are value + 32: take 32 * sum(scale * x) off
+                sumi[i] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(o, 5));
+            } else {   // mins: dmin * sum(min * x)
+                acc[i] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin[b] * yd[i][b]), _mm256_cvtepi32_ps(o), acc[i]);
+                sumi[i] = _mm256_setzero_si256();
+            }
+        }
+        for (int g = 0; g < 8; ++g) {
+            const __m256i code = loadu(u + 256 * b + 32 * g);
+            const __m256i scl = loadu(sv + 16 * (8 * b + g));
+            for (int i = 0; i < MR; ++i)
+                sumi[i] = _mm256_add_epi32(sumi[i], _mm256_madd_epi16(_mm256_maddubs_epi16(code, loadu(yq[i] + 256 * b + 32 * g)), scl));
+        }
+        for (int i = 0; i < MR; ++i)
+            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * yd[i][b]), _mm256_cvtepi32_ps(sumi[i]), acc[i]);
+    }
+    for (int i = 0; i < MR; ++i) res[i] = hsum8(acc[i]);
+}
+
+static void gemm_kquant_rows_a(const Ctx& c, int64_t type, int64_t n0, int64_t n1) {
+    constexpr int64_t TN = 16;
+    const int64_t K = c.K, nb = K / 256;
+    WTileA T;
+    T.u.resize(TN * K);
+    T.sv.resize(TN * (K / 32) * 16);
+    T.aux.resize(TN * nb * 16);
+    T.d.resize(TN * nb);
+    T.dmin.resize(TN * nb);
+    T.sc.resize(K / 16);
+    T.mn.resize(K / 32);
+    const bool q6 = type == 14;
+    float res[4];
+    for (int64_t nt = n0; nt < n1; nt += TN) {
+        const int64_t rows = std::min(TN, n1 - nt);
+        for (int64_t r = 0; r < rows; ++r) unpack_tile_a(c, type, nt + r, r, T);
+        int64_t m = 0;
+        for (; m + 4 <= c.M; m += 4)
+            for (int64_t r = 0; r < rows; ++r) {
+                if (q6) gemm_a_dot<4, true>(T, r, c, m, res);
+                else gemm_a_dot<4, false>(T, r, c, m, res);
+                for (int i = 0; i < 4; ++i) c.out[(m + i) * c.N + nt + r] = res[i];
+            }
+        for (; m < c.M; ++m)
+            for (int64_t r = 0; r < rows; ++r) {
+                if (q6) gemm_a_dot<1, true>(T, r, c, m, res);
+                else gemm_a_dot<1, false>(T, r, c, m, res);
+                c.out[m * c.N + nt + r] = res[0];
+            }
+    }
+}
+
+#if EMBER_VNNI
 // 8 weight rows (t0..t0+7 of the tile) x 16 activation rows (group g), all of K -> out.
 // SUB: values per integer scale (32 for Q4_K/Q5_K, 16 for Q6_K); MIN: Q4_K/Q5_K mins; BIAS: Q6_K's 32.
 template <int SUB, bool MIN, int BIAS>
