@@ -55,13 +55,15 @@ def cpu_bf16_fast() -> bool:
 
 
 def default_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-    """bf16 on CUDA; on CPU the checkpoint's dtype, except 16-bit types the CPU computes slowly (→ f32)."""
+    """bf16 on CUDA; on CPU the checkpoint's dtype, except 16-bit types the CPU computes slowly (→ f32).
+    A bf16 checkpoint stays bf16 on a CPU without native bf16 when ember's native kernels run there:
+    decode streams the bf16 weights (half the bytes of f32) and prefill widens them per matmul."""
     if device.type == "cuda":
         return torch.bfloat16
     if device.type == "mps":
         return torch.float16
     if checkpoint_dtype == torch.bfloat16 and not cpu_bf16_fast():
-        return torch.float32
+        return torch.bfloat16 if transforms.native_kernels(device) else torch.float32
     if checkpoint_dtype == torch.float16:
         return torch.bfloat16 if cpu_bf16_fast() else torch.float32
     if checkpoint_dtype in (torch.float32, torch.bfloat16):

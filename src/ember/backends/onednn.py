@@ -18,7 +18,15 @@ from ..nn.layers import Linear
 
 
 def bf16_native() -> bool:
-    """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX), as oneDNN sees it."""
+    """Whether this CPU has native bf16 matmuls (AVX512-BF16/AMX), as oneDNN sees it. A capped ISA
+    (EMBER_CPU_ISA=avx2/avx512/generic, or ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16) says no, so the
+    AVX2 paths can be run and measured on any machine."""
+    if os.environ.get("EMBER_CPU_ISA", "").strip().lower() in ("generic", "avx2", "avx512"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and not (cap.startswith("AVX512_CORE_BF16") or cap.startswith("AVX512_CORE_AMX") or cap.startswith("AVX10")
+                    or cap in ("ALL", "DEFAULT")):
+        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
