@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from realmodels import ROOT, _lock, _wheel, minilm_dir, smollm2_gguf  # noqa: E402
+from realmodels import ROOT, _lock, _wheel, minilm_dir, smollm2_gguf, smollm2_hf  # noqa: E402
 
 from ember.fixtures import extract, join_parts  # noqa: E402
 
@@ -32,6 +32,33 @@ def qwen25_coder_1p5b_gguf() -> Path:
         return out
 
 
+def smollm2_hf_bf16() -> Path:
+    """SmolLM2-135M-Instruct as a bf16 safetensors folder (the tests' float32 conversion of the Q4_1
+    GGUF, cast to bf16: a checkpoint as Hub repos publish them)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with _lock("smollm2-bf16"):
+        dst = ROOT / "hf" / "SmolLM2-135M-Instruct-bf16"
+        if (dst / "model.safetensors").is_file():
+            return dst
+        src = smollm2_hf()
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy(f, dst / f.name)
+        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "model.safetensors").items()}
+        save_file(sd, dst / "model.safetensors.tmp", metadata={"format": "pt"})
+        (dst / "model.safetensors.tmp").replace(dst / "model.safetensors")
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+        (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+        return dst
+
+
 if __name__ == "__main__":
-    for fn in (smollm2_gguf, qwen25_coder_1p5b_gguf, minilm_dir):
+    for fn in (smollm2_gguf, smollm2_hf_bf16, qwen25_coder_1p5b_gguf, minilm_dir):
         print(fn.__name__, fn())
