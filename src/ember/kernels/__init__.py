@@ -149,7 +149,9 @@ def use_isa(name: str | None):
 
 def available() -> bool:
     """Whether the compiled kernels are usable (builds them on first call)."""
-    return _build.load()
+    ok = _build.load()
+    _resolved[1] = ok
+    return ok
 
 
 def supported(ggml_type: int) -> bool:
@@ -161,17 +163,25 @@ def build_info() -> dict:
     return _build.info()
 
 
-# Under torch.compile these two are evaluated once at trace time and baked into the graph as
-# constants (no tracing of /proc/cpuinfo, env vars or the build lock); a later set_isa() changes
-# eager calls only, not already-compiled graphs.
-@torch.compiler.assume_constant_result
+# Eager calls resolve the ISA and the library's availability and remember them here; under
+# torch.compile the remembered values are read (dynamo guards on them: constants in the graph, no
+# tracing of /proc/cpuinfo, env vars or the build lock). torch.compiler.assume_constant_result would
+# do the same but imports torch._dynamo (~1 s) when this module is imported.
+_resolved: list = [None, None]  # [isa index, native library ready]
+
+
 def _isa_index() -> int:
-    return ISAS.index(isa())
+    if torch.compiler.is_compiling():
+        return _resolved[0] if _resolved[0] is not None else ISAS.index(_cpuinfo_isa())
+    _resolved[0] = ISAS.index(isa())
+    return _resolved[0]
 
 
-@torch.compiler.assume_constant_result
 def _native_ready() -> bool:
-    return bool(_build._state["loaded"] or available())
+    if torch.compiler.is_compiling():
+        return bool(_resolved[1])
+    _resolved[1] = bool(_build._state["loaded"] or available())
+    return _resolved[1]
 
 
 def reference_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, out_features: int) -> torch.Tensor:
