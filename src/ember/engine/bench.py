@@ -186,7 +186,7 @@ def main(args) -> int:
 
         if args.config not in PRESETS:
             raise SystemExit(f"ember bench: unknown --config {args.config!r}; presets: {', '.join(PRESETS)}")
-        if args.quantize:
+        if getattr(args, "quantize", None):
             raise SystemExit("ember bench: --quantize applies to a model's weights, not --config presets")
         dtype = dtype or torch.bfloat16
         t = time.perf_counter()
