@@ -179,3 +179,15 @@ def register_ops() -> int:
             ops.register(name, fn)
             n += 1
     return n
+
+
+def use_native_ops(model: nn.Module) -> int:
+    """register_ops(); the number of `model`'s modules that call the ops (plain-form RMSNorms and
+    attention blocks), 0 when the kernels are unavailable."""
+    from ..nn.layers import RMSNorm
+
+    if not available():
+        return 0
+    register_ops()
+    return sum(1 for m in model.modules()
+               if (isinstance(m, RMSNorm) and not m.scale_in_float) or hasattr(m, "num_kv_heads"))

@@ -54,8 +54,9 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float | None = None) -> torch.Tensor:
     B, H, T, D = q.shape
     KV = k.shape[1]
-    if KV != H and (mask is None or mask.dim() < 4 or mask.shape[1] == 1):
-        # fold each KV head's query group into the query axis: plain multi-head attention over KV heads
+    if KV != H and (mask is None or mask.shape[1] == 1):
+        # grouped queries: fold each KV head's query group into the query-length axis, so the kernel
+        # sees plain multi-head attention over KV heads (no K/V repeat, no GQA path)
         o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask, scale=scale)
         return o.view(B, H, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)

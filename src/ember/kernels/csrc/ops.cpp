@@ -123,7 +123,7 @@ static inline float vsum(V a) {
     return _mm_cvtss_f32(s);
 }
 // exp: Cephes' polynomial on x - n ln2, times 2^n; below -87 (where exp underflows float's
-// normal range) exactly 0, so that masked (-inf) scores give 0.
+// normal range) exactly 0, so that masked (-inf) scores give 0; above float's range +inf.
 static inline V vexp(V a) {
     const __m256 x = _mm256_min_ps(_mm256_max_ps(a.v, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
     const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -139,7 +139,10 @@ static inline V vexp(V a) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    return {_mm256_andnot_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y)};
+    y = _mm256_andnot_ps(_mm256_cmp_ps(a.v, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
+    // past float's range: +inf, as std::exp (so that silu(-100) is -0, not a tiny negative)
+    return {_mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                             _mm256_cmp_ps(a.v, _mm256_set1_ps(88.7228394f), _CMP_GT_OQ))};
 }
 #include "ops_impl.h"
 }  // namespace avx2
@@ -191,7 +194,9 @@ static inline V vexp(V a) {
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
     y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return {_mm512_scalef_ps(y, fx)};
+    y = _mm512_scalef_ps(y, fx);
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, _mm512_set1_ps(88.7228394f), _CMP_GT_OQ), y,
+                                 _mm512_set1_ps(std::numeric_limits<float>::infinity()))};
 }
 #include "ops_impl.h"
 }  // namespace avx512
