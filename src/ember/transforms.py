@@ -7,6 +7,8 @@ backend wants of them is done here, after the build, never inside a layer's cons
   quantize      float Linear -> QuantLinear over Q8_0 / Q4_1 blocks made at load (`quantize=`),
                 the rest of the model cast to the compute dtype
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
+  native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
+                CPU kernels: registered once per process; counts the model's modules that call them
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
@@ -36,6 +38,12 @@ def _native_quant(model: nn.Module) -> int:
     from .backends.native import use_quant_kernels
 
     return use_quant_kernels(model)
+
+
+def _native_ops(model: nn.Module) -> int:
+    from .backends.native import use_native_ops
+
+    return use_native_ops(model)
 
 
 def _int4(model: nn.Module) -> int:
@@ -81,6 +89,7 @@ def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
 
 
 NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
+NATIVE_OPS = Transform("native-ops", _native_ops, "norms, SwiGLU and decode attention on ember's native CPU kernels")
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
@@ -125,6 +134,8 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
             if int4_kernel_available():
                 steps.append(INT4)
         steps.append(DEQUANTIZE)
+    if cpu and native_kernels(device):
+        steps.append(NATIVE_OPS)
     if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
         if bf16_native():
             if prepack is not False:

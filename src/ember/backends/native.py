@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels as _kernels
 from ..io.ggml_weight import GGMLWeight
+from ..nn import ops
 from ..nn.layers import Linear
 from ..nn.quantized import QuantLinear
 
@@ -114,3 +116,78 @@ def use_bf16_kernels(model: nn.Module) -> int:
         return 0
     return _replace(model, lambda m: isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
                     and m.weight.device.type == "cpu", NativeBf16Linear)
+
+
+# ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
+# Each wrapper takes what the default takes and hands anything the kernel does not cover (another
+# device or dtype, autograd, an odd mask) to the pure-PyTorch default.
+_F32_BF16 = (torch.float32, torch.bfloat16)
+
+
+def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or x.device.type != "cpu" or (
+            x.requires_grad and torch.is_grad_enabled()):
+        return ops.default("rms_norm")(x, weight, eps)
+    return torch.ops.ember.rms_norm.default(x, weight, eps, _kernels._isa_index())
+
+
+def _native_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    if (x.dtype not in _F32_BF16 or delta.dtype != x.dtype or weight.dtype not in _F32_BF16 or x.shape != delta.shape
+            or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))):
+        return ops.default("add_rms_norm")(x, delta, weight, eps)
+    return torch.ops.ember.add_rms_norm.default(x, delta, weight, eps, _kernels._isa_index())
+
+
+def _native_silu_mul(gu) -> torch.Tensor:
+    if isinstance(gu, torch.Tensor):
+        g, u = gu, None
+    else:
+        g, u = gu
+    if (g.dtype not in _F32_BF16 or g.device.type != "cpu" or (u is not None and (u.dtype != g.dtype or u.shape != g.shape))
+            or (torch.is_grad_enabled() and (g.requires_grad or (u is not None and u.requires_grad)))):
+        return ops.default("silu_mul")(gu)
+    return torch.ops.ember.silu_mul.default(g, u, _kernels._isa_index())
+
+
+def _native_decode_attention(q, k, v, mask, scale=None):
+    if (q.dtype not in _F32_BF16 or k.dtype != q.dtype or v.dtype != q.dtype or q.device.type != "cpu"
+            or (mask is not None and (mask.dim() > 4 or (mask.dim() >= 2 and mask.shape[-2] != 1)
+                                      or (mask.dim() == 4 and mask.shape[1] != 1)
+                                      or mask.dtype not in (torch.bool, torch.float32, torch.bfloat16)))
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return ops.default("decode_attention")(q, k, v, mask, scale)
+    return torch.ops.ember.decode_attention.default(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                                    _kernels._isa_index())
+
+
+NATIVE_OPS = {
+    "rms_norm": _native_rms_norm,
+    "add_rms_norm": _native_add_rms_norm,
+    "silu_mul": _native_silu_mul,
+    "decode_attention": _native_decode_attention,
+}
+
+
+def register_ops() -> int:
+    """Register the native implementations of ember.nn.ops (once per process; a no-op where the
+    kernels do not build or EMBER_KERNELS=0). Returns how many ops were registered now."""
+    if not available():
+        return 0
+    n = 0
+    for name, fn in NATIVE_OPS.items():
+        if ops.current(name) is not fn:
+            ops.register(name, fn)
+            n += 1
+    return n
+
+
+def use_native_ops(model: nn.Module) -> int:
+    """register_ops(); the number of `model`'s modules that call the ops (plain-form RMSNorms and
+    attention blocks), 0 when the kernels are unavailable."""
+    from ..nn.layers import RMSNorm
+
+    if not available():
+        return 0
+    register_ops()
+    return sum(1 for m in model.modules()
+               if (isinstance(m, RMSNorm) and not m.scale_in_float) or hasattr(m, "num_kv_heads"))

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ember_kernels.cpp", "x86_impl.h")
+SOURCES = ("ember_kernels.cpp", "x86_impl.h", "ops.cpp", "ops_impl.h")
+UNITS = ("ember_kernels.cpp", "ops.cpp")  # the translation units (the headers are included)
 # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` in
 # torch's OpenMP builds; without it every op would run on one thread. (The library then needs
 # libgomp.so.1, which torch has already loaded.)
@@ -81,7 +82,7 @@ def _build(out: Path) -> Path:
                 t = time.perf_counter()
                 cpp_extension.load(
                     name=_so_name(),
-                    sources=[str(CSRC / "ember_kernels.cpp")],
+                    sources=[str(CSRC / u) for u in UNITS],
                     extra_cflags=list(CFLAGS),
                     extra_ldflags=list(LDFLAGS),
                     extra_include_paths=[str(CSRC)],
@@ -135,6 +136,26 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ember::bf16_mm")
     def _bf16_mm_fake(x, w, isa):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("ember::rms_norm")
+    def _rms_norm_fake(x, weight, eps, isa):
+        both_bf16 = x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        return x.new_empty(x.shape, dtype=torch.bfloat16 if both_bf16 else torch.float32)
+
+    @torch.library.register_fake("ember::add_rms_norm")
+    def _add_rms_norm_fake(x, delta, weight, eps, isa):
+        both_bf16 = x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+        return x.new_empty(x.shape), x.new_empty(x.shape, dtype=torch.bfloat16 if both_bf16 else torch.float32)
+
+    @torch.library.register_fake("ember::silu_mul")
+    def _silu_mul_fake(gu, up, isa):
+        if up is not None:
+            return gu.new_empty(gu.shape)
+        return gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
+
+    @torch.library.register_fake("ember::decode_attention")
+    def _decode_attention_fake(q, k, v, mask, scale, isa):
+        return q.new_empty((q.shape[0], q.shape[1], 1, q.shape[3]))
 
     _state["fakes"] = True
 

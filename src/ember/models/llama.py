@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import gguf_source as gguf
 from ..config import DecoderConfig, ModelConfig
 from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
-                  rotary_from_config)
+                  ops, rotary_from_config)
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step, tied_or_own_head
 
@@ -159,6 +160,9 @@ class MLP(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu:  # SwiGLU: the registered silu_mul, on the fused projection's output as is
+            gu = self.gate_up.fused(x) if self.gate_up.fused is not None else self.gate_up(x)
+            return self.down_proj(ops.silu_mul(gu))
         g, u = self.gate_up(x)
         return self.down_proj(self.act(g) * u)
 
@@ -177,11 +181,19 @@ class DecoderLayer(nn.Module):
         return MLP(cfg, vb.pp("mlp"), fuse)
 
     def forward(self, x, cos, sin, step: Step):
+        x, h = self.forward_deferred(x, None, cos, sin, step)
+        return x + h
+
+    def forward_deferred(self, x, pending, cos, sin, step: Step):
+        """The layer with its last residual add left to the caller: the input is x + pending (pending
+        None: x), the output x' + h' is returned as (x', h'), so that the add fuses with the next
+        norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
         m = self.residual_multiplier
-        h = self.self_attn(self.input_layernorm(x), cos, sin, step)
-        x = x + (h * m if m != 1.0 else h)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + (h * m if m != 1.0 else h)
+        x, normed = self.input_layernorm.add_forward(x, pending)
+        h = self.self_attn(normed, cos, sin, step)
+        x, normed = self.post_attention_layernorm.add_forward(x, h * m if m != 1.0 else h)
+        h = self.mlp(normed)
+        return x, (h * m if m != 1.0 else h)
 
 
 class Model(nn.Module):
@@ -200,12 +212,20 @@ class Model(nn.Module):
         self.norm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"), **(norm_kw or {}))
         self.rotary = rotary_from_config(cfg.raw, cfg.head_dim, cfg.max_position_embeddings, device=vb.device)
         self.embedding_multiplier = cfg.embedding_multiplier  # Granite
+        # layers that keep Llama's forward hand their last residual add on to the next norm
+        self.deferred = all(isinstance(layer, DecoderLayer) and type(layer).forward is DecoderLayer.forward
+                            and type(layer).forward_deferred is DecoderLayer.forward_deferred for layer in self.layers)
 
     def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
         cos, sin = self.rotary(step.position_ids, x.dtype)
+        if self.deferred:
+            pending = None
+            for layer in self.layers:
+                x, pending = layer.forward_deferred(x, pending, cos, sin, step)
+            return self.norm.add_forward(x, pending)[1]
         for layer in self.layers:
             x = layer(x, cos, sin, step)
         return self.norm(x)

@@ -1,4 +1,5 @@
 """Building blocks shared by the model families."""
+from . import ops
 from .activations import activation
 from .attention import attention, build_mask, positions_from_mask
 from .kv_cache import KVCache
@@ -7,7 +8,7 @@ from .moe import SparseMoE
 from .rope import RotaryEmbedding, apply_rotary, apply_rotary_bthd, rope_parameters, rotary_from_config
 
 __all__ = [
-    "activation", "attention", "build_mask", "positions_from_mask", "KVCache", "Embedding", "FusedLinears", "LayerNorm",
+    "activation", "attention", "ops", "build_mask", "positions_from_mask", "KVCache", "Embedding", "FusedLinears", "LayerNorm",
     "Linear", "RMSNorm", "linear", "linear_from_weight", "RotaryEmbedding", "apply_rotary", "apply_rotary_bthd", "rope_parameters",
     "rotary_from_config", "SparseMoE",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 
 def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     """Token positions [B, T]: 0.. for each row's real tokens (padding gets 0)."""
@@ -77,14 +79,9 @@ def attention(
     """softmax(q k^T * scale [+ mask]) v for q [B, H, T, D], k/v [B, KV, S, D] (GQA when KV < H)."""
     if softcap is not None:
         return _softcapped_attention(q, k, v, mask, scale, softcap)
-    B, H, T, D = q.shape
-    KV = k.shape[1]
-    gqa = KV != H
-    if gqa and T == 1 and (mask is None or mask.shape[1] == 1):
-        # Decode with grouped queries: fold each KV head's query group into the query-length axis,
-        # so the kernel sees plain multi-head attention over KV heads (no K/V repeat, no GQA path).
-        o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask, scale=scale)
-        return o.view(B, H, 1, D)
+    if q.shape[2] == 1:  # decode: one query per row (the registered op)
+        return ops.decode_attention(q, k, v, mask, scale)
+    gqa = k.shape[1] != q.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

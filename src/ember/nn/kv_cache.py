@@ -58,6 +58,7 @@ class KVCache:
         self.k = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
         self.v = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
         self._rows = torch.arange(batch, device=device)[:, None]
+        self._last_col: tuple | None = None  # (columns tensor, its version, its value): see _host_column
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +92,7 @@ class KVCache:
         w = self.windows[layer]
         if w is None or self.ring_mode(w, T, kv_len) == "plain":
             cols = position_ids if w is None else self._columns(w, position_ids)
-            self._write(kc, vc, k, v, cols)
+            self._write(kc, vc, k, v, cols, kv_len)
             return kc[:, :, :kv_len], vc[:, :, :kv_len]
         if T == 1:
             self._write(kc, vc, k, v, self._columns(w, position_ids))
@@ -106,11 +107,26 @@ class KVCache:
         self._write(kc, vc, k[:, :, T - keep:], v[:, :, T - keep:], self._columns(w, position_ids[:, T - keep:]))
         return keys, values
 
-    def _write(self, kc, vc, k, v, cols: torch.Tensor) -> None:
+    def _host_column(self, cols: torch.Tensor, kv_len: int) -> int:
+        # keyed by the tensor itself (held, so its id is not reused), kv_len and, outside inference
+        # mode, its version counter (an in-place write to it between calls reads it again)
+        try:
+            version = cols._version
+        except RuntimeError:  # inference tensors keep no version counter
+            version = None
+        last = self._last_col
+        if last is not None and last[0] is cols and last[1] == version and last[2] == kv_len:
+            return last[3]
+        p = int(cols[0, 0])
+        self._last_col = (cols, version, kv_len, p)
+        return p
+
+    def _write(self, kc, vc, k, v, cols: torch.Tensor, kv_len: int | None = None) -> None:
         B, T = cols.shape
         if B == 1 and T == 1 and not cols.is_cuda and not torch.compiler.is_compiling():
-            # Single-token decode on CPU: a narrow copy is cheaper than index_put.
-            p = int(cols[0, 0])
+            # Single-token decode on CPU: a narrow copy is cheaper than index_put. The column is read
+            # to the host once per step: full layers all get the same position tensor.
+            p = self._host_column(cols, kc.shape[2] if kv_len is None else kv_len)
             kc[:, :, p : p + 1].copy_(k)
             vc[:, :, p : p + 1].copy_(v)
         else:

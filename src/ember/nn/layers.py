@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..varbuilder import VarBuilder
+from . import ops
 
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -94,12 +95,24 @@ class RMSNorm(nn.Module):
         return cls(vb.get((dim,), name), eps, offset, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scale_in_float:  # the plain form (offset 0): the registered op
+            return ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.offset == 0.0:
             return F.rms_norm(x, (x.shape[-1],), self.weight.float() if self.weight.dtype != x.dtype else self.weight, self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         if self.scale_in_float:
             return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(s)) for s = x + delta (the residual add of a pre-norm block and the next norm,
+        fused by the registered op where this norm is the plain form); delta None: (x, self(x))."""
+        if delta is None:
+            return x, self(x)
+        if not self.scale_in_float:
+            return ops.add_rms_norm(x, delta, self.weight, self.eps)
+        s = x + delta
+        return s, self(s)
 
 
 class LayerNorm(nn.Module):

@@ -1,0 +1,124 @@
+"""The small ops the layers call, behind names a backend may re-register.
+
+Layers call ops, not backends: `ops.rms_norm(x, w, eps)`, `ops.add_rms_norm(...)`,
+`ops.silu_mul(...)`, `ops.decode_attention(...)`. Each name starts as the pure-PyTorch default
+below (the numerics ember's layers have always had); a backend swaps in a faster implementation
+once per process with `register(name, fn)` (ember.backends.native registers ember's native CPU
+kernels). An implementation must accept every input the default does; where it does not cover a
+case (a device, a dtype, a layout) it calls the default itself (`default(name)`).
+
+    ops.rms_norm(x, weight, eps) -> y
+        RMSNorm as transformers computes it: normalise in float32, cast back to x's dtype, scale
+        by weight (a float32 x: F.rms_norm with the weight in float32).
+    ops.add_rms_norm(x, delta, weight, eps) -> (s, rms_norm(s, weight, eps))   with s = x + delta
+        the residual add and the next norm of a pre-norm decoder, in one pass.
+    ops.silu_mul(gu) -> silu(g) * u
+        gu: a tuple (g, u), or one tensor [..., 2F] holding g then u (a fused gate/up projection).
+    ops.decode_attention(q, k, v, mask, scale) -> o [B, H, 1, D]
+        softmax(q k^T * scale [+ mask]) v for ONE query per row: q [B, H, 1, D], k/v [B, KV, S, D]
+        (H a multiple of KV: grouped queries), mask None or boolean (True = attend) / additive,
+        broadcastable to [B, 1, 1, S]; scale None = D ** -0.5.
+
+This module imports nothing above `ember.nn` (tests/test_layout.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight.float() if weight.dtype != x.dtype else weight, eps)
+    h = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * h.to(x.dtype)
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    s = x + delta
+    return s, _rms_norm(s, weight, eps)
+
+
+def _silu_mul(gu) -> torch.Tensor:
+    if isinstance(gu, torch.Tensor):
+        g, u = gu.chunk(2, dim=-1)
+    else:
+        g, u = gu
+    return F.silu(g) * u
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None = None) -> torch.Tensor:
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    if KV != H and (mask is None or mask.shape[1] == 1):
+        # grouped queries: fold each KV head's query group into the query-length axis, so the kernel
+        # sees plain multi-head attention over KV heads (no K/V repeat, no GQA path)
+        o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=mask, scale=scale)
+        return o.view(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)
+
+
+DEFAULTS: dict[str, Callable] = {
+    "rms_norm": _rms_norm,
+    "add_rms_norm": _add_rms_norm,
+    "silu_mul": _silu_mul,
+    "decode_attention": _decode_attention,
+}
+
+# The current implementations, bound as module attributes so that a call is one global lookup.
+rms_norm = _rms_norm
+add_rms_norm = _add_rms_norm
+silu_mul = _silu_mul
+decode_attention = _decode_attention
+
+
+def default(name: str) -> Callable:
+    """The pure-PyTorch implementation of `name`."""
+    return DEFAULTS[name]
+
+
+def current(name: str) -> Callable:
+    """The implementation `name` dispatches to now."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown op {name!r}; ops: {', '.join(DEFAULTS)}")
+    return globals()[name]
+
+
+def register(name: str, fn: Callable | None) -> Callable:
+    """Make `fn` the implementation of op `name` (None: back to the default); returns the previous one."""
+    before = current(name)
+    globals()[name] = DEFAULTS[name] if fn is None else fn
+    return before
+
+
+def reset() -> None:
+    """Every op back to its pure-PyTorch default."""
+    for name in DEFAULTS:
+        register(name, None)
+
+
+def registered() -> dict[str, str]:
+    """Each op and where its implementation comes from ("default" or the function's module)."""
+    return {n: "default" if current(n) is f else f"{current(n).__module__}.{current(n).__qualname__}"
+            for n, f in DEFAULTS.items()}
+
+
+@contextlib.contextmanager
+def using(impls: dict[str, Callable | None]):
+    """Temporarily register `impls` (name -> fn, None = the default)."""
+    before = {n: current(n) for n in impls}
+    try:
+        for n, f in impls.items():
+            register(n, f)
+        yield
+    finally:
+        for n, f in before.items():
+            globals()[n] = f
+
+
+__all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "default", "register", "registered", "reset",
+           "rms_norm", "silu_mul", "using"]
