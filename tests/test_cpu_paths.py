@@ -37,7 +37,7 @@ def test_bf16_checkpoint_on_an_avx2_cpu_stays_bf16_on_the_native_gemv(bf16_folde
     ref = _logits(ember.load(bf16_folder, dtype=torch.float32), ids)
     monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
     llm = ember.load(bf16_folder)
-    assert llm.dtype == torch.bfloat16 and llm._loaded.transforms == ("native-bf16",)
+    assert llm.dtype == torch.bfloat16 and llm._loaded.transforms == ("native-ops", "native-bf16")
     kinds = {type(m).__name__ for m in llm.model.modules()}
     assert "NativeBf16Linear" in kinds and "PrepackedLinear" not in kinds
     got = _logits(llm, ids)  # prefill rows: the float32 path
@@ -66,7 +66,7 @@ def test_gguf_on_a_capped_isa_uses_that_isas_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
     assert kernels.isa() == "avx2"
     llm = ember.load(path)
-    assert llm._loaded.transforms == ("native-quant",)
+    assert llm._loaded.transforms == ("native-quant", "native-ops")
     got = _logits(llm, ids)
     # every ISA path rounds activations to int8 the same way: the same numbers up to summation order
     torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-4 * best.abs().max().item())

@@ -119,6 +119,8 @@ class CausalLM(nn.Module):
 
         fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
         causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then."""
+        if cache is not None:
+            cache.begin_forward()  # per-forward memos (the decode write column) start afresh
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
                          causal=not self.bidirectional)
         h = self.model(input_ids, step)

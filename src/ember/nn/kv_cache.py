@@ -58,7 +58,7 @@ class KVCache:
         self.k = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
         self.v = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
         self._rows = torch.arange(batch, device=device)[:, None]
-        self._last_col: tuple | None = None  # (columns tensor, its version, its value): see _host_column
+        self._last_col: tuple | None = None  # (columns tensor, kv_len, its value) within one forward
 
     @property
     def nbytes(self) -> int:
@@ -107,18 +107,19 @@ class KVCache:
         self._write(kc, vc, k[:, :, T - keep:], v[:, :, T - keep:], self._columns(w, position_ids[:, T - keep:]))
         return keys, values
 
+    def begin_forward(self) -> None:
+        """A model forward starts: memos of the previous one are void (a static decode step writes
+        its next positions into the same tensor in place, under inference mode, where no version
+        counter tells)."""
+        self._last_col = None
+
     def _host_column(self, cols: torch.Tensor, kv_len: int) -> int:
-        # keyed by the tensor itself (held, so its id is not reused), kv_len and, outside inference
-        # mode, its version counter (an in-place write to it between calls reads it again)
-        try:
-            version = cols._version
-        except RuntimeError:  # inference tensors keep no version counter
-            version = None
+        # within one forward every full layer gets the same position tensor: read it to the host once
         last = self._last_col
-        if last is not None and last[0] is cols and last[1] == version and last[2] == kv_len:
-            return last[3]
+        if last is not None and last[0] is cols and last[1] == kv_len:
+            return last[2]
         p = int(cols[0, 0])
-        self._last_col = (cols, version, kv_len, p)
+        self._last_col = (cols, kv_len, p)
         return p
 
     def _write(self, kc, vc, k, v, cols: torch.Tensor, kv_len: int | None = None) -> None:
