@@ -424,11 +424,7 @@ def generation_config(f: GGUFFile) -> dict:
 
 
 def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc): dequantising and repacking leave many
-    freed temporaries behind that would otherwise stay in the process's resident memory."""
-    try:
-        import ctypes
+    """Hand the heap's free pages back to the OS (ember.malloc.trim)."""
+    from .malloc import trim
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim()

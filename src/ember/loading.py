@@ -299,6 +299,10 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
         if device.type != "cpu":
             raise ArgumentError(f"quantize={quantize!r} runs on CPU (ember's native kernels); on {device.type} "
                                 f"load the model unquantised or a quantised GGUF")
+    if device.type == "cpu":
+        from .malloc import tune
+
+        tune()  # large temporaries (loading, prefill) go back to the OS when freed
     ckpt = open_checkpoint(snap)
     entry = ckpt.entry
     if quantize is not None and entry.task != "causal-lm":
