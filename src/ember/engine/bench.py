@@ -158,10 +158,9 @@ def kernel_path(device: torch.device, model, transforms=()) -> dict:
         out["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     layers: dict = {}
     for m in model.modules():
-        if not list(m.children()) and any(True for _ in m.parameters(recurse=False)) or hasattr(m, "qweight"):
-            name = type(m).__name__
-            if name.endswith("Linear"):
-                layers[name] = layers.get(name, 0) + 1
+        name = type(m).__name__
+        if name.endswith("Linear") and not list(m.children()):
+            layers[name] = layers.get(name, 0) + 1
     out["linears"] = ", ".join(f"{k} x{v}" for k, v in sorted(layers.items()))
     out["transforms"] = ", ".join(transforms) or "none"
     return out
