@@ -315,7 +315,13 @@ def test_cli_embed(tmp_path, capsys):
     assert main(["embed", str(d)]) == 1
     assert "no texts to embed" in capsys.readouterr().err
     assert main(["embed", str(d), "x", "--out", str(tmp_path / "v.txt")]) == 1
-    assert "use a .npy, .pt or .jsonl" in capsys.readouterr().err
+    # a folder that does not exist: refused before the model loads (it used to fail after all the work)
+    assert main(["embed", str(d), "x", "--out", str(tmp_path / "nope" / "v.npy")]) == 1
+    (tmp_path / "dir.npy").mkdir()
+    assert main(["embed", str(d), "x", "--out", str(tmp_path / "dir.npy")]) == 1  # a folder, not a file
+    err = capsys.readouterr().err
+    assert "use a .npy, .pt or .jsonl" in err and "does not exist" in err and "cannot write there" in err
+    assert "Traceback" not in err
 
 
 def test_cli_embed_progress_bar(tmp_path, capsys, monkeypatch):

@@ -106,6 +106,14 @@ def main(args) -> int:
         raise EmbeddingError(f"--batch-size must be positive, got {args.batch_size}")
     if args.out is not None and not args.out.endswith((".npy", ".pt", ".jsonl")):
         raise EmbeddingError(f"--out {args.out}: use a .npy, .pt or .jsonl file name")
+    if args.out is not None:  # before any work: a bad path used to fail after all of it
+        import os
+
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise EmbeddingError(f"--out {args.out}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or os.path.isdir(args.out):
+            raise EmbeddingError(f"--out {args.out}: cannot write there")
 
     import ember
 
@@ -121,7 +129,10 @@ def main(args) -> int:
     vecs, truncated = enc.embed(texts, batch_size=args.batch_size, normalize=args.normalize, return_truncated=True,
                                 progress=progress, prompt=args.prompt, prompt_name=args.prompt_name)
     t2 = time.perf_counter()
-    _write(args.out, vecs, truncated)
+    try:
+        _write(args.out, vecs, truncated)
+    except OSError as e:
+        raise EmbeddingError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
     n_trunc = int(truncated.sum())
     if n_trunc:
         print(f"ember: {n_trunc} of {len(texts)} texts were longer than {enc.max_length} tokens and were truncated",
