@@ -53,16 +53,12 @@ def _int4(model: nn.Module) -> int:
 
 
 def _dequantize(model: nn.Module) -> int:
+    from .backends import replace_modules
     from .nn.layers import Linear
     from .nn.quantized import QuantLinear
 
-    n = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, QuantLinear) and child.dense_fallback:
-                setattr(mod, name, Linear(child.dequantized_weight(), child.bias))
-                n += 1
-    return n
+    return replace_modules(model, lambda m: isinstance(m, QuantLinear) and m.dense_fallback,
+                           lambda m: Linear(m.dequantized_weight(), m.bias))
 
 
 def _native_bf16(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..io import ggml
 from ..nn.quantized import QuantLinear
+from . import replace_modules
 
 INT4_CHUNK_VALUES = 1 << 20
 INT4_TYPES = (ggml.Q4_0, ggml.Q4_1, ggml.Q4_K, ggml.Q5_0, ggml.Q5_1, ggml.Q5_K, ggml.Q8_0)
@@ -85,13 +86,7 @@ class Int4Linear(nn.Module):
 
 def to_int4(model: nn.Module) -> int:
     """Every QuantLinear of an int4-able type becomes an Int4Linear. Returns how many."""
-    n = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if int4able(child):
-                setattr(mod, name, Int4Linear(child))
-                n += 1
-    return n
+    return replace_modules(model, int4able, Int4Linear)
 
 
 def _f16_field(b: torch.Tensor, at: int, n: int, groups: int) -> torch.Tensor:

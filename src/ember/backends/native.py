@@ -20,6 +20,7 @@ from ..io.ggml_weight import GGMLWeight
 from ..nn import ops
 from ..nn.layers import Linear
 from ..nn.quantized import QuantLinear
+from . import replace_modules
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,23 +91,13 @@ class NativeBf16Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 native"
 
 
-def _replace(model: nn.Module, want, make) -> int:
-    n = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if want(child):
-                setattr(mod, name, make(child))
-                n += 1
-    return n
-
-
 def use_quant_kernels(model: nn.Module) -> int:
     """Every CPU QuantLinear of a type the native kernels run becomes a NativeQuantLinear."""
     from ..kernels import supported
 
     if not available():
         return 0
-    return _replace(model, lambda m: isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"
+    return replace_modules(model, lambda m: isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"
                     and supported(m.ggml_type), NativeQuantLinear)
 
 
@@ -114,7 +105,7 @@ def use_bf16_kernels(model: nn.Module) -> int:
     """Every CPU bf16 Linear becomes a NativeBf16Linear."""
     if not available():
         return 0
-    return _replace(model, lambda m: isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
+    return replace_modules(model, lambda m: isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
                     and m.weight.device.type == "cpu", NativeBf16Linear)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.layers import Linear
+from . import replace_modules
 
 
 def bf16_native() -> bool:
@@ -113,10 +114,4 @@ def prepack_all(model: nn.Module) -> int:
 def unprepack_all(model: nn.Module) -> int:
     """Undo prepack_all: every PrepackedLinear in `model` becomes a plain Linear (followed by its
     GELU where one was fused). Returns how many."""
-    n = 0
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, PrepackedLinear):
-                setattr(mod, name, child.unpack())
-                n += 1
-    return n
+    return replace_modules(model, lambda m: isinstance(m, PrepackedLinear), lambda m: m.unpack())
