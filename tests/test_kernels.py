@@ -211,7 +211,8 @@ def test_disabled_by_env_falls_back():
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    r = _run(FALLBACK_CHECK, EMBER_CACHE=str(blocker))  # the cache dir can't be created
+    # the cache dir can't be created (EMBER_KERNELS_CACHE, when set, would take precedence)
+    r = _run(FALLBACK_CHECK, EMBER_CACHE=str(blocker), EMBER_KERNELS_CACHE=str(blocker / "kernels"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == "1", r.stdout
 
