@@ -23,6 +23,9 @@ from ..nn.quantized import QuantLinear
 from . import replace_modules
 
 
+_F32_BF16 = (torch.float32, torch.bfloat16)
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether ember's native kernels run here (a CPU build of them loaded; EMBER_KERNELS=0 says no)."""
@@ -49,16 +52,31 @@ class NativeQuantLinear(nn.Module):
         self.ggml_type, self.out_features, self.in_features = q.ggml_type, q.out_features, q.in_features
         self.compute_dtype = q.compute_dtype
         self.bias = q.bias
-        self.register_buffer("qweight", q.qweight, persistent=False)
+        data = q.qweight
+        if data.dim() != 2 or not data.is_contiguous():
+            data = data.reshape(self.out_features, -1).contiguous()
+        self.register_buffer("qweight", data, persistent=False)
+        from .. import kernels
+
+        # the ISA the kernels run at, fixed when the model is built (EMBER_CPU_ISA / use_isa then)
+        self.isa = kernels.ISAS.index(kernels.isa())
 
     @property
     def weight(self) -> GGMLWeight:
         return GGMLWeight(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import ggml_linear
+        if x.dtype in _F32_BF16 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # the op straight away: ggml_linear's checks cost ~7 us a call, 121 calls a token on a 135M model
+            x2 = x.reshape(-1, self.in_features)
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            y = torch.ops.ember.ggml_mm.default(x2, self.qweight, self.ggml_type, self.out_features, self.isa)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            from ..kernels import ggml_linear
 
-        y = ggml_linear(x, self.qweight, self.ggml_type, self.out_features)
+            y = ggml_linear(x, self.qweight, self.ggml_type, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -112,9 +130,6 @@ def use_bf16_kernels(model: nn.Module) -> int:
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
 # Each wrapper takes what the default takes and hands anything the kernel does not cover (another
 # device or dtype, autograd, an odd mask) to the pure-PyTorch default.
-_F32_BF16 = (torch.float32, torch.bfloat16)
-
-
 def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or x.device.type != "cpu" or (
             x.requires_grad and torch.is_grad_enabled()):

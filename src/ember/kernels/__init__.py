@@ -170,10 +170,18 @@ def build_info() -> dict:
 _resolved: list = [None, None]  # [isa index, native library ready]
 
 
+_index_memo: list = [None, None, None]  # (env, override, index): the eager fast path of _isa_index
+
+
 def _isa_index() -> int:
     if torch.compiler.is_compiling():
         return _resolved[0] if _resolved[0] is not None else ISAS.index(_cpuinfo_isa())
+    env = os.environ.get("EMBER_CPU_ISA")
+    memo = _index_memo
+    if memo[2] is not None and memo[0] == env and memo[1] == _override and _build._state["loaded"]:
+        return memo[2]
     _resolved[0] = ISAS.index(isa())
+    memo[0], memo[1], memo[2] = env, _override, _resolved[0]
     return _resolved[0]
 
 
