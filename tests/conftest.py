@@ -29,3 +29,18 @@ def tiny_chat(tmp_path_factory):
     import tinymodels
 
     return tinymodels.tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama: config.json + model.safetensors (shared by the hostile-load and fuzz tests, which
+    copy it before changing anything)."""
+    from transformers import LlamaConfig
+
+    from parity import save, tiny_hf_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, bos_token_id=None, eos_token_id=None)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save(tiny_hf_model(cfg), folder)
+    return folder

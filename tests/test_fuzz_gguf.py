@@ -395,8 +395,6 @@ def test_regression_numeric_metadata_arrays_stay_compact(tmp_path, etype):
     arrays are compact `array.array`s; small arrays (per-layer flags, scores) are still lists."""
     import array
 
-    from ember.io import gguf as gg
-
     size = {0: 1, BOOL: 1, 1: 1, F32: 4}[etype]
     n = 16 << 20  # elements per array (16 MiB or 64 MiB each); four of them
     arch = gm.raw_kv("general.architecture", STR, gm.gguf_string("llama"))

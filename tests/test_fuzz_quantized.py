@@ -30,19 +30,6 @@ SUFFIXES = [".weight_scale", ".weight_scale_inv", ".qweight", ".qzeros", ".g_idx
 DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.int32, torch.bool]
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    from parity import save, tiny_hf_model
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
-    d = tmp_path_factory.mktemp("qbase")
-    save(tiny_hf_model(cfg), d)
-    return d
-
-
 QUANT_CONFIG = st.one_of(
     st.none(),
     st.fixed_dictionaries({"quant_method": st.sampled_from(["fp8", "gptq", "awq", "bitsandbytes", "compressed-tensors",
@@ -58,11 +45,11 @@ TENSOR_EDITS = st.lists(st.tuples(st.sampled_from(LINEARS), st.sampled_from(["dt
 
 @fuzz_settings(40)
 @given(qc=QUANT_CONFIG, edits=TENSOR_EDITS, side_file=st.booleans())
-def test_fuzz_quantised_checkpoints_are_refused_or_load_clean(base, tmp_path_factory, qc, edits, side_file):
+def test_fuzz_quantised_checkpoints_are_refused_or_load_clean(tiny_folder, tmp_path_factory, qc, edits, side_file):
     from safetensors.torch import load_file, save_file
 
     d = tmp_path_factory.mktemp("q")
-    for f in base.iterdir():
+    for f in tiny_folder.iterdir():
         shutil.copy(f, d / f.name)
     cfg = json.loads((d / "config.json").read_text())
     injected = False
@@ -74,15 +61,17 @@ def test_fuzz_quantised_checkpoints_are_refused_or_load_clean(base, tmp_path_fac
         (d / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
         injected = True
     sd = load_file(d / "model.safetensors")
+    orig = dict(sd)
+    dtype_of = {}  # a tensor edited twice keeps its last dtype
     for name, kind, dtype, suffix in edits:
         if kind == "dtype":
-            t = sd[name]
-            sd[name] = (t > 0) if dtype == torch.bool else t.to(dtype) if dtype.is_floating_point else \
-                (t * 100).to(dtype)
-            injected = True
+            dtype_of[name] = dtype
         else:
             sd[name.removesuffix(".weight") + suffix] = torch.ones(2, dtype=torch.float32)
-            injected = True
+        injected = True
+    for name, dtype in dtype_of.items():
+        t = orig[name]
+        sd[name] = (t > 0) if dtype == torch.bool else t.to(dtype) if dtype.is_floating_point else (t * 100).to(dtype)
     save_file(sd, d / "model.safetensors")
     with time_limit(30), memory_cap(1 << 30):
         try:
@@ -91,8 +80,8 @@ def test_fuzz_quantised_checkpoints_are_refused_or_load_clean(base, tmp_path_fac
             assert str(e)
             return
     # loaded: only when nothing quantised was there (FP8 weights alone are float: they load as values)
-    fp8_only = all(kind == "dtype" and dtype.is_floating_point for _, kind, dtype, _ in edits) and qc is None \
-        and not side_file
+    fp8_only = all(kind == "dtype" for _, kind, _, _ in edits) and all(dt.is_floating_point for dt in dtype_of.values()) \
+        and qc is None and not side_file
     assert not injected or fp8_only, (qc, edits, side_file)
     toks = [ev.token_id for ev in llm.events([llm.request([1, 2, 3], 3, ignore_eos=True)])]
     assert len(toks) == 3

@@ -24,20 +24,6 @@ from ember.io.safetensors import save_file
 from hostile import fuzz_settings, memory_cap, time_limit
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama: config.json + model.safetensors (and the state dict, for pickling)."""
-    from transformers import LlamaConfig
-
-    from parity import save, tiny_hf_model
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, bos_token_id=None, eos_token_id=None)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save(tiny_hf_model(cfg), folder)
-    return folder
-
-
 @pytest.fixture
 def folder(tiny_folder, tmp_path):
     out = tmp_path / "m"
@@ -341,7 +327,6 @@ def test_ember_replaces_model_files_never_truncates_them(folder, tmp_path):
     import zipfile
 
     from ember import fixtures
-    from ember.io.safetensors import save_file
 
     def check(path, write):
         with open(path, "rb") as f:

@@ -25,7 +25,7 @@ import ember  # noqa: E402
 from ember.serve import create_app  # noqa: E402
 from ember.serve.scheduler import wait_idle  # noqa: E402
 from ember.serve.protocol import MAX_BODY_BYTES  # noqa: E402
-from hostile import fuzz_settings, time_limit  # noqa: E402
+from hostile import fuzz_settings  # noqa: E402
 from test_serve import StubEmbedder, running_server  # noqa: E402
 
 CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"

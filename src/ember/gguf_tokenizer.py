@@ -248,7 +248,6 @@ def tokenizer_from_gguf(meta: dict, path: str | os.PathLike | None = None):
     try:
         if kind == "gpt2":
             tk, alphabet = _byte_level(meta, tokens)
-            in_vocab = None
         elif kind == "llama":
             tk, vocab = _sentencepiece(meta, tokens, arch)
             alphabet = None

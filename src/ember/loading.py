@@ -117,7 +117,7 @@ def open_checkpoint(snap: Snapshot) -> Checkpoint:
 
 
 # tensor names only quantised checkpoints have (FP8 scales, GPTQ/AWQ packing, compressed-tensors)
-QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".qzeros", ".g_idx", ".weight_packed",
+QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed",
                          ".input_scale", ".SCB")
 
 

@@ -19,8 +19,6 @@ float32 (a pure-bf16 residual stream drifts further).
 """
 from __future__ import annotations
 
-import functools
-import os
 import re
 
 import torch
@@ -28,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import FusedLinears, LayerNorm, activation, linear
-from ..nn.layers import Linear
 from ..varbuilder import VarBuilder
 
 # Heads that task checkpoints (ForMaskedLM, ForSequenceClassification, ...) carry beside the
