@@ -52,6 +52,10 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
     loaded = load_snapshot(snap, dtype, device, **model_kw)
+    if loaded.entry.task == "image-text":  # CLIP, SigLIP
+        from .vision_embeddings import ImageTextEmbedder
+
+        return ImageTextEmbedder(loaded)
     # encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...) and decoders
     # turned bidirectional (EmbeddingGemma) embed
     bidirectional = bool(getattr(loaded.model, "bidirectional", False))

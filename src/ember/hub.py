@@ -37,6 +37,7 @@ SIDE_FILES = (
     "*_Dense/model.safetensors",
     "*_Dense/pytorch_model.bin",  # older sentence-transformers saves (read weights-only)
     "*_Normalize/*",
+    "preprocessor_config.json",  # image processors (CLIP, SigLIP) and feature extractors (Whisper)
 )
 
 

@@ -176,3 +176,8 @@ register("camembert", "ember.models.bert", architectures=_archs("Camembert", *_T
 register("distilbert", "ember.models.distilbert", architectures=_archs("DistilBert", *_TASKS), **_ENC)
 register("mpnet", "ember.models.mpnet", architectures=_archs("MPNet", *_TASKS), **_ENC)
 register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBert", *_TASKS), **_ENC)
+
+# Image-text models (ember.load returns an ImageTextEmbedder: ember/vision_embeddings.py)
+_IMAGE_TEXT = dict(task="image-text", model_class="Model")
+register("clip", "ember.models.clip", architectures=("CLIPModel",), **_IMAGE_TEXT)
+register("siglip", "ember.models.siglip", architectures=("SiglipModel",), **_IMAGE_TEXT)
