@@ -63,6 +63,15 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
         from .embeddings import Embedder
 
         return Embedder(loaded)
+    if loaded.entry.task == "seq2seq":  # T5
+        from .seq2seq import Seq2SeqLM
+
+        if loaded.model.decoder is None:  # an encoder-only checkpoint (T5EncoderModel) embeds
+            from .embeddings import Embedder
+
+            return Embedder(loaded)
+
+        return Seq2SeqLM(loaded)
     llm = LLM(loaded)
     if engine or (engine is None and (loaded.device.type == "cuda" or compile)):
         llm = llm.with_engine(compile=compile)

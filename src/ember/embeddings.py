@@ -370,7 +370,8 @@ class Embedder:
         self._loaded = loaded
         self.config = loaded.config
         # the encoder: model(input_ids, attention_mask) -> last hidden states
-        self.model = loaded.model if loaded.entry.task == "encoder" else CausalLMEncoder(loaded.model)
+        self.model = (loaded.model if loaded.entry.task == "encoder" else loaded.model.as_encoder()
+                      if hasattr(loaded.model, "as_encoder") else CausalLMEncoder(loaded.model))  # as_encoder: T5
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.dtype = loaded.dtype

@@ -181,3 +181,14 @@ register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBe
 _IMAGE_TEXT = dict(task="image-text", model_class="Model")
 register("clip", "ember.models.clip", architectures=("CLIPModel",), **_IMAGE_TEXT)
 register("siglip", "ember.models.siglip", architectures=("SiglipModel",), **_IMAGE_TEXT)
+
+# Encoder-decoders (ember.load returns a Seq2SeqLM: ember/seq2seq.py; with sentence-transformers
+# modules.json, an Embedder over the encoder)
+_SEQ2SEQ = dict(task="seq2seq", model_class="ForConditionalGeneration")
+register("t5", "ember.models.t5", architectures=("T5ForConditionalGeneration", "T5EncoderModel", "T5Model"),
+         **_SEQ2SEQ)
+# mT5 never scales the decoder's output (transformers' MT5 has no such step)
+register("mt5", "ember.models.t5", architectures=("MT5ForConditionalGeneration", "MT5EncoderModel", "MT5Model"),
+         defaults={"vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
+                   "feed_forward_proj": "gated-gelu"},
+         prepare=lambda d: {**d, "scale_decoder_outputs": False}, **_SEQ2SEQ)
