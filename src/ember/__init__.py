@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .errors import (
     ArgumentError,
+    AudioError,
     CheckpointError,
     ConfigError,
     EmberError,
@@ -66,5 +67,5 @@ def __dir__():
 __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
-    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError",
+    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError", "AudioError",
 ]

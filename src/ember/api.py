@@ -63,6 +63,10 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
         from .embeddings import Embedder
 
         return Embedder(loaded)
+    if loaded.entry.task == "speech-seq2seq":  # Whisper
+        from .speech import Transcriber
+
+        return Transcriber(loaded)
     if loaded.entry.task == "seq2seq":  # T5
         from .seq2seq import Seq2SeqLM
 

@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--revision")
     pl.set_defaults(func=cmd_pull)
 
-    for mod in ("ember.cli_embed", "ember.serve.cli", "ember.engine.cli"):
+    for mod in ("ember.cli_embed", "ember.cli_transcribe", "ember.serve.cli", "ember.engine.cli"):
         try:
             m = __import__(mod, fromlist=["add_parser"])
         except ImportError:

@@ -53,6 +53,10 @@ class EmbeddingError(EmberError):
     """Bad embedding input (no texts, a non-string item, a bad batch size) or sentence-transformers files."""
 
 
+class AudioError(EmberError):
+    """Audio that cannot be read or used (a corrupt or empty file, too long, non-finite samples)."""
+
+
 class ArgumentError(EmberError, ValueError):
     """A bad argument to `ember.load` (an unknown or unavailable device, a dtype ember cannot compute
     in). Also a ValueError, as Python code expects of a bad argument value. (Bad arguments to
@@ -72,4 +76,5 @@ __all__ = [
     "GenerationError",
     "EmbeddingError",
     "ArgumentError",
+    "AudioError",
 ]

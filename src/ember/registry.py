@@ -192,3 +192,6 @@ register("mt5", "ember.models.t5", architectures=("MT5ForConditionalGeneration",
          defaults={"vocab_size": 250112, "d_ff": 1024, "num_layers": 8, "num_heads": 6,
                    "feed_forward_proj": "gated-gelu"},
          prepare=lambda d: {**d, "scale_decoder_outputs": False}, **_SEQ2SEQ)
+# Speech to text (ember.load returns a Transcriber: ember/speech.py)
+register("whisper", "ember.models.whisper", architectures=("WhisperForConditionalGeneration",),
+         task="speech-seq2seq", model_class="ForConditionalGeneration")

@@ -1,0 +1,226 @@
+"""Audio in, log-mel features out: decoding, resampling, and Whisper's feature extractor.
+
+    wave = load_audio("speech.wav")                   # float32 mono at 16 kHz
+    fe = LogMel.from_file(root / "preprocessor_config.json")
+    feats = fe(wave)                                  # [n_mels, 3000] float32 (30 s, zero-padded / cut)
+
+The features match transformers' WhisperFeatureExtractor (its torch path): a periodic Hann window
+STFT (n_fft 400, hop 160), power spectrum, Slaney mel filters (transformers' mel_filter_bank,
+re-derived here in numpy), log10 clamped at 1e-10, floored at max - 8, then (x + 4) / 4.
+
+Files are read with soundfile (libsndfile: WAV, FLAC, OGG, MP3) when it is installed, else WAV with
+the standard library's `wave`; other rates are resampled to 16 kHz with scipy's polyphase filter.
+Bad audio is an `AudioError`: unreadable or corrupt files, no samples, non-finite samples, files
+over `MAX_FILE_BYTES`, or more than `MAX_SECONDS` of sound (checked from the header before the
+samples are read).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import AudioError
+
+SAMPLE_RATE = 16000
+MAX_FILE_BYTES = 1 << 30
+MAX_SECONDS = 4 * 3600  # 4 hours: 921.6 M samples at 16 kHz would be 3.7 GB as float32
+
+
+def _check_frames(frames: int, rate: int, where: str) -> None:
+    if rate <= 0:
+        raise AudioError(f"{where}: sample rate {rate} is not positive")
+    if frames <= 0:
+        raise AudioError(f"{where}: the audio has no samples")
+    if frames / rate > MAX_SECONDS:
+        raise AudioError(f"{where}: {frames / rate:,.0f} s of audio, more than the {MAX_SECONDS:,} s ember reads")
+
+
+def _read_wave(path: Path, where: str) -> tuple[np.ndarray, int]:
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as w:
+            ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+            _check_frames(n, rate, where)
+            if ch < 1 or width not in (1, 2, 4):
+                raise AudioError(f"{where}: {ch} channels of {8 * width}-bit samples; ember reads 8/16/32-bit PCM WAV "
+                                 f"(install soundfile for other formats)")
+            raw = w.readframes(n)
+    except AudioError:
+        raise
+    except (wave.Error, EOFError, OSError) as e:
+        raise AudioError(f"{where}: not a readable WAV file ({str(e)[:200]}); install soundfile for FLAC/MP3/OGG") from None
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    a = np.frombuffer(raw[: len(raw) - len(raw) % (width * ch)], dtype=dtype).reshape(-1, ch).astype(np.float32)
+    if width == 1:
+        a = (a - 128.0) / 128.0
+    else:
+        a /= float(1 << (8 * width - 1))
+    return a.mean(axis=1), rate
+
+
+def _read_soundfile(path: Path, where: str) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            _check_frames(f.frames, f.samplerate, where)
+            a = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except AudioError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise AudioError(f"{where}: not a readable audio file ({str(e)[:200]})") from None
+    return a.mean(axis=1), rate
+
+
+def resample(a: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """`a` at `rate` Hz → `target` Hz (scipy.signal.resample_poly: a polyphase low-pass filter)."""
+    if rate == target:
+        return a
+    try:
+        from scipy.signal import resample_poly
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise AudioError(f"the audio is at {rate} Hz; resampling to {target} Hz needs scipy "
+                         f"(pip install 'ember[audio]')") from None
+    from math import gcd
+
+    g = gcd(rate, target)
+    return resample_poly(a, target // g, rate // g).astype(np.float32)
+
+
+def load_audio(item: Any, where: str = "audio") -> np.ndarray:
+    """Mono float32 samples at 16 kHz from a path, or from a 1-D array already at 16 kHz."""
+    if isinstance(item, np.ndarray) or type(item).__name__ == "Tensor":
+        a = np.asarray(item, dtype=np.float32)
+        if a.ndim != 1:
+            raise AudioError(f"{where}: expected mono samples (a 1-D array at {SAMPLE_RATE} Hz), got shape {a.shape}")
+        _check_frames(a.shape[0], SAMPLE_RATE, where)
+    elif isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        where = f"{where} ({str(path)[:200]})"
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise AudioError(f"{where}: cannot read: {e.strerror or e}") from None
+        if not path.is_file():
+            raise AudioError(f"{where}: not a file")
+        if size > MAX_FILE_BYTES:
+            raise AudioError(f"{where}: {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+        try:
+            importlib.import_module("soundfile")
+            reader = _read_soundfile
+        except (ImportError, OSError):  # not installed, or libsndfile missing
+            reader = _read_wave
+        a, rate = reader(path, where)
+        a = resample(a, rate)
+    else:
+        raise AudioError(f"{where}: expected a file path or a 1-D array of samples, got {type(item).__name__}")
+    if not np.isfinite(a).all():
+        raise AudioError(f"{where}: the samples contain NaN or infinity")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+# ---- Whisper's log-mel features ------------------------------------------------------------------
+def _hz_to_mel(f):
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above (transformers' hertz_to_mel)."""
+    logstep = 27.0 / np.log(6.4)
+    f = np.asarray(f, dtype=np.float64)
+    mel = 3.0 * f / 200.0
+    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * logstep, mel)
+
+
+def _mel_to_hz(m):
+    logstep = np.log(6.4) / 27.0
+    m = np.asarray(m, dtype=np.float64)
+    return np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), 200.0 * m / 3.0)
+
+
+def mel_filters(n_freqs: int, n_mels: int, rate: int, fmax: float = 8000.0) -> np.ndarray:
+    """[n_freqs, n_mels] Slaney-normalised triangular filters (transformers' mel_filter_bank with
+    norm="slaney", mel_scale="slaney", from 0 Hz to fmax)."""
+    filter_freqs = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(fmax), n_mels + 2))
+    fft_freqs = np.linspace(0, rate // 2, n_freqs)
+    diff = np.diff(filter_freqs)
+    slopes = filter_freqs[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    fb = np.maximum(np.zeros(1), np.minimum(down, up))
+    return fb * (2.0 / (filter_freqs[2:n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+
+
+@dataclass
+class LogMel:
+    """WhisperFeatureExtractor: 30 s windows of log-mel features."""
+
+    feature_size: int = 80
+    sampling_rate: int = SAMPLE_RATE
+    hop_length: int = 160
+    chunk_length: int = 30
+    n_fft: int = 400
+
+    def __post_init__(self):
+        self.n_samples = self.chunk_length * self.sampling_rate
+        self.filters = mel_filters(1 + self.n_fft // 2, self.feature_size, self.sampling_rate).astype(np.float32)
+
+    @classmethod
+    def from_file(cls, path: Path | None, feature_size: int) -> "LogMel":
+        """From preprocessor_config.json (each field checked); its defaults with `feature_size` mels."""
+        d: dict = {}
+        if path is not None and Path(path).is_file():
+            from .config import load_json
+            from .errors import ConfigError
+
+            try:
+                d = load_json(path)
+            except ConfigError as e:
+                raise AudioError(str(e)) from None
+        kw = {}
+        limits = {"feature_size": 512, "sampling_rate": 192000, "hop_length": 8192, "chunk_length": 60, "n_fft": 8192}
+        for k, hi in limits.items():
+            v = d.get(k)
+            if v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise AudioError(f"{path}: {k} must be an integer in [1, {hi}], got {v!r:.60}")
+            kw[k] = v
+        kw.setdefault("feature_size", feature_size)
+        if kw["feature_size"] != feature_size:
+            raise AudioError(f"{path}: feature_size {kw['feature_size']} differs from the model's num_mel_bins "
+                             f"{feature_size}")
+        if kw.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
+            raise AudioError(f"{path}: sampling_rate {kw['sampling_rate']}; ember's audio front end runs at "
+                             f"{SAMPLE_RATE} Hz")
+        return cls(**kw)
+
+    @property
+    def frames(self) -> int:
+        return self.n_samples // self.hop_length
+
+    def __call__(self, samples: np.ndarray):
+        """[feature_size, frames] float32 torch tensor of one window: `samples` zero-padded or cut to
+        chunk_length seconds (transformers' padding="max_length", truncation=True)."""
+        import torch
+
+        x = np.zeros(self.n_samples, dtype=np.float32)
+        n = min(len(samples), self.n_samples)
+        x[:n] = samples[:n]
+        w = torch.from_numpy(x)
+        stft = torch.stft(w, self.n_fft, self.hop_length, window=torch.hann_window(self.n_fft), return_complex=True)
+        mag = (stft[..., :-1].abs() ** 2).contiguous()
+        mel = torch.from_numpy(self.filters).T @ mag
+        log = torch.clamp(mel, min=1e-10).log10()
+        log = torch.maximum(log, log.max() - 8.0)
+        return (log + 4.0) / 4.0
+
+    def windows(self, samples: np.ndarray):
+        """[N, feature_size, frames]: consecutive chunk_length windows covering all of `samples`."""
+        import torch
+
+        starts = range(0, max(len(samples), 1), self.n_samples)
+        return torch.stack([self(samples[s:s + self.n_samples]) for s in starts])
