@@ -7,7 +7,6 @@ the task models' `mpnet.` prefix.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, activation
 from ..varbuilder import VarBuilder
 from .encoder import EncoderModel, PostLNLayer, f32, key_padding_mask, padding_positions
+from .t5 import relative_position_bucket  # T5's bidirectional buckets
 
 LAYER_NAMES = {
     "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v", "o": "attention.attn.o",
@@ -50,23 +50,6 @@ class Config(ModelConfig):
         activation(self.hidden_act)
 
 
-def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int = NUM_BUCKETS,
-                             max_distance: int = MAX_DISTANCE) -> torch.Tensor:
-    """transformers' MPNetEncoder.relative_position_bucket, operation for operation."""
-    ret = 0
-    n = -relative_position
-    num_buckets //= 2
-    ret += (n < 0).to(torch.long) * num_buckets
-    n = torch.abs(n)
-    max_exact = num_buckets // 2
-    is_small = n < max_exact
-    val_if_large = max_exact + (
-        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).to(torch.long)
-    val_if_large = torch.min(val_if_large, torch.full_like(val_if_large, num_buckets - 1))
-    return ret + torch.where(is_small, n, val_if_large)
-
-
 class Model(EncoderModel):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
@@ -94,7 +77,7 @@ class Model(EncoderModel):
         if c is not None and c[0] == T and c[1] == dtype and c[2].device == device:
             return c[2]
         pos = torch.arange(T, dtype=torch.long, device=device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None])
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], True, NUM_BUCKETS, MAX_DISTANCE)
         bias = self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).to(dtype)
         self._bias_cache = (T, dtype, bias)
         return bias
