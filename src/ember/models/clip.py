@@ -24,7 +24,6 @@ from ..config import ModelConfig
 from ..errors import ConfigError, EmbeddingError
 from ..nn import Embedding, FusedLinears, LayerNorm, activation, linear
 from ..varbuilder import VarBuilder
-from .encoder import attend
 
 # OpenAI CLIP's normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -145,7 +144,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, S, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.heads, self.head_dim).transpose(1, 2)
-        return self.out_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, T, E))
+        # SDPA takes the strided q/k/v views as they are (an explicit matmul would copy them: ~1.4x slower)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(a.transpose(1, 2).reshape(B, T, E))
 
 
 class MLP(nn.Module):
