@@ -133,8 +133,9 @@ def _tokenizer(folder):
     return tk
 
 
-def test_t5_generate_text(tmp_path):
+def test_t5_generate_text(tmp_path, capsys):
     import ember
+    from ember.cli import main
 
     hf = _tiny(tmp_path)
     tk = _tokenizer(tmp_path)
@@ -145,6 +146,8 @@ def test_t5_generate_text(tmp_path):
     want = t5.generate_ids(ids, 6)
     assert out == [tk.decode(w) for w in want]
     assert t5.generate(texts[0], max_tokens=6) == out[0]
+    assert main(["run", str(tmp_path), "hello world"]) != 0  # run/chat take causal LMs: a one-line error
+    assert "an encoder-decoder (t5)" in capsys.readouterr().err
     del hf
 
 

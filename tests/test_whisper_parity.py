@@ -223,3 +223,6 @@ def test_transcribe_text_and_cli(tiny, capsys):
     assert main(["transcribe", str(folder), str(p), "--language", "en", "-n", "8", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.strip() == asr.transcribe(p, language="en", max_tokens=8)
     assert main(["transcribe", str(folder), str(folder / "nope.wav")]) == 1
+    capsys.readouterr()
+    assert main(["run", str(folder), "hello"]) != 0
+    assert "a speech model (whisper); use `ember transcribe`" in capsys.readouterr().err

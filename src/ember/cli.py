@@ -81,10 +81,13 @@ def _load_generator(model: str | None, a):
     name = model or default_model()
     kind = _embedding_model_type(name, a)
     obj = _load(name, a) if kind is None else None
+    what = "an embedding model"
     if obj is not None and not isinstance(obj, LLM):  # the same rule, decided by ember.load
         kind = getattr(getattr(obj, "config", None), "model_type", "") or "encoder"
+        what = {"Transcriber": "a speech model", "Seq2SeqLM": "an encoder-decoder"}.get(type(obj).__name__, what)
     if kind is not None:
-        print(f"ember: error: {name} is an embedding model ({kind}); use `ember embed`", file=sys.stderr)
+        use = {"a speech model": "`ember transcribe`", "an encoder-decoder": "its Python API (ember.load(...).generate)"}
+        print(f"ember: error: {name} is {what} ({kind}); use {use.get(what, '`ember embed`')}", file=sys.stderr)
         return None
     return obj
 
