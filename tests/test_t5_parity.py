@@ -175,3 +175,22 @@ def test_t5_encoder_as_sentence_embedding_model(tmp_path):
             h = hf(input_ids=ids).last_hidden_state[0]
         want = torch.nn.functional.normalize(h.mean(0), dim=-1)
         assert (got[i] - want).abs().max() < 1e-5
+
+
+def test_decoder_cache_grows_as_tokens_arrive():
+    """The cache holds what was decoded, not what max_tokens claims; growing keeps what it held."""
+    from ember.nn.seq2seq_cache import Seq2SeqCache
+
+    c = Seq2SeqCache(2, 1, 2, 4, 10**9)
+    assert c.k[0].shape[2] == Seq2SeqCache.START
+    g = torch.Generator().manual_seed(0)
+    ks = [torch.randn(1, 2, n, 4, generator=g) for n in (200, 100, 300)]
+    for k in ks:
+        for layer in range(2):
+            got, _ = c.update(layer, k, k)
+        c.advance(k.shape[2])
+    assert c.length == 600 and c.k[0].shape[2] == 1024  # 256, then doubled twice
+    assert torch.equal(got, torch.cat(ks, dim=2))
+    small = Seq2SeqCache(1, 1, 1, 1, 5)
+    with pytest.raises(ValueError):
+        small.update(0, torch.zeros(1, 1, 6, 1), torch.zeros(1, 1, 6, 1))
