@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,15 @@ log = logging.getLogger("ember")
 
 
 def _check_images(images) -> list:
-    if images is None or isinstance(images, (str, bytes, bytearray, Path)) or not isinstance(images, Sequence):
-        if images is not None and hasattr(images, "size") and hasattr(images, "mode"):  # one PIL image
-            return [images]
-        if isinstance(images, (str, bytes, bytearray, Path)):
-            return [images]
+    """A list of images from one image (a path, bytes, a PIL image) or a list/tuple of them."""
+    if isinstance(images, (str, bytes, bytearray, Path)) or (hasattr(images, "getbands") and hasattr(images, "size")):
+        return [images]
+    if not isinstance(images, (list, tuple)):
         raise EmbeddingError(f"images must be a list of PIL images, file paths or image bytes, "
                              f"got {type(images).__name__}")
-    images = list(images)
     if not images:
         raise EmbeddingError("embed() got an empty list of images; pass at least one")
-    return images
+    return list(images)
 
 
 def _check_flag(name: str, v: Any) -> None:
