@@ -72,6 +72,8 @@ class Step:
         c = self.cache
         if c is None or c.windows[layer] is not None or not self._single_query_sees_all(window):
             return None
+        if c.batch == 1:
+            return c.k[layer], c.v[layer], self.kv_len - 1
         rows = self.cache_rows or slice(0, 1)
         return c.k[layer][rows], c.v[layer][rows], self.kv_len - 1
 
