@@ -18,6 +18,8 @@ LOAD_OPTIONS = {
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
     "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
+    "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
+          "already set up; default 1)",
 }
 # older names of options, still accepted with a DeprecationWarning
 RENAMED_OPTIONS = {"packed": "keep_quantized"}
@@ -175,6 +177,7 @@ class LLM:
             tok.eos_token_id if tok is not None else None,
         )
         self.engine = engine
+        self.tp = loaded.tp  # the tensor-parallel group (rank 0 drives generation), or None
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -211,7 +214,12 @@ class LLM:
         sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
                                   repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
-        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
+        req = Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
+        if self.tp is not None:
+            from .distributed.steps import follow_rank0
+
+            req = follow_rank0(self.tp, req)
+        return req
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
                   max_len: int | None = None) -> Generator:

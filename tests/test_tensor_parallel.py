@@ -1,0 +1,187 @@
+"""Tensor parallelism (ember.distributed) on CPU with gloo and 2 ranks: each tiny model split over
+two processes gives the logits of the single-process float32 model (within 1e-5 of their scale), the same greedy
+tokens, the same sampled tokens on both ranks, and about half the weight bytes per rank; the CLI
+starts its own ranks; a rank that dies fails the other with a clear error in bounded time.
+
+The ranks are started once for all the models (tests/tpworker.py, with torchrun's environment)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ember
+from ember.errors import DistributedError
+from parity import save, tiny_hf_model
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+BASE = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _configs():
+    from transformers import Gemma3TextConfig, LlamaConfig, MixtralConfig, Phi3Config, Qwen2Config
+
+    return {
+        # one KV head for two ranks: replicated; vocab 257 splits unevenly; own lm_head
+        "llama_kv1_untied": LlamaConfig(**BASE, num_key_value_heads=1, tie_word_embeddings=False),
+        # KV heads divided (2 over 2 ranks), tied head
+        "llama_kv2_tied": LlamaConfig(**BASE, num_key_value_heads=2, tie_word_embeddings=True),
+        "qwen2_bias": Qwen2Config(**BASE, num_key_value_heads=2, tie_word_embeddings=False),
+        "gemma3_sliding": Gemma3TextConfig(**{**BASE, "vocab_size": 256}, num_key_value_heads=2, head_dim=16,
+                                           sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                           query_pre_attn_scalar=16),
+        "mixtral_moe": MixtralConfig(**{**BASE, "intermediate_size": 48}, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2),
+        "phi3_fused": Phi3Config(**BASE, num_key_value_heads=2, tie_word_embeddings=False),
+    }
+
+
+NAMES = list(_configs())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _ranks(*args, timeout: float = 300, **extra) -> list[subprocess.CompletedProcess]:
+    """tests/tpworker.py *args as the 2 ranks of a fresh group (torchrun's environment variables)."""
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(HERE / "tpworker.py"), *map(str, args)],
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port, **extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return done
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {name: save(tiny_hf_model(cfg), root / name) for name, cfg in _configs().items()}
+
+
+@pytest.fixture(scope="module")
+def split(folders, tmp_path_factory):
+    """Each rank's results for every model, from one run of 2 ranks."""
+    out = tmp_path_factory.mktemp("tp_out")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({k: str(v) for k, v in folders.items()}))
+    runs = _ranks("parity", spec, out)
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, f"rank {r} failed:\n{run.stderr[-3000:]}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def whole(folders):
+    """The single-process float32 models."""
+    return {name: ember.load(folder, dtype=torch.float32) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_logits_match_the_whole_model(name, split, whole):
+    from tpworker import ids
+
+    llm = whole[name]
+    with torch.no_grad():
+        ref = llm.model(ids(llm.config.vocab_size))
+    # float32 sums in another order (the all-reduces): rounding of ~1e-6 of the logits' scale, which
+    # the tiny models' large weights put at ~10
+    scale = ref.abs().max().item()
+    for rank in split:
+        assert rank[name]["logits"].shape == ref.shape
+        assert (rank[name]["logits"] - ref).abs().max().item() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_greedy_generation_is_identical(name, split, whole):
+    from tpworker import tokens
+
+    ref = tokens(whole[name], [3, 5, 7, 11, 13])  # rank 0's prompt, which both ranks ran
+    assert len(set(ref)) > 2, "degenerate reference"
+    assert split[0][name]["greedy"] == split[1][name]["greedy"] == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ranks_sample_the_same_tokens(name, split):
+    assert len(split[0][name]["sampled"]) == 12
+    assert split[0][name]["sampled"] == split[1][name]["sampled"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_rank_holds_about_half_the_weights(name, split, whole):
+    from tpworker import weight_bytes
+
+    full = weight_bytes(whole[name].model)
+    for rank in split:
+        # norms, routers and a replicated KV head are whole on each rank: a little over half
+        assert 0.45 * full < rank[name]["bytes"] < 0.6 * full, (rank[name]["bytes"], full)
+
+
+def test_cli_run_tp2_starts_its_ranks(tiny_chat):
+    def run(*extra):
+        cmd = [sys.executable, "-m", "ember.cli", "run", str(tiny_chat), "hello there", "-n", "10", "--dtype",
+               "float32", *extra]
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+    split, one = run("--tp", "2"), run()
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert split.stdout == one.stdout and split.stdout.strip()  # printed once, by rank 0
+
+
+def test_a_killed_rank_fails_the_other_with_a_clear_error(folders, tmp_path):
+    runs = _ranks("killed", folders["llama_kv2_tied"], tmp_path, timeout=120, EMBER_TP_TIMEOUT="30")
+    assert runs[1].returncode == 3
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["error"].startswith("DistributedError: tensor-parallel rank 0/2"), report
+    assert "another rank stopped" in report["error"]
+    assert report["seconds"] < 40
+
+
+def test_tp_without_a_process_group_says_how_to_start_one(folders, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(DistributedError, match="torchrun --nproc-per-node 2"):
+        ember.load(folders["llama_kv2_tied"], tp=2)
+
+
+def test_encoders_refuse_tp(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    folder = save(tiny_hf_model(cfg, BertModel), tmp_path)
+    with pytest.raises(ember.ArgumentError, match="tensor parallelism splits causal language models"):
+        ember.load(folder, tp=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])
+def test_bad_tp_is_refused(folders, bad):
+    with pytest.raises(ember.ArgumentError, match="tp must be"):
+        ember.load(folders["llama_kv2_tied"], tp=bad)
