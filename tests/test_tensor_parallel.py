@@ -185,3 +185,44 @@ def test_encoders_refuse_tp(tmp_path):
 def test_bad_tp_is_refused(folders, bad):
     with pytest.raises(ember.ArgumentError, match="tp must be"):
         ember.load(folders["llama_kv2_tied"], tp=bad)
+
+
+# ---- the sharded reads, in this process ----------------------------------------------------------------
+@pytest.fixture
+def vb(tmp_path):
+    from ember import VarBuilder
+    from ember.io.safetensors import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": torch.randn(8, 6, generator=g), "b": torch.randn(8, generator=g)}, tmp_path / "model.safetensors")
+    return VarBuilder.from_mmaped_safetensors([tmp_path / "model.safetensors"], dtype=torch.float32)
+
+
+def test_sharded_builder_reads_only_its_ranges(vb):
+    full, bias = vb.get((8, 6), "w"), vb.get((8,), "b")
+    rows = vb.sharded(0, [(2, 4)]).get((8, 6), "w")  # the whole shape is checked, the part returned
+    assert torch.equal(rows, full[2:4]) and rows.data_ptr() == full[2:4].data_ptr()  # a view on the file
+    assert torch.equal(vb.sharded(0, [(0, 2), (6, 8)]).get((8, 6), "w"), torch.cat([full[:2], full[6:]]))
+    assert torch.equal(vb.sharded(1, [(3, 6)]).get((8, 6), "w"), full[:, 3:])
+    assert torch.equal(vb.sharded(1, [(3, 6)]).get((8,), "b"), bias)  # a row-parallel bias comes whole
+    assert torch.equal(vb.get_sharded((8, 6), "w", 0, 1, 2), full[4:])
+    with pytest.raises(ember.ShapeMismatchError, match="dimension 1 \(6\) does not split into 4 equal parts"):
+        vb.get_sharded((8, 6), "w", 1, 0, 4)
+    with pytest.raises(ember.ShapeMismatchError, match="exceed its dimension 0 of 8"):
+        vb.sharded(0, [(4, 9)]).get((8, 6), "w")
+
+
+def test_quantised_weights_split_by_rows_and_at_block_boundaries():
+    import gguf
+    import numpy as np
+
+    from ember.io.ggml_weight import GGMLWeight, slice_blocks
+
+    values = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w = GGMLWeight(torch.from_numpy(gguf.quants.quantize(values, q8)), int(q8), (4, 64))
+    full = w.dequantize()
+    assert torch.equal(slice_blocks(w, 0, [(1, 3)]).dequantize(), full[1:3])
+    assert torch.equal(slice_blocks(w, 1, [(32, 64)]).dequantize(), full[:, 32:])
+    with pytest.raises(ValueError, match="cuts through them"):
+        slice_blocks(w, 1, [(16, 48)])
