@@ -20,12 +20,11 @@ import uuid
 
 
 def rss_mb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MB."""
-    import resource
-
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    """(current, peak) resident memory of this process in MB (VmRSS, VmHWM: ru_maxrss would carry the
+    launching process's peak over into its children)."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+    return kb["VmRSS"] / 1e3, kb["VmHWM"] / 1e3
 
 
 def worker(folder: str, tp: int, tokens: int) -> dict:
@@ -50,12 +49,12 @@ def worker(folder: str, tp: int, tokens: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run(folder: str, tp: int, tokens: int) -> dict:
+def run(folder: str, tp: int, tokens: int, threads: int) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=tp, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // tp))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     return elastic_launch(config, worker)(folder, tp, tokens)
 
 
@@ -74,19 +73,24 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Hugging Face folder (default: a random Llama made in a temporary folder)")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--tp", type=int, default=2)  # (cores // tp threads per rank)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = a.model or make_model(tmp)
-        one = run(folder, 1, a.tokens)[0]
-        split = run(folder, a.tp, a.tokens)
-    rows = {"tp=1": one, **{f"tp={a.tp} rank {r}": v for r, v in sorted(split.items())}}
+        cores = os.cpu_count() or 1
+        # 1 rank on all the cores, and on as many as one rank of the split gets
+        one = run(folder, 1, a.tokens, cores)[0]
+        one_narrow = run(folder, 1, a.tokens, max(1, cores // a.tp))[0]
+        split = run(folder, a.tp, a.tokens, max(1, cores // a.tp))
+    rows = {"tp=1": one, "tp=1 narrow": one_narrow, **{f"tp={a.tp} rank {r}": v for r, v in sorted(split.items())}}
     for name, v in rows.items():
         print(f"{name:<12} " + "  ".join(f"{k} {x:.1f}" if isinstance(x, float) else f"{k} {x}" for k, x in v.items()))
-    print(f"ratio tp={a.tp}/tp=1: decode tok/s {split[0]['decode_tok_s'] / one['decode_tok_s']:.2f}x, "
+    print(f"ratio tp={a.tp}/tp=1: decode tok/s {split[0]['decode_tok_s'] / one['decode_tok_s']:.2f}x "
+          f"({split[0]['decode_tok_s'] / one_narrow['decode_tok_s']:.2f}x against 1 rank on {max(1, cores // a.tp)} "
+          f"core(s)), "
           f"rank 0 weights {split[0]['weights_MB'] / one['weights_MB']:.2f}x, "
           f"rank 0 peak RSS {split[0]['peak_rss_MB'] / one['peak_rss_MB']:.2f}x")
-    print(json.dumps({"tp1": one, "split": split}), file=sys.stderr)
+    print(json.dumps({"tp1": one, "tp1_narrow": one_narrow, "split": split}), file=sys.stderr)
     return 0
 
 
