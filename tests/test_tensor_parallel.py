@@ -44,7 +44,10 @@ def _configs():
     }
 
 
-NAMES = list(_configs())
+# a GGUF whose Q8_0 blocks (32 values) split at every cut: o_proj's 64 inputs, down_proj's 128
+GGUF_CONFIG = dict(vocab_size=265, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128)
+NAMES = list(_configs()) + ["llama_gguf_q8"]
 
 
 def _free_port() -> int:
@@ -82,8 +85,13 @@ def _ranks(*args, timeout: float = 300, **extra) -> list[subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    from ggufmake import hf_to_gguf
+    from transformers import LlamaConfig
+
     root = tmp_path_factory.mktemp("tp")
-    return {name: save(tiny_hf_model(cfg), root / name) for name, cfg in _configs().items()}
+    out = {name: save(tiny_hf_model(cfg), root / name) for name, cfg in _configs().items()}
+    out["llama_gguf_q8"] = str(hf_to_gguf(tiny_hf_model(LlamaConfig(**GGUF_CONFIG)), root / "tiny-Q8_0.gguf", qtype=8))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +152,16 @@ def test_each_rank_holds_about_half_the_weights(name, split, whole):
         assert 0.45 * full < rank[name]["bytes"] < 0.6 * full, (rank[name]["bytes"], full)
 
 
-def test_cli_run_tp2_starts_its_ranks(tiny_chat):
-    def run(*extra):
-        cmd = [sys.executable, "-m", "ember.cli", "run", str(tiny_chat), "hello there", "-n", "10", "--dtype",
-               "float32", *extra]
-        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+def test_cli_run_tp2_starts_its_ranks(tiny_chat, capsys):
+    from ember.cli import main
 
-    split, one = run("--tp", "2"), run()
+    args = ["run", str(tiny_chat), "hello there", "-n", "10", "--dtype", "float32"]
+    split = subprocess.run([sys.executable, "-m", "ember.cli", *args, "--tp", "2"], env=_env(), capture_output=True,
+                           text=True, timeout=300)
     assert split.returncode == 0, split.stderr[-3000:]
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert split.stdout == one.stdout and split.stdout.strip()  # printed once, by rank 0
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert split.stdout == one and one.strip()  # the same text, printed once (by rank 0)
 
 
 def test_a_killed_rank_fails_the_other_with_a_clear_error(folders, tmp_path):

@@ -25,7 +25,8 @@ def tokens(llm, prompt, n: int = 12, **kw) -> list[int]:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Parameters and buffers (quantised weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def parity(spec_file: str, out: str) -> None:
