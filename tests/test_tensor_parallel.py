@@ -234,3 +234,40 @@ def test_quantised_weights_split_by_rows_and_at_block_boundaries():
     assert torch.equal(slice_blocks(w, 1, [(32, 64)]).dequantize(), full[:, 32:])
     with pytest.raises(ValueError, match="cuts through them"):
         slice_blocks(w, 1, [(16, 48)])
+
+
+def test_serve_tp2_rank0_serves_and_the_other_follows(tiny_chat, tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    pytest.importorskip("uvicorn")
+    port, log = _free_port(), tmp_path / "serve.err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", str(tiny_chat), "--tp", "2", "--port",
+                                 str(port), "--dtype", "float32"], env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 240
+        while "listening" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+        def complete(**kw) -> str:
+            body = json.dumps({"model": str(tiny_chat), "prompt": "hello there", "max_tokens": 10, **kw}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())["choices"][0]["text"]
+
+        whole = ember.load(tiny_chat, dtype=torch.float32).generate("hello there", 10)
+        assert complete(temperature=0) == whole
+        assert complete(temperature=1.0)  # sampled: rank 0 seeds it for both ranks
+        assert complete(temperature=0) == whole  # the ranks are still in step
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

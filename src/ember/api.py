@@ -214,12 +214,7 @@ class LLM:
         sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
                                   repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
-        req = Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
-        if self.tp is not None:
-            from .distributed.steps import follow_rank0
-
-            req = follow_rank0(self.tp, req)
-        return req
+        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
                   max_len: int | None = None) -> Generator:
@@ -236,9 +231,14 @@ class LLM:
                          eos_ids=self.eos_token_ids, device=self.device)
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:
-        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs)."""
+        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).
+        Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids)."""
         if not requests:
             return iter(())
+        if self.tp is not None:
+            from .distributed.steps import follow_rank0
+
+            requests = [follow_rank0(self.tp, r) for r in requests]
         return self.generator(requests).run(requests)
 
     # ---- public -------------------------------------------------------------------------------

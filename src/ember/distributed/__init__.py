@@ -19,7 +19,8 @@ split; with `tp` None the same code builds the whole model.
 
 Generation is SPMD: every rank runs the same steps; rank 0's request (prompt ids, sampling options,
 a seed) is broadcast, and the gathered logits are identical on every rank, so every rank samples the
-same token.
+same token. Under `ember serve --tp N` rank 0's scheduler drives and the other ranks replay its
+generator calls (`steps.LeaderGenerator`, `steps.follow`).
 """
 from .group import TensorParallel, init_tensor_parallel
 

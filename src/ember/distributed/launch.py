@@ -21,6 +21,7 @@ def rank() -> int:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m ember.cli *argv` as `nproc` ranks on this machine; the exit status of the group.
     A rank that fails stops the others (the launcher ends them), with one line saying which."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -35,4 +36,6 @@ def launch(nproc: int, argv: list[str]) -> int:
         print(f"ember: error: tensor-parallel rank {who} of {nproc} failed ({how}); "
               f"all ranks were stopped", file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 1
+    except SignalException as e:  # Ctrl-C / SIGTERM: the launcher has stopped the ranks
+        return 128 + int(e.sigval)
     return 0
