@@ -44,10 +44,12 @@ def _configs():
     }
 
 
-# a GGUF whose Q8_0 blocks (32 values) split at every cut: o_proj's 64 inputs, down_proj's 128
+# a GGUF (and an int8-quantised checkpoint) whose Q8_0 blocks (32 values) split at every cut: o_proj's
+# 64 inputs, down_proj's 128
 GGUF_CONFIG = dict(vocab_size=265, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128)
-NAMES = list(_configs()) + ["llama_gguf_q8"]
+NAMES = list(_configs()) + ["llama_gguf_q8", "llama_int8"]
+LOAD_KW = {"llama_int8": {"quantize": "int8"}}  # quantised after the split: each rank its own slices
 
 
 def _free_port() -> int:
@@ -90,7 +92,9 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tp")
     out = {name: save(tiny_hf_model(cfg), root / name) for name, cfg in _configs().items()}
-    out["llama_gguf_q8"] = str(hf_to_gguf(tiny_hf_model(LlamaConfig(**GGUF_CONFIG)), root / "tiny-Q8_0.gguf", qtype=8))
+    hf = tiny_hf_model(LlamaConfig(**GGUF_CONFIG))
+    out["llama_gguf_q8"] = str(hf_to_gguf(hf, root / "tiny-Q8_0.gguf", qtype=8))
+    out["llama_int8"] = save(hf, root / "llama_int8")
     return out
 
 
@@ -99,7 +103,7 @@ def split(folders, tmp_path_factory):
     """Each rank's results for every model, from one run of 2 ranks."""
     out = tmp_path_factory.mktemp("tp_out")
     spec = out / "spec.json"
-    spec.write_text(json.dumps({k: str(v) for k, v in folders.items()}))
+    spec.write_text(json.dumps({k: (str(v), LOAD_KW.get(k, {})) for k, v in folders.items()}))
     runs = _ranks("parity", spec, out)
     for r, run in enumerate(runs):
         assert run.returncode == 0, f"rank {r} failed:\n{run.stderr[-3000:]}"
@@ -109,7 +113,7 @@ def split(folders, tmp_path_factory):
 @pytest.fixture(scope="module")
 def whole(folders):
     """The single-process float32 models."""
-    return {name: ember.load(folder, dtype=torch.float32) for name, folder in folders.items()}
+    return {name: ember.load(folder, dtype=torch.float32, **LOAD_KW.get(name, {})) for name, folder in folders.items()}
 
 
 @pytest.mark.parametrize("name", NAMES)

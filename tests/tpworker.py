@@ -32,8 +32,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def parity(spec_file: str, out: str) -> None:
     rank = int(os.environ["RANK"])
     results = {}
-    for name, folder in json.loads(open(spec_file).read()).items():
-        llm = ember.load(folder, tp=2, dtype=torch.float32)
+    for name, (folder, kw) in json.loads(open(spec_file).read()).items():
+        llm = ember.load(folder, tp=2, dtype=torch.float32, **kw)
         vocab = llm.config.vocab_size
         with torch.no_grad():
             logits = llm.model(ids(vocab))

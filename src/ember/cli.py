@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a) or 0
     except EmberError as e:
-        if not (type(e).__name__ == "DistributedError" and _rank() != 0):  # one rank reports a group failure
+        if _rank() == 0:  # split over ranks: every rank meets the same bad input, rank 0 reports it
             print(f"ember: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

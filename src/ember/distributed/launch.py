@@ -25,6 +25,12 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    import logging
+
+    # the launcher's own log lines (a failed rank's exit code, closing signals) repeat what the ranks
+    # and this function report
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -32,6 +38,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "ember.cli", *argv)
     except ChildFailedError as e:
         who, first = e.get_first_failure()  # the cause, not the ranks stopped after it
+        if first.exitcode in (1, 2):  # an error rank 0 has reported (or a traceback the rank printed)
+            return first.exitcode
         how = f"signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
         print(f"ember: error: tensor-parallel rank {who} of {nproc} failed ({how}); "
               f"all ranks were stopped", file=sys.stderr)
