@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import ember
-from ember.errors import DistributedError
 from parity import save, tiny_hf_model
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +179,7 @@ def test_a_killed_rank_fails_the_other_with_a_clear_error(folders, tmp_path):
 def test_tp_without_a_process_group_says_how_to_start_one(folders, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(DistributedError, match="torchrun --nproc-per-node 2"):
+    with pytest.raises(ember.DistributedError, match="torchrun --nproc-per-node 2"):
         ember.load(folders["llama_kv2_tied"], tp=2)
 
 
@@ -275,3 +274,43 @@ def test_serve_tp2_rank0_serves_and_the_other_follows(tiny_chat, tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+# ---- how a rank's share is computed, and families that refuse a split (built here, no collectives) -------
+def test_heads_divide_or_kv_heads_replicate():
+    from ember.distributed import TensorParallel
+
+    tp = [TensorParallel(r, 4) for r in range(4)]
+    gqa = [t.attention(8, 2, 16) for t in tp]  # 2 KV heads over 4 ranks: ranks 0-1 hold head 0, 2-3 head 1
+    assert [(s.heads, s.kv_heads, s.q, s.kv) for s in gqa[1:3]] == [(2, 1, [(32, 64)], [(0, 16)]),
+                                                                   (2, 1, [(64, 96)], [(16, 32)])]
+    assert tp[3].attention(8, 8, 16).kv == [(96, 128)]  # 8 KV heads: 2 per rank (heads 6, 7)
+    with pytest.raises(ember.DistributedError, match=r"num_attention_heads \(6\) does not divide over 4"):
+        tp[0].attention(6, 2, 16)
+    with pytest.raises(ember.DistributedError, match="3 key/value heads cannot be shared out over 4 ranks"):
+        tp[0].attention(12, 3, 16)
+    assert [t.padded(257, "vocab_size") for t in tp] == [(0, 65), (65, 130), (130, 195), (195, 257)]
+
+
+def _build_split(folder, rank: int = 0):
+    from ember import VarBuilder, hub
+    from ember.distributed import TensorParallel
+    from ember.distributed.layers import check_split
+    from ember.loading import build, open_checkpoint
+
+    ckpt = open_checkpoint(hub.resolve(folder))
+    source, _ = ckpt.source(torch.float32, torch.device("cpu"), None)
+    tp = TensorParallel(rank, 2)
+    model = build(ckpt.entry, ckpt.entry.parse_config(ckpt.raw), VarBuilder(source, torch.float32, "cpu", tp=tp))
+    check_split(model, tp, ckpt.entry.model_type)
+    return model
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gpt2"])
+def test_families_without_a_split_refuse_it(family, tmp_path):
+    from transformers import GPT2Config, Olmo2Config
+
+    cfg = {"olmo2": Olmo2Config(**{**BASE, "num_key_value_heads": 2}),
+           "gpt2": GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)}[family]
+    with pytest.raises(ember.DistributedError, match="OLMo 2" if family == "olmo2" else "'gpt2' models cannot be split"):
+        _build_split(save(tiny_hf_model(cfg), tmp_path))
