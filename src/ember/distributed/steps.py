@@ -75,9 +75,11 @@ class LeaderGenerator:
         return self.gen.step()
 
     def close(self) -> None:
-        """Tell the other ranks to stop following."""
-        self._send(("stop",))
-        self._closed = True
+        """Tell the other ranks to stop following (nothing is sent after that, not even a heartbeat)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.tp.broadcast_object(("stop",))
 
 
 def follow(tp: TensorParallel, make_generator) -> None:
