@@ -3,7 +3,8 @@ two processes gives the logits of the single-process float32 model (within 1e-5 
 tokens, the same sampled tokens on both ranks, and about half the weight bytes per rank; the CLI
 starts its own ranks; a rank that dies fails the other with a clear error in bounded time.
 
-The ranks are started once for all the models (tests/tpworker.py, with torchrun's environment)."""
+The ranks are started once for all the models, and then one of them dies (tests/tpworker.py, with
+torchrun's environment)."""
 from __future__ import annotations
 
 import json
@@ -98,15 +99,21 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def split(folders, tmp_path_factory):
-    """Each rank's results for every model, from one run of 2 ranks."""
+def run(folders, tmp_path_factory):
+    """One run of 2 ranks over every model, after which rank 1 dies: its output folder."""
     out = tmp_path_factory.mktemp("tp_out")
     spec = out / "spec.json"
     spec.write_text(json.dumps({k: (str(v), LOAD_KW.get(k, {})) for k, v in folders.items()}))
-    runs = _ranks("parity", spec, out)
-    for r, run in enumerate(runs):
-        assert run.returncode == 0, f"rank {r} failed:\n{run.stderr[-3000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    runs = _ranks(spec, out, EMBER_TP_TIMEOUT="30")
+    for r, done in enumerate(runs):
+        assert done.returncode == (0, 3)[r], f"rank {r} failed:\n{done.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def split(run):
+    """Each rank's results for every model."""
+    return [torch.load(run / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +174,8 @@ def test_cli_run_tp2_starts_its_ranks(tiny_chat, capsys):
     assert split.stdout == one and one.strip()  # the same text, printed once (by rank 0)
 
 
-def test_a_killed_rank_fails_the_other_with_a_clear_error(folders, tmp_path):
-    runs = _ranks("killed", folders["llama_kv2_tied"], tmp_path, timeout=120, EMBER_TP_TIMEOUT="30")
-    assert runs[1].returncode == 3
-    report = json.loads((tmp_path / "rank0.json").read_text())
+def test_a_killed_rank_fails_the_other_with_a_clear_error(run):
+    report = json.loads((run / "killed.json").read_text())  # rank 1 exited with code 3 (see `run`)
     assert report["error"].startswith("DistributedError: tensor-parallel rank 0/2"), report
     assert "another rank stopped" in report["error"]
     assert report["seconds"] < 40

@@ -1,8 +1,10 @@
 """One rank of the tensor-parallel tests (tests/test_tensor_parallel.py starts two of these with
 torchrun's environment variables set, as torchrun would).
 
-    python tests/tpworker.py parity SPEC.json OUT_DIR   # every model of SPEC: logits, greedy and sampled tokens, weight bytes
-    python tests/tpworker.py killed MODEL OUT_DIR       # rank 1 dies after loading; rank 0 reports what it got
+    python tests/tpworker.py SPEC.json OUT_DIR
+
+For every model of SPEC: logits, greedy and sampled tokens, weight bytes (OUT_DIR/rankN.pt). Then
+rank 1 dies (exit code 3) and rank 0 reports what its next generation got (OUT_DIR/killed.json).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def parity(spec_file: str, out: str) -> None:
+def main(spec_file: str, out: str) -> None:
     rank = int(os.environ["RANK"])
     results = {}
     for name, (folder, kw) in json.loads(open(spec_file).read()).items():
@@ -43,11 +45,6 @@ def parity(spec_file: str, out: str) -> None:
                          "sampled": tokens(llm, prompt, temperature=1.0),  # no seed: rank 0 picks one for all
                          "bytes": weight_bytes(llm.model)}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-
-
-def killed(folder: str, out: str) -> None:
-    rank = int(os.environ["RANK"])
-    llm = ember.load(folder, tp=2, dtype=torch.float32)
     if rank == 1:
         os._exit(3)  # a rank that dies mid-run
     t0 = time.monotonic()
@@ -56,9 +53,9 @@ def killed(folder: str, out: str) -> None:
         what = "no error"
     except ember.EmberError as e:
         what = f"{type(e).__name__}: {e}"
-    with open(os.path.join(out, "rank0.json"), "w") as f:
+    with open(os.path.join(out, "killed.json"), "w") as f:
         json.dump({"error": what, "seconds": time.monotonic() - t0}, f)
 
 
 if __name__ == "__main__":
-    {"parity": parity, "killed": killed}[sys.argv[1]](*sys.argv[2:])
+    main(*sys.argv[1:])
