@@ -32,8 +32,9 @@ def _configs():
     return {
         # one KV head for two ranks: replicated; vocab 257 splits unevenly; own lm_head
         "llama_kv1_untied": LlamaConfig(**BASE, num_key_value_heads=1, tie_word_embeddings=False),
-        # KV heads divided (2 over 2 ranks), tied head
-        "llama_kv2_tied": LlamaConfig(**BASE, num_key_value_heads=2, tie_word_embeddings=True),
+        # KV heads divided (2 over 2 ranks), tied head, biases on every projection (row-parallel ones added once)
+        "llama_kv2_tied": LlamaConfig(**BASE, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
+                                      mlp_bias=True),
         "qwen2_bias": Qwen2Config(**BASE, num_key_value_heads=2, tie_word_embeddings=False),
         "gemma3_sliding": Gemma3TextConfig(**{**BASE, "vocab_size": 256}, num_key_value_heads=2, head_dim=16,
                                            sliding_window=5, layer_types=["sliding_attention", "full_attention"],
