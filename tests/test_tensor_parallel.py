@@ -320,3 +320,8 @@ def test_families_without_a_split_refuse_it(family, tmp_path):
            "gpt2": GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)}[family]
     with pytest.raises(ember.DistributedError, match="OLMo 2" if family == "olmo2" else "'gpt2' models cannot be split"):
         _build_split(save(tiny_hf_model(cfg), tmp_path))
+
+
+def test_compile_with_tp_is_refused(folders):
+    with pytest.raises(ember.ArgumentError, match="compile=True with tp > 1 is not supported"):
+        ember.load(folders["llama_kv2_tied"], tp=2, compile=True)

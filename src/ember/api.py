@@ -50,6 +50,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
                             f"{', '.join(f'{k} ({v})' for k, v in LOAD_OPTIONS.items())}")
     dtype = _parse_dtype(dtype)
     device = _parse_device(device)
+    if compile and model_kw.get("tp") not in (None, 1):
+        raise ArgumentError("compile=True with tp > 1 is not supported yet: load a split model without compile")
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
