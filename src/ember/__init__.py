@@ -14,6 +14,7 @@ from .errors import (
     ArgumentError,
     CheckpointError,
     ConfigError,
+    DistributedError,
     EmberError,
     EmbeddingError,
     GenerationError,
@@ -67,4 +68,5 @@ __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
     "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError",
+    "DistributedError",
 ]

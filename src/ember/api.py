@@ -18,6 +18,8 @@ LOAD_OPTIONS = {
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
     "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
+    "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
+          "already set up; default 1)",
 }
 # older names of options, still accepted with a DeprecationWarning
 RENAMED_OPTIONS = {"packed": "keep_quantized"}
@@ -48,6 +50,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
                             f"{', '.join(f'{k} ({v})' for k, v in LOAD_OPTIONS.items())}")
     dtype = _parse_dtype(dtype)
     device = _parse_device(device)
+    if compile and model_kw.get("tp") not in (None, 1):
+        raise ArgumentError("compile=True with tp > 1 is not supported yet: load a split model without compile")
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
@@ -175,6 +179,7 @@ class LLM:
             tok.eos_token_id if tok is not None else None,
         )
         self.engine = engine
+        self.tp = loaded.tp  # the tensor-parallel group (rank 0 drives generation), or None
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -228,9 +233,14 @@ class LLM:
                          eos_ids=self.eos_token_ids, device=self.device)
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:
-        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs)."""
+        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).
+        Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids)."""
         if not requests:
             return iter(())
+        if self.tp is not None:
+            from .distributed.steps import follow_rank0
+
+            requests = [follow_rank0(self.tp, r) for r in requests]
         return self.generator(requests).run(requests)
 
     # ---- public -------------------------------------------------------------------------------

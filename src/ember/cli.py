@@ -19,6 +19,8 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
+                   "processes (started here; under torchrun, its ranks)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="timings and logs on stderr")
 
 
@@ -47,6 +49,8 @@ def _load(model: str | None, a):
     kw = {"quantize": a.quantize} if getattr(a, "quantize", None) else {}
     if getattr(a, "compile", False):
         kw["compile"] = True
+    if getattr(a, "tp", 1) != 1:
+        kw["tp"] = a.tp
     obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision, **kw)
     if getattr(a, "verbose", False):
         print(f"[loaded {name} in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
@@ -100,7 +104,7 @@ def cmd_run(a) -> int:
         print("usage: ember run [MODEL] PROMPT", file=sys.stderr)
         return 2
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read() if _rank() == 0 else ""  # (tensor parallel: rank 0's prompt is used)
     llm = _load_generator(model, a)
     if llm is None:
         return 2
@@ -137,8 +141,12 @@ def cmd_chat(a) -> int:
         print("ember chat — /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = input("> " if interactive else "") if _rank() == 0 else None
         except EOFError:
+            line = None
+        if llm.tp is not None:  # tensor parallel: rank 0 reads, the other ranks follow
+            line = llm.tp.broadcast_object(line)
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -412,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank() -> int:
+    """This process's tensor-parallel rank (0 when not one of several)."""
+    from ember.distributed.launch import rank
+
+    return rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -421,10 +436,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ember.errors import EmberError
 
+    if getattr(a, "tp", 1) != 1:
+        from ember.distributed import launch
+
+        if a.tp < 1:
+            print(f"ember: error: --tp must be at least 1, got {a.tp}", file=sys.stderr)
+            return 2
+        if not launch.is_rank():
+            return launch.launch(a.tp, sys.argv[1:] if argv is None else list(argv))
+        if launch.rank() != 0:  # rank 0 prints; the others follow its steps silently
+            sys.stdout = open(os.devnull, "w")
+
     try:
         return a.func(a) or 0
     except EmberError as e:
-        print(f"ember: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # split over ranks: every rank meets the same bad input, rank 0 reports it
+            print(f"ember: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

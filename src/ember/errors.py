@@ -59,6 +59,11 @@ class ArgumentError(EmberError, ValueError):
     generate/stream/chat are GenerationErrors, to embed EmbeddingErrors.)"""
 
 
+class DistributedError(EmberError):
+    """Tensor parallelism failed: a rank stopped or timed out, the process group is missing or of the
+    wrong size, or a model/weight layout cannot be split over the ranks. Says which and what to do."""
+
+
 __all__ = [
     "EmberError",
     "CheckpointError",
@@ -72,4 +77,5 @@ __all__ = [
     "GenerationError",
     "EmbeddingError",
     "ArgumentError",
+    "DistributedError",
 ]

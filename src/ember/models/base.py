@@ -181,12 +181,13 @@ class CausalLM(nn.Module):
 
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
-    """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own."""
-    from ..nn.layers import linear, linear_from_weight
+    """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own
+    (split over the vocabulary under tensor parallelism: `ember.distributed.layers.head`)."""
+    from ..distributed.layers import head
     import logging
 
     if getattr(cfg, "tie_word_embeddings", False) or not vb.contains("lm_head.weight"):
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
-        return linear_from_weight(embed_weight)  # a packed (GGUF) table gives a packed head
-    return linear(hidden, vocab, vb.pp("lm_head"))
+        return head(vb, embed_weight, hidden, vocab)  # a packed (GGUF) table gives a packed head
+    return head(vb, None, hidden, vocab)

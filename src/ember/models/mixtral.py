@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..distributed import layers as parallel
 from ..nn import SparseMoE, activation
 from ..varbuilder import VarBuilder
 from . import llama
@@ -69,8 +70,11 @@ class DecoderLayer(llama.DecoderLayer):
             return llama.MLP(cfg, vb.pp("mlp"), fuse)
         # transformers 5 renames Mixtral's block_sparse_moe to mlp; checkpoints may have either
         moe = vb.pp("block_sparse_moe") if vb.contains("block_sparse_moe.gate.weight") else vb.pp("mlp")
-        return SparseMoE.from_vb(moe, cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                 cfg.num_experts_per_tok, cfg.norm_topk_prob, activation(cfg.hidden_act))
+        # tensor parallel: every expert's intermediate dimension split, the block's output all-reduced
+        rows = vb.tp.even(cfg.moe_intermediate_size, "moe_intermediate_size") if vb.tp is not None else None
+        return parallel.row_parallel(SparseMoE.from_vb(moe, cfg.num_local_experts, cfg.hidden_size,
+                                                       cfg.moe_intermediate_size, cfg.num_experts_per_tok,
+                                                       cfg.norm_topk_prob, activation(cfg.hidden_act), rows), vb.tp)
 
 
 class ForCausalLM(CausalLM):

@@ -44,25 +44,33 @@ class SparseMoE(nn.Module):
 
     @classmethod
     def from_vb(cls, vb: VarBuilder, num_experts: int, hidden: int, intermediate: int, top_k: int,
-                norm_topk_prob: bool, act) -> "SparseMoE":
-        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout."""
+                norm_topk_prob: bool, act, rows: tuple[int, int] | None = None) -> "SparseMoE":
+        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout.
+        rows: only [start, stop) of every expert's intermediate dimension (a tensor-parallel rank's
+        part: its output is then a partial sum the caller all-reduces)."""
         E, H, F_ = num_experts, hidden, intermediate
+        r0, r1 = rows if rows is not None else (0, F_)
         router = vb.get((E, H), "gate.weight")
         if vb.contains("experts.gate_up_proj"):
-            gate_up = vb.get((E, 2 * F_, H), "experts.gate_up_proj")
-            down = vb.get((E, H, F_), "experts.down_proj")
+            gu, dn = vb, vb
+            if rows is not None:
+                gu, dn = vb.sharded(1, [(r0, r1), (F_ + r0, F_ + r1)]), vb.sharded(2, [(r0, r1)])
+            gate_up = gu.get((E, 2 * F_, H), "experts.gate_up_proj")
+            down = dn.get((E, H, F_), "experts.down_proj")
             return cls(router, gate_up, down, top_k, norm_topk_prob, act)
         names = next((n for n in EXPERT_NAMES if vb.contains(f"experts.0.{n[0]}.weight")), EXPERT_NAMES[0])
         g, u, d = names
         gate_up = down = None
+        n = r1 - r0
         for i in range(E):
             e = vb.pp(f"experts.{i}")
-            wg, wu, wd = e.get((F_, H), f"{g}.weight"), e.get((F_, H), f"{u}.weight"), e.get((H, F_), f"{d}.weight")
+            gu, dn = (e.sharded(0, [(r0, r1)]), e.sharded(1, [(r0, r1)])) if rows is not None else (e, e)
+            wg, wu, wd = gu.get((F_, H), f"{g}.weight"), gu.get((F_, H), f"{u}.weight"), dn.get((H, F_), f"{d}.weight")
             if gate_up is None:  # allocate once, fill expert by expert: one copy of the weights in all
-                gate_up = wg.new_empty(E, 2 * F_, H)
-                down = wd.new_empty(E, H, F_)
-            gate_up[i, :F_].copy_(wg)
-            gate_up[i, F_:].copy_(wu)
+                gate_up = wg.new_empty(E, 2 * n, H)
+                down = wd.new_empty(E, H, n)
+            gate_up[i, :n].copy_(wg)
+            gate_up[i, n:].copy_(wu)
             down[i].copy_(wd)
         return cls(router, gate_up, down, top_k, norm_topk_prob, act)
 

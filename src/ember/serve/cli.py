@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
+                   "processes (started here); rank 0 serves, the others follow its steps")
     p.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB",
                    help="refuse request bodies larger than this (413; default 8 MiB)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
@@ -78,5 +80,5 @@ def main(args: argparse.Namespace) -> int:
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile)
+          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp)
     return 0
