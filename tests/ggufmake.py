@@ -53,15 +53,63 @@ def write(path, arch: str, meta: dict, tensors: dict[str, tuple[np.ndarray, int 
     return Path(path)
 
 
-def quantize(values: np.ndarray, qtype: int) -> tuple[np.ndarray, int | None]:
-    """(array, raw type) for add_tensor: float32/float16 as values, others quantised by gguf.quants."""
+def quantize(values: np.ndarray, qtype: int, seed: int = 0) -> tuple[np.ndarray, int | None]:
+    """(array, raw type) for add_tensor: float32/float16 as values, others quantised by gguf.quants;
+    for the types gguf.quants cannot quantise (the i-quants), random blocks of about the values' scale
+    (what they dequantise to is then the model's weight: compare against a reader of the file)."""
     import gguf
 
     if qtype == 0:
         return values.astype(np.float32), None
     if qtype == 1:
         return values.astype(np.float16), None
-    return gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType(qtype)), qtype
+    t = gguf.GGMLQuantizationType(qtype)
+    try:
+        return gguf.quants.quantize(values.astype(np.float32), t), qtype
+    except NotImplementedError:
+        n, _ = gguf.GGML_QUANT_SIZES[t]
+        rows = int(np.prod(values.shape[:-1]))
+        raw = random_blocks(qtype, rows, values.shape[-1] // n, seed=seed, scale=float(np.abs(values).mean()))
+        return raw.reshape(*values.shape[:-1], -1), qtype
+
+
+# where each block type keeps its scale: fp16 fields (byte offsets); IQ1_M spreads its fp16 over the
+# top nibbles of four words, MXFP4 has an E8M0 exponent byte
+F16_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2],
+              14: [208], 16: [0], 17: [0], 18: [0], 19: [0], 20: [0], 21: [0], 22: [0], 23: [0], 34: [52], 35: [64]}
+IQ1_M, MXFP4 = 29, 39
+
+
+def set_block_scales(blocks: np.ndarray, qtype: int, d: np.ndarray) -> None:
+    """Write the fp16 scales `d` [n_blocks] into raw blocks [n_blocks, block_bytes] in place."""
+    bits = d.astype(np.float16).view(np.uint16)
+    if qtype == IQ1_M:
+        words = blocks[:, 48:56].copy().view(np.uint16)
+        for k in range(4):
+            words[:, k] = (words[:, k] & 0x0FFF) | (((bits >> (4 * k)) & 0xF) << 12)
+        blocks[:, 48:56] = words.view(np.uint8)
+    for at in F16_FIELDS.get(qtype, []):
+        blocks[:, at:at + 2] = bits.view(np.uint8).reshape(-1, 2)
+
+
+def random_blocks(qtype: int, rows: int, blocks_per_row: int, seed: int = 0, scale: float = 0.05) -> np.ndarray:
+    """Random raw blocks (uint8 [rows, row_bytes]) with finite scales, dequantising to values of
+    mean magnitude about `scale` (every other bit pattern is a valid block)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType(qtype)
+    rng = np.random.default_rng(seed)
+    _, nb = gguf.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row * nb), dtype=np.uint8)
+    blocks = raw.reshape(-1, nb)
+    if qtype == MXFP4:  # E8M0: the block's values are 2^(e-128) times codes of magnitude up to 12
+        e = np.clip(np.round(np.log2(scale / 4)) + 128, 2, 250)
+        blocks[:, 0] = (e + rng.integers(-1, 2, blocks.shape[0])).astype(np.uint8)
+        return raw
+    set_block_scales(blocks, qtype, np.ones(blocks.shape[0]))
+    unit = float(np.abs(gguf.quants.dequantize(blocks, t)).mean()) or 1.0  # values are linear in the scale
+    set_block_scales(blocks, qtype, (0.5 + rng.random(blocks.shape[0])) * scale / unit)
+    return raw
 
 
 # ---- a tiny byte-level tokenizer ----------------------------------------------------------------
@@ -148,8 +196,16 @@ def hf_metadata(cfg, arch: str) -> dict:
     return m
 
 
-def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: dict | None = None) -> Path:
-    """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does."""
+def _block_elems(qtype: int) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0]
+
+
+def hf_to_gguf(model, path, qtype=0, tokenizer: bool = True, extra_meta: dict | None = None) -> Path:
+    """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does. `qtype`: the ggml type of
+    the 2-D and 3-D weights (those whose rows are whole blocks of it), or a function of the GGUF name
+    giving it."""
     import gguf
 
     cfg = model.config
@@ -177,8 +233,10 @@ def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: 
             w = w + 1
         if arch == "gpt2" and suffix == "weight" and any(k in gname for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")):
             w = w.T.copy()
-        q = qtype if (w.ndim == 2 and w.shape[-1] % 32 == 0 and not gname.endswith("norm.weight")) else 0
-        tensors[gname] = quantize(w, q)
+        q = qtype(gname) if callable(qtype) else qtype
+        if w.ndim not in (2, 3) or gname.endswith("norm.weight") or w.shape[-1] % _block_elems(q):
+            q = 0
+        tensors[gname] = quantize(w, q, seed=len(tensors))
     meta = hf_metadata(cfg, arch)
     if tokenizer:
         meta.update(tokenizer_meta())

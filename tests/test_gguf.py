@@ -424,12 +424,13 @@ def test_unknown_architecture_and_unsupported_types(tmp_path, good_file):
     p = gm.write(tmp_path / "mamba.gguf", "mamba9", meta, {"token_embd.weight": (np.zeros((4, 32), np.float32), None)})
     msg = _load_error(p, UnsupportedModelError)
     assert "'mamba9' is not supported" in msg and "llama" in msg
-    # a tensor in a type ember cannot dequantise (IQ2_XXS), and one with a type id nobody knows
+    # a tensor in a type ember cannot dequantise (Q8_K, llama.cpp's intermediate), and one with a type
+    # id nobody knows
     arch = gm.raw_kv("general.architecture", gm.STR, gm.gguf_string("llama"))
-    p = gm.raw_file(tmp_path / "iq.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [256, 4], 16, 0)],
-                    data=b"\0" * 66 * 4)
+    p = gm.raw_file(tmp_path / "q8k.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [256, 4], 15, 0)],
+                    data=b"\0" * 292 * 4)
     msg = _load_error(p, UnsupportedModelError)
-    assert "IQ2_XXS" in msg and "token_embd.weight" in msg
+    assert "Q8_K" in msg and "token_embd.weight" in msg
     p = gm.raw_file(tmp_path / "t99.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [32, 4], 99, 0)], data=b"\0" * 512)
     msg = _load_error(p, UnsupportedModelError)
     assert "type99" in msg
