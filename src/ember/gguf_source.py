@@ -332,7 +332,7 @@ def file_float_dtype(f: GGUFFile) -> torch.dtype | None:
 
 def dequantized_bytes(f: GGUFFile, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel * size for t in f.tensors.values() if t.ggml_type in ggml.QUANT_TYPES)
+    return sum(t.numel * size for t in f.tensors.values() if t.ggml_type in ggml.BLOCK_TYPES)
 
 
 def choose_quantized(f: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool:

@@ -253,7 +253,8 @@ def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype
             raise CheckpointError(f"a {type_name(ggml_type)} tensor of shape {list(shape)} takes "
                                   f"{tensor_bytes(ggml_type, shape)} bytes, got {data.numel()}")
     if ggml_type in FLOAT_TYPES:
-        t = data.reshape(-1).view(FLOAT_TYPES[ggml_type]).reshape(shape)
+        t = data.reshape(-1).contiguous().view(FLOAT_TYPES[ggml_type]).reshape(shape) if data.numel() else \
+            torch.empty(shape, dtype=FLOAT_TYPES[ggml_type], device=data.device)
         return t.to(dtype) if out is None else out.copy_(t)
     fn = DEQUANT.get(ggml_type)
     if fn is None:
