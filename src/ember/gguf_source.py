@@ -29,6 +29,7 @@ from .io.gguf import GGUFFile
 
 log = logging.getLogger("ember")
 
+MAX_EXPERTS = 1 << 12
 # Dequantise at load (keep_quantized=None) when the dequantised weights take at most this many bytes.
 AUTO_DEQUANT_MAX_BYTES = int(os.environ.get("EMBER_GGUF_DEQUANT_MAX_BYTES", 2 << 30))
 
@@ -46,6 +47,18 @@ LLAMA_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# mixture-of-experts blocks (Mixtral, Qwen2/3-MoE): the router, the experts stacked in 3-D tensors
+# ([experts, rows, row] in torch order), and Qwen2-MoE's shared expert with its sigmoid gate
+MOE_LAYER = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 DECODER_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 def hf_name(gguf_name: str, top: dict[str, str], layer: dict[str, str], layers_prefix: str) -> str | None:
@@ -199,6 +212,31 @@ def decoder_config(meta: Meta, model_type: str, *, head_dim: int | None = None) 
         cfg["rope_scaling"] = scaling
     if head_dim is not None:
         cfg["head_dim"] = head_dim
+    return cfg
+
+
+def moe_config(meta: Meta) -> dict:
+    """The MoE fields of a config from `{arch}.expert_*` metadata: expert count, top-k, expert width
+    (`expert_feed_forward_length`, else the experts' tensor), `expert_weights_norm` when given, and
+    the layers without a router (dense MLPs) as `mlp_only_layers`."""
+    experts = meta.need("expert_count")
+    top_k = meta.need("expert_used_count")
+    n = layer_count(meta)
+    if not 0 < experts <= MAX_EXPERTS or not 0 < top_k <= experts:
+        raise ConfigError(f"{meta.f.path}: {meta.arch}.expert_count {experts!r:.40} and expert_used_count {top_k!r:.40}: "
+                          f"1 to {MAX_EXPERTS} experts, of which 1 to all are used")
+    cfg: dict[str, Any] = {"num_local_experts": experts, "num_experts_per_tok": top_k,
+                           "mlp_only_layers": [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in meta.names]}
+    width = meta.get("expert_feed_forward_length", kind=int)
+    if width is None:
+        t = next((meta.f.tensors[f"blk.{i}.ffn_gate_exps.weight"] for i in range(n)
+                  if f"blk.{i}.ffn_gate_exps.weight" in meta.names), None)
+        width = t.shape[1] if t is not None and len(t.shape) == 3 else None
+    if width is not None:
+        cfg["moe_intermediate_size"] = width
+    norm = meta.get("expert_weights_norm", kind=bool)
+    if norm is not None:
+        cfg["norm_topk_prob"] = norm
     return cfg
 
 

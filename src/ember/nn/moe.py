@@ -10,7 +10,9 @@ Expert weights are held stacked: `gate_up` [E, 2F, H] (gate rows, then up rows) 
     (the fused tensors are used as they are: views on the checkpoint, no copy);
   - per expert, as the Hub checkpoints (and transformers' save_pretrained) store them:
     `experts.N.w1/w3/w2` (Mixtral) or `experts.N.gate_proj/up_proj/down_proj` (Qwen-MoE),
-    stacked once at load.
+    stacked once at load;
+  - stacked but unfused, as GGUF files store them (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`,
+    read as `experts.gate_proj.weight` [E, F, H] ...): gate and up concatenated once at load.
 
 The forward groups the (token, slot) pairs by expert with one sort, then runs one matmul pair per
 expert that received tokens: a loop over experts, never over tokens, with a single host sync
@@ -52,6 +54,11 @@ class SparseMoE(nn.Module):
             gate_up = vb.get((E, 2 * F_, H), "experts.gate_up_proj")
             down = vb.get((E, H, F_), "experts.down_proj")
             return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+        if vb.contains("experts.gate_proj.weight"):
+            gate = vb.get((E, F_, H), "experts.gate_proj.weight")
+            up = vb.get((E, F_, H), "experts.up_proj.weight")
+            down = vb.get((E, H, F_), "experts.down_proj.weight")
+            return cls(router, torch.cat((gate, up), dim=1), down, top_k, norm_topk_prob, act)
         names = next((n for n in EXPERT_NAMES if vb.contains(f"experts.0.{n[0]}.weight")), EXPERT_NAMES[0])
         g, u, d = names
         gate_up = down = None
