@@ -217,16 +217,15 @@ def decoder_config(meta: Meta, model_type: str, *, head_dim: int | None = None) 
 
 def moe_config(meta: Meta) -> dict:
     """The MoE fields of a config from `{arch}.expert_*` metadata: expert count, top-k, expert width
-    (`expert_feed_forward_length`, else the experts' tensor), `expert_weights_norm` when given, and
-    the layers without a router (dense MLPs) as `mlp_only_layers`."""
+    (`expert_feed_forward_length`, else the experts' tensor) and `expert_weights_norm` when given.
+    Every layer is sparse (llama.cpp's MoE architectures have no dense layers)."""
     experts = meta.need("expert_count")
     top_k = meta.need("expert_used_count")
     n = layer_count(meta)
     if not 0 < experts <= MAX_EXPERTS or not 0 < top_k <= experts:
         raise ConfigError(f"{meta.f.path}: {meta.arch}.expert_count {experts!r:.40} and expert_used_count {top_k!r:.40}: "
                           f"1 to {MAX_EXPERTS} experts, of which 1 to all are used")
-    cfg: dict[str, Any] = {"num_local_experts": experts, "num_experts_per_tok": top_k,
-                           "mlp_only_layers": [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in meta.names]}
+    cfg: dict[str, Any] = {"num_local_experts": experts, "num_experts_per_tok": top_k}
     width = meta.get("expert_feed_forward_length", kind=int)
     if width is None:
         t = next((meta.f.tensors[f"blk.{i}.ffn_gate_exps.weight"] for i in range(n)
