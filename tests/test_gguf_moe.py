@@ -82,8 +82,10 @@ QUANTISED = {
 def test_quantised_moe_gguf_matches_its_weights_dequantised_by_gguf(tmp_path, case, monkeypatch):
     """The reference: the same transformers model holding the file's weights as gguf.quants
     dequantises them. ember: dequantised at load, and kept as blocks on the pure-PyTorch layers
-    (the 3-D experts are dequantised at load in both)."""
+    (each expert three QuantLinears on views of the file's 3-D expert tensors)."""
     from ember import transforms
+    from ember.nn.moe import Expert
+    from ember.nn.quantized import QuantLinear
 
     kind, over, qtype = QUANTISED[case]
     hf = _hf(kind, **over)
@@ -99,6 +101,9 @@ def test_quantised_moe_gguf_matches_its_weights_dequantised_by_gguf(tmp_path, ca
         monkeypatch.setattr(transforms, "native_kernels", lambda device: False)
         kept = ember.load(path, dtype=torch.float32, device="cpu", keep_quantized=True)
         assert kept._loaded.quantized
+        experts = [m for m in kept.model.modules() if isinstance(m, Expert)]
+        assert len(experts) == hf.config.num_hidden_layers * exps[0].shape[0]
+        assert all(isinstance(p, QuantLinear) for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj))
         assert (kept.model(_ids(1)) - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
@@ -119,3 +124,31 @@ def test_bad_moe_files_are_ember_errors_naming_the_problem(tmp_path):
     p = gm.hf_to_gguf(_hf("mixtral"), tmp_path / "m.gguf", extra_meta={"llama.expert_used_count": "two"})
     with pytest.raises(EmberError, match="expert_used_count"):
         ember.load(p)
+
+
+def test_quantised_experts_stay_blocks_and_run_on_the_native_kernels(tmp_path):
+    """The default on a CPU ember's kernels build for: every expert projection stays Q8_0 blocks (views
+    on the file, no dense copy) and computes on the native kernel; types the kernels lack (i-quants)
+    are dequantised once per expert."""
+    from ember.backends import native
+    from ember.nn.layers import Linear
+    from ember.nn.moe import Expert
+
+    if not native.available():
+        pytest.skip("ember's native kernels do not build here")
+    hf = _hf("qwen3_moe", hidden_size=256, moe_intermediate_size=256, intermediate_size=256)
+    q8 = gm.hf_to_gguf(hf, tmp_path / "q8.gguf", qtype=ggml.Q8_0)
+    llm = ember.load(q8, dtype=torch.float32, device="cpu")
+    experts = [m for m in llm.model.modules() if isinstance(m, Expert)]
+    projs = [p for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    assert experts and all(isinstance(p, native.NativeQuantLinear) for p in projs)
+    assert sum(p.qweight.numel() for p in projs) < 0.3 * sum(p.in_features * p.out_features * 4 for p in projs)
+    ref = gm.with_gguf_weights(hf, q8)
+    with torch.no_grad():  # int8 activations, as llama.cpp: close, not equal (a router may flip a near-tie)
+        got, want = llm.model(_ids(2)), ref(_ids(2)).logits
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert cos > 0.98, cos
+    iq = gm.hf_to_gguf(hf, tmp_path / "iq.gguf", qtype=iquants.IQ4_XS)
+    llm = ember.load(iq, dtype=torch.float32, device="cpu")
+    experts = [m for m in llm.model.modules() if isinstance(m, Expert)]
+    assert experts and all(isinstance(e.down_proj, Linear) for e in experts)

@@ -332,7 +332,8 @@ class GGUFSource:
         if info.ggml_type in ggml.FLOAT_TYPES:
             t = self.f.raw(plan.gguf).reshape(-1).view(ggml.FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
             return self._finish(t, plan)
-        if self.quantized and not plan.minus_one and not plan.transpose and len(info.shape) == 2:
+        # 2-D weights, and the 3-D stacked experts of MoE blocks (`GGMLWeight.select` gives one expert)
+        if self.quantized and not plan.minus_one and not plan.transpose and len(info.shape) in (2, 3):
             name = plan.gguf
             w = GGMLWeight(self.f.raw(name), info.ggml_type, info.shape, dtype=self.dtype,
                            reader=lambda rows=None: self.f.read(name, rows), name=name, dense_fallback=self.dense_fallback)
