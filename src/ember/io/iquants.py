@@ -206,14 +206,14 @@ def _dq_tq1_0(b: torch.Tensor, o: torch.Tensor) -> None:
     q = torch.cat(((b[:, 0:32].unsqueeze(1) * pow5).reshape(nb, 160),
                    (b[:, 32:48].unsqueeze(1) * pow5).reshape(nb, 80),
                    (b[:, 48:52].unsqueeze(1) * pow4).reshape(nb, 16)), dim=1)
-    q = ((q.int() * 3) >> 8) - 1
-    torch.mul(_f16(b, 52), q.float(), out=o)
+    q = (((q.to(torch.int16) * 3) >> 8).to(torch.int8) - 1)
+    torch.mul(_f16(b, 52), q, out=o)
 
 
 def _dq_tq2_0(b: torch.Tensor, o: torch.Tensor) -> None:
     nb = b.shape[0]
     q = (b[:, 0:64].reshape(nb, 2, 1, 32) >> _table((0, 2, 4, 6), b.device, torch.uint8).view(4, 1)) & 3
-    torch.mul(_f16(b, 64), (q.reshape(nb, 256).int() - 1).float(), out=o)
+    torch.mul(_f16(b, 64), q.view(torch.int8).sub_(1).reshape(nb, 256), out=o)  # float(q - 1) * d
 
 
 def e8m0_half(e: torch.Tensor) -> torch.Tensor:
