@@ -5,11 +5,12 @@ Property, for every file: parsing (`GGUFFile`), reading and dequantising every t
 another exception type, never a hang, never an allocation sized by a number the file claims (RLIMIT_DATA
 caps growth while an example runs; tracemalloc bounds the parser's Python allocations).
 
-Targets: byte flips, u64 overwrites and truncations of tiny synthetic GGUFs (a Q8_0 Llama, and one in
-i-quants and MXFP4, written with the `gguf` package's GGUFWriter, tests/ggufmake.py); any bytes
-dequantised as any shape of any block type; typed metadata values replaced by hostile ones (wrong
-types, absurd numbers, nested arrays, broken vocabularies); raw headers with absurd counts and
-lengths; and (slow) byte flips and truncations of the real SmolLM2 GGUF.
+Targets: byte flips, u64 overwrites and truncations of tiny synthetic GGUFs (a Q8_0 Llama, one in
+i-quants and MXFP4, a Qwen2-MoE with stacked experts; written with the `gguf` package's GGUFWriter,
+tests/ggufmake.py); any bytes dequantised as any shape of any block type; typed metadata values
+replaced by hostile ones (wrong types, absurd numbers, nested arrays, broken vocabularies); raw
+headers with absurd counts and lengths; and (slow) byte flips and truncations of the real SmolLM2
+GGUF.
 """
 from __future__ import annotations
 
@@ -106,6 +107,21 @@ def tiny_iquants(tmp_path_factory):
     return p.read_bytes(), GGUFFile(p), d / "m.gguf"
 
 
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny Qwen2-MoE GGUF (router, stacked Q8_0 experts, shared expert and its gate)."""
+    import transformers as tf
+
+    from parity import tiny_hf_model
+
+    cfg = tf.Qwen2MoeConfig(vocab_size=265, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("fuzz_gguf_moe")
+    p = gm.hf_to_gguf(tiny_hf_model(cfg), d / "tiny.gguf", qtype=ggml.Q8_0)
+    return p.read_bytes(), GGUFFile(p), d / "m.gguf"
+
+
 @fuzz_settings(100, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_mutated_tiny_gguf(tiny, data):
@@ -116,6 +132,12 @@ def test_fuzz_mutated_tiny_gguf(tiny, data):
 @given(data=st.data())
 def test_fuzz_mutated_tiny_iquant_gguf(tiny_iquants, data):
     _fuzz_mutated(tiny_iquants, data)
+
+
+@fuzz_settings(40, deadline_ms=None)
+@given(data=st.data())
+def test_fuzz_mutated_tiny_moe_gguf(tiny_moe, data):
+    _fuzz_mutated(tiny_moe, data)
 
 
 @fuzz_settings(300, deadline_ms=None)

@@ -406,7 +406,7 @@ def plan_quantized(f: GGUFFile, dtype: torch.dtype | None, device: torch.device,
     """keep_quantized=None (default):
     - where ember's native kernels run (`native`: a CPU they build for): float32 compute, every
       quantised weight stays as its blocks and linears compute on them (the types the kernels lack,
-      Q2_K and Q3_K, are dequantised once);
+      Q2_K, Q3_K, the i-quants, TQ1_0/TQ2_0 and MXFP4, are dequantised once);
     - else where torch's int4 kernel is fast (`int4_fast`: a CPU with native bf16): bf16 compute,
       Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0 weights run on the int4 kernel, the others are dequantised
       once to bf16;
