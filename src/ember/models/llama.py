@@ -127,6 +127,9 @@ class Attention(nn.Module):
         if self.qkv.fused is not None and self.qk_norm is None:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
+            slot = step.decode_slot(self.layer_idx, self.window) if T == 1 and self.softcap is None else None
+            if slot is not None:  # one row's decode token: rotary, cache write and attention in one op
+                return self.o_proj(ops.rope_cache_attention(out, cos, sin, *slot, H, self.scale))
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = out[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
