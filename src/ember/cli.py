@@ -303,6 +303,8 @@ def cmd_inspect(a) -> int:
         print(f"architecture: {info['architecture']}, model_type={info.get('model_type') or '?'}{name}")
         print(f"parameters: {info['parameters']:,}")
         print(f"size: {_human(info['tensor_bytes'])} in {info['tensor_count']} tensors")
+        if info.get("quantization"):
+            print(f"quantisation: {info['quantization']} (general.file_type)")
         print(f"tensor types: {_types_line(info['types'])}")
         if info.get("config"):
             print(f"config: {_config_line(info['config'])}")

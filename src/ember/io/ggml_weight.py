@@ -78,6 +78,22 @@ class GGMLWeight:
                           reader=self.reader if data is self.data else None, name=self.name,
                           dense_fallback=self.dense_fallback)
 
+    def select(self, i: int) -> "GGMLWeight":
+        """Entry i along the first dimension of a 3-D weight (one expert of stacked MoE experts), as a
+        2-D weight whose bytes are a view on this one's (blocks never span rows)."""
+        if len(self.shape) != 3 or not 0 <= i < self.shape[0]:
+            raise ValueError(f"select({i}) needs a 3-D weight with more than {i} entries, got shape {list(self.shape)}")
+        rows = self.shape[1]
+        lo = i * rows
+        parent = self.reader
+
+        def rows_of_expert(span=None):
+            a, b = span if span is not None else (0, rows)
+            return parent((lo + a, lo + b))
+        return GGMLWeight(self.data[lo:lo + rows], self.ggml_type, self.shape[1:], dtype=self.dtype,
+                          reader=rows_of_expert if parent is not None else None, name=f"{self.name}[{i}]",
+                          dense_fallback=self.dense_fallback)
+
     def cat_rows(self, parts: Sequence["GGMLWeight"]) -> "GGMLWeight":
         """The parts stacked along dim 0 (q/k/v, gate/up): blocks never span rows, so this is a byte copy."""
         first = parts[0]

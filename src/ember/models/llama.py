@@ -173,9 +173,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, intermediate: int | None = None):
         super().__init__()
-        E, F_ = cfg.hidden_size, cfg.intermediate_size
+        E, F_ = cfg.hidden_size, intermediate or cfg.intermediate_size
         down, split = vb.pp("down_proj"), None
         if vb.tp is not None:  # tensor parallel: gate/up column-, down row-parallel
             rows = [vb.tp.even(F_, "intermediate_size")]
@@ -268,6 +268,7 @@ class ForCausalLM(CausalLM):
 
 # ---- GGUF (llama.cpp's llama, qwen2, qwen3 and phi3 architectures) -----------------------------
 def _gguf_llama(meta: gguf.Meta) -> dict:
+    """llama.cpp's llama architecture: Llama, Mistral, and Mixtral (with `llama.expert_count`)."""
     heads = gguf.attention_heads(meta)
     # transformers maps rope.dimension_count to head_dim for llama; key_length is explicit when present
     head_dim = meta.get("attention.key_length", kind=int) or meta.get("rope.dimension_count", kind=int) or \
@@ -281,6 +282,8 @@ def _gguf_llama(meta: gguf.Meta) -> dict:
             raise gguf.UnsupportedModelError(f"{meta.f.path}: rope_freqs.weight together with rope scaling "
                                              f"{cfg['rope_scaling'].get('rope_type')!r} is not supported")
         cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": gguf.small_vector(meta, "rope_freqs.weight")}
+    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
+        cfg.update(gguf.moe_config(meta), model_type="mixtral")
     return cfg
 
 
@@ -324,7 +327,7 @@ PHI3_LAYER = {
 }
 
 GGUF = {
-    "llama": gguf.GGUFMapping(_gguf_llama, permute_qk=True),
+    "llama": gguf.GGUFMapping(_gguf_llama, layer={**gguf.LLAMA_LAYER, **gguf.MOE_LAYER}, permute_qk=True),
     "qwen2": gguf.GGUFMapping(_gguf_qwen2),
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
     "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
