@@ -201,3 +201,15 @@ def test_the_spinner_draws_while_loading_and_clears_its_line():
     with Spinner("loading x", stream=buf):
         pass
     assert buf.getvalue() == ""
+
+
+def test_serve_without_a_model_serves_the_default_under_its_short_name(caches, monkeypatch):
+    pytest.importorskip("fastapi")
+    import ember.serve.server as server
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda model, **kw: got.update(model=model, **kw))
+    monkeypatch.delenv("EMBER_MODEL", raising=False)
+    assert cli.main(["serve", "--port", "0"]) == 0
+    assert got["model"] == "smollm2" and got["served_model_name"] is None  # served as "smollm2"
+    assert hub.looks_like_model(got["model"])
