@@ -224,8 +224,10 @@ def _folder_tokenizer_line(snap) -> str:
 
     tj = snap.file("tokenizer.json")
     parts = []
-    if tj is None:
-        have = [n for n in ("vocab.txt", "tokenizer.model", "vocab.json") if snap.file(n)]
+    if tj is None and snap.file("tokenizer.model"):
+        parts.append("SentencePiece tokenizer.model (converted at load; needs ember[sentencepiece])")
+    elif tj is None:
+        have = [n for n in ("vocab.txt", "vocab.json") if snap.file(n)]
         parts.append("no tokenizer.json" + (f" (has {', '.join(have)}; ember reads tokenizer.json)" if have else ""))
     else:
         try:

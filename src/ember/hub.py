@@ -249,6 +249,8 @@ def _wanted(names: list[str], fmt: str, weights: list[str]) -> list[str]:
                                           "generation_config.json")]
     else:
         side = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in SIDE_FILES)]
+        if "tokenizer.model" in names and "tokenizer.json" not in names:  # SentencePiece only: ember converts it
+            side.append("tokenizer.model")
     shards = []
     for w in weights:
         if w == "model.safetensors.index.json":
