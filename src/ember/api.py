@@ -336,7 +336,7 @@ class LLM:
         for ev in self.events([req]):
             yield run.add(ev)
 
-    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools: list[dict] | None = None,
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools=None,
              chat_template_kwargs: dict | None = None, details: bool = False, **kw):
         """Apply the chat template and generate the assistant's reply: a str, pieces with stream=True;
         with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`)."""
