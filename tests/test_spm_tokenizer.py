@@ -59,29 +59,29 @@ def test_tokenizer_model_only_gives_sentencepieces_ids(spm_folder):
 def test_a_model_the_conversion_does_not_reproduce_is_refused(tmp_path, model_type, llama):
     """A Unigram model, or a BPE one that normalises text (NFKC, collapsed spaces), would tokenise differently."""
     (tmp_path / "tokenizer.model").write_bytes(_train(model_type, llama))
-    from ember.tokenizer import Tokenizer
+    from ember.spm_tokenizer import tokenizer_from_folder
 
     with pytest.raises(TokenizerError, match="UNIGRAM model, not BPE" if model_type == "unigram" else
                        "it normalises text .nmt_nfkc.; it collapses runs of spaces"):
-        Tokenizer.from_dir(tmp_path)
+        tokenizer_from_folder(tmp_path)
 
 
 def test_a_broken_tokenizer_model_is_a_tokenizer_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00not a model")
-    from ember.tokenizer import Tokenizer
+    from ember.spm_tokenizer import tokenizer_from_folder
 
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
-        Tokenizer.from_dir(tmp_path)
+        tokenizer_from_folder(tmp_path)
 
 
 def test_without_sentencepiece_the_error_says_what_to_install(spm_folder, monkeypatch):
     import sys
 
-    from ember.tokenizer import Tokenizer
+    from ember.spm_tokenizer import tokenizer_from_folder
 
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(TokenizerError, match=r"ember\[sentencepiece\]"):
-        Tokenizer.from_dir(spm_folder)
+        tokenizer_from_folder(spm_folder)
 
 
 def test_a_hub_repo_with_only_tokenizer_model_downloads_it(spm_folder, tmp_path, monkeypatch):

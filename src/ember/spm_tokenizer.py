@@ -96,3 +96,11 @@ def tokenizers_from_spm(path: str | os.PathLike):
                                  f"byte fallback, as Llama's; a Unigram model is not one); save a tokenizer.json "
                                  f"with transformers")
     return tok.tk, tok.special_tokens
+
+
+def tokenizer_from_folder(folder: str | os.PathLike):
+    """An `ember.tokenizer.Tokenizer` for a folder whose tokenizer is a SentencePiece tokenizer.model,
+    with its companions (tokenizer_config.json's special tokens and chat template)."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(folder, base=tokenizers_from_spm(Path(folder) / "tokenizer.model"))

@@ -180,21 +180,21 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
-        """From a Hugging Face folder: tokenizer.json and its companions."""
+    def from_dir(cls, folder: str | os.PathLike, base: tuple | None = None) -> "Tokenizer":
+        """From a Hugging Face folder: tokenizer.json and its companions. base: (tokenizers.Tokenizer,
+        special tokens) to use instead of tokenizer.json (`spm_tokenizer.tokenizer_from_folder`)."""
         from tokenizers import Tokenizer as TkTokenizer
 
         folder = Path(folder)
         tj = folder / "tokenizer.json"
         spm_special: dict = {}
-        if not tj.is_file() and (folder / "tokenizer.model").is_file():
-            from .spm_tokenizer import tokenizers_from_spm
-
-            tk, spm_special = tokenizers_from_spm(folder / "tokenizer.model")
+        if base is not None:  # a tokenizer converted from another file (spm_tokenizer: tokenizer.model)
+            tk, spm_special = base
             tj = folder / "tokenizer.model"
         elif not tj.is_file():
             extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
-                (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
+                (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file()
+                or (folder / "vocab.json").is_file()) else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
         else:
             from .io.safefile import MAX_TOKENIZER_JSON_BYTES, check_size
