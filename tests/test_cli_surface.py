@@ -100,6 +100,11 @@ def test_run_model_with_a_piped_prompt_answers_once(caches, tiny_chat, capsys, m
     assert out == llm.chat([{"role": "user", "content": "Hi\nthere\n"}], max_tokens=5) + "\n"
 
 
+def test_run_with_an_empty_pipe_says_there_is_no_prompt(caches, tiny_chat, capsys, monkeypatch):
+    code, out, err = run(capsys, "run", tiny_chat, stdin="", monkeypatch=monkeypatch)
+    assert (code, out) == (2, "") and "no prompt: stdin was empty" in err
+
+
 def test_verbose_prints_tokens_per_second(caches, tiny_chat, capsys):
     code, out, err = run(capsys, "-v", "run", tiny_chat, "Hello", "-n", 7, "--raw")
     assert code == 0, err

@@ -111,6 +111,9 @@ def cmd_run(a) -> int:
     prompt = " ".join(words) if words else None
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()  # `echo question | ember run MODEL` answers once, as ollama does
+        if not prompt.strip():
+            print("ember: error: no prompt: stdin was empty (usage: ember run [MODEL] PROMPT...)", file=sys.stderr)
+            return 2
     if prompt is None:  # `ember run MODEL`: a chat
         return _chat(model, a)
     llm = _load_generator(model, a)
