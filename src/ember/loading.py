@@ -159,6 +159,10 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         source = DictSource(read_state_dicts(snap.weights), name=", ".join(p.name for p in snap.weights))
 
     def tokenizer():
+        if snap.file("tokenizer.json") is None and snap.file("tokenizer.model") is not None:
+            from .spm_tokenizer import tokenizer_from_folder
+
+            return tokenizer_from_folder(snap.root)
         if snap.file("tokenizer.json") is None:
             log.warning("%s has no tokenizer.json: text in/out is unavailable, token ids only", snap.root)
             return None

@@ -10,7 +10,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
                     "/v1/embeddings, /v1/models, /health) with continuous batching.")
     p.add_argument("model", nargs="?", default=None,
-                   help="Hub id, local folder or .safetensors/.gguf file (default: the default model)")
+                   help="Hub id, local folder, .safetensors/.gguf file or short name (default: $EMBER_MODEL, else "
+                        "smollm2, served under that name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--embedding-model", default=None, metavar="M", help="also serve this encoder on /v1/embeddings")
@@ -71,12 +72,16 @@ def main(args: argparse.Namespace) -> int:
 
     model, name = args.model, args.served_model_name
     if model is None:
+        import os
         from pathlib import Path
 
-        from ..fixtures import default_model
+        from ..fixtures import DEFAULT_MODEL, default_model
 
-        model = default_model()
-        name = name or Path(model).stem  # not the cache path
+        if os.environ.get("EMBER_MODEL"):
+            model = default_model()
+            name = name or Path(model).stem  # not a cache path
+        else:
+            model = DEFAULT_MODEL.name  # served as "smollm2", the short name clients can also load by
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
