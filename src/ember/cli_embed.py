@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("embed", help="sentence embeddings: ember embed MODEL TEXT... | --file lines.txt --out x.npy",
                               description="Embed texts with an encoder (BERT, RoBERTa, MPNet, ModernBERT ...), "
                                           "following its sentence-transformers pooling/normalisation.")
-    p.add_argument("model", metavar="MODEL", help="Hub id, local folder or .safetensors file")
+    p.add_argument("model", metavar="MODEL", help="Hub id, local folder, .safetensors file or short name (minilm)")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (or use --file)")
     p.add_argument("-f", "--file", help="read texts from this file, one per line ('-' = stdin); empty lines are kept")
     p.add_argument("-o", "--out", help="write a float32 [N, dim] array: .npy (NumPy), .pt (torch) or .jsonl; "

@@ -540,6 +540,38 @@ class Embedder:
 
     __call__ = embed
 
+    def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
+               batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False, truncate_dim: int | None = None):
+        """`embed` under sentence-transformers' `SentenceTransformer.encode` names and return types: a
+        NumPy array (a torch tensor with convert_to_tensor=True, a list of 1-D tensors with
+        convert_to_numpy=False), 1-D for one string. The model's own modules (Normalize included)
+        always apply; normalize_embeddings=True L2-normalises afterwards; truncate_dim keeps the first
+        dimensions (Matryoshka models), before that normalisation, as sentence-transformers does."""
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 0 < truncate_dim):
+            raise EmbeddingError(f"truncate_dim must be a positive int or None, got {truncate_dim!r:.60}")
+        for name, flag in (("convert_to_numpy", convert_to_numpy), ("convert_to_tensor", convert_to_tensor),
+                           ("normalize_embeddings", normalize_embeddings)):
+            if not isinstance(flag, bool):
+                raise EmbeddingError(f"{name} must be True or False, got {flag!r:.60}")
+        if show_progress_bar is not None and not isinstance(show_progress_bar, bool):
+            raise EmbeddingError(f"show_progress_bar must be True, False or None, got {show_progress_bar!r:.60}")
+        single = isinstance(sentences, str)
+        out = self.embed([sentences] if single else sentences, batch_size, None, progress=bool(show_progress_bar),
+                         prompt=prompt, prompt_name=prompt_name)
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+        if normalize_embeddings:
+            out = F.normalize(out, p=2, dim=-1)
+        if single:
+            out = out[0]
+        if convert_to_tensor:
+            return out
+        if convert_to_numpy:
+            return out.numpy()
+        return list(out) if not single else out
+
     def _embed_ids(self, ids: list[list[int]], batch_size: int, normalize: bool | None, exclude: int = 0,
                    progress: bool = False) -> torch.Tensor:
         N = len(ids)

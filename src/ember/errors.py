@@ -63,6 +63,11 @@ class ArgumentError(EmberError, ValueError):
     generate/stream/chat are GenerationErrors, to embed EmbeddingErrors.)"""
 
 
+class DistributedError(EmberError):
+    """Tensor parallelism failed: a rank stopped or timed out, the process group is missing or of the
+    wrong size, or a model/weight layout cannot be split over the ranks. Says which and what to do."""
+
+
 __all__ = [
     "EmberError",
     "CheckpointError",
@@ -77,4 +82,5 @@ __all__ = [
     "EmbeddingError",
     "ArgumentError",
     "AudioError",
+    "DistributedError",
 ]

@@ -29,6 +29,7 @@ from .io.gguf import GGUFFile
 
 log = logging.getLogger("ember")
 
+MAX_EXPERTS = 1 << 12
 # Dequantise at load (keep_quantized=None) when the dequantised weights take at most this many bytes.
 AUTO_DEQUANT_MAX_BYTES = int(os.environ.get("EMBER_GGUF_DEQUANT_MAX_BYTES", 2 << 30))
 
@@ -46,6 +47,18 @@ LLAMA_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# mixture-of-experts blocks (Mixtral, Qwen2/3-MoE): the router, the experts stacked in 3-D tensors
+# ([experts, rows, row] in torch order), and Qwen2-MoE's shared expert with its sigmoid gate
+MOE_LAYER = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 DECODER_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 def hf_name(gguf_name: str, top: dict[str, str], layer: dict[str, str], layers_prefix: str) -> str | None:
@@ -202,6 +215,30 @@ def decoder_config(meta: Meta, model_type: str, *, head_dim: int | None = None) 
     return cfg
 
 
+def moe_config(meta: Meta) -> dict:
+    """The MoE fields of a config from `{arch}.expert_*` metadata: expert count, top-k, expert width
+    (`expert_feed_forward_length`, else the experts' tensor) and `expert_weights_norm` when given.
+    Every layer is sparse (llama.cpp's MoE architectures have no dense layers)."""
+    experts = meta.need("expert_count")
+    top_k = meta.need("expert_used_count")
+    n = layer_count(meta)
+    if not 0 < experts <= MAX_EXPERTS or not 0 < top_k <= experts:
+        raise ConfigError(f"{meta.f.path}: {meta.arch}.expert_count {experts!r:.40} and expert_used_count {top_k!r:.40}: "
+                          f"1 to {MAX_EXPERTS} experts, of which 1 to all are used")
+    cfg: dict[str, Any] = {"num_local_experts": experts, "num_experts_per_tok": top_k}
+    width = meta.get("expert_feed_forward_length", kind=int)
+    if width is None:
+        t = next((meta.f.tensors[f"blk.{i}.ffn_gate_exps.weight"] for i in range(n)
+                  if f"blk.{i}.ffn_gate_exps.weight" in meta.names), None)
+        width = t.shape[1] if t is not None and len(t.shape) == 3 else None
+    if width is not None:
+        cfg["moe_intermediate_size"] = width
+    norm = meta.get("expert_weights_norm", kind=bool)
+    if norm is not None:
+        cfg["norm_topk_prob"] = norm
+    return cfg
+
+
 # Tensors that mappings read into the config dict rather than into a layer.
 CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -295,7 +332,8 @@ class GGUFSource:
         if info.ggml_type in ggml.FLOAT_TYPES:
             t = self.f.raw(plan.gguf).reshape(-1).view(ggml.FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
             return self._finish(t, plan)
-        if self.quantized and not plan.minus_one and not plan.transpose and len(info.shape) == 2:
+        # 2-D weights, and the 3-D stacked experts of MoE blocks (`GGMLWeight.select` gives one expert)
+        if self.quantized and not plan.minus_one and not plan.transpose and len(info.shape) in (2, 3):
             name = plan.gguf
             w = GGMLWeight(self.f.raw(name), info.ggml_type, info.shape, dtype=self.dtype,
                            reader=lambda rows=None: self.f.read(name, rows), name=name, dense_fallback=self.dense_fallback)
@@ -332,7 +370,7 @@ def file_float_dtype(f: GGUFFile) -> torch.dtype | None:
 
 def dequantized_bytes(f: GGUFFile, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel * size for t in f.tensors.values() if t.ggml_type in ggml.QUANT_TYPES)
+    return sum(t.numel * size for t in f.tensors.values() if t.ggml_type in ggml.BLOCK_TYPES)
 
 
 def choose_quantized(f: GGUFFile, dtype: torch.dtype, device: torch.device) -> bool:
@@ -368,7 +406,7 @@ def plan_quantized(f: GGUFFile, dtype: torch.dtype | None, device: torch.device,
     """keep_quantized=None (default):
     - where ember's native kernels run (`native`: a CPU they build for): float32 compute, every
       quantised weight stays as its blocks and linears compute on them (the types the kernels lack,
-      Q2_K and Q3_K, are dequantised once);
+      Q2_K, Q3_K, the i-quants, TQ1_0/TQ2_0 and MXFP4, are dequantised once);
     - else where torch's int4 kernel is fast (`int4_fast`: a CPU with native bf16): bf16 compute,
       Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0 weights run on the int4 kernel, the others are dequantised
       once to bf16;

@@ -5,7 +5,8 @@ ids. This rebuilds the same `tokenizers.Tokenizer` that transformers' GGUF integ
 (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`) builds, so token ids are equal:
 
 - `gpt2` (byte-level BPE: SmolLM2, Qwen, Llama 3): the vocabulary respelled into the byte alphabet
-  where a token is not already, the file's merges, a split regex chosen by `tokenizer.ggml.pre`.
+  where a token is not already, the file's merges, a split regex chosen by `tokenizer.ggml.pre` (as
+  llama.cpp chooses it; a missing or unknown one is warned about by name, then split as GPT-2 does).
 - `llama` (SentencePiece BPE with byte fallback): the file's merges or ones derived from the
   scores; Gemma's variant (spaces as "▁" by a normalizer, merges ordered by vocabulary position),
   Phi-3's (a prefix-space normalizer).
@@ -16,11 +17,14 @@ BOS/EOS are added by a post-processor when `tokenizer.ggml.add_bos_token`/`add_e
 """
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from typing import Any
 
 from .errors import TokenizerError
+
+log = logging.getLogger("ember")
 
 CONTROL, USER_DEFINED = 3, 4
 # the most work (sum over tokens of length², in characters) deriving merges from a vocabulary may take
@@ -47,15 +51,23 @@ _QWEN35_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre -> the split regex its merges were learned with (others: GPT-2's ByteLevel regex)
+# tokenizer.ggml.pre -> the split regex its merges were learned with (llama.cpp's llama-vocab.cpp)
 PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
     "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"),
+                    _QWEN2_SPLIT),
     "qwen35": _QWEN35_SPLIT,
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
 }
+# pre-tokenizers that are GPT-2's ByteLevel regex itself
+GPT2_SPLIT_PRES = frozenset(("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
+                             "a.x-4.0", "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "exaone4",
+                             "mpt", "olmo", "jais", "trillion", "granite-docling"))
+# ... and GPT-2's regex after a split of every digit (SmolLM's and StarCoder's tokenizer.json say the same)
+DIGIT_SPLIT_PRES = frozenset(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b",
+                              "mellum2"))
 
 # Token texts llama.cpp treats as end-of-generation (llama-vocab.cpp), besides the eos/eot/eom ids.
 EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
@@ -126,7 +138,7 @@ def _merges(meta: dict, key: str = "tokenizer.ggml.merges") -> list[tuple[str, s
     return out
 
 
-def _byte_level(meta: dict, tokens: list[str]):
+def _byte_level(meta: dict, tokens: list[str], where: str = ""):
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -140,13 +152,24 @@ def _byte_level(meta: dict, tokens: list[str]):
         raise TokenizerError("a byte-level (gpt2) GGUF vocabulary needs tokenizer.ggml.merges")
     tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
                        fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+    pre = meta.get("tokenizer.ggml.pre")
+    split = PRE_TOKENIZER_SPLITS.get(pre) if isinstance(pre, str) else None
     if split is not None:
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
+    elif pre in DIGIT_SPLIT_PRES:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
     else:
+        if pre not in GPT2_SPLIT_PRES:
+            log.warning("%s: %s; ember splits its text with GPT-2's regex, so some text may tokenise differently "
+                        "from how the model was trained (known to ember: %s)", where or "GGUF tokenizer",
+                        "no tokenizer.ggml.pre is given" if pre is None else f"tokenizer.ggml.pre {pre!r:.80} is unknown",
+                        ", ".join(sorted({*PRE_TOKENIZER_SPLITS, *GPT2_SPLIT_PRES, *DIGIT_SPLIT_PRES})))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     return tk, alphabet
@@ -247,7 +270,7 @@ def tokenizer_from_gguf(meta: dict, path: str | os.PathLike | None = None):
         types = [1] * len(tokens)
     try:
         if kind == "gpt2":
-            tk, alphabet = _byte_level(meta, tokens)
+            tk, alphabet = _byte_level(meta, tokens, str(path or ""))
         elif kind == "llama":
             tk, vocab = _sentencepiece(meta, tokens, arch)
             alphabet = None

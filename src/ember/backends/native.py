@@ -166,11 +166,22 @@ def _native_decode_attention(q, k, v, mask, scale=None):
                                                     _kernels._isa_index())
 
 
+def _native_rope_cache_attention(qkv, cos, sin, k_cache, v_cache, pos, heads, scale=None):
+    if (qkv.dtype not in _F32_BF16 or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype or qkv.device.type != "cpu"
+            or cos.dtype not in _F32_BF16 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return ops.default("rope_cache_attention")(qkv, cos, sin, k_cache, v_cache, pos, heads, scale)
+    return torch.ops.ember.rope_cache_attention.default(qkv, cos, sin, k_cache, v_cache, pos, heads,
+                                                        k_cache.shape[-1] ** -0.5 if scale is None else scale,
+                                                        _kernels._isa_index())
+
+
 NATIVE_OPS = {
     "rms_norm": _native_rms_norm,
     "add_rms_norm": _native_add_rms_norm,
     "silu_mul": _native_silu_mul,
     "decode_attention": _native_decode_attention,
+    "rope_cache_attention": _native_rope_cache_attention,
 }
 
 

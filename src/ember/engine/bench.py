@@ -185,8 +185,8 @@ def main(args) -> int:
 
         if args.config not in PRESETS:
             raise SystemExit(f"ember bench: unknown --config {args.config!r}; presets: {', '.join(PRESETS)}")
-        if getattr(args, "quantize", None):
-            raise SystemExit("ember bench: --quantize applies to a model's weights, not --config presets")
+        if getattr(args, "quantize", None) or getattr(args, "tp", 1) != 1:
+            raise SystemExit("ember bench: --quantize and --tp apply to a model's weights, not --config presets")
         dtype = dtype or torch.bfloat16
         t = time.perf_counter()
         _, model = random_model(args.config, dtype, device, prepack=False if args.compile else None)
@@ -200,6 +200,8 @@ def main(args) -> int:
         kw = {"prepack": False} if args.compile else {}
         if getattr(args, "quantize", None):
             kw["quantize"] = args.quantize
+        if getattr(args, "tp", 1) != 1:
+            kw["tp"] = args.tp  # every rank runs the same seeded requests: the same steps
         llm = ember.load(name, dtype=dtype, device=device, **kw)
         load_s = time.perf_counter() - t
         model, tok, dtype, label = llm.model, llm.tokenizer, llm.dtype, name
@@ -210,6 +212,6 @@ def main(args) -> int:
                  cuda_graphs=None if not args.no_graphs else False, compile=args.compile)
     res = bench(model, tok, device=device, dtype=dtype, batches=batches, prompt_len=args.prompt, gen_len=args.tokens,
                 prefill_len=args.prefill, engine=eng, label=label)
-    res = {"load_s": load_s, **kernel_path(device, model, transforms), **res}
+    res = {"load_s": load_s, "tp": getattr(args, "tp", 1), **kernel_path(device, model, transforms), **res}
     print(json.dumps(res) if args.json else format_table(res))
     return 0

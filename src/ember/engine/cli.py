@@ -22,5 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reports its cost)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU)")
     p.add_argument("--no-graphs", action="store_true", help="disable CUDA graphs")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
+                   "processes (started here; figures of rank 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_main)

@@ -12,6 +12,9 @@ import math
 
 import torch
 
+from ..errors import CheckpointError
+from . import iquants
+
 QK_K = 256
 
 # ggml type id -> (name, elements per block, bytes per block). All ids of ggml.h, so a file's
@@ -53,8 +56,10 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
-QUANT_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
-SUPPORTED = tuple(FLOAT_TYPES) + QUANT_TYPES
+QUANT_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)  # legacy and K-quants
+IQUANT_TYPES = tuple(iquants.DEQUANT)  # i-quants, TQ1_0/TQ2_0, MXFP4 (ember.io.iquants)
+BLOCK_TYPES = QUANT_TYPES + IQUANT_TYPES  # every block type ember dequantises
+SUPPORTED = tuple(FLOAT_TYPES) + BLOCK_TYPES
 
 
 def type_name(ggml_type: int) -> str:
@@ -226,6 +231,7 @@ def _dq_q6_k(b: torch.Tensor, o: torch.Tensor) -> None:
 DEQUANT = {
     Q4_0: _dq_q4_0, Q4_1: _dq_q4_1, Q5_0: _dq_q5_0, Q5_1: _dq_q5_1, Q8_0: _dq_q8_0,
     Q2_K: _dq_q2_k, Q3_K: _dq_q3_k, Q4_K: _dq_q4_k, Q5_K: _dq_q5_k, Q6_K: _dq_q6_k,
+    **iquants.DEQUANT,
 }
 
 # Dequantise this many blocks at a time: keeps the float32 temporaries small (cache-friendly, and
@@ -236,9 +242,19 @@ CHUNK_BLOCKS = 8192
 def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Raw bytes of a tensor (uint8, any shape, contiguous in memory order) -> values of `shape`,
-    bit-identical to the reference dequantisers (then rounded once to `dtype`)."""
+    bit-identical to the reference dequantisers (then rounded once to `dtype`). Data whose size does
+    not make a whole `shape` of blocks is a CheckpointError."""
+    if ggml_type in GGML_TYPES:
+        n, _ = block_size(ggml_type)
+        if (shape[-1] if shape else 1) % n:
+            raise CheckpointError(f"a {type_name(ggml_type)} tensor of shape {list(shape)}: its rows are not whole "
+                                  f"{n}-value blocks")
+        if data.numel() != tensor_bytes(ggml_type, shape):
+            raise CheckpointError(f"a {type_name(ggml_type)} tensor of shape {list(shape)} takes "
+                                  f"{tensor_bytes(ggml_type, shape)} bytes, got {data.numel()}")
     if ggml_type in FLOAT_TYPES:
-        t = data.reshape(-1).view(FLOAT_TYPES[ggml_type]).reshape(shape)
+        t = data.reshape(-1).contiguous().view(FLOAT_TYPES[ggml_type]).reshape(shape) if data.numel() else \
+            torch.empty(shape, dtype=FLOAT_TYPES[ggml_type], device=data.device)
         return t.to(dtype) if out is None else out.copy_(t)
     fn = DEQUANT.get(ggml_type)
     if fn is None:

@@ -78,6 +78,22 @@ class GGMLWeight:
                           reader=self.reader if data is self.data else None, name=self.name,
                           dense_fallback=self.dense_fallback)
 
+    def select(self, i: int) -> "GGMLWeight":
+        """Entry i along the first dimension of a 3-D weight (one expert of stacked MoE experts), as a
+        2-D weight whose bytes are a view on this one's (blocks never span rows)."""
+        if len(self.shape) != 3 or not 0 <= i < self.shape[0]:
+            raise ValueError(f"select({i}) needs a 3-D weight with more than {i} entries, got shape {list(self.shape)}")
+        rows = self.shape[1]
+        lo = i * rows
+        parent = self.reader
+
+        def rows_of_expert(span=None):
+            a, b = span if span is not None else (0, rows)
+            return parent((lo + a, lo + b))
+        return GGMLWeight(self.data[lo:lo + rows], self.ggml_type, self.shape[1:], dtype=self.dtype,
+                          reader=rows_of_expert if parent is not None else None, name=f"{self.name}[{i}]",
+                          dense_fallback=self.dense_fallback)
+
     def cat_rows(self, parts: Sequence["GGMLWeight"]) -> "GGMLWeight":
         """The parts stacked along dim 0 (q/k/v, gate/up): blocks never span rows, so this is a byte copy."""
         first = parts[0]
@@ -121,3 +137,26 @@ class GGMLWeightGroup:
 
     def cat_rows(self, parts):
         return GGMLWeightGroup([q for p in parts for q in (p.parts if isinstance(p, GGMLWeightGroup) else [p])])
+
+
+def slice_blocks(w, dim: int, ranges: Sequence[tuple[int, int]]) -> GGMLWeight:
+    """The index ranges `ranges` of dimension `dim` of a 2-D quantised weight, concatenated (one
+    tensor-parallel rank's part), without dequantising: whole rows (dim 0) always split, since blocks
+    never span rows; columns (dim 1) only at block boundaries. ValueError when the layout does not allow it."""
+    if not isinstance(w, GGMLWeight) or w.dim() != 2 or w.data.dim() != 2:
+        raise ValueError(f"only 2-D quantised weights of one block type split ({w!r:.80})")
+    if dim == 0:
+        data = torch.cat([w.owned_rows(a, b) for a, b in ranges]) if len(ranges) > 1 else w.owned_rows(*ranges[0])
+        shape = (sum(b - a for a, b in ranges), w.shape[1])
+    elif dim == 1:
+        n, nbytes = ggml.block_size(w.ggml_type)
+        if any(a % n or b % n for a, b in ranges):
+            raise ValueError(f"its {w.type_name} blocks hold {n} values of a row, and the split at columns "
+                             f"{[list(r) for r in ranges]} cuts through them (split fewer ways, or dequantise: "
+                             f"keep_quantized=False)")
+        cols = [w.data[:, a // n * nbytes: b // n * nbytes] for a, b in ranges]
+        data = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
+        shape = (w.shape[0], sum(b - a for a, b in ranges))
+    else:
+        raise ValueError(f"dimension {dim} of a 2-D weight")
+    return GGMLWeight(data, w.ggml_type, shape, dtype=w.dtype, name=w.name, dense_fallback=w.dense_fallback)

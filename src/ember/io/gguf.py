@@ -409,6 +409,23 @@ def _tokenizer_summary(m: dict) -> dict | None:
     return out
 
 
+# general.file_type: the quantisation a file was made with, as llama.cpp's llama-quantize names it
+# (llama.h's LLAMA_FTYPE_*: "mostly" that type, 1-D tensors in F32)
+FILE_TYPES = dict(enumerate((
+    "F32", "F16", "Q4_0", "Q4_1", None, None, None, "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ2_XXS", "IQ2_XS", "Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ1_S",
+    "IQ4_NL", "IQ3_S", "IQ3_M", "IQ2_S", "IQ2_M", "IQ4_XS", "IQ1_M", "BF16", None, None, None, "TQ1_0", "TQ2_0",
+    "MXFP4_MOE", "NVFP4", "Q1_0", "Q2_0")))
+
+
+def file_type_name(m: dict) -> str | None:
+    """'Q4_K_M' for a file whose general.file_type is 15; None when absent, 'file type N' when unknown."""
+    v = m.get("general.file_type")
+    if not isinstance(v, int) or isinstance(v, bool):
+        return None
+    return FILE_TYPES.get(v) or f"file type {v}"
+
+
 def describe_gguf(path: str | os.PathLike, config_of=None) -> dict:
     """What `ember inspect FILE` prints: architecture, metadata summary, tensors, sizes."""
     f = GGUFFile(path)
@@ -455,6 +472,7 @@ def describe_gguf(path: str | os.PathLike, config_of=None) -> dict:
         "parameters": sum(t.numel for t in f.tensors.values()),
         "tensor_bytes": sum(max(t.nbytes, 0) for t in f.tensors.values()),
         "types": by_type,
+        "quantization": file_type_name(f.metadata),
         "config": config,
         "tokenizer": _tokenizer_summary(f.metadata),
         "metadata": meta,

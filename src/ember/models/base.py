@@ -31,6 +31,7 @@ class Step:
     cache_rows: slice | None = None  # which cache rows this batch occupies (default: the first B)
     fresh: bool = False  # prefill from position 0: keys are the queries, plain causal attention
     causal: bool = True  # False: bidirectional self-attention (decoder-based encoders), no cache
+    _host_pos: int | None = None  # the position of a single-token CPU decode, read once
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
@@ -64,13 +65,27 @@ class Step:
         k = kpos.unsqueeze(1)  # [B, 1, S]
         return (valid.unsqueeze(1) & (k <= q) & (q - k < window)).unsqueeze(1)
 
+    def decode_slot(self, layer: int, window: int | None):
+        """(k_cache, v_cache, position) for one row decoding one token on CPU into a full-attention
+        cache layer where every key up to the token is visible: the layer's cache rows [1, KV, S, D]
+        and the host position to write at, for `ops.rope_cache_attention`. None otherwise."""
+        c = self.cache
+        if c is None or c.windows[layer] is not None or not self._single_query_sees_all(window):
+            return None
+        if c.batch == 1:
+            return c.k[layer], c.v[layer], self.kv_len - 1
+        rows = self.cache_rows or slice(0, 1)
+        return c.k[layer][rows], c.v[layer][rows], self.kv_len - 1
+
     def _single_query_sees_all(self, window) -> bool:
         # CPU decode of one row: a host read of its position is cheap, and skipping the mask lets
         # SDPA take its unmasked kernel. (Never on CUDA: no host sync, and graphs need static masks.)
         p = self.position_ids
         if self.kv_len is None or self.fresh or p.shape != (1, 1) or p.is_cuda or torch.compiler.is_compiling():
             return False
-        pos = int(p[0, 0])
+        if self._host_pos is None:  # one host read per forward
+            self._host_pos = int(p[0, 0])
+        pos = self._host_pos
         return pos == self.kv_len - 1 and (window is None or window > pos)
 
 
@@ -166,12 +181,13 @@ class CausalLM(nn.Module):
 
 
 def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
-    """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own."""
-    from ..nn.layers import linear, linear_from_weight
+    """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own
+    (split over the vocabulary under tensor parallelism: `ember.distributed.layers.head`)."""
+    from ..distributed.layers import head
     import logging
 
     if getattr(cfg, "tie_word_embeddings", False) or not vb.contains("lm_head.weight"):
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
-        return linear_from_weight(embed_weight)  # a packed (GGUF) table gives a packed head
-    return linear(hidden, vocab, vb.pp("lm_head"))
+        return head(vb, embed_weight, hidden, vocab)  # a packed (GGUF) table gives a packed head
+    return head(vb, None, hidden, vocab)

@@ -18,7 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..nn import Embedding, RMSNorm, rotary_from_config
+from ..distributed import layers as parallel
+from ..nn import RMSNorm, rotary_from_config
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, Step, tied_or_own_head
@@ -103,7 +104,7 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
-        self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
+        self.embed_tokens = parallel.embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
         # The reference multiplies by a float32 scalar cast to the weights' dtype: round it the same way.
         self.embed_scale = float(torch.tensor(cfg.hidden_size**0.5).to(self.embed_tokens.weight.dtype))
         windows = cfg.layer_windows()

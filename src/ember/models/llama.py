@@ -17,7 +17,9 @@ from torch import nn
 
 from .. import gguf_source as gguf
 from ..config import DecoderConfig, ModelConfig
-from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
+from ..distributed import layers as parallel
+from ..errors import DistributedError
+from ..nn import (FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
                   ops, rotary_from_config)
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step, tied_or_own_head
@@ -74,11 +76,19 @@ class Config(DecoderConfig):
 
 
 def projections(in_features: int, parts: dict[str, tuple[int, VarBuilder]], vb: VarBuilder, fused_name: str,
-                bias: bool | None = False, fuse: bool = True) -> FusedLinears:
+                bias: bool | None = False, fuse: bool = True, split: list | None = None) -> FusedLinears:
     """The Linears `parts` as one FusedLinears, or, when the checkpoint already stores them fused as
-    `fused_name` (Phi-3's qkv_proj and gate_up_proj), that tensor split in the same order."""
+    `fused_name` (Phi-3's qkv_proj and gate_up_proj), that tensor split in the same order.
+    split: a tensor-parallel rank's row ranges of each part, in order (column-parallel)."""
+    sizes = [n for n, _ in parts.values()]
     if vb.contains(f"{fused_name}.weight"):
-        return FusedLinears.from_fused(in_features, [n for n, _ in parts.values()], vb.pp(fused_name), bias=bias)
+        if split is None:
+            return FusedLinears.from_fused(in_features, sizes, vb.pp(fused_name), bias=bias)
+        rows = parallel.fused_ranges(sizes, split)
+        return FusedLinears.from_fused(in_features, sizes, vb.pp(fused_name).sharded(0, rows), bias=bias,
+                                       split=[sum(b - a for a, b in r) for r in split])
+    if split is not None:
+        parts = {name: (n, p.sharded(0, r)) for (name, (n, p)), r in zip(parts.items(), split)}
     return FusedLinears(in_features, parts, bias=bias, fuse=fuse)
 
 
@@ -107,13 +117,22 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
-        qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        self.qkv = projections(E, {"q_proj": (H * D, vb.pp("q_proj")), "k_proj": (KV * D, vb.pp("k_proj")),
-                                   "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse)
-        self.o_proj = linear(H * D, E, vb.pp("o_proj"), bias=cfg.attention_bias)
         self.qk_norm = qk_norm if qk_norm is not None else ("head" if cfg.qk_norm else None)
         if self.qk_norm not in (None, "head", "full"):
             raise ValueError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        o, split = vb.pp("o_proj"), None
+        if vb.tp is not None:  # tensor parallel: this rank's heads; q/k/v column-, o row-parallel
+            if self.qk_norm == "full":
+                raise DistributedError("attention that normalises the whole q/k projections (OLMo 2) cannot be "
+                                       "split over heads for tensor parallelism")
+            heads = vb.tp.attention(H, KV, D)
+            self.num_heads, self.num_kv_heads = heads.heads, heads.kv_heads
+            split, o = [heads.q, heads.kv, heads.kv], o.sharded(1, heads.q)
+        self.qkv = projections(E, {"q_proj": (H * D, vb.pp("q_proj")), "k_proj": (KV * D, vb.pp("k_proj")),
+                                   "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse,
+                               split=split)
+        self.o_proj = parallel.row_parallel(linear(H * D, E, o, bias=cfg.attention_bias), vb.tp)
         if self.qk_norm is not None:
             q_dim, k_dim = (D, D) if self.qk_norm == "head" else (H * D, KV * D)
             self.q_norm = RMSNorm.from_vb(q_dim, cfg.rms_norm_eps, vb.pp("q_norm"), **(norm_kw or {}))
@@ -127,6 +146,9 @@ class Attention(nn.Module):
         if self.qkv.fused is not None and self.qk_norm is None:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
+            slot = step.decode_slot(self.layer_idx, self.window) if T == 1 and self.softcap is None else None
+            if slot is not None:  # one row's decode token: rotary, cache write and attention in one op
+                return self.o_proj(ops.rope_cache_attention(out, cos, sin, *slot, H, self.scale))
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = out[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
@@ -151,12 +173,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, intermediate: int | None = None):
         super().__init__()
-        E, F_ = cfg.hidden_size, cfg.intermediate_size
+        E, F_ = cfg.hidden_size, intermediate or cfg.intermediate_size
+        down, split = vb.pp("down_proj"), None
+        if vb.tp is not None:  # tensor parallel: gate/up column-, down row-parallel
+            rows = [vb.tp.even(F_, "intermediate_size")]
+            split, down = [rows, rows], down.sharded(1, rows)
         self.gate_up = projections(E, {"gate_proj": (F_, vb.pp("gate_proj")), "up_proj": (F_, vb.pp("up_proj"))},
-                                   vb, "gate_up_proj", bias=cfg.mlp_bias, fuse=fuse)
-        self.down_proj = linear(F_, E, vb.pp("down_proj"), bias=cfg.mlp_bias)
+                                   vb, "gate_up_proj", bias=cfg.mlp_bias, fuse=fuse, split=split)
+        self.down_proj = parallel.row_parallel(linear(F_, E, down, bias=cfg.mlp_bias), vb.tp)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +230,7 @@ class Model(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, layer_cls=None, norm_kw: dict | None = None):
         super().__init__()
         layer_cls = layer_cls or DecoderLayer
-        self.embed_tokens = Embedding.from_vb(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
+        self.embed_tokens = parallel.embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))
         windows = cfg.layer_windows()
         self.layers = nn.ModuleList(
             layer_cls(cfg, vb.pp(f"layers.{i}"), i, windows[i], fuse) for i in range(cfg.num_hidden_layers)
@@ -242,6 +268,7 @@ class ForCausalLM(CausalLM):
 
 # ---- GGUF (llama.cpp's llama, qwen2, qwen3 and phi3 architectures) -----------------------------
 def _gguf_llama(meta: gguf.Meta) -> dict:
+    """llama.cpp's llama architecture: Llama, Mistral, and Mixtral (with `llama.expert_count`)."""
     heads = gguf.attention_heads(meta)
     # transformers maps rope.dimension_count to head_dim for llama; key_length is explicit when present
     head_dim = meta.get("attention.key_length", kind=int) or meta.get("rope.dimension_count", kind=int) or \
@@ -255,6 +282,8 @@ def _gguf_llama(meta: gguf.Meta) -> dict:
             raise gguf.UnsupportedModelError(f"{meta.f.path}: rope_freqs.weight together with rope scaling "
                                              f"{cfg['rope_scaling'].get('rope_type')!r} is not supported")
         cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": gguf.small_vector(meta, "rope_freqs.weight")}
+    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
+        cfg.update(gguf.moe_config(meta), model_type="mixtral")
     return cfg
 
 
@@ -298,7 +327,7 @@ PHI3_LAYER = {
 }
 
 GGUF = {
-    "llama": gguf.GGUFMapping(_gguf_llama, permute_qk=True),
+    "llama": gguf.GGUFMapping(_gguf_llama, layer={**gguf.LLAMA_LAYER, **gguf.MOE_LAYER}, permute_qk=True),
     "qwen2": gguf.GGUFMapping(_gguf_qwen2),
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
     "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),

@@ -1,7 +1,10 @@
-"""Mixtral, and Qwen3-MoE as Mixtral with flags: Llama/Mistral attention with a sparse MoE
-feed-forward (`ember.nn.SparseMoE`).
+"""Mixtral, and Qwen2-MoE and Qwen3-MoE as Mixtral with flags: Llama/Mistral attention with a sparse
+MoE feed-forward (`ember.nn.SparseMoE`).
 
-Reference: transformers/models/mixtral/modeling_mixtral.py and qwen3_moe/modeling_qwen3_moe.py.
+Reference: transformers/models/mixtral/modeling_mixtral.py, qwen2_moe/modeling_qwen2_moe.py and
+qwen3_moe/modeling_qwen3_moe.py. Qwen2-MoE adds q/k/v biases and a shared expert: a SwiGLU MLP of
+`shared_expert_intermediate_size` that every token goes through, scaled by
+sigmoid(`shared_expert_gate`(x)) and added to the routed experts' output.
 Qwen3-MoE differs only by flags the registry sets or its config.json carries: RMSNorm over each
 head of q and k (`qk_norm`), `norm_topk_prob` (Mixtral always renormalises the top-k weights),
 `decoder_sparse_step` / `mlp_only_layers` (dense Llama MLPs of `intermediate_size` in some layers,
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ..nn import SparseMoE, activation
+from .. import gguf_source as gguf
+from ..distributed import layers as parallel
+from ..nn import SparseMoE, activation, linear
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, tied_or_own_head
@@ -36,6 +42,7 @@ class Config(llama.Config):
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: list | None = None
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE's shared expert (None: none)
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,7 +55,8 @@ class Config(llama.Config):
 
     def validate(self) -> None:
         super().validate()
-        self._positive("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step")
+        self._positive("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step",
+                       "shared_expert_intermediate_size")
         self._positive("num_local_experts", allow_zero=True)
         if self.num_local_experts:
             self._require(self.num_experts_per_tok <= self.num_local_experts,
@@ -69,8 +77,27 @@ class DecoderLayer(llama.DecoderLayer):
             return llama.MLP(cfg, vb.pp("mlp"), fuse)
         # transformers 5 renames Mixtral's block_sparse_moe to mlp; checkpoints may have either
         moe = vb.pp("block_sparse_moe") if vb.contains("block_sparse_moe.gate.weight") else vb.pp("mlp")
-        return SparseMoE.from_vb(moe, cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size,
-                                 cfg.num_experts_per_tok, cfg.norm_topk_prob, activation(cfg.hidden_act))
+        # tensor parallel: every expert's intermediate dimension split, the block's output all-reduced
+        rows = vb.tp.even(cfg.moe_intermediate_size, "moe_intermediate_size") if vb.tp is not None else None
+        experts = parallel.row_parallel(SparseMoE.from_vb(moe, cfg.num_local_experts, cfg.hidden_size,
+                                                          cfg.moe_intermediate_size, cfg.num_experts_per_tok,
+                                                          cfg.norm_topk_prob, activation(cfg.hidden_act), rows), vb.tp)
+        if not cfg.shared_expert_intermediate_size:
+            return experts
+        # the shared expert splits as a dense MLP does (its own all-reduce); its gate stays whole
+        shared = llama.MLP(cfg, moe.pp("shared_expert"), fuse, intermediate=cfg.shared_expert_intermediate_size)
+        return SharedExpertMoE(experts, shared, linear(cfg.hidden_size, 1, moe.pp("shared_expert_gate")))
+
+
+class SharedExpertMoE(nn.Module):
+    """Qwen2-MoE's block: the routed experts plus the shared expert, gated per token by a sigmoid."""
+
+    def __init__(self, experts: SparseMoE, shared_expert: nn.Module, shared_expert_gate: nn.Module):
+        super().__init__()
+        self.experts, self.shared_expert, self.shared_expert_gate = experts, shared_expert, shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class ForCausalLM(CausalLM):
@@ -79,3 +106,29 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's qwen2moe and qwen3moe; Mixtral is its llama architecture, in llama.py) ---
+def _gguf_qwen2moe(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "qwen2_moe")
+    cfg.update(gguf.moe_config(meta), qkv_bias="blk.0.attn_q.bias" in meta.names)
+    cfg.setdefault("norm_topk_prob", False)  # llama.cpp's qwen2moe never renormalises the top k
+    shared = meta.get("expert_shared_feed_forward_length", kind=int)
+    if shared is None and "blk.0.ffn_gate_shexp.weight" in meta.names:
+        shared = meta.f.tensors["blk.0.ffn_gate_shexp.weight"].shape[0]
+    cfg["shared_expert_intermediate_size"] = shared
+    return cfg
+
+
+def _gguf_qwen3moe(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "qwen3_moe", head_dim=meta.get("attention.key_length", kind=int))
+    cfg.update(gguf.moe_config(meta))
+    cfg.setdefault("norm_topk_prob", True)  # llama.cpp's qwen3moe always renormalises the top k
+    return cfg
+
+
+MOE_LAYER = {**gguf.LLAMA_LAYER, **gguf.MOE_LAYER}
+GGUF = {
+    "qwen2moe": gguf.GGUFMapping(_gguf_qwen2moe, layer=MOE_LAYER),
+    "qwen3moe": gguf.GGUFMapping(_gguf_qwen3moe, layer=MOE_LAYER),
+}

@@ -79,6 +79,11 @@ class PerHeadLayerNorm(nn.Module):
 class Attention(llama.Attention):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool = True):
         super().__init__(cfg, vb, layer_idx, None, fuse)
+        if cfg.qk_layernorm and vb.tp is not None:
+            from ..errors import DistributedError
+
+            raise DistributedError("StableLM's per-head q/k LayerNorms (qk_layernorm) are not split for tensor "
+                                   "parallelism yet")
         if cfg.qk_layernorm:  # Llama's forward applies q_norm / k_norm to q, k as [B, T, heads, head_dim]
             self.qk_norm = "head"
             D, eps = cfg.head_dim, cfg.layer_norm_eps

@@ -144,11 +144,11 @@ class FusedLinears(nn.Module):
 
     def __init__(self, in_features: int, parts: dict[str, tuple[int, VarBuilder]], bias: bool | None = False, fuse: bool = True):
         super().__init__()
-        self.sizes = [out for out, _ in parts.values()]
         self.fused: nn.Module | None = None
         self.parts = nn.ModuleDict()
         weights = [vb.get((out, in_features), "weight", quantized=True) for out, vb in parts.values()]
         biases = [_bias(vb, out, bias) for out, vb in parts.values()]
+        self.sizes = [w.shape[0] for w in weights]  # (a tensor-parallel rank's rows when `vb` is sharded)
         plain = all(isinstance(w, torch.Tensor) for w in weights)
         quantized_cat = not plain and not any(isinstance(w, torch.Tensor) for w in weights)
         if fuse and len(parts) > 1 and (plain or quantized_cat):
@@ -165,13 +165,15 @@ class FusedLinears(nn.Module):
                 self.parts[name] = linear_from_weight(w, b)
 
     @classmethod
-    def from_fused(cls, in_features: int, sizes: list[int], vb: VarBuilder, bias: bool | None = False) -> "FusedLinears":
+    def from_fused(cls, in_features: int, sizes: list[int], vb: VarBuilder, bias: bool | None = False,
+                   split: list[int] | None = None) -> "FusedLinears":
         """Parts the checkpoint already stores as one Linear (Phi-3's qkv_proj, gate_up_proj): `vb`'s
-        weight [sum(sizes), in_features] is used as is and its output split into `sizes`."""
+        weight [sum(sizes), in_features] is used as is and its output split into `sizes` (into
+        `split` when `vb` is sharded: a tensor-parallel rank's rows of each part)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.sizes = list(sizes)
-        self.fused = linear(in_features, sum(self.sizes), vb, bias=bias)
+        self.sizes = list(split if split is not None else sizes)
+        self.fused = linear(in_features, sum(sizes), vb, bias=bias)
         self.parts = nn.ModuleDict()
         return self
 

@@ -10,7 +10,11 @@ Expert weights are held stacked: `gate_up` [E, 2F, H] (gate rows, then up rows) 
     (the fused tensors are used as they are: views on the checkpoint, no copy);
   - per expert, as the Hub checkpoints (and transformers' save_pretrained) store them:
     `experts.N.w1/w3/w2` (Mixtral) or `experts.N.gate_proj/up_proj/down_proj` (Qwen-MoE),
-    stacked once at load.
+    stacked once at load;
+  - stacked but unfused, as GGUF files store them (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`,
+    read as `experts.gate_proj.weight` [E, F, H] ...): gate and up concatenated once at load, or,
+    when the source keeps them as GGUF blocks, one `Expert` of three quantised layers per expert
+    (views on the file's bytes, which the loading transforms then put on their kernels).
 
 The forward groups the (token, slot) pairs by expert with one sort, then runs one matmul pair per
 expert that received tokens: a loop over experts, never over tokens, with a single host sync
@@ -22,47 +26,93 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ShapeMismatchError
+from ..errors import ShapeMismatchError, UnsupportedModelError
 from ..varbuilder import VarBuilder
+from .layers import linear_from_weight
 
 # (gate, up, down) names of one expert's projections in per-expert checkpoints
 EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
-class SparseMoE(nn.Module):
-    def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
-                 norm_topk_prob: bool, act):
+class Expert(nn.Module):
+    """One expert as its own layers (weights kept quantised): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act):
         super().__init__()
-        self.num_experts, two_f, self.hidden = gate_up.shape
-        if router.shape != (self.num_experts, self.hidden) or down.shape != (self.num_experts, self.hidden, two_f // 2):
-            raise ShapeMismatchError(f"inconsistent expert shapes: router {list(router.shape)}, "
-                                     f"gate_up {list(gate_up.shape)}, down {list(down.shape)}")
+        self.gate_proj, self.up_proj, self.down_proj, self.act = gate_proj, up_proj, down_proj, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, router: torch.Tensor, gate_up: torch.Tensor | None, down: torch.Tensor | None, top_k: int,
+                 norm_topk_prob: bool, act, *, experts: list[Expert] | None = None, shape: tuple | None = None):
+        """Stacked dense experts (gate_up, down), or `experts`: one Expert module each (quantised
+        weights; `shape` = (experts, width, hidden))."""
+        super().__init__()
+        if experts is not None:
+            self.num_experts, f, self.hidden = shape
+            two_f = 2 * f
+            self.experts = nn.ModuleList(experts)
+            self.gate_up = self.down = None
+        else:
+            self.num_experts, two_f, self.hidden = gate_up.shape
+            if down.shape != (self.num_experts, self.hidden, two_f // 2):
+                raise ShapeMismatchError(f"inconsistent expert shapes: gate_up {list(gate_up.shape)}, "
+                                         f"down {list(down.shape)}")
+            self.gate_up = nn.Parameter(gate_up, requires_grad=False)
+            self.down = nn.Parameter(down, requires_grad=False)
+            self.experts = None
+        if router.shape != (self.num_experts, self.hidden):
+            raise ShapeMismatchError(f"router {list(router.shape)} does not match {self.num_experts} experts "
+                                     f"of hidden size {self.hidden}")
         self.router = nn.Parameter(router, requires_grad=False)
-        self.gate_up = nn.Parameter(gate_up, requires_grad=False)
-        self.down = nn.Parameter(down, requires_grad=False)
+        self.intermediate = two_f // 2
         self.top_k, self.norm_topk_prob, self.act = top_k, norm_topk_prob, act
 
     @classmethod
     def from_vb(cls, vb: VarBuilder, num_experts: int, hidden: int, intermediate: int, top_k: int,
-                norm_topk_prob: bool, act) -> "SparseMoE":
-        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout."""
+                norm_topk_prob: bool, act, rows: tuple[int, int] | None = None) -> "SparseMoE":
+        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout.
+        rows: only [start, stop) of every expert's intermediate dimension (a tensor-parallel rank's
+        part: its output is then a partial sum the caller all-reduces)."""
         E, H, F_ = num_experts, hidden, intermediate
+        r0, r1 = rows if rows is not None else (0, F_)
         router = vb.get((E, H), "gate.weight")
         if vb.contains("experts.gate_up_proj"):
-            gate_up = vb.get((E, 2 * F_, H), "experts.gate_up_proj")
-            down = vb.get((E, H, F_), "experts.down_proj")
+            gu, dn = vb, vb
+            if rows is not None:
+                gu, dn = vb.sharded(1, [(r0, r1), (F_ + r0, F_ + r1)]), vb.sharded(2, [(r0, r1)])
+            gate_up = gu.get((E, 2 * F_, H), "experts.gate_up_proj")
+            down = dn.get((E, H, F_), "experts.down_proj")
             return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+        if vb.contains("experts.gate_proj.weight"):  # GGUF: each projection's experts stacked in one 3-D tensor
+            if rows is not None:
+                raise UnsupportedModelError("tensor parallelism does not split a GGUF file's stacked 3-D expert "
+                                            "tensors; load this MoE model without tp")
+            gate = vb.get((E, F_, H), "experts.gate_proj.weight", quantized=True)
+            up = vb.get((E, F_, H), "experts.up_proj.weight", quantized=True)
+            down = vb.get((E, H, F_), "experts.down_proj.weight", quantized=True)
+            if all(isinstance(w, torch.Tensor) for w in (gate, up, down)):
+                return cls(router, torch.cat((gate, up), dim=1), down, top_k, norm_topk_prob, act)
+            # kept as GGUF blocks: one layer per expert projection, each on a view of the file's bytes
+            experts = [Expert(*(linear_from_weight(w[i] if isinstance(w, torch.Tensor) else w.select(i))
+                                for w in (gate, up, down)), act) for i in range(E)]
+            return cls(router, None, None, top_k, norm_topk_prob, act, experts=experts, shape=(E, F_, H))
         names = next((n for n in EXPERT_NAMES if vb.contains(f"experts.0.{n[0]}.weight")), EXPERT_NAMES[0])
         g, u, d = names
         gate_up = down = None
+        n = r1 - r0
         for i in range(E):
             e = vb.pp(f"experts.{i}")
-            wg, wu, wd = e.get((F_, H), f"{g}.weight"), e.get((F_, H), f"{u}.weight"), e.get((H, F_), f"{d}.weight")
+            gu, dn = (e.sharded(0, [(r0, r1)]), e.sharded(1, [(r0, r1)])) if rows is not None else (e, e)
+            wg, wu, wd = gu.get((F_, H), f"{g}.weight"), gu.get((F_, H), f"{u}.weight"), dn.get((H, F_), f"{d}.weight")
             if gate_up is None:  # allocate once, fill expert by expert: one copy of the weights in all
-                gate_up = wg.new_empty(E, 2 * F_, H)
-                down = wd.new_empty(E, H, F_)
-            gate_up[i, :F_].copy_(wg)
-            gate_up[i, F_:].copy_(wu)
+                gate_up = wg.new_empty(E, 2 * n, H)
+                down = wd.new_empty(E, H, n)
+            gate_up[i, :n].copy_(wg)
+            gate_up[i, n:].copy_(wu)
             down[i].copy_(wd)
         return cls(router, gate_up, down, top_k, norm_topk_prob, act)
 
@@ -87,6 +137,9 @@ class SparseMoE(nn.Module):
         for e, chunk in enumerate(xs):
             if chunk.shape[0] == 0:
                 continue
+            if self.experts is not None:
+                outs.append(self.experts[e](chunk))
+                continue
             gate, up = F.linear(chunk, self.gate_up[e]).chunk(2, dim=-1)
             outs.append(F.linear(self.act(gate) * up, self.down[e]))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]
@@ -94,5 +147,5 @@ class SparseMoE(nn.Module):
         return out.reshape(shape)
 
     def extra_repr(self) -> str:
-        E, two_f, H = self.gate_up.shape
-        return f"experts={E}, top_k={self.top_k}, hidden={H}, intermediate={two_f // 2}, norm_topk_prob={self.norm_topk_prob}"
+        return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden}, intermediate={self.intermediate}, "
+                f"norm_topk_prob={self.norm_topk_prob}")

@@ -18,6 +18,12 @@ case (a device, a dtype, a layout) it calls the default itself (`default(name)`)
         softmax(q k^T * scale [+ mask]) v for ONE query per row: q [B, H, 1, D], k/v [B, KV, S, D]
         (H a multiple of KV: grouped queries), mask None or boolean (True = attend) / additive,
         broadcastable to [B, 1, 1, S]; scale None = D ** -0.5.
+    ops.rope_cache_attention(qkv, cos, sin, k_cache, v_cache, pos, heads, scale) -> o [1, 1, heads * D]
+        one decode token of one row, from its fused q/k/v projection [1, 1, (heads + 2 KV) * D] to
+        the attention output: q and k rotated with cos/sin [1, 1, R] (R <= D: the leading R dims),
+        k and v written at column `pos` of k_cache/v_cache [1, KV, S, D] (in place), then
+        decode_attention of q over columns 0..pos. The whole attention block of a plain decoder
+        layer between its projections, in one call.
 
 This module imports nothing above `ember.nn` (tests/test_layout.py).
 """
@@ -62,11 +68,25 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=KV != H)
 
 
+def _rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, pos: int, heads: int, scale: float | None = None) -> torch.Tensor:
+    from .rope import apply_rotary_bthd
+
+    KV, D = k_cache.shape[1], k_cache.shape[3]
+    qk = apply_rotary_bthd(qkv[..., : (heads + KV) * D].view(1, 1, heads + KV, D), cos, sin)
+    q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+    k_cache[:, :, pos : pos + 1].copy_(k)
+    v_cache[:, :, pos : pos + 1].copy_(qkv[..., (heads + KV) * D:].view(1, 1, KV, D).transpose(1, 2))
+    o = decode_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1], None, scale)
+    return o.transpose(1, 2).reshape(1, 1, heads * D)
+
+
 DEFAULTS: dict[str, Callable] = {
     "rms_norm": _rms_norm,
     "add_rms_norm": _add_rms_norm,
     "silu_mul": _silu_mul,
     "decode_attention": _decode_attention,
+    "rope_cache_attention": _rope_cache_attention,
 }
 
 # The current implementations, bound as module attributes so that a call is one global lookup.
@@ -74,6 +94,7 @@ rms_norm = _rms_norm
 add_rms_norm = _add_rms_norm
 silu_mul = _silu_mul
 decode_attention = _decode_attention
+rope_cache_attention = _rope_cache_attention
 
 
 def default(name: str) -> Callable:
@@ -121,4 +142,4 @@ def using(impls: dict[str, Callable | None]):
 
 
 __all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "default", "register", "registered", "reset",
-           "rms_norm", "silu_mul", "using"]
+           "rms_norm", "rope_cache_attention", "silu_mul", "using"]

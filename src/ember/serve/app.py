@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
+from ..generation.defaults import sampling_defaults as shared_sampling_defaults
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
 from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
                        parse_common, parse_completion, parse_embeddings, parse_json, usage)
@@ -35,7 +36,6 @@ log = logging.getLogger("ember.serve")
 DEFAULT_MAX_LEN = 4096  # per-request context (prompt + completion) unless --max-len says otherwise
 READ_TIMEOUT = 30.0  # seconds a client has to send a request's body (and, with server.py's protocol, its headers)
 EMBED_BATCH = 32  # texts per embedding job: a request's jobs interleave with others', and stop when its client leaves
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _dumps(obj: Any) -> str:
@@ -66,28 +66,20 @@ def build_generator(llm, max_batch: int, max_len: int | None):
     return llm.generator(max_batch=max_batch, max_len=want)
 
 
+def _server_check(key: str, value: Any) -> Any:
+    """A generation_config default as the server would take it from a client (raises ApiError otherwise)."""
+    return getattr(parse_common({key: value}, {}, chat=True), key)
+
+
 def sampling_defaults(generation_config: dict | None, source: str = "generation_config.json") -> dict:
-    """Defaults for omitted sampling fields: the model's generation_config.json (as vLLM does), else
-    OpenAI's (temperature 1, top_p 1).
+    """Defaults for omitted sampling fields: the model's generation_config.json (as vLLM does, and as
+    the Python API does: `ember.generation.defaults`), else OpenAI's (temperature 1, top_p 1).
 
     Each default is checked as if a client had sent it: one the server would refuse (top_k -5,
     temperature 7, a string ...) is dropped with a warning that names it, and the server starts with
     OpenAI's default for that field; otherwise every request that omits the field would be refused
     for a parameter its client never sent."""
-    out = {}
-    gc = generation_config if isinstance(generation_config, dict) else {}
-    for k in SAMPLING_KEYS:
-        v = gc.get(k)
-        if v is None:
-            continue
-        try:
-            p = parse_common({k: v}, {}, chat=True)
-        except ApiError as e:
-            log.warning("ignoring %s's %s=%.60r: %s The server uses OpenAI's default for it instead.", source, k, v,
-                        e.message)
-            continue
-        out[k] = getattr(p, k)
-    return out
+    return shared_sampling_defaults(generation_config, source, _server_check)
 
 
 def _max_token_chars(tok) -> int:

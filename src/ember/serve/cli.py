@@ -10,7 +10,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
                     "/v1/embeddings, /v1/models, /health) with continuous batching.")
     p.add_argument("model", nargs="?", default=None,
-                   help="Hub id, local folder or .safetensors/.gguf file (default: the default model)")
+                   help="Hub id, local folder, .safetensors/.gguf file or short name (default: $EMBER_MODEL, else "
+                        "smollm2, served under that name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--embedding-model", default=None, metavar="M", help="also serve this encoder on /v1/embeddings")
@@ -24,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
+                   "processes (started here); rank 0 serves, the others follow its steps")
     p.add_argument("--max-body-mb", type=float, default=8.0, metavar="MB",
                    help="refuse request bodies larger than this (413; default 8 MiB)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
@@ -69,14 +72,18 @@ def main(args: argparse.Namespace) -> int:
 
     model, name = args.model, args.served_model_name
     if model is None:
+        import os
         from pathlib import Path
 
-        from ..fixtures import default_model
+        from ..fixtures import DEFAULT_MODEL, default_model
 
-        model = default_model()
-        name = name or Path(model).stem  # not the cache path
+        if os.environ.get("EMBER_MODEL"):
+            model = default_model()
+            name = name or Path(model).stem  # not a cache path
+        else:
+            model = DEFAULT_MODEL.name  # served as "smollm2", the short name clients can also load by
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile)
+          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp)
     return 0

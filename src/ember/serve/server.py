@@ -101,7 +101,7 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, read_timeo
     return uvicorn.Config(app, host=host, port=port, **opts)
 
 
-def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False):
+def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False, tp=None):
     """(llm, embedder) from the names; a MODEL that is an encoder makes an embeddings-only server."""
     import ember
     from ember.errors import EmberError
@@ -109,6 +109,8 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
     llm = embedder = None
     if model:
         kw = {"quantize": quantize} if quantize else {}
+        if tp is not None and tp != 1:
+            kw["tp"] = tp
         m = ember.load(model, dtype=dtype, device=device, compile=compile, **kw)
         if hasattr(m, "embed") and not hasattr(m, "request"):
             if embedding_model:
@@ -127,11 +129,13 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
-          read_timeout: float | None = None, quantize: str | None = None, compile: bool = False) -> None:
+          read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
+          tp: int | None = None) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
-    request's headers, and again its body (default 30).
+    request's headers, and again its body (default 30). tp: split the model over this many ranks
+    (tensor parallelism; every rank calls serve, rank 0 serves, the others follow its steps).
     """
     import uvicorn
 
@@ -142,13 +146,23 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         import torch
 
         torch.set_num_threads(threads)
-    llm, embedder = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize, compile=compile)
+    llm, embedder = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize, compile=compile,
+                                tp=tp)
+    generator = None
+    if llm is not None and llm.tp is not None:
+        from ..distributed.steps import LeaderGenerator, follow
+        from .app import build_generator
+
+        if llm.tp.rank != 0:
+            return follow(llm.tp, lambda **kw: build_generator(llm, **kw))
+        generator = LeaderGenerator(build_generator(llm, max_batch, max_len), llm.tp,
+                                    {"max_batch": max_batch, "max_len": max_len})
     name = served_model_name or (str(model) if llm is not None else None)
     emb_name = (str(embedding_model) if embedding_model else (str(model) if embedder is not None else None))
     if llm is None and served_model_name:
         emb_name = served_model_name
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
-                     max_len=max_len, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
+                     max_len=max_len, generator=generator, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
                      **({"read_timeout": read_timeout} if read_timeout else {}))
     st = app.state.ember
     lines = []
@@ -175,4 +189,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
             print("\n".join(lines), file=sys.stderr, flush=True)
 
     config = uvicorn_config(app, host, port, timeout_graceful_shutdown=5)
-    _Server(config).run()
+    try:
+        _Server(config).run()
+    finally:
+        if generator is not None:
+            generator.close()  # the other ranks stop following

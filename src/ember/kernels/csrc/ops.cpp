@@ -17,6 +17,13 @@
 //       additive float32/bfloat16, broadcastable to [B, 1, 1, S]. Scores and softmax in float32;
 //       keys split into parts across threads (flash-decoding) when there is enough work, the parts'
 //       softmax states merged. Returns [B, H, 1, D] in q's dtype.
+//   rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos,
+//                        int heads, float scale, int isa) -> Tensor
+//       one decode token of one row, from its fused projection qkv [heads + 2 KV heads of D] to the
+//       attention output [1, 1, heads * D]: q and k rotated (rotate_half form, rotary dim R = cos's
+//       last dim <= D, cos/sin [R] for this token), k and v written to column pos of the caches
+//       [1, KV, S, D], then decode_attention of q over columns 0..pos. Rotary in float32
+//       (bfloat16: rounded after each product and the sum, as the eager ops are).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -362,19 +369,12 @@ static void attend_group(int64_t isa, const float* qg, int64_t G, int64_t D, con
                                            m, l, acc));
 }
 
+// Attention of widened queries qf [B, H, D] (float32, scale folded in) over keys/values k, v
+// [B, KV, >= S, D] (their first S columns), written to out [B, H, D] (contiguous, T).
 template <class T>
-static void decode_attention_impl(int64_t isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& mask, int mkind, float scale, at::Tensor& out) {
-    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), S = k.size(2), G = H / KV;
-    // queries widened to float32 with the scale folded in: [B, H, D]
-    std::vector<float> qf(B * H * D);
-    const T* qp = static_cast<const T*>(q.data_ptr());
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h)
-            for (int64_t d = 0; d < D; ++d) {
-                const T* e = qp + b * q.stride(0) + h * q.stride(1) + d;
-                qf[(b * H + h) * D + d] = ld_any(e) * scale;
-            }
+static void attend_rows(int64_t isa, const float* qf, int64_t B, int64_t H, int64_t D, const at::Tensor& k,
+                        const at::Tensor& v, int64_t S, const at::Tensor& mask, int mkind, T* op) {
+    const int64_t KV = k.size(1), G = H / KV;
     // key parts: enough work per part (~64k multiply-adds) to pay for a thread, and no more parts
     // than keep every thread busy
     const int64_t groups = B * KV, threads = at::get_num_threads();
@@ -398,7 +398,7 @@ static void decode_attention_impl(int64_t isa, const at::Tensor& q, const at::Te
             const int64_t grp = t / parts, part = t % parts, b = grp / KV, kh = grp % KV;
             const int64_t j0 = part * chunk, j1 = std::min(S, j0 + chunk);
             float* s = st.data() + t * state;
-            attend_group<T>(isa, qf.data() + (b * H + kh * G) * D, G, D, kp + b * k.stride(0) + kh * k.stride(1),
+            attend_group<T>(isa, qf + (b * H + kh * G) * D, G, D, kp + b * k.stride(0) + kh * k.stride(1),
                             vp + b * v.stride(0) + kh * v.stride(1), k.stride(2), v.stride(2), j0, j1,
                             mp ? mp + b * smb * mesz : nullptr, sms, mkind, s, s + G, s + 2 * G);
         }
@@ -408,7 +408,6 @@ static void decode_attention_impl(int64_t isa, const at::Tensor& q, const at::Te
     if (inline_run) task(0, ntask);
     else at::parallel_for(0, ntask, 1, task);
     // merge the parts of each (row, head): o = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M)
-    T* op = static_cast<T*>(out.data_ptr());
     std::vector<float> o(D);
     for (int64_t grp = 0; grp < groups; ++grp) {
         const int64_t b = grp / KV, kh = grp % KV;
@@ -432,6 +431,62 @@ static void decode_attention_impl(int64_t isa, const at::Tensor& q, const at::Te
             for (int64_t d = 0; d < D; ++d) st_any(dst + d, o[d] * inv);
         }
     }
+}
+
+template <class T>
+static void decode_attention_impl(int64_t isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& mask, int mkind, float scale, at::Tensor& out) {
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+    // queries widened to float32 with the scale folded in: [B, H, D]
+    std::vector<float> qf(B * H * D);
+    const T* qp = static_cast<const T*>(q.data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t d = 0; d < D; ++d) {
+                const T* e = qp + b * q.stride(0) + h * q.stride(1) + d;
+                qf[(b * H + h) * D + d] = ld_any(e) * scale;
+            }
+    attend_rows<T>(isa, qf.data(), B, H, D, k, v, k.size(2), mask, mkind, static_cast<T*>(out.data_ptr()));
+}
+
+// One head of rotary: the leading R dims of x rotated as transformers' rotate_half does
+// (x * cos + rotate_half(x) * sin), the rest passed through; cos/sin [R] hold each frequency twice.
+// With x and cos both bfloat16 every product and the sum are rounded to bfloat16, as torch's
+// bfloat16 ops round them, so the result is the eager layer's bit for bit.
+template <class T, class C>
+static inline void rotate_head(const T* x, const C* cos, const C* sin, int64_t R, int64_t D, float* y) {
+    const int64_t h = R / 2;
+    const bool b16 = std::is_same<T, uint16_t>::value && std::is_same<C, uint16_t>::value;
+    auto rnd = [b16](float v) { return b16 ? bf16_to_f32(f32_to_bf16(v)) : v; };
+    for (int64_t i = 0; i < h; ++i) {
+        const float a = ld_any(x + i), b = ld_any(x + i + h);
+        y[i] = rnd(rnd(a * ld_any(cos + i)) + rnd(-b * ld_any(sin + i)));
+        y[i + h] = rnd(rnd(b * ld_any(cos + i + h)) + rnd(a * ld_any(sin + i + h)));
+    }
+    for (int64_t i = R; i < D; ++i) y[i] = ld_any(x + i);
+}
+
+template <class T, class C>
+static void rope_cache_attention_impl(int64_t isa, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                      at::Tensor& kc, at::Tensor& vc, int64_t pos, int64_t H, float scale, at::Tensor& out) {
+    const int64_t KV = kc.size(1), D = kc.size(3), R = cos.size(-1);
+    const T* x = static_cast<const T*>(qkv.data_ptr());
+    const C* c = static_cast<const C*>(cos.data_ptr());
+    const C* s = static_cast<const C*>(sin.data_ptr());
+    std::vector<float> qf(H * D), row(D);
+    for (int64_t h = 0; h < H; ++h) {
+        rotate_head<T, C>(x + h * D, c, s, R, D, qf.data() + h * D);
+        for (int64_t d = 0; d < D; ++d) qf[h * D + d] *= scale;
+    }
+    T* kp = static_cast<T*>(kc.data_ptr());
+    T* vp = static_cast<T*>(vc.data_ptr());
+    for (int64_t h = 0; h < KV; ++h) {
+        rotate_head<T, C>(x + (H + h) * D, c, s, R, D, row.data());
+        T* kd = kp + h * kc.stride(1) + pos * kc.stride(2);
+        for (int64_t d = 0; d < D; ++d) st_any(kd + d, row[d]);
+        std::memcpy(vp + h * vc.stride(1) + pos * vc.stride(2), x + (H + KV + h) * D, D * sizeof(T));
+    }
+    attend_rows<T>(isa, qf.data(), 1, H, D, kc, vc, pos + 1, at::Tensor(), 0, static_cast<T*>(out.data_ptr()));
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask_,
@@ -472,6 +527,37 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     return out;
 }
 
+at::Tensor rope_cache_attention(const at::Tensor& qkv_, const at::Tensor& cos_, const at::Tensor& sin_, at::Tensor k_cache,
+                                at::Tensor v_cache, int64_t pos, int64_t heads, double scale, int64_t isa) {
+    TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.size(0) == 1 && v_cache.sizes() == k_cache.sizes(),
+                "ember.rope_cache_attention: k_cache/v_cache [1, KV, S, D] of one shape");
+    const int64_t KV = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+    TORCH_CHECK(heads > 0 && KV > 0 && heads % KV == 0, "ember.rope_cache_attention: heads ", heads, " for ", KV, " KV heads");
+    TORCH_CHECK(qkv_.numel() == (heads + 2 * KV) * D, "ember.rope_cache_attention: qkv has ", qkv_.numel(),
+                " values, one token of ", heads, " + 2 x ", KV, " heads of ", D, " needs ", (heads + 2 * KV) * D);
+    TORCH_CHECK(pos >= 0 && pos < S, "ember.rope_cache_attention: position ", pos, " outside the cache's ", S, " columns");
+    TORCH_CHECK(qkv_.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && cos_.device().is_cpu(),
+                "ember.rope_cache_attention: CPU tensors only");
+    TORCH_CHECK(is_f32_or_bf16(qkv_) && k_cache.scalar_type() == qkv_.scalar_type() && v_cache.scalar_type() == qkv_.scalar_type(),
+                "ember.rope_cache_attention: qkv and the caches must all be float32 or all bfloat16");
+    TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "ember.rope_cache_attention: caches need a contiguous last dim");
+    const at::Tensor cos = cos_.contiguous(), sin = sin_.contiguous();
+    const int64_t R = cos.size(-1);
+    TORCH_CHECK(cos.numel() == R && sin.numel() == R && R % 2 == 0 && R <= D && is_f32_or_bf16(cos) &&
+                    sin.scalar_type() == cos.scalar_type(),
+                "ember.rope_cache_attention: cos/sin of one token, an even rotary dim <= ", D, ", float32 or bfloat16");
+    const at::Tensor qkv = qkv_.contiguous();
+    at::Tensor out = at::empty({1, 1, heads * D}, qkv.options());
+    isa = clamp_isa(isa);
+    const float sc = static_cast<float>(scale);
+    const bool f32 = qkv.scalar_type() == at::kFloat, cf = cos.scalar_type() == at::kFloat;
+    if (f32 && cf) rope_cache_attention_impl<float, float>(isa, qkv, cos, sin, k_cache, v_cache, pos, heads, sc, out);
+    else if (f32) rope_cache_attention_impl<float, uint16_t>(isa, qkv, cos, sin, k_cache, v_cache, pos, heads, sc, out);
+    else if (cf) rope_cache_attention_impl<uint16_t, float>(isa, qkv, cos, sin, k_cache, v_cache, pos, heads, sc, out);
+    else rope_cache_attention_impl<uint16_t, uint16_t>(isa, qkv, cos, sin, k_cache, v_cache, pos, heads, sc, out);
+    return out;
+}
+
 }  // namespace ember_ops
 
 TORCH_LIBRARY_FRAGMENT(ember, m) {
@@ -479,6 +565,8 @@ TORCH_LIBRARY_FRAGMENT(ember, m) {
     m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, int isa) -> (Tensor, Tensor)");
     m.def("silu_mul(Tensor gu, Tensor? up, int isa) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int isa) -> Tensor");
+    m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
+          "int heads, float scale, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember, CPU, m) {
@@ -486,4 +574,5 @@ TORCH_LIBRARY_IMPL(ember, CPU, m) {
     m.impl("add_rms_norm", &ember_ops::add_rms_norm);
     m.impl("silu_mul", &ember_ops::silu_mul);
     m.impl("decode_attention", &ember_ops::decode_attention);
+    m.impl("rope_cache_attention", &ember_ops::rope_cache_attention);
 }
