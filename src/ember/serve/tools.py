@@ -16,6 +16,7 @@ the tools out of the prompt.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
@@ -151,7 +152,7 @@ def _args_text(args: Any) -> str:
 
 
 def _call(name: str, args: Any) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+    return {"id": f"call_{uuid.uuid4().hex[:9]}", "type": "function",
             "function": {"name": name, "arguments": _args_text(args if args is not None else {})}}
 
 
@@ -364,11 +365,18 @@ def template_inputs(messages: list[dict], raw_messages: list, agent: Agent, fmt:
     for a template that renders them, turned into Hermes text for one that does not."""
     use_tools = agent.tools and agent.choice != "none"
     out = []
-    for i, (m, raw) in enumerate(zip(messages, raw_messages)):
+    raws = list(raw_messages)[: len(messages)]
+    raws += [None] * (len(messages) - len(raws))
+    for i, (m, raw) in enumerate(zip(messages, raws)):
         m = dict(m)
         calls = raw.get("tool_calls") if isinstance(raw, dict) else None
+        if fmt.name == "mistral" and "tool_call_id" in m:
+            m["tool_call_id"] = _mistral_id(m["tool_call_id"])
         if m["role"] == "assistant" and calls is not None:
             calls = _history_calls(calls, f"messages[{i}]")
+            if fmt.name == "mistral":
+                for c in calls:
+                    c["id"] = _mistral_id(c.get("id", ""))
             if native:
                 m["tool_calls"] = calls
             else:
@@ -385,6 +393,14 @@ def template_inputs(messages: list[dict], raw_messages: list, agent: Agent, fmt:
         else:
             out.insert(0, {"role": "system", "content": block})
     return out, (openai_tools(agent) if use_tools and native else None)
+
+
+def _mistral_id(tid: str) -> str:
+    """Mistral's templates refuse a tool call id that is not 9 letters or digits: a longer id (OpenAI's
+    "call_...") becomes 9 characters of its hash, the same for the call and its result."""
+    if re.fullmatch(r"[A-Za-z0-9]{9}", tid):
+        return tid
+    return hashlib.sha256(tid.encode()).hexdigest()[:9]
 
 
 def tool_grammar(agent: Agent, fmt: ToolFormat, tok) -> str | None:
