@@ -239,3 +239,16 @@ def test_chat_template_kwargs_reach_the_template_and_open_thinking(llm):
     on = ChatPlan(model, {"chat_template_kwargs": {"enable_thinking": True}}, msgs)
     assert "<think>\n\n</think>" in off.prompt and "<think>" not in on.prompt
     assert on.reasoning and on.parses  # Qwen3's template knows think blocks
+
+
+def test_engine_static_step_with_constrained_rows(llm):
+    """The engine's static decode step (the CUDA-graph path; eager on CPU) feeds its own argmax back:
+    constrained rows take the masked path instead, and free rows in the same batch are unchanged."""
+    fast = llm.with_engine(max_batch=4, max_len=512, cuda_graphs=True)
+    schema = {"type": "array", "items": {"enum": ["x", "yz"]}, "minItems": 3, "maxItems": 3}
+    reqs = [fast.request("The quick", 16), fast.request("a", 40, json_schema=schema)]
+    toks = {r.id: [] for r in reqs}
+    for ev in fast.events(reqs):
+        toks[ev.request.id].append(ev.token_id)
+    assert toks[reqs[0].id] == [e.token_id for e in llm.events([llm.request("The quick", 16)])]
+    jsonschema.validate(json.loads(llm.tokenizer.decode(toks[reqs[1].id])), schema)

@@ -165,19 +165,23 @@ def mask_logits(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     """`logits` [B, V] with each constrained row's disallowed tokens at -inf (a new tensor; rows whose
     matcher is None are left as they are)."""
     import llguidance.torch as lt
+    import numpy as np
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
-    vocab = logits.shape[-1]
+    batch, vocab = logits.shape
     bits = lt.allocate_token_bitmask(len(rows), vocab)
     for j, i in enumerate(rows):
         matchers[i].fill(bits, j)
-    # one bit per token → a boolean row per constrained request
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab]
-    allowed = allowed.to(logits.device, non_blocking=True)
-    idx = torch.tensor(rows, device=logits.device)
-    out = logits.clone()
-    out[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
-    return out
+    # one bit per token (little-endian int32 words) → one bool per token: numpy's unpackbits is a single
+    # C pass, far cheaper than shifting a [rows, words, 32] tensor
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, bitorder="little").view(np.bool_)[:, :vocab]
+    allowed = torch.from_numpy(np.ascontiguousarray(unpacked))
+    if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    if len(rows) < batch:
+        full = torch.ones(batch, vocab, dtype=torch.bool)
+        full[rows] = allowed
+        allowed = full
+    return torch.where(allowed.to(logits.device, non_blocking=True), logits, float("-inf"))
