@@ -98,26 +98,6 @@ def test_json_schema_sampled_and_streamed_validates(client):
     jsonschema.validate(json.loads(text), schema)
 
 
-def test_constrained_and_free_rows_in_one_batch(srv):
-    """Concurrent requests share the batch: the constrained ones validate, the free ones stay free text."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(i):
-        with openai.OpenAI(base_url=srv + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0) as c:
-            kw = {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}} \
-                if i % 2 else {}
-            return _chat(c, messages=[{"role": "user", "content": f"Tell me about person {i}."}], max_tokens=120,
-                         **kw).choices[0].message.content
-
-    with ThreadPoolExecutor(4) as ex:
-        outs = list(ex.map(one, range(4)))
-    for i in (1, 3):
-        jsonschema.validate(json.loads(outs[i]), PERSON)
-    for i in (0, 2):  # (token-exact agreement with a lone run: test_structured.py, on a float32 model)
-        with pytest.raises(ValueError):
-            json.loads(outs[i])
-
-
 @pytest.mark.parametrize("schema, part", [
     ({"type": "object", "properties": {"a": {"type": "strng"}}}, "strng"),
     ({"type": "string", "pattern": "(?<=x)a"}, "look-around"),
