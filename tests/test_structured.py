@@ -252,3 +252,26 @@ def test_engine_static_step_with_constrained_rows(llm):
         toks[ev.request.id].append(ev.token_id)
     assert toks[reqs[0].id] == [e.token_id for e in llm.events([llm.request("The quick", 16)])]
     jsonschema.validate(json.loads(llm.tokenizer.decode(toks[reqs[1].id])), schema)
+
+
+@pytest.mark.parametrize("text, call", [
+    ('```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', ("add", {"a": 1, "b": 2})),
+    ('  {"name": "add", "parameters": {"a": 1}}', ("add", {"a": 1})),
+    ('{"name": "not_a_tool", "arguments": {}}', None),
+    ('{"answer": 42}', None),
+    ('The answer is {"name": "add"}', None),
+])
+def test_bare_json_call_of_a_declared_tool(text, call):
+    """A small model in `auto` mode may write the call as bare (or fenced) JSON instead of its
+    format's tags (Qwen2.5-Coder-0.5B does): a call when it names a declared tool, content otherwise;
+    streamed or not, the same."""
+    whole = ChatOutput(FORMATS["hermes"], names=["add"]).message(text)
+    out = ChatOutput(FORMATS["hermes"], names=["add"])
+    deltas = [d for ch in text for d in out.feed(ch)] + out.end()
+    content = "".join(d.get("content", "") for d in deltas)
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    if call is None:
+        assert "tool_calls" not in whole and whole["content"] == text == content and not calls
+    else:
+        assert _pairs(whole["tool_calls"]) == [call] and not whole["content"] and not content
+        assert (calls[0]["function"]["name"], json.loads(calls[1]["function"]["arguments"])) == call

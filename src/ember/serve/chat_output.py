@@ -11,17 +11,21 @@ so the deltas assemble to exactly the non-streamed calls).
 from __future__ import annotations
 
 from .reasoning import ReasoningSplitter, split_reasoning
-from .tools import ToolFormat
+from .tools import BARE_STARTS, ToolFormat, bare_call
 
 
 class ChatOutput:
-    def __init__(self, fmt: ToolFormat | None = None, in_think: bool = False):
-        """fmt: the tool-call format to parse (None: no tools); in_think: the prompt opened a think block."""
+    def __init__(self, fmt: ToolFormat | None = None, in_think: bool = False, names=()):
+        """fmt: the tool-call format to parse (None: no tools); in_think: the prompt opened a think block;
+        names: the declared tools (an answer that is nothing but a JSON call to one of them is a call
+        too, as small models write them)."""
         self.fmt = fmt
+        self.names = set(names)
         self.in_think = in_think
         self.reasoning = ReasoningSplitter(in_think)
         self.pending = ""  # content held back: a possible call start, or a call being written
         self.in_call = False
+        self.sent = False  # content has been sent (a bare JSON call can only be the whole answer)
         self.calls: list[dict] = []
         self.index = 0
 
@@ -30,7 +34,7 @@ class ChatOutput:
         reasoning, content = split_reasoning(text, self.in_think)
         calls = []
         if self.fmt is not None:
-            content, calls = self.fmt.parse(content)
+            content, calls = self._parse(content)
         self.calls = calls
         msg = {"role": "assistant", "content": content if (content or not calls) else None, "refusal": None}
         if reasoning is not None:
@@ -63,18 +67,34 @@ class ChatOutput:
         self.pending += piece
         if self.in_call:
             return []
+        if self.names and not self.sent:  # the answer may be a bare JSON call: undecided until seen
+            s = self.pending.lstrip()
+            if s.startswith(BARE_STARTS):
+                self.in_call = True
+                return []
+            if not s or any(x.startswith(s) for x in BARE_STARTS):
+                return []
         i = self.fmt.starts_call(self.pending)
         if i is not None:
             head, self.pending, self.in_call = self.pending[:i], self.pending[i:], True
-            return [{"content": head}] if head else []
-        keep = self.fmt.may_start_call(self.pending)
-        text = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return [{"content": text}] if text else []
+        else:
+            keep = self.fmt.may_start_call(self.pending)
+            head = self.pending[: len(self.pending) - keep]
+            self.pending = self.pending[len(self.pending) - keep:]
+        self.sent = self.sent or bool(head)
+        return [{"content": head}] if head else []
+
+    def _parse(self, text: str) -> tuple[str, list[dict]]:
+        content, calls = self.fmt.parse(text)
+        if not calls and self.names:
+            call = bare_call(text, self.names)
+            if call is not None:
+                return "", [call]
+        return content, calls
 
     def _finish(self) -> list[dict]:
         text, self.pending = self.pending, ""
-        content, calls = self.fmt.parse(text) if self.in_call else (text, [])
+        content, calls = self._parse(text) if self.in_call else (text, [])
         out = [{"content": content}] if content else []
         for call in calls:
             fn = call["function"]
@@ -115,6 +135,7 @@ class ChatPlan:
             raise ApiError(400, f"Could not apply the chat template: {e}", param="messages",
                            code="invalid_value") from None
         self.fmt = fmt if agent.tools and agent.choice != "none" else None
+        self.tools = agent.tools if self.fmt is not None else []
         self.in_think = prompt_opens_think(self.prompt)
         self.reasoning = self.in_think or "</think>" in (source or "")
         spec, param = tool_grammar(agent, fmt, tok), "tool_choice"
@@ -135,4 +156,4 @@ class ChatPlan:
         return self.fmt is not None or self.reasoning
 
     def output(self) -> ChatOutput:
-        return ChatOutput(self.fmt, self.in_think)
+        return ChatOutput(self.fmt, self.in_think, [t["name"] for t in self.tools])

@@ -316,6 +316,25 @@ class Mistral(ToolFormat):
 
 
 FORMATS = {f.name: f for f in (Hermes(), Llama3(), Mistral())}
+BARE_STARTS = ("{", "```")
+_fence = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
+def bare_call(text: str, names) -> dict | None:
+    """A call that a small model wrote without its format's tags: the whole answer one JSON object
+    (bare or in a ```json fence) naming a declared tool, with "arguments" or "parameters"."""
+    s = text.strip()
+    m = _fence.match(s)
+    if m:
+        s = m.group(1)
+    if not s.startswith("{"):
+        return None
+    try:
+        obj = json.loads(s)
+    except ValueError:
+        return None
+    call = _call_from(obj, "arguments")
+    return call if call is not None and obj["name"] in names else None
 
 HERMES_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
