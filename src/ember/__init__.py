@@ -18,6 +18,7 @@ from .errors import (
     EmberError,
     EmbeddingError,
     GenerationError,
+    GrammarError,
     ModelNotFoundError,
     ShapeMismatchError,
     TemplateError,
@@ -67,6 +68,6 @@ def __dir__():
 __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
-    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError",
+    "TokenizerError", "TemplateError", "GenerationError", "GrammarError", "EmbeddingError", "ArgumentError",
     "DistributedError",
 ]
