@@ -160,7 +160,7 @@ def test_regression_lone_surrogate_prompt_was_a_500(http):
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
           "repetition_penalty", "seed", "n", "stop", "stop_token_ids", "stream", "stream_options", "logprobs",
           "top_logprobs", "echo", "ignore_eos", "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
-          "tools", "best_of", "suffix", "input", "encoding_format", "dimensions", "user"]
+          "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "best_of", "suffix", "input", "encoding_format", "dimensions", "user"]
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-2, 70), st.sampled_from([10**6, 10**18, 10**30, -10**9, 2**63]),
               st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),

@@ -19,6 +19,7 @@ from .errors import (
     EmberError,
     EmbeddingError,
     GenerationError,
+    GrammarError,
     ModelNotFoundError,
     ShapeMismatchError,
     TemplateError,
@@ -68,6 +69,7 @@ def __dir__():
 __all__ = [
     "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
-    "TokenizerError", "TemplateError", "GenerationError", "EmbeddingError", "ArgumentError", "AudioError",
+    "TokenizerError", "TemplateError", "GenerationError", "GrammarError", "EmbeddingError", "ArgumentError",
+    "AudioError",
     "DistributedError",
 ]

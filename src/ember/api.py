@@ -118,7 +118,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtyp
 
 
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "logprobs")
+                   "stop_token_ids", "ignore_eos", "logprobs", "json_schema", "response_format", "grammar")
 
 
 def _unknown_options(unknown, known) -> str:
@@ -260,12 +260,19 @@ class LLM:
                 top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
                 repetition_penalty: float | None = None, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                logprobs: int | None = None, **unknown) -> Request:
+                logprobs: int | None = None, json_schema=None, response_format: dict | None = None, grammar=None,
+                **unknown) -> Request:
         """A generation request (what generate/stream build; the server makes its own). A sampling
-        argument left out (None) takes the model's generation_config.json value, else greedy decoding's."""
+        argument left out (None) takes the model's generation_config.json value, else greedy decoding's.
+
+        Structured output (constrained decoding, needs llguidance): `json_schema` (a dict or its JSON
+        text; True: any JSON object), `response_format` as OpenAI's ({"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"schema": ...}}), or `grammar` (a Lark grammar in
+        llguidance's dialect, or a compiled `ember.generation.grammar.Grammar`)."""
         if unknown:
             raise ArgumentError(_unknown_options(unknown, REQUEST_OPTIONS))
         stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
+        grammar = self.grammar(json_schema=json_schema, response_format=response_format, grammar=grammar)
         d = self.sampling_defaults
 
         def pick(value, key, fallback):
@@ -275,7 +282,30 @@ class LLM:
                                   top_p=pick(top_p, "top_p", 1.0), min_p=pick(min_p, "min_p", 0.0),
                                   repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
                                   seed=seed).validate()
-        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
+        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar)
+
+    def grammar(self, *, json_schema=None, response_format: dict | None = None, grammar=None):
+        """The compiled grammar (ember.generation.grammar.Grammar) of at most one of the three ways to
+        ask for structured output (see `request`); None when none is given."""
+        from .generation import grammar as g
+
+        given = [k for k, v in (("json_schema", json_schema), ("response_format", response_format),
+                                ("grammar", grammar)) if v is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise GenerationError(f"give at most one of json_schema, response_format and grammar, got {given}")
+        if isinstance(grammar, g.Grammar):
+            return grammar
+        if response_format is not None:
+            spec, what = g.response_format_grammar(response_format)
+            if spec is None:
+                return None
+        elif json_schema is not None:
+            spec, what = g.json_schema_grammar(json_schema), "the JSON schema"
+        else:
+            spec, what = g.lark_grammar(grammar), "the grammar"
+        return g.Grammar(spec, self._need_tokenizer(), self.config.vocab_size, self.eos_token_ids, what)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
                   max_len: int | None = None) -> Generator:

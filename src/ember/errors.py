@@ -49,6 +49,11 @@ class GenerationError(EmberError):
     """Bad generation arguments (negative max_tokens, prompt longer than the context, ...)."""
 
 
+class GrammarError(GenerationError):
+    """A JSON schema or grammar for constrained decoding that cannot be compiled (the message names the
+    part refused), or structured output asked for without the grammar library installed."""
+
+
 class EmbeddingError(EmberError):
     """Bad embedding input (no texts, a non-string item, a bad batch size) or sentence-transformers files."""
 
@@ -79,6 +84,7 @@ __all__ = [
     "TokenizerError",
     "TemplateError",
     "GenerationError",
+    "GrammarError",
     "EmbeddingError",
     "ArgumentError",
     "AudioError",

@@ -40,6 +40,7 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
+    grammar: object | None = None  # a generation.grammar.Grammar the output must follow (constrained decoding)
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -116,6 +117,7 @@ class _Seq:
         self.tail = ""  # decoded text held back: it could be the start of a stop string
         self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos_ids)
         self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
+        self.matcher = req.grammar.matcher() if req.grammar is not None else None
         self.gen = None
         if req.sampling.seed is not None and not req.sampling.greedy:
             self.gen = torch.Generator(device=device)
@@ -327,7 +329,8 @@ class Generator:
 
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
-        greedy = all(s.req.sampling.greedy and s.seen is None for s in running)
+        # constrained rows need their logits on the host side of the mask: no engine-side argmax
+        greedy = all(s.req.sampling.greedy and s.seen is None and s.matcher is None for s in running)
         step = self.decode_step
         feedback = step.feedback and greedy
         signature = (hi, tuple((s.slot, s.req.id) for s in running))
@@ -384,6 +387,10 @@ class Generator:
         if logits is not None:
             logits = logits.float()
         if toks is None:
+            if any(s.matcher is not None for s in seqs):
+                from .grammar import mask_logits
+
+                logits = mask_logits(logits, [s.matcher for s in seqs])
             toks = self._sample(seqs, logits)
         want_lp = [s.req.logprobs is not None for s in seqs]
         lp = top_v = top_i = None
@@ -402,9 +409,11 @@ class Generator:
                 s.seen[t] = True
             s.out.append(t)
             stop_tok = t in s.stop_ids
+            # a grammar that is complete ends the request (only the end of sequence could follow)
+            grammar_end = s.matcher is not None and not stop_tok and (not s.matcher.advance(t) or s.matcher.done)
             piece = "" if stop_tok or s.decoder is None else s.decoder.push(t)
             length = len(s.out) >= s.limit
-            final = stop_tok or length
+            final = stop_tok or length or grammar_end
             if final and not stop_tok and s.decoder is not None:
                 piece += s.decoder.flush()
             text, stop_str = s.push_text(piece, final)
@@ -413,9 +422,9 @@ class Generator:
                 ev.logprob = lp[i]
                 if s.req.logprobs:
                     ev.top_logprobs = list(zip(top_i[i][: s.req.logprobs], top_v[i][: s.req.logprobs]))
-            if stop_tok or stop_str or length:
+            if stop_tok or stop_str or length or grammar_end:
                 ev.finished = True
-                ev.finish_reason = "stop" if (stop_tok or stop_str) else "length"
+                ev.finish_reason = "stop" if (stop_tok or stop_str or grammar_end) else "length"
                 self.slots[s.slot] = None
             events.append(ev)
         return events

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import EmberError, GenerationError
 from ..generation.defaults import sampling_defaults as shared_sampling_defaults
+from .chat_output import ChatPlan
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
 from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
                        parse_common, parse_completion, parse_embeddings, parse_json, usage)
@@ -130,7 +131,7 @@ class _State:
 
 # ---- generation ------------------------------------------------------------------------------
 class _Choice:
-    __slots__ = ("index", "req", "prompt_index", "parts", "tokens", "finish", "lps", "text_len", "stop_ids")
+    __slots__ = ("index", "req", "prompt_index", "parts", "tokens", "finish", "lps", "text_len", "stop_ids", "out")
 
     def __init__(self, index: int, req, prompt_index: int, eos: set[int]):
         self.index, self.req, self.prompt_index = index, req, prompt_index
@@ -140,18 +141,22 @@ class _Choice:
         self.lps: list[tuple] = []  # (token id, logprob, top [(id, lp)], text offset)
         self.text_len = 0
         self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos)
+        self.out = None  # a ChatOutput when the text is parsed (tool calls, reasoning)
 
 
 class _Run:
     """One HTTP generation call: its choices, their accumulated output, and the response formats."""
 
     def __init__(self, st: _State, chat: bool, rid: str, model: str, prompts: list[list[int]],
-                 prompt_texts: list[str], p: GenParams, reqs: list, info: dict):
+                 prompt_texts: list[str], p: GenParams, reqs: list, info: dict, plan: ChatPlan | None = None):
         self.st, self.chat, self.rid, self.model, self.p = st, chat, rid, model, p
         self.prompt_tokens = sum(len(x) for x in prompts)
         self.prompt_texts = prompt_texts
         self.created = int(time.time())
         self.choices = [_Choice(i, r, i // p.n, st.eos) for i, r in enumerate(reqs)]
+        if plan is not None and plan.parses:
+            for c in self.choices:
+                c.out = plan.output()
         self.by_id = {c.req.id: c for c in self.choices}
         self.info = info
         self.t0 = time.perf_counter()
@@ -220,8 +225,9 @@ class _Run:
             if self.chat:
                 if self.p.logprobs is not None:
                     lps = self.chat_logprobs(c.lps)
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": lps, "finish_reason": c.finish})
+                msg = {"role": "assistant", "content": text, "refusal": None} if c.out is None else c.out.message(text)
+                out.append({"index": c.index, "message": msg, "logprobs": lps,
+                            "finish_reason": c.finish if c.out is None else c.out.finish_reason(c.finish)})
             else:
                 if self.p.logprobs is not None:
                     lps = self.completion_logprobs(c.lps)
@@ -250,6 +256,9 @@ class _Run:
     def chunks(self, touched: dict) -> list[str]:
         out = []
         for c, text, lps in touched.values():
+            if c.out is not None:
+                out += self._parsed_chunks(c, text, lps)
+                continue
             if text or lps:
                 if self.chat:
                     out.append(self._chunk([{"index": c.index, "delta": {"content": text},
@@ -268,6 +277,22 @@ class _Run:
                 else:
                     out.append(self._chunk([{"index": c.index, "text": "", "logprobs": None,
                                              "finish_reason": c.finish}]))
+        return out
+
+    def _parsed_chunks(self, c: _Choice, text: str, lps: list) -> list[str]:
+        """A parsed choice's chunks: reasoning, content and tool-call deltas (the step's logprobs ride
+        on its first chunk)."""
+        deltas = c.out.feed(text) if text else []
+        if c.finish is not None:
+            deltas += c.out.end()
+        out = []
+        for d in deltas:
+            lp = self.chat_logprobs(lps) if self.p.logprobs is not None and lps else None
+            lps = []
+            out.append(self._chunk([{"index": c.index, "delta": d, "logprobs": lp, "finish_reason": None}]))
+        if c.finish is not None:
+            out.append(self._chunk([{"index": c.index, "delta": {}, "logprobs": None,
+                                     "finish_reason": c.out.finish_reason(c.finish)}]))
         return out
 
     def closing(self) -> list[str]:
@@ -583,7 +608,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                            f"{len(ids)} tokens. Shorten the {'messages' if param == 'messages' else 'prompt'}.",
                            param=param, code="context_length_exceeded")
 
-    def _requests(prompts: list[list[int]], p: GenParams) -> list:
+    def _requests(prompts: list[list[int]], p: GenParams, grammar=None) -> list:
         if p.n > st.scheduler.max_batch:
             raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.scheduler.max_batch} "
                            f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
@@ -593,7 +618,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         try:
             for ids in prompts:
                 for i in range(p.n):
-                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i))
+                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar)
                     st.scheduler.check(r)
                     reqs.append(r)
         except GenerationError as e:
@@ -615,14 +640,12 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         if st.tok is None:
             raise ApiError(400, "This model has no tokenizer; use /v1/completions with token ids.", param="messages")
         _check_text_len("".join(m["content"] for m in messages), "messages")
-        try:
-            ids = await run_in_threadpool(st.tok.encode_chat, messages, add_generation_prompt=True)
-        except EmberError as e:
-            raise ApiError(400, f"Could not apply the chat template: {e}", param="messages",
-                           code="invalid_value") from None
+        plan = await run_in_threadpool(ChatPlan, st.llm, body, messages)  # template, tools, grammar
+        ids = plan.ids
         _check_len(ids, "messages")
-        reqs = _requests([ids], p)
-        run = _Run(st, True, f"chatcmpl-{uuid.uuid4().hex[:24]}", model, [ids], [""], p, reqs, _log_info(request))
+        reqs = _requests([ids], p, plan.grammar)
+        run = _Run(st, True, f"chatcmpl-{uuid.uuid4().hex[:24]}", model, [ids], [""], p, reqs, _log_info(request),
+                   plan)
         return await _generate(st, request, run, reqs)
 
     @app.post("/v1/completions")

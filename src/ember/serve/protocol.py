@@ -298,15 +298,7 @@ def parse_chat(body: dict, defaults: dict) -> tuple[list[dict], GenParams]:
         raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs",
                        code="invalid_value")
     p.logprobs = (top or 0) if want else None
-    tools = body.get("tools") or body.get("functions")
-    if tools:
-        raise _unsupported("tools", " yet (tool calling)")
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict):
-            raise _bad_type("response_format", "an object", rf)
-        if rf.get("type", "text") != "text":
-            raise _unsupported("response_format", " (only {\"type\": \"text\"})")
+    # tools, tool_choice, response_format and chat_template_kwargs: serve/tools.py (parse_agent)
     return messages, p
 
 
