@@ -66,7 +66,7 @@ def load(model: str | os.PathLike, *, dtype: torch.dtype | str | None = None, de
 
 
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "logprobs")
+                   "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 def _unknown_options(unknown, known) -> str:
@@ -128,6 +128,18 @@ def _parse_device(device) -> torch.device | None:
     return d
 
 
+def _token_keys(bias):
+    """logit_bias with its keys as ints (JSON gives them as strings); anything else is left to validate()."""
+    if isinstance(bias, dict):
+        out = {}
+        for k, v in bias.items():
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit() and len(k) < 20:
+                k = int(k)
+            out[k] = v
+        return out
+    return bias
+
+
 def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) -> tuple[tuple, tuple]:
     """Type checks of a request's arguments, before anything uses them; (stop, stop_token_ids) as tuples.
     Messages start with the argument's name (the server reports it as the error's `param`)."""
@@ -175,6 +187,7 @@ class LLM:
             tok.eos_token_id if tok is not None else None,
         )
         self.engine = engine
+        self.prefix_cache = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -203,14 +216,17 @@ class LLM:
     def request(self, prompt, max_tokens: int = 256, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                logprobs: int | None = None, **unknown) -> Request:
+                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                logit_bias: dict[int, float] | None = None, **unknown) -> Request:
         """A generation request (what generate/stream build; the server makes its own)."""
         if unknown:
             raise ArgumentError(_unknown_options(unknown, REQUEST_OPTIONS))
         stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
         sampling = SamplingParams(temperature=temperature if temperature is not None else 0.0, top_k=top_k or 0,
                                   top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
-                                  repetition_penalty=repetition_penalty or 1.0, seed=seed).validate()
+                                  repetition_penalty=repetition_penalty or 1.0, seed=seed,
+                                  presence_penalty=presence_penalty or 0.0, frequency_penalty=frequency_penalty or 0.0,
+                                  logit_bias=_token_keys(logit_bias)).validate()
         return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
@@ -223,9 +239,27 @@ class LLM:
                           for r in requests) + 1
         max_batch = max_batch or len(requests)
         if self.engine is not None:
-            return self.engine.generator(max_batch, max_len - 1)
-        return Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
-                         eos_ids=self.eos_token_ids, device=self.device)
+            gen = self.engine.generator(max_batch, max_len - 1)
+        else:
+            gen = Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
+                            eos_ids=self.eos_token_ids, device=self.device)
+        gen.prefix_cache = self.prefix_cache
+        return gen
+
+    def enable_prefix_cache(self, max_bytes: int | None = None, *, block: int | None = None):
+        """Reuse the keys and values of earlier prompts and replies (generation/prefix_cache.py): a
+        prompt that begins with tokens an earlier call already ran (a chat's earlier turns, a shared
+        system prompt) prefills only the rest. max_bytes: the cache's memory (default 1 GiB, on the
+        model's device); max_bytes=0 turns it off. Returns the PrefixCache (its `stats`)."""
+        from .generation.prefix_cache import BLOCK, PrefixCache
+
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ArgumentError(f"max_bytes must be a non-negative integer, got {max_bytes!r:.60}")
+        if max_bytes == 0:
+            self.prefix_cache = None
+            return None
+        self.prefix_cache = PrefixCache(self.model, max_bytes or (1 << 30), block=block or BLOCK)
+        return self.prefix_cache
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:
         """Run requests to completion, yielding per-token events (text, finish reasons, logprobs)."""

@@ -127,11 +127,13 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
-          read_timeout: float | None = None, quantize: str | None = None, compile: bool = False) -> None:
+          read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
+          **app_options) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
-    request's headers, and again its body (default 30).
+    request's headers, and again its body (default 30); app_options: create_app's api_key,
+    allowed_origins, max_waiting, prefix_cache.
     """
     import uvicorn
 
@@ -149,13 +151,15 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         emb_name = served_model_name
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
                      max_len=max_len, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
-                     **({"read_timeout": read_timeout} if read_timeout else {}))
+                     **({"read_timeout": read_timeout} if read_timeout else {}), **app_options)
     st = app.state.ember
     lines = []
     if llm is not None:
         eng = st.scheduler
         lines.append(f"  model      {name}  ({llm!r})")
         lines.append(f"  batching   {eng.max_batch} slots x {eng.max_len} tokens per request")
+        pc = eng.generator.prefix_cache
+        lines.append(f"  prefix     {'off' if pc is None else f'cache of {pc.max_bytes / 2**20:.0f} MiB'}")
         if st.defaults:
             lines.append(f"  defaults   {st.defaults} (from generation_config.json)")
     if embedder is not None:
