@@ -442,8 +442,9 @@ class Generator:
             if stop_tok or stop_str or length:
                 ev.finished = True
                 ev.finish_reason = "stop" if (stop_tok or stop_str) else "length"
-                if self.prefix_cache is not None:  # the row holds prompt + out[:-1] (the last is not fed)
-                    self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out[:-1]], s.pos)
+                if self.prefix_cache is not None:  # the row holds the first s.pos tokens (a pipelined step
+                    # in flight may have fed the last one too)
+                    self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
                 self.slots[s.slot] = None
             events.append(ev)
         return events

@@ -3,7 +3,9 @@ whose prompts begin with the same tokens (an earlier turn of the same chat, a sh
 so that only the rest of the prompt is prefilled.
 
 Sequences are cut into blocks of `block` tokens, and a last, partial block for the tokens after the
-last whole block (so that a chat's next turn reuses its previous turn exactly up to where it ended).
+last whole block. A prompt reuses the whole blocks it begins with, then as much of one more block as
+it shares with the prompt's next tokens (keys and values of a position depend only on the tokens up
+to it), so a chat's next turn reuses its previous turn up to the very token where they part.
 A block is keyed by (its parent block, its tokens), so a key names the whole prefix up to the block's
 end exactly (dictionary equality, no hash that could collide), and prompts that share a start share
 its blocks (a tree; partial blocks are leaves). Each layer keeps one pool
@@ -63,6 +65,7 @@ class PrefixCache:
         self.v: list[torch.Tensor] | None = None
         self.dtype = self.device = None
         self.nodes: dict[tuple, _Node] = {}
+        self.kids: dict[tuple[int, int], set[_Node]] = {}  # (parent id, first token) -> child blocks
         self.lru: OrderedDict[int, _Node] = OrderedDict()  # node id -> node, least recent first
         self.free: list[int] = []
         self._next_id = 0
@@ -112,8 +115,9 @@ class PrefixCache:
         return True
 
     # ---- lookup ---------------------------------------------------------------------------------
-    def _walk(self, tokens) -> list[_Node]:
-        """The cached blocks `tokens` begins with: whole blocks, then the longest partial one."""
+    def _walk(self, tokens) -> tuple[list[_Node], int]:
+        """The cached blocks `tokens` begins with (whole blocks, then the block that shares most of
+        the tokens after them) and how many of its tokens they hold."""
         out, parent, bs = [], -1, self.block
         for j in range(len(tokens) // bs):
             node = self.nodes.get((parent, tuple(tokens[j * bs:(j + 1) * bs])))
@@ -122,12 +126,19 @@ class PrefixCache:
             out.append(node)
             parent = node.id
         at = len(out) * bs
-        for r in range(min(bs - 1, len(tokens) - at), 0, -1):
-            node = self.nodes.get((parent, tuple(tokens[at:at + r])))
-            if node is not None:
-                out.append(node)
-                break
-        return out
+        rest = tokens[at:at + bs]
+        best, r = None, 0
+        for node in self.kids.get((parent, rest[0]), ()) if rest else ():
+            k = 0
+            for x, y in zip(node.key[1], rest):
+                if x != y:
+                    break
+                k += 1
+            if k > r:
+                best, r = node, k
+        if best is not None:
+            out.append(best)
+        return out, at + r
 
     def _window_ok(self, chain: list[_Node], P: int) -> bool:
         """Whether the window layers' data of the positions a query at P can see is in `chain`."""
@@ -147,11 +158,10 @@ class PrefixCache:
         self.stats["query_tokens"] += len(tokens)
         if self.k is None or len(tokens) < 2 or not self.compatible(cache):
             return 0
-        chain = self._walk(tokens)
+        chain, end = self._walk(tokens)
         if not chain:
             return 0
         n, bs = len(tokens), self.block
-        end = chain[-1].start + chain[-1].length
         # the longest first, then shorter ones at block boundaries (ring caches: see the module doc)
         for P in sorted({min(end, n - 1)} | {min(j * bs, n - 1) for j in range(1, end // bs + 1)}, reverse=True):
             if self._window_ok(chain, P):
@@ -182,6 +192,10 @@ class PrefixCache:
             if node.children == 0 and nid not in keep:
                 del self.lru[nid]
                 del self.nodes[node.key]
+                sibs = self.kids[(node.key[0], node.key[1][0])]
+                sibs.discard(node)
+                if not sibs:
+                    del self.kids[(node.key[0], node.key[1][0])]
                 if node.parent is not None:
                     node.parent.children -= 1
                 self.stats["evicted_blocks"] += 1
@@ -213,6 +227,7 @@ class PrefixCache:
                 node = _Node(key, self._next_id, idx, parent, j)
                 self._next_id += 1
                 self.nodes[key] = node
+                self.kids.setdefault((key[0], key[1][0]), set()).add(node)
                 self.lru[node.id] = node
                 if parent is not None:
                     parent.children += 1
@@ -252,6 +267,7 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget every block (the pools stay allocated)."""
         self.nodes.clear()
+        self.kids.clear()
         self.lru.clear()
         if self.k is not None:
             self.free = list(range(self.capacity - 1, -1, -1))
