@@ -299,3 +299,29 @@ def test_schemathesis_finds_no_server_error(srv, path):
     check()
     assert wait_idle(srv.scheduler, 30)
     assert any(s < 300 for s in seen) or path == "/v1/completions", seen  # not only refusals
+
+
+# ---- the command line --------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,want", [
+    ([], dict(api_key=None, allowed_origins=None, max_waiting=256, prefix_cache=None)),
+    (["--api-key", "k", "--allowed-origins", "https://a.example, https://b.example", "--max-waiting", "3",
+      "--prefix-cache-mb", "1.5"],
+     dict(api_key="k", allowed_origins=["https://a.example", "https://b.example"], max_waiting=3,
+          prefix_cache=3 << 19)),
+    (["--no-prefix-cache"], dict(prefix_cache=0)),
+])
+def test_cli_flags_reach_the_app(monkeypatch, argv, want):
+    import argparse
+
+    import ember.serve.server as server
+    from ember.serve.cli import add_parser, main
+
+    got = {}
+    monkeypatch.setattr(server, "serve", lambda *a, **kw: got.update(kw))
+    parser = argparse.ArgumentParser(prog="ember")
+    add_parser(parser.add_subparsers(dest="command"))
+    main(parser.parse_args(["serve", "some/model", *argv]))
+    assert {k: got[k] for k in want} == want
+    for bad in (["--max-waiting", "-1"], ["--prefix-cache-mb", "0"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            main(parser.parse_args(["serve", "some/model", *bad]))

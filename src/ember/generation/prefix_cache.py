@@ -69,7 +69,6 @@ class PrefixCache:
         self.lru: OrderedDict[int, _Node] = OrderedDict()  # node id -> node, least recent first
         self.free: list[int] = []
         self._next_id = 0
-        self._checked: dict[int, bool] = {}  # id(cache) -> compatible
         self.stats = {"queries": 0, "query_tokens": 0, "hits": 0, "hit_tokens": 0, "evicted_blocks": 0}
 
     # ---- sizing ---------------------------------------------------------------------------------
@@ -88,15 +87,9 @@ class PrefixCache:
 
     def compatible(self, cache) -> bool:
         """Whether `cache` is a KVCache of this model's layout (and of the pools' dtype and device)."""
-        key = id(cache)
-        ok = self._checked.get(key)
-        if ok is None:
-            ok = (type(cache) is KVCache and len(cache.k) == len(self.layout)
-                  and all(tuple(cache.k[i].shape[1::2]) == tuple(hd) for i, hd in enumerate(self.layout))
-                  and (self.k is None or (cache.dtype == self.dtype and cache.device == self.device)))
-            if self.k is not None or not ok:
-                self._checked[key] = ok  # a verdict before the pools exist may change when they do
-        return ok
+        return (type(cache) is KVCache and len(cache.k) == len(self.layout)
+                and all(tuple(cache.k[i].shape[1::2]) == tuple(hd) for i, hd in enumerate(self.layout))
+                and (self.k is None or (cache.dtype == self.dtype and cache.device == self.device)))
 
     def _pools(self, cache: KVCache) -> bool:
         if self.k is not None:
@@ -110,7 +103,6 @@ class PrefixCache:
         self.k = [torch.empty(n, h, self.block, d, dtype=cache.dtype, device=cache.device) for h, d in self.layout]
         self.v = [torch.empty(n, h, self.block, d, dtype=cache.dtype, device=cache.device) for h, d in self.layout]
         self.free = list(range(n - 1, -1, -1))
-        self._checked.clear()
         log.info("prefix cache: %d blocks of %d tokens (%.1f MiB)", n, self.block, n * per / 2**20)
         return True
 

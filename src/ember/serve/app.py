@@ -479,6 +479,9 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a completion token), got {max_len!r}")
     if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not 0 < read_timeout < 1e6:
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
+    if prefix_cache is not None and (isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int)
+                                     or prefix_cache < 0):
+        raise ValueError(f"prefix_cache must be None or a number of bytes >= 0, got {prefix_cache!r}")
     scheduler = None
     if llm is not None:
         gen = generator if generator is not None else build_generator(llm, max_batch, max_len, prefix_cache)
