@@ -121,6 +121,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = ember.load(resolve_model(args.model))
+    llm.generate("Hello", max_tokens=2)  # warm-up (first-call costs), so that the first run does not pay it
     out = {}
     for mode, pc in (("without", 0), ("with", None)):
         app = create_app(llm, model_name="bench", max_batch=2, max_len=min(4096, llm.model.max_context), prefix_cache=pc)
