@@ -129,7 +129,7 @@ def main() -> int:
             out[mode] = chat(srv.url, args.turns, args.max_tokens)
             if pc is None:
                 out["stats"] = dict(app.state.scheduler.generator.prefix_cache.stats)
-    (t_off, r_off, n_off), (t_on, r_on, n_on) = out["without"], out["with"]
+    (t_off, r_off, _), (t_on, r_on, n_on) = out["without"], out["with"]
     print(f"{'turn':>4} {'prompt tokens':>13} {'TTFT without':>13} {'TTFT with':>10} {'ratio':>6}")
     for i in range(args.turns):
         print(f"{i + 1:>4} {n_on[i]:>13} {t_off[i]:>12.3f}s {t_on[i]:>9.3f}s {t_on[i] / t_off[i]:>6.2f}")
