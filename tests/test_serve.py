@@ -446,7 +446,7 @@ BAD = [
     (CHAT, {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value", "requires 'logprobs'"),
     (CHAT, {**OK_CHAT, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs", "invalid_value", "<= 20"),
     (COMP, {"model": "tiny", "prompt": "x", "logprobs": -1}, 400, "logprobs", "invalid_value", ">= 0"),
-    (CHAT, {**OK_CHAT, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter", "not supported"),
+    (CHAT, {**OK_CHAT, "presence_penalty": 2.5}, 400, "presence_penalty", "invalid_value", "<= 2.0"),
     (CHAT, {**OK_CHAT, "tools": [{"type": "function", "function": {"name": 5}}]}, 400, "tools",
      "invalid_value", "Invalid 'tools[0].function.name'"),
     (CHAT, {**OK_CHAT, "response_format": {"type": "xml"}}, 400, "response_format", "invalid_value",

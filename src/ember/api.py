@@ -118,7 +118,8 @@ def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtyp
 
 
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                   "stop_token_ids", "ignore_eos", "logprobs", "json_schema", "response_format", "grammar")
+                   "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+                   "json_schema", "response_format", "grammar")
 
 
 def _unknown_options(unknown, known) -> str:
@@ -180,6 +181,18 @@ def _parse_device(device) -> torch.device | None:
     return d
 
 
+def _token_keys(bias):
+    """logit_bias with its keys as ints (JSON gives them as strings); anything else is left to validate()."""
+    if isinstance(bias, dict):
+        out = {}
+        for k, v in bias.items():
+            if isinstance(k, str) and k.strip().lstrip("-").isdigit() and len(k) < 20:
+                k = int(k)
+            out[k] = v
+        return out
+    return bias
+
+
 def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) -> tuple[tuple, tuple]:
     """Type checks of a request's arguments, before anything uses them; (stop, stop_token_ids) as tuples.
     Messages start with the argument's name (the server reports it as the error's `param`)."""
@@ -231,6 +244,7 @@ class LLM:
         # defaults for the sampling arguments a call omits: the model's generation_config.json (the
         # server uses the same), else greedy
         self.sampling_defaults = sampling_defaults(self.generation_config)
+        self.prefix_cache = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -260,8 +274,9 @@ class LLM:
                 top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
                 repetition_penalty: float | None = None, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                logprobs: int | None = None, json_schema=None, response_format: dict | None = None, grammar=None,
-                **unknown) -> Request:
+                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                logit_bias: dict[int, float] | None = None, json_schema=None, response_format: dict | None = None,
+                grammar=None, **unknown) -> Request:
         """A generation request (what generate/stream build; the server makes its own). A sampling
         argument left out (None) takes the model's generation_config.json value, else greedy decoding's.
 
@@ -281,7 +296,9 @@ class LLM:
         sampling = SamplingParams(temperature=pick(temperature, "temperature", 0.0), top_k=pick(top_k, "top_k", 0),
                                   top_p=pick(top_p, "top_p", 1.0), min_p=pick(min_p, "min_p", 0.0),
                                   repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
-                                  seed=seed).validate()
+                                  seed=seed, presence_penalty=presence_penalty or 0.0,
+                                  frequency_penalty=frequency_penalty or 0.0,
+                                  logit_bias=_token_keys(logit_bias)).validate()
         return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar)
 
     def grammar(self, *, json_schema=None, response_format: dict | None = None, grammar=None):
@@ -317,9 +334,27 @@ class LLM:
                           for r in requests) + 1
         max_batch = max_batch or len(requests)
         if self.engine is not None:
-            return self.engine.generator(max_batch, max_len - 1)
-        return Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
-                         eos_ids=self.eos_token_ids, device=self.device)
+            gen = self.engine.generator(max_batch, max_len - 1)
+        else:
+            gen = Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
+                            eos_ids=self.eos_token_ids, device=self.device)
+        gen.prefix_cache = self.prefix_cache
+        return gen
+
+    def enable_prefix_cache(self, max_bytes: int | None = None, *, block: int | None = None):
+        """Reuse the keys and values of earlier prompts and replies (generation/prefix_cache.py): a
+        prompt that begins with tokens an earlier call already ran (a chat's earlier turns, a shared
+        system prompt) prefills only the rest. max_bytes: the cache's memory (default 1 GiB, on the
+        model's device); max_bytes=0 turns it off. Returns the PrefixCache (its `stats`)."""
+        from .generation.prefix_cache import BLOCK, PrefixCache
+
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ArgumentError(f"max_bytes must be a non-negative integer, got {max_bytes!r:.60}")
+        if max_bytes == 0:
+            self.prefix_cache = None
+            return None
+        self.prefix_cache = PrefixCache(self.model, max_bytes or (1 << 30), block=block or BLOCK)
+        return self.prefix_cache
 
     def events(self, requests: Sequence[Request]) -> Iterator[Event]:
         """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import GenerationError
 from .detokenize import StreamDecoder
-from .sampling import SamplingParams, apply_repetition_penalty, logprobs_of, sample
+from .sampling import SamplingParams, apply_penalties, apply_repetition_penalty, bias_vector, logprobs_of, sample
 from .step import DecodeStep, EagerStep
 
 _ids = itertools.count()
@@ -110,6 +110,7 @@ class _Seq:
     def __init__(self, req: Request, slot: int, tokenizer, eos_ids: set[int], vocab: int, device, max_len: int):
         self.req, self.slot = req, slot
         self.pos = len(req.prompt_ids)  # the cache column the next fed token goes to
+        self.start = 0  # prompt tokens restored from the prefix cache (not prefilled)
         self.out: list[int] = []
         self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None  # None: token ids only
         stops = [s for s in req.stop if s]
@@ -126,6 +127,10 @@ class _Seq:
         if req.sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(req.prompt_ids, device=device)] = True
+        sp = req.sampling
+        self.counts = torch.zeros(vocab, device=device) if sp.penalised else None  # generated tokens
+        self.bias = bias_vector(sp.logit_bias, vocab, device) if sp.logit_bias else None
+        self.processed = self.seen is not None or self.counts is not None or self.bias is not None
 
     def push_text(self, piece: str, final: bool) -> tuple[str, bool]:
         """Add decoded text; return (text safe to emit now, whether a stop string ended it).
@@ -175,9 +180,10 @@ class Generator:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None,
                  eos_ids: Sequence[int] = (), device=None, dtype=None, prefill_chunk: int = 512, cache=None,
-                 step: DecodeStep | None = None):
+                 step: DecodeStep | None = None, prefix_cache=None):
         """cache: a persistent cache to run in (the engine's; CUDA graphs capture its addresses).
-        step: the decode step over that cache (default: the model's plain forward)."""
+        step: the decode step over that cache (default: the model's plain forward).
+        prefix_cache: a `PrefixCache` (prefix_cache.py) whose blocks prompts reuse (settable later)."""
         self.model, self.tok = model, tokenizer
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
@@ -196,6 +202,7 @@ class Generator:
         self.decode_step: DecodeStep = step if step is not None else EagerStep(model, self.cache)
         self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
         self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
+        self.prefix_cache = prefix_cache
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -217,6 +224,10 @@ class Generator:
         if longest > MAX_STOP_CHARS:
             raise GenerationError(f"stop strings must be at most {MAX_STOP_CHARS} characters long, got one of "
                                   f"{longest}")
+        lb = req.sampling.logit_bias
+        if lb and any(isinstance(k, int) and k >= self.vocab for k in lb):
+            raise GenerationError(f"logit_bias: token ids must be in [0, {self.vocab}), got "
+                                  f"{max(k for k in lb if isinstance(k, int))}")
         lp = req.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.vocab):
             raise GenerationError(f"logprobs must be None or an integer in [0, {self.vocab}], got {lp!r:.60}")
@@ -271,6 +282,10 @@ class Generator:
             batch.append(seq)
         if not batch:
             return []
+        pc = self.prefix_cache
+        if pc is not None:
+            for s in batch:
+                s.start = pc.restore(self.cache, s.slot, s.req.prompt_ids)
         # Prefill runs of consecutive slots together (one forward each), long prompts in chunks.
         batch.sort(key=lambda s: s.slot)
         runs: list[list[_Seq]] = []
@@ -285,31 +300,40 @@ class Generator:
             # (kv_cache.py): such runs are prefilled a row at a time.
             split = []
             for run in runs:
-                lens = {len(s.req.prompt_ids) for s in run}
-                split += [[s] for s in run] if len(lens) > 1 and max(lens) > ring else [run]
+                lens = [len(s.req.prompt_ids) - s.start for s in run]
+                wrap = len(set(lens)) > 1 and max(s.start for s in run) + max(lens) > ring
+                split += [[s] for s in run] if wrap else [run]
             runs = split
         for run in runs:
             logits = self._prefill(run)
+            if pc is not None:
+                for s in run:
+                    pc.save(self.cache, s.slot, s.req.prompt_ids)
             events += self._emit(run, logits)
         return batch
 
     def _prefill(self, run: list[_Seq]) -> torch.Tensor:
-        lens = [len(s.req.prompt_ids) for s in run]
-        T = max(lens)
+        # each row feeds its prompt from s.start (the tokens before are in its cache row already)
+        starts = [s.start for s in run]
+        lens = [len(s.req.prompt_ids) - s.start for s in run]
+        T, top = max(lens), max(starts)
         ids = torch.zeros(len(run), T, dtype=torch.long)
         for i, s in enumerate(run):
-            ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids)
+            ids[i, : lens[i]] = torch.tensor(s.req.prompt_ids[s.start:])
         ids = ids.to(self.device)
         rows = slice(run[0].slot, run[-1].slot + 1)
         last = torch.tensor([n - 1 for n in lens], device=self.device)
+        first = torch.tensor(starts, device=self.device)[:, None]
         out = None
         for c0 in range(0, T, self.prefill_chunk):
             c1 = min(T, c0 + self.prefill_chunk)
             pos = torch.arange(c0, c1, device=self.device).expand(len(run), -1)
+            if top:  # padding past the cache's end goes to the scratch column, which no row reads
+                pos = (pos + first).clamp(max=self.max_len - 1)
             # rows whose prompt ends inside this chunk give their last-token logits now
             idx = (last - c0).clamp(0, c1 - c0 - 1)
-            logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=c1,
-                                cache_rows=rows, logits_index=idx, fresh=c0 == 0)
+            logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=min(top + c1, self.max_len),
+                                cache_rows=rows, logits_index=idx, fresh=c0 == 0 and not top)
             if out is None:
                 out = logits[:, 0]
             else:
@@ -330,7 +354,7 @@ class Generator:
     def _decode(self, running: list[_Seq]) -> list[Event]:
         hi = max(s.slot for s in running) + 1
         # constrained rows need their logits on the host side of the mask: no engine-side argmax
-        greedy = all(s.req.sampling.greedy and s.seen is None and s.matcher is None for s in running)
+        greedy = all(s.req.sampling.greedy and not s.processed and s.matcher is None for s in running)
         step = self.decode_step
         feedback = step.feedback and greedy
         signature = (hi, tuple((s.slot, s.req.id) for s in running))
@@ -407,6 +431,8 @@ class Generator:
             t = tok_list[i]
             if s.seen is not None:
                 s.seen[t] = True
+            if s.counts is not None:
+                s.counts[t] += 1
             s.out.append(t)
             stop_tok = t in s.stop_ids
             # a grammar that is complete ends the request (only the end of sequence could follow)
@@ -425,17 +451,25 @@ class Generator:
             if stop_tok or stop_str or length or grammar_end:
                 ev.finished = True
                 ev.finish_reason = "stop" if (stop_tok or stop_str or grammar_end) else "length"
+                if self.prefix_cache is not None:  # the row holds the first s.pos tokens (a pipelined step
+                    # in flight may have fed the last one too)
+                    self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
                 self.slots[s.slot] = None
             events.append(ev)
         return events
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
-        if all(s.req.sampling.greedy and s.seen is None for s in seqs):
+        if all(s.req.sampling.greedy and not s.processed for s in seqs):
             return logits.argmax(dim=-1)
         out = []
         for i, s in enumerate(seqs):
             row = logits[i : i + 1]
             if s.seen is not None:
                 row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
+            if s.counts is not None:
+                sp = s.req.sampling
+                row = apply_penalties(row, s.counts[None], sp.presence_penalty, sp.frequency_penalty)
+            if s.bias is not None:
+                row = row + s.bias
             out.append(sample(row, s.req.sampling, s.gen))
         return torch.cat(out)

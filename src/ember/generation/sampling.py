@@ -1,5 +1,5 @@
-"""Logits processors and the sampler, in transformers' order: repetition penalty, temperature,
-top-k, top-p, min-p. Everything stays on the logits' device: no host sync per token."""
+"""Logits processors and the sampler, in transformers' order: repetition penalty (then OpenAI's
+presence and frequency penalties and logit bias), temperature, top-k, top-p, min-p. Everything stays on the logits' device: no host sync per token."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +17,9 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token already generated ...
+    frequency_penalty: float = 0.0  # ... minus this times how often it was generated
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def validate(self) -> "SamplingParams":
         def num(name, lo=None, hi=None, integer=False):
@@ -38,7 +41,23 @@ class SamplingParams:
             raise GenerationError("top_p must be in (0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+        num("presence_penalty", -2.0, 2.0)
+        num("frequency_penalty", -2.0, 2.0)
+        lb = self.logit_bias
+        if lb is not None:
+            if not isinstance(lb, dict) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in lb):
+                raise GenerationError(f"logit_bias must be a dict of token id -> bias, got {lb!r:.60}")
+            for k, v in lb.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    raise GenerationError(f"logit_bias must map token ids to numbers in [-100, 100], got {v!r:.40} "
+                                          f"for token {k}")
         return self
+
+    @property
+    def penalised(self) -> bool:
+        """Whether presence/frequency penalties apply (they need the generated tokens' counts)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +71,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: `counts` [B, V] is how often each token was generated."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def bias_vector(bias: dict[int, float], vocab: int, device) -> torch.Tensor:
+    """logit_bias as a [vocab] tensor to add to the logits."""
+    out = torch.zeros(vocab, dtype=torch.float32)
+    for k, v in bias.items():
+        out[k] = float(v)
+    return out.to(device)
 
 
 def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP app: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings,
-/health.
+/health, and /tokenize, /detokenize (tokenize.py), /metrics (metrics.py); API keys (auth.py), a bound
+on waiting requests (backpressure.py), request schemas for /openapi.json (schemas.py).
 
 Handlers validate and tokenize (tokenizing off the event loop), then submit requests to the `Scheduler`
 (one thread, continuous batching) and read their events from an asyncio queue; they never call the
@@ -28,6 +29,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..errors import EmberError, GenerationError
 from ..generation.defaults import sampling_defaults as shared_sampling_defaults
 from .chat_output import ChatPlan
+from . import auth, metrics as metrics_, schemas, tokenize
+from .backpressure import check_queue
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
 from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
                        parse_common, parse_completion, parse_embeddings, parse_json, usage)
@@ -57,14 +60,22 @@ def _sse(obj: Any) -> str:
     return f"data: {_dumps(obj)}\n\n"
 
 
-def build_generator(llm, max_batch: int, max_len: int | None):
-    """The server's generator: the LLM's (its engine's, when it has one)."""
+def build_generator(llm, max_batch: int, max_len: int | None, prefix_cache: int | None = None):
+    """The server's generator: the LLM's (its engine's, when it has one). prefix_cache: its prefix
+    cache's bytes (None: the LLM's own prefix cache if it has one, else half the KV cache; 0: none)."""
+    from ..generation.prefix_cache import for_generator
+
     ctx = llm.model.max_context
     want = max_len or DEFAULT_MAX_LEN
     if max_len and max_len > ctx:
         log.warning("--max-len %d is beyond the model's context (%d); using %d", max_len, ctx, ctx)
     want = min(want, ctx)
-    return llm.generator(max_batch=max_batch, max_len=want)
+    gen = llm.generator(max_batch=max_batch, max_len=want)
+    if prefix_cache == 0:
+        gen.prefix_cache = None
+    elif gen.prefix_cache is None or prefix_cache is not None:
+        for_generator(gen, prefix_cache)
+    return gen
 
 
 def _server_check(key: str, value: Any) -> Any:
@@ -104,6 +115,7 @@ class _State:
         self.eos = set(getattr(llm, "eos_token_ids", ()) or ()) if llm is not None else set()
         self.max_token_chars = _max_token_chars(self.tok)
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="ember-embed") if embedder is not None else None
+        self.max_waiting: int | None = None  # requests that may wait for a slot (backpressure.py)
 
     # ---- model routing ------------------------------------------------------------------------
     def resolve(self, body: dict, want: str) -> str:
@@ -340,6 +352,7 @@ async def _watch_disconnect(request: Request, sub) -> None:
 
 
 async def _generate(st: _State, request: Request, run: _Run, reqs: list) -> Response:
+    check_queue(st.scheduler, len(reqs), st.max_waiting)
     sub = st.scheduler.submit(Submission(reqs))
     # Watches for the client going away until the response has ended (for a stream, _stream ends it:
     # it lives on even if the stream body never starts).
@@ -458,7 +471,9 @@ class _LogMiddleware:
 def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedding_model_name: str | None = None,
                max_batch: int = 8, max_len: int | None = None, generator=None,
                defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               read_timeout: float = READ_TIMEOUT) -> FastAPI:
+               read_timeout: float = READ_TIMEOUT, api_key: str | list[str] | None = None,
+               allowed_origins: list[str] | None = None, max_waiting: int | None = 256,
+               prefix_cache: int | None = None) -> FastAPI:
     """The OpenAI-compatible app over a loaded `LLM` and/or an embedding model (anything with
     `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts).
 
@@ -467,6 +482,11 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     to use instead of building one; defaults: sampling defaults (default: the model's generation_config);
     max_body_bytes: larger request bodies are refused with a 413 before they are read in full (8 MiB);
     read_timeout: seconds a client has to send a request body (a 408 after that; 30).
+    api_key: key(s) the /v1 endpoints require as `Authorization: Bearer` (default: $EMBER_API_KEY; none);
+    allowed_origins: CORS origins browsers may call from (["*"]: any; default: no CORS headers);
+    max_waiting: requests that may wait for a slot before new ones get a 429 (None: no bound);
+    prefix_cache: bytes of the prefix cache (default: half the KV cache; 0: off; see
+    generation/prefix_cache.py).
     """
     if llm is None and embedder is None:
         raise ValueError("create_app needs a model (llm=) and/or an embedding model (embedder=)")
@@ -476,9 +496,12 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a completion token), got {max_len!r}")
     if isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float)) or not 0 < read_timeout < 1e6:
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
+    if prefix_cache is not None and (isinstance(prefix_cache, bool) or not isinstance(prefix_cache, int)
+                                     or prefix_cache < 0):
+        raise ValueError(f"prefix_cache must be None or a number of bytes >= 0, got {prefix_cache!r}")
     scheduler = None
     if llm is not None:
-        gen = generator if generator is not None else build_generator(llm, max_batch, max_len)
+        gen = generator if generator is not None else build_generator(llm, max_batch, max_len, prefix_cache)
         scheduler = Scheduler(gen, max_batch=max_batch)
         model_name = model_name or "ember"
     if embedder is not None:
@@ -488,6 +511,14 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     else:
         defaults = sampling_defaults(defaults, "defaults")
     st = _State(llm, embedder, model_name, embedding_model_name, scheduler, defaults, read_timeout)
+    if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0):
+        raise ValueError(f"max_waiting must be None or a non-negative integer, got {max_waiting!r}")
+    st.max_waiting = max_waiting
+    if api_key is None:
+        import os
+
+        api_key = os.environ.get("EMBER_API_KEY") or None
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
 
     @asynccontextmanager
     async def lifespan(app):
@@ -502,7 +533,19 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     app = FastAPI(title="ember", description="OpenAI-compatible server", lifespan=lifespan)
     app.state.ember = st
     app.state.scheduler = scheduler
+    st.metrics = metrics_.Metrics(scheduler)
+    if scheduler is not None:
+        scheduler.observer = st.metrics
+    # outermost last: CORS (its headers on every answer, 401s included) > log > metrics > API key
+    if keys:
+        app.add_middleware(auth.ApiKeyMiddleware, keys=keys)
+    app.add_middleware(metrics_.MetricsMiddleware, metrics=st.metrics)
     app.add_middleware(_LogMiddleware)
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     def _log_error(request: Request, err: ApiError) -> None:
         info = request.scope.get("state", {}).get("ember_log")
@@ -512,7 +555,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         _log_error(request, err)
-        return _JSON(err.body(), status_code=err.status)
+        return _JSON(err.body(), status_code=err.status, headers=getattr(err, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -624,7 +667,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         except GenerationError as e:
             msg = str(e)
             param = next((k for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                      "seed", "stop_token_ids", "stop", "logprobs") if msg.startswith(k)), None)
+                                      "seed", "stop_token_ids", "stop", "logprobs", "presence_penalty",
+                                      "frequency_penalty", "logit_bias") if msg.startswith(k)), None)
             raise ApiError(400, msg, param=param, code="invalid_value") from None
         return reqs
 
@@ -742,4 +786,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         return _JSON({"object": "list", "data": data, "model": model,
                       "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}, headers={"x-request-id": rid})
 
+    tokenize.register(app, st, body_of)
+    metrics_.register(app, st.metrics)
+    st.metrics.routes = {r.path for r in app.routes}
+    schemas.document(app)
     return app

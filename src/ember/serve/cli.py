@@ -8,7 +8,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-                    "/v1/embeddings, /v1/models, /health) with continuous batching.")
+                    "/v1/embeddings, /v1/models, /tokenize, /detokenize, /metrics, /health) with continuous "
+                    "batching and a prefix cache.")
     p.add_argument("model", nargs="?", default=None,
                    help="Hub id, local folder, .safetensors/.gguf file or short name (default: $EMBER_MODEL, else "
                         "smollm2, served under that name)")
@@ -31,6 +32,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="refuse request bodies larger than this (413; default 8 MiB)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client has to send a request's headers, and again its body (408 after; default 30)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (default: $EMBER_API_KEY)")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="CORS: comma-separated origins browsers may call from ('*': any; default: no CORS)")
+    p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                   help="requests that may wait for a slot; more get a 429 with Retry-After (default 256)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt in full (default: reuse the KV of prompt prefixes already seen)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory of the prefix cache (default: half the KV cache)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
@@ -57,6 +68,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         bad("--max-body-mb", "a number of MiB in (0, 1024]", args.max_body_mb)
     if not (math.isfinite(args.read_timeout) and 0 < args.read_timeout <= 3600):
         bad("--read-timeout", "a number of seconds in (0, 3600]", args.read_timeout)
+    if args.max_waiting < 0:
+        bad("--max-waiting", "at least 0", args.max_waiting)
+    if args.prefix_cache_mb is not None and not (math.isfinite(args.prefix_cache_mb) and 0 < args.prefix_cache_mb <= 1 << 20):
+        bad("--prefix-cache-mb", "a number of MiB in (0, 1048576]", args.prefix_cache_mb)
     if args.threads is not None and args.threads < 1:
         bad("--threads", "at least 1", args.threads)
 
@@ -85,5 +100,9 @@ def main(args: argparse.Namespace) -> int:
     serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp)
+          read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp, api_key=args.api_key,
+          allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins
+          else None, max_waiting=args.max_waiting,
+          prefix_cache=0 if args.no_prefix_cache else (int(args.prefix_cache_mb * (1 << 20)) if args.prefix_cache_mb
+                                                        else None))
     return 0

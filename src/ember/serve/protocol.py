@@ -17,6 +17,7 @@ MAX_N = 128  # choices per request (prompts x n); `n` alone is also bounded by t
 MAX_STOPS = 16  # stop strings per request (OpenAI: 4) ...
 MAX_STOP_CHARS = 1024  # ... of at most this many characters each (the generator's own bounds)
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's bound)
 MAX_BODY_BYTES = 8 << 20  # default request-body limit (8 MiB: far more text than any context holds)
 
 
@@ -156,6 +157,9 @@ class GenParams:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's plus the top k
     echo: bool = False  # completions only
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def request_kwargs(self, choice: int = 0) -> dict:
         seed = self.seed
@@ -163,7 +167,9 @@ class GenParams:
             seed = (seed + choice) % (1 << 63)  # n > 1: distinct but reproducible draws
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                     repetition_penalty=self.repetition_penalty, seed=seed, stop=list(self.stop),
-                    stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+                    stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+                    presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                    logit_bias=self.logit_bias)
 
 
 def parse_common(body: dict, defaults: dict, *, chat: bool) -> GenParams:
@@ -218,16 +224,32 @@ def parse_common(body: dict, defaults: dict, *, chat: bool) -> GenParams:
                            code="invalid_value")
         p.include_usage = get_bool(so, "include_usage", False)
 
-    for name in ("presence_penalty", "frequency_penalty"):
-        if get_num(body, name, 0.0, lo=-2.0, hi=2.0) != 0.0:
-            raise _unsupported(name, " (use repetition_penalty, an extension, instead)")
-    lb = body.get("logit_bias")
-    if lb is not None:
-        if not isinstance(lb, dict):
-            raise _bad_type("logit_bias", "an object", lb)
-        if lb:
-            raise _unsupported("logit_bias")
+    p.presence_penalty = get_num(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0)
+    p.frequency_penalty = get_num(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
+    p.logit_bias = parse_logit_bias(body)
     return p
+
+
+def parse_logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (at most MAX_LOGIT_BIAS entries)."""
+    lb = body.get("logit_bias")
+    if lb is None:
+        return None
+    if not isinstance(lb, dict):
+        raise _bad_type("logit_bias", "an object", lb)
+    if len(lb) > MAX_LOGIT_BIAS:
+        raise _bad_value("logit_bias", f"at most {MAX_LOGIT_BIAS} token ids", len(lb))
+    out = {}
+    for k, v in lb.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 18):
+            raise ApiError(400, f"Invalid 'logit_bias': keys must be token ids (non-negative integers as strings), "
+                           f"but got {_short(k)}.", param="logit_bias", code="invalid_value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _bad_type("logit_bias", "an object of numbers", v)
+        if not -100 <= v <= 100:
+            raise _bad_value("logit_bias", f"biases must be in [-100, 100] (token {k})", v)
+        out[int(k)] = float(v)
+    return out or None
 
 
 # ---- chat ---------------------------------------------------------------------------------------

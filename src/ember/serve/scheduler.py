@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("ember.serve")
@@ -105,6 +105,8 @@ class _Entry:
     sub: Submission
     added: bool = False  # handed to the generator
     suspect: bool = False  # was admitted with others in a step that failed: re-admit alone
+    t0: float = field(default_factory=time.perf_counter)  # submitted
+    t_last: float | None = None  # its latest token (for the observer)
 
 
 class Scheduler:
@@ -126,6 +128,7 @@ class Scheduler:
         self.stats = {"steps": 0, "failed_steps": 0, "aborted": 0, "failed_requests": 0, "finished": 0}
         self.consecutive_failures = 0
         self.last_error: str | None = None
+        self.observer = None  # observe(entry, event, now) for every routed event (serve/metrics.py)
 
     # ---- lifecycle (any thread) ---------------------------------------------------------------
     def start(self) -> None:
@@ -312,10 +315,13 @@ class Scheduler:
 
     def _route(self, events: list) -> None:
         by_sub: dict[int, tuple[Submission, list]] = {}
+        now = time.perf_counter()
         for ev in events:
             e = self._live.get(ev.request.id)
             if e is None:  # aborted meanwhile
                 continue
+            if self.observer is not None:
+                self.observer.observe(e, ev, now)
             by_sub.setdefault(id(e.sub), (e.sub, []))[1].append(ev)
             if ev.finished:
                 del self._live[ev.request.id]

@@ -130,12 +130,13 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
           read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
-          tp: int | None = None) -> None:
+          tp: int | None = None, **app_options) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
     request's headers, and again its body (default 30). tp: split the model over this many ranks
     (tensor parallelism; every rank calls serve, rank 0 serves, the others follow its steps).
+    app_options: create_app's api_key, allowed_origins, max_waiting, prefix_cache.
     """
     import uvicorn
 
@@ -153,9 +154,13 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         from ..distributed.steps import LeaderGenerator, follow
         from .app import build_generator
 
+        # no prefix cache under tensor parallelism: every rank must prefill exactly what rank 0 does
+        if app_options.get("prefix_cache"):
+            log.warning("the prefix cache is off under tensor parallelism")
+        app_options["prefix_cache"] = 0
         if llm.tp.rank != 0:
-            return follow(llm.tp, lambda **kw: build_generator(llm, **kw))
-        generator = LeaderGenerator(build_generator(llm, max_batch, max_len), llm.tp,
+            return follow(llm.tp, lambda **kw: build_generator(llm, **kw, prefix_cache=0))
+        generator = LeaderGenerator(build_generator(llm, max_batch, max_len, prefix_cache=0), llm.tp,
                                     {"max_batch": max_batch, "max_len": max_len})
     name = served_model_name or (str(model) if llm is not None else None)
     emb_name = (str(embedding_model) if embedding_model else (str(model) if embedder is not None else None))
@@ -163,13 +168,15 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         emb_name = served_model_name
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
                      max_len=max_len, generator=generator, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
-                     **({"read_timeout": read_timeout} if read_timeout else {}))
+                     **({"read_timeout": read_timeout} if read_timeout else {}), **app_options)
     st = app.state.ember
     lines = []
     if llm is not None:
         eng = st.scheduler
         lines.append(f"  model      {name}  ({llm!r})")
         lines.append(f"  batching   {eng.max_batch} slots x {eng.max_len} tokens per request")
+        pc = getattr(eng.generator, "prefix_cache", None)
+        lines.append(f"  prefix     {'off' if pc is None else f'cache of {pc.max_bytes / 2**20:.0f} MiB'}")
         if st.defaults:
             lines.append(f"  defaults   {st.defaults} (from generation_config.json)")
     if embedder is not None:
