@@ -65,7 +65,7 @@ def cases():
         "gptq-2bit-g64-asym": (2, 64, False, False, "gptq"),
         "gptq-4bit-g64-v2": (4, 64, False, False, "gptq_v2"),
     }.items():
-        out[name] = (_gptq(bits, gs, sym, act, fmt == "gptq"), _gptq_qc(bits, gs, sym, act, fmt), None, not act)
+        out[name] = (_gptq(bits, gs, sym, act, fmt == "gptq"), _gptq_qc(bits, gs, sym, act, fmt), None, bits < 8 or sym)
     side = {"bits": 4, "group_size": 32, "desc_act": False, "sym": False}  # older checkpoints: a side file
     out["gptq-side-file"] = (_gptq(4, 32, False, False), None, side, True)
     for gs in (32, 64):

@@ -7,7 +7,8 @@ put in place by transforms:
   `native-quant` / `int4` steps then run: codes of up to 4 bits as Q4_1 (W = d q + m with d the
   scale and m = -scale * zero, both float16), 8-bit codes within int8 of their zero point as Q8_0
   (W = d q). The codes are copied exactly; the scales round to float16 (a weight whose scales
-  float16 cannot hold within 2^-10 stays packed). FP8 and act-order weights stay packed.
+  float16 cannot hold within 2^-10 stays packed). An act-order weight (g_idx) has its input
+  columns sorted by group first and its input permuted to match in each forward. FP8 stays packed.
 - `fp8-scaled-mm` (CUDA, compute capability 8.9+): an FP8 weight with one scale per tensor or per
   output channel runs through `torch._scaled_mm`, activations quantised to FP8 per token (or with
   the checkpoint's static input_scale).
@@ -42,12 +43,20 @@ def _f16(x: torch.Tensor) -> torch.Tensor | None:
     return h if bool(torch.isfinite(h).all()) and bool((err <= x.abs() * 2 ** -10 + 1e-30).all()) else None
 
 
-def _blocks(packed, t, start: int, stop: int) -> tuple[int, torch.Tensor] | None:
-    """Rows [start, stop) as (ggml type, uint8 blocks [rows, row_bytes]), or None if they don't fit."""
-    q, s, z = packed.affine_rows(t, start, stop)
+def _permuted(x, perm: torch.Tensor | None, k: int):
+    """The input columns of a per-weight tensor in `perm` order (those broadcast over them as they are)."""
+    if perm is None or not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != k:
+        return x
+    return x.index_select(-1, perm)
+
+
+def _blocks(packed, t, start: int, stop: int, perm: torch.Tensor | None = None) -> tuple[int, torch.Tensor] | None:
+    """Rows [start, stop) as (ggml type, uint8 blocks [rows, row_bytes]), or None if they don't fit.
+    With `perm`, the blocks hold the input columns in that order."""
+    n, k = stop - start, packed.shape[1]
+    q, s, z = (_permuted(x, perm, k) for x in packed.affine_rows(t, start, stop))
     if q.is_floating_point():
         return None
-    n, k = stop - start, packed.shape[1]
     s32, z32 = _per_block(s, n, k), _per_block(z, n, k)
     if s32 is None or z32 is None:
         return None
@@ -75,22 +84,42 @@ def repackable(m: nn.Module) -> bool:
             and next(iter(m.buffers_dict().values())).device.type == "cpu")
 
 
+class InputPermuted(nn.Module):
+    """linear(x[..., perm]): an act-order weight whose input columns were sorted by group, so that
+    each group is contiguous (and fits GGUF blocks)."""
+
+    def __init__(self, perm: torch.Tensor, linear: nn.Module):
+        super().__init__()
+        self.register_buffer("perm", perm, persistent=False)
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.index_select(-1, self.perm))
+
+
 def to_blocks(m: PackedLinear) -> nn.Module:
-    """The PackedLinear as a QuantLinear over GGUF blocks, or itself when its weight does not fit."""
+    """The PackedLinear as a QuantLinear over GGUF blocks (behind its input permutation for an
+    act-order weight), or itself when its weight does not fit."""
     n, k = m.out_features, m.in_features
     t = m.buffers_dict()
+    g_idx = t.get("g_idx", t.get("weight_g_idx"))
+    perm = None
+    if g_idx is not None and not bool((g_idx.long()[1:] >= g_idx.long()[:-1]).all()):
+        perm = torch.sort(g_idx.long(), stable=True).indices
     step = max(m.packed.row_align, ROWS_PER_CHUNK // m.packed.row_align * m.packed.row_align)
     out, qtype = None, None
     for r in range(0, n, step):
         e = min(n, r + step)
-        got = _blocks(m.packed, t, r, e)
+        got = _blocks(m.packed, t, r, e, perm)
         if got is None or (qtype is not None and got[0] != qtype):
             return m
         qtype = got[0]
         if out is None:
             out = torch.empty((n, got[1].shape[1]), dtype=torch.uint8)
         out[r:e] = got[1]
-    return QuantLinear(GGMLWeight(out, qtype, (n, k)), m.bias)
+    q = QuantLinear(GGMLWeight(out, qtype, (n, k)), m.bias)
+    return q if perm is None else InputPermuted(perm, q)
 
 
 def repack(model: nn.Module) -> int:
