@@ -129,6 +129,20 @@ def test_weights_stay_packed_views_of_the_file(model, tmp_path):
     assert not any(p.dim() == 2 and p.shape == (64, 128) for p in m.model.layers[0].mlp.parameters())
 
 
+@pytest.mark.parametrize("case", ["ct-fp8-block", "gptq-4bit-g32-asym-actorder"])
+def test_keep_quantized_false_dequantizes_at_load(model, tmp_path, case):
+    from ember.nn.packed import PackedLinear
+
+    make, qc, side, _ = CASES[case]
+    deq = hq.write(tmp_path, model, make, qc, side)
+    with torch.no_grad():
+        want = hq.dequantized_model(model, deq)(IDS).logits
+    llm = ember.load(tmp_path, dtype=torch.float32, keep_quantized=False)
+    assert not llm._loaded.quantized and "dequantised at load" in llm._loaded.load_mode
+    assert not any(isinstance(x, PackedLinear) for x in llm.model.modules())
+    assert (llm.model(IDS) - want).abs().max() < 1e-4
+
+
 def test_greedy_generation_runs_on_a_gptq_checkpoint(model, tmp_path):
     make, qc, side, _ = CASES["gptq-4bit-g32-sym"]
     deq = hq.write(tmp_path, model, make, qc, side)

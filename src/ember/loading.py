@@ -106,6 +106,7 @@ class Checkpoint:
     source: Callable[..., TensorSource]  # source(dtype, device, keep_quantized) -> (source, Loaded fields)
     checkpoint_dtype: torch.dtype | None = None
     close: Callable[[], None] = field(default=lambda: None)
+    quantization: str = ""  # a quantised HF checkpoint's method and scheme, in words
 
 
 def open_checkpoint(snap: Snapshot) -> Checkpoint:
@@ -146,9 +147,15 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         return Tokenizer.from_dir(snap.root)
 
     def make_source(dtype, device, keep_quantized):
-        return source, ({} if quant is None else {"quantized": True, "load_mode": quant.describe()})
+        if quant is None:
+            return source, {}
+        if keep_quantized is False:  # dequantised at load: the speed of a plain checkpoint, its memory too
+            source.dense = True
+            return source, {"quantized": False, "load_mode": f"{quant.describe()}, dequantised at load"}
+        return source, {"quantized": True, "load_mode": quant.describe()}
 
-    return Checkpoint(snap, raw, entry, _generation_config(snap), tokenizer, make_source, checkpoint_dtype)
+    return Checkpoint(snap, raw, entry, _generation_config(snap), tokenizer, make_source, checkpoint_dtype,
+                      quantization=quant.describe() if quant is not None else "")
 
 
 def gguf_config(f) -> dict:
@@ -260,15 +267,13 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
                   quantize: str | None = None) -> Loaded:
     """The whole pipeline for a resolved snapshot.
 
-    keep_quantized (GGUF): keep quantised weights as blocks (True), dequantise at load (False), or
-    decide (None). fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
+    keep_quantized (GGUF, quantised HF checkpoints): keep quantised weights as blocks / packed tensors
+    (True), dequantise at load (False), or decide (None; a quantised HF checkpoint stays packed).
+    fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
     transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
     quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if keep_quantized is not None and snap.format != "gguf":
-        raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files; {snap.root} holds "
-                            f"{snap.format} weights")
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise ArgumentError(f"quantize must be one of {', '.join(map(repr, QUANTIZE_MODES))} (or None), "
@@ -283,6 +288,9 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
 
         tune()  # large temporaries (loading, prefill) go back to the OS when freed
     ckpt = open_checkpoint(snap)
+    if keep_quantized is not None and snap.format != "gguf" and not ckpt.quantization:
+        raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files and quantised checkpoints; "
+                            f"{snap.root} holds unquantised {snap.format} weights")
     entry = ckpt.entry
     if quantize is not None and entry.task != "causal-lm":
         raise ArgumentError(f"quantize={quantize!r} applies to causal language models; {snap.root} is an "

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..errors import CheckpointError
 from .config import SUPPORTED, AWQConfig, CompressedConfig, FP8Config, GPTQConfig, QuantConfig, parse
 
@@ -60,9 +62,8 @@ class QuantizedSource:
     dtypes from the headers, group indices) when the source is made, before the model is built."""
 
     def __init__(self, inner, cfg: QuantConfig, where: str):
-        import torch
-
         self.inner, self.config = inner, cfg
+        self.dense = False  # load() dequantises (keep_quantized=False)
         markers, parts, build = _builders()[type(cfg)]
         keys = list(inner.keys())
         keyset = set(keys)
@@ -104,7 +105,9 @@ class QuantizedSource:
 
     def load(self, key: str):
         w = self.packed.get(key)
-        return w if w is not None else self.inner.load(key)
+        if w is None:
+            return self.inner.load(key)
+        return w.dequantize(torch.float32) if self.dense else w
 
     def release(self, key: str) -> None:
         if key not in self.packed and hasattr(self.inner, "release"):
