@@ -38,10 +38,10 @@ def _int32(words: np.ndarray) -> torch.Tensor:
 def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     """[R, C] codes -> [R*bits/32, C] words; code of row r*per + i at bits i*bits of word row r."""
     per = 32 // bits
-    out = np.zeros((codes.shape[0] // per, codes.shape[1]), dtype=np.int64)
-    for r in range(out.shape[0]):
-        for i in range(per):
-            out[r] |= codes[r * per + i].astype(np.int64) << (bits * i)
+    c = codes.astype(np.int64).reshape(codes.shape[0] // per, per, codes.shape[1])
+    out = np.zeros((c.shape[0], c.shape[2]), dtype=np.int64)
+    for i in range(per):
+        out |= c[:, i, :] << (bits * i)
     return out
 
 
@@ -49,10 +49,10 @@ def _pack_cols(codes: np.ndarray, bits: int, order=None) -> np.ndarray:
     """[R, C] codes -> [R, C*bits/32] words; word j holds columns j*per + order[i] at bits i*bits."""
     per = 32 // bits
     order = order or list(range(per))
-    out = np.zeros((codes.shape[0], codes.shape[1] // per), dtype=np.int64)
-    for j in range(out.shape[1]):
-        for i in range(per):
-            out[:, j] |= codes[:, j * per + order[i]].astype(np.int64) << (bits * i)
+    c = codes.astype(np.int64).reshape(codes.shape[0], codes.shape[1] // per, per)
+    out = np.zeros(c.shape[:2], dtype=np.int64)
+    for i in range(per):
+        out |= c[:, :, order[i]] << (bits * i)
     return out
 
 

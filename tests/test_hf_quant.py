@@ -87,6 +87,26 @@ def model():
     return hq.tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def written(model, tmp_path_factory):
+    """written(case, folder) -> the dequantised weights: the case's checkpoint copied into folder
+    (each case is quantised and written once per module)."""
+    import shutil
+
+    done = {}
+
+    def copy(case, folder):
+        if case not in done:
+            make, qc, side, _ = CASES[case]
+            src = tmp_path_factory.mktemp(case)
+            done[case] = (src, hq.write(src, model, make, qc, side))
+        src, deq = done[case]
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+        return deq
+
+    return copy
+
+
 def packed_model(folder):
     """The model as the pipeline builds it, before any transform: PackedLinear layers."""
     ckpt = loading.open_checkpoint(hub.resolve(str(folder)))
@@ -96,11 +116,11 @@ def packed_model(folder):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_quantized_checkpoint_logits_match_transformers_dequantized(model, tmp_path, case):
+def test_quantized_checkpoint_logits_match_transformers_dequantized(model, written, tmp_path, case):
     from ember.nn.packed import PackedLinear
 
-    make, qc, side, repacks = CASES[case]
-    deq = hq.write(tmp_path, model, make, qc, side)
+    repacks = CASES[case][3]
+    deq = written(case, tmp_path)
     with torch.no_grad():
         want = hq.dequantized_model(model, deq)(IDS).logits
     m = packed_model(tmp_path)
@@ -119,10 +139,9 @@ def test_quantized_checkpoint_logits_match_transformers_dequantized(model, tmp_p
     assert cos.min() > 0.995, (case, cos.min())
 
 
-def test_weights_stay_packed_views_of_the_file(model, tmp_path):
+def test_weights_stay_packed_views_of_the_file(written, tmp_path):
     """The packed tensors are the file's own bytes (mmap views), not float copies."""
-    make, qc, side, _ = CASES["gptq-4bit-g32-asym-actorder"]
-    hq.write(tmp_path, model, make, qc, side)
+    written("gptq-4bit-g32-asym-actorder", tmp_path)
     m = packed_model(tmp_path)
     q = m.model.layers[0].mlp.down_proj
     assert q.qweight.dtype == torch.int32 and tuple(q.qweight.shape) == (128 * 4 // 32, 64)
@@ -130,11 +149,10 @@ def test_weights_stay_packed_views_of_the_file(model, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["ct-fp8-block", "gptq-4bit-g32-asym-actorder"])
-def test_keep_quantized_false_dequantizes_at_load(model, tmp_path, case):
+def test_keep_quantized_false_dequantizes_at_load(model, written, tmp_path, case):
     from ember.nn.packed import PackedLinear
 
-    make, qc, side, _ = CASES[case]
-    deq = hq.write(tmp_path, model, make, qc, side)
+    deq = written(case, tmp_path)
     with torch.no_grad():
         want = hq.dequantized_model(model, deq)(IDS).logits
     llm = ember.load(tmp_path, dtype=torch.float32, keep_quantized=False)
@@ -143,9 +161,8 @@ def test_keep_quantized_false_dequantizes_at_load(model, tmp_path, case):
     assert (llm.model(IDS) - want).abs().max() < 1e-4
 
 
-def test_greedy_generation_runs_on_a_gptq_checkpoint(model, tmp_path):
-    make, qc, side, _ = CASES["gptq-4bit-g32-sym"]
-    deq = hq.write(tmp_path, model, make, qc, side)
+def test_greedy_generation_runs_on_a_gptq_checkpoint(model, written, tmp_path):
+    deq = written("gptq-4bit-g32-sym", tmp_path)
     llm = ember.load(tmp_path, dtype=torch.float32)
     ref = hq.dequantized_model(model, deq)
     got = [ev.token_id for ev in llm.events([llm.request(IDS[0].tolist(), 4, ignore_eos=True)])]
@@ -185,13 +202,12 @@ def test_fp8_scaled_mm_is_planned_on_cuda_only(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["ct-fp8-tensor", "ct-fp8-channel"])
-def test_fp8_scaled_mm_linear_matches_fp8_activations_times_the_dequantized_weight(model, tmp_path, case):
+def test_fp8_scaled_mm_linear_matches_fp8_activations_times_the_dequantized_weight(written, tmp_path, case):
     """torch._scaled_mm runs on CPU too, so the ScaledMMLinear's numbers are checked here: activations
     rounded to FP8 per token, times the dequantised weight."""
     from ember.backends.hfquant import FP8_MAX, ScaledMMLinear, to_scaled_mm
 
-    make, qc, side, _ = CASES[case]
-    hq.write(tmp_path, model, make, qc, side)
+    written(case, tmp_path)
     m = packed_model(tmp_path)
     lin = m.model.layers[0].mlp.down_proj
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0))
@@ -202,20 +218,18 @@ def test_fp8_scaled_mm_linear_matches_fp8_activations_times_the_dequantized_weig
     assert m(IDS).isfinite().all()
 
 
-def test_fp8_block_checkpoint_is_not_scaled_mm_able(model, tmp_path):
+def test_fp8_block_checkpoint_is_not_scaled_mm_able(written, tmp_path):
     from ember.backends.hfquant import scaled_mm_able
 
-    make, qc, side, _ = CASES["fp8-block-32x32"]
-    hq.write(tmp_path, model, make, qc, side)
+    written("fp8-block-32x32", tmp_path)
     assert not any(scaled_mm_able(x) for x in packed_model(tmp_path).modules())
 
 
 # ---- inspect ---------------------------------------------------------------------------------
-def test_inspect_shows_the_quantisation(model, tmp_path, capsys):
+def test_inspect_shows_the_quantisation(written, tmp_path, capsys):
     from ember import cli
 
-    make, qc, side, _ = CASES["ct-w4a16-g64-asym"]
-    hq.write(tmp_path, model, make, qc, side)
+    written("ct-w4a16-g64-asym", tmp_path)
     assert cli.main(["inspect", str(tmp_path), "--limit", "3"]) == 0
     out = capsys.readouterr().out
     assert "quantization: compressed-tensors int4 group g64 asym (pack-quantized)" in out
@@ -223,11 +237,14 @@ def test_inspect_shows_the_quantisation(model, tmp_path, capsys):
 
 
 # ---- bad checkpoints: clear errors naming the tensor or field ---------------------------------
-def _gptq_folder(model, tmp_path, edit=None, qc=None):
+def _gptq_folder(written, tmp_path, edit=None, qc=None):
     from safetensors.torch import load_file, save_file
 
-    make, qc0, side, _ = CASES["gptq-4bit-g32-asym-actorder"]
-    hq.write(tmp_path, model, make, qc if qc is not None else qc0, side)
+    written("gptq-4bit-g32-asym-actorder", tmp_path)
+    if qc is not None:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        cfg["quantization_config"] = qc
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
     if edit is not None:
         sd = load_file(tmp_path / "model.safetensors")
         edit(sd)
@@ -249,8 +266,8 @@ L0 = "model.layers.0.self_attn.q_proj"
     (lambda sd: sd.pop(f"{L0}.qweight"), "q_proj.* belongs to a quantised linear, but its layer has no qweight"),
     (lambda sd: sd.update({f"{L0}.qweight": sd[f"{L0}.qweight"].float()}), "q_proj.qweight' is torch.float32"),
 ])
-def test_bad_gptq_tensors_are_checkpoint_errors_naming_them(model, tmp_path, edit, match):
-    d = _gptq_folder(model, tmp_path, edit)
+def test_bad_gptq_tensors_are_checkpoint_errors_naming_them(written, tmp_path, edit, match):
+    d = _gptq_folder(written, tmp_path, edit)
     with pytest.raises(CheckpointError, match=match):
         ember.load(d, dtype=torch.float32)
 
@@ -273,8 +290,8 @@ def test_bad_gptq_tensors_are_checkpoint_errors_naming_them(model, tmp_path, edi
       "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}},
      UnsupportedModelError, "nvfp4-pack-quantized"),
 ])
-def test_bad_or_unsupported_quantization_configs_are_clear_errors(model, tmp_path, qc, err, match):
-    d = _gptq_folder(model, tmp_path, qc=qc)
+def test_bad_or_unsupported_quantization_configs_are_clear_errors(written, tmp_path, qc, err, match):
+    d = _gptq_folder(written, tmp_path, qc=qc)
     with pytest.raises(err, match=match):
         ember.load(d, dtype=torch.float32)
 
@@ -291,11 +308,10 @@ def test_a_quantization_config_over_plain_weights_is_a_checkpoint_error(tiny_fol
         ember.load(d)
 
 
-def test_compressed_scale_of_the_wrong_shape_names_the_tensor(model, tmp_path):
+def test_compressed_scale_of_the_wrong_shape_names_the_tensor(written, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    make, qc, side, _ = CASES["ct-w4a16-g32"]
-    hq.write(tmp_path, model, make, qc, side)
+    written("ct-w4a16-g32", tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     sd[f"{L0}.weight_scale"] = torch.ones(64, 3)
     save_file(sd, tmp_path / "model.safetensors")
@@ -303,11 +319,10 @@ def test_compressed_scale_of_the_wrong_shape_names_the_tensor(model, tmp_path):
         ember.load(tmp_path, dtype=torch.float32)
 
 
-def test_compressed_weight_shape_claiming_a_huge_weight_is_refused(model, tmp_path):
+def test_compressed_weight_shape_claiming_a_huge_weight_is_refused(written, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    make, qc, side, _ = CASES["ct-w4a16-g32"]
-    hq.write(tmp_path, model, make, qc, side)
+    written("ct-w4a16-g32", tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     sd[f"{L0}.weight_shape"] = torch.tensor([1 << 40, 64])
     save_file(sd, tmp_path / "model.safetensors")
