@@ -218,6 +218,26 @@ def test_fp8_scaled_mm_linear_matches_fp8_activations_times_the_dequantized_weig
     assert m(IDS).isfinite().all()
 
 
+def test_fp8_block_scales_as_ue8m0_powers_of_two(model, tmp_path):
+    """DeepSeek-V3.1 style: weight_scale_inv stored as float8_e8m0fnu (transformers' quantiser with scale_fmt ue8m0)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
+
+    quantizer = SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[32, 32], scale_fmt="ue8m0"))
+
+    def make(name, w):
+        out = Fp8Quantize(quantizer)._quantize_one("x.weight", w)
+        t = {"weight": out["x.weight"], "weight_scale_inv": out["x.weight_scale_inv"]}
+        assert t["weight_scale_inv"].dtype == torch.float8_e8m0fnu
+        return t, _dequantize_fp8_weight(t["weight"], t["weight_scale_inv"].float(), [32, 32], torch.float32)
+
+    deq = hq.write(tmp_path, model, make, {"quant_method": "fp8", "weight_block_size": [32, 32], "scale_fmt": "ue8m0"})
+    with torch.no_grad():
+        want = hq.dequantized_model(model, deq)(IDS).logits
+    assert (packed_model(tmp_path)(IDS) - want).abs().max() < 1e-4
+
+
 def test_fp8_block_checkpoint_is_not_scaled_mm_able(written, tmp_path):
     from ember.backends.hfquant import scaled_mm_able
 

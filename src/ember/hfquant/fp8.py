@@ -10,6 +10,9 @@ import torch
 from ..errors import CheckpointError
 from .config import FP8Config
 from .gptq import FLOATS
+
+# scales: floats, or power-of-two exponents (ue8m0, "scale_fmt": "ue8m0")
+SCALE_DTYPES = FLOATS + tuple(getattr(torch, n) for n in ("float8_e8m0fnu",) if hasattr(torch, n))
 from .scaled import ScaledWeight
 
 ACTIVATION_TENSORS = ("input_scale", "activation_scale")
@@ -30,7 +33,7 @@ def fp8_weight(source, keys, prefix: str, cfg: FP8Config, where: str) -> tuple[S
         ok = sshape == want
     else:
         want, ok = (1,), math.prod(sshape) == 1
-    if source.dtype(sk) not in FLOATS or not ok:
+    if source.dtype(sk) not in SCALE_DTYPES or not ok:
         raise CheckpointError(f"{where}: tensor {sk!r} is {source.dtype(sk)} {list(sshape)}; for a [{n}, {k}] weight "
                               f"with weight_block_size {list(cfg.block) if cfg.block else None} it must be float {list(want)}")
     names = {"weight": wk, "weight_scale_inv": sk}
