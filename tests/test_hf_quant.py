@@ -161,6 +161,14 @@ def test_keep_quantized_false_dequantizes_at_load(model, written, tmp_path, case
     assert (llm.model(IDS) - want).abs().max() < 1e-4
 
 
+def test_quantize_option_on_a_quantized_checkpoint_is_an_argument_error(written, tmp_path):
+    from ember.errors import ArgumentError
+
+    written("awq-g32", tmp_path)
+    with pytest.raises(ArgumentError, match=r"quantize='int8': .* is already quantised \(awq int4 g32 GEMM\)"):
+        ember.load(tmp_path, quantize="int8")
+
+
 def test_greedy_generation_runs_on_a_gptq_checkpoint(model, written, tmp_path):
     deq = written("gptq-4bit-g32-sym", tmp_path)
     llm = ember.load(tmp_path, dtype=torch.float32)

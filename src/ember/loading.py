@@ -291,6 +291,8 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     if keep_quantized is not None and snap.format != "gguf" and not ckpt.quantization:
         raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files and quantised checkpoints; "
                             f"{snap.root} holds unquantised {snap.format} weights")
+    if quantize is not None and ckpt.quantization:
+        raise ArgumentError(f"quantize={quantize!r}: {snap.root} is already quantised ({ckpt.quantization})")
     entry = ckpt.entry
     if quantize is not None and entry.task != "causal-lm":
         raise ArgumentError(f"quantize={quantize!r} applies to causal language models; {snap.root} is an "
