@@ -139,6 +139,17 @@ def test_quantized_checkpoint_logits_match_transformers_dequantized(model, writt
     assert cos.min() > 0.995, (case, cos.min())
 
 
+def test_repacked_qkv_and_gate_up_are_fused_into_one_block_linear(written, tmp_path):
+    from ember.nn.layers import FusedLinears
+    from ember.nn.packed import PackedConcatLinear
+
+    written("awq-g32", tmp_path)
+    llm = ember.load(tmp_path, dtype=torch.float32)
+    fused = [m.fused for m in llm.model.modules() if isinstance(m, FusedLinears)]
+    assert len(fused) == 4 and not any(isinstance(f, PackedConcatLinear) for f in fused)
+    assert all(f.out_features in (64 + 32 + 32, 2 * 128) for f in fused)
+
+
 def test_weights_stay_packed_views_of_the_file(written, tmp_path):
     """The packed tensors are the file's own bytes (mmap views), not float copies."""
     written("gptq-4bit-g32-asym-actorder", tmp_path)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..io import ggml
 from ..io.ggml_weight import GGMLWeight
-from ..nn.packed import PackedLinear
+from ..nn.packed import PackedConcatLinear, PackedLinear
 from ..nn.quantized import QuantLinear
 from . import replace_modules
 
@@ -122,12 +122,40 @@ def to_blocks(m: PackedLinear) -> nn.Module:
     return q if perm is None else InputPermuted(perm, q)
 
 
+def _fused(m: PackedConcatLinear) -> nn.Module | None:
+    """The packed parts of a fused projection (q/k/v, gate/up) repacked: one QuantLinear over their
+    stacked blocks when every part has the same block type and no input permutation; else None,
+    with each part that fits repacked in place."""
+    parts = [to_blocks(p) if repackable(p) else p for p in m.parts]
+    if all(isinstance(p, QuantLinear) for p in parts) and len({p.ggml_type for p in parts}) == 1:
+        w = parts[0].weight.cat_rows([p.weight for p in parts])
+        biases = [p.bias for p in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, parts)])
+        return QuantLinear(w, bias)
+    for i, p in enumerate(parts):
+        m.parts[i] = p
+    return None
+
+
 def repack(model: nn.Module) -> int:
-    """Every PackedLinear that fits GGUF blocks becomes a QuantLinear over them. Returns how many."""
+    """Every PackedLinear that fits GGUF blocks becomes a QuantLinear over them (the packed parts of
+    a fused projection one QuantLinear). Returns how many modules changed."""
     n = 0
+    fused_parts = set()  # the part lists of fused projections, handled with their projection
     for mod in list(model.modules()):
+        if id(mod) in fused_parts:
+            continue
         for name, child in list(mod.named_children()):
-            if repackable(child):
+            if isinstance(child, PackedConcatLinear):
+                fused_parts.add(id(child.parts))
+                before = list(child.parts)
+                new = _fused(child)
+                if new is not None:
+                    setattr(mod, name, new)
+                n += new is not None or any(a is not b for a, b in zip(before, child.parts))
+            elif repackable(child):
                 new = to_blocks(child)
                 if new is not child:
                     setattr(mod, name, new)
