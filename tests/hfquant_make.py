@@ -161,17 +161,28 @@ def fp8_block(w: torch.Tensor, block: list[int]):
     return t, _dequantize_fp8_weight(t["weight"], t["weight_scale_inv"], block, torch.float32)
 
 
-def write(folder: Path, model, make, qc: dict | None, side_file: dict | None = None, skip=()) -> dict:
-    """Write `model` quantised by `make(name, w) -> (tensors, dequantised)` for every linear in its
-    layers (except names matching `skip`) into `folder`; returns the dequantised weights by name."""
+def saved_tensors(model) -> dict:
+    """The tensors `save_pretrained` writes (the Hub's names: per-expert w1/w2/w3 for Mixtral)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return load_file(Path(tmp) / "model.safetensors")
+
+
+def write(folder: Path, model, make, qc: dict | None, side_file: dict | None = None, skip=(), linear=LINEAR) -> dict:
+    """Write `model` quantised by `make(name, w) -> (tensors, dequantised)` for every tensor matching
+    `linear` (except names matching `skip`) into `folder`; returns the dequantised weights by name."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = saved_tensors(model)
     out, deq = {}, {}
     for name, w in sd.items():
-        if LINEAR.search(name) and not any(s in name for s in skip):
+        if linear.search(name) and not any(s in name for s in skip):
             t, d = make(name, w)
             prefix = name.removesuffix(".weight")
             out.update({f"{prefix}.{k}": v.contiguous() for k, v in t.items()})
@@ -186,6 +197,20 @@ def write(folder: Path, model, make, qc: dict | None, side_file: dict | None = N
     if side_file is not None:
         (folder / "quantize_config.json").write_text(json.dumps(side_file))
     return deq
+
+
+def dequantized_folder(model, deq: dict, folder: Path):
+    """`model` saved with the dequantised weights in place of the quantised ones (load it with
+    transformers: the reference for families whose saved names differ from their parameters)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = saved_tensors(model)
+    sd.update({k: v.to(sd[k].dtype).contiguous() for k, v in deq.items()})
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return folder
 
 
 def dequantized_model(model, deq: dict):

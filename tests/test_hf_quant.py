@@ -150,6 +150,27 @@ def test_repacked_qkv_and_gate_up_are_fused_into_one_block_linear(written, tmp_p
     assert all(f.out_features in (64 + 32 + 32, 2 * 128) for f in fused)
 
 
+def test_gptq_mixtral_experts_load(tmp_path):
+    """Per-expert GPTQ weights (block_sparse_moe.experts.N.w1/w2/w3, as the Hub has them) and the
+    attention: the MoE layer stacks the experts, dequantised at load; attention stays packed."""
+    import re
+
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from parity import tiny_hf_model
+
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    moe = tiny_hf_model(cfg)
+    pattern = re.compile(r"(self_attn\.\w+_proj|experts\.\d+\.w[123])\.weight$")
+    deq = hq.write(tmp_path / "q", moe, _gptq(4, 32, False, True), _gptq_qc(4, 32, False, True), linear=pattern)
+    ref = AutoModelForCausalLM.from_pretrained(hq.dequantized_folder(moe, deq, tmp_path / "ref")).float().eval()
+    with torch.no_grad():
+        want = ref(IDS).logits
+    got = packed_model(tmp_path / "q")(IDS)
+    assert (got - want).abs().max() < 1e-4
+
+
 def test_weights_stay_packed_views_of_the_file(written, tmp_path):
     """The packed tensors are the file's own bytes (mmap views), not float copies."""
     written("gptq-4bit-g32-asym-actorder", tmp_path)

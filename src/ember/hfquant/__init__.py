@@ -86,14 +86,12 @@ class QuantizedSource:
             dt = inner.dtype(k) if hasattr(inner, "dtype") else None
             if k.endswith(".weight") and dt in (torch.float8_e4m3fn, torch.float8_e5m2):
                 raise CheckpointError(f"{where}: tensor {k!r} is {dt} with no scale beside it")
-        self._keys = [k for k in keys if k not in hidden or k in self.packed] + [k for k in self.packed if k not in keyset]
-        self._key_set = set(self._keys)
+        # ordered, with set-speed membership (VarBuilder looks keys up by `in`)
+        self._keys = dict.fromkeys([k for k in keys if k not in hidden or k in self.packed]
+                                   + [k for k in self.packed if k not in keyset])
 
     def keys(self):
-        return self._keys
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_set
+        return self._keys.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
         w = self.packed.get(key)
