@@ -51,6 +51,21 @@ class ScaledWeight(PackedWeight):
         b0 = self.block[0]
         return expand_blocks(s[start // b0:-(-stop // b0)], stop - start, self.shape[1], self.block)
 
+    def dequantize_rows(self, t, start, stop, dtype):
+        if not self.fp8:
+            return super().dequantize_rows(t, start, stop, dtype)
+        # FP8: two passes in the compute dtype (codes widened, then scaled in place), the fewest a
+        # per-forward dequantisation can take; each FP8 value is exact in bf16/f16/f32
+        w = t["weight"][start:stop].to(dtype)
+        s = t[self.scale_key]
+        if self.layout == "block" and (stop - start) % self.block[0] == 0 and self.shape[1] % self.block[1] == 0:
+            b0, b1 = self.block
+            blocks = s[start // b0:stop // b0].to(dtype)[:, None, :, None]
+            w.view((stop - start) // b0, b0, self.shape[1] // b1, b1).mul_(blocks)
+            return w
+        g = group_index(self.shape[1], self.group_size, t.get("weight_g_idx"), w.device) if self.layout == "group" else None
+        return w.mul_(self._per_weight(s.to(dtype), start, stop, g))
+
     def affine_rows(self, t, start, stop):
         q = self.codes(t, start, stop)
         g = None
