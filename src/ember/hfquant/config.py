@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError, UnsupportedModelError
 
-# in the order the loader tries them when a checkpoint says nothing (never: quant_method decides)
+# the quant_method values ember reads (quant_method alone decides which format a checkpoint is)
 SUPPORTED = ("compressed-tensors", "gptq", "awq", "fp8")
 SUPPORTED_TEXT = ("compressed-tensors (FP8 per-tensor/per-channel/block, W8A8 int8, W4A16/W8A16 pack-quantized), "
                   "gptq (2/4/8-bit), awq (4-bit GEMM), fp8 (block-wise, weight_scale_inv)")
