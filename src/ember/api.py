@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # ember.load's options beyond its named arguments, passed on to the loading pipeline
 LOAD_OPTIONS = {
-    "keep_quantized": "GGUF: keep quantised weights as blocks (True), dequantise at load (False), or decide (None)",
+    "keep_quantized": "GGUF and quantised HF checkpoints: keep quantised weights as blocks / packed (True), "
+                      "dequantise at load (False), or decide (None)",
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
     "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",

@@ -279,6 +279,26 @@ def _print_tensors(rows: list[tuple[str, str, list]], limit: int, width: int) ->
         print(f"  ... {len(rows) - limit} more (use --limit)")
 
 
+def _quantization_line(snap, cfg: dict) -> str | None:
+    """A quantised HF checkpoint's method and scheme, and how many linears it holds packed (None if
+    unquantised); what ember objects to, if anything."""
+    from ember import hfquant
+    from ember.errors import EmberError
+    from ember.varbuilder import SafetensorsSource
+
+    try:
+        qc = hfquant.read_config(cfg, snap.file, str(snap.root))
+        if qc is None:
+            return None
+        line = qc.describe()
+        if snap.format == "safetensors":
+            src = hfquant.QuantizedSource(SafetensorsSource(snap.weights), qc, str(snap.root))
+            line += f"; {len(src.packed)} quantised linears ({_human(src.nbytes())} packed)"
+        return line
+    except EmberError as e:
+        return f"not readable by ember ({e})"
+
+
 def cmd_inspect(a) -> int:
     """A checkpoint's summary (architecture, parameters, size, tensor types, config, tokenizer) and tensors,
     the same for a GGUF file and a safetensors folder/file."""
@@ -333,9 +353,11 @@ def cmd_inspect(a) -> int:
         from ember.config import load_json
 
         cfg = load_json(snap.config)
+    quant = _quantization_line(snap, cfg) if cfg else None
     if a.json:
         print(json.dumps({"files": [str(w) for w in snap.weights], "tensors": rows, "params": total_params,
-                          "bytes": total_bytes, "types": types, "metadata": metadata, "config": cfg}, indent=2))
+                          "bytes": total_bytes, "types": types, "metadata": metadata, "config": cfg,
+                          "quantization": quant}, indent=2))
         return 0
     print(f"folder: {snap.root}")
     print(f"files: {', '.join(w.name for w in snap.weights)}")
@@ -349,6 +371,8 @@ def cmd_inspect(a) -> int:
         print(f"tensor types: {_types_line(types)}")
     if cfg:
         print(f"config: {_config_line(cfg)}")
+    if quant:
+        print(f"quantization: {quant}")
     print(f"tokenizer: {_folder_tokenizer_line(snap)}")
     if cfg:
         from ember import registry

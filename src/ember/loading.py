@@ -43,8 +43,8 @@ class Loaded:
     generation_config: dict
     dtype: torch.dtype
     device: torch.device
-    quantized: bool = False  # GGUF: quantised weights kept as blocks in memory
-    load_mode: str = ""  # GGUF: what was done with quantised weights, in words
+    quantized: bool = False  # GGUF blocks or a quantised HF checkpoint's packed tensors kept in memory
+    load_mode: str = ""  # what was done with quantised weights, in words (GGUF) / the quantisation (HF)
     transforms: tuple[str, ...] = ()  # the backend transforms that ran, in order
     tp: Any = None  # the tensor-parallel group the model is split over (ember.distributed), or None
 
@@ -80,7 +80,7 @@ def _dtype_from_config(raw: dict) -> torch.dtype | None:
 def _first_float_dtype(source) -> torch.dtype | None:
     for k in source.keys():
         dt = source.dtype(k) if hasattr(source, "dtype") else None
-        if isinstance(dt, torch.dtype) and dt.is_floating_point:
+        if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize >= 2:  # not FP8 codes
             return dt
     return None
 
@@ -107,6 +107,7 @@ class Checkpoint:
     source: Callable[..., TensorSource]  # source(dtype, device, keep_quantized) -> (source, Loaded fields)
     checkpoint_dtype: torch.dtype | None = None
     close: Callable[[], None] = field(default=lambda: None)
+    quantization: str = ""  # a quantised HF checkpoint's method and scheme, in words
 
 
 def open_checkpoint(snap: Snapshot) -> Checkpoint:
@@ -117,46 +118,26 @@ def open_checkpoint(snap: Snapshot) -> Checkpoint:
     raise CheckpointError(f"unsupported weight format {snap.format!r}")
 
 
-# tensor names only quantised checkpoints have (FP8 scales, GPTQ/AWQ packing, compressed-tensors)
-QUANT_TENSOR_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed",
-                         ".input_scale", ".SCB")
-
-
-def _refuse_quantization(raw: dict, snap: Snapshot) -> None:
-    """Quantised HF checkpoints (FP8, GPTQ, AWQ, bitsandbytes, compressed-tensors...) are not read yet:
-    refused by name, never loaded as if their integer/FP8 tensors were plain weights."""
-    qc = raw.get("quantization_config")
-    side = snap.file("quantize_config.json") if qc is None else None
-    if qc is None and side is None:
-        return
-    if qc is None:
-        try:
-            qc = load_json(side)
-        except ConfigError:
-            qc = {}
-    method = qc.get("quant_method", "gptq" if side is not None else None) if isinstance(qc, dict) else None
-    raise UnsupportedModelError(
-        f"{snap.root}: a quantised checkpoint (quant_method {method!r:.40}); ember does not read quantised "
-        f"safetensors checkpoints yet. Supported: unquantised safetensors/PyTorch weights, and GGUF files "
-        f"(Q4_0 ... Q8_0, K-quants)")
-
-
 def _open_hf(snap: Snapshot) -> Checkpoint:
+    from . import hfquant
+
     if snap.config is None:
         raise ConfigError(f"{snap.root}: no config.json beside the weights")
     raw = load_json(snap.config)
     entry = registry.lookup(raw)
-    _refuse_quantization(raw, snap)
+    quant = hfquant.read_config(raw, snap.file, str(snap.root))  # GPTQ, AWQ, FP8, compressed-tensors
     if snap.format == "safetensors":
         source: TensorSource = SafetensorsSource(snap.weights)
-        scales = next((k for k in source.keys() if k.endswith(QUANT_TENSOR_SUFFIXES)), None)
-        if scales is not None:
-            raise UnsupportedModelError(f"{snap.root}: tensor {scales!r} belongs to a quantised checkpoint, which ember "
-                                        f"does not read yet (no quantization_config says which method)")
     else:
         from .io.torch_pickle import read_state_dicts
 
         source = DictSource(read_state_dicts(snap.weights), name=", ".join(p.name for p in snap.weights))
+    if quant is None:
+        hfquant.check_no_quantized_tensors(source, str(snap.root))
+        checkpoint_dtype = _first_float_dtype(source) or _dtype_from_config(raw)
+    else:
+        source = hfquant.QuantizedSource(source, quant, str(snap.root))
+        checkpoint_dtype = _dtype_from_config(raw) or _first_float_dtype(source)
 
     def tokenizer():
         if snap.file("tokenizer.json") is None and snap.file("tokenizer.model") is not None:
@@ -171,10 +152,15 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         return Tokenizer.from_dir(snap.root)
 
     def make_source(dtype, device, keep_quantized):
-        return source, {}
+        if quant is None:
+            return source, {}
+        if keep_quantized is False:  # dequantised at load: the speed of a plain checkpoint, its memory too
+            source.dense = True
+            return source, {"quantized": False, "load_mode": f"{quant.describe()}, dequantised at load"}
+        return source, {"quantized": True, "load_mode": quant.describe()}
 
-    return Checkpoint(snap, raw, entry, _generation_config(snap), tokenizer, make_source,
-                      _first_float_dtype(source) or _dtype_from_config(raw))
+    return Checkpoint(snap, raw, entry, _generation_config(snap), tokenizer, make_source, checkpoint_dtype,
+                      quantization=quant.describe() if quant is not None else "")
 
 
 def gguf_config(f) -> dict:
@@ -286,16 +272,14 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
                   quantize: str | None = None, tp: int | None = None) -> Loaded:
     """The whole pipeline for a resolved snapshot.
 
-    keep_quantized (GGUF): keep quantised weights as blocks (True), dequantise at load (False), or
-    decide (None). fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
+    keep_quantized (GGUF, quantised HF checkpoints): keep quantised weights as blocks / packed tensors
+    (True), dequantise at load (False), or decide (None; a quantised HF checkpoint stays packed).
+    fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
     transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
     quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
     tp: split the model over this many processes (tensor parallelism, `ember.distributed`).
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if keep_quantized is not None and snap.format != "gguf":
-        raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files; {snap.root} holds "
-                            f"{snap.format} weights")
     if quantize is not None:
         if quantize not in QUANTIZE_MODES:
             raise ArgumentError(f"quantize must be one of {', '.join(map(repr, QUANTIZE_MODES))} (or None), "
@@ -316,6 +300,11 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
 
         tune()  # large temporaries (loading, prefill) go back to the OS when freed
     ckpt = open_checkpoint(snap)
+    if keep_quantized is not None and snap.format != "gguf" and not ckpt.quantization:
+        raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files and quantised checkpoints; "
+                            f"{snap.root} holds unquantised {snap.format} weights")
+    if quantize is not None and ckpt.quantization:
+        raise ArgumentError(f"quantize={quantize!r}: {snap.root} is already quantised ({ckpt.quantization})")
     entry = ckpt.entry
     if quantize is not None and entry.task != "causal-lm":
         raise ArgumentError(f"quantize={quantize!r} applies to causal language models; {snap.root} is an "

@@ -6,6 +6,10 @@ backend wants of them is done here, after the build, never inside a layer's cons
 
   quantize      float Linear -> QuantLinear over Q8_0 / Q4_1 blocks made at load (`quantize=`),
                 the rest of the model cast to the compute dtype
+  repack        PackedLinear (a quantised HF checkpoint's GPTQ/AWQ/compressed-tensors integer
+                weight) -> QuantLinear over Q4_1 / Q8_0 blocks holding the same codes, where a
+                kernel for them runs (ember.backends.hfquant)
+  fp8-scaled-mm PackedLinear over FP8 (per-tensor/per-channel scales) -> torch._scaled_mm (CUDA 8.9+)
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
   native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
                 CPU kernels: registered once per process; counts the model's modules that call them
@@ -52,6 +56,18 @@ def _int4(model: nn.Module) -> int:
     return to_int4(model)
 
 
+def _repack(model: nn.Module) -> int:
+    from .backends.hfquant import repack
+
+    return repack(model)
+
+
+def _scaled_mm(model: nn.Module) -> int:
+    from .backends.hfquant import to_scaled_mm
+
+    return to_scaled_mm(model)
+
+
 def _dequantize(model: nn.Module) -> int:
     from .backends import replace_modules
     from .nn.layers import Linear
@@ -84,12 +100,20 @@ def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
     return Transform(f"quantize-{mode}", run, f"weights quantised at load ({mode})")
 
 
+REPACK = Transform("repack", _repack, "quantised HF integer weights as GGUF blocks (the same codes) for the kernels")
+FP8_SCALED_MM = Transform("fp8-scaled-mm", _scaled_mm, "FP8 weights on torch._scaled_mm (CUDA)")
 NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
 NATIVE_OPS = Transform("native-ops", _native_ops, "norms, SwiGLU and decode attention on ember's native CPU kernels")
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
 PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    from .backends.hfquant import scaled_mm_available as f
+
+    return f(device)
 
 
 def native_kernels(device: torch.device) -> bool:
@@ -111,7 +135,8 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
          quantized: bool = False, quantize: str | None = None) -> list[Transform]:
     """The steps for a model of `task` computing in `dtype` on `device`.
 
-    quantized: the model holds GGUF blocks (the quantised steps are planned). quantize: "int8" or
+    quantized: the model holds GGUF blocks or a quantised HF checkpoint's packed weights (the
+    quantised steps are planned). quantize: "int8" or
     "int4", quantise the float Linears first (the model computes in `dtype` after). prepack: oneDNN
     prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
     be torch.compile'd (Inductor prepacks itself).
@@ -122,13 +147,19 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         steps.append(quantize_step(quantize, dtype))
         quantized = True
     if quantized:
-        if native_kernels(device):
-            steps.append(NATIVE_QUANT)
+        int4 = False
         if cpu and dtype == torch.bfloat16 and bf16_native():
             from .backends.int4 import int4_kernel_available
 
-            if int4_kernel_available():
-                steps.append(INT4)
+            int4 = int4_kernel_available()
+        if native_kernels(device) or int4:
+            steps.append(REPACK)
+        if scaled_mm_available(device):
+            steps.append(FP8_SCALED_MM)
+        if native_kernels(device):
+            steps.append(NATIVE_QUANT)
+        if int4:
+            steps.append(INT4)
         steps.append(DEQUANTIZE)
     if cpu and native_kernels(device):
         steps.append(NATIVE_OPS)

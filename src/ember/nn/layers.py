@@ -41,8 +41,9 @@ class Linear(nn.Module):
 def linear(in_features: int, out_features: int, vb: VarBuilder, bias: bool | None = False) -> nn.Module:
     """A Linear from `vb` (`weight`, and `bias` when asked; bias=None means "if present").
 
-    A quantised checkpoint (GGUF) may hand back a weight that stays quantised: the layer is then
-    one that computes with its blocks (`ember.nn.quantized`).
+    A quantised checkpoint may hand back a weight that stays quantised: the layer is then one that
+    computes with its blocks (GGUF: `ember.nn.quantized`) or packed tensors (GPTQ, AWQ, FP8...:
+    `ember.nn.packed`).
     """
     w = vb.get((out_features, in_features), "weight", quantized=True)
     return linear_from_weight(w, _bias(vb, out_features, bias))
@@ -51,6 +52,10 @@ def linear(in_features: int, out_features: int, vb: VarBuilder, bias: bool | Non
 def linear_from_weight(weight, bias: torch.Tensor | None = None) -> nn.Module:
     """A Linear around an already loaded weight (a plain tensor, or one kept quantised)."""
     if not isinstance(weight, torch.Tensor):
+        from .packed import PackedGroup, PackedWeight, packed_linear
+
+        if isinstance(weight, (PackedWeight, PackedGroup)):  # a quantised HF checkpoint's tensors
+            return packed_linear(weight, bias)
         from .quantized import quantized_linear
 
         return quantized_linear(weight, bias)
@@ -68,7 +73,11 @@ class Embedding(nn.Module):
         looks up (`ember.nn.quantized.QuantEmbedding`); `.weight` is then the quantised table."""
         w = vb.get((num, dim), "weight", quantized=True)
         if not isinstance(w, torch.Tensor):
+            from .packed import PackedWeight
             from .quantized import QuantEmbedding
+
+            if isinstance(w, PackedWeight):  # a quantised HF checkpoint's table: dense once
+                return cls(w.dequantize(vb.dtype))
 
             return QuantEmbedding(w, vb.dtype)
         return cls(w)
