@@ -201,6 +201,14 @@ def test_quantize_option_on_a_quantized_checkpoint_is_an_argument_error(written,
         ember.load(tmp_path, quantize="int8")
 
 
+def test_tensor_parallel_refuses_packed_weights_before_any_process_group(written, tmp_path):
+    from ember.errors import UnsupportedModelError
+
+    written("awq-g32", tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"tp=2: .*packed weights.*awq int4 g32 GEMM.*keep_quantized=False"):
+        ember.load(tmp_path, tp=2)
+
+
 def test_greedy_generation_runs_on_a_gptq_checkpoint(model, written, tmp_path):
     deq = written("gptq-4bit-g32-sym", tmp_path)
     llm = ember.load(tmp_path, dtype=torch.float32)

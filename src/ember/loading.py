@@ -332,6 +332,10 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
         if entry.task != "causal-lm":
             raise ArgumentError(f"tp={tp}: tensor parallelism splits causal language models; {snap.root} is an "
                                 f"{entry.task} ({entry.model_type}), load it with tp=1")
+        if ckpt.quantization and keep_quantized is not False:
+            raise UnsupportedModelError(f"tp={tp}: tensor parallelism does not split the packed weights of a "
+                                        f"quantised checkpoint ({ckpt.quantization}); load it with "
+                                        "keep_quantized=False (dequantised at load) or tp=1")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         group = init_tensor_parallel(tp, device)
