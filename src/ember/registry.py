@@ -92,6 +92,11 @@ def lookup(config: dict) -> Entry:
     )
 
 
+def _module_prepare(module: str) -> Callable[[dict], dict]:
+    """The `prepare(d)` a family's module declares (imported when a config is parsed, not before)."""
+    return lambda d: importlib.import_module(module).prepare(d)
+
+
 def _qwen_sliding(d: dict) -> dict:
     # Qwen2/Qwen3 carry a sliding_window value that only applies when use_sliding_window is true.
     if not d.get("use_sliding_window", False):
@@ -148,6 +153,8 @@ register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalL
          defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
                    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
          prepare=_qwen_moe_sliding)
+register("qwen2_moe", "ember.models.qwen2_moe", architectures=("Qwen2MoeForCausalLM",),
+         prepare=_module_prepare("ember.models.qwen2_moe"))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads

@@ -96,14 +96,15 @@ class Attention(nn.Module):
 
     Options for the families that reuse it: `scale` (default head_dim ** -0.5), `softcap` (tanh
     soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
-    Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant.
+    Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant;
+    `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored).
     """
 
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
                  scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
-                 norm_kw: dict | None = None):
+                 norm_kw: dict | None = None, rotary: bool = True):
         super().__init__()
-        self.layer_idx, self.window = layer_idx, window
+        self.layer_idx, self.window, self.rotary = layer_idx, window, rotary
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
@@ -124,7 +125,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv.fused is not None and self.qk_norm is None:
+        if self.qkv.fused is not None and self.qk_norm is None and self.rotary:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
@@ -139,7 +140,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rotary:
+            q, k = apply_rotary(q, k, cos, sin)
         return self._attend(q, k, v, step, B, T)
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
@@ -151,9 +154,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
+    """SwiGLU (or another gated activation); `intermediate` overrides the width (MoE shared experts)."""
+
+    def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, intermediate: int | None = None):
         super().__init__()
-        E, F_ = cfg.hidden_size, cfg.intermediate_size
+        E, F_ = cfg.hidden_size, intermediate or cfg.intermediate_size
         self.gate_up = projections(E, {"gate_proj": (F_, vb.pp("gate_proj")), "up_proj": (F_, vb.pp("up_proj"))},
                                    vb, "gate_up_proj", bias=cfg.mlp_bias, fuse=fuse)
         self.down_proj = linear(F_, E, vb.pp("down_proj"), bias=cfg.mlp_bias)

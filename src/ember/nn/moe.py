@@ -96,3 +96,18 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         E, two_f, H = self.gate_up.shape
         return f"experts={E}, top_k={self.top_k}, hidden={H}, intermediate={two_f // 2}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class SharedExpertMoE(nn.Module):
+    """A routed MoE plus an expert every token goes through: moe(x) + shared(x), the shared output
+    optionally scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE's one-logit gate)."""
+
+    def __init__(self, moe: nn.Module, shared: nn.Module, gate: nn.Module | None = None):
+        super().__init__()
+        self.moe, self.shared_expert, self.shared_expert_gate = moe, shared, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            s = torch.sigmoid(self.shared_expert_gate(x)) * s
+        return self.moe(x) + s
