@@ -133,6 +133,7 @@ register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausa
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
+register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
