@@ -142,6 +142,7 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
          config_class="MultimodalConfig")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
 
 
 def _qwen_moe_sliding(d: dict) -> dict:
