@@ -17,8 +17,8 @@ from torch import nn
 
 from .. import gguf_source as gguf
 from ..config import DecoderConfig, ModelConfig
-from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
-                  ops, rotary_from_config)
+from ..nn import (Embedding, FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, apply_rotary_interleaved,
+                  attention, linear, ops, rotary_from_config)
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step, tied_or_own_head
 
@@ -97,14 +97,15 @@ class Attention(nn.Module):
     Options for the families that reuse it: `scale` (default head_dim ** -0.5), `softcap` (tanh
     soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
     Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant;
-    `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored).
+    `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored);
+    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere).
     """
 
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
                  scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
-                 norm_kw: dict | None = None, rotary: bool = True):
+                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False):
         super().__init__()
-        self.layer_idx, self.window, self.rotary = layer_idx, window, rotary
+        self.layer_idx, self.window, self.rotary, self.interleaved = layer_idx, window, rotary, interleaved
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
@@ -125,7 +126,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv.fused is not None and self.qk_norm is None and self.rotary:
+        if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
@@ -142,7 +143,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if self.rotary:
-            q, k = apply_rotary(q, k, cos, sin)
+            q, k = (apply_rotary_interleaved if self.interleaved else apply_rotary)(q, k, cos, sin)
         return self._attend(q, k, v, step, B, T)
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
