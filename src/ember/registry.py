@@ -158,6 +158,17 @@ register("qwen3_moe", "ember.models.mixtral", architectures=("Qwen3MoeForCausalL
          prepare=_qwen_moe_sliding)
 register("qwen2_moe", "ember.models.qwen2_moe", architectures=("Qwen2MoeForCausalLM",),
          prepare=_module_prepare("ember.models.qwen2_moe"))
+# transformers routes V3 by sigmoid and V2 by softmax whatever config.json's scoring_func says (and V2 never
+# renormalises the top-k weights)
+register("deepseek_v3", "ember.models.deepseek", architectures=("DeepseekV3ForCausalLM",),
+         prepare=lambda d: {**d, "scoring_func": "sigmoid"})
+register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCausalLM",),
+         prepare=lambda d: {**d, "scoring_func": "softmax", "norm_topk_prob": False},
+         defaults={"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
+                   "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
+                   "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+                   "moe_intermediate_size": 1407, "num_experts_per_tok": None})
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads

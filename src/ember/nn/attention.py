@@ -79,7 +79,7 @@ def attention(
     """softmax(q k^T * scale [+ mask]) v for q [B, H, T, D], k/v [B, KV, S, D] (GQA when KV < H)."""
     if softcap is not None:
         return _softcapped_attention(q, k, v, mask, scale, softcap)
-    if q.shape[2] == 1:  # decode: one query per row (the registered op)
+    if q.shape[2] == 1 and v.shape[-1] == q.shape[-1]:  # decode: one query per row (the registered op)
         return ops.decode_attention(q, k, v, mask, scale)
     gqa = k.shape[1] != q.shape[1]
     if mask is None:

@@ -44,14 +44,15 @@ class SparseMoE(nn.Module):
 
     @classmethod
     def from_vb(cls, vb: VarBuilder, num_experts: int, hidden: int, intermediate: int, top_k: int,
-                norm_topk_prob: bool, act) -> "SparseMoE":
-        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout."""
+                norm_topk_prob: bool, act, **kw) -> "SparseMoE":
+        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout;
+        `kw` goes to the constructor (a subclass's router options)."""
         E, H, F_ = num_experts, hidden, intermediate
         router = vb.get((E, H), "gate.weight")
         if vb.contains("experts.gate_up_proj"):
             gate_up = vb.get((E, 2 * F_, H), "experts.gate_up_proj")
             down = vb.get((E, H, F_), "experts.down_proj")
-            return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+            return cls(router, gate_up, down, top_k, norm_topk_prob, act, **kw)
         names = next((n for n in EXPERT_NAMES if vb.contains(f"experts.0.{n[0]}.weight")), EXPERT_NAMES[0])
         g, u, d = names
         gate_up = down = None
@@ -64,7 +65,7 @@ class SparseMoE(nn.Module):
             gate_up[i, :F_].copy_(wg)
             gate_up[i, F_:].copy_(wu)
             down[i].copy_(wd)
-        return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+        return cls(router, gate_up, down, top_k, norm_topk_prob, act, **kw)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k] float32, expert indices [N, k]) for tokens x [N, H]."""
@@ -96,6 +97,47 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         E, two_f, H = self.gate_up.shape
         return f"experts={E}, top_k={self.top_k}, hidden={H}, intermediate={two_f // 2}, norm_topk_prob={self.norm_topk_prob}"
+
+
+class GroupLimitedMoE(SparseMoE):
+    """DeepSeek's router over the same experts. Scores are sigmoid (V3, with `bias`, the
+    e_score_correction_bias, added for the choice only) or softmax (V2) of the float32 logits. With
+    `n_group` groups, only experts in the `topk_group` best groups compete: a group's score is the
+    sum of its two best scores (group_score "top2", V3) or its best one ("max", V2). The weights are
+    the chosen experts' scores (bias excluded), renormalised with norm_topk_prob, times
+    `routed_scaling_factor`.
+
+    Reference: transformers' DeepseekV3TopkRouter, DeepseekV2TopkRouter."""
+
+    def __init__(self, router, gate_up, down, top_k: int, norm_topk_prob: bool, act, *, scoring: str = "sigmoid",
+                 bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
+                 routed_scaling_factor: float = 1.0):
+        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act)
+        if scoring not in ("sigmoid", "softmax") or group_score not in ("top2", "max"):
+            raise ValueError(f"unknown scoring {scoring!r} or group score {group_score!r}")
+        if bias is not None and bias.shape != (self.num_experts,):
+            raise ShapeMismatchError(f"e_score_correction_bias has shape {list(bias.shape)}, expected [{self.num_experts}]")
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.scoring, self.n_group, self.topk_group, self.group_score = scoring, n_group, topk_group, group_score
+        self.routed_scaling_factor = routed_scaling_factor
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.router.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.bias.float() if self.bias is not None else scores
+        if self.n_group > 1:
+            groups = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            best = groups.topk(2, dim=-1)[0].sum(dim=-1) if self.group_score == "top2" else groups.amax(dim=-1)
+            keep = torch.zeros_like(best, dtype=torch.bool)
+            keep.scatter_(1, best.topk(self.topk_group, dim=-1)[1], True)
+            keep = keep.unsqueeze(-1).expand_as(groups).reshape(-1, self.num_experts)
+            # V2 zeroes the other groups' (positive) softmax scores, V3 rules them out
+            choice = choice.masked_fill(~keep, float("-inf") if self.scoring == "sigmoid" else 0.0)
+        idx = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, idx
 
 
 class SharedExpertMoE(nn.Module):
