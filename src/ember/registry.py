@@ -169,6 +169,8 @@ register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCa
                    "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
                    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
+register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
+         prepare=_module_prepare("ember.models.gpt_oss"))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads

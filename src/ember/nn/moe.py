@@ -75,6 +75,11 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, idx
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, H]."""
+        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down[e])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.hidden)
@@ -88,8 +93,7 @@ class SparseMoE(nn.Module):
         for e, chunk in enumerate(xs):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = F.linear(chunk, self.gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act(gate) * up, self.down[e]))
+            outs.append(self.expert(e, chunk))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
         return out.reshape(shape)
