@@ -104,6 +104,14 @@ def _qwen_sliding(d: dict) -> dict:
     return d
 
 
+def _seed_oss_biases(d: dict) -> dict:
+    # Seed-OSS: attention_bias is the q/k/v bias, attention_out_bias o_proj's
+    qkv, out = d.get("attention_bias", True), d.get("attention_out_bias", False)
+    if out and not qkv:
+        raise ConfigError("seed_oss: attention_out_bias without attention_bias (o_proj bias alone) is not supported")
+    return {**d, "qkv_bias": qkv, "attention_bias": out}
+
+
 def _phi3_rope(d: dict) -> dict:
     # transformers' Phi3Config reads "su" and "yarn" scaling as longrope, and knows no other scaling.
     out = dict(d)
@@ -135,6 +143,14 @@ register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
 register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
 register("glm4", "ember.models.glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
+register("ernie4_5", "ember.models.ernie4_5", architectures=("Ernie4_5ForCausalLM",))
+register("hunyuan_v1_dense", "ember.models.hunyuan", architectures=("HunYuanDenseV1ForCausalLM",))
+register("exaone4", "ember.models.exaone4", architectures=("Exaone4ForCausalLM",))
+register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
+         defaults={"vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
+                   "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+                   "attention_bias": True})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))

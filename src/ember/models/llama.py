@@ -176,11 +176,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
         super().__init__()
-        self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
+        self.self_attn = self.make_attention(cfg, vb, layer_idx, window, fuse)
         self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
         self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
+        """The attention block (a subclass swaps in a variant)."""
+        return Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
 
     def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
         """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
