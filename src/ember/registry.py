@@ -187,6 +187,8 @@ register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCa
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
 register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
+register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
+register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads

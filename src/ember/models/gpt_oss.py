@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import RMSNorm, SparseMoE, attention
+from ..nn import RMSNorm, TopLogitsMoE, attention
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, Step, tied_or_own_head
@@ -78,22 +78,18 @@ class Attention(llama.Attention):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-class MoE(SparseMoE):
+class MoE(TopLogitsMoE):
     """The router (with bias; softmax over the k best logits) and the biased, clamped-SwiGLU experts."""
 
     def __init__(self, cfg: Config, vb: VarBuilder):
         E, H, F_ = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         gate_up = vb.get((E, H, 2 * F_), "experts.gate_up_proj").transpose(1, 2)  # [E, 2F, H] view
         down = vb.get((E, F_, H), "experts.down_proj").transpose(1, 2)  # [E, H, F] view
-        super().__init__(vb.get((E, H), "router.weight"), gate_up, down, cfg.num_experts_per_tok, False, None)
-        self.router_bias = nn.Parameter(vb.get((E,), "router.bias"), requires_grad=False)
+        super().__init__(vb.get((E, H), "router.weight"), gate_up, down, cfg.num_experts_per_tok, None,
+                         router_bias=vb.get((E,), "router.bias"))
         self.gate_up_bias = nn.Parameter(vb.get((E, 2 * F_), "experts.gate_up_proj_bias"), requires_grad=False)
         self.down_bias = nn.Parameter(vb.get((E, H), "experts.down_proj_bias"), requires_grad=False)
         self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top, idx = torch.topk(F.linear(x, self.router, self.router_bias), self.top_k, dim=-1)
-        return torch.softmax(top.float(), dim=-1), idx
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gu = F.linear(x, self.gate_up[e], self.gate_up_bias[e])

@@ -103,6 +103,19 @@ class SparseMoE(nn.Module):
         return f"experts={E}, top_k={self.top_k}, hidden={H}, intermediate={two_f // 2}, norm_topk_prob={self.norm_topk_prob}"
 
 
+class TopLogitsMoE(SparseMoE):
+    """A router that takes the top-k logits first (plus `router_bias`, if any), then the softmax over
+    those k alone (GraniteMoE, GPT-OSS)."""
+
+    def __init__(self, router, gate_up, down, top_k: int, act, router_bias: torch.Tensor | None = None):
+        super().__init__(router, gate_up, down, top_k, False, act)
+        self.router_bias = None if router_bias is None else nn.Parameter(router_bias, requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, idx = torch.topk(F.linear(x, self.router, self.router_bias).float(), self.top_k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+
+
 class GroupLimitedMoE(SparseMoE):
     """DeepSeek's router over the same experts. Scores are sigmoid (V3, with `bias`, the
     e_score_correction_bias, added for the choice only) or softmax (V2) of the float32 logits. With
