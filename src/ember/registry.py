@@ -151,6 +151,9 @@ register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",)
                    "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
                    "attention_bias": True})
+register("cohere", "ember.models.cohere", architectures=("CohereForCausalLM",))
+register("cohere2", "ember.models.cohere", architectures=("Cohere2ForCausalLM",),
+         defaults={"sliding_window": 4096}, prepare=lambda d: {**d, "cohere2": True, "use_qk_norm": False})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
