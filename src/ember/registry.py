@@ -192,6 +192,8 @@ register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",)
          prepare=_module_prepare("ember.models.gpt_oss"))
 register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
 register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
+         prepare=_module_prepare("ember.models.glm4_moe"))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
