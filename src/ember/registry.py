@@ -194,6 +194,8 @@ register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
 register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
          prepare=_module_prepare("ember.models.glm4_moe"))
+register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
+         prepare=_module_prepare("ember.models.minimax_m2"))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
