@@ -199,6 +199,7 @@ register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCa
 register("ernie4_5_moe", "ember.models.ernie4_5_moe", architectures=("Ernie4_5_MoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
+register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
