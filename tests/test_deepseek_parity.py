@@ -62,7 +62,7 @@ def _check_cached_decoding(llm):
         for t in range(ids.shape[1]):
             pos = torch.full((2, 1), t)
             step = llm.model(ids[:, t:t + 1], position_ids=pos, cache=cache, kv_len=t + 1)
-            assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-4, t
+            assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-4, (t, (step[:, 0] - full[:, t]).abs().max().item(), full.abs().max().item())
     prompts = [[5, 6, 7, 8, 9], [12, 13, 14]]
     want = ember_greedy(llm, prompts, 12)
     assert ember_greedy(llm.with_engine(max_batch=4, max_len=64, cuda_graphs=True), prompts, 12) == want

@@ -201,6 +201,7 @@ register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadMod
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
 register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
 register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeForCausalLM",))
+register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
