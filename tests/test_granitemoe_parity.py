@@ -27,3 +27,12 @@ def test_granitemoe_matches_transformers(tmp_path, shape):
     check_parity(hf, save(hf, tmp_path / "hub"), cfg.vocab_size)
     assert any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
     check_parity(hf, save_state_dict(hf, tmp_path / "mem"), cfg.vocab_size)
+
+
+def test_granitemoeshared_matches_transformers(tmp_path):
+    from transformers import GraniteMoeSharedConfig
+
+    cfg = GraniteMoeSharedConfig(**{**BASE, **SHAPES["gqa_4experts_top2_multipliers"], "shared_intermediate_size": 48})
+    hf = tiny_hf_model(cfg)
+    llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
+    assert type(llm.model.model.layers[0].mlp).__name__ == "SharedExpertMoE"

@@ -192,6 +192,7 @@ register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",)
          prepare=_module_prepare("ember.models.gpt_oss"))
 register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
 register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
 register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
          prepare=_module_prepare("ember.models.glm4_moe"))
 register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
