@@ -117,12 +117,15 @@ def assert_varied(tokens: list[int], prompt) -> None:
 
 
 def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int = 24, gen: int = 32,
-                 prompts=((5, 6, 7, 8, 9, 10, 11), (12, 13, 14)), padding_invariant: bool = True):
+                 prompts=((5, 6, 7, 8, 9, 10, 11), (12, 13, 14)), padding_invariant: bool = True,
+                 require_varied: bool = True):
     """The standard checks: logits on a plain, a left-padded and a right-padded batch; greedy
     continuations (varied ones) equal to transformers' generate.
 
     padding_invariant=False for rope types whose frequencies depend on the batch's longest
-    sequence (dynamic, longrope): a padded row then legitimately differs from the row alone."""
+    sequence (dynamic, longrope): a padded row then legitimately differs from the row alone.
+    require_varied=False for a shape whose random greedy text loops whatever the init (another shape
+    of the family must then check varied continuations)."""
     import ember
 
     llm = ember.load(folder, dtype=torch.float32, device="cpu")
@@ -149,7 +152,8 @@ def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int =
     prompts = [list(p) for p in prompts]
     want = [hf_greedy(hf_model, p, gen) for p in prompts]
     for p, w in zip(prompts, want):
-        assert_varied(w, p)
+        if require_varied:
+            assert_varied(w, p)
     if padding_invariant:
         assert ember_greedy(llm, prompts, gen) == want
     else:  # frequencies depend on the batch's longest row: compare prompt by prompt

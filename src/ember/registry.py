@@ -92,11 +92,24 @@ def lookup(config: dict) -> Entry:
     )
 
 
+def _module_prepare(module: str) -> Callable[[dict], dict]:
+    """The `prepare(d)` a family's module declares (imported when a config is parsed, not before)."""
+    return lambda d: importlib.import_module(module).prepare(d)
+
+
 def _qwen_sliding(d: dict) -> dict:
     # Qwen2/Qwen3 carry a sliding_window value that only applies when use_sliding_window is true.
     if not d.get("use_sliding_window", False):
         d = {**d, "sliding_window": None}
     return d
+
+
+def _seed_oss_biases(d: dict) -> dict:
+    # Seed-OSS: attention_bias is the q/k/v bias, attention_out_bias o_proj's
+    qkv, out = d.get("attention_bias", True), d.get("attention_out_bias", False)
+    if out and not qkv:
+        raise ConfigError("seed_oss: attention_out_bias without attention_bias (o_proj bias alone) is not supported")
+    return {**d, "qkv_bias": qkv, "attention_bias": out}
 
 
 def _phi3_rope(d: dict) -> dict:
@@ -128,6 +141,19 @@ register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausa
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
+register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
+register("glm4", "ember.models.glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
+register("ernie4_5", "ember.models.ernie4_5", architectures=("Ernie4_5ForCausalLM",))
+register("hunyuan_v1_dense", "ember.models.hunyuan", architectures=("HunYuanDenseV1ForCausalLM",))
+register("exaone4", "ember.models.exaone4", architectures=("Exaone4ForCausalLM",))
+register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
+         defaults={"vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
+                   "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+                   "attention_bias": True})
+register("cohere", "ember.models.cohere", architectures=("CohereForCausalLM",))
+register("cohere2", "ember.models.cohere", architectures=("Cohere2ForCausalLM",),
+         defaults={"sliding_window": 4096}, prepare=lambda d: {**d, "cohere2": True, "use_qk_norm": False})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
@@ -136,6 +162,7 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
          config_class="MultimodalConfig")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
 
 
 def _qwen_moe_sliding(d: dict) -> dict:
@@ -165,7 +192,33 @@ register("qwen3_moe", "ember.models.mixtral", gguf="qwen3moe", architectures=("Q
          defaults={"qk_norm": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 128,
                    "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
          prepare=_qwen_moe_sliding)
+# transformers routes V3 by sigmoid and V2 by softmax whatever config.json's scoring_func says (and V2 never
+# renormalises the top-k weights)
+register("deepseek_v3", "ember.models.deepseek", architectures=("DeepseekV3ForCausalLM",),
+         prepare=lambda d: {**d, "scoring_func": "sigmoid"})
+register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCausalLM",),
+         prepare=lambda d: {**d, "scoring_func": "softmax", "norm_topk_prob": False},
+         defaults={"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
+                   "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
+                   "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+                   "moe_intermediate_size": 1407, "num_experts_per_tok": None})
+register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
+         prepare=_module_prepare("ember.models.gpt_oss"))
+register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
+register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
+register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
+         prepare=_module_prepare("ember.models.glm4_moe"))
+register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
+         prepare=_module_prepare("ember.models.minimax_m2"))
+register("ernie4_5_moe", "ember.models.ernie4_5_moe", architectures=("Ernie4_5_MoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
+register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
+register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
+register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeForCausalLM",))
+register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
+register("falcon", "ember.models.falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),

@@ -8,6 +8,7 @@ import time
 import torch
 
 from ..generation.loop import Request
+from ..nn.kv_cache import KVCache
 
 
 def _sync(device: torch.device) -> None:
@@ -68,8 +69,8 @@ def kv_bytes_read(model, dtype, length: float) -> float:
     layer reads at most its window."""
     es = torch.empty((), dtype=dtype).element_size()
     windows = model.cache_windows() if hasattr(model, "cache_windows") else [None] * len(model.cache_layout())
-    return sum(2 * h * d * es * (length if w is None else min(length, w))
-               for (h, d), w in zip(model.cache_layout(), windows))
+    return sum(KVCache.token_width(spec) * es * (length if w is None else min(length, w))
+               for spec, w in zip(model.cache_layout(), windows))
 
 
 def run_requests(gen, reqs) -> tuple[float, float, int]:

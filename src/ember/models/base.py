@@ -149,8 +149,8 @@ class CausalLM(nn.Module):
             logits = torch.tanh(logits.float() / c) * c
         return logits.float()
 
-    def cache_layout(self) -> list[tuple[int, int]]:
-        """(kv_heads, head_dim) per layer, for KVCache."""
+    def cache_layout(self) -> list[tuple[int, ...]]:
+        """(kv_heads, head_dim) per layer, for KVCache (or (kv_heads, k_dim, v_dim): MLA's latent)."""
         return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
 
     def cache_windows(self) -> list[int | None]:
@@ -167,7 +167,8 @@ class CausalLM(nn.Module):
         """Cache bytes one more token of context costs a sequence (ring layers cost nothing more)."""
         p = next(iter(self.parameters()))
         size = torch.empty((), dtype=dtype or (p.dtype if p.is_floating_point() else torch.float32)).element_size()
-        return sum(2 * h * d * size for (h, d), w in zip(self.cache_layout(), self.cache_windows()) if w is None)
+        return sum(KVCache.token_width(spec) * size for spec, w in zip(self.cache_layout(), self.cache_windows())
+                   if w is None)
 
     @property
     def max_context(self) -> int:

@@ -19,8 +19,8 @@ from .. import gguf_source as gguf
 from ..config import DecoderConfig, ModelConfig
 from ..distributed import layers as parallel
 from ..errors import DistributedError
-from ..nn import (FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, attention, linear,
-                  ops, rotary_from_config)
+from ..nn import (FusedLinears, RMSNorm, activation, apply_rotary, apply_rotary_bthd, apply_rotary_interleaved,
+                  attention, linear, ops, rotary_from_config)
 from ..varbuilder import VarBuilder
 from .base import CausalLM, Step, tied_or_own_head
 
@@ -106,14 +106,16 @@ class Attention(nn.Module):
 
     Options for the families that reuse it: `scale` (default head_dim ** -0.5), `softcap` (tanh
     soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
-    Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant.
+    Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant;
+    `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored);
+    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere).
     """
 
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
                  scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
-                 norm_kw: dict | None = None):
+                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False):
         super().__init__()
-        self.layer_idx, self.window = layer_idx, window
+        self.layer_idx, self.window, self.rotary, self.interleaved = layer_idx, window, rotary, interleaved
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
@@ -143,7 +145,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv.fused is not None and self.qk_norm is None:
+        if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
             slot = step.decode_slot(self.layer_idx, self.window) if T == 1 and self.softcap is None else None
@@ -161,7 +163,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rotary:
+            q, k = (apply_rotary_interleaved if self.interleaved else apply_rotary)(q, k, cos, sin)
         return self._attend(q, k, v, step, B, T)
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
@@ -173,6 +177,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU (or another gated activation); `intermediate` overrides the width (MoE shared experts)."""
+
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True, intermediate: int | None = None):
         super().__init__()
         E, F_ = cfg.hidden_size, intermediate or cfg.intermediate_size
@@ -196,11 +202,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True):
         super().__init__()
-        self.self_attn = Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
+        self.self_attn = self.make_attention(cfg, vb, layer_idx, window, fuse)
         self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
         self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
+        """The attention block (a subclass swaps in a variant)."""
+        return Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
 
     def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
         """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .. import gguf_source as gguf
 from ..distributed import layers as parallel
-from ..nn import SparseMoE, activation, linear
+from ..nn import SharedExpertMoE, SparseMoE, activation, linear
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, tied_or_own_head
@@ -87,17 +86,6 @@ class DecoderLayer(llama.DecoderLayer):
         # the shared expert splits as a dense MLP does (its own all-reduce); its gate stays whole
         shared = llama.MLP(cfg, moe.pp("shared_expert"), fuse, intermediate=cfg.shared_expert_intermediate_size)
         return SharedExpertMoE(experts, shared, linear(cfg.hidden_size, 1, moe.pp("shared_expert_gate")))
-
-
-class SharedExpertMoE(nn.Module):
-    """Qwen2-MoE's block: the routed experts plus the shared expert, gated per token by a sigmoid."""
-
-    def __init__(self, experts: SparseMoE, shared_expert: nn.Module, shared_expert_gate: nn.Module):
-        super().__init__()
-        self.experts, self.shared_expert, self.shared_expert_gate = experts, shared_expert, shared_expert_gate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class ForCausalLM(CausalLM):

@@ -75,11 +75,13 @@ def attention(
     mask: torch.Tensor | None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale [+ mask]) v for q [B, H, T, D], k/v [B, KV, S, D] (GQA when KV < H)."""
-    if softcap is not None:
-        return _softcapped_attention(q, k, v, mask, scale, softcap)
-    if q.shape[2] == 1:  # decode: one query per row (the registered op)
+    """softmax(q k^T * scale [+ mask]) v for q [B, H, T, D], k/v [B, KV, S, D] (GQA when KV < H).
+    `sinks` [H]: one extra logit per head that joins the softmax and is then dropped (GPT-OSS)."""
+    if softcap is not None or sinks is not None:
+        return _explicit_attention(q, k, v, mask, scale, softcap, sinks)
+    if q.shape[2] == 1 and v.shape[-1] == q.shape[-1]:  # decode: one query per row (the registered op)
         return ops.decode_attention(q, k, v, mask, scale)
     gqa = k.shape[1] != q.shape[1]
     if mask is None:
@@ -87,18 +89,23 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _softcapped_attention(q, k, v, mask, scale, softcap):
-    # Gemma 2's tanh soft-capping of attention scores: not expressible with SDPA, done explicitly.
+def _explicit_attention(q, k, v, mask, scale, softcap, sinks):
+    # Gemma 2's tanh soft-capping of attention scores and GPT-OSS's sinks: not expressible with SDPA.
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     T, S = q.shape[2], k.shape[2]
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        B, H = scores.shape[:2]
+        scores = torch.cat([scores, sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype), v)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)

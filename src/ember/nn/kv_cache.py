@@ -40,7 +40,9 @@ class KVCache:
         device: str | torch.device = "cpu",
         windows: Sequence[int | None] | None = None,
     ):
-        """`layers` is a list of (kv_heads, head_dim) per layer, or a layer count with both given.
+        """`layers` is a list of (kv_heads, head_dim) per layer, or (kv_heads, k_dim, v_dim) where keys and
+        values differ in width (MLA keeps its latent as k, its rotated key part as v), or a layer count
+        with kv_heads and head_dim given.
         `windows`: each layer's sliding window (None = full attention); a window shorter than the
         cache makes that layer a ring of window + 1 columns."""
         if isinstance(layers, int):
@@ -55,14 +57,19 @@ class KVCache:
         # a ring only where it saves room: window + scratch column shorter than the full cache
         self.windows = [w if w is not None and w + 1 < max_len else None for w in windows]
         cols = [max_len if w is None else w + 1 for w in self.windows]
-        self.k = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
-        self.v = [torch.zeros(batch, h, n, d, dtype=dtype, device=device) for (h, d), n in zip(layers, cols)]
+        self.k = [torch.zeros(batch, spec[0], n, spec[1], dtype=dtype, device=device) for spec, n in zip(layers, cols)]
+        self.v = [torch.zeros(batch, spec[0], n, spec[-1], dtype=dtype, device=device) for spec, n in zip(layers, cols)]
         self._rows = torch.arange(batch, device=device)[:, None]
         self._last_col: tuple | None = None  # (columns tensor, kv_len, its value) within one forward
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @staticmethod
+    def token_width(spec: Sequence[int]) -> int:
+        """Cache elements one token takes in a layer of layout `spec` (kv_heads, head_dim[, v_dim])."""
+        return spec[0] * (spec[1] + spec[-1])
 
     def is_ring(self, window: int | None) -> bool:
         return window is not None and window in self.windows

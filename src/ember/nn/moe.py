@@ -73,8 +73,9 @@ class SparseMoE(nn.Module):
 
     @classmethod
     def from_vb(cls, vb: VarBuilder, num_experts: int, hidden: int, intermediate: int, top_k: int,
-                norm_topk_prob: bool, act, rows: tuple[int, int] | None = None) -> "SparseMoE":
-        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout.
+                norm_topk_prob: bool, act, rows: tuple[int, int] | None = None, **kw) -> "SparseMoE":
+        """From the MoE block's prefix (`...mlp` or `...block_sparse_moe`), either expert layout;
+        `kw` goes to the constructor (a subclass's router options).
         rows: only [start, stop) of every expert's intermediate dimension (a tensor-parallel rank's
         part: its output is then a partial sum the caller all-reduces)."""
         E, H, F_ = num_experts, hidden, intermediate
@@ -86,7 +87,7 @@ class SparseMoE(nn.Module):
                 gu, dn = vb.sharded(1, [(r0, r1), (F_ + r0, F_ + r1)]), vb.sharded(2, [(r0, r1)])
             gate_up = gu.get((E, 2 * F_, H), "experts.gate_up_proj")
             down = dn.get((E, H, F_), "experts.down_proj")
-            return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+            return cls(router, gate_up, down, top_k, norm_topk_prob, act, **kw)
         if vb.contains("experts.gate_proj.weight"):  # GGUF: each projection's experts stacked in one 3-D tensor
             if rows is not None:
                 raise UnsupportedModelError("tensor parallelism does not split a GGUF file's stacked 3-D expert "
@@ -95,11 +96,12 @@ class SparseMoE(nn.Module):
             up = vb.get((E, F_, H), "experts.up_proj.weight", quantized=True)
             down = vb.get((E, H, F_), "experts.down_proj.weight", quantized=True)
             if all(isinstance(w, torch.Tensor) for w in (gate, up, down)):
-                return cls(router, torch.cat((gate, up), dim=1), down, top_k, norm_topk_prob, act)
+                return cls(router, torch.cat((gate, up), dim=1), down, top_k, norm_topk_prob, act, **kw)
             # kept as GGUF blocks: one layer per expert projection, each on a view of the file's bytes
             experts = [Expert(*(linear_from_weight(w[i] if isinstance(w, torch.Tensor) else w.select(i))
                                 for w in (gate, up, down)), act) for i in range(E)]
-            return cls(router, None, None, top_k, norm_topk_prob, act, experts=experts, shape=(E, F_, H))
+            return cls(router, None, None, top_k, norm_topk_prob, act, experts=experts, shape=(E, F_, H),
+                       **kw)
         names = next((n for n in EXPERT_NAMES if vb.contains(f"experts.0.{n[0]}.weight")), EXPERT_NAMES[0])
         g, u, d = names
         gate_up = down = None
@@ -114,7 +116,7 @@ class SparseMoE(nn.Module):
             gate_up[i, :n].copy_(wg)
             gate_up[i, n:].copy_(wu)
             down[i].copy_(wd)
-        return cls(router, gate_up, down, top_k, norm_topk_prob, act)
+        return cls(router, gate_up, down, top_k, norm_topk_prob, act, **kw)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k] float32, expert indices [N, k]) for tokens x [N, H]."""
@@ -123,6 +125,13 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, idx
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, H]."""
+        if self.experts is not None:  # per-expert layers (GGUF blocks)
+            return self.experts[e](x)
+        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -137,11 +146,7 @@ class SparseMoE(nn.Module):
         for e, chunk in enumerate(xs):
             if chunk.shape[0] == 0:
                 continue
-            if self.experts is not None:
-                outs.append(self.experts[e](chunk))
-                continue
-            gate, up = F.linear(chunk, self.gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act(gate) * up, self.down[e]))
+            outs.append(self.expert(e, chunk))
         y = torch.cat(outs) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
         return out.reshape(shape)
@@ -149,3 +154,72 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden}, intermediate={self.intermediate}, "
                 f"norm_topk_prob={self.norm_topk_prob}")
+
+
+class TopLogitsMoE(SparseMoE):
+    """A router that takes the top-k logits first (plus `router_bias`, if any), then the softmax over
+    those k alone (GraniteMoE, GPT-OSS)."""
+
+    def __init__(self, router, gate_up, down, top_k: int, act, router_bias: torch.Tensor | None = None):
+        super().__init__(router, gate_up, down, top_k, False, act)
+        self.router_bias = None if router_bias is None else nn.Parameter(router_bias, requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, idx = torch.topk(F.linear(x, self.router, self.router_bias).float(), self.top_k, dim=-1)
+        return torch.softmax(top, dim=-1), idx
+
+
+class GroupLimitedMoE(SparseMoE):
+    """DeepSeek's router over the same experts. Scores are sigmoid (V3, with `bias`, the
+    e_score_correction_bias, added for the choice only) or softmax (V2) of the float32 logits. With
+    `n_group` groups, only experts in the `topk_group` best groups compete: a group's score is the
+    sum of its two best scores (group_score "top2", V3) or its best one ("max", V2). The weights are
+    the chosen experts' scores (bias excluded), renormalised with norm_topk_prob, times
+    `routed_scaling_factor`.
+
+    Reference: transformers' DeepseekV3TopkRouter, DeepseekV2TopkRouter."""
+
+    def __init__(self, router, gate_up, down, top_k: int, norm_topk_prob: bool, act, *, scoring: str = "sigmoid",
+                 bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
+                 routed_scaling_factor: float = 1.0):
+        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act)
+        if scoring not in ("sigmoid", "softmax") or group_score not in ("top2", "max"):
+            raise ValueError(f"unknown scoring {scoring!r} or group score {group_score!r}")
+        if bias is not None and bias.shape != (self.num_experts,):
+            raise ShapeMismatchError(f"e_score_correction_bias has shape {list(bias.shape)}, expected [{self.num_experts}]")
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.scoring, self.n_group, self.topk_group, self.group_score = scoring, n_group, topk_group, group_score
+        self.routed_scaling_factor = routed_scaling_factor
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.router.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.bias.float() if self.bias is not None else scores
+        if self.n_group > 1:
+            groups = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            best = groups.topk(2, dim=-1)[0].sum(dim=-1) if self.group_score == "top2" else groups.amax(dim=-1)
+            keep = torch.zeros_like(best, dtype=torch.bool)
+            keep.scatter_(1, best.topk(self.topk_group, dim=-1)[1], True)
+            keep = keep.unsqueeze(-1).expand_as(groups).reshape(-1, self.num_experts)
+            # V2 zeroes the other groups' (positive) softmax scores, V3 rules them out
+            choice = choice.masked_fill(~keep, float("-inf") if self.scoring == "sigmoid" else 0.0)
+        idx = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, idx
+
+
+class SharedExpertMoE(nn.Module):
+    """A routed MoE plus an expert every token goes through: moe(x) + shared(x), the shared output
+    optionally scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE's one-logit gate)."""
+
+    def __init__(self, moe: nn.Module, shared: nn.Module, gate: nn.Module | None = None):
+        super().__init__()
+        self.moe, self.shared_expert, self.shared_expert_gate = moe, shared, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            s = torch.sigmoid(self.shared_expert_gate(x)) * s
+        return self.moe(x) + s

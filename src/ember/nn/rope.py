@@ -254,6 +254,26 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the rotation of interleaved (GPT-J style) pairs."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """apply_rotary for checkpoints that rotate adjacent pairs (dims 2i, 2i+1) instead of halves
+    (GLM-4, GPT-J, Cohere): the same cos/sin tables, each frequency repeated twice in a row."""
+    r = cos.shape[-1]
+    cos = cos[..., : r // 2].repeat_interleave(2, dim=-1).unsqueeze(1)
+    sin = sin[..., : r // 2].repeat_interleave(2, dim=-1).unsqueeze(1)
+
+    def rot(x):
+        xr = x[..., :r]
+        out = xr * cos + rotate_pairs(xr) * sin
+        return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+    return rot(q), rot(k)
+
+
 def apply_rotary_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, D] (heads second to last, as projections come out) with cos/sin [B, T, R].
     Lets q and k be rotated together as one [B, T, H + KV, D] view of a fused projection."""
