@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import ember
-from ember.errors import CheckpointError, UnsupportedModelError
+from ember.errors import CheckpointError, EmberError, UnsupportedModelError
+from hostile import fuzz_settings, memory_cap, time_limit
+from hypothesis import given
+from hypothesis import strategies as st
 from parity import check_parity, save, tiny_hf_model
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -114,8 +117,43 @@ S = "model.layers.1.mlp.experts.down_proj"
     (lambda t: t.__setitem__(f"{S}_scales", t[f"{S}_scales"].float()), rf"'{S}_scales' is torch.float32"),
     (lambda t: t.__setitem__(f"{S}_blocks", t[f"{S}_blocks"][..., :8].clone()), rf"'{S}_blocks' is .*\[4, 64, 1, 8\]"),
     (lambda t: t.pop(f"{S}_scales"), rf"'{S}_blocks' has no scales"),
+    (lambda t: t.pop(f"{S}_blocks"), rf"'{S}_scales' has no blocks"),
+    (lambda t: t[f"{S}_scales"].view(-1)[7:9].fill_(255), rf"'{S}_scales' holds the E8M0 exponent 255"),
+    (lambda t: t.__setitem__(S, torch.zeros(4, 32, 64)), rf"'{S}' is stored both plain and as MXFP4"),
 ])
 def test_bad_mxfp4_tensors_are_checkpoint_errors_naming_them(mxfp4_model, tmp_path, edit, match):
     d = _edited(mxfp4_model[1], tmp_path, edit)
     with pytest.raises(CheckpointError, match=match):
         ember.load(d, dtype=torch.float32)
+
+
+@fuzz_settings(25)
+@given(edits=st.lists(st.tuples(st.sampled_from(sorted(f"model.layers.{i}.mlp.experts.{p}{part}" for i in (0, 1)
+                                                        for p in PROJS for part in ("_blocks", "_scales"))),
+                                st.sampled_from(["shape", "dtype", "drop"]),
+                                st.lists(st.integers(0, 70), max_size=5),
+                                st.sampled_from([torch.uint8, torch.int8, torch.int32, torch.float16, torch.float32])),
+                      min_size=1, max_size=3))
+def test_fuzz_hostile_mxfp4_tensors_fail_cleanly_or_load(mxfp4_model, tmp_path_factory, edits):
+    """Blocks/scales of any shape or dtype, or dropped: an EmberError naming the tensor, or (edits
+    that keep the layout) a model that loads and generates."""
+    def edit(t):
+        for name, kind, shape, dtype in edits:
+            if name not in t:
+                continue
+            if kind == "drop":
+                del t[name]
+            elif kind == "shape":
+                t[name] = torch.zeros(shape, dtype=t[name].dtype)
+            else:
+                t[name] = t[name].to(dtype)
+
+    d = _edited(mxfp4_model[1], tmp_path_factory.mktemp("mx"), edit)
+    with time_limit(30), memory_cap(1 << 30):
+        try:
+            llm = ember.load(d, dtype=torch.float32)
+        except EmberError as e:
+            assert "model.layers." in str(e) or "is missing" in str(e), e
+            return
+        toks = [ev.token_id for ev in llm.events([llm.request([1, 2, 3], 3, ignore_eos=True)])]
+    assert len(toks) == 3

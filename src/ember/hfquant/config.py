@@ -111,7 +111,7 @@ class MXFP4Config:
     method: str = "mxfp4"
 
     def describe(self) -> str:
-        return "mxfp4 experts (E2M1 codes, E8M0 scale per 32; dequantised at load)"
+        return "mxfp4 experts (E2M1 codes, an E8M0 scale per 32)"
 
 
 QuantConfig = GPTQConfig | AWQConfig | FP8Config | CompressedConfig | MXFP4Config

@@ -23,6 +23,7 @@ from .config import MXFP4Config
 
 PARTS = ("_blocks", "_scales")
 BLOCK_BYTES = 16  # 32 four-bit codes
+NAN_EXPONENT = 255  # E8M0's NaN
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.float32, chunk: int = 1 << 18) -> torch.Tensor:
@@ -48,7 +49,7 @@ class MXFP4Source:
     always_dense = True  # the experts are dequantised at load whatever keep_quantized says
 
     def __init__(self, inner, cfg: MXFP4Config, where: str):
-        self.inner, self.config = inner, cfg
+        self.inner, self.config, self.where = inner, cfg, where
         self.dense = True
         keys = list(inner.keys())
         keyset = set(keys)
@@ -95,7 +96,11 @@ class MXFP4Source:
         if p is None:
             return self.inner.load(key)
         bk, sk, _ = p
-        return dequantize(self.inner.load(bk), self.inner.load(sk)).transpose(-1, -2)
+        scales = self.inner.load(sk)
+        if bool((scales == NAN_EXPONENT).any()):
+            raise CheckpointError(f"{self.where}: tensor {sk!r} holds the E8M0 exponent 255 (NaN), which no "
+                                  f"quantised weight has")
+        return dequantize(self.inner.load(bk), scales).transpose(-1, -2)
 
     def release(self, key: str) -> None:
         if hasattr(self.inner, "release"):
