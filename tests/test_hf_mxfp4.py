@@ -83,6 +83,21 @@ def test_mxfp4_gpt_oss_logits_match_transformers_dequantized(mxfp4_model):
     assert not llm._loaded.quantized and "mxfp4" in llm._loaded.load_mode and "dequantised at load" in llm._loaded.load_mode
 
 
+def test_transformers_own_mxfp4_loader_agrees_on_the_written_checkpoint(mxfp4_model):
+    """The folder is what transformers itself reads as an MXFP4 checkpoint (its quantizer, dequantising
+    on CPU), and ember's logits match that model's."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    folder = mxfp4_model[1]
+    hf = GptOssForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
+                                           dtype=torch.float32).eval()
+    llm = ember.load(folder, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 40, 41]])
+    with torch.no_grad():
+        ref, got = hf(ids).logits, llm.model(ids)
+    assert (ref - got).abs().max().item() <= 1e-4 and ref.abs().max().item() > 1
+
+
 def test_inspect_shows_mxfp4(mxfp4_model, capsys):
     from ember import cli
 
