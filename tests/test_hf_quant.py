@@ -351,7 +351,7 @@ def test_bad_gptq_tensors_are_checkpoint_errors_naming_them(written, tmp_path, e
     ({"quant_method": "fp8", "weight_block_size": [0, 128]}, ConfigError, "weight_block_size must be two integers"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, UnsupportedModelError, "bitsandbytes nf4/fp4"),
     ({"quant_method": "hqq"}, UnsupportedModelError, r"'hqq' is not supported.*compressed-tensors .*gptq .*awq .*fp8"),
-    ({"quant_method": "mxfp4"}, UnsupportedModelError, "MXFP4"),
+    ({"quant_method": "mxfp4"}, CheckpointError, "mxfp4, but no tensor is quantised"),
     ({"load_in_4bit": True}, ConfigError, "no quant_method"),
     ({"quant_method": "compressed-tensors", "config_groups": {}}, ConfigError, "config_groups must be a non-empty"),
     ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",

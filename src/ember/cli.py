@@ -292,8 +292,9 @@ def _quantization_line(snap, cfg: dict) -> str | None:
             return None
         line = qc.describe()
         if snap.format == "safetensors":
-            src = hfquant.QuantizedSource(SafetensorsSource(snap.weights), qc, str(snap.root))
-            line += f"; {len(src.packed)} quantised linears ({_human(src.nbytes())} packed)"
+            src = hfquant.open_source(SafetensorsSource(snap.weights), qc, str(snap.root))
+            what = "expert tensors" if src.always_dense else "linears"
+            line += f"; {len(src.packed)} quantised {what} ({_human(src.nbytes())} packed)"
         return line
     except EmberError as e:
         return f"not readable by ember ({e})"

@@ -125,7 +125,7 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         raise ConfigError(f"{snap.root}: no config.json beside the weights")
     raw = load_json(snap.config)
     entry = registry.lookup(raw)
-    quant = hfquant.read_config(raw, snap.file, str(snap.root))  # GPTQ, AWQ, FP8, compressed-tensors
+    quant = hfquant.read_config(raw, snap.file, str(snap.root))  # GPTQ, AWQ, FP8, compressed-tensors, MXFP4
     if snap.format == "safetensors":
         source: TensorSource = SafetensorsSource(snap.weights)
     else:
@@ -136,7 +136,7 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
         hfquant.check_no_quantized_tensors(source, str(snap.root))
         checkpoint_dtype = _first_float_dtype(source) or _dtype_from_config(raw)
     else:
-        source = hfquant.QuantizedSource(source, quant, str(snap.root))
+        source = hfquant.open_source(source, quant, str(snap.root))
         checkpoint_dtype = _dtype_from_config(raw) or _first_float_dtype(source)
 
     def tokenizer():
@@ -154,7 +154,10 @@ def _open_hf(snap: Snapshot) -> Checkpoint:
     def make_source(dtype, device, keep_quantized):
         if quant is None:
             return source, {}
-        if keep_quantized is False:  # dequantised at load: the speed of a plain checkpoint, its memory too
+        if source.always_dense and keep_quantized:
+            raise UnsupportedModelError(f"{snap.root}: keep_quantized=True, but ember dequantises this checkpoint's "
+                                        f"weights at load ({quant.describe()}); leave keep_quantized unset")
+        if keep_quantized is False or source.always_dense:  # dequantised at load: plain speed, plain memory
             source.dense = True
             return source, {"quantized": False, "load_mode": f"{quant.describe()}, dequantised at load"}
         return source, {"quantized": True, "load_mode": quant.describe()}

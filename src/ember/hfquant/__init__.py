@@ -1,4 +1,4 @@
-"""Quantised Hugging Face checkpoints as published on the Hub: compressed-tensors, GPTQ, AWQ, FP8.
+"""Quantised Hugging Face checkpoints as published on the Hub: compressed-tensors, GPTQ, AWQ, FP8, MXFP4.
 
 The loading pipeline reads `quantization_config` here (`read_config`: config.json, or the side file
 quantize_config.json) and wraps the checkpoint's tensor source (`QuantizedSource`): each quantised
@@ -8,7 +8,9 @@ themselves (qweight, scales, weight_scale...) are no longer listed. The model is
 checkpoint; `ember.backends.hfquant` then moves what fits onto faster kernels.
 
 One file per format: gptq.py (GPTQ and AWQ), compressed.py (compressed-tensors), fp8.py (the
-block-wise `fp8` method), scaled.py (the codes-times-scale weight the last two share).
+block-wise `fp8` method), scaled.py (the codes-times-scale weight the last two share), mxfp4.py
+(GPT-OSS's MXFP4 experts: 3-D, not linears, so a source of their own that dequantises them at load;
+`open_source` picks the source for a config).
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from typing import Callable
 import torch
 
 from ..errors import CheckpointError
-from .config import SUPPORTED, AWQConfig, CompressedConfig, FP8Config, GPTQConfig, QuantConfig, parse
+from .config import SUPPORTED, AWQConfig, CompressedConfig, FP8Config, GPTQConfig, MXFP4Config, QuantConfig, parse
 
-__all__ = ["SUPPORTED", "QuantConfig", "QuantizedSource", "read_config"]
+__all__ = ["SUPPORTED", "QuantConfig", "QuantizedSource", "open_source", "read_config"]
 
 
 def read_config(raw: dict, side_file: Callable[[str], Path | None], where: str) -> QuantConfig | None:
@@ -56,10 +58,22 @@ def _builders():
     }
 
 
+def open_source(inner, cfg: QuantConfig, where: str):
+    """The TensorSource for a quantised checkpoint: `QuantizedSource` (packed linears), or for MXFP4
+    `mxfp4.MXFP4Source` (experts dequantised at load)."""
+    if isinstance(cfg, MXFP4Config):
+        from .mxfp4 import MXFP4Source
+
+        return MXFP4Source(inner, cfg, where)
+    return QuantizedSource(inner, cfg, where)
+
+
 class QuantizedSource:
     """A TensorSource over a quantised checkpoint: quantised linears appear as one `X.weight` each,
     a `PackedWeight`; everything else passes through. Every quantised linear is checked (shapes and
     dtypes from the headers, group indices) when the source is made, before the model is built."""
+
+    always_dense = False  # True for a source that cannot keep its weights quantised (mxfp4.MXFP4Source)
 
     def __init__(self, inner, cfg: QuantConfig, where: str):
         self.inner, self.config = inner, cfg
@@ -121,7 +135,9 @@ class QuantizedSource:
 
 def check_no_quantized_tensors(source, where: str) -> None:
     """A checkpoint without quantization_config must not hold quantised linears' tensors."""
-    suffixes = tuple(s for _, parts, _ in _builders().values() for s in parts)
+    from .mxfp4 import PARTS
+
+    suffixes = tuple(s for _, parts, _ in _builders().values() for s in parts) + PARTS
     k = next((k for k in source.keys() if k.endswith(suffixes)), None)
     if k is not None:
         raise CheckpointError(f"{where}: tensor {k!r} belongs to a quantised checkpoint, but config.json has no "

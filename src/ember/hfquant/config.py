@@ -9,9 +9,10 @@ from typing import Any
 from ..errors import ConfigError, UnsupportedModelError
 
 # the quant_method values ember reads (quant_method alone decides which format a checkpoint is)
-SUPPORTED = ("compressed-tensors", "gptq", "awq", "fp8")
+SUPPORTED = ("compressed-tensors", "gptq", "awq", "fp8", "mxfp4")
 SUPPORTED_TEXT = ("compressed-tensors (FP8 per-tensor/per-channel/block, W8A8 int8, W4A16/W8A16 pack-quantized), "
-                  "gptq (2/4/8-bit), awq (4-bit GEMM), fp8 (block-wise, weight_scale_inv)")
+                  "gptq (2/4/8-bit), awq (4-bit GEMM), fp8 (block-wise, weight_scale_inv), "
+                  "mxfp4 (GPT-OSS experts, dequantised at load)")
 MAX_GROUP = 1 << 20  # the largest group / block size a config may claim
 
 
@@ -101,7 +102,19 @@ class CompressedConfig:
         return "compressed-tensors " + "; ".join(dict.fromkeys(s.describe() for s in self.schemes))
 
 
-QuantConfig = GPTQConfig | AWQConfig | FP8Config | CompressedConfig
+@dataclass(frozen=True)
+class MXFP4Config:
+    """GPT-OSS: MoE experts as `*_blocks`/`*_scales` (ember.hfquant.mxfp4); the modules listed in
+    modules_to_not_convert are plain (they are told apart by their tensors, the list is only read)."""
+
+    not_converted: tuple[str, ...]
+    method: str = "mxfp4"
+
+    def describe(self) -> str:
+        return "mxfp4 experts (E2M1 codes, an E8M0 scale per 32)"
+
+
+QuantConfig = GPTQConfig | AWQConfig | FP8Config | CompressedConfig | MXFP4Config
 
 
 def parse(qc: Any, where: str, side_file: bool = False) -> QuantConfig:
@@ -126,7 +139,7 @@ def parse(qc: Any, where: str, side_file: bool = False) -> QuantConfig:
         raise _unsupported(where, f"a bitsandbytes {kind} checkpoint (quant_method 'bitsandbytes'), which ember does not "
                                   f"read; load the unquantised checkpoint with quantize='int8' or 'int4', or a GGUF file")
     if m == "mxfp4":
-        raise _unsupported(where, "an MXFP4 checkpoint (quant_method 'mxfp4', GPT-OSS), which ember does not read yet")
+        return _mxfp4(qc, where)
     raise _unsupported(where, f"quant_method {method!r:.40} is not supported")
 
 
@@ -143,6 +156,13 @@ def _gptq(qc: dict, where: str) -> GPTQConfig:
     if fmt not in ("gptq", "gptq_v2"):
         raise _unsupported(where, f"GPTQ checkpoint_format {fmt!r:.40} (ember reads 'gptq' and 'gptq_v2')")
     return GPTQConfig(bits, gs, desc_act, sym, 1 if fmt == "gptq" else 0)
+
+
+def _mxfp4(qc: dict, where: str) -> MXFP4Config:
+    skip = qc.get("modules_to_not_convert") or []
+    if not (isinstance(skip, list) and all(isinstance(x, str) for x in skip)):
+        raise ConfigError(f"{where}: quantization_config.modules_to_not_convert must be a list of strings, got {skip!r:.60}")
+    return MXFP4Config(tuple(skip[:4096]))
 
 
 def _awq(qc: dict, where: str) -> AWQConfig:

@@ -4,7 +4,7 @@ rotary, and an MoE in every layer: router with bias, softmax over the top-k logi
 biases and a clamped SwiGLU, (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g) for
 g = clamp(gate, max=limit), over gate/up columns interleaved in `gate_up_proj`.
 
-Weights in bf16 (the dequantised checkpoints; MXFP4 blocks are read elsewhere): experts are stored
+Weights in bf16 (MXFP4 checkpoints: ember.hfquant.mxfp4 dequantises the experts at load): experts are stored
 [E, H, 2F] / [E, F, H] (`mlp.experts.gate_up_proj`, `down_proj`, with `_bias`), used as transposed
 views, no copy.
 
