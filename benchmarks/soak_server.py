@@ -298,7 +298,7 @@ def check_agent(body: dict, message: dict, finish: str | None) -> str | None:
             jsonschema.validate(json.loads(call["function"]["arguments"]), params[name])
         return None
     except (ValueError, jsonschema.ValidationError, KeyError, TypeError) as e:
-        return f"{type(e).__name__}: {str(e)[:200]}"
+        return f"{type(e).__name__}: {getattr(e, 'message', str(e))[:200]}"
 
 
 async def agent_request(http: httpx.AsyncClient, rng: random.Random, args, st: "Stats") -> None:
