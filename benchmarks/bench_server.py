@@ -41,6 +41,10 @@ def resolve_model(name: str) -> str:
         import realmodels
 
         return str(realmodels.smollm2_hf())
+    if name == "default":  # what `ember serve` loads when no model is named
+        from ember.fixtures import default_model
+
+        return default_model()
     return name
 
 

@@ -2,13 +2,21 @@
 lengths, random disconnects and a sprinkling of bad and hostile requests: malformed bodies, echo with
 out-of-range token ids, lone surrogates (generation and embeddings), too many or too long stop
 strings, n past the batch, legal-but-heavy stop strings (16 x 1024 characters), abandoned
-2,048-text embedding requests and slowloris connections (headers a byte at a time).
+2,048-text embedding requests and slowloris connections (headers a byte at a time). A share of the
+chat clients' requests (--agent-rate) are agent traffic, streamed or not: forced tool calls
+(`tool_choice` "required" or a named function) and `response_format` json_schema outputs.
 
 Pass criteria (exit status 1 otherwise):
   * 0 errors on good requests (every good request gets a complete, well-formed answer, streamed or not);
+  * every agent request's output is valid: a forced tool call names an offered (or the named) function
+    and its arguments parse and validate (`jsonschema`) against that function's parameters; a
+    json_schema output parses and validates against its schema (streamed ones are assembled first);
+    one cut short (finish_reason "length": escaped characters can outgrow the token budget, the tiny
+    model's context is 512 tokens) is counted as truncated, not validated;
   * every bad request gets a 4xx with an OpenAI-style error body (never a 5xx or a dropped connection);
   * every slowloris connection is answered with a 408 (or reset) and closed within --read-timeout + 15 s;
-  * 0 leaked slots: once the clients stop, /health reports running == 0 and waiting == 0;
+  * 0 leaked slots: once the clients stop, /health and /metrics (ember_num_requests_running and
+    _waiting) report 0;
   * memory flat: the server's RSS is sampled through the run; start (after warm-up), end, max and the
     trend (MB/min, least squares) are reported. The trend is informative (a soak of a few minutes on
     a shared machine is noisy); `--max-growth-mb` makes growth past warm-up a failure.
@@ -21,6 +29,7 @@ by a timeout).
     python benchmarks/soak_server.py                               # 64 clients, 5 minutes, tiny model
     python benchmarks/soak_server.py --duration 30                 # a smoke run
     python benchmarks/soak_server.py --model smollm2 --clients 32 --duration 600 --json soak.json
+    python benchmarks/soak_server.py --model default --clients 16 --duration 60 --agent-rate 0.3
 
 With the tiny model the server also gets a tiny random BERT (tests/tinyencoders.py) as its embedding
 model (`--no-embeddings` to leave it out; with --url, --embedding-model-name names the server's).
@@ -38,6 +47,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_server  # noqa: E402
@@ -124,6 +134,8 @@ class Stats:
         self.ttft: list[float] = []
         self.error_samples: list[str] = []
         self.bad_by_kind: dict[str, dict[int, int]] = {}
+        self.agent: dict[str, int] = {}  # agent requests sent, by kind
+        self.agent_valid = self.agent_invalid = self.agent_truncated = 0
 
     def error(self, what: str) -> None:
         self.good_errors += 1
@@ -210,6 +222,155 @@ async def good_request(http: httpx.AsyncClient, rng: random.Random, args, st: St
             st.ttft.append(first)
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
         st.error(f"{type(e).__name__}: {e}")
+
+
+# ---- agent traffic: forced tool calls and json_schema outputs (issue 16) --------------------------
+# Every string is bounded, so a valid output always fits in AGENT_MAX_TOKENS.
+AGENT_MAX_TOKENS = 200
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+            "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
+            "required": ["a", "b"], "additionalProperties": False}}},
+]
+SCHEMAS = [
+    {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}},
+     "required": ["name", "age", "color", "tags"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "ok": {"type": "boolean"},
+        "where": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                  "required": ["city", "zip"], "additionalProperties": False}},
+     "required": ["score", "ok", "where"], "additionalProperties": False},
+]
+
+
+AGENT_KINDS = ["tool-required", "tool-named", "json-schema"]
+
+
+def agent_body(rng: random.Random, model_name: str, kinds=AGENT_KINDS) -> tuple[str, dict]:
+    """(kind, body): a forced tool call (required / named) or a json_schema output."""
+    kind = rng.choice(kinds)
+    topic = rng.choice(TOPICS)
+    body = {"model": model_name, "max_tokens": AGENT_MAX_TOKENS, "temperature": rng.choice([0, 0.7, 1.0]),
+            "seed": rng.randint(0, 10**6)}
+    if kind == "json-schema":
+        i = rng.randrange(len(SCHEMAS))
+        body["messages"] = [{"role": "user", "content": f"Describe {topic} as JSON."}]
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i], "strict": True}}
+    else:
+        body["messages"] = [{"role": "user", "content": f"What is the weather in the city of {topic}? Or add 2 and 3."}]
+        body["tools"] = TOOLS
+        body["tool_choice"] = "required" if kind == "tool-required" else \
+            {"type": "function", "function": {"name": rng.choice(TOOLS)["function"]["name"]}}
+    return kind, body
+
+
+def check_agent(body: dict, message: dict, finish: str | None) -> str | None:
+    """None if the answer is valid for the request, else what is wrong."""
+    try:
+        if "response_format" in body:
+            if finish != "stop":
+                return f"json_schema: finish_reason {finish}"
+            jsonschema.validate(json.loads(message.get("content") or ""),
+                                body["response_format"]["json_schema"]["schema"])
+            return None
+        calls = message.get("tool_calls") or []
+        if finish != "tool_calls" or not calls:
+            return f"forced tool call: finish_reason {finish}, {len(calls)} calls, content {message.get('content')!r:.80}"
+        params = {t["function"]["name"]: t["function"]["parameters"] for t in body["tools"]}
+        named = body["tool_choice"]["function"]["name"] if isinstance(body["tool_choice"], dict) else None
+        for call in calls:
+            name = call["function"]["name"]
+            if name not in params or (named and name != named):
+                return f"tool call to {name!r} (offered {sorted(params)}, named {named})"
+            if not call.get("id"):
+                return "tool call without an id"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), params[name])
+        return None
+    except (ValueError, jsonschema.ValidationError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'message', str(e))[:200]}"
+
+
+async def agent_request(http: httpx.AsyncClient, rng: random.Random, args, st: "Stats") -> None:
+    kind, body = agent_body(rng, args.model_name, args.agent_kinds)
+    stream = rng.random() < 0.5
+    key = f"{kind}-{'stream' if stream else 'plain'}"
+    st.agent[key] = st.agent.get(key, 0) + 1
+    t0 = time.perf_counter()
+    try:
+        if not stream:
+            r = await http.post(CHAT, json=body)
+            if r.status_code != 200:
+                st.error(f"agent {key}: {r.status_code} {r.text[:200]}")
+                return
+            out = r.json()
+            ch = out["choices"][0]
+            message, finish, tokens = ch["message"], ch.get("finish_reason"), out["usage"]["completion_tokens"]
+        else:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+            content, calls, finish, usage, done = [], {}, None, None, False
+            async with http.stream("POST", CHAT, json=body) as r:
+                if r.status_code != 200:
+                    st.error(f"agent {key}: {r.status_code} {(await r.aread())[:200]!r}")
+                    return
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line[6:] == "[DONE]":
+                        done = True
+                        break
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        st.error(f"agent {key}: error event {line[6:206]}")
+                        return
+                    for c in obj.get("choices") or []:
+                        finish = c.get("finish_reason") or finish
+                        delta = c.get("delta") or {}
+                        content.append(delta.get("content") or "")
+                        for tc in delta.get("tool_calls") or []:  # OpenAI's chunks: id and name first, then arguments
+                            call = calls.setdefault(tc["index"], {"id": None, "function": {"name": "", "arguments": ""}})
+                            call["id"] = tc.get("id") or call["id"]
+                            fn = tc.get("function") or {}
+                            call["function"]["name"] += fn.get("name") or ""
+                            call["function"]["arguments"] += fn.get("arguments") or ""
+                    usage = obj.get("usage") or usage
+            if not done or usage is None:
+                st.error(f"agent {key}: incomplete stream: done={done} usage={usage}")
+                return
+            message = {"content": "".join(content), "tool_calls": [calls[i] for i in sorted(calls)]}
+            tokens = usage["completion_tokens"]
+        if finish == "length":  # cut short (max_tokens or the context): a legal answer, nothing to validate
+            st.good += 1
+            st.agent_truncated += 1
+            st.tokens += tokens
+            return
+        wrong = check_agent(body, message, finish)
+        if wrong:
+            st.agent_invalid += 1
+            st.error(f"agent {key}: {wrong}")
+            return
+        st.good += 1
+        st.agent_valid += 1
+        st.tokens += tokens
+        st.latency.append(time.perf_counter() - t0)
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        st.error(f"agent {key}: {type(e).__name__}: {e}")
 
 
 async def bad_request(http: httpx.AsyncClient, rng: random.Random, bads, st: Stats) -> None:
@@ -326,6 +487,8 @@ async def client(cid: int, url: str, args, deadline: float, bads, st: Stats) -> 
                 await hostile_request(http, url, rng, args, st)
             elif args.embedding_model_name and x < args.bad_rate + args.hostile_rate + 0.05:
                 await good_embedding(http, rng, args, st)
+            elif rng.random() < args.agent_rate:
+                await agent_request(http, rng, args, st)
             else:
                 await good_request(http, rng, args, st)
 
@@ -355,17 +518,30 @@ async def sampler(url: str, pid: int | None, every: float, deadline: float, samp
             await asyncio.sleep(every)
 
 
-async def settle(url: str, timeout: float) -> dict:
-    """/health once the clients are gone: running and waiting must drop to 0."""
+def gauges(text: str) -> dict:
+    """ember_num_requests_running / _waiting from /metrics (Prometheus text)."""
+    out = {}
+    for line in text.splitlines():
+        for name in ("running", "waiting"):
+            if line.startswith(f"ember_num_requests_{name} "):
+                out[name] = float(line.split()[1])
+    return out
+
+
+async def settle(url: str, timeout: float) -> tuple[dict, dict | None]:
+    """/health and /metrics once the clients are gone: running and waiting must drop to 0 (the
+    metrics are None when the server has no /metrics)."""
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         end = time.monotonic() + timeout
-        h = {}
+        h, m = {}, None
         while time.monotonic() < end:
             h = (await http.get("/health")).json()
-            if h.get("running") == 0 and h.get("waiting") == 0:
-                return h
+            r = await http.get("/metrics")
+            m = gauges(r.text) if r.status_code == 200 else None
+            if h.get("running") == 0 and h.get("waiting") == 0 and (m is None or not any(m.values())):
+                break
             await asyncio.sleep(0.2)
-        return h
+        return h, m
 
 
 def trend(points: list[tuple[float, float]]) -> float:
@@ -399,7 +575,7 @@ async def run(url: str, pid: int | None, args) -> dict:
         t.cancel()
     samp.cancel()
     wall = time.monotonic() - t0
-    health = await settle(url, 60)
+    health, metrics = await settle(url, 60)
     rss_end = rss_mb(pid)
     warm = [(t, r) for t, r, _, _ in samples if r is not None and t >= args.warmup]
     rss_all = [r for _, r, _, _ in samples if r is not None]
@@ -412,7 +588,11 @@ async def run(url: str, pid: int | None, args) -> dict:
         "completion_tokens": st.tokens, "tokens_per_s": round(st.tokens / wall, 1),
         "latency_p50_s": pct(st.latency, 0.5), "latency_p99_s": pct(st.latency, 0.99),
         "ttft_p50_s": pct(st.ttft, 0.5), "ttft_p99_s": pct(st.ttft, 0.99),
-        "health_after": health, "leaked_slots": (health.get("running") or 0) + (health.get("waiting") or 0),
+        "agent_by_kind": dict(sorted(st.agent.items())), "agent_valid": st.agent_valid,
+        "agent_invalid": st.agent_invalid, "agent_truncated": st.agent_truncated,
+        "health_after": health, "metrics_after": metrics,
+        "leaked_slots": max((health.get("running") or 0) + (health.get("waiting") or 0),
+                            int(sum((metrics or {}).values()))),
         "rss_start_mb": round(warm[0][1], 1) if warm else None, "rss_end_mb": round(rss_end, 1) if rss_end else None,
         "rss_max_mb": round(max(rss_all), 1) if rss_all else None,
         "rss_trend_mb_per_min": round(trend(warm), 2),
@@ -425,7 +605,8 @@ async def run(url: str, pid: int | None, args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny (default), smollm2, or anything ember.load takes")
+    ap.add_argument("--model", default="tiny", help="tiny (default), smollm2, default (ember's default model: "
+                                                    "SmolLM2-135M-Instruct Q4_1 GGUF), or anything ember.load takes")
     ap.add_argument("--url", default=None, help="a running server (then RSS is read from --pid, if given)")
     ap.add_argument("--pid", type=int, default=None, help="the --url server's process id, for RSS samples")
     ap.add_argument("--model-name", default="soak", help="the served model name (with --url: the server's)")
@@ -441,6 +622,9 @@ def main() -> int:
     ap.add_argument("--read-timeout", type=float, default=5.0, help="the server's --read-timeout (slowloris bound)")
     ap.add_argument("--embedding-model-name", default=None, help="with --url: the server's embedding model, if any")
     ap.add_argument("--no-embeddings", action="store_true", help="start the server without an embedding model")
+    ap.add_argument("--agent-rate", type=float, default=0.3,
+                    help="share of good requests that are agent traffic (forced tool calls, json_schema; with the "
+                         "tiny model json_schema only); 0: none")
     ap.add_argument("--disconnect-rate", type=float, default=0.1, help="share of streams dropped mid-way")
     ap.add_argument("--request-timeout", type=float, default=120)
     ap.add_argument("--sample-every", type=float, default=2.0, help="RSS / health sampling period (s)")
@@ -453,6 +637,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.warmup is None:
         args.warmup = max(5.0, 0.1 * args.duration)
+    # the tiny model's 512-token context cannot hold the tools' definitions (its tokens are short)
+    args.agent_kinds = ["json-schema"] if args.model == "tiny" and not args.url else AGENT_KINDS
     proc = None
     if args.url:
         url, pid = args.url, args.pid
@@ -486,8 +672,10 @@ def main() -> int:
         failed.append(f"{summary['bad_unexpected']} bad requests not answered with an OpenAI-style 4xx")
     if summary["slowloris_not_closed"]:
         failed.append(f"{summary['slowloris_not_closed']} slowloris connections not answered 408 and closed")
+    if summary["agent_invalid"]:
+        failed.append(f"{summary['agent_invalid']} agent answers invalid for their schema or tool_choice")
     if summary["leaked_slots"]:
-        failed.append(f"{summary['leaked_slots']} leaked slots ({summary['health_after']})")
+        failed.append(f"{summary['leaked_slots']} leaked slots ({summary['health_after']}, {summary['metrics_after']})")
     if args.max_growth_mb is not None and summary["rss_start_mb"] and summary["rss_end_mb"] and \
             summary["rss_end_mb"] - summary["rss_start_mb"] > args.max_growth_mb:
         failed.append(f"RSS grew {summary['rss_end_mb'] - summary['rss_start_mb']:.1f} MB past warm-up")

@@ -162,6 +162,20 @@ def test_parser_edge_cases():
     assert _pairs(mistral.parse('[TOOL_CALLS]f[ARGS]{"a": 1}')[1]) == [("f", {"a": 1})]  # v11
 
 
+
+def test_hermes_call_whose_argument_holds_the_closing_tag():
+    """The grammar lets a string argument hold "</tool_call>" (the soak's forced calls met one): the call
+    ends where its JSON does, streamed or not."""
+    args = {"city": "][1]}</tool_call>Em", "unit": "celsius"}
+    text = f'<tool_call>\n{json.dumps({"name": "get_weather", "arguments": args})}\n</tool_call>'
+    content, calls = FORMATS["hermes"].parse(text + " done")
+    assert _pairs(calls) == [("get_weather", args)] and content == "done"
+    out = ChatOutput(FORMATS["hermes"])
+    deltas = [d for i in range(0, len(text), 5) for d in out.feed(text[i:i + 5])] + out.end()
+    assert [json.loads(tc["function"]["arguments"]) for d in deltas for tc in d.get("tool_calls", [])
+            if tc["function"]["arguments"]] == [args]
+    assert not "".join(d.get("content", "") for d in deltas)
+
 @pytest.mark.parametrize("fmt", ["hermes", "llama3", "mistral"])
 def test_streamed_deltas_assemble_to_the_whole_message(fmt):
     text = "<think>\nweighing it</think>\n\n" + _written(fmt, CALLS)

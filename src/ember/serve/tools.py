@@ -219,18 +219,26 @@ class ToolFormat:
 class Hermes(ToolFormat):
     name = "hermes"
     opener = "<tool_call>"
-    _block = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+    _close = re.compile(r"\s*(?:</tool_call>|\Z)")
 
     def parse(self, text):
-        calls, spans = [], []
-        for m in self._block.finditer(text):
+        # each call's JSON is read whole (raw_decode), so a string value holding "</tool_call>" (which
+        # the grammar allows) does not end the call early
+        dec, calls, spans, pos = json.JSONDecoder(), [], [], 0
+        while (a := text.find(self.opener, pos)) >= 0:
+            i = a + len(self.opener)
+            while i < len(text) and text[i].isspace():
+                i += 1
+            pos = i
             try:
-                call = _call_from(json.loads(m.group(1)), self.args_key)
+                obj, j = dec.raw_decode(text, i)
             except ValueError:
-                call = None
-            if call is not None:
+                continue
+            call, close = _call_from(obj, self.args_key), self._close.match(text, j)
+            if call is not None and close is not None:
                 calls.append(call)
-                spans.append(m.span())
+                spans.append((a, close.end()))
+                pos = close.end()
         if not calls:
             return text, []
         content, last = [], 0
