@@ -46,3 +46,22 @@ def test_gpt_oss_default_rope_is_transformers_yarn():
     raw = {"model_type": "gpt_oss", **BASE, "num_key_value_heads": 2}
     cfg = lookup(raw).parse_config(raw)
     assert cfg.raw["rope_parameters"]["rope_type"] == "yarn" and cfg.layer_types == ["sliding_attention", "full_attention"]
+
+
+def test_gpt_oss_cached_decode_keeps_the_sinks(tmp_path):
+    """Bug: single-row CPU decode took Llama attention's fused rotary + cache + attention op, which has
+    no sinks, so GPT-OSS decoded without them. Cached decode logits must equal the whole forward's."""
+    import ember
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(**{**BASE, **SHAPES["mqa_6experts_top3_tight_limit_full_first"]})
+    hf = _perturb_sinks_(tiny_hf_model(cfg))
+    llm = ember.load(save(hf, tmp_path), dtype=torch.float32, device="cpu")
+    ids = torch.arange(3, 17)[None]
+    with torch.no_grad():
+        whole = llm.model(ids)
+        cache = llm.model.new_cache(1, 64)
+        llm.model(ids[:, :10], position_ids=torch.arange(10)[None], cache=cache, kv_len=10)
+        steps = torch.cat([llm.model(ids[:, p:p + 1], position_ids=torch.tensor([[p]]), cache=cache, kv_len=p + 1)
+                           for p in range(10, 14)], 1)
+    assert (steps - whole[:, 10:14]).abs().max().item() <= 1e-4

@@ -148,7 +148,9 @@ class Attention(nn.Module):
         if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
-            slot = step.decode_slot(self.layer_idx, self.window) if T == 1 and self.softcap is None else None
+            # (a subclass with its own _attend, e.g. GPT-OSS's sinks, keeps the separate ops)
+            fusable = T == 1 and self.softcap is None and type(self)._attend is Attention._attend
+            slot = step.decode_slot(self.layer_idx, self.window) if fusable else None
             if slot is not None:  # one row's decode token: rotary, cache write and attention in one op
                 return self.o_proj(ops.rope_cache_attention(out, cos, sin, *slot, H, self.scale))
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
