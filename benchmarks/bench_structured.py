@@ -76,7 +76,7 @@ def main():
     llm = ember.load(args.model or default_model(), device=args.device)
     grammar = llm.grammar(json_schema=SCHEMA)
     run(llm, args.batch, 4, args.batch, grammar)  # warm-up (kernels, the llguidance tokenizer)
-    print(f"{llm!r}: batch {args.batch}, {args.tokens} tokens per row (measured under contention)")
+    print(f"{llm!r}: batch {args.batch}, {args.tokens} tokens per row")
     base = None
     timed = _Timed()
     for label, k in (("all free", 0), ("half json_schema", args.batch // 2), ("all json_schema", args.batch)):
