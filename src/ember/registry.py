@@ -220,6 +220,10 @@ register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeFo
 register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
 register("falcon", "ember.models.falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+# State-space models: recurrent state beside (or instead of) the KV cache (nn/state_cache.py)
+register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
+register("mamba2", "ember.models.mamba2", architectures=("Mamba2ForCausalLM",),
+         prepare=_module_prepare("ember.models.mamba2"))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
          prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})
