@@ -46,7 +46,10 @@ class CausalConv(nn.Module):
         if state is None:
             state = x.new_zeros(B, C, self.kernel - 1)
         full = torch.cat([state.to(x.dtype), x], dim=-1)
-        y = F.conv1d(full.to(self.weight.dtype), self.weight, self.bias, groups=C)
+        # windows times taps, summed: a depthwise conv1d is far slower on CPU for these shapes
+        y = (full.unfold(-1, self.kernel, 1).to(self.weight.dtype) * self.weight).sum(-1)  # [B, C, T]
+        if self.bias is not None:
+            y = y + self.bias[:, None]
         return self.act(y).to(x.dtype), full[:, :, full.shape[-1] - (self.kernel - 1):]
 
 
