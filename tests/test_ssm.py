@@ -27,14 +27,27 @@ SHAPES = {
     "mamba2_one_group_bias_limit": ("mamba2", dict(hidden_size=48, num_heads=6, head_dim=8 * 2, state_size=16,
                                                    n_groups=1, chunk_size=16, conv_kernel=3, use_bias=True,
                                                    time_step_limit=(0.0, 3.0))),
+    # Granite 4: Mamba-2 layers and attention layers, GraniteMoeShared's MLPs and multipliers
+    "granite4_rope_moe": ("granitemoehybrid", dict(
+        hidden_size=64, intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=3,
+        layer_types=["mamba", "attention", "mamba"], num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, position_embedding_type="rope", max_position_embeddings=128,
+        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0,
+        mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)),
+    "granite4_nope_dense": ("granitemoehybrid", dict(
+        hidden_size=48, shared_intermediate_size=64, num_hidden_layers=2, layer_types=["attention", "mamba"],
+        num_attention_heads=4, num_key_value_heads=1, num_local_experts=0, attention_multiplier=0.25,
+        max_position_embeddings=128, mamba_n_heads=6, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=3,
+        mamba_chunk_size=16, mamba_proj_bias=False)),
 }
 
 
 def _config(shape):
-    from transformers import Mamba2Config, MambaConfig
+    import transformers
 
     family, kw = SHAPES[shape]
-    return (MambaConfig if family == "mamba" else Mamba2Config)(**{**BASE, **kw})
+    cls = {"mamba": "MambaConfig", "mamba2": "Mamba2Config", "granitemoehybrid": "GraniteMoeHybridConfig"}[family]
+    return getattr(transformers, cls)(**{**BASE, **kw})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,14 +80,18 @@ def test_ssm_matches_transformers(built, shape):
     # a bias on in_proj makes padding positions nonzero before the conv, in transformers too:
     # padded rows then differ from the rows alone
     llm = check_parity(hf, folder, 256, padding_invariant=not SHAPES[shape][1].get("use_bias", False))
-    assert isinstance(llm.model.new_cache(2, 16), StateCache)
+    cache = llm.model.new_cache(2, 16)
+    assert isinstance(cache, StateCache)
+    # keys and values for the attention layers only, state for the state-space layers only
+    attention = [t in ("attention", "full_attention") for t in SHAPES[shape][1].get("layer_types", ["mamba"] * 2)]
+    assert [k.numel() > 0 for k in cache.k] == attention == [s is None for s in cache.states]
 
 
 def _load(folder):
     return ember.load(folder, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("shape", ["mamba_tied", "mamba2_groups_chunked"])
+@pytest.mark.parametrize("shape", ["mamba_tied", "mamba2_groups_chunked", "granite4_rope_moe"])
 def test_state_cache_matches_the_uncached_forward_token_by_token(built, shape):
     """Prefill in two chunks (the second continuing from the state), then decode one token at a
     time: every step's logits equal the uncached forward's at that position."""
@@ -111,7 +128,7 @@ def test_idle_rows_keep_their_state_and_reset_rows_zeroes_it(built):
         assert all(not t[1].any() and t[0].any() for s in cache.states for t in s)
 
 
-@pytest.mark.parametrize("shape", ["mamba_untied_bias_rank", "mamba2_groups_chunked"])
+@pytest.mark.parametrize("shape", ["mamba_untied_bias_rank", "mamba2_groups_chunked", "granite4_nope_dense"])
 def test_engine_static_step_with_a_slot_reset_and_readmitted(built, shape):
     """Two slots through the engine's static decode step: the request in slot 0 finishes, a new one
     takes slot 0 (its state reset) while slot 1 keeps decoding, and idles through the decode step

@@ -224,6 +224,8 @@ register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM
 register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
 register("mamba2", "ember.models.mamba2", architectures=("Mamba2ForCausalLM",),
          prepare=_module_prepare("ember.models.mamba2"))
+register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
+         prepare=_module_prepare("ember.models.granitemoehybrid"))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
          prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})
