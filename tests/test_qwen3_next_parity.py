@@ -22,7 +22,19 @@ SHAPES = {
                          mlp_only_layers=[0, 1], intermediate_size=96, linear_num_key_heads=4,
                          linear_num_value_heads=4, partial_rotary_factor=1.0, tie_word_embeddings=False,
                          norm_topk_prob=False),
+    # Qwen3.5's text decoders: separate DeltaNet projections; dense, and MoE
+    "qwen3_5_dense": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                          intermediate_size=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                           "mrope_section": [1, 1, 0], "mrope_interleaved": True}),
+    "qwen3_5_moe": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                        linear_num_key_heads=2, linear_num_value_heads=2,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                         "mrope_section": [1, 1, 0], "mrope_interleaved": True}),
 }
+CONFIGS = {"qwen3_5_dense": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+           "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM")}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +53,8 @@ def built(tmp_path_factory):
 
     def make(shape):
         if shape not in cache:
-            hf = tiny_hf_model(transformers.Qwen3NextConfig(**{**BASE, **SHAPES[shape]}))
+            cfg, _ = CONFIGS.get(shape, ("Qwen3NextConfig", None))
+            hf = tiny_hf_model(getattr(transformers, cfg)(**{**BASE, **SHAPES[shape]}))
             cache[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
         return cache[shape]
     return make
@@ -53,10 +66,13 @@ def recurrent_reference(monkeypatch):
     weights reaches ~5e-4 in the logits (its own token-by-token rule, the same arithmetic as ember's,
     agrees with ember within 4e-6; in float64 ember and the recurrent rule agree within 2e-6): the
     parity check takes the recurrent rule as the reference, and a looser check covers the chunked one."""
-    from transformers.models.qwen3_next import modeling_qwen3_next as m
+    import importlib
 
-    chunked = m.torch_chunk_gated_delta_rule
-    monkeypatch.setattr(m, "torch_chunk_gated_delta_rule", m.torch_recurrent_gated_delta_rule)
+    chunked = {}
+    for name in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+        m = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        chunked[m] = m.torch_chunk_gated_delta_rule
+        monkeypatch.setattr(m, "torch_chunk_gated_delta_rule", m.torch_recurrent_gated_delta_rule)
     return chunked
 
 
@@ -65,9 +81,8 @@ def test_qwen3_next_matches_transformers(built, shape, recurrent_reference, monk
     """Logits (plain, left- and right-padded batches) within 1e-4, greedy continuations equal."""
     hf, folder = built(shape)
     llm = check_parity(hf, folder, 256)
-    from transformers.models.qwen3_next import modeling_qwen3_next as m
-
-    monkeypatch.setattr(m, "torch_chunk_gated_delta_rule", recurrent_reference)  # transformers' default path
+    for m, chunked in recurrent_reference.items():  # back to transformers' default path
+        monkeypatch.setattr(m, "torch_chunk_gated_delta_rule", chunked)
     ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (hf(ids).logits - llm.model(ids)).abs().max() < 3e-3

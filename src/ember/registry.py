@@ -227,6 +227,10 @@ register("mamba2", "ember.models.mamba2", architectures=("Mamba2ForCausalLM",),
 register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
          prepare=_module_prepare("ember.models.granitemoehybrid"))
 register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCausalLM",))
+# Qwen3.5's text decoders (the multimodal checkpoints' vision tower is not read yet): dense MLPs, or the MoE
+register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCausalLM",),
+         prepare=lambda d: {**d, "num_experts": 0})
+register("qwen3_5_moe_text", "ember.models.qwen3_next", architectures=("Qwen3_5MoeForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
          prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})

@@ -1,4 +1,4 @@
-"""Qwen3-Next: a hybrid of gated DeltaNet layers ("linear_attention") and gated full-attention layers
+"""Qwen3-Next and the text decoders of Qwen3.5 / Qwen3.5-MoE: a hybrid of gated DeltaNet layers ("linear_attention") and gated full-attention layers
 ("full_attention", one in four in the released models), over Qwen2-MoE's sparse MoE with a gated
 shared expert (or a dense MLP where `mlp_only_layers` / `decoder_sparse_step` say).
 
@@ -16,7 +16,12 @@ The cache is a StateCache (ember.nn.state_cache): keys and values for the attent
 conv window and the delta-rule matrix for the DeltaNet layers. The recurrence runs token by token
 (prefill too): exact, and what a single decode step needs.
 
-Reference: transformers/models/qwen3_next/modeling_qwen3_next.py (torch_recurrent_gated_delta_rule,
+Qwen3.5 differs in storage only: four DeltaNet projections (in_proj_qkv, in_proj_z, in_proj_b,
+in_proj_a, heads in order rather than grouped), dense MLPs (qwen3_5_text) or the same MoE
+(qwen3_5_moe_text), and M-RoPE sections that reduce to plain rotary for text (every section gets
+the same position).
+
+Reference: transformers/models/qwen3_next/modeling_qwen3_next.py, qwen3_5/modeling_qwen3_5.py (torch_recurrent_gated_delta_rule,
 Qwen3NextGatedDeltaNet, Qwen3NextAttention).
 """
 from __future__ import annotations
@@ -111,8 +116,16 @@ class GatedDeltaNet(nn.Module):
         self.kh, self.vh = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         key_dim, value_dim, E = self.kh * self.dk, self.vh * self.dv, cfg.hidden_size
-        self.in_proj_qkvz = linear(E, 2 * key_dim + 2 * value_dim, vb.pp("in_proj_qkvz"))
-        self.in_proj_ba = linear(E, 2 * self.vh, vb.pp("in_proj_ba"))
+        # Qwen3-Next stores q/k/v/z and b/a fused and grouped per key head; Qwen3.5 as four projections
+        self.separate = vb.contains("in_proj_qkv.weight")
+        if self.separate:
+            self.in_proj_qkv = linear(E, 2 * key_dim + value_dim, vb.pp("in_proj_qkv"))
+            self.in_proj_z = linear(E, value_dim, vb.pp("in_proj_z"))
+            self.in_proj_b = linear(E, self.vh, vb.pp("in_proj_b"))
+            self.in_proj_a = linear(E, self.vh, vb.pp("in_proj_a"))
+        else:
+            self.in_proj_qkvz = linear(E, 2 * key_dim + 2 * value_dim, vb.pp("in_proj_qkvz"))
+            self.in_proj_ba = linear(E, 2 * self.vh, vb.pp("in_proj_ba"))
         self.conv1d = CausalConv(2 * key_dim + value_dim, cfg.linear_conv_kernel_dim, vb.pp("conv1d"), bias=False,
                                  act=cfg.hidden_act)
         self.dt_bias = nn.Parameter(vb.get((self.vh,), "dt_bias"), requires_grad=False)
@@ -124,18 +137,28 @@ class GatedDeltaNet(nn.Module):
         """The conv window (the cache's dtype) and the delta-rule matrix [Hv, Dk, Dv] (float32)."""
         return ((self.conv1d.state_shape(), None), ((self.vh, self.dk, self.dv), torch.float32))
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q|k|v [B, T, 2 kh dk + vh dv] as the conv takes them, z [B, T, vh, dv], b, a [B, T, vh])."""
+        B, T, _ = x.shape
+        kh, vh, dk, dv = self.kh, self.vh, self.dk, self.dv
+        if self.separate:
+            return (self.in_proj_qkv(x), self.in_proj_z(x).view(B, T, vh, dv), self.in_proj_b(x),
+                    self.in_proj_a(x))
+        per = vh // kh
+        # grouped per key head: [q (dk), k (dk), v (per * dv), z (per * dv)] and [b (per), a (per)]
+        q, k, v, z = self.in_proj_qkvz(x).view(B, T, kh, 2 * dk + 2 * per * dv).split(
+            [dk, dk, per * dv, per * dv], dim=-1)
+        ba = self.in_proj_ba(x).view(B, T, kh, 2 * per)
+        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+        return mixed, z.reshape(B, T, vh, dv), ba[..., :per].reshape(B, T, vh), ba[..., per:].reshape(B, T, vh)
+
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         kh, vh, dk, dv = self.kh, self.vh, self.dk, self.dv
         per = vh // kh  # value heads per key head
         x = padding_zeroed(x, step.attention_mask)
-        # the projections are grouped per key head: [q (dk), k (dk), v (per * dv), z (per * dv)] ...
-        qkvz = self.in_proj_qkvz(x).view(B, T, kh, 2 * dk + 2 * per * dv)
-        q, k, v, z = qkvz.split([dk, dk, per * dv, per * dv], dim=-1)
-        ba = self.in_proj_ba(x).view(B, T, kh, 2 * per)
-        b, a = ba[..., :per].reshape(B, T, vh), ba[..., per:].reshape(B, T, vh)
+        mixed, z, b, a = self._project(x)
         conv_state, S = read_state(step, self.layer_idx, B) or (None, None)
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         mixed, conv_state = self.conv1d(mixed.transpose(1, 2), conv_state)
         q, k, v = mixed.transpose(1, 2).split([kh * dk, kh * dk, vh * dv], dim=-1)
         q = q.reshape(B, T, kh, dk).repeat_interleave(per, dim=2)
@@ -143,7 +166,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         out, S = gated_delta_rule(q, k, v.reshape(B, T, vh, dv), g, b.sigmoid(), S)
         write_state(step, self.layer_idx, B, conv_state, S)
-        out = self.norm(out.to(x.dtype), z.reshape(B, T, vh, dv))
+        out = self.norm(out.to(x.dtype), z)
         return self.out_proj(out.reshape(B, T, vh * dv))
 
 
