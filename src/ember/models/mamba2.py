@@ -124,7 +124,9 @@ class Dims:
 
 
 class Mixer(nn.Module):
-    def __init__(self, d: Dims, vb: VarBuilder, layer_idx: int):
+    def __init__(self, d: Dims, vb: VarBuilder, layer_idx: int, *, norm: bool = True, out_bias: bool | None = None):
+        """norm=False: no gated norm (the gate multiplies; a hybrid's `gated` says how); out_bias: out_proj's
+        bias when it differs from in_proj's (`d.bias`)."""
         super().__init__()
         self.d, self.layer_idx = d, layer_idx
         I, G, N = d.inner, d.groups, d.state
@@ -134,8 +136,8 @@ class Mixer(nn.Module):
         self.dt_bias = nn.Parameter(vb.get((d.heads,), "dt_bias"), requires_grad=False)
         self.A_log = nn.Parameter(vb.get((d.heads,), "A_log"), requires_grad=False)
         self.D = nn.Parameter(vb.get((d.heads,), "D"), requires_grad=False)
-        self.norm = GatedRMSNorm(I, G, d.eps, vb.pp("norm"))
-        self.out_proj = linear(I, d.hidden, vb.pp("out_proj"), bias=d.bias)
+        self.norm = GatedRMSNorm(I, G, d.eps, vb.pp("norm")) if norm else None
+        self.out_proj = linear(I, d.hidden, vb.pp("out_proj"), bias=d.bias if out_bias is None else out_bias)
 
     def state_spec(self):
         """The conv window (the cache's dtype) and the SSM state h [heads, head_dim, N] (float32)."""
@@ -147,7 +149,7 @@ class Mixer(nn.Module):
         B, T, _ = x.shape
         mask = step.attention_mask
         conv_state, ssm_state = read_state(step, self.layer_idx, B) or (None, None)
-        gate, xbc, dt = self.in_proj(padding_zeroed(x, mask)).split([d.inner, self.conv_dim, d.heads], dim=-1)
+        gate, xbc, dt = self.project(padding_zeroed(x, mask)).split([d.inner, self.conv_dim, d.heads], dim=-1)
         xbc, conv_state = self.conv1d(xbc.transpose(1, 2), conv_state)
         xbc = padding_zeroed(xbc.transpose(1, 2), mask)
         h, Bm, Cm = xbc.split([d.inner, d.groups * d.state, d.groups * d.state], dim=-1)
@@ -164,7 +166,15 @@ class Mixer(nn.Module):
             y, ssm_state = ssd_scan(h, dt, A, Bm, Cm, d.chunk, ssm_state)
         write_state(step, self.layer_idx, B, conv_state, ssm_state)
         y = y + h.float() * self.D.float()[:, None]
-        return self.out_proj(self.norm(y.reshape(B, T, d.inner), gate).to(x.dtype))
+        return self.out_proj(self.gated(y.reshape(B, T, d.inner), gate).to(x.dtype))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """in_proj: (gate z, xBC, dt) in one tensor (a hybrid may scale them, Falcon-H1)."""
+        return self.in_proj(x)
+
+    def gated(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The scan's output with the gate applied: the gated group RMSNorm."""
+        return self.norm(y, gate)
 
 
 class Block(mamba.Block):
