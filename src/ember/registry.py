@@ -159,7 +159,10 @@ register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2F
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
 # Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
-         config_class="MultimodalConfig")
+         config_class="MultimodalConfig", model_class="ForConditionalGeneration")
+# Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
+register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
+         model_class="ForConditionalGeneration")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))

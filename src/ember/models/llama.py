@@ -254,8 +254,13 @@ class Model(nn.Module):
         self.deferred = all(isinstance(layer, DecoderLayer) and type(layer).forward is DecoderLayer.forward
                             and type(layer).forward_deferred is DecoderLayer.forward_deferred for layer in self.layers)
 
-    def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings an image+text model merges image features into (transformers'
+        get_input_embeddings()(input_ids))."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, step: Step, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
         cos, sin = self.rotary(step.position_ids, x.dtype)
