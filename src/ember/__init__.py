@@ -20,6 +20,7 @@ from .errors import (
     EmbeddingError,
     GenerationError,
     GrammarError,
+    ImageError,
     ModelNotFoundError,
     ShapeMismatchError,
     TemplateError,
@@ -71,5 +72,6 @@ __all__ = [
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
     "TokenizerError", "TemplateError", "GenerationError", "GrammarError", "EmbeddingError", "ArgumentError",
     "AudioError",
+    "ImageError",
     "DistributedError",
 ]

@@ -120,7 +120,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtyp
 
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-                   "json_schema", "response_format", "grammar")
+                   "json_schema", "response_format", "grammar", "image_embeds")
 
 
 def _unknown_options(unknown, known) -> str:
@@ -246,6 +246,9 @@ class LLM:
         # server uses the same), else greedy
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.prefix_cache = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
+        # image+text models (models/multimodal.py) with their vision tower: chat takes images
+        self.takes_images = getattr(self.model, "vision_tower", None) is not None and hasattr(self.model, "encode_images")
+        self._image_processor = None
 
     def with_engine(self, **options) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -277,7 +280,7 @@ class LLM:
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                 logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                 logit_bias: dict[int, float] | None = None, json_schema=None, response_format: dict | None = None,
-                grammar=None, **unknown) -> Request:
+                grammar=None, image_embeds: torch.Tensor | None = None, **unknown) -> Request:
         """A generation request (what generate/stream build; the server makes its own). A sampling
         argument left out (None) takes the model's generation_config.json value, else greedy decoding's.
 
@@ -300,7 +303,72 @@ class LLM:
                                   seed=seed, presence_penalty=presence_penalty or 0.0,
                                   frequency_penalty=frequency_penalty or 0.0,
                                   logit_bias=_token_keys(logit_bias)).validate()
-        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar)
+        ids = self.encode(prompt)
+        if image_embeds is not None:
+            self._check_image_embeds(ids, image_embeds)
+        return Request(ids, max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar,
+                       image_embeds=image_embeds)
+
+    # ---- images (image+text models) -------------------------------------------------------------
+    def _check_image_embeds(self, ids: list[int], embeds) -> None:
+        if not self.takes_images:
+            raise GenerationError(f"image_embeds: this model ({self._loaded.entry.model_type}) takes text only")
+        m = self.model
+        want = (sum(t == m.image_token_id for t in ids), m.config.hidden_size)
+        if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != want:
+            got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise GenerationError(f"image_embeds must be a tensor of {list(want)} (one row per image token of the "
+                                  f"prompt, as encode_images gives them flattened), got {got}")
+
+    @property
+    def image_processor(self):
+        """The model's image processor (ember.images.ImageProcessor: transformers' pixels), from the
+        checkpoint's preprocessor_config.json over the family's defaults."""
+        if not self.takes_images:
+            raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only, not images")
+        if self._image_processor is None:
+            from .images import ImageProcessor
+            from .errors import ImageError
+
+            path = self._loaded.snapshot.file("preprocessor_config.json")
+            if path is not None:
+                from .config import load_json
+
+                d = load_json(path)
+                for key in ("do_pad", "do_pan_and_scan"):
+                    if d.get(key):
+                        raise ImageError(f"{path}: {key}=true is not supported by ember's image processor")
+            self._image_processor = ImageProcessor.from_file(path, self.model.processor_defaults())
+        return self._image_processor
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """Images (PIL images, paths, encoded bytes) → their features in the decoder's space
+        [N, tokens_per_image, hidden]: the processor, the vision tower and the projector, once each."""
+        pixels = self.image_processor(list(images))
+        return self.model.encode_images(pixels.to(self.device))
+
+    def chat_prompt(self, messages: list[dict], *, tools=None, allow_local_images: bool = True,
+                    allow_remote_images: bool = False, **template_kwargs) -> tuple[str, list[int], torch.Tensor | None]:
+        """(prompt text, token ids, image features or None) of a chat: the template applied and, for an
+        image+text model, each image's placeholder expanded to its tokens and the images encoded
+        (image parts: ember.image_chat)."""
+        from . import image_chat
+
+        tok = self._need_tokenizer()
+        images = []
+        if image_chat.has_images(messages):
+            if not self.takes_images:
+                raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only; image content "
+                                      f"parts need an image+text model (llava, gemma3)")
+            messages, images = image_chat.split_images(messages, allow_local=allow_local_images,
+                                                       allow_remote=allow_remote_images)
+        prompt = tok.apply_chat_template(messages, True, tools=tools, **template_kwargs)
+        embeds = None
+        if images:
+            prompt = image_chat.expand(prompt, len(images), *self.model.image_text(tok))
+            embeds = self.encode_images(images).flatten(0, 1)
+        return prompt, tok.encode(prompt, add_special_tokens=False), embeds
 
     def grammar(self, *, json_schema=None, response_format: dict | None = None, grammar=None):
         """The compiled grammar (ember.generation.grammar.Grammar) of at most one of the three ways to
@@ -430,15 +498,25 @@ class LLM:
             yield run.add(ev)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools=None,
-             chat_template_kwargs: dict | None = None, details: bool = False, **kw):
+             chat_template_kwargs: dict | None = None, details: bool = False, allow_remote_images: bool = False,
+             **kw):
         """Apply the chat template and generate the assistant's reply: a str, pieces with stream=True;
-        with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`)."""
+        with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`).
+
+        Image+text models (llava, gemma3) take images as content parts, OpenAI's
+        `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (a data: URL, a
+        file path or file: URL; http(s) URLs only with allow_remote_images=True) or
+        `{"type": "image", "image": <PIL image | path | bytes>}`; see ember.image_chat."""
         if not isinstance(stream, bool):
             raise GenerationError(f"stream must be True or False, got {stream!r:.60}")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise GenerationError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-        ids = self._need_tokenizer().encode_chat(messages, add_generation_prompt=True, tools=tools,
-                                                 **(chat_template_kwargs or {}))
+        if not isinstance(allow_remote_images, bool):
+            raise GenerationError(f"allow_remote_images must be True or False, got {allow_remote_images!r:.60}")
+        _, ids, embeds = self.chat_prompt(messages, tools=tools, allow_remote_images=allow_remote_images,
+                                          **(chat_template_kwargs or {}))
+        if embeds is not None:
+            kw["image_embeds"] = embeds
         if stream:
             return self.stream(ids, max_tokens, details=details, **kw)
         return self.generate(ids, max_tokens, details=details, **kw)
