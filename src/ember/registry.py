@@ -23,6 +23,9 @@ class Entry:
     defaults: dict = field(default_factory=dict)  # filled in when config.json lacks the key
     prepare: Callable[[dict], dict] | None = None  # last fix-ups of the raw dict
     gguf: tuple[str, ...] = ()  # GGUF architectures read as this type (their mapping: the module's GGUF dict)
+    # image+text models built around any registered decoder (LLaVA): the config.json key holding the
+    # decoder's config; parse_config hands the config class (parsed config, ForCausalLM class) as `decoder`
+    decoder: str | None = None
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -33,7 +36,18 @@ class Entry:
         d = {**self.defaults, **raw}
         if self.prepare is not None:
             d = self.prepare(d)
-        return cfg_cls.from_dict(d)
+        if self.decoder is None:
+            return cfg_cls.from_dict(d)
+        sub = d.get(self.decoder)
+        sub = sub if isinstance(sub, dict) else {"model_type": "llama"}  # transformers' default decoder
+        try:
+            entry = lookup(sub)
+            if entry.task != "causal-lm":
+                raise ConfigError(f"{entry.model_type} is not a text decoder")
+            decoder = (entry.parse_config(sub), entry.load()[1])
+        except (ConfigError, UnsupportedModelError) as e:
+            raise type(e)(f"{self.decoder}: {e}") from None
+        return cfg_cls.from_dict(d, decoder=decoder)
 
 
     def gguf_mapping(self, arch: str):
@@ -162,7 +176,7 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
          config_class="MultimodalConfig", model_class="ForConditionalGeneration")
 # Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
 register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
-         model_class="ForConditionalGeneration")
+         model_class="ForConditionalGeneration", decoder="text_config")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))

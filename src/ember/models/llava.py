@@ -11,12 +11,12 @@ template wrote one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import registry
-from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..errors import CheckpointError, ConfigError
 from ..nn import activation, linear
 from ..varbuilder import VarBuilder
 from . import clip, multimodal
@@ -32,15 +32,14 @@ class Config(multimodal.Config):
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
 
+    # (parsed text config, its ForCausalLM class): ember.registry resolves text_config's model_type
+    decoder: Any = None
+
     def __post_init__(self):
-        text = self.text_config or {"model_type": "llama"}
-        try:
-            entry = registry.lookup(text)
-            if entry.task != "causal-lm":
-                raise ConfigError(f"{entry.model_type} is not a text decoder")
-            self.text = entry.parse_config(text)
-        except (ConfigError, UnsupportedModelError) as e:
-            raise type(e)(f"text_config: {e}") from None
+        if self.decoder is None:
+            raise ConfigError("a llava config is parsed through ember.registry (which resolves its text decoder)")
+        self.text, self.text_class = self.decoder
+        self.raw = {k: v for k, v in self.raw.items() if k != "decoder"}  # config.json's keys only
         self.vision = self.tower(clip.VisionConfig, self.vision_config, "vision_config")
 
     def validate(self) -> None:
@@ -77,8 +76,7 @@ class Projector(nn.Module):
 
 class ForConditionalGeneration(multimodal.ImageTextLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
-        _, text_cls = registry.lookup(cfg.text_config or {"model_type": "llama"}).load()
-        text = text_cls(cfg.text, multimodal.language_model(vb), fuse)
+        text = cfg.text_class(cfg.text, multimodal.language_model(vb), fuse)
         v = cfg.vision
         tokens = v.num_patches + (cfg.vision_feature_select_strategy == "full")
         super().__init__(cfg, text, tokens)
