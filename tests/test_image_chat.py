@@ -187,15 +187,18 @@ def test_chat_with_images_greedy_matches_transformers(pair):
     ref_in = _hf_inputs(proc, images)
     n = len(ref_in["input_ids"][0])
     with torch.no_grad():
-        want = hf.generate(**ref_in, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+        want = hf.generate(**ref_in, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, n:].tolist()
     assert_varied(want, "an image chat")
-    got = llm.chat(_ember_messages(images), 24, ignore_eos=True, temperature=0, details=True)
+    got = llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True)
     assert got.token_ids == want
     assert got.usage.prompt_tokens == n
     # PIL images, paths and bytes in transformers' {"type": "image"} form give the same
-    again = llm.chat(_messages([images[0], _png(images[1])]), 24, ignore_eos=True, temperature=0, details=True)
+    again = llm.chat(_messages([images[0], _png(images[1])]), 16, ignore_eos=True, temperature=0, details=True)
     assert again.token_ids == want
+    # the engine's static decode step (CUDA graphs on a GPU; the same static shapes on CPU)
+    fast = llm.with_engine(cuda_graphs=True, max_batch=2, max_len=128)
+    assert fast.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True).token_ids == want
 
 
 def test_image_prompts_batch_with_text_prompts(pair):
@@ -267,6 +270,39 @@ def test_bad_images_are_image_errors(pair, url, match):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 32 << 20, f"refusing the image took {peak:,} bytes"
+
+
+def test_data_url_size_checked_before_decoding(pair, monkeypatch):
+    import ember.image_chat
+
+    _, _, llm = pair
+    monkeypatch.setattr(ember.image_chat, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ember.ImageError, match="more than the 1,000 bytes"):
+        llm.chat_prompt(_ember_messages([_image(64, 64)]))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vision_feature_layer": 7}, "vision_feature_layer"),
+    ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy"),
+    ({"text_config": {"model_type": "bert"}}, "not a text decoder"),
+    ({"text_config": {"model_type": "llama", "hidden_size": -1}}, "text_config"),
+    ({"vision_config": {"image_size": 30, "patch_size": 8}}, "multiple of patch_size"),
+])
+def test_bad_llava_configs_are_config_errors(change, match):
+    from ember.registry import lookup
+
+    raw = {"model_type": "llava", "image_token_index": 5, "text_config": {"model_type": "llama", **TEXT},
+           "vision_config": VISION, **change}
+    with pytest.raises(ember.ConfigError, match=match):
+        lookup(raw).parse_config(raw)
+
+
+def test_bad_gemma3_vision_config_is_a_config_error():
+    from ember.registry import lookup
+
+    raw = {"model_type": "gemma3", "mm_tokens_per_image": 3, "text_config": TEXT, "vision_config": VISION}
+    with pytest.raises(ember.ConfigError, match="mm_tokens_per_image"):
+        lookup(raw).parse_config(raw)
 
 
 def test_text_only_model_refuses_images(tiny_chat):
