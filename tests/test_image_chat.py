@@ -190,8 +190,14 @@ def test_chat_with_images_greedy_matches_transformers(pair):
         want = hf.generate(**ref_in, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, n:].tolist()
     assert_varied(want, "an image chat")
-    got = llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True)
+    calls = []
+    hook = llm.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    try:
+        got = llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True)
+    finally:
+        hook.remove()
     assert got.token_ids == want
+    assert calls == [len(images)]  # the tower and projector ran once, over both images
     assert got.usage.prompt_tokens == n
     # PIL images, paths and bytes in transformers' {"type": "image"} form give the same
     again = llm.chat(_messages([images[0], _png(images[1])]), 16, ignore_eos=True, temperature=0, details=True)
