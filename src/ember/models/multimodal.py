@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import ConfigError, GenerationError
+from ..errors import ConfigError, GenerationError, UnsupportedModelError
 from ..varbuilder import VarBuilder
 from .base import CausalLM
 
@@ -80,9 +80,10 @@ class Config(ModelConfig):
                       "an image+text config needs image_token_index (the image tokens' id)")
 
     @staticmethod
-    def tower(cls, d: dict | None, name: str):
+    def tower(config_class, d: dict | None, name: str):
+        """A tower's config parsed from its dict, its errors naming the dict (vision_config ...)."""
         try:
-            return cls.from_dict(d or {})
+            return config_class.from_dict(d or {})
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
 
@@ -96,8 +97,6 @@ class ImageTextLM(CausalLM):
 
     def __init__(self, cfg: Config, text: CausalLM, tokens_per_image: int):
         super().__init__()
-        from ..errors import UnsupportedModelError
-
         if not hasattr(text.model, "embed"):
             raise UnsupportedModelError(f"{cfg.model_type}: ember merges images into the embeddings of Llama- and "
                                         f"Gemma-family decoders, not {text.config.model_type}")
