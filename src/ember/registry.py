@@ -141,18 +141,18 @@ register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausa
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
-register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
-register("glm4", "ember.models.glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
-register("ernie4_5", "ember.models.ernie4_5", architectures=("Ernie4_5ForCausalLM",))
-register("hunyuan_v1_dense", "ember.models.hunyuan", architectures=("HunYuanDenseV1ForCausalLM",))
-register("exaone4", "ember.models.exaone4", architectures=("Exaone4ForCausalLM",))
-register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
+register("smollm3", "ember.models.smollm3", gguf="smollm3", architectures=("SmolLM3ForCausalLM",))
+register("glm4", "ember.models.glm4", gguf="glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
+register("ernie4_5", "ember.models.ernie4_5", gguf="ernie4_5", architectures=("Ernie4_5ForCausalLM",))
+register("hunyuan_v1_dense", "ember.models.hunyuan", gguf="hunyuan-dense", architectures=("HunYuanDenseV1ForCausalLM",))
+register("exaone4", "ember.models.exaone4", gguf="exaone4", architectures=("Exaone4ForCausalLM",))
+register("seed_oss", "ember.models.llama", gguf="seed_oss", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
          defaults={"vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
                    "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
                    "attention_bias": True})
-register("cohere", "ember.models.cohere", architectures=("CohereForCausalLM",))
-register("cohere2", "ember.models.cohere", architectures=("Cohere2ForCausalLM",),
+register("cohere", "ember.models.cohere", gguf="command-r", architectures=("CohereForCausalLM",))
+register("cohere2", "ember.models.cohere", gguf="cohere2", architectures=("Cohere2ForCausalLM",),
          defaults={"sliding_window": 4096}, prepare=lambda d: {**d, "cohere2": True, "use_qk_norm": False})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
@@ -161,7 +161,7 @@ register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Ge
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
          config_class="MultimodalConfig")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
-register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+register("olmo2", "ember.models.olmo2", gguf="olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
 
 

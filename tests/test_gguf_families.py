@@ -1,0 +1,57 @@
+"""GGUF files of the families ember gained in 2026 (llama.cpp's deepseek2, gpt-oss, glm4, glm4moe,
+smollm3, olmo2 (OLMo 2 and 3), exaone4, ernie4_5, ernie4_5-moe, hunyuan-dense, seed_oss, command-r,
+cohere2, granitemoe, olmoe, minimax-m2, bloom, falcon, starcoder), written from tiny transformers
+models as convert_hf_to_gguf.py writes them (tests/ggufconvert.py), against transformers."""
+import pytest
+import torch
+
+import ember
+from ember.io.gguf import GGUFFile
+from ember.loading import gguf_config
+
+import ggufconvert as gc
+
+pytest.importorskip("gguf")
+
+BASE = dict(vocab_size=265, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+# name: (transformers config class, overrides)
+MODELS = {
+    "seed_oss": ("SeedOssConfig", dict(head_dim=24)),
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=False)),
+    "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", dict(num_hidden_layers=4, sliding_window=5)),
+    "exaone4": ("Exaone4Config", dict(num_hidden_layers=4, sliding_window=5, head_dim=24)),
+    "ernie4_5": ("Ernie4_5Config", dict(head_dim=16)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", dict(head_dim=16)),
+    "cohere": ("CohereConfig", dict(use_qk_norm=True)),
+    "cohere2": ("Cohere2Config", dict(num_hidden_layers=4, sliding_window=5)),
+    "glm4": ("Glm4Config", dict(head_dim=16)),
+}
+
+
+def _hf(kind: str, **over):
+    import transformers as tf
+
+    from parity import tiny_hf_model
+
+    cls, extra = MODELS[kind]
+    return tiny_hf_model(getattr(tf, cls)(**{**BASE, **extra, **over}))
+
+
+def _ids(seed: int = 0, T: int = 12):
+    return torch.randint(0, 256, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_family_gguf_logits_match_transformers(tmp_path, kind):
+    hf = _hf(kind)
+    path = gc.convert(hf, tmp_path / "m.gguf")
+    raw = gguf_config(GGUFFile(path))
+    assert raw["model_type"] == hf.config.model_type
+    llm = ember.load(path, dtype=torch.float32, device="cpu")
+    assert llm.config.model_type == hf.config.model_type
+    with torch.no_grad():
+        ref, got = hf(_ids()).logits, llm.model(_ids())
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert llm.generate([5, 6, 7], max_tokens=6, ignore_eos=True)  # and it decodes through the cache
