@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import ggufmake as gm
@@ -51,8 +50,21 @@ def metadata(c, arch: str) -> dict:
     put("feed_forward_length", _h(c, "intermediate_size", "n_inner"))
     put("attention.head_count", _h(c, "num_attention_heads", "n_head"))
     put("attention.head_count_kv", _h(c, "num_key_value_heads"))
-    theta = _rope(c).get("rope_theta")
+    rope = _rope(c)
+    theta = rope.get("rope_theta")
     put("rope.freq_base", None if theta is None else float(theta))
+    kind, factor = rope.get("rope_type"), rope.get("factor")
+    if kind == "linear" and factor is not None:
+        put("rope.scaling.type", "linear")
+        put("rope.scaling.factor", float(factor))
+    elif kind == "yarn" and factor is not None:
+        put("rope.scaling.type", "yarn")
+        put("rope.scaling.factor", float(factor))
+        put("rope.scaling.original_context_length", rope["original_max_position_embeddings"])
+        for key, name in (("yarn_ext_factor", "extrapolation_factor"), ("yarn_attn_factor", "attention_factor"),
+                          ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if rope.get(name) is not None:
+                put(f"rope.scaling.{key}", float(rope[name]))
     eps = _h(c, "rms_norm_eps")
     put("attention.layer_norm_rms_epsilon", None if eps is None else float(eps))
     eps = _h(c, "layer_norm_eps", "layer_norm_epsilon")
@@ -128,6 +140,8 @@ def metadata(c, arch: str) -> dict:
         if getattr(c, "norm_topk_prob", False):
             put("expert_weights_norm", True)
         put("rope.dimension_count", c.qk_rope_head_dim)
+        if rope.get("mscale_all_dim") is not None:
+            put("rope.scaling.yarn_log_multiplier", 0.1 * rope["mscale_all_dim"])
         if c.model_type == "deepseek_v3":
             put("expert_gating_func", 2)  # sigmoid (V3's scoring_func; V2 files leave it: softmax)
     if arch in ("bloom", "falcon", "starcoder"):
@@ -177,12 +191,12 @@ def modify(c, arch: str, name: str, t: torch.Tensor):
         yield name + ".weight", t
         return
     if arch == "granitemoe" and name.endswith(("input_linear.weight", "experts.gate_up_proj")):
+        # GraniteMoeModel.modify_tensors: the fused gate/up split, written under GGUF names directly
         gate, up = t.chunk(2, dim=-2)
-        shared = "shared_mlp" in name
-        stem = name.rsplit(".", 2)[0] if name.endswith(".weight") else name.rsplit(".", 1)[0]
-        stem = stem.replace("block_sparse_moe.experts", "block_sparse_moe").replace(".shared_mlp", ".shared_mlp")
-        yield (f"{stem}.shared_mlp.gate_proj.weight" if shared else f"{stem}.experts.gate_proj.weight"), gate
-        yield (f"{stem}.shared_mlp.up_proj.weight" if shared else f"{stem}.experts.up_proj.weight"), up
+        bid = name.split(".")[2]
+        kind = "shexp" if "shared_mlp" in name else "exps"
+        yield f"blk.{bid}.ffn_gate_{kind}.weight", gate
+        yield f"blk.{bid}.ffn_up_{kind}.weight", up
         return
     if arch == "bloom" and "query_key_value" in name:
         n_head, n_embd = c.num_attention_heads, c.hidden_size
@@ -220,6 +234,14 @@ def gguf_tensors(model, arch: str | None = None):
             continue  # the converter drops Cohere2's (all-zero) biases
         for hf, w in modify(c, arch, name, t.detach().float()):
             hf = hf.replace("e_score_correction_bias", "e_score_correction.bias")  # as ModelBase does
+            if hf.startswith("blk."):
+                yield hf, w.numpy().copy()
+                continue
+            if arch == "granitemoe":  # the Hub checkpoints' names (transformers 5 renamed them)
+                hf = hf.replace("block_sparse_moe.router.weight", "block_sparse_moe.router.layer.weight")
+                hf = hf.replace("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")
+            if arch == "ernie4_5-moe":
+                hf = hf.replace(".gate.moe_statics.", ".moe_statics.")
             if arch == "bloom":
                 hf = hf.replace("transformer.", "")
             base, suffix = hf.rsplit(".", 1)

@@ -27,6 +27,31 @@ MODELS = {
     "cohere": ("CohereConfig", dict(use_qk_norm=True)),
     "cohere2": ("Cohere2Config", dict(num_hidden_layers=4, sliding_window=5)),
     "glm4": ("Glm4Config", dict(head_dim=16)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+                                            residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.3)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                        shared_intermediate_size=48)),
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, rotary_dim=8)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_hidden_layers=3, moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1)),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True, n_group=2,
+                                       topk_group=1, routed_scaling_factor=1.5, partial_rotary_factor=0.5)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=5)),
+    # V3: q_lora, sigmoid group-limited routing with the correction bias, yarn with mscale_all_dim
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                             v_head_dim=16, first_k_dense_replace=1, n_group=2, topk_group=1, num_key_value_heads=4,
+                                             n_shared_experts=1, rope_parameters={
+                                                 "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                 "original_max_position_embeddings": 32, "mscale_all_dim": 1.0,
+                                                 "mscale": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})),
+    # V2: q_proj without lora, softmax routing
+    "deepseek_v2": ("DeepseekV2Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                             v_head_dim=8, first_k_dense_replace=1, n_shared_experts=2,
+                                             num_key_value_heads=4)),
 }
 
 

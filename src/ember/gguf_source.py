@@ -179,6 +179,11 @@ def rope_scaling(meta: Meta) -> dict | None:
         mult = meta.get("rope.scaling.yarn_log_multiplier", kind=(int, float))
         if mult:
             out["mscale_all_dim"] = float(mult) / 0.1  # llama.cpp stores 0.1 * mscale_all_dim
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            v = meta.get(f"rope.scaling.{key}", kind=(int, float))
+            if v is not None:
+                out[name] = float(v)
     return out
 
 

@@ -196,23 +196,23 @@ register("qwen3_moe", "ember.models.mixtral", gguf="qwen3moe", architectures=("Q
 # renormalises the top-k weights)
 register("deepseek_v3", "ember.models.deepseek", architectures=("DeepseekV3ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "sigmoid"})
-register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCausalLM",),
+register("deepseek_v2", "ember.models.deepseek", gguf="deepseek2", architectures=("DeepseekV2ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "softmax", "norm_topk_prob": False},
          defaults={"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
                    "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
                    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
-register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
+register("gpt_oss", "ember.models.gpt_oss", gguf="gpt-oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
-register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
-register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("olmoe", "ember.models.olmoe", gguf="olmoe", architectures=("OlmoeForCausalLM",))
+register("granitemoe", "ember.models.granitemoe", gguf="granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
-register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
+register("glm4_moe", "ember.models.glm4_moe", gguf="glm4moe", architectures=("Glm4MoeForCausalLM",),
          prepare=_module_prepare("ember.models.glm4_moe"))
-register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
+register("minimax_m2", "ember.models.minimax_m2", gguf="minimax-m2", architectures=("MiniMaxM2ForCausalLM",),
          prepare=_module_prepare("ember.models.minimax_m2"))
-register("ernie4_5_moe", "ember.models.ernie4_5_moe", architectures=("Ernie4_5_MoeForCausalLM",))
+register("ernie4_5_moe", "ember.models.ernie4_5_moe", gguf="ernie4_5-moe", architectures=("Ernie4_5_MoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
 register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import LayerNorm, apply_rotary_interleaved
 from .. import gguf_source as gguf
+from ..nn import LayerNorm, apply_rotary_interleaved
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, Step, tied_or_own_head

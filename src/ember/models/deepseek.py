@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import (GroupLimitedMoE, RMSNorm, SharedExpertMoE, activation, apply_rotary, apply_rotary_interleaved,
                   attention, linear, rope_parameters)
 from ..varbuilder import VarBuilder
@@ -183,3 +184,68 @@ class ForCausalLM(CausalLM):
         """One latent "head" per layer: the normalised latent as keys, the rotated shared key part as values."""
         return [(1, layer.self_attn.rank, layer.self_attn.rope) for layer in self.model.layers]
 
+
+# ---- GGUF (llama.cpp's deepseek2, V2 and V3; MLA written as MQA) ---------------------------------
+SHARED_EXPERTS = {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                  "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+GGUF_MOE_LAYER = {**gguf.LLAMA_LAYER, **gguf.MOE_LAYER, **SHARED_EXPERTS,
+                  "exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}
+
+
+def gguf_moe_config(meta: gguf.Meta) -> dict:
+    """DeepSeek-style MoE fields (also GLM-4.5's) from `{arch}.expert_*` and
+    `leading_dense_block_count`; a file without experts is dense throughout."""
+    n = gguf.layer_count(meta)
+    if meta.get("expert_count", kind=int) is None:
+        return {"first_k_dense_replace": n, "n_routed_experts": None}
+    moe = gguf.moe_config(meta)
+    cfg = {"n_routed_experts": moe["num_local_experts"], "num_experts_per_tok": moe["num_experts_per_tok"],
+           "first_k_dense_replace": meta.get("leading_dense_block_count", 0, kind=int),
+           "n_shared_experts": meta.get("expert_shared_count", 0, kind=int),
+           "routed_scaling_factor": float(meta.get("expert_weights_scale", 1.0, kind=(int, float))),
+           "norm_topk_prob": moe.get("norm_topk_prob", False),
+           "n_group": meta.get("expert_group_count", 1, kind=int), "topk_group": meta.get("expert_group_used_count", 1, kind=int)}
+    if "moe_intermediate_size" in moe:
+        cfg["moe_intermediate_size"] = moe["moe_intermediate_size"]
+    return cfg
+
+
+def _gguf_deepseek2(meta: gguf.Meta) -> dict:
+    heads = gguf.attention_heads(meta)
+    cfg = gguf.decoder_config(meta, "deepseek_v2")
+    cfg["num_key_value_heads"] = heads
+    cfg.update(gguf_moe_config(meta))
+    sigmoid = meta.get("expert_gating_func", kind=int) == 2  # llama.cpp: 1 softmax (the default), 2 sigmoid
+    if sigmoid:
+        cfg["model_type"] = "deepseek_v3"
+    elif (cfg.get("n_group") or 1) > 1:
+        cfg["topk_method"] = "group_limited_greedy"
+    rope = meta.need("rope.dimension_count")
+    # files written for weight absorption give the MLA sizes as key_length_mla / value_length_mla
+    qk = meta.get("attention.key_length_mla", kind=int) or meta.need("attention.key_length")
+    v = meta.get("attention.value_length_mla", kind=int) or meta.need("attention.value_length")
+    if not rope < qk or v < 1:
+        raise gguf.ConfigError(f"{meta.f.path}: deepseek2 key length {qk} must exceed its rotary part {rope}, value "
+                               f"length {v} be positive")
+    cfg.update(kv_lora_rank=meta.need("attention.kv_lora_rank"), q_lora_rank=meta.get("attention.q_lora_rank", kind=int),
+               qk_rope_head_dim=rope, qk_nope_head_dim=qk - rope, v_head_dim=v, rope_interleave=True)
+    scaling = cfg.get("rope_scaling") or {}
+    if "mscale_all_dim" in scaling:
+        # llama.cpp leaves the rotary tables unscaled and puts mscale_all_dim's factor into the softmax
+        # scale alone: transformers' yarn with mscale equal to mscale_all_dim
+        cfg["rope_scaling"] = {**scaling, "mscale": scaling["mscale_all_dim"]}
+    return cfg
+
+
+def _kv_b(parts: list[torch.Tensor], cfg: dict) -> torch.Tensor:
+    """kv_b_proj [H * (nope + v), rank] from llama.cpp's k_b [H, rank, nope] and v_b [H, v, rank]."""
+    k_b, v_b = parts
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
+
+
+GGUF = {"deepseek2": gguf.GGUFMapping(_gguf_deepseek2, layer={
+    **GGUF_MOE_LAYER,
+    "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj"},
+    derived=(gguf.Derived("self_attn.kv_b_proj.weight", ("attn_k_b.weight", "attn_v_b.weight"), _kv_b),))}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..nn import RMSNorm
 from .. import gguf_source as gguf
+from ..nn import RMSNorm
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, Step, tied_or_own_head

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn import RMSNorm, apply_rotary
 from .. import gguf_source as gguf
+from ..nn import RMSNorm, apply_rotary
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, Step, tied_or_own_head
