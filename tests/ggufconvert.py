@@ -144,16 +144,16 @@ def metadata(c, arch: str) -> dict:
             put("rope.scaling.yarn_log_multiplier", 0.1 * rope["mscale_all_dim"])
         if c.model_type == "deepseek_v3":
             put("expert_gating_func", 2)  # sigmoid (V3's scoring_func; V2 files leave it: softmax)
-    if arch in ("bloom", "falcon", "starcoder"):
+    if arch in ("bloom", "falcon", "starcoder"):  # their converters write their own short lists
         n_embd = _h(c, "hidden_size", "n_embd")
-        m = {f"{arch}.context_length": _h(c, "n_positions", default=2048) if arch != "bloom" else n_embd,
+        kv = {"bloom": c.num_attention_heads, "starcoder": 1}.get(arch)
+        if arch == "falcon":
+            kv = c.num_kv_heads if c.new_decoder_architecture else 1
+        m = {f"{arch}.context_length": {"bloom": n_embd, "falcon": 2048}.get(arch, _h(c, "n_positions")),
              f"{arch}.embedding_length": n_embd, f"{arch}.feed_forward_length": 4 * n_embd,
              f"{arch}.block_count": c.num_hidden_layers, f"{arch}.attention.head_count": c.num_attention_heads,
-             f"{arch}.attention.head_count_kv": {"bloom": c.num_attention_heads, "starcoder": 1}.get(
-                 arch, _h(c, "num_kv_heads", default=1) if c.new_decoder_architecture or not c.multi_query else 1),
+             f"{arch}.attention.head_count_kv": kv,
              f"{arch}.attention.layer_norm_epsilon": float(c.layer_norm_epsilon)}
-        if arch == "falcon" and not c.new_decoder_architecture and not c.multi_query:
-            m[f"{arch}.attention.head_count_kv"] = c.num_attention_heads
     return m
 
 

@@ -52,6 +52,11 @@ MODELS = {
                                              q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
                                              v_head_dim=8, first_k_dense_replace=1, n_shared_experts=2,
                                              num_key_value_heads=4)),
+    "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+    # Falcon-40B's shape (KV groups, ln_attn / ln_mlp) and Falcon-7B's (multi-query, one norm)
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon_7b": ("FalconConfig", dict(new_decoder_architecture=False, multi_query=True, tie_word_embeddings=False)),
+    "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=64, n_layer=2, n_head=4, n_positions=128)),
 }
 
 

@@ -300,6 +300,10 @@ class GGUFMapping:
     # QKV the converter regrouped), or None; applied to quantised blocks too, as the Q/K permutation
     row_order: Callable[[str, dict], torch.Tensor | None] | None = None
     derived: tuple["Derived", ...] = ()  # HF tensors computed from several of the file's (layer-relative)
+    layer_fn: Callable[[dict], dict] | None = None  # the layer table for a config, where the file decides it
+
+    def layer_table(self, cfg: dict) -> dict:
+        return self.layer_fn(cfg) if self.layer_fn is not None else self.layer
 
 
 @dataclass(frozen=True)
@@ -355,10 +359,11 @@ class GGUFSource:
         kv_heads = cfg.get("num_key_value_heads") or heads
         self._cfg = cfg
         consumed = self._plan_derived(fam, cfg)
+        layer = fam.layer_table(cfg)
         for name, info in f.tensors.items():
             if name in CONFIG_TENSORS or name in consumed:
                 continue  # read into the config by the family's mapping (rope factors), or into a Derived tensor
-            hf = hf_name(name, fam.top, fam.layer, fam.layers_prefix) or name
+            hf = hf_name(name, fam.top, layer, fam.layers_prefix) or name
             plan = _Plan(name, info.shape)
             leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
             if fam.permute_qk and leaf in ("attn_q", "attn_k"):

@@ -216,9 +216,9 @@ register("ernie4_5_moe", "ember.models.ernie4_5_moe", gguf="ernie4_5-moe", archi
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
 register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
-register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeForCausalLM",))
-register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
-register("falcon", "ember.models.falcon", architectures=("FalconForCausalLM",))
+register("gpt_bigcode", "ember.models.gpt_bigcode", gguf="starcoder", architectures=("GPTBigCodeForCausalLM",))
+register("bloom", "ember.models.bloom", gguf="bloom", architectures=("BloomForCausalLM",))
+register("falcon", "ember.models.falcon", gguf="falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
