@@ -85,3 +85,89 @@ def test_family_gguf_logits_match_transformers(tmp_path, kind):
         ref, got = hf(_ids()).logits, llm.model(_ids())
     assert (got - ref).abs().max().item() <= 1e-4
     assert llm.generate([5, 6, 7], max_tokens=6, ignore_eos=True)  # and it decodes through the cache
+
+
+def _dequantised_twin(path, out):
+    """The same GGUF file with every tensor dequantised to F32 by gguf.quants (same names, same metadata)."""
+    import gguf
+    import numpy as np
+
+    import ggufmake as gm
+
+    r = gguf.GGUFReader(str(path))
+    meta = {}
+    for field in r.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        vt = field.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            meta[field.name] = (list(field.contents()), gm.ARR)
+        else:
+            meta[field.name] = (field.contents(), int(vt))
+    tensors = {t.name: (np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+        tuple(reversed([int(d) for d in t.shape]))), None) for t in r.tensors}
+    return gm.write(out, r.fields["general.architecture"].contents(), meta, tensors)
+
+
+# quantised files keep their blocks through the row orders (Bloom's QKV, the Q/K permutation) and the
+# group-limited MoE's experts, and dequantise the parts of Derived tensors (DeepSeek's k_b/v_b,
+# GPT-OSS's and GraniteMoE's experts)
+@pytest.mark.parametrize("kind", ["bloom", "granitemoe", "deepseek_v3", "gpt_oss"])
+def test_quantised_family_gguf_matches_its_dequantised_twin(tmp_path, kind, monkeypatch):
+    from ember import transforms
+    from ember.io import ggml
+
+    hf = _hf(kind, hidden_size=128, intermediate_size=64) if kind != "bloom" else _hf(kind, hidden_size=128)
+    path = gc.convert(hf, tmp_path / "q.gguf", qtype=ggml.Q8_0)
+    assert any(t.ggml_type == ggml.Q8_0 for t in GGUFFile(path).tensors.values())
+    twin = _dequantised_twin(path, tmp_path / "f.gguf")
+    monkeypatch.setattr(transforms, "native_kernels", lambda device: False)
+    with torch.no_grad():
+        want = ember.load(twin, dtype=torch.float32, device="cpu").model(_ids(2))
+        kept = ember.load(path, dtype=torch.float32, device="cpu", keep_quantized=True)
+        assert kept._loaded.quantized
+        assert (kept.model(_ids(2)) - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_deepseek2_gguf_with_unsplit_kv_b(tmp_path):
+    """Files written before llama.cpp split kv_b (attn_kv_b, key/value lengths without _mla) load too."""
+    hf = _hf("deepseek_v2")
+    c = hf.config
+    old = {k: v for k, v in gc.metadata(c, "deepseek2").items() if "_mla" not in k}
+    old["deepseek2.attention.key_length"] = c.qk_nope_head_dim + c.qk_rope_head_dim
+    old["deepseek2.attention.value_length"] = c.v_head_dim
+    tensors = {}
+    for name, w in gc.gguf_tensors(hf):
+        if ".attn_v_b." in name:
+            continue
+        if ".attn_k_b." in name:
+            i = name.split(".")[1]
+            name, w = f"blk.{i}.attn_kv_b.weight", hf.state_dict()[f"model.layers.{i}.self_attn.kv_b_proj.weight"].numpy()
+        tensors[name] = (w, None)
+    import ggufmake as gm
+
+    path = gm.write(tmp_path / "old.gguf", "deepseek2", {**old, **gm.tokenizer_meta()}, tensors)
+    with torch.no_grad():
+        got = ember.load(path, dtype=torch.float32, device="cpu").model(_ids())
+        assert (got - hf(_ids()).logits).abs().max().item() <= 1e-4
+
+
+def test_bad_family_files_are_ember_errors_naming_the_problem(tmp_path):
+    from ember.errors import CheckpointError, ConfigError, EmberError
+
+    hf = _hf("deepseek_v2")
+    # half of the split kv_b: the missing tensor is named
+    p = gc.convert(hf, tmp_path / "half.gguf", drop=("blk.1.attn_v_b.weight",))
+    with pytest.raises(EmberError, match="kv_b_proj"):
+        ember.load(p, dtype=torch.float32)
+    # k_b and v_b that do not combine
+    p = gc.convert(hf, tmp_path / "k.gguf", extra_meta={"deepseek2.attention.key_length_mla": 20})
+    with pytest.raises(EmberError, match="kv_b|attn_k_b|shape"):
+        ember.load(p, dtype=torch.float32)
+    p = gc.convert(_hf("falcon"), tmp_path / "f.gguf", extra_meta={"falcon.attention.head_count_kv": 3})
+    with pytest.raises(ConfigError, match="head_count_kv"):
+        ember.load(p)
+    for heads in (5, 7):  # heads that do not split the hidden size (nor the fused QKV rows)
+        p = gc.convert(_hf("bloom"), tmp_path / f"b{heads}.gguf", extra_meta={"bloom.attention.head_count": heads})
+        with pytest.raises((CheckpointError, ConfigError), match="rows|head"):
+            ember.load(p, dtype=torch.float32)

@@ -374,7 +374,11 @@ class GGUFSource:
                 plan.transpose = True
                 plan.shape = info.shape[::-1]
             if fam.row_order is not None:
-                plan.rows = fam.row_order(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1], cfg)
+                try:
+                    plan.rows = fam.row_order(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1], cfg)
+                except (RuntimeError, ValueError, ZeroDivisionError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{f.path}: tensor {name!r}: the metadata's head counts do not split its "
+                                          f"{info.shape[0]} rows ({e})") from None
                 if plan.rows is not None and plan.rows.shape != info.shape[:1]:
                     raise CheckpointError(f"{f.path}: tensor {name!r} has {info.shape[0]} rows; the configuration "
                                           f"gives {plan.rows.shape[0]}")
