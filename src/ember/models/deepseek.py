@@ -7,8 +7,9 @@ the latent (kv_lora_rank wide, RMS-normalised) and one rotary key part shared by
 its value. Queries come from q_proj, or the low-rank q_a_proj → q_a_layernorm → q_b_proj. The KV
 cache holds the latent and the rotated shared key part only (`cache_layout` (1, kv_lora_rank,
 qk_rope_head_dim) per layer: (kv_lora_rank + qk_rope_head_dim) numbers a token, not
-2 * heads * head_dim); every forward expands the cached latents through kv_b_proj, as transformers
-does (no weight absorption). Rotary pairs are interleaved (V2 always, V3 with rope_interleave);
+2 * heads * head_dim). A prefill expands the latents through kv_b_proj, as transformers does; a
+decode step over the cache absorbs kv_b_proj instead (queries taken into the latent space, values
+out of it), so it never expands the S cached latents (`Attention.absorbs` picks by cost). Rotary pairs are interleaved (V2 always, V3 with rope_interleave);
 with yarn and mscale_all_dim the attention scale is multiplied by mscale².
 
 MoE (layers from first_k_dense_replace on): `ember.nn.GroupLimitedMoE` routing (V3: sigmoid
@@ -138,12 +139,45 @@ class Attention(nn.Module):
             latent, k_rot = step.cache.update(self.layer_idx, latent, k_rot, step.position_ids, step.kv_len,
                                               step.cache_rows, fresh=step.fresh)
         S = latent.shape[2]
+        if step.cache is not None and self.absorbs(T, S):
+            return self._absorbed(q_pass, q_rot, latent, k_rot, step, B, T)
         kv = self.kv_b_proj(latent[:, 0]).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(B, H, S, self.rope)], dim=-1)
         q = torch.cat([q_pass, q_rot], dim=-1)
         o = attention(q, k, v, step.mask(None), scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+
+    def absorbs(self, T: int, S: int) -> bool:
+        """Whether attending in the latent space costs fewer multiply-adds than expanding the S cached
+        latents through kv_b_proj (decode: always; a long prefill: never)."""
+        expand = S * self.rank * (self.nope + self.v_dim) + T * S * (self.nope + self.rope + self.v_dim)
+        absorbed = T * (self.nope * self.rank + S * (2 * self.rank + self.rope) + self.rank * self.v_dim)
+        return absorbed < expand
+
+    def absorbed_weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight as each head's key part [H, nope, rank] and value part [H, v, rank], read
+        once by applying the layer to the identity (so any Linear kind, quantised or prepacked, gives it)
+        and kept for later steps in the latents' dtype and device."""
+        w = getattr(self, "_kv_b", None)
+        if w is None or w.device != like.device or w.dtype != like.dtype:
+            eye = torch.eye(self.rank, dtype=like.dtype, device=like.device)
+            w = self.kv_b_proj(eye).t().reshape(self.num_heads, self.nope + self.v_dim, self.rank).contiguous()
+            self._kv_b = w
+        return w[:, :self.nope], w[:, self.nope:]
+
+    def _absorbed(self, q_pass, q_rot, latent, k_rot, step: Step, B: int, T: int) -> torch.Tensor:
+        """MLA with kv_b_proj absorbed (DeepSeek-V2 paper, appendix): each head's query is taken into the
+        latent space (q_nope W_k), scored against the cached latents and the shared rotary key as one
+        multi-query attention whose values are the latents, and the output leaves the latent space
+        through W_v. The cache is read as it is; nothing S-long is expanded."""
+        w_k, w_v = self.absorbed_weights(latent)
+        q = torch.cat([torch.matmul(q_pass, w_k), q_rot], dim=-1)  # [B, H, T, rank + rope]
+        k = torch.cat([latent, k_rot], dim=-1)  # [B, 1, S, rank + rope]
+        o = attention(q, k, latent, step.mask(None), scale=self.scale)  # [B, H, T, rank]
+        o = torch.matmul(o, w_v.transpose(1, 2))  # [B, H, T, v]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
 
 def moe(cfg: Config, vb: VarBuilder, fuse: bool) -> nn.Module:
