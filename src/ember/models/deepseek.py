@@ -172,12 +172,23 @@ class Attention(nn.Module):
         latent space (q_nope W_k), scored against the cached latents and the shared rotary key as one
         multi-query attention whose values are the latents, and the output leaves the latent space
         through W_v. The cache is read as it is; nothing S-long is expanded."""
+        H, S = self.num_heads, latent.shape[2]
         w_k, w_v = self.absorbed_weights(latent)
-        q = torch.cat([torch.matmul(q_pass, w_k), q_rot], dim=-1)  # [B, H, T, rank + rope]
-        k = torch.cat([latent, k_rot], dim=-1)  # [B, 1, S, rank + rope]
-        o = attention(q, k, latent, step.mask(None), scale=self.scale)  # [B, H, T, rank]
-        o = torch.matmul(o, w_v.transpose(1, 2))  # [B, H, T, v]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+        # every head reads the same single key/value "head": the heads' queries become more query rows of
+        # one attention, and the latent and rotary scores are summed (no per-head or concatenated copy
+        # of the cache)
+        q_lat = torch.matmul(q_pass, w_k).reshape(B, 1, H * T, self.rank)
+        scores = torch.matmul(q_lat, latent.transpose(-1, -2))
+        scores = scores.add_(torch.matmul(q_rot.reshape(B, 1, H * T, self.rope), k_rot.transpose(-1, -2)))
+        scores = scores.float().mul_(self.scale)
+        mask = step.mask(None)
+        if mask is None and T > 1:  # a fresh causal prefill: query t sees keys up to S - T + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=q_pass.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill_(~mask.expand(B, H, T, S).reshape(B, 1, H * T, S), float("-inf"))
+        o = torch.matmul(scores.softmax(dim=-1).to(latent.dtype), latent)  # [B, 1, H * T, rank]
+        o = torch.matmul(o.view(B, H, T, self.rank), w_v.transpose(1, 2))  # [B, H, T, v]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
 def moe(cfg: Config, vb: VarBuilder, fuse: bool) -> nn.Module:
