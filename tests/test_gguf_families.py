@@ -172,3 +172,27 @@ def test_bad_family_files_are_ember_errors_naming_the_problem(tmp_path):
         p = gc.convert(_hf("bloom"), tmp_path / f"b{heads}.gguf", extra_meta={"bloom.attention.head_count": heads})
         with pytest.raises((CheckpointError, ConfigError), match="rows|head"):
             ember.load(p, dtype=torch.float32)
+
+
+def test_glm4moe_gguf_with_its_multi_token_prediction_layer(tmp_path):
+    """GLM-4.5 files count the MTP layer the converter appends in block_count (nextn_predict_layers);
+    it is left unused."""
+    import numpy as np
+
+    import ggufmake as gm
+
+    hf = _hf("glm4_moe")
+    c = hf.config
+    tensors = {n: (w, None) for n, w in gc.gguf_tensors(hf)}
+    last = c.num_hidden_layers - 1
+    for n, w in list(tensors.items()):
+        if n.startswith(f"blk.{last}."):
+            tensors[n.replace(f"blk.{last}.", f"blk.{last + 1}.")] = w
+    tensors[f"blk.{last + 1}.nextn.eh_proj.weight"] = (np.zeros((c.hidden_size, 2 * c.hidden_size), np.float32), None)
+    meta = {**gc.metadata(c, "glm4moe"), "glm4moe.block_count": c.num_hidden_layers + 1,
+            "glm4moe.nextn_predict_layers": 1, **gm.tokenizer_meta()}
+    path = gm.write(tmp_path / "mtp.gguf", "glm4moe", meta, tensors)
+    assert gguf_config(GGUFFile(path))["num_hidden_layers"] == c.num_hidden_layers
+    with torch.no_grad():
+        got = ember.load(path, dtype=torch.float32, device="cpu").model(_ids())
+        assert (got - hf(_ids()).logits).abs().max().item() <= 1e-4

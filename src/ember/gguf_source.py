@@ -296,9 +296,10 @@ class GGUFMapping:
     permute_qk: bool = False  # llama.cpp's llama converter permuted q/k rows for its rope layout
     norm_offset: bool = False  # Gemma: norms stored as w + 1
     transpose: tuple[str, ...] = ()  # GGUF leaves whose HF weight is transposed (GPT-2's Conv1D)
-    # (GGUF leaf, config dict) -> the row order that gives the HF rows back from the file's (a fused
-    # QKV the converter regrouped), or None; applied to quantised blocks too, as the Q/K permutation
-    row_order: Callable[[str, dict], torch.Tensor | None] | None = None
+    # (GGUF leaf, the tensor's row count, config dict) -> the row order that gives the HF rows back from
+    # the file's (a fused QKV the converter regrouped), or None; applied to quantised blocks too, as
+    # the Q/K permutation. It raises ValueError when the config cannot give that many rows.
+    row_order: Callable[[str, int, dict], torch.Tensor | None] | None = None
     derived: tuple["Derived", ...] = ()  # HF tensors computed from several of the file's (layer-relative)
     layer_fn: Callable[[dict], dict] | None = None  # the layer table for a config, where the file decides it
 
@@ -375,7 +376,8 @@ class GGUFSource:
                 plan.shape = info.shape[::-1]
             if fam.row_order is not None:
                 try:
-                    plan.rows = fam.row_order(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1], cfg)
+                    plan.rows = fam.row_order(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1],
+                                              info.shape[0], cfg)
                 except (RuntimeError, ValueError, ZeroDivisionError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{f.path}: tensor {name!r}: the metadata's head counts do not split its "
                                           f"{info.shape[0]} rows ({e})") from None

@@ -157,11 +157,13 @@ def _gguf_bloom(meta: gguf.Meta) -> dict:
             "num_hidden_layers": gguf.layer_count(meta), "num_attention_heads": gguf.attention_heads(meta)}
 
 
-def _bloom_qkv_rows(leaf: str, cfg: dict) -> torch.Tensor | None:
+def _bloom_qkv_rows(leaf: str, rows: int, cfg: dict) -> torch.Tensor | None:
     if not leaf.startswith("attn_qkv."):
         return None
-    H = cfg["n_head"]
-    return torch.arange(3 * cfg["hidden_size"]).view(3, H, -1).transpose(0, 1).reshape(-1)
+    H, E = cfg["n_head"], cfg["hidden_size"]
+    if rows != 3 * E or E % H:
+        raise ValueError(f"{rows} rows are not q, k and v of {H} heads in {E} dims")
+    return torch.arange(rows).view(3, H, -1).transpose(0, 1).reshape(-1)
 
 
 GGUF = {"bloom": gguf.GGUFMapping(_gguf_bloom, layers_prefix="transformer.h", row_order=_bloom_qkv_rows, top={

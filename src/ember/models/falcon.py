@@ -177,11 +177,13 @@ def _gguf_falcon(meta: gguf.Meta) -> dict:
             "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m)}
 
 
-def _falcon_qkv_rows(leaf: str, cfg: dict) -> torch.Tensor | None:
+def _falcon_qkv_rows(leaf: str, rows: int, cfg: dict) -> torch.Tensor | None:
     if not leaf.startswith("attn_qkv."):
         return None
     H, KV = cfg["num_attention_heads"], cfg["num_kv_heads"]
     D = cfg["hidden_size"] // H
+    if rows != (H + 2 * KV) * D:
+        raise ValueError(f"{rows} rows are not {H} query heads and {KV} key and value heads of {D} dims")
     q = torch.arange(H * D).view(KV, H // KV, D)
     k = H * D + torch.arange(KV * D).view(KV, 1, D)
     return torch.cat([q, k, k + KV * D], dim=1).reshape(-1)  # per group: its queries, its key, its value
