@@ -202,16 +202,16 @@ def modify(c, arch: str, name: str, t: torch.Tensor):
         n_head, n_embd = c.num_attention_heads, c.hidden_size
         qkv = t.reshape(n_head, 3, n_embd // n_head, *t.shape[1:])
         t = torch.cat([qkv[:, i].reshape(n_embd, *t.shape[1:]) for i in range(3)], dim=0)
-    if arch == "falcon" and "query_key_value" in name and name.endswith(".weight"):
-        n_head = c.num_attention_heads
-        n_kv = c.num_kv_heads if c.new_decoder_architecture else (1 if c.multi_query else n_head)
-        if c.new_decoder_architecture:
-            hd = c.hidden_size // n_head
-            qkv = t.view(n_kv, n_head // n_kv + 2, hd, hd * n_head)
-            q = qkv[:, :-2].reshape(n_head * hd, hd * n_head)
-            k = qkv[:, [-2]].reshape(n_kv * hd, hd * n_head)
-            v = qkv[:, [-1]].reshape(n_kv * hd, hd * n_head)
-            t = torch.cat((q, k, v)).reshape_as(t)
+    if arch == "falcon" and "query_key_value" in name and name.endswith(".weight") and c.new_decoder_architecture:
+        # KV groups of (queries, key, value) to all queries, all keys, all values (7B's multi-query
+        # layout is already that: one group)
+        n_head, n_kv = c.num_attention_heads, c.num_kv_heads
+        hd = c.hidden_size // n_head
+        qkv = t.view(n_kv, n_head // n_kv + 2, hd, hd * n_head)
+        q = qkv[:, :-2].reshape(n_head * hd, hd * n_head)
+        k = qkv[:, [-2]].reshape(n_kv * hd, hd * n_head)
+        v = qkv[:, [-1]].reshape(n_kv * hd, hd * n_head)
+        t = torch.cat((q, k, v)).reshape_as(t)
     yield name, t
 
 

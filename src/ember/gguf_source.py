@@ -4,8 +4,11 @@ the Hugging Face names the models use, and llama.cpp's value/layout changes undo
 Each family keeps its own mapping beside its model code (`GGUF = {arch: GGUFMapping(...)}` in
 `ember/models/<family>.py`, as Candle keeps `quantized_qwen2.rs` beside `qwen2.rs`): how the
 `{arch}.*` metadata becomes the config dict, which `blk.N.*` names are which HF tensors, and the
-fix-ups (the Q/K row permutation of llama.cpp's llama converter, on the quantised bytes since blocks
-never span rows; Gemma's `w + 1` norms; GPT-2's transposed Conv1D weights). This module holds what
+fix-ups (the Q/K row permutation of llama.cpp's llama converter and the fused QKV that Bloom's and
+Falcon's converters regroup, both row orders applied to the quantised bytes since blocks never span
+rows; Gemma's `w + 1` norms; GPT-2's transposed Conv1D weights; `Derived` tensors that a converter
+split or rearranged, such as DeepSeek's kv_b_proj and GPT-OSS's experts, put back together from
+their dequantised parts). This module holds what
 those mappings share and the `GGUFSource` that applies one, so the normal `VarBuilder` machinery
 (shape checks, used-tensor tracking, nearest-key errors) runs unchanged over a GGUF file.
 
@@ -68,8 +71,6 @@ def hf_name(gguf_name: str, top: dict[str, str], layer: dict[str, str], layers_p
     base, dot, suffix = gguf_name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
-    if gguf_name in top:
-        return top[gguf_name]
     if base in top:
         return f"{top[base]}.{suffix}"
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
@@ -401,7 +402,7 @@ class GGUFSource:
                 meta = [torch.empty(self.f.tensors[x].shape, device="meta") for x in names]
                 try:
                     shape = tuple(d.fn(meta, cfg).shape)
-                except (RuntimeError, ValueError, IndexError) as e:
+                except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{self.f.path}: tensors {', '.join(names)} have shapes "
                                           f"{[list(m.shape) for m in meta]}, which do not combine into "
                                           f"{fam.layers_prefix}.{i}.{d.hf} ({e})") from None
