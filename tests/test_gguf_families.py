@@ -1,7 +1,10 @@
 """GGUF files of the families ember gained in 2026 (llama.cpp's deepseek2, gpt-oss, glm4, glm4moe,
 smollm3, olmo2 (OLMo 2 and 3), exaone4, ernie4_5, ernie4_5-moe, hunyuan-dense, seed_oss, command-r,
 cohere2, granitemoe, olmoe, minimax-m2, bloom, falcon, starcoder), written from tiny transformers
-models as convert_hf_to_gguf.py writes them (tests/ggufconvert.py), against transformers."""
+models as convert_hf_to_gguf.py writes them (tests/ggufconvert.py), against transformers; with
+EMBER_LLAMA_CPP set to a llama.cpp tree, also written by that converter itself."""
+import os
+
 import pytest
 import torch
 
@@ -195,4 +198,33 @@ def test_glm4moe_gguf_with_its_multi_token_prediction_layer(tmp_path):
     assert gguf_config(GGUFFile(path))["num_hidden_layers"] == c.num_hidden_layers
     with torch.no_grad():
         got = ember.load(path, dtype=torch.float32, device="cpu").model(_ids())
+        assert (got - hf(_ids()).logits).abs().max().item() <= 1e-4
+
+
+LLAMA_CPP = os.environ.get("EMBER_LLAMA_CPP", "")
+# transformers' config.json lacks what the Hub's have and the converter reads
+HUB_FIELDS = {"deepseek_v3": {"scoring_func": "sigmoid"}, "cohere2": {"rotary_pct": 1.0}}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_CPP, "convert_hf_to_gguf.py")),
+                    reason="EMBER_LLAMA_CPP names no llama.cpp source tree")
+@pytest.mark.parametrize("kind", [k for k in MODELS if k != "falcon_7b"])
+def test_files_of_llama_cpps_own_converter_match_transformers(tmp_path, kind):
+    """The same tiny models converted by llama.cpp's convert_hf_to_gguf.py itself (EMBER_LLAMA_CPP: a
+    llama.cpp tree, e.g. llama-cpp-python's sdist's vendor/llama.cpp): a check on tests/ggufconvert.py.
+    (Falcon-7B's shape is left out: transformers writes num_kv_heads into its config.json, which the
+    converter then reads as KV groups.)"""
+    import subprocess
+    import sys
+
+    hf = _hf(kind)
+    for k, v in HUB_FIELDS.get(kind, {}).items():
+        setattr(hf.config, k, v)
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "llamacpp_convert.py"), LLAMA_CPP,
+                    str(tmp_path / "hf"), str(out)], check=True, capture_output=True, timeout=300)
+    with torch.no_grad():
+        got = ember.load(out, dtype=torch.float32, device="cpu").model(_ids())
         assert (got - hf(_ids()).logits).abs().max().item() <= 1e-4
