@@ -176,26 +176,13 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
-def _gguf_layer_types(meta: gguf.Meta, n_layers: int, default_pattern: int) -> list[str]:
-    pattern = meta.get("attention.sliding_window_pattern", kind=(int, list))
-    if isinstance(pattern, list):  # per-layer flags: true = sliding
-        if len(pattern) != n_layers:
-            raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern has {len(pattern)} "
-                                   f"entries for {n_layers} layers")
-        return ["sliding_attention" if p else "full_attention" for p in pattern]
-    pattern = pattern or default_pattern
-    if pattern < 1:
-        raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern must be positive")
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-
-
 def _gguf_gemma3(meta: gguf.Meta) -> dict:
     cfg = gguf.decoder_config(meta, "gemma3_text", head_dim=meta.get("attention.key_length", kind=int))
     cfg["tie_word_embeddings"] = "output.weight" not in meta.names
     window = meta.get("attention.sliding_window", kind=int)
     if window is not None:
         cfg["sliding_window"] = window
-    cfg["layer_types"] = _gguf_layer_types(meta, cfg["num_hidden_layers"], 6)
+    cfg["layer_types"] = gguf.sliding_layer_types(meta, cfg["num_hidden_layers"], 6)
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         v = meta.get(key, kind=(int, float))
         if v is not None:

@@ -349,3 +349,14 @@ GGUF = {
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
     "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
 }
+
+
+# ---- GGUF: Seed-OSS (llama.cpp's seed_oss: no Q/K permutation, a post-attention norm name) -------
+def _gguf_seed_oss(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "seed_oss", head_dim=gguf.head_dim(meta))
+    # the registry's prepare reads attention_bias as the q/k/v bias, attention_out_bias as o_proj's
+    cfg.update(attention_bias="blk.0.attn_q.bias" in meta.names, attention_out_bias="blk.0.attn_output.bias" in meta.names)
+    return cfg
+
+
+GGUF["seed_oss"] = gguf.GGUFMapping(_gguf_seed_oss, layer={**gguf.LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm"})
