@@ -226,3 +226,13 @@ def test_transcribe_text_and_cli(tiny, capsys):
     capsys.readouterr()
     assert main(["run", str(folder), "hello"]) != 0
     assert "a speech model (whisper); use `ember transcribe`" in capsys.readouterr().err
+
+
+def test_load_task_names_whispers_kind(tiny):
+    import ember
+
+    folder = tiny[3]
+    assert isinstance(ember.load(folder, task="transcribe", dtype=torch.float32), ember.Transcriber)
+    for wrong in ("generate", "embed"):
+        with pytest.raises(ember.ArgumentError, match="task='transcribe'"):
+            ember.load(folder, task=wrong, dtype=torch.float32)

@@ -9,7 +9,7 @@ composited onto white), resize with Pillow (the shortest edge to `size["shortest
 `size["height"] x size["width"]`), center-crop (zero-padded when too small), rescale in float64 then
 float32, normalise in float32.
 
-Bad images are `EmbeddingError`s that say which one and why: unreadable or truncated files, formats
+Bad images are `ImageError`s (also `EmbeddingError`s) that say which one and why: unreadable or truncated files, formats
 other than the common raster ones (Pillow's EPS/PDF plugins are never used), images with no pixels,
 and images whose header claims more than `MAX_PIXELS` pixels; those are refused from the header,
 before any pixel is decoded.
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EmbeddingError
+from .errors import EmbeddingError, ImageError
 
 # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): ~89.5 M pixels, 268 MB as RGB.
 MAX_PIXELS = 89_478_485
@@ -41,16 +41,16 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - depends on the environment
-        raise EmbeddingError("images need Pillow: pip install 'ember[vision]' (or pip install pillow)") from None
+        raise ImageError("images need Pillow: pip install 'ember[vision]' (or pip install pillow)") from None
     return Image
 
 
 def _check_size(img, where: str):
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise EmbeddingError(f"{where}: the image has no pixels ({w}x{h})")
+        raise ImageError(f"{where}: the image has no pixels ({w}x{h})")
     if w * h > MAX_PIXELS:
-        raise EmbeddingError(f"{where}: the image claims {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} "
+        raise ImageError(f"{where}: the image claims {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} "
                              f"ember decodes (Pillow's decompression-bomb limit); downscale it first")
     return img
 
@@ -63,21 +63,21 @@ def open_image(item: Any, where: str = "image"):
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if len(data) > MAX_FILE_BYTES:
-            raise EmbeddingError(f"{where}: {len(data):,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+            raise ImageError(f"{where}: {len(data):,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
         fp, name = io.BytesIO(data), where
     elif isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             size = path.stat().st_size
         except OSError as e:
-            raise EmbeddingError(f"{where}: cannot read {str(path)[:200]!r}: {e.strerror or e}") from None
+            raise ImageError(f"{where}: cannot read {str(path)[:200]!r}: {e.strerror or e}") from None
         if not path.is_file():
-            raise EmbeddingError(f"{where}: {str(path)[:200]!r} is not a file")
+            raise ImageError(f"{where}: {str(path)[:200]!r} is not a file")
         if size > MAX_FILE_BYTES:
-            raise EmbeddingError(f"{where}: {path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+            raise ImageError(f"{where}: {path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
         fp, name = path, f"{where} ({path})"
     else:
-        raise EmbeddingError(f"{where}: expected a PIL image, a file path or the bytes of an image file, "
+        raise ImageError(f"{where}: expected a PIL image, a file path or the bytes of an image file, "
                              f"got {type(item).__name__}")
     import warnings
 
@@ -87,15 +87,15 @@ def open_image(item: Any, where: str = "image"):
             img = Image.open(fp, formats=FORMATS)  # reads the header only
             _check_size(img, name)
             img.load()
-    except EmbeddingError:
+    except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise EmbeddingError(f"{name}: the image claims more than the {MAX_PIXELS:,} pixels ember decodes (a "
+        raise ImageError(f"{name}: the image claims more than the {MAX_PIXELS:,} pixels ember decodes (a "
                              f"decompression bomb, Pillow says: {str(e)[:120]})") from None
     except Image.UnidentifiedImageError:
-        raise EmbeddingError(f"{name}: not an image ember reads (formats: {', '.join(FORMATS)})") from None
+        raise ImageError(f"{name}: not an image ember reads (formats: {', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:  # truncated or corrupt data
-        raise EmbeddingError(f"{name}: corrupt or truncated image: {str(e)[:200]}") from None
+        raise ImageError(f"{name}: corrupt or truncated image: {str(e)[:200]}") from None
     return img
 
 
@@ -219,7 +219,7 @@ class ImageProcessor:
         if self.do_resize:
             h, w = self._resized_shape(a.shape[0], a.shape[1])
             if h * w > MAX_PIXELS:
-                raise EmbeddingError(f"resizing gives {w}x{h} pixels, more than {MAX_PIXELS:,}")
+                raise ImageError(f"resizing gives {w}x{h} pixels, more than {MAX_PIXELS:,}")
             a = np.asarray(Image.fromarray(a).resize((w, h), resample=self.resample))
         a = a.transpose(2, 0, 1)  # CHW
         if self.crop_size is not None:

@@ -23,6 +23,9 @@ class Entry:
     defaults: dict = field(default_factory=dict)  # filled in when config.json lacks the key
     prepare: Callable[[dict], dict] | None = None  # last fix-ups of the raw dict
     gguf: tuple[str, ...] = ()  # GGUF architectures read as this type (their mapping: the module's GGUF dict)
+    # image+text models built around any registered decoder (LLaVA): the config.json key holding the
+    # decoder's config; parse_config hands the config class (parsed config, ForCausalLM class) as `decoder`
+    decoder: str | None = None
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -33,7 +36,18 @@ class Entry:
         d = {**self.defaults, **raw}
         if self.prepare is not None:
             d = self.prepare(d)
-        return cfg_cls.from_dict(d)
+        if self.decoder is None:
+            return cfg_cls.from_dict(d)
+        sub = d.get(self.decoder)
+        sub = sub if isinstance(sub, dict) else {"model_type": "llama"}  # transformers' default decoder
+        try:
+            entry = lookup(sub)
+            if entry.task != "causal-lm":
+                raise ConfigError(f"{entry.model_type} is not a text decoder")
+            decoder = (entry.parse_config(sub), entry.load()[1])
+        except (ConfigError, UnsupportedModelError) as e:
+            raise type(e)(f"{self.decoder}: {e}") from None
+        return cfg_cls.from_dict(d, decoder=decoder)
 
 
     def gguf_mapping(self, arch: str):
@@ -141,27 +155,30 @@ register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausa
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
-register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
-register("glm4", "ember.models.glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
-register("ernie4_5", "ember.models.ernie4_5", architectures=("Ernie4_5ForCausalLM",))
-register("hunyuan_v1_dense", "ember.models.hunyuan", architectures=("HunYuanDenseV1ForCausalLM",))
-register("exaone4", "ember.models.exaone4", architectures=("Exaone4ForCausalLM",))
-register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
+register("smollm3", "ember.models.smollm3", gguf="smollm3", architectures=("SmolLM3ForCausalLM",))
+register("glm4", "ember.models.glm4", gguf="glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
+register("ernie4_5", "ember.models.ernie4_5", gguf="ernie4_5", architectures=("Ernie4_5ForCausalLM",))
+register("hunyuan_v1_dense", "ember.models.hunyuan", gguf="hunyuan-dense", architectures=("HunYuanDenseV1ForCausalLM",))
+register("exaone4", "ember.models.exaone4", gguf="exaone4", architectures=("Exaone4ForCausalLM",))
+register("seed_oss", "ember.models.llama", gguf="seed_oss", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
          defaults={"vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
                    "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
                    "attention_bias": True})
-register("cohere", "ember.models.cohere", architectures=("CohereForCausalLM",))
-register("cohere2", "ember.models.cohere", architectures=("Cohere2ForCausalLM",),
+register("cohere", "ember.models.cohere", gguf="command-r", architectures=("CohereForCausalLM",))
+register("cohere2", "ember.models.cohere", gguf="cohere2", architectures=("Cohere2ForCausalLM",),
          defaults={"sliding_window": 4096}, prepare=lambda d: {**d, "cohere2": True, "use_qk_norm": False})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
 # Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
-         config_class="MultimodalConfig")
+         config_class="MultimodalConfig", model_class="ForConditionalGeneration")
+# Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
+register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
+         model_class="ForConditionalGeneration", decoder="text_config")
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
-register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+register("olmo2", "ember.models.olmo2", gguf="olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
 
 
@@ -196,29 +213,29 @@ register("qwen3_moe", "ember.models.mixtral", gguf="qwen3moe", architectures=("Q
 # renormalises the top-k weights)
 register("deepseek_v3", "ember.models.deepseek", architectures=("DeepseekV3ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "sigmoid"})
-register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCausalLM",),
+register("deepseek_v2", "ember.models.deepseek", gguf="deepseek2", architectures=("DeepseekV2ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "softmax", "norm_topk_prob": False},
          defaults={"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
                    "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
                    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
-register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
+register("gpt_oss", "ember.models.gpt_oss", gguf="gpt-oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
-register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
-register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("olmoe", "ember.models.olmoe", gguf="olmoe", architectures=("OlmoeForCausalLM",))
+register("granitemoe", "ember.models.granitemoe", gguf="granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
-register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
+register("glm4_moe", "ember.models.glm4_moe", gguf="glm4moe", architectures=("Glm4MoeForCausalLM",),
          prepare=_module_prepare("ember.models.glm4_moe"))
-register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
+register("minimax_m2", "ember.models.minimax_m2", gguf="minimax-m2", architectures=("MiniMaxM2ForCausalLM",),
          prepare=_module_prepare("ember.models.minimax_m2"))
-register("ernie4_5_moe", "ember.models.ernie4_5_moe", architectures=("Ernie4_5_MoeForCausalLM",))
+register("ernie4_5_moe", "ember.models.ernie4_5_moe", gguf="ernie4_5-moe", architectures=("Ernie4_5_MoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
 register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
-register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeForCausalLM",))
-register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
-register("falcon", "ember.models.falcon", architectures=("FalconForCausalLM",))
+register("gpt_bigcode", "ember.models.gpt_bigcode", gguf="starcoder", architectures=("GPTBigCodeForCausalLM",))
+register("bloom", "ember.models.bloom", gguf="bloom", architectures=("BloomForCausalLM",))
+register("falcon", "ember.models.falcon", gguf="falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # State-space models: recurrent state beside (or instead of) the KV cache (nn/state_cache.py)
 register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))

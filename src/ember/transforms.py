@@ -13,6 +13,9 @@ backend wants of them is done here, after the build, never inside a layer's cons
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
   native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
                 CPU kernels: registered once per process; counts the model's modules that call them
+  triton-ops    the same ops on CUDA through Triton kernels (ember.backends.triton_ops: decode
+                attention that reads only the visible cache columns, fused norms, SiLU·up), in
+                front of what was registered before; EMBER_TRITON=0 turns it off
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
@@ -48,6 +51,20 @@ def _native_ops(model: nn.Module) -> int:
     from .backends.native import use_native_ops
 
     return use_native_ops(model)
+
+
+def _triton_ops(model: nn.Module) -> int:
+    from .backends.triton_ops import register_ops
+
+    register_ops()
+    return _op_callers(model)
+
+
+def _op_callers(model: nn.Module) -> int:
+    from .nn.layers import RMSNorm
+
+    return sum(1 for m in model.modules()
+               if (isinstance(m, RMSNorm) and not m.scale_in_float) or hasattr(m, "num_kv_heads"))
 
 
 def _int4(model: nn.Module) -> int:
@@ -104,6 +121,7 @@ REPACK = Transform("repack", _repack, "quantised HF integer weights as GGUF bloc
 FP8_SCALED_MM = Transform("fp8-scaled-mm", _scaled_mm, "FP8 weights on torch._scaled_mm (CUDA)")
 NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
 NATIVE_OPS = Transform("native-ops", _native_ops, "norms, SwiGLU and decode attention on ember's native CPU kernels")
+TRITON_OPS = Transform("triton-ops", _triton_ops, "norms, SwiGLU and live-token decode attention as Triton kernels (CUDA)")
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
@@ -121,6 +139,12 @@ def native_kernels(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     from .backends.native import available
+
+    return available()
+
+
+def triton_kernels() -> bool:
+    from .backends.triton_ops import available
 
     return available()
 
@@ -163,6 +187,8 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         steps.append(DEQUANTIZE)
     if cpu and native_kernels(device):
         steps.append(NATIVE_OPS)
+    if device.type == "cuda" and triton_kernels():
+        steps.append(TRITON_OPS)
     if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
         if bf16_native():
             if prepack is not False:

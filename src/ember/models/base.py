@@ -33,20 +33,39 @@ class Step:
     fresh: bool = False  # prefill from position 0: keys are the queries, plain causal attention
     causal: bool = True  # False: bidirectional self-attention (decoder-based encoders), no cache
     _host_pos: int | None = None  # the position of a single-token CPU decode, read once
+    # [B, T] image block ids (-1: a text token): tokens of one image also see each other's later tokens
+    # (Gemma 3). Only in a forward whose keys are its own tokens (no cache, or a fresh prefill).
+    image_blocks: torch.Tensor | None = None
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
         if window not in self._masks:
-            kv_len = None if self.fresh else self.kv_len
-            if not self.causal:
-                self._masks[window] = build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
-            elif self.cache is not None and self.cache.is_ring(window):
-                self._masks[window] = self._ring_mask(window)
-            elif self._single_query_sees_all(window):
-                self._masks[window] = None  # one query at the last cached position: every key is visible
-            else:
-                self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
+            self._masks[window] = self._base_mask(window)
+            if self.image_blocks is not None:
+                self._masks[window] = self._with_image_blocks(self._masks[window], window)
         return self._masks[window]
+
+    def _with_image_blocks(self, mask: torch.Tensor | None, window: int | None) -> torch.Tensor:
+        """`mask` OR (query and key in the same image, within the window): transformers' Gemma 3
+        masks, AND(window, OR(causal, same image))."""
+        b, p = self.image_blocks, self.position_ids
+        T = b.shape[1]
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=b.device).tril()[None, None]
+        same = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
+        if window is not None:
+            same = same & (p[:, :, None] - p[:, None, :] < window)
+        return mask | same.unsqueeze(1)
+
+    def _base_mask(self, window: int | None) -> torch.Tensor | None:
+        if not self.causal:
+            return build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
+        if self.cache is not None and self.cache.is_ring(window):
+            return self._ring_mask(window)
+        if self._single_query_sees_all(window):
+            return None  # one query at the last cached position: every key is visible
+        return build_mask(self.position_ids, self.attention_mask, kv_len=None if self.fresh else self.kv_len,
+                          window=window)
 
     def _ring_mask(self, window: int) -> torch.Tensor | None:
         """The mask over what KVCache.update returns for a ring layer (see kv_cache.py)."""
@@ -91,7 +110,8 @@ class Step:
 
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
-              cache_rows: slice | None = None, fresh: bool = False, causal: bool = True) -> Step:
+              cache_rows: slice | None = None, fresh: bool = False, causal: bool = True,
+              image_blocks: torch.Tensor | None = None) -> Step:
     B, T = input_ids.shape[:2]
     if position_ids is None:
         if cache is not None:
@@ -105,7 +125,9 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
         raise ValueError("fresh=True means a prefill from position 0 whose kv_len equals its length")
     if not causal and cache is not None:
         raise ValueError("bidirectional attention runs without a cache")
-    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal)
+    if image_blocks is not None and cache is not None and not fresh:
+        raise ValueError("image blocks need the whole prompt in one forward (no cache, or fresh=True)")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal, image_blocks=image_blocks)
 
 
 class CausalLM(nn.Module):
@@ -130,16 +152,20 @@ class CausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
         cache_rows: slice | None = None,
         fresh: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        image_blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab].
 
         fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
-        causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then."""
+        causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then.
+        inputs_embeds [B, T, E]: the input embeddings to use instead of input_ids' (image+text models
+        merge image features into them); image_blocks [B, T]: see `Step.image_blocks`."""
         if cache is not None:
             cache.begin_forward()  # per-forward memos (the decode write column) start afresh
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
-                         causal=not self.bidirectional)
-        h = self.model(input_ids, step)
+                         causal=not self.bidirectional, image_blocks=image_blocks)
+        h = self.model(input_ids, step) if inputs_embeds is None else self.model(input_ids, step, inputs_embeds)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
         logits = self.lm_head(h)

@@ -258,8 +258,13 @@ class Model(nn.Module):
         self.deferred = all(isinstance(layer, DecoderLayer) and type(layer).forward is DecoderLayer.forward
                             and type(layer).forward_deferred is DecoderLayer.forward_deferred for layer in self.layers)
 
-    def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings an image+text model merges image features into (transformers'
+        get_input_embeddings()(input_ids))."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, step: Step, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
         cos, sin = self.rotary(step.position_ids, x.dtype)
@@ -348,3 +353,14 @@ GGUF = {
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
     "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
 }
+
+
+# ---- GGUF: Seed-OSS (llama.cpp's seed_oss: no Q/K permutation, a post-attention norm name) -------
+def _gguf_seed_oss(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "seed_oss", head_dim=gguf.head_dim(meta))
+    # the registry's prepare reads attention_bias as the q/k/v bias, attention_out_bias as o_proj's
+    cfg.update(attention_bias="blk.0.attn_q.bias" in meta.names, attention_out_bias="blk.0.attn_output.bias" in meta.names)
+    return cfg
+
+
+GGUF["seed_oss"] = gguf.GGUFMapping(_gguf_seed_oss, layer={**gguf.LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm"})

@@ -181,8 +181,8 @@ class GroupLimitedMoE(SparseMoE):
 
     def __init__(self, router, gate_up, down, top_k: int, norm_topk_prob: bool, act, *, scoring: str = "sigmoid",
                  bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
-                 routed_scaling_factor: float = 1.0):
-        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act)
+                 routed_scaling_factor: float = 1.0, experts: list[Expert] | None = None, shape: tuple | None = None):
+        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act, experts=experts, shape=shape)
         if scoring not in ("sigmoid", "softmax") or group_score not in ("top2", "max"):
             raise ValueError(f"unknown scoring {scoring!r} or group score {group_score!r}")
         if bias is not None and bias.shape != (self.num_experts,):

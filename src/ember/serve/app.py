@@ -32,8 +32,8 @@ from .chat_output import ChatPlan
 from . import auth, metrics as metrics_, schemas, tokenize
 from .backpressure import check_queue
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
-from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
-                       parse_common, parse_completion, parse_embeddings, parse_json, usage)
+from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, content_text, error_body, finite, get_str,
+                       parse_chat, parse_common, parse_completion, parse_embeddings, parse_json, usage)
 
 log = logging.getLogger("ember.serve")
 
@@ -473,7 +473,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                read_timeout: float = READ_TIMEOUT, api_key: str | list[str] | None = None,
                allowed_origins: list[str] | None = None, max_waiting: int | None = 256,
-               prefix_cache: int | None = None) -> FastAPI:
+               prefix_cache: int | None = None, allow_remote_images: bool = False) -> FastAPI:
     """The OpenAI-compatible app over a loaded `LLM` and/or an embedding model (anything with
     `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts).
 
@@ -487,6 +487,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     max_waiting: requests that may wait for a slot before new ones get a 429 (None: no bound);
     prefix_cache: bytes of the prefix cache (default: half the KV cache; 0: off; see
     generation/prefix_cache.py).
+    allow_remote_images: image+text models download http(s) image_url parts (default: data: URLs only).
     """
     if llm is None and embedder is None:
         raise ValueError("create_app needs a model (llm=) and/or an embedding model (embedder=)")
@@ -514,6 +515,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0):
         raise ValueError(f"max_waiting must be None or a non-negative integer, got {max_waiting!r}")
     st.max_waiting = max_waiting
+    st.allow_remote_images = bool(allow_remote_images)
     if api_key is None:
         import os
 
@@ -651,7 +653,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                            f"{len(ids)} tokens. Shorten the {'messages' if param == 'messages' else 'prompt'}.",
                            param=param, code="context_length_exceeded")
 
-    def _requests(prompts: list[list[int]], p: GenParams, grammar=None) -> list:
+    def _requests(prompts: list[list[int]], p: GenParams, grammar=None, image_embeds=None) -> list:
         if p.n > st.scheduler.max_batch:
             raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.scheduler.max_batch} "
                            f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
@@ -661,7 +663,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         try:
             for ids in prompts:
                 for i in range(p.n):
-                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar)
+                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar,
+                                       **({"image_embeds": image_embeds} if image_embeds is not None else {}))
                     st.scheduler.check(r)
                     reqs.append(r)
         except GenerationError as e:
@@ -680,14 +683,15 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         body = await body_of(request)
         _need_llm()
         model = st.resolve(body, "generate")
-        messages, p = parse_chat(body, st.defaults)
+        messages, p = parse_chat(body, st.defaults, images=getattr(st.llm, "takes_images", False))
         if st.tok is None:
             raise ApiError(400, "This model has no tokenizer; use /v1/completions with token ids.", param="messages")
-        _check_text_len("".join(m["content"] for m in messages), "messages")
-        plan = await run_in_threadpool(ChatPlan, st.llm, body, messages)  # template, tools, grammar
+        _check_text_len("".join(content_text(m["content"]) for m in messages), "messages")
+        # template, tools, grammar; images decoded and through the vision tower
+        plan = await run_in_threadpool(ChatPlan, st.llm, body, messages, st.allow_remote_images)
         ids = plan.ids
         _check_len(ids, "messages")
-        reqs = _requests([ids], p, plan.grammar)
+        reqs = _requests([ids], p, plan.grammar, plan.image_embeds)
         run = _Run(st, True, f"chatcmpl-{uuid.uuid4().hex[:24]}", model, [ids], [""], p, reqs, _log_info(request),
                    plan)
         return await _generate(st, request, run, reqs)

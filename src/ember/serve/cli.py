@@ -42,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="prefill every prompt in full (default: reuse the KV of prompt prefixes already seen)")
     p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
                    help="memory of the prefix cache (default: half the KV cache)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="image+text models: download http(s) image_url parts (default: data: URLs only)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
@@ -102,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
           read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp, api_key=args.api_key,
           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins
-          else None, max_waiting=args.max_waiting,
+          else None, max_waiting=args.max_waiting, allow_remote_images=args.allow_remote_images,
           prefix_cache=0 if args.no_prefix_cache else (int(args.prefix_cache_mb * (1 << 20)) if args.prefix_cache_mb
                                                         else None))
     return 0
