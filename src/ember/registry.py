@@ -239,7 +239,7 @@ register("falcon", "ember.models.falcon", gguf="falcon", architectures=("FalconF
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
 # State-space models: recurrent state beside (or instead of) the KV cache (nn/state_cache.py)
 register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
-register("mamba2", "ember.models.mamba2", architectures=("Mamba2ForCausalLM",),
+register("mamba2", "ember.models.mamba2", gguf="mamba2", architectures=("Mamba2ForCausalLM",),
          prepare=_module_prepare("ember.models.mamba2"))
 register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
          prepare=_module_prepare("ember.models.granitemoehybrid"))

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..nn import linear
 from ..nn.ssm import CausalConv, GatedRMSNorm, padding_zeroed, read_state, ssd_scan, ssd_step, write_state
 from ..varbuilder import VarBuilder
@@ -189,3 +191,47 @@ class Backbone(mamba.Backbone):
 
 class ForCausalLM(mamba.ForCausalLM):
     backbone_cls = Backbone
+
+
+# ---- GGUF (llama.cpp's mamba2; granitehybrid and nemotron_h reuse the mixer's tables) -------------
+def ssm_dims(meta: gguf.Meta) -> dict:
+    """The Mamba-2 mixer's sizes from llama.cpp's ssm.* keys (time_step_rank is the head count)."""
+    inner, heads = meta.need("ssm.inner_size"), meta.need("ssm.time_step_rank")
+    if heads <= 0 or inner % heads:
+        raise ConfigError(f"{meta.f.path}: ssm.inner_size ({inner}) does not split into ssm.time_step_rank "
+                          f"({heads}) heads")
+    return {"heads": heads, "head_dim": inner // heads, "inner": inner, "state": meta.need("ssm.state_size"),
+            "groups": meta.need("ssm.group_count"), "conv": meta.need("ssm.conv_kernel")}
+
+
+def _gguf_mamba2(meta: gguf.Meta) -> dict:
+    d, hidden = ssm_dims(meta), meta.need("embedding_length")
+    if d["inner"] % hidden:
+        raise ConfigError(f"{meta.f.path}: ssm.inner_size ({d['inner']}) is not a multiple of embedding_length ({hidden})")
+    return {"model_type": "mamba2", "vocab_size": gguf.vocab_size(meta), "hidden_size": hidden,
+            "num_hidden_layers": gguf.layer_count(meta), "num_heads": d["heads"], "head_dim": d["head_dim"],
+            "expand": d["inner"] // hidden, "state_size": d["state"], "n_groups": d["groups"],
+            "conv_kernel": d["conv"], "layer_norm_epsilon": float(meta.get("attention.layer_norm_rms_epsilon", 1e-5,
+                                                                            kind=(int, float))),
+            "use_conv_bias": "blk.0.ssm_conv1d.bias" in meta.names, "use_bias": "blk.0.ssm_in.bias" in meta.names,
+            "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m)}
+
+
+def mixer_gguf(prefix: str) -> tuple[dict, tuple]:
+    """The mixer's plain tensors (layer table entries) and the ones llama.cpp reshaped or transformed
+    (Derived): the conv's [C, K] weight, A stored as -exp(A_log) [H, 1], D as [H, 1] and the group
+    norm as [G, I / G]."""
+    table = {"ssm_in": f"{prefix}.in_proj", "ssm_out": f"{prefix}.out_proj", "ssm_conv1d.bias": f"{prefix}.conv1d.bias",
+             "ssm_dt.bias": f"{prefix}.dt_bias"}
+    derived = (gguf.Derived(f"{prefix}.conv1d.weight", ("ssm_conv1d.weight",), lambda p, cfg: p[0].unsqueeze(1)),
+               gguf.Derived(f"{prefix}.A_log", ("ssm_a",), lambda p, cfg: torch.log(-p[0].reshape(-1))),
+               gguf.Derived(f"{prefix}.D", ("ssm_d",), lambda p, cfg: p[0].reshape(-1)),
+               gguf.Derived(f"{prefix}.norm.weight", ("ssm_norm.weight",), lambda p, cfg: p[0].reshape(-1)))
+    return table, derived
+
+
+_TABLE, _DERIVED = mixer_gguf("mixer")
+GGUF = {"mamba2": gguf.GGUFMapping(_gguf_mamba2, top={"token_embd": "backbone.embeddings", "output_norm": "backbone.norm_f",
+                                                      "output": "lm_head"},
+                                   layer={"attn_norm": "norm", **_TABLE}, layers_prefix="backbone.layers",
+                                   derived=_DERIVED)}

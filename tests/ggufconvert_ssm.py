@@ -1,0 +1,76 @@
+"""Tiny state-space and hybrid transformers models (Mamba-2, Nemotron-H, Falcon-H1) written as GGUF
+the way llama.cpp's converter writes them (conversion/mamba.py, nemotron.py, falcon_h1.py): names
+from gguf's tensor map, `A_log` stored as A = -exp(A_log) [H, 1], `D` as [H, 1], the conv weight
+squeezed to [C, K], the group norm as [G, I / G], `dt_bias` as `ssm_dt.bias`; the ssm.* metadata."""
+from __future__ import annotations
+
+import torch
+
+import ggufmake as gm
+
+ARCH = {"mamba2": "mamba2", "nemotron_h": "nemotron_h", "falcon_h1": "falcon-h1"}
+
+
+def _mixer_sizes(c) -> tuple[int, int, int, int, int, int]:
+    """(inner, heads, state, groups, conv kernel, head dim) in each family's config names."""
+    if c.model_type == "mamba2":
+        return c.num_heads * c.head_dim, c.num_heads, c.state_size, c.n_groups, c.conv_kernel, c.head_dim
+    if c.model_type == "nemotron_h":
+        return (c.mamba_num_heads * c.mamba_head_dim, c.mamba_num_heads, c.ssm_state_size, c.n_groups, c.conv_kernel,
+                c.mamba_head_dim)
+    return c.mamba_d_ssm, c.mamba_n_heads, c.mamba_d_state, c.mamba_n_groups, c.mamba_d_conv, c.mamba_d_head
+
+
+def metadata(c, arch: str) -> dict:
+    inner, heads, state, groups, conv, _ = _mixer_sizes(c)
+    eps = getattr(c, "layer_norm_epsilon", None) or getattr(c, "rms_norm_eps", None)
+    m = {f"{arch}.block_count": c.num_hidden_layers, f"{arch}.embedding_length": c.hidden_size,
+         f"{arch}.context_length": getattr(c, "max_position_embeddings", None) or 1 << 20,
+         f"{arch}.ssm.conv_kernel": conv, f"{arch}.ssm.inner_size": inner, f"{arch}.ssm.state_size": state,
+         f"{arch}.ssm.time_step_rank": heads, f"{arch}.ssm.group_count": groups,
+         f"{arch}.attention.layer_norm_rms_epsilon": float(eps)}
+    if arch == "mamba2":
+        m.update({f"{arch}.feed_forward_length": 0, f"{arch}.attention.head_count": 0})
+    return m
+
+
+def gguf_tensors(model):
+    import gguf
+
+    c = model.config
+    arch = ARCH[c.model_type]
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(enum, c.num_hidden_layers)
+    inner, heads, state, groups, _, _ = _mixer_sizes(c)
+    for name, t in model.state_dict().items():
+        t = t.detach().float()
+        if name == "lm_head.weight" and getattr(c, "tie_word_embeddings", False):
+            continue
+        if name.endswith(".dt_bias"):
+            name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
+        if name.endswith(".A_log"):
+            t = -torch.exp(t)
+        if name.endswith((".A_log", ".D")):
+            t = t.reshape(-1, 1)
+        elif name.endswith("conv1d.weight"):
+            t = t.squeeze(1)
+        elif name.endswith("mixer.norm.weight") or name.endswith("mamba.norm.weight"):
+            t = t.reshape(groups, inner // groups)
+        base, _, suffix = name.rpartition(".")
+        g = names.get_name(base)
+        if g is None:  # A_log and D have no .weight suffix in the file
+            g = names.get_name(name)
+            assert g is not None, (arch, name)
+            yield g, t.numpy().copy()
+            continue
+        yield f"{g}.{suffix}", t.numpy().copy()
+
+
+def convert(model, path, extra_meta: dict | None = None):
+    c = model.config
+    arch = ARCH[c.model_type]
+    tensors = {name: gm.quantize(w, 0) for name, w in gguf_tensors(model)}
+    meta = metadata(c, arch)
+    meta.update(gm.tokenizer_meta())
+    meta.update(extra_meta or {})
+    return gm.write(path, arch, meta, tensors)

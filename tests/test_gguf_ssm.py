@@ -1,0 +1,39 @@
+"""GGUF files of state-space and hybrid models (llama.cpp's mamba2, nemotron_h, falcon-h1) written
+from tiny transformers models as its converter writes them (tests/ggufconvert_ssm.py): ember's
+logits from the file equal transformers' on the original model."""
+import pytest
+import torch
+
+import ember
+import ggufconvert_ssm as gc
+from parity import tiny_hf_model
+
+pytest.importorskip("gguf")
+
+BASE = dict(vocab_size=265, hidden_size=64, num_hidden_layers=2, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None)
+MODELS = {
+    "mamba2": ("Mamba2Config", dict(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=8)),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ssm_gguf_matches_transformers(name, tmp_path):
+    import transformers
+
+    cls, kw = MODELS[name]
+    hf = tiny_hf_model(getattr(transformers, cls)(**{**BASE, **kw}))
+    path = gc.convert(hf, tmp_path / f"{name}.gguf")
+    llm = ember.load(path, dtype=torch.float32, device="cpu")
+    assert llm._loaded.entry.model_type == hf.config.model_type
+    ids = torch.randint(0, 265, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), hf(ids).logits, atol=1e-4, rtol=0)
