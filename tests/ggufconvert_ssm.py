@@ -31,6 +31,13 @@ def metadata(c, arch: str) -> dict:
          f"{arch}.attention.layer_norm_rms_epsilon": float(eps)}
     if arch == "mamba2":
         m.update({f"{arch}.feed_forward_length": 0, f"{arch}.attention.head_count": 0})
+    if arch == "nemotron_h":  # per-layer arrays mark the attention and the MLP blocks
+        types = c.layers_block_type
+        m.update({f"{arch}.attention.head_count": c.num_attention_heads,
+                  f"{arch}.attention.head_count_kv": ([c.num_key_value_heads if t == "full_attention" else 0
+                                                        for t in types], gm.ARR),
+                  f"{arch}.feed_forward_length": ([c.intermediate_size if t == "mlp" else 0 for t in types], gm.ARR),
+                  f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim})
     return m
 
 
@@ -46,6 +53,8 @@ def gguf_tensors(model):
         t = t.detach().float()
         if name == "lm_head.weight" and getattr(c, "tie_word_embeddings", False):
             continue
+        if arch == "nemotron_h" and name.startswith("model."):  # the converter's filter_tensors
+            name = "backbone." + name[len("model."):]
         if name.endswith(".dt_bias"):
             name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
         if name.endswith(".A_log"):

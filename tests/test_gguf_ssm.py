@@ -14,6 +14,11 @@ BASE = dict(vocab_size=265, hidden_size=64, num_hidden_layers=2, pad_token_id=No
             eos_token_id=None)
 MODELS = {
     "mamba2": ("Mamba2Config", dict(num_heads=8, head_dim=16, state_size=16, n_groups=2, chunk_size=8)),
+    "nemotron_h": ("NemotronHConfig", dict(layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"],
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16,
+                                           ssm_state_size=16, n_groups=2, chunk_size=8,
+                                           time_step_min=1e-9)),  # (no dt clamp: llama.cpp has none)
 }
 
 

@@ -250,7 +250,7 @@ register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCa
 register("qwen3_5_moe_text", "ember.models.qwen3_next", architectures=("Qwen3_5MoeForCausalLM",))
 register("falcon_h1", "ember.models.falcon_h1", architectures=("FalconH1ForCausalLM",),
          prepare=_module_prepare("ember.models.mamba2"))  # time_step_limit as Mamba-2 writes it
-register("nemotron_h", "ember.models.nemotron_h", architectures=("NemotronHForCausalLM",),
+register("nemotron_h", "ember.models.nemotron_h", gguf="nemotron_h", architectures=("NemotronHForCausalLM",),
          prepare=_module_prepare("ember.models.nemotron_h"))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),

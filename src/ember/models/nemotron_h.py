@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import DecoderConfig
 from ..errors import ConfigError
 from ..nn import RMSNorm, activation, linear
@@ -247,3 +248,39 @@ class ForCausalLM(CausalLM):
         # transformers names the stack `model`; NVIDIA's original checkpoints `backbone`
         self.model = Model(cfg, vb.pp_first(["model", "backbone"], "embeddings.weight"))
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embeddings.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's nemotron_h: the dense models; nemotron_h_moe is not mapped) ---------------
+def _gguf_config(meta: gguf.Meta) -> dict:
+    n = gguf.layer_count(meta)
+
+    def per_layer(key: str) -> list[int]:
+        v = meta.get(key, 0, kind=(int, list))
+        v = v if isinstance(v, list) else [v] * n
+        if len(v) != n or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            raise ConfigError(f"{meta.f.path}: {meta.arch}.{key} should list {n} non-negative integers, got {v!r:.80}")
+        return v
+
+    kv, ff = per_layer("attention.head_count_kv"), per_layer("feed_forward_length")
+    # llama.cpp marks the attention blocks by their KV heads and the MLP blocks by their width
+    types = [ATTENTION if k else MLP if f else MAMBA for k, f in zip(kv, ff)]
+    d = mamba2.ssm_dims(meta)
+    heads = meta.need("attention.head_count")
+    cfg = {"model_type": "nemotron_h", "vocab_size": gguf.vocab_size(meta), "hidden_size": meta.need("embedding_length"),
+           "layers_block_type": types, "num_hidden_layers": n, "num_attention_heads": heads,
+           "num_key_value_heads": max(kv) or heads, "head_dim": meta.get("attention.key_length", kind=int),
+           "intermediate_size": max(ff) or 1, "max_position_embeddings": meta.get("context_length", 4096, kind=int),
+           "layer_norm_epsilon": float(meta.get("attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
+           "mamba_num_heads": d["heads"], "mamba_head_dim": d["head_dim"], "ssm_state_size": d["state"],
+           "n_groups": d["groups"], "conv_kernel": d["conv"], "use_conv_bias": "blk.0.ssm_conv1d.bias" in meta.names,
+           "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m),
+           "time_step_min": 0.0}  # llama.cpp's scan never clamps dt
+    return cfg
+
+
+_TABLE, _DERIVED = mamba2.mixer_gguf("mixer")
+GGUF = {"nemotron_h": gguf.GGUFMapping(
+    _gguf_config, top={"token_embd": "backbone.embeddings", "output_norm": "backbone.norm_f", "output": "lm_head"},
+    layer={"attn_norm": "norm", **_TABLE, "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj",
+           "attn_output": "mixer.o_proj", "ffn_up": "mixer.up_proj", "ffn_down": "mixer.down_proj"},
+    layers_prefix="backbone.layers", derived=_DERIVED)}
