@@ -38,7 +38,47 @@ def metadata(c, arch: str) -> dict:
                                                         for t in types], gm.ARR),
                   f"{arch}.feed_forward_length": ([c.intermediate_size if t == "mlp" else 0 for t in types], gm.ARR),
                   f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim})
+    if arch == "falcon-h1":
+        rope = getattr(c, "rope_parameters", None) or {}
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        m.update({f"{arch}.feed_forward_length": c.intermediate_size,
+                  f"{arch}.attention.head_count": c.num_attention_heads,
+                  f"{arch}.attention.head_count_kv": c.num_key_value_heads,
+                  f"{arch}.attention.key_length": head, f"{arch}.attention.value_length": head,
+                  f"{arch}.rope.freq_base": float(rope.get("rope_theta", 10000.0))})
     return m
+
+
+def _falcon_fold(c, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Falcon-H1's converter folds every µP multiplier into the weights."""
+    attn_in = c.attention_in_multiplier
+    if "down_proj" in name:
+        return t * c.mlp_multipliers[1]
+    if "gate_proj" in name:
+        return t * c.mlp_multipliers[0]
+    if "k_proj" in name:
+        return t * c.key_multiplier * attn_in
+    if "q_proj" in name or "v_proj" in name:
+        return t * attn_in
+    if "o_proj" in name:
+        return t * c.attention_out_multiplier
+    if "out_proj" in name:
+        return t * c.ssm_out_multiplier
+    if "in_proj" in name:
+        t = t * c.ssm_in_multiplier
+        z, x, b, cc, dt = c.ssm_multipliers
+        inner, gn = c.mamba_d_ssm, c.mamba_n_groups * c.mamba_d_state
+        t[:inner] *= z
+        t[inner:2 * inner] *= x
+        t[2 * inner:2 * inner + gn] *= b
+        t[2 * inner + gn:2 * inner + 2 * gn] *= cc
+        t[2 * inner + 2 * gn:] *= dt
+        return t
+    if "lm_head" in name:
+        return t * c.lm_head_multiplier
+    if "embed_tokens" in name:
+        return t * c.embedding_multiplier
+    return t
 
 
 def gguf_tensors(model):
@@ -55,6 +95,8 @@ def gguf_tensors(model):
             continue
         if arch == "nemotron_h" and name.startswith("model."):  # the converter's filter_tensors
             name = "backbone." + name[len("model."):]
+        if arch == "falcon-h1":
+            t = _falcon_fold(c, name, t)
         if name.endswith(".dt_bias"):
             name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
         if name.endswith(".A_log"):
@@ -67,8 +109,8 @@ def gguf_tensors(model):
             t = t.reshape(groups, inner // groups)
         base, _, suffix = name.rpartition(".")
         g = names.get_name(base)
-        if g is None:  # A_log and D have no .weight suffix in the file
-            g = names.get_name(name)
+        if g is None:  # keyed by the whole name, and written without a suffix as the converter does:
+            g = names.get_name(name)  # A_log and D, and Falcon-H1's pre_ff_layernorm ("blk.N.ffn_norm")
             assert g is not None, (arch, name)
             yield g, t.numpy().copy()
             continue

@@ -19,6 +19,15 @@ MODELS = {
                                            intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16,
                                            ssm_state_size=16, n_groups=2, chunk_size=8,
                                            time_step_min=1e-9)),  # (no dt clamp: llama.cpp has none)
+    # the µP multipliers folded into the weights by the converter; gated norm after the gate
+    "falcon_h1": ("FalconH1Config", dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, mamba_d_ssm=64, mamba_n_heads=4,
+                                         mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8, mamba_rms_norm=True,
+                                         mamba_norm_before_gate=False, tie_word_embeddings=False,
+                                         embedding_multiplier=5.6, lm_head_multiplier=0.04, mlp_multipliers=[0.9, 0.6],
+                                         key_multiplier=0.4, attention_in_multiplier=1.3, attention_out_multiplier=0.7,
+                                         ssm_in_multiplier=1.1, ssm_out_multiplier=0.3,
+                                         ssm_multipliers=[0.5, 0.8, 1.2, 0.9, 1.5])),
 }
 
 

@@ -248,7 +248,7 @@ register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCa
 register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCausalLM",),
          prepare=lambda d: {**d, "num_experts": 0})
 register("qwen3_5_moe_text", "ember.models.qwen3_next", architectures=("Qwen3_5MoeForCausalLM",))
-register("falcon_h1", "ember.models.falcon_h1", architectures=("FalconH1ForCausalLM",),
+register("falcon_h1", "ember.models.falcon_h1", gguf="falcon-h1", architectures=("FalconH1ForCausalLM",),
          prepare=_module_prepare("ember.models.mamba2"))  # time_step_limit as Mamba-2 writes it
 register("nemotron_h", "ember.models.nemotron_h", gguf="nemotron_h", architectures=("NemotronHForCausalLM",),
          prepare=_module_prepare("ember.models.nemotron_h"))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm, activation, linear
 from ..varbuilder import VarBuilder
 from . import llama, mamba2
@@ -165,3 +166,25 @@ class ForCausalLM(CausalLM):
         self.model = Model(cfg, vb.pp("model"), fuse)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.logits_scaling = 1.0 / cfg.lm_head_multiplier
+
+
+# ---- GGUF (llama.cpp's falcon-h1: every µP multiplier already folded into the weights) ------------
+def _gguf_config(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "falcon_h1", head_dim=gguf.head_dim(meta))
+    d = mamba2.ssm_dims(meta)
+    cfg.update(mamba_d_ssm=d["inner"], mamba_n_heads=d["heads"], mamba_d_head=d["head_dim"], mamba_d_state=d["state"],
+               mamba_n_groups=d["groups"], mamba_d_conv=d["conv"],
+               mamba_conv_bias="blk.0.ssm_conv1d.bias" in meta.names, mamba_proj_bias="blk.0.ssm_in.bias" in meta.names,
+               projectors_bias="blk.0.ssm_out.bias" in meta.names, mlp_bias="blk.0.ffn_up.bias" in meta.names,
+               # llama.cpp gates then normalises (when the file has the norm), with no dt clamp
+               mamba_rms_norm="blk.0.ssm_norm.weight" in meta.names, mamba_norm_before_gate=False)
+    return cfg
+
+
+_TABLE, _DERIVED = mamba2.mixer_gguf("mamba")
+GGUF = {"falcon-h1": gguf.GGUFMapping(
+    _gguf_config, top={"token_embd": "model.embed_tokens", "output_norm": "model.final_layernorm", "output": "lm_head"},
+    layer={**gguf.LLAMA_LAYER, **_TABLE, "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+           "ffn_down": "feed_forward.down_proj"},
+    # the converter writes the pre-MLP norm as `blk.N.ffn_norm`, without a .weight suffix
+    derived=_DERIVED + (gguf.Derived("pre_ff_layernorm.weight", ("ffn_norm",), lambda p, cfg: p[0]),))}
