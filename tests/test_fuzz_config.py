@@ -59,6 +59,7 @@ FAMILIES = {
     "granitemoehybrid": ("GraniteMoeHybridConfig", dict(TINY, layer_types=["mamba", "attention"], num_local_experts=4,
                                                         num_experts_per_tok=2, shared_intermediate_size=16,
                                                         mamba_n_heads=4, mamba_d_state=4, mamba_chunk_size=4)),
+    "lfm2": ("Lfm2Config", dict(TINY, layer_types=["conv", "full_attention"], block_multiple_of=16)),
 }
 # Encoders (ember.load gives an Embedder): transformers model class, config class, config; the vocabulary
 # is the tiny WordPiece tokenizer's (tests/tinyencoders.py), whose files are copied beside the weights.
