@@ -173,6 +173,17 @@ def test_engine_static_step_with_a_slot_reset_and_readmitted(built, shape):
     assert len(got[reqs[2].id]) == 10 and len(got[reqs[1].id]) == 24
 
 
+def test_compiled_engine_step_equals_eager(built):
+    """compile=True on CPU (torch.compile of the static step) gives the eager tokens."""
+    _, folder = built("mamba2_groups_chunked")
+    llm = _load(folder)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    want = ember_greedy(llm, prompts, 6)
+    fast = llm.with_engine(max_batch=2, max_len=32, compile=True)
+    assert fast.engine.decoder._compile
+    assert ember_greedy(fast, prompts, 6) == want
+
+
 def test_batched_generate_with_unequal_prompts_equals_each_alone(built):
     """The Generator prefills rows of unequal lengths apart (padding would enter their state)."""
     _, folder = built("mamba_tied")
