@@ -2,7 +2,7 @@
 prefill time of a prompt and greedy decode tokens/s (fp32, CPU; transformers without the mamba_ssm /
 causal_conv1d kernels, which need CUDA, runs its own PyTorch paths).
 
-    python benchmarks/bench_ssm.py                          # Mamba, Mamba-2, Granite 4 at hidden 512
+    python benchmarks/bench_ssm.py                          # Mamba, Mamba-2, Granite 4, LFM2 at hidden 512
     python benchmarks/bench_ssm.py --hidden 128 --layers 2 --tokens 16 --prompt 64   # a smoke run
 
 No trained checkpoint can be fetched here (no Hub): the weights are random, which changes neither
@@ -25,6 +25,10 @@ def families(h: int, layers: int) -> dict:
             layer_types=["attention" if i % 4 == 1 else "mamba" for i in range(layers)], num_attention_heads=8,
             num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, mamba_n_heads=h // 32,
             mamba_d_state=64, mamba_chunk_size=64, max_position_embeddings=4096)),
+        "lfm2": ("Lfm2Config", dict(
+            hidden_size=h, intermediate_size=3 * h, num_hidden_layers=layers, num_attention_heads=8,
+            num_key_value_heads=2, layer_types=["full_attention" if i % 4 == 1 else "conv" for i in range(layers)],
+            block_multiple_of=64, max_position_embeddings=4096)),
     }
 
 
