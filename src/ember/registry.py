@@ -237,6 +237,13 @@ register("gpt_bigcode", "ember.models.gpt_bigcode", gguf="starcoder", architectu
 register("bloom", "ember.models.bloom", gguf="bloom", architectures=("BloomForCausalLM",))
 register("falcon", "ember.models.falcon", gguf="falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+# State-space models: recurrent state beside (or instead of) the KV cache (nn/state_cache.py)
+register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
+register("mamba2", "ember.models.mamba2", architectures=("Mamba2ForCausalLM",),
+         prepare=_module_prepare("ember.models.mamba2"))
+register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
+         prepare=_module_prepare("ember.models.granitemoehybrid"))
+register("lfm2", "ember.models.lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
          prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})

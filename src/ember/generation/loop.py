@@ -286,6 +286,10 @@ class Generator:
             batch.append(seq)
         if not batch:
             return []
+        recurrent = getattr(self.cache, "recurrent", False)  # a StateCache (nn/state_cache.py)
+        if recurrent:
+            for s in batch:  # the slot's previous sequence left its state behind
+                self.cache.reset_rows(slice(s.slot, s.slot + 1))
         pc = self.prefix_cache
         if pc is not None:
             for s in batch:
@@ -300,13 +304,14 @@ class Generator:
             else:
                 runs.append([s])
         ring = getattr(self.cache, "smallest_ring", None)
-        if ring is not None:
+        if ring is not None or recurrent:
             # A row padded past a sliding window's ring would wrap its padding onto its own tokens
-            # (kv_cache.py): such runs are prefilled a row at a time.
+            # (kv_cache.py), and a padded row would scan its padding into its recurrent state
+            # (state_cache.py): such runs are prefilled a row at a time.
             split = []
             for run in runs:
                 lens = [len(s.req.prompt_ids) - s.start for s in run]
-                wrap = len(set(lens)) > 1 and max(s.start for s in run) + max(lens) > ring
+                wrap = len(set(lens)) > 1 and (recurrent or max(s.start for s in run) + max(lens) > ring)
                 split += [[s] for s in run] if wrap else [run]
             runs = split
         # prompts with images alone: their features replace the image tokens' embeddings row by row

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..nn.attention import build_mask, positions_from_mask
 from ..nn.kv_cache import KVCache, ring_key_positions
+from ..nn.state_cache import StateCache
 
 
 @dataclass
@@ -176,16 +177,28 @@ class CausalLM(nn.Module):
         return logits.float()
 
     def cache_layout(self) -> list[tuple[int, ...]]:
-        """(kv_heads, head_dim) per layer, for KVCache (or (kv_heads, k_dim, v_dim): MLA's latent)."""
-        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
+        """(kv_heads, head_dim) per layer, for KVCache (or (kv_heads, k_dim, v_dim): MLA's latent);
+        (0, 0), no keys or values, for a layer without attention (a state-space layer)."""
+        return [(a.num_kv_heads, a.head_dim) if (a := getattr(layer, "self_attn", None)) is not None else (0, 0)
+                for layer in self.model.layers]
 
     def cache_windows(self) -> list[int | None]:
         """Each layer's sliding window (None = full attention): those layers keep a ring in KVCache."""
-        return [getattr(layer.self_attn, "window", None) for layer in self.model.layers]
+        return [getattr(getattr(layer, "self_attn", None), "window", None) for layer in self.model.layers]
+
+    def state_layout(self) -> list:
+        """Each layer's recurrent state (`StateCache`'s spec: shapes and dtypes), from the layer's
+        `state_spec()`; None for layers without (attention layers)."""
+        return [layer.state_spec() if hasattr(layer, "state_spec") else None for layer in self.model.layers]
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """The cache generation runs in: a KVCache, or a StateCache where layers keep recurrent state."""
         p = next(iter(self.parameters()))
         dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        states = self.state_layout()
+        if any(s is not None for s in states):
+            return StateCache(batch, max_len, self.cache_layout(), states, dtype=dtype, device=device or p.device,
+                              windows=self.cache_windows())
         return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device,
                        windows=self.cache_windows())
 

@@ -218,6 +218,10 @@ class DecoderLayer(nn.Module):
         """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
         return MLP(cfg, vb.pp("mlp"), fuse)
 
+    def mix(self, x, cos, sin, step: Step):
+        """The token-mixing sublayer: attention (a hybrid's state-space layers mix otherwise)."""
+        return self.self_attn(x, cos, sin, step)
+
     def forward(self, x, cos, sin, step: Step):
         x, h = self.forward_deferred(x, None, cos, sin, step)
         return x + h
@@ -228,7 +232,7 @@ class DecoderLayer(nn.Module):
         norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
         m = self.residual_multiplier
         x, normed = self.input_layernorm.add_forward(x, pending)
-        h = self.self_attn(normed, cos, sin, step)
+        h = self.mix(normed, cos, sin, step)
         x, normed = self.post_attention_layernorm.add_forward(x, h * m if m != 1.0 else h)
         h = self.mlp(normed)
         return x, (h * m if m != 1.0 else h)
