@@ -182,6 +182,11 @@ def _qwen2_moe_sliding(d: dict) -> dict:
     return {**d, "max_window_layers": None}
 
 
+# Llama 4: the text model, or the image-text checkpoints of the Hub (text_config; vision tower not loaded)
+register("llama4_text", "ember.models.llama4", architectures=("Llama4ForCausalLM",),
+         prepare=_module_prepare("ember.models.llama4"))
+register("llama4", "ember.models.llama4", architectures=("Llama4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.llama4"))
 register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
 register("qwen2_moe", "ember.models.mixtral", gguf="qwen2moe", architectures=("Qwen2MoeForCausalLM",),
          defaults={"qkv_bias": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 60,

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from .. import gguf_source as gguf
 from ..varbuilder import VarBuilder
-from . import gemma, gemma2
+from . import gemma, gemma2, multimodal
 
 
 @dataclass
@@ -77,30 +77,14 @@ class MultimodalConfig(Config):
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> Config:
         if isinstance(d, dict) and isinstance(d.get("text_config"), dict):
-            d = {
-                **d["text_config"],
-                "model_type": d.get("model_type"),
-                "architectures": d.get("architectures"),
-                # the head is tied by the outer config, and the multimodal model never soft-caps the logits
-                "tie_word_embeddings": d.get("tie_word_embeddings", True),
-                "final_logit_softcapping": None,
-                **{k: d[k] for k in ("dtype", "torch_dtype") if d.get(k) is not None},
-            }
+            # the multimodal model never soft-caps the logits
+            d = {**multimodal.text_config(d, tie_default=True), "final_logit_softcapping": None}
         return Config.from_dict(d, **overrides)
-
-
-def _language_model(vb: VarBuilder) -> VarBuilder:
-    """A builder that reads a multimodal checkpoint's decoder under the text model's names."""
-    if vb.contains("language_model.model.embed_tokens.weight"):  # as saved by transformers
-        return vb.rename({"model": "language_model.model", "lm_head": "language_model.lm_head"})
-    if vb.contains("model.language_model.embed_tokens.weight"):  # transformers' in-memory names
-        return vb.rename({"model": "model.language_model"})
-    return vb
 
 
 class ForCausalLM(gemma.ForCausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
-        super().__init__(cfg, _language_model(vb), fuse)
+        super().__init__(cfg, multimodal.language_model(vb), fuse)
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -108,20 +108,26 @@ class Attention(nn.Module):
     soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
     Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant;
     `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored);
-    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere).
+    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere, Llama 4);
+    `qk_norm="l2"`: weightless RMS normalisation of each head of q and k after the rotation (Llama 4);
+    `temperature=(beta, floor, offset)`: queries scaled by 1 + beta * log(1 + floor((pos + offset) /
+    floor)), growing with the position (Llama 4's NoPE layers, Ministral 3);
+    `chunk=C`: attention within chunks of C positions only (Llama 4's chunked layers).
     """
 
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
                  scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
-                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False):
+                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False,
+                 temperature: tuple[float, float, float] | None = None, chunk: int | None = None):
         super().__init__()
         self.layer_idx, self.window, self.rotary, self.interleaved = layer_idx, window, rotary, interleaved
+        self.temperature, self.chunk = temperature, chunk
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
         self.qk_norm = qk_norm if qk_norm is not None else ("head" if cfg.qk_norm else None)
-        if self.qk_norm not in (None, "head", "full"):
-            raise ValueError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        if self.qk_norm not in (None, "head", "full", "l2"):
+            raise ValueError(f"qk_norm must be None, 'head', 'full' or 'l2', got {self.qk_norm!r}")
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         o, split = vb.pp("o_proj"), None
         if vb.tp is not None:  # tensor parallel: this rank's heads; q/k/v column-, o row-parallel
@@ -135,7 +141,8 @@ class Attention(nn.Module):
                                    "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse,
                                split=split)
         self.o_proj = parallel.row_parallel(linear(H * D, E, o, bias=cfg.attention_bias), vb.tp)
-        if self.qk_norm is not None:
+        self.eps = cfg.rms_norm_eps
+        if self.qk_norm is not None and self.qk_norm != "l2":
             q_dim, k_dim = (D, D) if self.qk_norm == "head" else (H * D, KV * D)
             self.q_norm = RMSNorm.from_vb(q_dim, cfg.rms_norm_eps, vb.pp("q_norm"), **(norm_kw or {}))
             self.k_norm = RMSNorm.from_vb(k_dim, cfg.rms_norm_eps, vb.pp("k_norm"), **(norm_kw or {}))
@@ -145,7 +152,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
+        if (self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved
+                and self.temperature is None and self.chunk is None):
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
             # (a subclass with its own _attend, e.g. GPT-OSS's sinks, keeps the separate ops)
@@ -168,13 +176,21 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if self.rotary:
             q, k = (apply_rotary_interleaved if self.interleaved else apply_rotary)(q, k, cos, sin)
+        if self.qk_norm == "l2":  # in float32, as the reference
+            q = F.rms_norm(q.float(), (self.head_dim,), None, self.eps).to(q.dtype)
+            k = F.rms_norm(k.float(), (self.head_dim,), None, self.eps).to(k.dtype)
+        if self.temperature is not None:
+            beta, floor, offset = self.temperature
+            t = 1 + beta * torch.log1p(torch.floor((step.position_ids.float() + offset) / floor))
+            q = q * t[:, None, :, None].to(q.dtype)
         return self._attend(q, k, v, step, B, T)
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
         if step.cache is not None:
             k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows,
                                      fresh=step.fresh)
-        o = attention(q, k, v, step.mask(self.window), scale=self.scale, softcap=self.softcap)
+        mask = step.chunk_mask(self.chunk) if self.chunk is not None else step.mask(self.window)
+        o = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

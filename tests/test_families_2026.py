@@ -1,0 +1,71 @@
+"""The decoder families of issue 19 against transformers on tiny random checkpoints: Llama 4 (text and
+the image-text checkpoint's decoder), Ministral 3 / Mistral 3, PhiMoE."""
+import json
+
+import pytest
+import torch
+
+from parity import check_parity, save, tiny_hf_model
+
+pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+# ---- Llama 4 -------------------------------------------------------------------------------------
+LLAMA4 = dict(BASE, intermediate_size=48, intermediate_size_mlp=96, head_dim=16, num_local_experts=4)
+LLAMA4_SHAPES = {
+    # chunks of 4 positions and temperature tuning from position 3 on, so both act within the test's
+    # sequences; top-1 routing, dense and MoE layers alternating, NoPE on layer 3
+    "chunk4_tuned_interleaved_top1": (dict(attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
+                                           interleave_moe_layer_step=2), False),
+    # listed NoPE layers, no q/k norm, top-2, every layer MoE, llama3 rope, tied, MQA, biases
+    "listed_nope_top2_llama3_tied_mqa": (dict(no_rope_layers=[1, 0, 1, 0], use_qk_norm=False, num_experts_per_tok=2,
+                                              num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True,
+                                              attn_temperature_tuning=False,
+                                              rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                               "factor": 8.0, "low_freq_factor": 1.0,
+                                                               "high_freq_factor": 4.0,
+                                                               "original_max_position_embeddings": 32}), True),
+}
+
+
+@pytest.mark.parametrize("shape", list(LLAMA4_SHAPES))
+def test_llama4_text_matches_transformers(tmp_path, shape):
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    over, reference_left_padding = LLAMA4_SHAPES[shape]
+    cfg = Llama4TextConfig(**{**LLAMA4, **over})
+    hf = tiny_hf_model(cfg, Llama4ForCausalLM)
+    llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size, reference_left_padding=reference_left_padding)
+    attn = [layer.self_attn for layer in llm.model.model.layers]
+    assert [int(a.rotary) for a in attn] == list(cfg.no_rope_layers)
+    assert [a.chunk for a in attn] == [cfg.attention_chunk_size if t == "chunked_attention" else None
+                                       for t in cfg.layer_types]
+
+
+def test_llama4_multimodal_checkpoint_matches_transformers(tmp_path):
+    """Llama4ForConditionalGeneration (the Hub's form): text_config, weights under language_model.*;
+    compared with its language model (transformers 5.24's multimodal forward fails on text alone)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = {**LLAMA4, **LLAMA4_SHAPES["chunk4_tuned_interleaved_top1"][0]}
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)
+    hf = tiny_hf_model(Llama4Config(text_config=text, vision_config=vision), Llama4ForConditionalGeneration)
+    folder = save(hf, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama4"
+    check_parity(hf.language_model, folder, text["vocab_size"], reference_left_padding=False)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(no_rope_layers=[1, 0]), "no_rope_layers"),
+                                        (dict(layer_types=["sliding_attention"] * 4), "layer_types"),
+                                        (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+                                        (dict(attention_chunk_size=0), "attention_chunk_size")])
+def test_llama4_config_rejects_impossible_values(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "llama4_text", **LLAMA4, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)
