@@ -3,7 +3,6 @@ the image-text checkpoint's decoder), Ministral 3 / Mistral 3, PhiMoE."""
 import json
 
 import pytest
-import torch
 
 from parity import check_parity, save, tiny_hf_model
 
@@ -69,3 +68,44 @@ def test_llama4_config_rejects_impossible_values(bad, match):
     raw = {"model_type": "llama4_text", **LLAMA4, **bad}
     with pytest.raises(ConfigError, match=match):
         lookup(raw).parse_config(raw)
+
+
+# ---- Ministral 3 / Mistral 3 -----------------------------------------------------------------------
+MINISTRAL3 = dict(BASE, intermediate_size=96, head_dim=16)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5}
+MINISTRAL3_SHAPES = {
+    # query scaling from position 8 on (original_max_position_embeddings 8), GQA, untied
+    "yarn_scaled_gqa": dict(rope_parameters=YARN),
+    # MQA, tied, a sliding window, head_dim 32 (q wider than hidden)
+    "window_mqa_tied": dict(rope_parameters=dict(YARN, original_max_position_embeddings=4, llama_4_scaling_beta=0.2),
+                            num_key_value_heads=1, tie_word_embeddings=True, sliding_window=6, head_dim=32),
+}
+
+
+@pytest.mark.parametrize("shape", list(MINISTRAL3_SHAPES))
+def test_ministral3_matches_transformers(tmp_path, shape):
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+
+    cfg = Ministral3Config(**{**MINISTRAL3, **MINISTRAL3_SHAPES[shape]})
+    hf = tiny_hf_model(cfg, Ministral3ForCausalLM)
+    llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
+    assert all(layer.self_attn.temperature is not None for layer in llm.model.model.layers)
+
+
+@pytest.mark.parametrize("text_type, tie", [("ministral3", True), ("mistral", False)])
+def test_mistral3_multimodal_checkpoint_matches_transformers(tmp_path, text_type, tie):
+    """Mistral3ForConditionalGeneration: text_config (ministral3, or mistral as in Mistral Small 3.1),
+    decoder weights under language_model.*; the outer config ties the head."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = dict(MINISTRAL3, model_type=text_type, **(MINISTRAL3_SHAPES["yarn_scaled_gqa"] if text_type == "ministral3"
+                                                     else dict(sliding_window=6)))
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=28, patch_size=14)
+    cfg = Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=tie)
+    hf = tiny_hf_model(cfg, Mistral3ForConditionalGeneration)
+    folder = save(hf, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mistral3"
+    llm = check_parity(hf, folder, text["vocab_size"])
+    assert (llm.model.lm_head.weight is llm.model.model.embed_tokens.weight) == tie

@@ -187,6 +187,11 @@ register("llama4_text", "ember.models.llama4", architectures=("Llama4ForCausalLM
          prepare=_module_prepare("ember.models.llama4"))
 register("llama4", "ember.models.llama4", architectures=("Llama4ForConditionalGeneration",),
          prepare=_module_prepare("ember.models.llama4"))
+# Ministral 3, and Mistral 3 image-text checkpoints' language model (text_config; vision tower not loaded)
+register("ministral3", "ember.models.mistral3", architectures=("Ministral3ForCausalLM",),
+         prepare=_module_prepare("ember.models.mistral3"))
+register("mistral3", "ember.models.mistral3", architectures=("Mistral3ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.mistral3"))
 register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
 register("qwen2_moe", "ember.models.mixtral", gguf="qwen2moe", architectures=("Qwen2MoeForCausalLM",),
          defaults={"qkv_bias": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 60,
