@@ -109,3 +109,38 @@ def test_mistral3_multimodal_checkpoint_matches_transformers(tmp_path, text_type
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mistral3"
     llm = check_parity(hf, folder, text["vocab_size"])
     assert (llm.model.lm_head.weight is llm.model.model.embed_tokens.weight) == tie
+
+
+# ---- PhiMoE --------------------------------------------------------------------------------------
+PHIMOE = dict(BASE, intermediate_size=48, num_local_experts=4)
+PHIMOE_SHAPES = {
+    # a jitter wide enough that the softmax weighs more than one logit, biases everywhere, GQA
+    "biases_wide_jitter": dict(attention_bias=True, lm_head_bias=True, router_jitter_noise=0.5),
+    # longrope with equal mscales (as Phi-3.5-MoE), MQA, tied, a sliding window, six experts
+    "longrope_window_mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True, sliding_window=6,
+                                     num_local_experts=6, rope_parameters={
+                                         "rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0 + i / 16 for i in range(8)],
+                                         "long_factor": [2.0 + i / 8 for i in range(8)],
+                                         "short_mscale": 1.2, "long_mscale": 1.2,
+                                         "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("shape", list(PHIMOE_SHAPES))
+def test_phimoe_matches_transformers(tmp_path, shape):
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    cfg = PhimoeConfig(**{**PHIMOE, **PHIMOE_SHAPES[shape]})
+    hf = tiny_hf_model(cfg, PhimoeForCausalLM)
+    check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
+
+
+def test_phimoe_unequal_mscales_are_a_config_error():
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    rope = dict(PHIMOE_SHAPES["longrope_window_mqa_tied"]["rope_parameters"], long_mscale=1.5)
+    raw = {"model_type": "phimoe", **PHIMOE, "rope_parameters": rope}
+    with pytest.raises(ConfigError, match="mscale"):
+        lookup(raw).parse_config(raw)

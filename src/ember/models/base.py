@@ -198,7 +198,7 @@ class CausalLM(nn.Module):
         return max(n, 1)
 
 
-def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
+def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int, bias: bool = False) -> nn.Module:
     """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own
     (split over the vocabulary under tensor parallelism: `ember.distributed.layers.head`)."""
     from ..distributed.layers import head
@@ -208,4 +208,4 @@ def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: in
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
         return head(vb, embed_weight, hidden, vocab)  # a packed (GGUF) table gives a packed head
-    return head(vb, None, hidden, vocab)
+    return head(vb, None, hidden, vocab, bias=bias)

@@ -222,9 +222,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.make_attention(cfg, vb, layer_idx, window, fuse)
         self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
-        self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
-        self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
+        self.input_layernorm = self.make_norm(cfg, vb.pp("input_layernorm"))
+        self.post_attention_layernorm = self.make_norm(cfg, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_norm(self, cfg: Config, vb: VarBuilder) -> nn.Module:
+        """The norm before attention and before the MLP (a subclass swaps in another, e.g. LayerNorm)."""
+        return RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb)
 
     def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
         """The attention block (a subclass swaps in a variant)."""
