@@ -3,6 +3,7 @@ the image-text checkpoint's decoder), Ministral 3 / Mistral 3, PhiMoE."""
 import json
 
 import pytest
+import torch
 
 from parity import check_parity, save, tiny_hf_model
 
@@ -144,3 +145,29 @@ def test_phimoe_unequal_mscales_are_a_config_error():
     raw = {"model_type": "phimoe", **PHIMOE, "rope_parameters": rope}
     with pytest.raises(ConfigError, match="mscale"):
         lookup(raw).parse_config(raw)
+
+
+def test_llama4_gguf_matches_transformers(tmp_path):
+    """llama.cpp's llama4 architecture, written from a tiny model with the values llama.cpp fixes
+    (chunks of 8192, NoPE every fourth layer, temperature tuning from 8192): dense and MoE layers,
+    the router and shared expert under their GGUF names."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    import ember
+    import ggufmake as gm
+    from ember.io.gguf import GGUFFile
+    from ember.loading import gguf_config
+
+    pytest.importorskip("gguf")
+    cfg = Llama4TextConfig(**{**LLAMA4, "vocab_size": 265, "interleave_moe_layer_step": 2, "num_experts_per_tok": 2})
+    hf = tiny_hf_model(cfg, Llama4ForCausalLM)
+    path = gm.hf_to_gguf(hf, tmp_path / "m.gguf")
+    raw = gguf_config(GGUFFile(path))
+    assert raw["model_type"] == "llama4_text" and raw["intermediate_size"] == cfg.intermediate_size
+    assert raw["intermediate_size_mlp"] == cfg.intermediate_size_mlp and raw["interleave_moe_layer_step"] == 2
+    llm = ember.load(path, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (llm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    want = hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert llm.generate([5, 6, 7], max_tokens=8, ignore_eos=True, details=True).token_ids == want[0, 3:].tolist()

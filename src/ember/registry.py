@@ -183,7 +183,7 @@ def _qwen2_moe_sliding(d: dict) -> dict:
 
 
 # Llama 4: the text model, or the image-text checkpoints of the Hub (text_config; vision tower not loaded)
-register("llama4_text", "ember.models.llama4", architectures=("Llama4ForCausalLM",),
+register("llama4_text", "ember.models.llama4", gguf="llama4", architectures=("Llama4ForCausalLM",),
          prepare=_module_prepare("ember.models.llama4"))
 register("llama4", "ember.models.llama4", architectures=("Llama4ForConditionalGeneration",),
          prepare=_module_prepare("ember.models.llama4"))

@@ -308,15 +308,20 @@ def _gguf_llama(meta: gguf.Meta) -> dict:
     cfg = gguf.decoder_config(meta, "llama", head_dim=head_dim)
     cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names
     cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in meta.names
+    gguf_rope_freqs(meta, cfg)
+    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
+        cfg.update(gguf.moe_config(meta), model_type="mixtral")
+    return cfg
+
+
+def gguf_rope_freqs(meta: gguf.Meta, cfg: dict) -> None:
+    """Llama 3.1-style scaling that llama.cpp stores as per-frequency divisors (`rope_freqs.weight`)
+    instead of metadata, into cfg's rope_scaling (llama, llama4)."""
     if "rope_freqs.weight" in meta.names:
-        # Llama 3.1-style scaling stored as per-frequency divisors instead of metadata
         if cfg.get("rope_scaling") is not None:
             raise gguf.UnsupportedModelError(f"{meta.f.path}: rope_freqs.weight together with rope scaling "
                                              f"{cfg['rope_scaling'].get('rope_type')!r} is not supported")
         cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": gguf.small_vector(meta, "rope_freqs.weight")}
-    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
-        cfg.update(gguf.moe_config(meta), model_type="mixtral")
-    return cfg
 
 
 def _gguf_qwen2(meta: gguf.Meta) -> dict:

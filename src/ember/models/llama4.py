@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import SharedExpertMoE, TopLogitsMoE, activation
 from ..varbuilder import VarBuilder
 from . import llama, multimodal
@@ -142,3 +143,30 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's llama4 architecture) ---------------------------------------------------------
+def _gguf_llama4(meta: gguf.Meta) -> dict:
+    """llama.cpp writes the widths, the expert counts and the MoE interleave step; the rest it fixes as
+    the released models have it: chunks of 8192 on three layers in four with rotary, the fourth NoPE
+    with temperature tuning (attention.sliding_window 0: every layer rotary and full), q/k norm
+    except with 128 experts (Maverick)."""
+    heads = gguf.attention_heads(meta)
+    head_dim = meta.get("attention.key_length", kind=int) or meta.get("rope.dimension_count", kind=int) or \
+        meta.need("embedding_length") // heads
+    cfg = gguf.decoder_config(meta, "llama4_text", head_dim=head_dim)
+    llama.gguf_rope_freqs(meta, cfg)
+    moe = gguf.moe_config(meta)
+    cfg.update(num_local_experts=moe["num_local_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+               intermediate_size_mlp=cfg["intermediate_size"], intermediate_size=meta.need("expert_feed_forward_length"),
+               interleave_moe_layer_step=meta.get("interleave_moe_layer_step", 1, kind=int),
+               use_qk_norm=moe["num_local_experts"] != 128, attention_bias="blk.0.attn_q.bias" in meta.names)
+    if meta.get("attention.sliding_window", kind=int) == 0:
+        cfg.update(attention_chunk_size=None, no_rope_layers=[1] * cfg["num_hidden_layers"])
+    return cfg
+
+
+GGUF = {"llama4": gguf.GGUFMapping(_gguf_llama4, layer={
+    **{k: v for k, v in gguf.LLAMA_LAYER.items() if not k.startswith("ffn_") or k == "ffn_norm"},
+    **{k: v.replace("mlp.", "feed_forward.") for k, v in gguf.MOE_LAYER.items() if k != "ffn_gate_inp_shexp"},
+    "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj"})}
