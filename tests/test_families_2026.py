@@ -171,3 +171,37 @@ def test_llama4_gguf_matches_transformers(tmp_path):
         assert (llm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
     want = hf.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert llm.generate([5, 6, 7], max_tokens=8, ignore_eos=True, details=True).token_ids == want[0, 3:].tolist()
+
+
+# ---- Gemma 4 -------------------------------------------------------------------------------------
+GEMMA4 = dict(BASE, intermediate_size=96, head_dim=16, sliding_window=4, pad_token_id=0,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+GEMMA4_SHAPES = {
+    # everything at once: per-layer inputs, the last two layers sharing keys/values (double-wide MLPs
+    # there), an MoE block beside each MLP, global layers of head_dim 32 with one head whose values are
+    # its keys
+    "ple_shared_kv_moe_k_eq_v": dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=256,
+                                     num_kv_shared_layers=2, use_double_wide_mlp=True, enable_moe_block=True,
+                                     num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                     attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=1),
+    # the plain decoder: five layers (the last forced global), untied, final soft-cap, MQA, half the
+    # global head rotated
+    "plain_untied_softcap_mqa": dict(hidden_size_per_layer_input=0, num_hidden_layers=5, layer_types=None,
+                                     tie_word_embeddings=False, final_logit_softcapping=5.0, num_key_value_heads=1,
+                                     global_head_dim=16, rope_parameters={
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "proportional", "rope_theta": 100000.0,
+                                                            "partial_rotary_factor": 0.5}}),
+}
+
+
+@pytest.mark.parametrize("shape", list(GEMMA4_SHAPES))
+def test_gemma4_text_matches_transformers(tmp_path, shape):
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(**{**GEMMA4, **GEMMA4_SHAPES[shape]})
+    hf = tiny_hf_model(cfg, Gemma4ForCausalLM)
+    llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
+    shared = cfg.num_kv_shared_layers
+    assert [a.num_kv_heads == 0 for a in (layer.self_attn for layer in llm.model.model.layers)] == \
+        [i >= cfg.num_hidden_layers - shared for i in range(cfg.num_hidden_layers)]

@@ -160,6 +160,11 @@ register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Ge
 # Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
          config_class="MultimodalConfig")
+# Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
+register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
+         prepare=_module_prepare("ember.models.gemma4"))
+register("gemma4", "ember.models.gemma4", architectures=("Gemma4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.gemma4"))
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))

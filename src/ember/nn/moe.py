@@ -139,7 +139,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.hidden)
-        weights, idx = self.route(x)
+        return self.combine(x, *self.route(x)).reshape(shape)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum for tokens x [N, H] routed as (weights, idx) [N, k] (Gemma 4 routes
+        on another input than the experts see)."""
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -153,8 +157,7 @@ class SparseMoE(nn.Module):
                 continue
             outs.append(self.expert(e, chunk))
         y = torch.cat(outs) if self.weight_inputs else torch.cat(outs) * w
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-        return out.reshape(shape)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden}, intermediate={self.intermediate}, "
