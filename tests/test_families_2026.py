@@ -5,9 +5,17 @@ import json
 import pytest
 import torch
 
-from parity import check_parity, save, tiny_hf_model
+from parity import check_parity, ember_greedy, save, tiny_hf_model
 
 pytest.importorskip("transformers")
+
+def check_static_engine(llm) -> None:
+    """The engine's static decode step (what CUDA graphs capture, run eagerly here) gives the plain
+    path's greedy tokens for a batch of three prompts of different lengths."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(30, 41))]
+    want = ember_greedy(llm, prompts, 20)
+    assert ember_greedy(llm.with_engine(max_batch=4, max_len=64, cuda_graphs=True), prompts, 20) == want
+
 
 BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -38,6 +46,7 @@ def test_llama4_text_matches_transformers(tmp_path, shape):
     cfg = Llama4TextConfig(**{**LLAMA4, **over})
     hf = tiny_hf_model(cfg, Llama4ForCausalLM)
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size, reference_left_padding=reference_left_padding)
+    check_static_engine(llm)
     attn = [layer.self_attn for layer in llm.model.model.layers]
     assert [int(a.rotary) for a in attn] == list(cfg.no_rope_layers)
     assert [a.chunk for a in attn] == [cfg.attention_chunk_size if t == "chunked_attention" else None
@@ -202,6 +211,36 @@ def test_gemma4_text_matches_transformers(tmp_path, shape):
     cfg = Gemma4TextConfig(**{**GEMMA4, **GEMMA4_SHAPES[shape]})
     hf = tiny_hf_model(cfg, Gemma4ForCausalLM)
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
+    check_static_engine(llm)
     shared = cfg.num_kv_shared_layers
     assert [a.num_kv_heads == 0 for a in (layer.self_attn for layer in llm.model.model.layers)] == \
         [i >= cfg.num_hidden_layers - shared for i in range(cfg.num_hidden_layers)]
+
+
+def test_gemma4_multimodal_checkpoint_matches_transformers(tmp_path):
+    """Gemma4ForConditionalGeneration: text_config, weights under model.language_model.*, the vision
+    tower left unread."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = {**GEMMA4, **GEMMA4_SHAPES["ple_shared_kv_moe_k_eq_v"], "final_logit_softcapping": 5.0}
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    hf = tiny_hf_model(cfg, Gemma4ForConditionalGeneration)
+    folder = save(hf, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma4"
+    llm = check_parity(hf, folder, text["vocab_size"])
+    assert llm.model.final_logit_softcapping == 5.0
+
+
+@pytest.mark.parametrize("bad, match", [(dict(num_kv_shared_layers=4), "shares the keys"),
+                                        (dict(per_layer_config={"1": {"sliding_window": 3}}), "per_layer_config"),
+                                        (dict(enable_moe_block=True, num_experts=2, top_k_experts=3,
+                                              moe_intermediate_size=8), "top_k_experts"),
+                                        (dict(use_bidirectional_attention="all"), "bidirectional")])
+def test_gemma4_config_rejects_what_it_cannot_run(bad, match):
+    from ember.errors import ConfigError
+    from ember.registry import lookup
+
+    raw = {"model_type": "gemma4_text", **GEMMA4, **bad}
+    with pytest.raises(ConfigError, match=match):
+        lookup(raw).parse_config(raw)
