@@ -150,7 +150,7 @@ def tokenizer_meta(pre: str = "qwen2") -> dict:
 # ---- transformers model -> GGUF, as convert_hf_to_gguf.py writes it -----------------------------
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "mixtral": "llama", "qwen2_moe": "qwen2moe",
-             "qwen3_moe": "qwen3moe", "llama4_text": "llama4"}
+             "qwen3_moe": "qwen3moe", "llama4_text": "llama4", "phimoe": "phimoe"}
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -190,6 +190,9 @@ def hf_metadata(cfg, arch: str) -> dict:
             m[f"{arch}.expert_feed_forward_length"] = c.moe_intermediate_size
         if getattr(c, "shared_expert_intermediate_size", None):
             m[f"{arch}.expert_shared_feed_forward_length"] = c.shared_expert_intermediate_size
+    if arch == "phimoe":  # as the phi3 converter writes it (0: no sliding window)
+        m["phimoe.rope.dimension_count"] = head_dim
+        m["phimoe.attention.sliding_window"] = c.sliding_window or 0
     if arch == "llama4":  # the dense layers' width; the experts' (intermediate_size) is the expert width
         m["llama4.feed_forward_length"] = c.intermediate_size_mlp
         m["llama4.expert_feed_forward_length"] = c.intermediate_size

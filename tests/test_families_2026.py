@@ -244,3 +244,22 @@ def test_gemma4_config_rejects_what_it_cannot_run(bad, match):
     raw = {"model_type": "gemma4_text", **GEMMA4, **bad}
     with pytest.raises(ConfigError, match=match):
         lookup(raw).parse_config(raw)
+
+
+def test_phimoe_gguf_matches_transformers(tmp_path):
+    """llama.cpp's phimoe architecture (the phi3 converter's metadata, experts merged into 3-D tensors,
+    LayerNorm biases, attention and head biases) from a tiny model. The file has no router jitter:
+    transformers' default (0.01) applies, as the model here has it."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    import ember
+    import ggufmake as gm
+
+    pytest.importorskip("gguf")
+    cfg = PhimoeConfig(**{**PHIMOE, "attention_bias": True, "lm_head_bias": True, "vocab_size": 265, "sliding_window": 6})
+    hf = tiny_hf_model(cfg, PhimoeForCausalLM)
+    llm = ember.load(gm.hf_to_gguf(hf, tmp_path / "m.gguf"), dtype=torch.float32, device="cpu")
+    assert llm.config.model_type == "phimoe" and llm.config.sliding_window == 6
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (llm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-4

@@ -220,7 +220,7 @@ register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCa
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
 register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
-register("phimoe", "ember.models.phimoe", architectures=("PhimoeForCausalLM",),
+register("phimoe", "ember.models.phimoe", gguf="phimoe", architectures=("PhimoeForCausalLM",),
          prepare=_module_prepare("ember.models.phimoe"), defaults={"rope_theta": 1e6})
 register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
 register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))

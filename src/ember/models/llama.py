@@ -332,8 +332,9 @@ def _gguf_qwen3(meta: gguf.Meta) -> dict:
     return gguf.decoder_config(meta, "qwen3", head_dim=meta.get("attention.key_length", kind=int))
 
 
-def _gguf_phi3(meta: gguf.Meta) -> dict:
-    cfg = gguf.decoder_config(meta, "phi3")
+def gguf_phi3(meta: gguf.Meta, model_type: str = "phi3") -> dict:
+    """llama.cpp's phi3 metadata (partial rotary, sliding window, longrope factors); PhiMoE's too."""
+    cfg = gguf.decoder_config(meta, model_type)
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     rot = meta.get("rope.dimension_count", kind=int)
     if rot and rot != head_dim:
@@ -367,5 +368,5 @@ GGUF = {
     "llama": gguf.GGUFMapping(_gguf_llama, layer={**gguf.LLAMA_LAYER, **gguf.MOE_LAYER}, permute_qk=True),
     "qwen2": gguf.GGUFMapping(_gguf_qwen2),
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
-    "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
+    "phi3": gguf.GGUFMapping(gguf_phi3, layer=PHI3_LAYER),
 }

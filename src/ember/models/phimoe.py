@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..distributed import layers as parallel
 from ..errors import ConfigError
 from ..nn import LayerNorm, SparseMoE, activation
@@ -42,10 +43,12 @@ class Config(mixtral.Config):
 
 
 def prepare(d: dict) -> dict:
-    """Longrope's equal short/long mscale becomes its attention factor (see the module docstring)."""
+    """Longrope's equal short/long mscale becomes its attention factor (see the module docstring); a
+    GGUF file's longrope gives its attention factor itself."""
     for key in ("rope_parameters", "rope_scaling"):
         p = d.get(key)
-        if isinstance(p, dict) and p.get("rope_type", p.get("type")) not in (None, "default"):
+        if isinstance(p, dict) and p.get("rope_type", p.get("type")) not in (None, "default") \
+                and ("short_mscale" in p or "long_mscale" in p or "attention_factor" not in p):
             short, long = p.get("short_mscale"), p.get("long_mscale")
             if short != long or not isinstance(short, (int, float)):
                 raise ConfigError(f"phimoe: short_mscale {short!r:.20} and long_mscale {long!r:.20} must be equal "
@@ -96,3 +99,17 @@ class ForCausalLM(CausalLM):
         self.model.norm = LayerNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("model.norm"))
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size,
                                         bias=cfg.lm_head_bias)
+
+
+# ---- GGUF (llama.cpp's phimoe architecture) -----------------------------------------------------------
+def _gguf_phimoe(meta: gguf.Meta) -> dict:
+    cfg = llama.gguf_phi3(meta, "phimoe")
+    moe = gguf.moe_config(meta)
+    cfg.update(num_local_experts=moe["num_local_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+               attention_bias="blk.0.attn_q.bias" in meta.names, lm_head_bias="output.bias" in meta.names)
+    return cfg
+
+
+GGUF = {"phimoe": gguf.GGUFMapping(_gguf_phimoe, layer={
+    **gguf.LLAMA_LAYER, **{k: v.replace("mlp.", "block_sparse_moe.") for k, v in gguf.MOE_LAYER.items()
+                           if "shexp" not in k}})}
