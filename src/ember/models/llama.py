@@ -141,13 +141,13 @@ class Attention(nn.Module):
                                    "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse,
                                split=split)
         self.o_proj = parallel.row_parallel(linear(H * D, E, o, bias=cfg.attention_bias), vb.tp)
-        self.eps = cfg.rms_norm_eps
-        if self.qk_norm is not None and self.qk_norm != "l2":
+        self.q_norm = self.k_norm = None
+        if self.qk_norm == "l2":  # weightless
+            self.eps = cfg.rms_norm_eps
+        elif self.qk_norm is not None:
             q_dim, k_dim = (D, D) if self.qk_norm == "head" else (H * D, KV * D)
             self.q_norm = RMSNorm.from_vb(q_dim, cfg.rms_norm_eps, vb.pp("q_norm"), **(norm_kw or {}))
             self.k_norm = RMSNorm.from_vb(k_dim, cfg.rms_norm_eps, vb.pp("k_norm"), **(norm_kw or {}))
-        else:
-            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
