@@ -13,8 +13,8 @@ def check_static_engine(llm) -> None:
     """The engine's static decode step (what CUDA graphs capture, run eagerly here) gives the plain
     path's greedy tokens for a batch of three prompts of different lengths."""
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(30, 41))]
-    want = ember_greedy(llm, prompts, 20)
-    assert ember_greedy(llm.with_engine(max_batch=4, max_len=64, cuda_graphs=True), prompts, 20) == want
+    want = ember_greedy(llm, prompts, 12)
+    assert ember_greedy(llm.with_engine(max_batch=4, max_len=64, cuda_graphs=True), prompts, 12) == want
 
 
 BASE = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -46,7 +46,8 @@ def test_llama4_text_matches_transformers(tmp_path, shape):
     cfg = Llama4TextConfig(**{**LLAMA4, **over})
     hf = tiny_hf_model(cfg, Llama4ForCausalLM)
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size, reference_left_padding=reference_left_padding)
-    check_static_engine(llm)
+    if cfg.attention_chunk_size < 24:  # the chunked shape: chunk masks over the static cache
+        check_static_engine(llm)
     attn = [layer.self_attn for layer in llm.model.model.layers]
     assert [int(a.rotary) for a in attn] == list(cfg.no_rope_layers)
     assert [a.chunk for a in attn] == [cfg.attention_chunk_size if t == "chunked_attention" else None
@@ -211,8 +212,9 @@ def test_gemma4_text_matches_transformers(tmp_path, shape):
     cfg = Gemma4TextConfig(**{**GEMMA4, **GEMMA4_SHAPES[shape]})
     hf = tiny_hf_model(cfg, Gemma4ForCausalLM)
     llm = check_parity(hf, save(hf, tmp_path), cfg.vocab_size)
-    check_static_engine(llm)
     shared = cfg.num_kv_shared_layers
+    if shared:  # rings and shared keys/values over the static cache
+        check_static_engine(llm)
     assert [a.num_kv_heads == 0 for a in (layer.self_attn for layer in llm.model.model.layers)] == \
         [i >= cfg.num_hidden_layers - shared for i in range(cfg.num_hidden_layers)]
 
