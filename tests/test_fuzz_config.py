@@ -60,6 +60,13 @@ FAMILIES = {
                                                         num_experts_per_tok=2, shared_intermediate_size=16,
                                                         mamba_n_heads=4, mamba_d_state=4, mamba_chunk_size=4)),
     "lfm2": ("Lfm2Config", dict(TINY, layer_types=["conv", "full_attention"], block_multiple_of=16)),
+    "llama4_text": ("Llama4TextConfig", dict(TINY, head_dim=8, intermediate_size_mlp=64, num_local_experts=4,
+                                             interleave_moe_layer_step=2, attention_chunk_size=4, floor_scale=4)),
+    "gemma4_text": ("Gemma4TextConfig", dict(TINY, head_dim=8, global_head_dim=16, sliding_window=4,
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+                                             num_kv_shared_layers=1, enable_moe_block=True, num_experts=4,
+                                             top_k_experts=2, moe_intermediate_size=16, num_hidden_layers=3,
+                                             layer_types=["sliding_attention", "full_attention", "full_attention"])),
 }
 # Encoders (ember.load gives an Embedder): transformers model class, config class, config; the vocabulary
 # is the tiny WordPiece tokenizer's (tests/tinyencoders.py), whose files are copied beside the weights.
