@@ -1,4 +1,4 @@
-"""State-space models (Mamba, Mamba-2) against transformers on tiny random checkpoints, and their
+"""State-space models and hybrids (Mamba, Mamba-2, Granite 4, LFM2) against transformers on tiny random checkpoints, and their
 recurrent-state cache (nn/state_cache.py): token by token against the uncached forward, chunked
 prefill, batched decode with idle rows, and the engine's static step with a slot reset and
 re-admitted while another row keeps decoding."""
@@ -39,6 +39,14 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=1, num_local_experts=0, attention_multiplier=0.25,
         max_position_embeddings=128, mamba_n_heads=6, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=3,
         mamba_chunk_size=16, mamba_proj_bias=False)),
+    # LFM2: gated short convolutions and attention layers with per-head q/k norms
+    "lfm2_mixed": ("lfm2", dict(hidden_size=64, intermediate_size=96, block_multiple_of=32, num_hidden_layers=3,
+                                layer_types=["conv", "full_attention", "conv"], num_attention_heads=4,
+                                num_key_value_heads=2, conv_L_cache=3, max_position_embeddings=128)),
+    "lfm2_bias_untied": ("lfm2", dict(hidden_size=48, intermediate_size=80, block_auto_adjust_ff_dim=False,
+                                      num_hidden_layers=2, layer_types=["full_attention", "conv"],
+                                      num_attention_heads=4, num_key_value_heads=1, conv_L_cache=4, conv_bias=True,
+                                      tie_word_embeddings=False, max_position_embeddings=128)),
 }
 
 
@@ -46,7 +54,8 @@ def _config(shape):
     import transformers
 
     family, kw = SHAPES[shape]
-    cls = {"mamba": "MambaConfig", "mamba2": "Mamba2Config", "granitemoehybrid": "GraniteMoeHybridConfig"}[family]
+    cls = {"mamba": "MambaConfig", "mamba2": "Mamba2Config", "granitemoehybrid": "GraniteMoeHybridConfig",
+           "lfm2": "Lfm2Config"}[family]
     return getattr(transformers, cls)(**{**BASE, **kw})
 
 
@@ -79,11 +88,12 @@ def test_ssm_matches_transformers(built, shape):
     hf, folder = built(shape)
     # a bias on in_proj makes padding positions nonzero before the conv, in transformers too:
     # padded rows then differ from the rows alone
-    llm = check_parity(hf, folder, 256, padding_invariant=not SHAPES[shape][1].get("use_bias", False))
+    kw = SHAPES[shape][1]
+    llm = check_parity(hf, folder, 256, padding_invariant=not (kw.get("use_bias") or kw.get("conv_bias")))
     cache = llm.model.new_cache(2, 16)
     assert isinstance(cache, StateCache)
     # keys and values for the attention layers only, state for the state-space layers only
-    attention = [t in ("attention", "full_attention") for t in SHAPES[shape][1].get("layer_types", ["mamba"] * 2)]
+    attention = [t in ("attention", "full_attention") for t in kw.get("layer_types", ["mamba"] * 2)]
     assert [k.numel() > 0 for k in cache.k] == attention == [s is None for s in cache.states]
 
 
@@ -91,7 +101,7 @@ def _load(folder):
     return ember.load(folder, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("shape", ["mamba_tied", "mamba2_groups_chunked", "granite4_rope_moe"])
+@pytest.mark.parametrize("shape", ["mamba_tied", "mamba2_groups_chunked", "granite4_rope_moe", "lfm2_mixed"])
 def test_state_cache_matches_the_uncached_forward_token_by_token(built, shape):
     """Prefill in two chunks (the second continuing from the state), then decode one token at a
     time: every step's logits equal the uncached forward's at that position."""
@@ -128,7 +138,8 @@ def test_idle_rows_keep_their_state_and_reset_rows_zeroes_it(built):
         assert all(not t[1].any() and t[0].any() for s in cache.states for t in s)
 
 
-@pytest.mark.parametrize("shape", ["mamba_untied_bias_rank", "mamba2_groups_chunked", "granite4_nope_dense"])
+@pytest.mark.parametrize("shape", ["mamba_untied_bias_rank", "mamba2_groups_chunked", "granite4_nope_dense",
+                                   "lfm2_bias_untied"])
 def test_engine_static_step_with_a_slot_reset_and_readmitted(built, shape):
     """Two slots through the engine's static decode step: the request in slot 0 finishes, a new one
     takes slot 0 (its state reset) while slot 1 keeps decoding, and idles through the decode step
@@ -160,6 +171,17 @@ def test_engine_static_step_with_a_slot_reset_and_readmitted(built, shape):
     assert slots == {reqs[0].id: 0, reqs[1].id: 1, reqs[2].id: 0}
     assert [got[r.id] for r in reqs] == want
     assert len(got[reqs[2].id]) == 10 and len(got[reqs[1].id]) == 24
+
+
+def test_compiled_engine_step_equals_eager(built):
+    """compile=True on CPU (torch.compile of the static step) gives the eager tokens."""
+    _, folder = built("mamba2_groups_chunked")
+    llm = _load(folder)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    want = ember_greedy(llm, prompts, 6)
+    fast = llm.with_engine(max_batch=2, max_len=32, compile=True)
+    assert fast.engine.decoder._compile
+    assert ember_greedy(fast, prompts, 6) == want
 
 
 def test_batched_generate_with_unequal_prompts_equals_each_alone(built):

@@ -177,6 +177,11 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
 # Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
 register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config")
+# Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
+register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
+         prepare=_module_prepare("ember.models.gemma4"))
+register("gemma4", "ember.models.gemma4", architectures=("Gemma4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.gemma4"))
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
 register("olmo2", "ember.models.olmo2", gguf="olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
@@ -199,6 +204,16 @@ def _qwen2_moe_sliding(d: dict) -> dict:
     return {**d, "max_window_layers": None}
 
 
+# Llama 4: the text model, or the image-text checkpoints of the Hub (text_config; vision tower not loaded)
+register("llama4_text", "ember.models.llama4", gguf="llama4", architectures=("Llama4ForCausalLM",),
+         prepare=_module_prepare("ember.models.llama4"))
+register("llama4", "ember.models.llama4", architectures=("Llama4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.llama4"))
+# Ministral 3, and Mistral 3 image-text checkpoints' language model (text_config; vision tower not loaded)
+register("ministral3", "ember.models.mistral3", architectures=("Ministral3ForCausalLM",),
+         prepare=_module_prepare("ember.models.mistral3"))
+register("mistral3", "ember.models.mistral3", architectures=("Mistral3ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.mistral3"))
 register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
 register("qwen2_moe", "ember.models.mixtral", gguf="qwen2moe", architectures=("Qwen2MoeForCausalLM",),
          defaults={"qkv_bias": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 60,
@@ -222,6 +237,8 @@ register("deepseek_v2", "ember.models.deepseek", gguf="deepseek2", architectures
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
 register("gpt_oss", "ember.models.gpt_oss", gguf="gpt-oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
+register("phimoe", "ember.models.phimoe", gguf="phimoe", architectures=("PhimoeForCausalLM",),
+         prepare=_module_prepare("ember.models.phimoe"), defaults={"rope_theta": 1e6})
 register("olmoe", "ember.models.olmoe", gguf="olmoe", architectures=("OlmoeForCausalLM",))
 register("granitemoe", "ember.models.granitemoe", gguf="granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
@@ -243,6 +260,7 @@ register("mamba2", "ember.models.mamba2", gguf="mamba2", architectures=("Mamba2F
          prepare=_module_prepare("ember.models.mamba2"))
 register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
          prepare=_module_prepare("ember.models.granitemoehybrid"))
+register("lfm2", "ember.models.lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
 register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCausalLM",))
 # Qwen3.5's text decoders (the multimodal checkpoints' vision tower is not read yet): dense MLPs, or the MoE
 register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCausalLM",),

@@ -67,6 +67,23 @@ class Step:
         return build_mask(self.position_ids, self.attention_mask, kv_len=None if self.fresh else self.kv_len,
                           window=window)
 
+    def chunk_mask(self, chunk: int) -> torch.Tensor:
+        """The [B, 1, T, S] mask of chunked attention (Llama 4): a query sees the earlier keys of its
+        own chunk of `chunk` positions (chunks counted from each row's position 0, padding excluded)."""
+        key = ("chunk", chunk)
+        if key not in self._masks:
+            q = self.position_ids.unsqueeze(-1)  # [B, T, 1]
+            if self.cache is not None:  # cache columns are positions
+                k = torch.arange(self.kv_len, device=q.device)
+                self._masks[key] = ((k <= q) & (k // chunk == q // chunk)).unsqueeze(1)
+            else:
+                causal = self.mask(None)
+                if causal is None:
+                    T = q.shape[1]
+                    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+                self._masks[key] = causal & (q // chunk == q.transpose(1, 2) // chunk).unsqueeze(1)
+        return self._masks[key]
+
     def _ring_mask(self, window: int) -> torch.Tensor | None:
         """The mask over what KVCache.update returns for a ring layer (see kv_cache.py)."""
         T = self.position_ids.shape[1]
@@ -220,7 +237,7 @@ class CausalLM(nn.Module):
         return max(n, 1)
 
 
-def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
+def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int, bias: bool = False) -> nn.Module:
     """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own
     (split over the vocabulary under tensor parallelism: `ember.distributed.layers.head`)."""
     from ..distributed.layers import head
@@ -230,4 +247,4 @@ def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: in
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
         return head(vb, embed_weight, hidden, vocab)  # a packed (GGUF) table gives a packed head
-    return head(vb, None, hidden, vocab)
+    return head(vb, None, hidden, vocab, bias=bias)

@@ -85,15 +85,8 @@ def _text_of(d: dict) -> dict:
     """The decoder's config of a Gemma3ForConditionalGeneration config.json; a flat config (model_type
     gemma3 without text_config, as some GGUF conversions write it) is read as is."""
     if isinstance(d.get("text_config"), dict):
-        return {
-            **d["text_config"],
-            "model_type": d.get("model_type"),
-            "architectures": d.get("architectures"),
-            # the head is tied by the outer config, and the multimodal model never soft-caps the logits
-            "tie_word_embeddings": d.get("tie_word_embeddings", True),
-            "final_logit_softcapping": None,
-            **{k: d[k] for k in ("dtype", "torch_dtype") if d.get(k) is not None},
-        }
+        # the head is tied by the outer config, and the multimodal model never soft-caps the logits
+        return {**multimodal.text_config(d, tie_default=True), "final_logit_softcapping": None}
     return d
 
 

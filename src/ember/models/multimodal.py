@@ -10,6 +10,9 @@ replaced by the image features in order, row after row (transformers' masked_sca
 else is the text decoder's: the cache, the decode step and batching are the plain causal LM's, so
 the engine runs these models unchanged once the prompt is prefilled.
 
+`text_config` and `language_model` also serve the families whose image-text checkpoints ember reads
+for their decoder alone (Llama 4, Gemma 4, Mistral 3: the vision tower is not loaded).
+
 Checkpoint names: transformers saves `language_model.model.*` / `language_model.lm_head.*`,
 `vision_tower.*` (older Hub checkpoints: `vision_tower.vision_model.*`), `multi_modal_projector.*`,
 and names them in memory `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`,
@@ -27,6 +30,21 @@ from ..config import ModelConfig
 from ..errors import ConfigError, GenerationError, UnsupportedModelError
 from ..varbuilder import VarBuilder
 from .base import CausalLM
+
+
+def text_config(d: dict, tie_default: bool) -> dict:
+    """A multimodal config.json dict → its decoder's dict: text_config with the outer model_type,
+    architectures, head tying (the outer config decides it; `tie_default` when it says nothing) and
+    dtype. A dict without text_config is returned as is."""
+    if not isinstance(d, dict) or not isinstance(d.get("text_config"), dict):
+        return d
+    return {
+        **d["text_config"],
+        "model_type": d.get("model_type"),
+        "architectures": d.get("architectures"),
+        "tie_word_embeddings": d.get("tie_word_embeddings", tie_default),
+        **{k: d[k] for k in ("dtype", "torch_dtype") if d.get(k) is not None},
+    }
 
 
 def language_model(vb: VarBuilder) -> VarBuilder:
