@@ -8,7 +8,7 @@ import torch
 
 import ggufmake as gm
 
-ARCH = {"mamba2": "mamba2", "nemotron_h": "nemotron_h", "falcon_h1": "falcon-h1"}
+ARCH = {"mamba2": "mamba2", "nemotron_h": "nemotron_h", "falcon_h1": "falcon-h1", "lfm2": "lfm2"}
 
 
 def _mixer_sizes(c) -> tuple[int, int, int, int, int, int]:
@@ -21,7 +21,25 @@ def _mixer_sizes(c) -> tuple[int, int, int, int, int, int]:
     return c.mamba_d_ssm, c.mamba_n_heads, c.mamba_d_state, c.mamba_n_groups, c.mamba_d_conv, c.mamba_d_head
 
 
+def _lfm2_metadata(c, arch: str) -> dict:
+    from ember.models.lfm2 import Config
+
+    ff = Config(intermediate_size=c.intermediate_size, block_multiple_of=c.block_multiple_of,
+                block_ffn_dim_multiplier=c.block_ffn_dim_multiplier,
+                block_auto_adjust_ff_dim=c.block_auto_adjust_ff_dim).ff_dim  # the converter's adjustment
+    rope = getattr(c, "rope_parameters", None) or {}
+    return {f"{arch}.block_count": c.num_hidden_layers, f"{arch}.embedding_length": c.hidden_size,
+            f"{arch}.context_length": c.max_position_embeddings, f"{arch}.feed_forward_length": ff,
+            f"{arch}.attention.head_count": c.num_attention_heads,
+            f"{arch}.attention.head_count_kv": ([c.num_key_value_heads if t != "conv" else 0 for t in c.layer_types],
+                                                gm.ARR),
+            f"{arch}.shortconv.l_cache": c.conv_L_cache, f"{arch}.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+            f"{arch}.rope.freq_base": float(rope.get("rope_theta", 1e6))}
+
+
 def metadata(c, arch: str) -> dict:
+    if arch == "lfm2":
+        return _lfm2_metadata(c, arch)
     inner, heads, state, groups, conv, _ = _mixer_sizes(c)
     eps = getattr(c, "layer_norm_epsilon", None) or getattr(c, "rms_norm_eps", None)
     m = {f"{arch}.block_count": c.num_hidden_layers, f"{arch}.embedding_length": c.hidden_size,
@@ -88,7 +106,7 @@ def gguf_tensors(model):
     arch = ARCH[c.model_type]
     enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(enum, c.num_hidden_layers)
-    inner, heads, state, groups, _, _ = _mixer_sizes(c)
+    inner, heads, state, groups, _, _ = _mixer_sizes(c) if arch != "lfm2" else (0,) * 6
     for name, t in model.state_dict().items():
         t = t.detach().float()
         if name == "lm_head.weight" and getattr(c, "tie_word_embeddings", False):
@@ -103,7 +121,7 @@ def gguf_tensors(model):
             t = -torch.exp(t)
         if name.endswith((".A_log", ".D")):
             t = t.reshape(-1, 1)
-        elif name.endswith("conv1d.weight"):
+        elif name.endswith("conv1d.weight") or name.endswith("conv.conv.weight"):
             t = t.squeeze(1)
         elif name.endswith("mixer.norm.weight") or name.endswith("mamba.norm.weight"):
             t = t.reshape(groups, inner // groups)

@@ -1,4 +1,4 @@
-"""GGUF files of state-space and hybrid models (llama.cpp's mamba2, nemotron_h, falcon-h1) written
+"""GGUF files of state-space and hybrid models (llama.cpp's mamba2, nemotron_h, falcon-h1, lfm2) written
 from tiny transformers models as its converter writes them (tests/ggufconvert_ssm.py): ember's
 logits from the file equal transformers' on the original model."""
 import pytest
@@ -28,6 +28,10 @@ MODELS = {
                                          key_multiplier=0.4, attention_in_multiplier=1.3, attention_out_multiplier=0.7,
                                          ssm_in_multiplier=1.1, ssm_out_multiplier=0.3,
                                          ssm_multipliers=[0.5, 0.8, 1.2, 0.9, 1.5])),
+    # short-conv and attention layers, the MLP width adjusted by the converter
+    "lfm2": ("Lfm2Config", dict(intermediate_size=96, block_multiple_of=32, num_hidden_layers=3,
+                                layer_types=["conv", "full_attention", "conv"], num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)),
 }
 
 

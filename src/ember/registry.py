@@ -260,7 +260,7 @@ register("mamba2", "ember.models.mamba2", gguf="mamba2", architectures=("Mamba2F
          prepare=_module_prepare("ember.models.mamba2"))
 register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
          prepare=_module_prepare("ember.models.granitemoehybrid"))
-register("lfm2", "ember.models.lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
+register("lfm2", "ember.models.lfm2", gguf="lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
 register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCausalLM",))
 # Qwen3.5's text decoders (the multimodal checkpoints' vision tower is not read yet): dense MLPs, or the MoE
 register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCausalLM",),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..errors import ConfigError
 from ..nn import linear
 from ..nn.ssm import CausalConv, padding_zeroed, read_state, write_state
@@ -149,3 +150,43 @@ class ForCausalLM(CausalLM):
         vb = vb.rename(_checkpoint_name)
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's lfm2: the conv layers marked by 0 KV heads, the MLP width already adjusted) -
+def _gguf_config(meta: gguf.Meta) -> dict:
+    n = gguf.layer_count(meta)
+    kv = meta.need("attention.head_count_kv", kind=(int, list))
+    kv = kv if isinstance(kv, list) else [kv] * n
+    if len(kv) != n or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in kv) or not any(kv):
+        raise ConfigError(f"{meta.f.path}: lfm2.attention.head_count_kv should list {n} KV-head counts (0 for the "
+                          f"conv layers, at least one attention layer), got {kv!r:.80}")
+    cfg = {"model_type": "lfm2", "vocab_size": gguf.vocab_size(meta), "hidden_size": meta.need("embedding_length"),
+           "intermediate_size": meta.need("feed_forward_length"), "block_auto_adjust_ff_dim": False,
+           "num_hidden_layers": n, "num_attention_heads": gguf.attention_heads(meta), "num_key_value_heads": max(kv),
+           "layer_types": ["full_attention" if k else "conv" for k in kv],
+           "conv_L_cache": meta.need("shortconv.l_cache"),
+           "norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
+           "max_position_embeddings": meta.get("context_length", 128_000, kind=int),
+           "conv_bias": any(f"blk.{i}.shortconv.in_proj.bias" in meta.names for i in range(n)),
+           "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m)}
+    theta = meta.get("rope.freq_base", kind=(int, float))
+    if theta is not None:
+        cfg["rope_theta"] = float(theta)
+    return prepare(cfg)
+
+
+def _conv_parts(name: str, fn=lambda p, cfg: p[0]) -> gguf.Derived:
+    # the short-conv tensors' GGUF leaves hold a dot (shortconv.in_proj), which the layer table cannot key
+    return gguf.Derived(f"conv.{name}", (f"shortconv.{name}",), fn)
+
+
+GGUF = {"lfm2": gguf.GGUFMapping(
+    _gguf_config, top={"token_embd": "model.embed_tokens", "token_embd_norm": "model.embedding_norm",
+                       "output": "lm_head"},
+    layer={"attn_norm": "operator_norm", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
+           "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2", "attn_q": "self_attn.q_proj",
+           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.out_proj",
+           "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm"},
+    derived=(_conv_parts("in_proj.weight"), _conv_parts("in_proj.bias"), _conv_parts("out_proj.weight"),
+             _conv_parts("out_proj.bias"), _conv_parts("conv.weight", lambda p, cfg: p[0].unsqueeze(1)),
+             _conv_parts("conv.bias")))}
