@@ -205,22 +205,47 @@ class LogMel:
     def __call__(self, samples: np.ndarray):
         """[feature_size, frames] float32 torch tensor of one window: `samples` zero-padded or cut to
         chunk_length seconds (transformers' padding="max_length", truncation=True)."""
-        import torch
-
         x = np.zeros(self.n_samples, dtype=np.float32)
         n = min(len(samples), self.n_samples)
         x[:n] = samples[:n]
-        w = torch.from_numpy(x)
-        stft = torch.stft(w, self.n_fft, self.hop_length, window=torch.hann_window(self.n_fft), return_complex=True)
-        mag = (stft[..., :-1].abs() ** 2).contiguous()
-        mel = torch.from_numpy(self.filters).T @ mag
-        log = torch.clamp(mel, min=1e-10).log10()
+        return self._log_mel(x)
+
+    def whole(self, samples: np.ndarray):
+        """[feature_size, len // hop_length] features of all of `samples` (one window's worth at
+        least), normalised together: transformers' truncation=False, padding="longest", the input of
+        its long-form transcription. Computed a window at a time (the STFT of hours of audio at once
+        would be gigabytes); only the max-8 floor needs them all."""
+        import torch
+
+        if len(samples) <= self.n_samples:
+            return self(samples)
+        half = self.n_fft // 2
+        x = np.pad(np.asarray(samples, dtype=np.float32), half, mode="reflect")  # torch.stft's center=True
+        frames = len(samples) // self.hop_length
+        block = self.frames
+        parts = [self._log10_mel(torch.from_numpy(x[a * self.hop_length:(min(a + block, frames) - 1) * self.hop_length
+                                                    + self.n_fft]), center=False)
+                 for a in range(0, frames, block)]
+        return self._normalise(torch.cat(parts, dim=1))
+
+    def _log10_mel(self, w, center: bool = True):
+        import torch
+
+        stft = torch.stft(w, self.n_fft, self.hop_length, window=torch.hann_window(self.n_fft), center=center,
+                          return_complex=True)
+        if center:
+            stft = stft[..., :-1]  # transformers drops the last frame
+        mel = torch.from_numpy(self.filters).T @ (stft.abs() ** 2).contiguous()
+        return torch.clamp(mel, min=1e-10).log10()
+
+    @staticmethod
+    def _normalise(log):
+        import torch
+
         log = torch.maximum(log, log.max() - 8.0)
         return (log + 4.0) / 4.0
 
-    def windows(self, samples: np.ndarray):
-        """[N, feature_size, frames]: consecutive chunk_length windows covering all of `samples`."""
+    def _log_mel(self, x: np.ndarray):
         import torch
 
-        starts = range(0, max(len(samples), 1), self.n_samples)
-        return torch.stack([self(samples[s:s + self.n_samples]) for s in starts])
+        return self._normalise(self._log10_mel(torch.from_numpy(x)))
