@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..errors import EmberError, GenerationError
 from ..generation.defaults import sampling_defaults as shared_sampling_defaults
 from .chat_output import ChatPlan
-from . import auth, metrics as metrics_, schemas, tokenize, transcriptions
+from . import auth, image_inputs, metrics as metrics_, schemas, tokenize, transcriptions
 from .backpressure import check_queue
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
 from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
@@ -763,12 +763,14 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         emb = st.embedder
         import numpy as np
 
-        def work(batch: list[str]):
-            vecs = emb.embed(batch)
+        def work(batch: list, idx: list[int]):
+            vecs = image_inputs.embed_mixed(emb, batch, idx)
             tok = getattr(emb, "tokenizer", None)
             n = 0
             if tok is not None:
                 for t in batch:
+                    if isinstance(t, bytes):  # an image: no tokens
+                        continue
                     ids = tok.encode(t)
                     n += len(getattr(ids, "ids", ids))
             arr = vecs.detach().float().cpu().numpy() if hasattr(vecs, "detach") else np.asarray(vecs, dtype=np.float32)
@@ -787,7 +789,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                     return Response(status_code=499)
                 idx = order[b0:b0 + EMBED_BATCH]
                 part, n = await asyncio.get_running_loop().run_in_executor(
-                    st.embed_pool, work, [texts[i] for i in idx])
+                    st.embed_pool, work, [texts[i] for i in idx], idx)
                 if part.ndim != 2 or part.shape[0] != len(idx):
                     raise RuntimeError(f"the embedding model returned shape {part.shape} for {len(idx)} texts")
                 for j, i in enumerate(idx):
