@@ -759,7 +759,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         info["id"] = rid  # the request's log line carries it, refusals included
         body = await body_of(request)
         model = st.resolve(body, "embed")
-        texts, fmt, dims = parse_embeddings(body)
+        texts, fmt, dims = parse_embeddings(body, image_inputs.part)
         emb = st.embedder
         import numpy as np
 
