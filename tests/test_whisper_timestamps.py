@@ -125,3 +125,19 @@ def test_seeded_sampling_repeats_and_bad_arguments(tiny):
                 dict(logprob_threshold=float("nan")), dict(compression_ratio_threshold="x"), dict(max_tokens=-1)):
         with pytest.raises(ember.GenerationError):
             asr.transcription(x, language="en", **bad)
+
+
+def test_cli_prints_segments(tiny, tmp_path, capsys):
+    from ember.cli import main
+    from test_whisper_parity import _write_wav
+
+    _, _, asr = tiny
+    x = _speech(8.0, 3)
+    p = tmp_path / "talk.wav"
+    _write_wav(p, x)
+    want = asr.transcription(p, language="en", max_tokens=12)
+    assert main(["transcribe", str(asr._loaded.snapshot.root), str(p), "--language", "en", "-n", "12",
+                 "--timestamps", "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == len(want.segments) >= 2
+    assert lines[0].startswith(f"[{want.segments[0].start:8.2f} --> {want.segments[0].end:8.2f}]")
