@@ -152,3 +152,26 @@ def test_bad_audio_is_a_400_and_the_server_keeps_serving(client, srv):
     assert client.audio.transcriptions.create(model=NAME, file=("a.wav", good), language="en").text is not None
     assert [m.id for m in client.models.list()] == [NAME]
     assert httpx.get(srv + "/health", timeout=TIMEOUT).json()["status"] == "ok"
+
+
+def test_malformed_multipart_bodies_are_4xx(srv):
+    """Broken uploads (no boundary, a truncated body, a field past 64 KiB, two files, junk) are refused
+    with OpenAI-style 4xx bodies, never a 5xx."""
+    import httpx
+
+    good = _wav(_speech(0.5))
+    b = "XyZ"
+    head = f'--{b}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{NAME}\r\n'
+    part = f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode() + good + b"\r\n"
+    bodies = [("multipart/form-data", head.encode() + part + f"--{b}--\r\n".encode()),  # no boundary parameter
+              (f"multipart/form-data; boundary={b}", (head.encode() + part)[:-200]),  # cut short
+              (f"multipart/form-data; boundary={b}", head.encode() + part + part + f"--{b}--\r\n".encode()),
+              (f"multipart/form-data; boundary={b}", (f'--{b}\r\nContent-Disposition: form-data; name="language"'
+                                                      f'\r\n\r\n' + "x" * 70000 + "\r\n").encode() + part),
+              (f"multipart/form-data; boundary={b}", bytes(range(256)) * 10),
+              (f"multipart/form-data; boundary={b}", b"")]
+    for ctype, body in bodies:
+        r = httpx.post(srv + "/v1/audio/transcriptions", content=body, headers={"content-type": ctype},
+                       timeout=TIMEOUT)
+        assert 400 <= r.status_code < 500, (ctype, body[:60], r.status_code, r.text[:200])
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
