@@ -17,6 +17,7 @@ before any pixel is decoded.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,3 +258,106 @@ def center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
     out[:, tp:tp + H, lp:lp + W] = a
     top, left = top + tp, left + lp
     return out[:, max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+@dataclass
+class PatchProcessor:
+    """transformers' Siglip2ImageProcessor (PIL backend, "NaFlex"): each image resized, aspect ratio
+    kept, to the most patches that fit `max_num_patches` (its binary search over the scale), then
+    cut into flattened patches padded to `max_num_patches`, with a patch mask and (rows, cols)."""
+
+    patch_size: int = 16
+    max_num_patches: int = 256
+    resample: int = 2  # PIL.Image.BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path: Path | None, defaults: dict) -> "PatchProcessor":
+        d = dict(defaults)
+        where = str(path) if path is not None else "the default image processor"
+        if path is not None and Path(path).is_file():
+            from .config import load_json
+            from .errors import ConfigError
+
+            try:
+                raw = load_json(path)
+            except ConfigError as e:
+                raise EmbeddingError(str(e)) from None
+            if not isinstance(raw, dict):
+                raise EmbeddingError(f"{where}: expected a JSON object")
+            d.update({k: v for k, v in raw.items() if v is not None})
+        p = _side(d.get("patch_size"), "patch_size", where)
+        n = d.get("max_num_patches")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1 << 16:
+            raise EmbeddingError(f"{where}: max_num_patches must be an integer in [1, 65536], got {n!r:.60}")
+        if n * p * p > MAX_PIXELS:  # the padded batch is sized by these: bounded as a decoded image is
+            raise EmbeddingError(f"{where}: max_num_patches {n} of {p}x{p} pixels is more than the {MAX_PIXELS:,} "
+                                 f"pixels ember processes per image")
+        resample = d.get("resample", 2)
+        if resample not in RESAMPLE_NAMES or isinstance(resample, bool):
+            raise EmbeddingError(f"{where}: resample must be a Pillow filter number, got {resample!r:.60}")
+        factor = d.get("rescale_factor", 1 / 255)
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not np.isfinite(factor):
+            raise EmbeddingError(f"{where}: rescale_factor must be a number, got {factor!r:.60}")
+        std = _triple(d.get("image_std", 0.5), "image_std", where, 3)
+        if any(s == 0 for s in std):
+            raise EmbeddingError(f"{where}: image_std must not contain 0, got {list(std)}")
+        for k in ("do_rescale", "do_normalize"):
+            if not isinstance(d.get(k, True), bool):
+                raise EmbeddingError(f"{where}: {k} must be true or false, got {d.get(k)!r:.60}")
+        return cls(p, n, resample, d.get("do_rescale", True), float(factor), d.get("do_normalize", True),
+                   _triple(d.get("image_mean", 0.5), "image_mean", where, 3), std)
+
+    def target_size(self, h: int, w: int, eps: float = 1e-5) -> tuple[int, int]:
+        """transformers' get_image_size_for_max_num_patches: the largest scale (binary search) whose
+        patch-rounded size has at most max_num_patches patches."""
+        p = self.patch_size
+
+        def scaled(scale: float, size: int) -> int:
+            return int(max(p, math.ceil(size * scale / p) * p))
+
+        lo, hi = eps / 10, 100.0
+        while hi - lo >= eps:
+            scale = (lo + hi) / 2
+            if (scaled(scale, h) / p) * (scaled(scale, w) / p) <= self.max_num_patches:
+                lo = scale
+            else:
+                hi = scale
+        return scaled(lo, h), scaled(lo, w)
+
+    def process(self, img) -> tuple[np.ndarray, int, int]:
+        """One decoded PIL image → ([rows * cols, P * P * 3] float32 patches, rows, cols)."""
+        Image = _pil()
+        a = to_rgb(img)
+        h, w = self.target_size(a.shape[0], a.shape[1])
+        a = np.asarray(Image.fromarray(a).resize((w, h), resample=self.resample)).transpose(2, 0, 1)
+        x = a.astype(np.float64) * self.rescale_factor if self.do_rescale else a
+        x = x.astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)[:, None, None]) / np.asarray(self.image_std,
+                                                                                          np.float32)[:, None, None]
+        p = self.patch_size
+        rows, cols = h // p, w // p
+        patches = x.reshape(3, rows, p, cols, p).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+        return patches, rows, cols
+
+    def __call__(self, images: Sequence[Any], what: str = "images") -> dict:
+        """{"pixel_values": [N, max_num_patches, P*P*3], "pixel_attention_mask": [N, max_num_patches],
+        "spatial_shapes": [N, 2]} torch tensors of `images` (PIL images, paths, encoded bytes)."""
+        import torch
+
+        n = len(images)
+        px = np.zeros((n, self.max_num_patches, 3 * self.patch_size ** 2), np.float32)
+        mask = np.zeros((n, self.max_num_patches), np.int32)
+        shapes = np.zeros((n, 2), np.int64)
+        for i, im in enumerate(images):
+            patches, rows, cols = self.process(open_image(im, f"{what}[{i}]"))
+            px[i, :len(patches)] = patches
+            mask[i, :len(patches)] = 1
+            shapes[i] = rows, cols
+        return {"pixel_values": torch.from_numpy(px), "pixel_attention_mask": torch.from_numpy(mask),
+                "spatial_shapes": torch.from_numpy(shapes)}

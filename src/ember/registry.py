@@ -301,6 +301,7 @@ register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBe
 _IMAGE_TEXT = dict(task="image-text", model_class="Model")
 register("clip", "ember.models.clip", architectures=("CLIPModel",), **_IMAGE_TEXT)
 register("siglip", "ember.models.siglip", architectures=("SiglipModel",), **_IMAGE_TEXT)
+register("siglip2", "ember.models.siglip2", architectures=("Siglip2Model",), **_IMAGE_TEXT)
 
 # Encoder-decoders (ember.load returns a Seq2SeqLM: ember/seq2seq.py; with sentence-transformers
 # modules.json, an Embedder over the encoder)

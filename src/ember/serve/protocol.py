@@ -385,7 +385,9 @@ def parse_completion(body: dict, defaults: dict) -> tuple[list[str | list[int]],
 MAX_EMBED_INPUTS = 2048
 
 
-def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
+def parse_embeddings(body: dict, part=None) -> tuple[list, str, int | None]:
+    """(items, encoding_format, dimensions): items are texts, or what `part(item, index)` makes of
+    an object item (image_inputs.part: image content parts)."""
     v = body.get("input", _MISSING)
     if v is _MISSING or v is None:
         raise ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
@@ -396,7 +398,9 @@ def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
     if not v:
         raise ApiError(400, "Invalid 'input': empty array. Expected at least one string.", param="input",
                        code="empty_array")
-    if not all(isinstance(s, str) for s in v):
+    if part is not None and any(isinstance(s, dict) for s in v):
+        v = [part(s, i) if isinstance(s, dict) else s for i, s in enumerate(v)]
+    if not all(isinstance(s, (str, bytes)) for s in v):
         if _is_ids(v) or all(_is_ids(x) for x in v):
             raise ApiError(400, "Token-id input is not supported for embeddings; send the text.", param="input",
                            code="unsupported_parameter")
@@ -404,6 +408,8 @@ def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
     if len(v) > MAX_EMBED_INPUTS:
         raise _bad_value("input", f"at most {MAX_EMBED_INPUTS} inputs per request", len(v))
     for i, s in enumerate(v):
+        if isinstance(s, bytes):
+            continue
         if not s:
             raise ApiError(400, f"Invalid 'input[{i}]': empty string.", param="input", code="invalid_value")
         bad = unicode_error(s)
