@@ -31,7 +31,8 @@ LOAD_OPTIONS = {
     "keep_quantized": "GGUF and quantised HF checkpoints: keep quantised weights as blocks / packed (True), "
                       "dequantise at load (False), or decide (None)",
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
-    "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
+    "prepack": "CPU: oneDNN-prepacked weights (bf16: default on where the CPU has native bf16; float32 "
+               "encoders: default on)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
     "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
           "already set up; default 1)",

@@ -20,6 +20,8 @@ backend wants of them is done here, after the build, never inside a layer's cons
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
   prepack       bf16 Linear -> oneDNN's blocked layout (CPUs with native bf16)
+  prepack-f32   an encoder's float32 Linears -> oneDNN's blocked layout, bias, GELU and residual add
+                fused (any CPU)
 
 Each step rewrites the module tree in place and says how many modules it changed;
 `Loaded.transforms` records the steps that changed something. `EMBER_KERNELS=0` turns the native
@@ -106,6 +108,12 @@ def _prepack(model: nn.Module) -> int:
     return prepack_all(model)
 
 
+def _prepack_f32(model: nn.Module) -> int:
+    from .backends.onednn import prepack_all
+
+    return prepack_all(model, torch.float32)
+
+
 def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
     def run(model: nn.Module) -> int:
         from .quantize import quantize_linears
@@ -126,6 +134,8 @@ INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kerne
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
 PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
+PREPACK_F32 = Transform("prepack-f32", _prepack_f32, "an encoder's float32 weights in oneDNN's blocked layout, "
+                        "bias, GELU and residual add fused")
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -163,7 +173,7 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
     quantised steps are planned). quantize: "int8" or
     "int4", quantise the float Linears first (the model computes in `dtype` after). prepack: oneDNN
     prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
-    be torch.compile'd (Inductor prepacks itself).
+    be torch.compile'd (Inductor prepacks itself); for float32 encoders None means on.
     """
     steps = []
     cpu = device.type == "cpu"
@@ -195,6 +205,8 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
                 steps.append(PREPACK)
         elif native_kernels(device):
             steps.append(NATIVE_BF16)
+    if cpu and dtype == torch.float32 and task == "encoder" and prepack is not False:
+        steps.append(PREPACK_F32)
     return steps
 
 
