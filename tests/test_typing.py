@@ -18,10 +18,13 @@ api = pytest.importorskip("mypy.api")
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TYPED = ["ember/__init__.py", "ember/api.py", "ember/errors.py", "ember/hub.py", "ember/tokenizer.py",
-         "ember/varbuilder.py", "ember/generation/results.py", "ember/generation/defaults.py"]
+         "ember/varbuilder.py", "ember/generation/results.py", "ember/generation/defaults.py", "ember/embeddings.py",
+         "ember/seq2seq.py", "ember/speech.py", "ember/vision_embeddings.py", "ember/image_chat.py"]
 
 USES = '''
 from typing import Iterator
+
+import torch
 from typing_extensions import assert_type
 
 import ember
@@ -46,6 +49,14 @@ assert_type(ember.load("clip", task="image-text"), ember.ImageTextEmbedder)
 any_model = ember.load("smollm2")
 if isinstance(any_model, ember.LLM):
     assert_type(any_model.generate("x"), str)
+emb = ember.load("minilm", task="embed")
+assert_type(emb.embed(["a", "b"]), torch.Tensor)
+assert_type(emb.embed("a", return_truncated=True), tuple[torch.Tensor, torch.Tensor])
+asr = ember.load("whisper", task="transcribe")
+assert_type(asr.transcribe("speech.flac"), str)
+assert_type(asr.transcription("speech.flac", timestamps=True).segments[0].start, float)
+clip = ember.load("clip", task="image-text")
+assert_type(clip.embed(images=["cat.png"]), torch.Tensor)
 vb = ember.VarBuilder.from_mmaped_safetensors("model.safetensors")
 w = vb.pp("model").get((4, 4), "embed_tokens.weight")
 assert_type(w.shape[0], int)
@@ -59,6 +70,7 @@ n: int = llm.generate("hi")  # error
 texts: list[str] = llm.generate("hi", details=True)  # error
 emb = ember.load("minilm", task="embed")
 emb.generate("hi")  # error
+vectors: list[float] = emb.embed("a", return_truncated=True)  # error
 ember.load("smollm2", task="classify")  # error
 ember.load("smollm2").generate("hi")  # error
 '''

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 
 from .errors import EmbeddingError, TokenizerError
 from .loading import Loaded
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 log = logging.getLogger("ember")
 
@@ -88,7 +91,7 @@ def _opt_str(cfg: dict, key: str, where: Path | str) -> str | None:
 
 def _positive_int(cfg: dict, key: str, where: Path | str) -> int:
     v = cfg.get(key)
-    if not _is_int(v) or v < 1:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise EmbeddingError(f"{where}: '{key}' must be a positive integer, got {v!r:.60}")
     return v
 
@@ -195,7 +198,7 @@ class Dense(nn.Module):
             raise EmbeddingError(f"{folder}: linear.weight has shape {list(w.shape)}, config says [{fout}, {fin}]")
         if b is not None and tuple(b.shape) != (fout,):
             raise EmbeddingError(f"{folder}: linear.bias has shape {list(b.shape)}, config says [{fout}]")
-        residual: torch.Tensor | bool = False
+        residual: torch.Tensor | bool | None = False
         if use_residual:
             residual = True if fin == fout else tensors.get("residual.weight")
             if residual is None:
@@ -279,7 +282,7 @@ def _module_dir(root: Path, modules_file: Path, i: int, rel: Any) -> Path:
     return folder
 
 
-def read_sentence_transformers(root: Path):
+def read_sentence_transformers(root: Path) -> tuple["Pooling | None", list["Dense | Normalize"], str | None]:
     """(pooling, post-modules after pooling, source description) from a checkpoint folder."""
     modules_file = root / "modules.json"
     if not modules_file.is_file():
@@ -293,7 +296,8 @@ def read_sentence_transformers(root: Path):
         if not isinstance(m.get("type"), str):
             raise EmbeddingError(f"{modules_file}: module {i} 'type' must be a class name string, "
                                  f"got {m.get('type')!r:.60}")
-    pooling, post = None, []
+    pooling: Pooling | None = None
+    post: list[Dense | Normalize] = []
     order = sorted(range(len(modules)), key=lambda i: (modules[i].get("idx") or 0, i))
     for i in order:
         m = modules[i]
@@ -324,7 +328,7 @@ class CausalLMEncoder(nn.Module):
     built on decoders (Qwen3-Embedding and the like: last-token pooling). Batches are right-padded,
     which causal attention makes exact: a token never sees the padding after it."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: Any) -> None:
         super().__init__()
         self.lm = lm
         self.config = lm.config
@@ -341,7 +345,7 @@ class CausalLMEncoder(nn.Module):
         return self.lm.model(input_ids, step).float()
 
 
-def _check_texts(texts) -> list[str]:
+def _check_texts(texts: object) -> list[str]:
     if isinstance(texts, str):
         return [texts]
     if texts is None:
@@ -370,8 +374,9 @@ class Embedder:
         self._loaded = loaded
         self.config = loaded.config
         # the encoder: model(input_ids, attention_mask) -> last hidden states
-        self.model = (loaded.model if loaded.entry.task == "encoder" else loaded.model.as_encoder()
-                      if hasattr(loaded.model, "as_encoder") else CausalLMEncoder(loaded.model))  # as_encoder: T5
+        lm: Any = loaded.model
+        self.model: Any = (lm if loaded.entry.task == "encoder" else lm.as_encoder()
+                           if hasattr(lm, "as_encoder") else CausalLMEncoder(lm))  # as_encoder: T5
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -384,7 +389,7 @@ class Embedder:
             pooling, modules, source = Pooling(("mean",)), [], "default"
         self.pooling: Pooling = pooling
         self.modules: list = modules
-        self.pooling_source: str = source
+        self.pooling_source: str = source or "default"
         self.normalized = any(isinstance(m, Normalize) for m in modules)
         self._post = [m.to(self.device) if isinstance(m, nn.Module) else m for m in modules]
         dim = hidden * len(pooling.modes)
@@ -424,7 +429,7 @@ class Embedder:
                 f"pooling={'+'.join(self.pooling.modes)}, normalize={self.normalized}, max_length={self.max_length}, "
                 f"dtype={self.dtype}, device={self.device})")
 
-    def _default_max_length(self, configured) -> int:
+    def _default_max_length(self, configured: object) -> int:
         """sentence_bert_config's max_seq_length, else the tokenizer's model_max_length, capped by the
         positions the model has (as sentence-transformers does)."""
         cap = int(self.model.max_tokens)
@@ -436,7 +441,7 @@ class Embedder:
         return min(mml, cap) if isinstance(mml, int) and mml > 0 else cap
 
     # ---- tokenizer ----------------------------------------------------------------------------
-    def _setup_tokenizer(self):
+    def _setup_tokenizer(self) -> None:
         tk = self.tokenizer.tk
         tk.no_padding()  # tokenizer.json may carry a fixed padding/truncation; batches are padded here
         tk.enable_truncation(self._max_length)
@@ -503,10 +508,18 @@ class Embedder:
         return self._prompt_lengths[prompt]
 
     # ---- embedding ----------------------------------------------------------------------------
+    @overload
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None, *,
+              return_truncated: Literal[False] = False, progress: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None) -> torch.Tensor: ...
+    @overload
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None, *,
+              return_truncated: Literal[True], progress: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
     @torch.inference_mode()
     def embed(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool | None = None, *,
               return_truncated: bool = False, progress: bool = False, prompt: str | None = None,
-              prompt_name: str | None = None):
+              prompt_name: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Embeddings [N, dim] (float32, CPU) of `texts`, in their order.
 
         normalize: None follows the model (its Normalize module), True/False forces L2 normalisation
@@ -542,7 +555,8 @@ class Embedder:
 
     def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                batch_size: int = 32, show_progress_bar: bool | None = None, convert_to_numpy: bool = True,
-               convert_to_tensor: bool = False, normalize_embeddings: bool = False, truncate_dim: int | None = None):
+               convert_to_tensor: bool = False, normalize_embeddings: bool = False,
+               truncate_dim: int | None = None) -> "np.ndarray | torch.Tensor | list[torch.Tensor]":
         """`embed` under sentence-transformers' `SentenceTransformer.encode` names and return types: a
         NumPy array (a torch tensor with convert_to_tensor=True, a list of 1-D tensors with
         convert_to_numpy=False), 1-D for one string. The model's own modules (Normalize included)
@@ -558,7 +572,8 @@ class Embedder:
         if show_progress_bar is not None and not isinstance(show_progress_bar, bool):
             raise EmbeddingError(f"show_progress_bar must be True, False or None, got {show_progress_bar!r:.60}")
         single = isinstance(sentences, str)
-        out = self.embed([sentences] if single else sentences, batch_size, None, progress=bool(show_progress_bar),
+        texts = [cast(str, sentences)] if single else sentences
+        out = self.embed(texts, batch_size, None, progress=bool(show_progress_bar),
                          prompt=prompt, prompt_name=prompt_name)
         if truncate_dim is not None:
             out = out[:, :truncate_dim]

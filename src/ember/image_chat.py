@@ -48,7 +48,8 @@ def split_images(messages: list[dict], *, allow_local: bool = True, allow_remote
     """(messages with each image part as {"type": "image"}, the images in order: PIL images, paths
     or encoded bytes, not yet decoded). allow_local: paths and file: URLs (the server refuses
     them); allow_remote: http(s) URLs are downloaded."""
-    out, images = [], []
+    out: list = []
+    images: list = []
     for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(content, list) or not any(map(is_image_part, content)):
@@ -67,7 +68,7 @@ def split_images(messages: list[dict], *, allow_local: bool = True, allow_remote
     return out, images
 
 
-def _source(part: dict, where: str, allow_local: bool, allow_remote: bool):
+def _source(part: dict, where: str, allow_local: bool, allow_remote: bool) -> Any:
     if part["type"] == "image_url" or part["type"] == "input_image":
         v = part.get("image_url")
         url = v.get("url") if isinstance(v, dict) else v
@@ -83,7 +84,7 @@ def _source(part: dict, where: str, allow_local: bool, allow_remote: bool):
     return v  # a PIL image or bytes: images.open_image checks them
 
 
-def read_url(url: str, where: str = "image", *, allow_local: bool = True, allow_remote: bool = False):
+def read_url(url: str, where: str = "image", *, allow_local: bool = True, allow_remote: bool = False) -> bytes | Path:
     """The bytes (data: and http(s) URLs) or the path (file: URLs and paths) an image URL names."""
     low = url[:16].lower()
     if low.startswith("data:"):

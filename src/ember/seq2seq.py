@@ -10,7 +10,7 @@ token over its own self- and cross-attention caches, and stops at the end token 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -20,10 +20,10 @@ from .loading import Loaded, eos_ids
 
 
 class Seq2SeqLM:
-    def __init__(self, loaded: Loaded):
+    def __init__(self, loaded: Loaded) -> None:
         self._loaded = loaded
         self.config = loaded.config
-        self.model = loaded.model
+        self.model: Any = cast(Any, loaded.model)  # models/t5.py's model
         self.tokenizer = loaded.tokenizer
         self.generation_config = loaded.generation_config
         self.device = loaded.device
@@ -38,7 +38,7 @@ class Seq2SeqLM:
         return (f"Seq2SeqLM({self._loaded.snapshot.source!r}, type={self._loaded.entry.model_type}, "
                 f"dtype={self.dtype}, device={self.device})")
 
-    def _encode(self, prompt) -> list[int]:
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise TokenizerError("this model has no tokenizer; pass token ids")
@@ -48,7 +48,7 @@ class Seq2SeqLM:
             return list(prompt)
         raise GenerationError(f"a prompt must be a string or a non-empty list of token ids, got {prompt!r:.60}")
 
-    def generate_ids(self, prompts: Sequence[Sequence[int]], max_tokens: int = 256) -> list[list[int]]:
+    def generate_ids(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 256) -> list[list[int]]:
         """Greedy output ids (end token included) for each prompt, run as one right-padded batch."""
         rows = [self._encode(p) for p in prompts]
         if not rows:
@@ -71,7 +71,7 @@ class Seq2SeqLM:
         """Greedy text for a prompt (str or ids), or for a list of them (a batch → list[str])."""
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
             isinstance(p, (str, list, tuple)) for p in prompt)
-        prompts = list(prompt) if batched else [prompt]
+        prompts = cast("list[str | Sequence[int]]", list(prompt) if batched else [prompt])
         out = self.generate_ids(prompts, max_tokens)
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer; use generate_ids")

@@ -25,8 +25,9 @@ the next temperature.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Union, cast
 
 import torch
 
@@ -35,7 +36,12 @@ from .errors import GenerationError, TokenizerError
 from .generation.whisper import INPUT_STRIDE, TIME_PRECISION, Rules, Segment, decode_with_fallback, split_segments
 from .loading import Loaded, eos_ids
 
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
 TASKS = ("transcribe", "translate")
+# what `transcription` takes: a path to WAV/FLAC/MP3/OGG, a file's bytes, or 16 kHz mono samples
+Audio = Union[str, os.PathLike[str], bytes, "np.ndarray", torch.Tensor, Sequence[float]]
 
 
 def _int_list(v: Any) -> list[int]:
@@ -43,10 +49,10 @@ def _int_list(v: Any) -> list[int]:
 
 
 class Transcriber:
-    def __init__(self, loaded: Loaded):
+    def __init__(self, loaded: Loaded) -> None:
         self._loaded = loaded
         self.config = loaded.config
-        self.model = loaded.model
+        self.model: Any = cast(Any, loaded.model)  # models/whisper.py's model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -125,11 +131,12 @@ class Transcriber:
         if timestamps and self.no_timestamps_token_id is None:
             raise GenerationError("timestamps need generation_config.json's no_timestamps_token_id (timestamp "
                                   "tokens follow it)")
+        nt = self.no_timestamps_token_id
         return Rules(self.eos_token_ids, self.suppress_tokens, self.begin_suppress_tokens,
-                     self.no_timestamps_token_id + 1 if timestamps else None, self.no_timestamps_token_id,
+                     nt + 1 if timestamps and nt is not None else None, self.no_timestamps_token_id,
                      self.max_initial_timestamp_index)
 
-    def transcription(self, audio, *, language: str | None = None, task: str = "transcribe",
+    def transcription(self, audio: Audio, *, language: str | None = None, task: str = "transcribe",
                       timestamps: bool = False, max_tokens: int | None = None,
                       temperature: float | Sequence[float] = 0.0, compression_ratio_threshold: float | None = None,
                       logprob_threshold: float | None = None, seed: int | None = None) -> "Transcription":
@@ -196,12 +203,12 @@ class Transcriber:
             return ""
         return self.tokenizer.decode([t for t in tokens if timestamp_begin is None or t < timestamp_begin])
 
-    def transcribe_ids(self, audio, **kw) -> list[list[int]]:
+    def transcribe_ids(self, audio: Audio, **kw: Any) -> list[list[int]]:
         """The token ids each 30 s window decoded (end token included), after its prompt; the
         arguments are `transcription`'s."""
         return self.transcription(audio, **kw).windows
 
-    def transcribe(self, audio, **kw) -> str:
+    def transcribe(self, audio: Audio, **kw: Any) -> str:
         """The text of `audio` (a path to WAV/FLAC/MP3/OGG, or 16 kHz mono samples); the arguments
         are `transcription`'s."""
         if self.tokenizer is None:
@@ -220,7 +227,7 @@ class Transcription:
     windows: list[list[int]]  # the tokens each 30 s window decoded, end token included
 
 
-def _temperatures(t) -> tuple[float, ...]:
+def _temperatures(t: object) -> tuple[float, ...]:
     ts = (t,) if isinstance(t, (int, float)) and not isinstance(t, bool) else t
     if not isinstance(ts, (list, tuple)) or not ts or len(ts) > 16 or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 2 for x in ts):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,11 @@ from .loading import Loaded
 log = logging.getLogger("ember")
 
 
-def _check_images(images) -> list:
+# an image: a PIL image, a path, or an encoded file's bytes
+Image = Union[str, Path, bytes, bytearray, Any]
+
+
+def _check_images(images: Image | Sequence[Image]) -> list:
     """A list of images from one image (a path, bytes, a PIL image) or a list/tuple of them."""
     if isinstance(images, (str, bytes, bytearray, Path)) or (hasattr(images, "getbands") and hasattr(images, "size")):
         return [images]
@@ -54,16 +58,18 @@ class ImageTextEmbedder:
     `max_length` (text tokens).
     """
 
-    def __init__(self, loaded: Loaded):
+    def __init__(self, loaded: Loaded) -> None:
         self._loaded = loaded
         self.config = loaded.config
-        self.model = loaded.model
+        self.model: Any = cast(Any, loaded.model)  # models/clip.py, siglip.py, siglip2.py
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.dim = self.model.dim
         vision = self.config.vision
         pre = loaded.snapshot.file("preprocessor_config.json")
+        self.processor: ImageProcessor | PatchProcessor
+        size: tuple[int, int] | None
         if getattr(self.model, "patchified", False):  # SigLIP 2 NaFlex: patches at each image's own shape
             self.processor = PatchProcessor.from_file(pre, self.model.processor_defaults())
             if self.processor.patch_size != vision.patch_size:
@@ -74,7 +80,7 @@ class ImageTextEmbedder:
             self.processor = ImageProcessor.from_file(pre, self.model.processor_defaults())
             size = self.processor.output_size
             want = (vision.image_size, vision.image_size)
-        if size is not None and size != want:
+        if size is not None and want is not None and size != want:
             raise EmbeddingError(f"{loaded.snapshot.root}: the image processor gives {size[0]}x{size[1]} images, "
                                  f"the vision tower takes {want[0]}x{want[1]}")
         text = self.config.text
@@ -92,12 +98,12 @@ class ImageTextEmbedder:
                 f"dim={self.dim}, dtype={self.dtype}, device={self.device})")
 
     # ---- inputs -------------------------------------------------------------------------------
-    def pixel_values(self, images) -> torch.Tensor:
+    def pixel_values(self, images: Image | Sequence[Image]) -> torch.Tensor | dict[str, torch.Tensor]:
         """[N, 3, H, W] float32 pixels of `images` (PIL images, paths or encoded bytes); for SigLIP 2
         NaFlex, a dict of pixel_values [N, patches, P*P*3], pixel_attention_mask and spatial_shapes."""
         return self.processor(_check_images(images))
 
-    def tokenize(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) [B, T] of `texts`, truncated and padded as the family expects."""
         texts = _check_texts(texts)
         if self.tokenizer is None:
@@ -113,7 +119,8 @@ class ImageTextEmbedder:
 
     # ---- embeddings ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, texts=None, *, images=None, batch_size: int = 32, normalize: bool = False) -> torch.Tensor:
+    def embed(self, texts: str | Sequence[str] | None = None, *, images: Image | Sequence[Image] | None = None,
+              batch_size: int = 32, normalize: bool = False) -> torch.Tensor:
         """Embeddings [N, dim] (float32, CPU) of `texts` or of `images` (one of the two), in order."""
         if (texts is None) == (images is None):
             raise EmbeddingError("embed() takes texts or images=..., one of the two")
@@ -142,7 +149,7 @@ class ImageTextEmbedder:
     __call__ = embed
 
     @torch.inference_mode()
-    def logits(self, images, texts) -> torch.Tensor:
+    def logits(self, images: Image | Sequence[Image], texts: str | Sequence[str]) -> torch.Tensor:
         """logits_per_image [N_images, N_texts] (CLIP: scaled cosines, softmax over texts; SigLIP: plus
         a bias, sigmoid per pair), as transformers' model(...).logits_per_image."""
         return self.model.logits(self.embed(images=images).to(self.device),
