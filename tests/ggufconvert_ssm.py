@@ -1,4 +1,4 @@
-"""Tiny state-space and hybrid transformers models (Mamba-2, Nemotron-H, Falcon-H1) written as GGUF
+"""Tiny state-space and hybrid transformers models (Mamba-2, Nemotron-H, Falcon-H1, LFM2, Granite 4) written as GGUF
 the way llama.cpp's converter writes them (conversion/mamba.py, nemotron.py, falcon_h1.py): names
 from gguf's tensor map, `A_log` stored as A = -exp(A_log) [H, 1], `D` as [H, 1], the conv weight
 squeezed to [C, K], the group norm as [G, I / G], `dt_bias` as `ssm_dt.bias`; the ssm.* metadata."""
@@ -8,13 +8,17 @@ import torch
 
 import ggufmake as gm
 
-ARCH = {"mamba2": "mamba2", "nemotron_h": "nemotron_h", "falcon_h1": "falcon-h1", "lfm2": "lfm2"}
+ARCH = {"mamba2": "mamba2", "nemotron_h": "nemotron_h", "falcon_h1": "falcon-h1", "lfm2": "lfm2",
+        "granitemoehybrid": "granitehybrid"}
 
 
 def _mixer_sizes(c) -> tuple[int, int, int, int, int, int]:
     """(inner, heads, state, groups, conv kernel, head dim) in each family's config names."""
     if c.model_type == "mamba2":
         return c.num_heads * c.head_dim, c.num_heads, c.state_size, c.n_groups, c.conv_kernel, c.head_dim
+    if c.model_type == "granitemoehybrid":
+        inner = c.mamba_n_heads * c.mamba_d_head
+        return inner, c.mamba_n_heads, c.mamba_d_state, c.mamba_n_groups, c.mamba_d_conv, c.mamba_d_head
     if c.model_type == "nemotron_h":
         return (c.mamba_num_heads * c.mamba_head_dim, c.mamba_num_heads, c.ssm_state_size, c.n_groups, c.conv_kernel,
                 c.mamba_head_dim)
@@ -56,6 +60,19 @@ def metadata(c, arch: str) -> dict:
                                                         for t in types], gm.ARR),
                   f"{arch}.feed_forward_length": ([c.intermediate_size if t == "mlp" else 0 for t in types], gm.ARR),
                   f"{arch}.attention.key_length": c.head_dim, f"{arch}.attention.value_length": c.head_dim})
+    if arch == "granitehybrid":  # GraniteMoeModel's keys, the KV heads per layer (0: Mamba)
+        rope = getattr(c, "rope_parameters", None) or {}
+        m.update({f"{arch}.feed_forward_length": c.intermediate_size, f"{arch}.attention.head_count": c.num_attention_heads,
+                  f"{arch}.attention.head_count_kv": ([c.num_key_value_heads if t == "attention" else 0
+                                                        for t in c.layer_types], gm.ARR),
+                  f"{arch}.attention.scale": float(c.attention_multiplier),
+                  f"{arch}.embedding_scale": float(c.embedding_multiplier),
+                  f"{arch}.residual_scale": float(c.residual_multiplier), f"{arch}.logit_scale": float(c.logits_scaling),
+                  f"{arch}.rope.freq_base": float(rope.get("rope_theta", 10000.0)),
+                  f"{arch}.rope.scaling.finetuned": False})
+        if c.num_local_experts:
+            m.update({f"{arch}.expert_count": c.num_local_experts, f"{arch}.expert_used_count": c.num_experts_per_tok,
+                      f"{arch}.expert_shared_feed_forward_length": c.shared_intermediate_size})
     if arch == "falcon-h1":
         rope = getattr(c, "rope_parameters", None) or {}
         head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -99,6 +116,32 @@ def _falcon_fold(c, name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _granite(c, bid: str, name: str, t: torch.Tensor):
+    """GraniteMoeModel.modify_tensors (and the llama converter's Q/K permutation) on a transformers 5
+    state dict: (GGUF name, tensor) pairs, or None for a tensor the name map handles."""
+    from ggufconvert import _permute
+
+    experts = bool(c.num_local_experts)
+    if name.endswith("block_sparse_moe.experts.gate_up_proj"):
+        g, u = t.split(c.intermediate_size, dim=-2)
+        return [(f"blk.{bid}.ffn_gate_exps.weight", g), (f"blk.{bid}.ffn_up_exps.weight", u)]
+    if name.endswith("block_sparse_moe.experts.down_proj"):
+        return [(f"blk.{bid}.ffn_down_exps.weight", t)]
+    if name.endswith("shared_mlp.input_linear.weight"):
+        g, u = t.split(c.shared_intermediate_size, dim=-2)
+        kind = "_shexp" if experts else ""
+        return [(f"blk.{bid}.ffn_gate{kind}.weight", g), (f"blk.{bid}.ffn_up{kind}.weight", u)]
+    if name.endswith("shared_mlp.output_linear.weight"):
+        return [(f"blk.{bid}.ffn_down{'_shexp' if experts else ''}.weight", t)]
+    if name.endswith("block_sparse_moe.router.weight"):
+        return [(f"blk.{bid}.ffn_gate_inp.weight", t)]
+    if name.endswith("self_attn.q_proj.weight"):
+        return [(f"blk.{bid}.attn_q.weight", _permute(t, c.num_attention_heads))]
+    if name.endswith("self_attn.k_proj.weight"):
+        return [(f"blk.{bid}.attn_k.weight", _permute(t, c.num_key_value_heads))]
+    return None
+
+
 def gguf_tensors(model):
     import gguf
 
@@ -115,6 +158,11 @@ def gguf_tensors(model):
             name = "backbone." + name[len("model."):]
         if arch == "falcon-h1":
             t = _falcon_fold(c, name, t)
+        if arch == "granitehybrid" and ".layers." in name:
+            done = _granite(c, name.split(".layers.")[1].split(".")[0], name, t)
+            if done is not None:
+                yield from ((g, w.numpy().copy()) for g, w in done)
+                continue
         if name.endswith(".dt_bias"):
             name = name.rpartition(".dt_bias")[0] + ".dt_proj.bias"
         if name.endswith(".A_log"):

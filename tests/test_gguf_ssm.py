@@ -32,6 +32,18 @@ MODELS = {
     "lfm2": ("Lfm2Config", dict(intermediate_size=96, block_multiple_of=32, num_hidden_layers=3,
                                 layer_types=["conv", "full_attention", "conv"], num_attention_heads=4,
                                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)),
+    # Granite 4: MoE with the shared MLP, NoPE, multipliers; and the dense form (the shared MLP as ffn_*)
+    "granite4_moe": ("GraniteMoeHybridConfig", dict(
+        intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=3, layer_types=["mamba", "attention", "mamba"],
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        position_embedding_type=None, max_position_embeddings=128, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=2.0, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16,
+        mamba_d_conv=4, mamba_chunk_size=8)),
+    "granite4_dense": ("GraniteMoeHybridConfig", dict(
+        hidden_size=48, shared_intermediate_size=64, num_hidden_layers=2, layer_types=["attention", "mamba"],
+        num_attention_heads=4, num_key_value_heads=1, num_local_experts=0, attention_multiplier=0.25,
+        max_position_embeddings=128, mamba_n_heads=6, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=3,
+        mamba_chunk_size=16)),
 }
 
 

@@ -258,7 +258,8 @@ register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM
 register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
 register("mamba2", "ember.models.mamba2", gguf="mamba2", architectures=("Mamba2ForCausalLM",),
          prepare=_module_prepare("ember.models.mamba2"))
-register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
+register("granitemoehybrid", "ember.models.granitemoehybrid", gguf="granitehybrid",
+         architectures=("GraniteMoeHybridForCausalLM",),
          prepare=_module_prepare("ember.models.granitemoehybrid"))
 register("lfm2", "ember.models.lfm2", gguf="lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
 register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCausalLM",))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..errors import ConfigError
 from ..nn import SharedExpertMoE
 from ..varbuilder import VarBuilder
@@ -107,3 +108,69 @@ class ForCausalLM(CausalLM):
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.logits_scaling = cfg.logits_scaling
+
+
+# ---- GGUF (llama.cpp's granitehybrid: the attention layers marked by their KV heads, Q/K permuted by
+# the llama converter, the experts and the shared MLP split as granitemoe's; a model without experts
+# stores its shared MLP as the plain ffn_* tensors) ------------------------------------------------
+def _gguf_config(meta: gguf.Meta) -> dict:
+    n = gguf.layer_count(meta)
+    kv = meta.need("attention.head_count_kv", kind=(int, list))
+    kv = kv if isinstance(kv, list) else [kv] * n
+    if len(kv) != n or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in kv):
+        raise ConfigError(f"{meta.f.path}: granitehybrid.attention.head_count_kv should list {n} KV-head counts "
+                          f"(0 for the Mamba layers), got {kv!r:.80}")
+    d, hidden = mamba2.ssm_dims(meta), meta.need("embedding_length")
+    heads = gguf.attention_heads(meta)
+    experts = meta.get("expert_count", 0, kind=int)
+    # which layers attend: their tensors say (llama.cpp marks them by KV heads too, but its converter writes
+    # all zeros for a transformers 5 config.json, whose layer_types say "full_attention")
+    attends = [f"blk.{i}.attn_q.weight" in meta.names for i in range(n)]
+    kv_heads = max(kv)
+    if not kv_heads and any(attends):
+        k = meta.f.tensors[f"blk.{attends.index(True)}.attn_k.weight"]
+        kv_heads = k.shape[0] // (hidden // heads)
+    cfg = {"model_type": "granitemoehybrid", "vocab_size": gguf.vocab_size(meta), "hidden_size": hidden,
+           "num_hidden_layers": n, "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads,
+           "layer_types": ["attention" if a else "mamba" for a in attends],
+           "max_position_embeddings": meta.get("context_length", 4096, kind=int),
+           "rms_norm_eps": float(meta.get("attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
+           "position_embedding_type": "rope" if meta.get("rope.scaling.finetuned", False, kind=bool) else None,
+           "mamba_n_heads": d["heads"], "mamba_d_head": d["head_dim"], "mamba_d_state": d["state"],
+           "mamba_n_groups": d["groups"], "mamba_d_conv": d["conv"], "mamba_expand": d["inner"] // hidden,
+           "mamba_conv_bias": "ssm_conv1d.bias" in _any_layer(meta),
+           "mamba_proj_bias": "ssm_in.bias" in _any_layer(meta),
+           "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m)}
+    theta = meta.get("rope.freq_base", kind=(int, float))
+    if theta is not None:
+        cfg["rope_theta"] = float(theta)
+    for key, name in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                      ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+        v = meta.get(key, kind=(int, float))
+        if v is not None:
+            cfg[name] = float(v)
+    ff = meta.int_or_uniform("feed_forward_length")
+    if experts:
+        cfg.update(gguf.moe_config(meta))
+        cfg["intermediate_size"] = cfg.pop("moe_intermediate_size", ff)
+        cfg["shared_intermediate_size"] = meta.get("expert_shared_feed_forward_length", kind=int) or 0
+    else:  # the shared MLP alone, written as the layer's plain MLP (its width from the tensor: the
+        # metadata's feed_forward_length is the config's unused intermediate_size)
+        gate = next((meta.f.tensors[f"blk.{i}.ffn_gate.weight"] for i in range(n)
+                     if f"blk.{i}.ffn_gate.weight" in meta.names), None)
+        width = gate.shape[0] if gate is not None else ff
+        cfg.update(num_local_experts=0, shared_intermediate_size=width, intermediate_size=width)
+    return cfg
+
+
+def _any_layer(meta: gguf.Meta) -> set[str]:
+    """The layer-relative tensor names (leaf.suffix) any layer of the file has."""
+    return {name.split(".", 2)[2] for name in meta.names if name.startswith("blk.") and name.count(".") >= 3}
+
+
+_TABLE, _DERIVED = mamba2.mixer_gguf("mamba")
+GGUF = {"granitehybrid": gguf.GGUFMapping(
+    _gguf_config, layer={**granitemoe.GRANITEMOE_LAYER, **_TABLE, "ffn_down": "shared_mlp.output_linear"},
+    permute_qk=True, derived=granitemoe.GGUF["granitemoe"].derived + _DERIVED + (
+        gguf.Derived("shared_mlp.input_linear.weight", ("ffn_gate.weight", "ffn_up.weight"),
+                     granitemoe._cat_rows),))}
