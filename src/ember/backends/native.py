@@ -24,6 +24,15 @@ from . import replace_modules
 
 
 _F32_BF16 = (torch.float32, torch.bfloat16)
+_ops: dict = {}
+
+
+def _ggml_mm():
+    """torch.ops.ember.ggml_mm.default, looked up once (the attribute chain costs ~1 us a call)."""
+    op = _ops.get("ggml_mm")
+    if op is None:
+        op = _ops["ggml_mm"] = torch.ops.ember.ggml_mm.default
+    return op
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,13 +75,11 @@ class NativeQuantLinear(nn.Module):
         return GGMLWeight(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _F32_BF16 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # the op straight away: ggml_linear's checks cost ~7 us a call, 121 calls a token on a 135M model
-            x2 = x.reshape(-1, self.in_features)
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            y = torch.ops.ember.ggml_mm.default(x2, self.qweight, self.ggml_type, self.out_features, self.isa)
-            y = y.view(*x.shape[:-1], self.out_features)
+        dtype = x.dtype
+        if x.is_cpu and (dtype is torch.float32 or dtype is torch.bfloat16) and not torch.compiler.is_compiling():
+            # the op straight away on x [..., K] (no reshape, no checks in Python): a 135M model makes
+            # 121 of these calls a decode token, and each Python-side step costs about a microsecond
+            y = _ggml_mm()(x, self.qweight, self.ggml_type, self.out_features, self.isa)
         else:
             from ..kernels import ggml_linear
 
@@ -176,12 +183,39 @@ def _native_rope_cache_attention(qkv, cos, sin, k_cache, v_cache, pos, heads, sc
                                                         _kernels._isa_index())
 
 
+def _quant_pair(a, b) -> bool:
+    """Both layers NativeQuantLinears without bias, on one ISA: the fused native calls can run them."""
+    return (type(a) is NativeQuantLinear and type(b) is NativeQuantLinear and a.bias is None and b.bias is None
+            and a.isa == b.isa)
+
+
+def _native_swiglu_mlp(x, gate_up, down) -> torch.Tensor:
+    if (not _quant_pair(gate_up, down) or not x.is_cpu or x.dtype not in _F32_BF16 or torch.compiler.is_compiling()
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return ops.default("swiglu_mlp")(x, gate_up, down)
+    return torch.ops.ember.quant_swiglu.default(x, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight,
+                                               down.ggml_type, down.out_features, gate_up.isa, _kernels._isa_index())
+
+
+def _native_rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale=None):
+    if (not _quant_pair(qkv, o_proj) or not x.is_cpu or x.dtype not in _F32_BF16 or k_cache.dtype != x.dtype
+            or v_cache.dtype != x.dtype or cos.dtype not in _F32_BF16 or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1 or torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())):
+        return ops.default("rope_cache_attention_block")(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale)
+    return torch.ops.ember.quant_rope_cache_attention.default(
+        x, qkv.qweight, qkv.ggml_type, qkv.out_features, cos, sin, k_cache, v_cache, pos, heads,
+        k_cache.shape[-1] ** -0.5 if scale is None else scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
+        qkv.isa, _kernels._isa_index())
+
+
 NATIVE_OPS = {
     "rms_norm": _native_rms_norm,
     "add_rms_norm": _native_add_rms_norm,
     "silu_mul": _native_silu_mul,
     "decode_attention": _native_decode_attention,
     "rope_cache_attention": _native_rope_cache_attention,
+    "swiglu_mlp": _native_swiglu_mlp,
+    "rope_cache_attention_block": _native_rope_cache_attention_block,
 }
 
 

@@ -146,13 +146,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
-            # q and k rotated together as one view of the fused projection: half the small ops
-            out = self.qkv.fused(x)
             # (a subclass with its own _attend, e.g. GPT-OSS's sinks, keeps the separate ops)
             fusable = T == 1 and self.softcap is None and type(self)._attend is Attention._attend
             slot = step.decode_slot(self.layer_idx, self.window) if fusable else None
-            if slot is not None:  # one row's decode token: rotary, cache write and attention in one op
-                return self.o_proj(ops.rope_cache_attention(out, cos, sin, *slot, H, self.scale))
+            if slot is not None:  # one row's decode token: projections, rotary, cache write and attention
+                return ops.rope_cache_attention_block(x, self.qkv.fused, self.o_proj, cos, sin, *slot, H, self.scale)
+            # q and k rotated together as one view of the fused projection: half the small ops
+            out = self.qkv.fused(x)
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = out[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
@@ -195,8 +195,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is F.silu:  # SwiGLU: the registered silu_mul, on the fused projection's output as is
-            gu = self.gate_up.fused(x) if self.gate_up.fused is not None else self.gate_up(x)
-            return self.down_proj(ops.silu_mul(gu))
+            if self.gate_up.fused is not None:
+                return ops.swiglu_mlp(x, self.gate_up.fused, self.down_proj)
+            return self.down_proj(ops.silu_mul(self.gate_up(x)))
         g, u = self.gate_up(x)
         return self.down_proj(self.act(g) * u)
 

@@ -6,8 +6,8 @@
 //
 // Ops (namespace `ember`):
 //   ggml_mm(Tensor x, Tensor w, int ggml_type, int out_features, int isa) -> Tensor
-//       x: [M, K] float32 or bfloat16, contiguous; w: uint8 [N, row_bytes], the raw blocks of
-//       each output row; returns [M, N] in x's dtype. isa: 0 generic, 1 avx2, 2 avx512,
+//       x: [..., K] float32 or bfloat16 (the leading dims are the M rows); w: uint8 [N, row_bytes],
+//       the raw blocks of each output row; returns [..., N] in x's dtype. isa: 0 generic, 1 avx2, 2 avx512,
 //       3 avx512_vnni (clamped to what this CPU supports).
 //   bf16_mm(Tensor x, Tensor w, int isa) -> Tensor
 //       x: [M, K] float32 or bfloat16; w: bfloat16 [N, K]; [M, N] in x's dtype (float32 sums).
@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -290,17 +291,23 @@ static int64_t block_bytes(int64_t type) {
 // from this many activation rows on, the K-quants take the VNNI GEMM (below it, the GEMV tiles)
 static constexpr int64_t kTiledMinRows = 16;
 
-at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "ember.ggml_mm: x must be a contiguous 2-D CPU tensor");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "ember.ggml_mm: x must be float32 or bfloat16");
+at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa) {
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "ember.ggml_mm: x must be a CPU tensor of at least 1 dimension");
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "ember.ggml_mm: x must be float32 or bfloat16");
     TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(), "ember.ggml_mm: w must be contiguous uint8 on CPU");
     const int64_t be = block_elems(type), bb = block_bytes(type);
     TORCH_CHECK(be > 0, "ember.ggml_mm: unsupported ggml type ", type);
-    const int64_t M = x.size(0), K = x.size(1), N = out_features;
+    // x [..., K] -> out [..., N]: the leading dims are rows (a decode step's [1, 1, K] needs no reshape)
+    const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+    const int64_t K = x.size(-1), N = out_features;
+    c10::SmallVector<int64_t, 6> out_sizes(x.sizes().begin(), x.sizes().end());
+    out_sizes.back() = N;
+    int64_t M = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
     TORCH_CHECK(K % be == 0, "ember.ggml_mm: K=", K, " is not a multiple of the block size ", be);
     const int64_t row_bytes = K / be * bb;
     TORCH_CHECK(w.numel() == N * row_bytes, "ember.ggml_mm: w has ", w.numel(), " bytes, expected ", N, "x", row_bytes);
-    at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor out = at::empty(out_sizes, x.options().dtype(at::kFloat));
     if (M == 0 || N == 0) return out.to(x.scalar_type());
     if (K == 0) return out.zero_().to(x.scalar_type());
 
