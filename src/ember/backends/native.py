@@ -137,16 +137,17 @@ def use_bf16_kernels(model: nn.Module) -> int:
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
 # Each wrapper takes what the default takes and hands anything the kernel does not cover (another
 # device or dtype, autograd, an odd mask) to the pure-PyTorch default.
+# (the checks run on every call, ~100 a decode token: x.is_cpu, not x.device.type, which makes a device object)
 def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or x.device.type != "cpu" or (
+    if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or not x.is_cpu or (
             x.requires_grad and torch.is_grad_enabled()):
         return ops.default("rms_norm")(x, weight, eps)
     return torch.ops.ember.rms_norm.default(x, weight, eps, _kernels._isa_index())
 
 
 def _native_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    if (x.dtype not in _F32_BF16 or delta.dtype != x.dtype or weight.dtype not in _F32_BF16 or x.shape != delta.shape
-            or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))):
+    if (x.dtype not in _F32_BF16 or delta.dtype is not x.dtype or weight.dtype not in _F32_BF16 or not x.is_cpu
+            or x.shape != delta.shape or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))):
         return ops.default("add_rms_norm")(x, delta, weight, eps)
     return torch.ops.ember.add_rms_norm.default(x, delta, weight, eps, _kernels._isa_index())
 
@@ -156,7 +157,7 @@ def _native_silu_mul(gu) -> torch.Tensor:
         g, u = gu, None
     else:
         g, u = gu
-    if (g.dtype not in _F32_BF16 or g.device.type != "cpu" or (u is not None and (u.dtype != g.dtype or u.shape != g.shape))
+    if (g.dtype not in _F32_BF16 or not g.is_cpu or (u is not None and (u.dtype != g.dtype or u.shape != g.shape))
             or (torch.is_grad_enabled() and (g.requires_grad or (u is not None and u.requires_grad)))):
         return ops.default("silu_mul")(gu)
     return torch.ops.ember.silu_mul.default(g, u, _kernels._isa_index())

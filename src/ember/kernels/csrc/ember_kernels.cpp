@@ -288,6 +288,15 @@ static int64_t block_bytes(int64_t type) {
     }
 }
 
+// activations of up to this many values (M * K) are quantised into a per-thread scratch
+static constexpr int64_t kScratchValues = 1 << 16;
+
+template <class T>
+static T* grow(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+}
+
 // from this many activation rows on, the K-quants take the VNNI GEMM (below it, the GEMV tiles)
 static constexpr int64_t kTiledMinRows = 16;
 
@@ -343,13 +352,19 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
     else if (isa == 2) { rows = avx512::rows_fn(type); quant = avx512::quantize_rows; }
     else { rows = vnni::rows_fn(type); quant = vnni::quantize_rows; }
     c.nd = K / be;
-    std::vector<int8_t> aq(M * K);
-    std::vector<float> ad(M * c.nd * (c.kquant ? 1 : 2));  // 32-blocks: (d, d * sum) pairs
-    std::vector<int16_t> abs(c.kquant ? M * (K / 16) : 0);
-    c.aq = aq.data();
-    c.ad = ad.data();
+    // the activations' int8 form: decode rows use this thread's scratch (kept between calls: ~120
+    // calls a token, each would otherwise malloc and zero it), larger inputs their own buffers
+    const bool small = M * K <= kScratchValues;
+    static thread_local std::vector<int8_t> tl_aq;
+    static thread_local std::vector<float> tl_ad;
+    static thread_local std::vector<int16_t> tl_abs;
+    std::vector<int8_t> own_aq;
+    std::vector<float> own_ad;
+    std::vector<int16_t> own_abs;
+    c.aq = grow(small ? tl_aq : own_aq, M * K);
+    c.ad = grow(small ? tl_ad : own_ad, M * c.nd * (c.kquant ? 1 : 2));  // 32-blocks: (d, d * sum) pairs
     c.ads = nullptr;
-    c.abs = c.kquant ? abs.data() : nullptr;
+    c.abs = c.kquant ? grow(small ? tl_abs : own_abs, M * (K / 16)) : nullptr;
     if (M == 1) quant(c, 0, 1);
     else at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quant(c, m0, m1); });
     if (isa >= 3 && c.kquant && M >= kTiledMinRows) {
