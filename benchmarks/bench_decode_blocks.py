@@ -1,6 +1,7 @@
-"""A/B in one process: decoding with the fused native blocks (ops.swiglu_mlp and
-ops.rope_cache_attention_block: projections and the small ops between them in one native call)
-against the separate ops (each projection a module call, then silu_mul / rope_cache_attention).
+"""A/B in one process: decoding with the fused native blocks (ops.decoder_layer: a layer's norms,
+projections and the small ops between them in one native call; ops.swiglu_mlp and
+ops.rope_cache_attention_block where the layer is not fused whole) against the separate ops (each
+projection a module call, then add_rms_norm / silu_mul / rope_cache_attention).
 
 The two variants alternate on the same loaded model, --rounds times, each round decoding --tokens
 greedy tokens after a 128-token prompt; it prints the best and median tok/s of each, their ratio,
@@ -44,7 +45,7 @@ def main() -> int:
     else:
         llm = ember.load(models.smollm2_hf_bf16(), quantize="int8")
     ids = list(range(100, 228))
-    separate = {"swiglu_mlp": None, "rope_cache_attention_block": None}
+    separate = {"decoder_layer": None, "swiglu_mlp": None, "rope_cache_attention_block": None}
 
     def decode() -> tuple[float, float, list[int]]:
         req = llm.request(ids, a.tokens, ignore_eos=True)

@@ -1,5 +1,5 @@
-"""The fused decode blocks on GGUF-block weights (ops.swiglu_mlp, ops.rope_cache_attention_block on
-ember's native kernels) against the separate ops they chain and against the pure-PyTorch fallback
+"""The fused decode blocks on GGUF-block weights (ops.swiglu_mlp, ops.rope_cache_attention_block,
+ops.decoder_layer on ember's native kernels) against the separate ops they chain and against the pure-PyTorch fallback
 (QuantLinear's dequantise + F.linear and the default ops), on every ISA this machine runs.
 
 Against the separate native ops the result is bit-identical (the same kernels in the same order);
@@ -101,6 +101,36 @@ def test_rope_cache_attention_block(isa, dtype, ggml_type):
     assert _rel(fused[0], ref[0]) <= _tol(isa, dtype, ggml_type)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoder_layer(isa, dtype):
+    """A whole layer's decode token in one call: the same residual stream, MLP output and cache
+    bit for bit as the ops it chains, and close to the pure-PyTorch fallback."""
+    g = torch.Generator().manual_seed(21)
+    E, H, KV, D, F_, pos, t = 128, 4, 2, 32, 192, 5, ggml.Q4_1
+    with kernels.use_isa(isa):
+        parts = [_linears(t, n, k, g) for n, k in (((H + 2 * KV) * D, E), (E, H * D), (2 * F_, E), (E, F_))]
+    (qkv_ref, qkv), (o_ref, o), (gu_ref, gu), (down_ref, down) = parts
+    x, pending = (torch.randn(1, 1, E, generator=g).to(dtype) for _ in range(2))
+    w1, w2 = (torch.rand(E, generator=g).add(0.5).to(dtype) for _ in range(2))
+    ang = torch.rand(1, 1, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    caches = [torch.randn(1, KV, 16, D, generator=g).to(dtype) for _ in range(2)]
+    fused, separate, ref = ([c.clone() for c in caches] for _ in range(3))
+    with kernels.use_isa(isa):
+        got = ops.decoder_layer(x, pending, w1, 1e-5, qkv, o, cos, sin, *fused, pos, H, None, w2, 1e-5, gu, down)
+        s, n = ops.add_rms_norm(x, pending, w1, 1e-5)
+        s, n = ops.add_rms_norm(s, o(ops.rope_cache_attention(qkv(n), cos, sin, *separate, pos, H, None)), w2, 1e-5)
+        sep = (s, down(ops.silu_mul(gu(n))))
+    assert all(a.shape == (1, 1, E) and a.dtype == dtype for a in got)
+    assert torch.equal(got[0], sep[0]) and torch.equal(got[1], sep[1]) and torch.equal(fused[0], separate[0])
+    with ops.using({name: None for name in ops.DEFAULTS}):
+        want = ops.decoder_layer(x, pending, w1, 1e-5, qkv_ref, o_ref, cos, sin, *ref, pos, H, None, w2, 1e-5, gu_ref,
+                                 down_ref)
+    assert _rel(got[0], want[0]) <= _tol(isa, dtype, t) and _rel(got[1], want[1]) <= _tol(isa, dtype, t)
+    assert _rel(fused[1], ref[1]) <= _tol(isa, dtype, t)
+
+
 def test_blocks_fall_back_where_the_native_calls_do_not_apply():
     """A bias, a plain Linear, another device or dtype: the default chain, same result as by hand."""
     g = torch.Generator().manual_seed(3)
@@ -116,7 +146,7 @@ def test_blocks_fall_back_where_the_native_calls_do_not_apply():
 
 def test_tiny_llama_decodes_the_same_through_the_blocks(tmp_path):
     """A tiny Llama quantised at load (int8 and int4): cached decode logits bit-identical and the
-    same greedy tokens with the fused blocks as with the separate ops, and the blocks were used."""
+    same greedy tokens with the fused layer as with the separate ops, and the fused layer was used."""
     import ember
     from transformers import LlamaConfig
 
@@ -129,8 +159,7 @@ def test_tiny_llama_decodes_the_same_through_the_blocks(tmp_path):
     for mode in ("int8", "int4"):
         llm = ember.load(folder, quantize=mode)
         calls = []
-        blocks = {n: ops.current(n) for n in ("swiglu_mlp", "rope_cache_attention_block")}
-        counted = {n: (lambda f: lambda *a: calls.append(1) or f(*a))(f) for n, f in blocks.items()}
+        counted = {"decoder_layer": (lambda f: lambda *a: calls.append(1) or f(*a))(ops.current("decoder_layer"))}
 
         def run():
             with torch.no_grad():
@@ -142,7 +171,7 @@ def test_tiny_llama_decodes_the_same_through_the_blocks(tmp_path):
 
         with ops.using(counted):
             got = run()
-        assert len(calls) >= 2 * 2 * 4  # 2 layers x 2 blocks x 4 decode steps
-        with ops.using({"swiglu_mlp": None, "rope_cache_attention_block": None}):
+        assert len(calls) >= 4  # layer 1 (layer 0 has no pending residual add) x 4 decode steps
+        with ops.using({"decoder_layer": None, "swiglu_mlp": None, "rope_cache_attention_block": None}):
             want = run()
         assert torch.equal(got[0], want[0]) and got[1] == want[1]

@@ -11,8 +11,9 @@ backend wants of them is done here, after the build, never inside a layer's cons
                 kernel for them runs (ember.backends.hfquant)
   fp8-scaled-mm PackedLinear over FP8 (per-tensor/per-channel scales) -> torch._scaled_mm (CUDA 8.9+)
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
-  native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
-                CPU kernels: registered once per process; counts the model's modules that call them
+  native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention, the decode blocks
+                over GGUF-block projections) on ember's native CPU kernels: registered once per
+                process; counts the model's modules that call them
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)

@@ -209,6 +209,24 @@ def _native_rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cach
         qkv.isa, _kernels._isa_index())
 
 
+def _native_decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale, w2, eps2,
+                          gate_up, down):
+    dtype = x.dtype
+    if (not (_quant_pair(qkv, o_proj) and _quant_pair(gate_up, down) and qkv.isa == gate_up.isa) or not x.is_cpu
+            or dtype not in _F32_BF16 or pending.dtype is not dtype or x.shape != pending.shape
+            or w1.dtype not in _F32_BF16 or w2.dtype not in _F32_BF16
+            or k_cache.dtype is not dtype or v_cache.dtype is not dtype or cos.dtype not in _F32_BF16
+            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or pending.requires_grad))):
+        return ops.default("decoder_layer")(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads,
+                                            scale, w2, eps2, gate_up, down)
+    return torch.ops.ember.quant_decoder_layer.default(
+        x, pending, w1, eps1, qkv.qweight, qkv.ggml_type, qkv.out_features, cos, sin, k_cache, v_cache, pos, heads,
+        k_cache.shape[-1] ** -0.5 if scale is None else scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
+        w2, eps2, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight, down.ggml_type,
+        down.out_features, qkv.isa, _kernels._isa_index())
+
+
 NATIVE_OPS = {
     "rms_norm": _native_rms_norm,
     "add_rms_norm": _native_add_rms_norm,
@@ -217,6 +235,7 @@ NATIVE_OPS = {
     "rope_cache_attention": _native_rope_cache_attention,
     "swiglu_mlp": _native_swiglu_mlp,
     "rope_cache_attention_block": _native_rope_cache_attention_block,
+    "decoder_layer": _native_decoder_layer,
 }
 
 

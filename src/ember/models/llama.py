@@ -211,6 +211,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
 
+    _plain: bool | None = None
+
+    def plain_block(self) -> bool:
+        """Whether this layer is Llama's own: plain RMSNorms, the fused-projection attention with
+        rotate-half rotary and no extras, a SwiGLU MLP on fused gate/up, no residual multiplier (what
+        `ops.decoder_layer` computes). Fixed once the model is built, so found on the first call."""
+        if self._plain is None:
+            a, f = self.self_attn, self.mlp
+            self._plain = (
+                self.residual_multiplier == 1.0
+                and all(type(n) is RMSNorm and not n.scale_in_float for n in (self.input_layernorm, self.post_attention_layernorm))
+                and type(a).forward is Attention.forward and type(a)._attend is Attention._attend
+                and a.qkv.fused is not None and a.qk_norm is None and a.rotary and not a.interleaved and a.softcap is None
+                and type(f).forward is MLP.forward and f.act is F.silu and f.gate_up.fused is not None)
+        return self._plain
+
     def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
         """The attention block (a subclass swaps in a variant)."""
         return Attention(cfg, vb.pp("self_attn"), layer_idx, window, fuse, scale=cfg.attention_multiplier)
@@ -227,6 +243,13 @@ class DecoderLayer(nn.Module):
         """The layer with its last residual add left to the caller: the input is x + pending (pending
         None: x), the output x' + h' is returned as (x', h'), so that the add fuses with the next
         norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
+        if pending is not None and x.shape[-2] == 1 and not torch.compiler.is_compiling() and self.plain_block():
+            slot = step.decode_slot(self.self_attn.layer_idx, self.self_attn.window)
+            if slot is not None:  # one row's decode token: the whole layer as one op (ops.decoder_layer)
+                a, f = self.self_attn, self.mlp
+                n1, n2 = self.input_layernorm, self.post_attention_layernorm
+                return ops.decoder_layer(x, pending, n1.weight, n1.eps, a.qkv.fused, a.o_proj, cos, sin, *slot,
+                                         a.num_heads, a.scale, n2.weight, n2.eps, f.gate_up.fused, f.down_proj)
         m = self.residual_multiplier
         x, normed = self.input_layernorm.add_forward(x, pending)
         h = self.self_attn(normed, cos, sin, step)

@@ -31,6 +31,11 @@ case (a device, a dtype, a layout) it calls the default itself (`default(name)`)
         -> o_proj(rope_cache_attention(qkv(x), cos, sin, k_cache, v_cache, pos, heads, scale))
         the same for the attention block of one row's decode token: from the normed input through
         the fused q/k/v projection, rotary, cache write and attention to the output projection.
+    ops.decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale,
+                      w2, eps2, gate_up, down) -> (x', h')
+        a pre-norm Llama layer for one row's decode token, its last residual add left to the caller:
+        s, n = add_rms_norm(x, pending, w1, eps1); h = rope_cache_attention_block(n, ...);
+        x', n = add_rms_norm(s, h, w2, eps2); h' = swiglu_mlp(n, gate_up, down).
 
 This module imports nothing above `ember.nn` (tests/test_layout.py).
 """
@@ -98,6 +103,15 @@ def _rope_cache_attention_block(x: torch.Tensor, qkv: Callable, o_proj: Callable
     return o_proj(rope_cache_attention(qkv(x), cos, sin, k_cache, v_cache, pos, heads, scale))
 
 
+def _decoder_layer(x: torch.Tensor, pending: torch.Tensor, w1: torch.Tensor, eps1: float, qkv: Callable, o_proj: Callable,
+                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
+                   scale: float | None, w2: torch.Tensor, eps2: float, gate_up: Callable, down: Callable):
+    x, normed = add_rms_norm(x, pending, w1, eps1)
+    h = rope_cache_attention_block(normed, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale)
+    x, normed = add_rms_norm(x, h, w2, eps2)
+    return x, swiglu_mlp(normed, gate_up, down)
+
+
 DEFAULTS: dict[str, Callable] = {
     "rms_norm": _rms_norm,
     "add_rms_norm": _add_rms_norm,
@@ -106,6 +120,7 @@ DEFAULTS: dict[str, Callable] = {
     "rope_cache_attention": _rope_cache_attention,
     "swiglu_mlp": _swiglu_mlp,
     "rope_cache_attention_block": _rope_cache_attention_block,
+    "decoder_layer": _decoder_layer,
 }
 
 # The current implementations, bound as module attributes so that a call is one global lookup.
@@ -116,6 +131,7 @@ decode_attention = _decode_attention
 rope_cache_attention = _rope_cache_attention
 swiglu_mlp = _swiglu_mlp
 rope_cache_attention_block = _rope_cache_attention_block
+decoder_layer = _decoder_layer
 
 
 def default(name: str) -> Callable:
@@ -162,5 +178,5 @@ def using(impls: dict[str, Callable | None]):
             globals()[n] = f
 
 
-__all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "default", "register", "registered", "reset",
+__all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "decoder_layer", "default", "register", "registered", "reset",
            "rms_norm", "rope_cache_attention", "rope_cache_attention_block", "silu_mul", "swiglu_mlp", "using"]

@@ -33,6 +33,10 @@
 //                              Tensor w_o, int t_o, int n_o, int mm_isa, int isa) -> Tensor
 //       ggml_mm(rope_cache_attention(ggml_mm(x, w_qkv), ...), w_o): a decode token's attention
 //       block from its normed input to the output projection.
+//   quant_decoder_layer(x, pending, w1, eps1, <quant_rope_cache_attention's from w_qkv to n_o>, w2, eps2,
+//                       <quant_swiglu's from w_gu to n_down>, mm_isa, isa) -> (Tensor, Tensor)
+//       a pre-norm Llama layer's decode token: add_rms_norm(x, pending), the attention block, add_rms_norm,
+//       the MLP block; returns (the residual stream, the MLP's output), the last add left to the caller.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -589,9 +593,26 @@ at::Tensor quant_rope_cache_attention(const at::Tensor& x, const at::Tensor& w_q
     return ember_kernels::ggml_mm(o, w_o, t_o, n_o, mm_isa);
 }
 
+std::tuple<at::Tensor, at::Tensor> quant_decoder_layer(
+        const at::Tensor& x, const at::Tensor& pending, const at::Tensor& w1, double eps1, const at::Tensor& w_qkv,
+        int64_t t_qkv, int64_t n_qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+        int64_t pos, int64_t heads, double scale, const at::Tensor& w_o, int64_t t_o, int64_t n_o, const at::Tensor& w2,
+        double eps2, const at::Tensor& w_gu, int64_t t_gu, int64_t n_gu, const at::Tensor& w_down, int64_t t_down,
+        int64_t n_down, int64_t mm_isa, int64_t isa) {
+    const auto a = add_rms_norm(x, pending, w1, eps1, isa);
+    const at::Tensor h = quant_rope_cache_attention(std::get<1>(a), w_qkv, t_qkv, n_qkv, cos, sin, k_cache, v_cache, pos,
+                                                    heads, scale, w_o, t_o, n_o, mm_isa, isa);
+    const auto b = add_rms_norm(std::get<0>(a), h, w2, eps2, isa);
+    return {std::get<0>(b), quant_swiglu(std::get<1>(b), w_gu, t_gu, n_gu, w_down, t_down, n_down, mm_isa, isa)};
+}
+
 }  // namespace ember_ops
 
 TORCH_LIBRARY_FRAGMENT(ember, m) {
+    m.def("quant_decoder_layer(Tensor x, Tensor pending, Tensor w1, float eps1, Tensor w_qkv, int t_qkv, int n_qkv, "
+          "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale, Tensor w_o, "
+          "int t_o, int n_o, Tensor w2, float eps2, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, "
+          "int n_down, int mm_isa, int isa) -> (Tensor, Tensor)");
     m.def("quant_swiglu(Tensor x, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, int n_down, int mm_isa, "
           "int isa) -> Tensor");
     m.def("quant_rope_cache_attention(Tensor x, Tensor w_qkv, int t_qkv, int n_qkv, Tensor cos, Tensor sin, "
@@ -613,4 +634,5 @@ TORCH_LIBRARY_IMPL(ember, CPU, m) {
     m.impl("rope_cache_attention", &ember_ops::rope_cache_attention);
     m.impl("quant_swiglu", &ember_ops::quant_swiglu);
     m.impl("quant_rope_cache_attention", &ember_ops::quant_rope_cache_attention);
+    m.impl("quant_decoder_layer", &ember_ops::quant_decoder_layer);
 }
