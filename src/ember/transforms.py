@@ -11,8 +11,9 @@ backend wants of them is done here, after the build, never inside a layer's cons
                 kernel for them runs (ember.backends.hfquant)
   fp8-scaled-mm PackedLinear over FP8 (per-tensor/per-channel scales) -> torch._scaled_mm (CUDA 8.9+)
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
-  native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
-                CPU kernels: registered once per process; counts the model's modules that call them
+  native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention, the decode blocks
+                over GGUF-block projections) on ember's native CPU kernels: registered once per
+                process; counts the model's modules that call them
   triton-ops    the same ops on CUDA through Triton kernels (ember.backends.triton_ops: decode
                 attention that reads only the visible cache columns, fused norms, SiLU·up), in
                 front of what was registered before; EMBER_TRITON=0 turns it off

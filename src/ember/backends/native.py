@@ -24,6 +24,15 @@ from . import replace_modules
 
 
 _F32_BF16 = (torch.float32, torch.bfloat16)
+_ops: dict = {}
+
+
+def _ggml_mm():
+    """torch.ops.ember.ggml_mm.default, looked up once (the attribute chain costs ~1 us a call)."""
+    op = _ops.get("ggml_mm")
+    if op is None:
+        op = _ops["ggml_mm"] = torch.ops.ember.ggml_mm.default
+    return op
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,13 +75,11 @@ class NativeQuantLinear(nn.Module):
         return GGMLWeight(self.qweight, self.ggml_type, (self.out_features, self.in_features), dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _F32_BF16 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # the op straight away: ggml_linear's checks cost ~7 us a call, 121 calls a token on a 135M model
-            x2 = x.reshape(-1, self.in_features)
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            y = torch.ops.ember.ggml_mm.default(x2, self.qweight, self.ggml_type, self.out_features, self.isa)
-            y = y.view(*x.shape[:-1], self.out_features)
+        dtype = x.dtype
+        if x.is_cpu and (dtype is torch.float32 or dtype is torch.bfloat16) and not torch.compiler.is_compiling():
+            # the op straight away on x [..., K] (no reshape, no checks in Python): a 135M model makes
+            # 121 of these calls a decode token, and each Python-side step costs about a microsecond
+            y = _ggml_mm()(x, self.qweight, self.ggml_type, self.out_features, self.isa)
         else:
             from ..kernels import ggml_linear
 
@@ -130,16 +137,17 @@ def use_bf16_kernels(model: nn.Module) -> int:
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
 # Each wrapper takes what the default takes and hands anything the kernel does not cover (another
 # device or dtype, autograd, an odd mask) to the pure-PyTorch default.
+# (the checks run on every call, ~100 a decode token: x.is_cpu, not x.device.type, which makes a device object)
 def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or x.device.type != "cpu" or (
+    if x.dtype not in _F32_BF16 or weight.dtype not in _F32_BF16 or not x.is_cpu or (
             x.requires_grad and torch.is_grad_enabled()):
         return ops.default("rms_norm")(x, weight, eps)
     return torch.ops.ember.rms_norm.default(x, weight, eps, _kernels._isa_index())
 
 
 def _native_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    if (x.dtype not in _F32_BF16 or delta.dtype != x.dtype or weight.dtype not in _F32_BF16 or x.shape != delta.shape
-            or x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))):
+    if (x.dtype not in _F32_BF16 or delta.dtype is not x.dtype or weight.dtype not in _F32_BF16 or not x.is_cpu
+            or x.shape != delta.shape or (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))):
         return ops.default("add_rms_norm")(x, delta, weight, eps)
     return torch.ops.ember.add_rms_norm.default(x, delta, weight, eps, _kernels._isa_index())
 
@@ -149,7 +157,7 @@ def _native_silu_mul(gu) -> torch.Tensor:
         g, u = gu, None
     else:
         g, u = gu
-    if (g.dtype not in _F32_BF16 or g.device.type != "cpu" or (u is not None and (u.dtype != g.dtype or u.shape != g.shape))
+    if (g.dtype not in _F32_BF16 or not g.is_cpu or (u is not None and (u.dtype != g.dtype or u.shape != g.shape))
             or (torch.is_grad_enabled() and (g.requires_grad or (u is not None and u.requires_grad)))):
         return ops.default("silu_mul")(gu)
     return torch.ops.ember.silu_mul.default(g, u, _kernels._isa_index())
@@ -176,12 +184,58 @@ def _native_rope_cache_attention(qkv, cos, sin, k_cache, v_cache, pos, heads, sc
                                                         _kernels._isa_index())
 
 
+def _quant_pair(a, b) -> bool:
+    """Both layers NativeQuantLinears without bias, on one ISA: the fused native calls can run them."""
+    return (type(a) is NativeQuantLinear and type(b) is NativeQuantLinear and a.bias is None and b.bias is None
+            and a.isa == b.isa)
+
+
+def _native_swiglu_mlp(x, gate_up, down) -> torch.Tensor:
+    if (not _quant_pair(gate_up, down) or not x.is_cpu or x.dtype not in _F32_BF16 or torch.compiler.is_compiling()
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return ops.default("swiglu_mlp")(x, gate_up, down)
+    return torch.ops.ember.quant_swiglu.default(x, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight,
+                                               down.ggml_type, down.out_features, gate_up.isa, _kernels._isa_index())
+
+
+def _native_rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale=None):
+    if (not _quant_pair(qkv, o_proj) or not x.is_cpu or x.dtype not in _F32_BF16 or k_cache.dtype != x.dtype
+            or v_cache.dtype != x.dtype or cos.dtype not in _F32_BF16 or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1 or torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled())):
+        return ops.default("rope_cache_attention_block")(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale)
+    return torch.ops.ember.quant_rope_cache_attention.default(
+        x, qkv.qweight, qkv.ggml_type, qkv.out_features, cos, sin, k_cache, v_cache, pos, heads,
+        k_cache.shape[-1] ** -0.5 if scale is None else scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
+        qkv.isa, _kernels._isa_index())
+
+
+def _native_decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale, w2, eps2,
+                          gate_up, down):
+    dtype = x.dtype
+    if (not (_quant_pair(qkv, o_proj) and _quant_pair(gate_up, down) and qkv.isa == gate_up.isa) or not x.is_cpu
+            or dtype not in _F32_BF16 or pending.dtype is not dtype or x.shape != pending.shape
+            or w1.dtype not in _F32_BF16 or w2.dtype not in _F32_BF16
+            or k_cache.dtype is not dtype or v_cache.dtype is not dtype or cos.dtype not in _F32_BF16
+            or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or pending.requires_grad))):
+        return ops.default("decoder_layer")(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads,
+                                            scale, w2, eps2, gate_up, down)
+    return torch.ops.ember.quant_decoder_layer.default(
+        x, pending, w1, eps1, qkv.qweight, qkv.ggml_type, qkv.out_features, cos, sin, k_cache, v_cache, pos, heads,
+        k_cache.shape[-1] ** -0.5 if scale is None else scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
+        w2, eps2, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight, down.ggml_type,
+        down.out_features, qkv.isa, _kernels._isa_index())
+
+
 NATIVE_OPS = {
     "rms_norm": _native_rms_norm,
     "add_rms_norm": _native_add_rms_norm,
     "silu_mul": _native_silu_mul,
     "decode_attention": _native_decode_attention,
     "rope_cache_attention": _native_rope_cache_attention,
+    "swiglu_mlp": _native_swiglu_mlp,
+    "rope_cache_attention_block": _native_rope_cache_attention_block,
+    "decoder_layer": _native_decoder_layer,
 }
 
 

@@ -131,7 +131,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("ember::ggml_mm")
     def _ggml_mm_fake(x, w, ggml_type, out_features, isa):
-        return x.new_empty((x.shape[0], out_features))
+        return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("ember::bf16_mm")
     def _bf16_mm_fake(x, w, isa):

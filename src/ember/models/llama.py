@@ -154,13 +154,13 @@ class Attention(nn.Module):
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         if (self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved
                 and self.temperature is None and self.chunk is None):
-            # q and k rotated together as one view of the fused projection: half the small ops
-            out = self.qkv.fused(x)
             # (a subclass with its own _attend, e.g. GPT-OSS's sinks, keeps the separate ops)
             fusable = T == 1 and self.softcap is None and type(self)._attend is Attention._attend
             slot = step.decode_slot(self.layer_idx, self.window) if fusable else None
-            if slot is not None:  # one row's decode token: rotary, cache write and attention in one op
-                return self.o_proj(ops.rope_cache_attention(out, cos, sin, *slot, H, self.scale))
+            if slot is not None:  # one row's decode token: projections, rotary, cache write and attention
+                return ops.rope_cache_attention_block(x, self.qkv.fused, self.o_proj, cos, sin, *slot, H, self.scale)
+            # q and k rotated together as one view of the fused projection: half the small ops
+            out = self.qkv.fused(x)
             qk = apply_rotary_bthd(out[..., : (H + KV) * D].view(B, T, H + KV, D), cos, sin)
             q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
             v = out[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
@@ -211,8 +211,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is F.silu:  # SwiGLU: the registered silu_mul, on the fused projection's output as is
-            gu = self.gate_up.fused(x) if self.gate_up.fused is not None else self.gate_up(x)
-            return self.down_proj(ops.silu_mul(gu))
+            if self.gate_up.fused is not None:
+                return ops.swiglu_mlp(x, self.gate_up.fused, self.down_proj)
+            return self.down_proj(ops.silu_mul(self.gate_up(x)))
         g, u = self.gate_up(x)
         return self.down_proj(self.act(g) * u)
 
@@ -229,6 +230,24 @@ class DecoderLayer(nn.Module):
     def make_norm(self, cfg: Config, vb: VarBuilder) -> nn.Module:
         """The norm before attention and before the MLP (a subclass swaps in another, e.g. LayerNorm)."""
         return RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb)
+
+    _plain: bool | None = None
+
+    def plain_block(self) -> bool:
+        """Whether this layer is Llama's own: plain RMSNorms, the fused-projection attention with
+        rotate-half rotary and no extras, a SwiGLU MLP on fused gate/up, no residual multiplier (what
+        `ops.decoder_layer` computes). Fixed once the model is built, so found on the first call."""
+        if self._plain is None:
+            a, f = self.self_attn, self.mlp
+            self._plain = (
+                a is not None and type(self).mix is DecoderLayer.mix
+                and self.residual_multiplier == 1.0
+                and all(type(n) is RMSNorm and not n.scale_in_float for n in (self.input_layernorm, self.post_attention_layernorm))
+                and type(a).forward is Attention.forward and type(a)._attend is Attention._attend
+                and a.qkv.fused is not None and a.qk_norm is None and a.rotary and not a.interleaved and a.softcap is None
+                and a.temperature is None and a.chunk is None
+                and type(f).forward is MLP.forward and f.act is F.silu and f.gate_up.fused is not None)
+        return self._plain
 
     def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
         """The attention block (a subclass swaps in a variant)."""
@@ -250,6 +269,13 @@ class DecoderLayer(nn.Module):
         """The layer with its last residual add left to the caller: the input is x + pending (pending
         None: x), the output x' + h' is returned as (x', h'), so that the add fuses with the next
         norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
+        if pending is not None and x.shape[-2] == 1 and not torch.compiler.is_compiling() and self.plain_block():
+            slot = step.decode_slot(self.self_attn.layer_idx, self.self_attn.window)
+            if slot is not None:  # one row's decode token: the whole layer as one op (ops.decoder_layer)
+                a, f = self.self_attn, self.mlp
+                n1, n2 = self.input_layernorm, self.post_attention_layernorm
+                return ops.decoder_layer(x, pending, n1.weight, n1.eps, a.qkv.fused, a.o_proj, cos, sin, *slot,
+                                         a.num_heads, a.scale, n2.weight, n2.eps, f.gate_up.fused, f.down_proj)
         m = self.residual_multiplier
         x, normed = self.input_layernorm.add_forward(x, pending)
         h = self.mix(normed, cos, sin, step)

@@ -24,6 +24,18 @@ case (a device, a dtype, a layout) it calls the default itself (`default(name)`)
         k and v written at column `pos` of k_cache/v_cache [1, KV, S, D] (in place), then
         decode_attention of q over columns 0..pos. The whole attention block of a plain decoder
         layer between its projections, in one call.
+    ops.swiglu_mlp(x, gate_up, down) -> down(silu_mul(gate_up(x)))
+        a SwiGLU MLP given its fused gate/up projection and its down projection (the layers
+        themselves, callables on x [..., E]); a backend may run all three in one native call.
+    ops.rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale)
+        -> o_proj(rope_cache_attention(qkv(x), cos, sin, k_cache, v_cache, pos, heads, scale))
+        the same for the attention block of one row's decode token: from the normed input through
+        the fused q/k/v projection, rotary, cache write and attention to the output projection.
+    ops.decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale,
+                      w2, eps2, gate_up, down) -> (x', h')
+        a pre-norm Llama layer for one row's decode token, its last residual add left to the caller:
+        s, n = add_rms_norm(x, pending, w1, eps1); h = rope_cache_attention_block(n, ...);
+        x', n = add_rms_norm(s, h, w2, eps2); h' = swiglu_mlp(n, gate_up, down).
 
 This module imports nothing above `ember.nn` (tests/test_layout.py).
 """
@@ -81,12 +93,34 @@ def _rope_cache_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return o.transpose(1, 2).reshape(1, 1, heads * D)
 
 
+def _swiglu_mlp(x: torch.Tensor, gate_up: Callable, down: Callable) -> torch.Tensor:
+    return down(silu_mul(gate_up(x)))
+
+
+def _rope_cache_attention_block(x: torch.Tensor, qkv: Callable, o_proj: Callable, cos: torch.Tensor, sin: torch.Tensor,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
+                                scale: float | None = None) -> torch.Tensor:
+    return o_proj(rope_cache_attention(qkv(x), cos, sin, k_cache, v_cache, pos, heads, scale))
+
+
+def _decoder_layer(x: torch.Tensor, pending: torch.Tensor, w1: torch.Tensor, eps1: float, qkv: Callable, o_proj: Callable,
+                   cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
+                   scale: float | None, w2: torch.Tensor, eps2: float, gate_up: Callable, down: Callable):
+    x, normed = add_rms_norm(x, pending, w1, eps1)
+    h = rope_cache_attention_block(normed, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale)
+    x, normed = add_rms_norm(x, h, w2, eps2)
+    return x, swiglu_mlp(normed, gate_up, down)
+
+
 DEFAULTS: dict[str, Callable] = {
     "rms_norm": _rms_norm,
     "add_rms_norm": _add_rms_norm,
     "silu_mul": _silu_mul,
     "decode_attention": _decode_attention,
     "rope_cache_attention": _rope_cache_attention,
+    "swiglu_mlp": _swiglu_mlp,
+    "rope_cache_attention_block": _rope_cache_attention_block,
+    "decoder_layer": _decoder_layer,
 }
 
 # The current implementations, bound as module attributes so that a call is one global lookup.
@@ -95,6 +129,9 @@ add_rms_norm = _add_rms_norm
 silu_mul = _silu_mul
 decode_attention = _decode_attention
 rope_cache_attention = _rope_cache_attention
+swiglu_mlp = _swiglu_mlp
+rope_cache_attention_block = _rope_cache_attention_block
+decoder_layer = _decoder_layer
 
 
 def default(name: str) -> Callable:
@@ -141,5 +178,5 @@ def using(impls: dict[str, Callable | None]):
             globals()[n] = f
 
 
-__all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "default", "register", "registered", "reset",
-           "rms_norm", "rope_cache_attention", "silu_mul", "using"]
+__all__ = ["DEFAULTS", "add_rms_norm", "current", "decode_attention", "decoder_layer", "default", "register", "registered", "reset",
+           "rms_norm", "rope_cache_attention", "rope_cache_attention_block", "silu_mul", "swiglu_mlp", "using"]

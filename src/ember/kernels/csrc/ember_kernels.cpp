@@ -6,8 +6,8 @@
 //
 // Ops (namespace `ember`):
 //   ggml_mm(Tensor x, Tensor w, int ggml_type, int out_features, int isa) -> Tensor
-//       x: [M, K] float32 or bfloat16, contiguous; w: uint8 [N, row_bytes], the raw blocks of
-//       each output row; returns [M, N] in x's dtype. isa: 0 generic, 1 avx2, 2 avx512,
+//       x: [..., K] float32 or bfloat16 (the leading dims are the M rows); w: uint8 [N, row_bytes],
+//       the raw blocks of each output row; returns [..., N] in x's dtype. isa: 0 generic, 1 avx2, 2 avx512,
 //       3 avx512_vnni (clamped to what this CPU supports).
 //   bf16_mm(Tensor x, Tensor w, int isa) -> Tensor
 //       x: [M, K] float32 or bfloat16; w: bfloat16 [N, K]; [M, N] in x's dtype (float32 sums).
@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -287,20 +288,35 @@ static int64_t block_bytes(int64_t type) {
     }
 }
 
+// activations of up to this many values (M * K) are quantised into a per-thread scratch
+static constexpr int64_t kScratchValues = 1 << 16;
+
+template <class T>
+static T* grow(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+}
+
 // from this many activation rows on, the K-quants take the VNNI GEMM (below it, the GEMV tiles)
 static constexpr int64_t kTiledMinRows = 16;
 
-at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "ember.ggml_mm: x must be a contiguous 2-D CPU tensor");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "ember.ggml_mm: x must be float32 or bfloat16");
+at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa) {
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "ember.ggml_mm: x must be a CPU tensor of at least 1 dimension");
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "ember.ggml_mm: x must be float32 or bfloat16");
     TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(), "ember.ggml_mm: w must be contiguous uint8 on CPU");
     const int64_t be = block_elems(type), bb = block_bytes(type);
     TORCH_CHECK(be > 0, "ember.ggml_mm: unsupported ggml type ", type);
-    const int64_t M = x.size(0), K = x.size(1), N = out_features;
+    // x [..., K] -> out [..., N]: the leading dims are rows (a decode step's [1, 1, K] needs no reshape)
+    const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+    const int64_t K = x.size(-1), N = out_features;
+    c10::SmallVector<int64_t, 6> out_sizes(x.sizes().begin(), x.sizes().end());
+    out_sizes.back() = N;
+    int64_t M = 1;
+    for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
     TORCH_CHECK(K % be == 0, "ember.ggml_mm: K=", K, " is not a multiple of the block size ", be);
     const int64_t row_bytes = K / be * bb;
     TORCH_CHECK(w.numel() == N * row_bytes, "ember.ggml_mm: w has ", w.numel(), " bytes, expected ", N, "x", row_bytes);
-    at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    at::Tensor out = at::empty(out_sizes, x.options().dtype(at::kFloat));
     if (M == 0 || N == 0) return out.to(x.scalar_type());
     if (K == 0) return out.zero_().to(x.scalar_type());
 
@@ -336,13 +352,19 @@ at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
     else if (isa == 2) { rows = avx512::rows_fn(type); quant = avx512::quantize_rows; }
     else { rows = vnni::rows_fn(type); quant = vnni::quantize_rows; }
     c.nd = K / be;
-    std::vector<int8_t> aq(M * K);
-    std::vector<float> ad(M * c.nd * (c.kquant ? 1 : 2));  // 32-blocks: (d, d * sum) pairs
-    std::vector<int16_t> abs(c.kquant ? M * (K / 16) : 0);
-    c.aq = aq.data();
-    c.ad = ad.data();
+    // the activations' int8 form: decode rows use this thread's scratch (kept between calls: ~120
+    // calls a token, each would otherwise malloc and zero it), larger inputs their own buffers
+    const bool small = M * K <= kScratchValues;
+    static thread_local std::vector<int8_t> tl_aq;
+    static thread_local std::vector<float> tl_ad;
+    static thread_local std::vector<int16_t> tl_abs;
+    std::vector<int8_t> own_aq;
+    std::vector<float> own_ad;
+    std::vector<int16_t> own_abs;
+    c.aq = grow(small ? tl_aq : own_aq, M * K);
+    c.ad = grow(small ? tl_ad : own_ad, M * c.nd * (c.kquant ? 1 : 2));  // 32-blocks: (d, d * sum) pairs
     c.ads = nullptr;
-    c.abs = c.kquant ? abs.data() : nullptr;
+    c.abs = c.kquant ? grow(small ? tl_abs : own_abs, M * (K / 16)) : nullptr;
     if (M == 1) quant(c, 0, 1);
     else at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quant(c, m0, m1); });
     if (isa >= 3 && c.kquant && M >= kTiledMinRows) {

@@ -24,6 +24,19 @@
 //       last dim <= D, cos/sin [R] for this token), k and v written to column pos of the caches
 //       [1, KV, S, D], then decode_attention of q over columns 0..pos. Rotary in float32
 //       (bfloat16: rounded after each product and the sum, as the eager ops are).
+//   quant_swiglu(Tensor x, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, int n_down, int mm_isa,
+//                int isa) -> Tensor
+//       ggml_mm(silu_mul(ggml_mm(x, w_gu)), w_down): a SwiGLU MLP whose fused gate/up and down
+//       projections are GGUF blocks (mm_isa: the isa of the two ggml_mm calls, isa: silu_mul's).
+//   quant_rope_cache_attention(Tensor x, Tensor w_qkv, int t_qkv, int n_qkv, Tensor cos, Tensor sin,
+//                              Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale,
+//                              Tensor w_o, int t_o, int n_o, int mm_isa, int isa) -> Tensor
+//       ggml_mm(rope_cache_attention(ggml_mm(x, w_qkv), ...), w_o): a decode token's attention
+//       block from its normed input to the output projection.
+//   quant_decoder_layer(x, pending, w1, eps1, <quant_rope_cache_attention's from w_qkv to n_o>, w2, eps2,
+//                       <quant_swiglu's from w_gu to n_down>, mm_isa, isa) -> (Tensor, Tensor)
+//       a pre-norm Llama layer's decode token: add_rms_norm(x, pending), the attention block, add_rms_norm,
+//       the MLP block; returns (the residual stream, the MLP's output), the last add left to the caller.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -46,6 +59,10 @@
 #else
 #define EMBER_OPS_X86 0
 #endif
+
+namespace ember_kernels {  // ember_kernels.cpp
+at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa);
+}
 
 namespace ember_ops {
 
@@ -558,9 +575,49 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv_, const at::Tensor& cos_, 
     return out;
 }
 
+// ---- projections around the small ops, on GGUF-block weights (ember_kernels.cpp's ggml_mm) ----
+// Each is the separate path's ops called in the same order on the same tensors (bit-identical):
+// what it saves is the Python and dispatcher work between them, ~5 us a call, ~4 calls a layer.
+at::Tensor quant_swiglu(const at::Tensor& x, const at::Tensor& w_gu, int64_t t_gu, int64_t n_gu, const at::Tensor& w_down,
+                        int64_t t_down, int64_t n_down, int64_t mm_isa, int64_t isa) {
+    const at::Tensor gu = ember_kernels::ggml_mm(x, w_gu, t_gu, n_gu, mm_isa);
+    return ember_kernels::ggml_mm(silu_mul(gu, c10::nullopt, isa), w_down, t_down, n_down, mm_isa);
+}
+
+at::Tensor quant_rope_cache_attention(const at::Tensor& x, const at::Tensor& w_qkv, int64_t t_qkv, int64_t n_qkv,
+                                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                                      int64_t pos, int64_t heads, double scale, const at::Tensor& w_o, int64_t t_o,
+                                      int64_t n_o, int64_t mm_isa, int64_t isa) {
+    const at::Tensor qkv = ember_kernels::ggml_mm(x, w_qkv, t_qkv, n_qkv, mm_isa);
+    const at::Tensor o = rope_cache_attention(qkv, cos, sin, k_cache, v_cache, pos, heads, scale, isa);
+    return ember_kernels::ggml_mm(o, w_o, t_o, n_o, mm_isa);
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_decoder_layer(
+        const at::Tensor& x, const at::Tensor& pending, const at::Tensor& w1, double eps1, const at::Tensor& w_qkv,
+        int64_t t_qkv, int64_t n_qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+        int64_t pos, int64_t heads, double scale, const at::Tensor& w_o, int64_t t_o, int64_t n_o, const at::Tensor& w2,
+        double eps2, const at::Tensor& w_gu, int64_t t_gu, int64_t n_gu, const at::Tensor& w_down, int64_t t_down,
+        int64_t n_down, int64_t mm_isa, int64_t isa) {
+    const auto a = add_rms_norm(x, pending, w1, eps1, isa);
+    const at::Tensor h = quant_rope_cache_attention(std::get<1>(a), w_qkv, t_qkv, n_qkv, cos, sin, k_cache, v_cache, pos,
+                                                    heads, scale, w_o, t_o, n_o, mm_isa, isa);
+    const auto b = add_rms_norm(std::get<0>(a), h, w2, eps2, isa);
+    return {std::get<0>(b), quant_swiglu(std::get<1>(b), w_gu, t_gu, n_gu, w_down, t_down, n_down, mm_isa, isa)};
+}
+
 }  // namespace ember_ops
 
 TORCH_LIBRARY_FRAGMENT(ember, m) {
+    m.def("quant_decoder_layer(Tensor x, Tensor pending, Tensor w1, float eps1, Tensor w_qkv, int t_qkv, int n_qkv, "
+          "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale, Tensor w_o, "
+          "int t_o, int n_o, Tensor w2, float eps2, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, "
+          "int n_down, int mm_isa, int isa) -> (Tensor, Tensor)");
+    m.def("quant_swiglu(Tensor x, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, int n_down, int mm_isa, "
+          "int isa) -> Tensor");
+    m.def("quant_rope_cache_attention(Tensor x, Tensor w_qkv, int t_qkv, int n_qkv, Tensor cos, Tensor sin, "
+          "Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale, Tensor w_o, int t_o, int n_o, "
+          "int mm_isa, int isa) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps, int isa) -> Tensor");
     m.def("add_rms_norm(Tensor x, Tensor delta, Tensor weight, float eps, int isa) -> (Tensor, Tensor)");
     m.def("silu_mul(Tensor gu, Tensor? up, int isa) -> Tensor");
@@ -575,4 +632,7 @@ TORCH_LIBRARY_IMPL(ember, CPU, m) {
     m.impl("silu_mul", &ember_ops::silu_mul);
     m.impl("decode_attention", &ember_ops::decode_attention);
     m.impl("rope_cache_attention", &ember_ops::rope_cache_attention);
+    m.impl("quant_swiglu", &ember_ops::quant_swiglu);
+    m.impl("quant_rope_cache_attention", &ember_ops::quant_rope_cache_attention);
+    m.impl("quant_decoder_layer", &ember_ops::quant_decoder_layer);
 }
