@@ -119,6 +119,7 @@ class _Seq:
         self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos_ids)
         self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
         self.matcher = req.grammar.matcher() if req.grammar is not None else None
+        self.draft = None  # a speculative proposer's state for this sequence (speculative.py)
         self.gen = None
         if req.sampling.seed is not None and not req.sampling.greedy:
             self.gen = torch.Generator(device=device)
@@ -203,6 +204,7 @@ class Generator:
         self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
         self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
         self.prefix_cache = prefix_cache
+        self.speculator = None  # a speculative.Speculator: decode steps draft and verify several tokens
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -259,7 +261,7 @@ class Generator:
         new = self._admit(events)
         running = [s for s in self.slots if s is not None and s not in new]
         if running:
-            events += self._decode(running)
+            events += self._decode(running) if self.speculator is None else self.speculator.step(self, running)
         return events
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
@@ -461,15 +463,17 @@ class Generator:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         if all(s.req.sampling.greedy and not s.processed for s in seqs):
             return logits.argmax(dim=-1)
-        out = []
-        for i, s in enumerate(seqs):
-            row = logits[i : i + 1]
-            if s.seen is not None:
-                row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
-            if s.counts is not None:
-                sp = s.req.sampling
-                row = apply_penalties(row, s.counts[None], sp.presence_penalty, sp.frequency_penalty)
-            if s.bias is not None:
-                row = row + s.bias
-            out.append(sample(row, s.req.sampling, s.gen))
-        return torch.cat(out)
+        return torch.cat([sample(self._processed(s, logits[i : i + 1]), s.req.sampling, s.gen)
+                          for i, s in enumerate(seqs)])
+
+    def _processed(self, s: _Seq, row: torch.Tensor) -> torch.Tensor:
+        """A sequence's logits row [1, V] after its repetition, presence and frequency penalties and
+        logit bias."""
+        if s.seen is not None:
+            row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
+        if s.counts is not None:
+            sp = s.req.sampling
+            row = apply_penalties(row, s.counts[None], sp.presence_penalty, sp.frequency_penalty)
+        if s.bias is not None:
+            row = row + s.bias
+        return row
