@@ -98,10 +98,10 @@ def test_stops_and_limits_inside_an_accepted_run_match_plain_decoding(llm):
     toks = _tokens(plain)[0]
     text = "".join(t for _, t, _ in plain[0][0])
     stop = text[len(text) // 2: len(text) // 2 + 3]
-    cases = [dict(stop=[stop]), dict(stop_token_ids=[toks[13]]), dict(), dict(ignore_eos=True)]
+    cases = [dict(stop=[stop]), dict(stop_token_ids=[toks[13]]), dict(ignore_eos=True)]
     spec = Speculative(prompt_lookup_num_tokens=6)
     for kw in cases:
-        for n in (1, 2, 7, 40):
+        for n in (2, 7, 40):
             want, _ = _run(llm, [CODE, PROMPTS[2]], n, **kw)
             got, _ = _run(llm, [CODE, PROMPTS[2]], n, spec, **kw)
             assert [(_tokens([r])[0], "".join(t for _, t, _ in r[0]), r[1]) for r in got] == \
@@ -163,11 +163,11 @@ def test_rejection_rule_draws_from_the_target_distribution():
 def test_sampled_speculative_generation_is_reproducible_with_a_seed(llm, draft):
     for spec in (Speculative(prompt_lookup_num_tokens=4), Speculative(assistant_model=draft, num_assistant_tokens=3)):
         kw = dict(ignore_eos=True, temperature=0.8, top_k=50, seed=3)
-        a, stats = _run(llm, PROMPTS, 24, spec, **kw)
-        b, _ = _run(llm, PROMPTS, 24, spec, **kw)
-        assert _tokens(a) == _tokens(b) and all(len(t) == 24 for t in _tokens(a))
+        a, stats = _run(llm, PROMPTS[:2], 16, spec, **kw)
+        b, _ = _run(llm, PROMPTS[:2], 16, spec, **kw)
+        assert _tokens(a) == _tokens(b) and all(len(t) == 16 for t in _tokens(a))
         assert stats["drafted"] > 0
-        c, _ = _run(llm, PROMPTS, 24, spec, **{**kw, "seed": 4})
+        c, _ = _run(llm, PROMPTS[:2], 16, spec, **{**kw, "seed": 4})
         assert _tokens(c) != _tokens(a)
 
 
@@ -207,3 +207,64 @@ def test_enable_speculative_applies_to_every_generation(llm):
     finally:
         assert llm.enable_speculative() is None
     assert llm.generator(max_batch=2, max_len=64).speculator is None
+
+
+EDIT_CODE = '''def adults(users):
+    result = []
+    for user in users:
+        if user["age"] >= 18:
+            result.append(user)
+    return result
+
+
+def emails(users):
+    return [user["email"] for user in users]
+'''
+
+
+@pytest.mark.slow
+def test_real_smollm2_code_edit_identical_with_prompt_lookup(smollm2_hf):
+    """The real model (float32 weights) on a code-editing prompt: the reply copies the code, so most
+    drafts hold; the tokens are the plain decode's. (Not the Q4_1 GGUF kept packed: its int8
+    activation blocks turn the last-bit differences between a one-token and a five-token forward into
+    visibly different logits, see speculative.py.)"""
+    real = ember.load(smollm2_hf, dtype=torch.float32)
+    ids = real.tokenizer.encode_chat([{"role": "user", "content": "Rename `adults` to `grown_ups` in this code:\n\n"
+                                       "```python\n" + EDIT_CODE + "```"}], add_generation_prompt=True)
+    want, _ = _run(real, [ids], 64, temperature=0)
+    got, stats = _run(real, [ids], 64, Speculative(prompt_lookup_num_tokens=4), temperature=0)
+    assert _tokens(got) == _tokens(want)
+    assert "grown_ups" in "".join(t for _, t, _ in got[0][0])
+    assert stats["accepted"] / stats["drafted"] > 0.4 and stats["emitted"] > 2 * stats["steps"]
+
+
+def test_serve_flags_and_a_speculative_server_answer_as_plain_decoding(tiny_chat):
+    import argparse
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from ember.serve import create_app
+    from ember.serve.cli import _check_numbers, add_parser
+    from test_serve import running_server
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--prompt-lookup-num-tokens", "4"])
+    assert (args.prompt_lookup_num_tokens, args.assistant_model, args.num_assistant_tokens) == (4, None, 4)
+    _check_numbers(args)
+    for bad in (["--prompt-lookup-num-tokens", "0"], ["--prompt-lookup-num-tokens", "2", "--assistant-model", "m"],
+                ["--assistant-model", "m", "--num-assistant-tokens", "100"]):
+        with pytest.raises(SystemExit):
+            _check_numbers(parser.parse_args(["serve", *bad]))
+
+    own = ember.load(tiny_chat, device="cpu", dtype="float32")  # its own LLM: the speculative setting is per LLM
+    want = [own.generate(p, 12, ignore_eos=True) for p in PROMPTS[:2]]
+    own.enable_speculative(prompt_lookup_num_tokens=4)
+    app = create_app(own, model_name="tiny", max_batch=2)
+    assert app.state.scheduler.generator.speculator is not None
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as h:
+        for p, w in zip(PROMPTS[:2], want):
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0,
+                                                "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == w

@@ -18,6 +18,12 @@ draft d with probability min(1, p(d) / q(d)) and otherwise draws from max(0, p -
 accepted (or the one after the whole draft) comes from the model itself, so each step emits between
 1 and k + 1 tokens.
 
+"Token for token" holds as far as the model gives the same logits for a token whether it is decoded
+alone or verified among k + 1: true to rounding for float weights (a near-tie can still flip, as it
+can between batch sizes). GGUF weights kept packed (`backends/native.py`) quantise activations to
+int8 blocks, where a last-bit difference moves a rounding step, so their greedy text can part from
+plain decoding's after a while (llama.cpp's speculative decoding behaves the same).
+
 Nothing is rolled back in the cache: row r's token at position p lives in column p (kv_cache.py),
 so the keys of rejected tokens sit past the row's new length, hidden by the column <= position mask
 until the next tokens overwrite them. Sliding-window rings would lose the older tokens that the
