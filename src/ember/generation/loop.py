@@ -205,6 +205,9 @@ class Generator:
         self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
         self.prefix_cache = prefix_cache
         self.speculator = None  # a speculative.Speculator: decode steps draft and verify several tokens
+        self._paged = hasattr(self.cache, "reserve")  # nn/paged_cache.py: blocks follow the positions written
+        if self._paged and prefix_cache is not None:
+            raise GenerationError("the prefix cache does not work with a paged KV cache yet")
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -244,7 +247,17 @@ class Generator:
         self.waiting = deque(r for r in self.waiting if r.id != req_id)
         for i, s in enumerate(self.slots):
             if s is not None and s.req.id == req_id:
-                self.slots[i] = None
+                self._free(i)
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Make room for a slot's first `length` positions (a paged cache takes blocks; else nothing)."""
+        if self._paged:
+            self.cache.reserve(slot, length)
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        if self._paged:
+            self.cache.release(slot)  # its blocks go back to the pool
 
     @property
     def running(self) -> int:
@@ -284,7 +297,11 @@ class Generator:
             batch.append(seq)
         if not batch:
             return []
+        for s in batch:
+            self.reserve(s.slot, len(s.req.prompt_ids))
         pc = self.prefix_cache
+        if pc is not None and self._paged:
+            raise GenerationError("the prefix cache does not work with a paged KV cache yet")
         if pc is not None:
             for s in batch:
                 s.start = pc.restore(self.cache, s.slot, s.req.prompt_ids)
@@ -354,6 +371,8 @@ class Generator:
         return self._emit(alive, None, [toks[s.slot] for s in alive]) if alive else []
 
     def _decode(self, running: list[_Seq]) -> list[Event]:
+        for s in running:
+            self.reserve(s.slot, s.pos + 1)
         hi = max(s.slot for s in running) + 1
         # constrained rows need their logits on the host side of the mask: no engine-side argmax
         greedy = all(s.req.sampling.greedy and not s.processed and s.matcher is None for s in running)
@@ -456,7 +475,7 @@ class Generator:
                 if self.prefix_cache is not None:  # the row holds the first s.pos tokens (a pipelined step
                     # in flight may have fed the last one too)
                     self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
-                self.slots[s.slot] = None
+                self._free(s.slot)
             events.append(ev)
         return events
 

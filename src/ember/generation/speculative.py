@@ -334,6 +334,7 @@ class Speculator:
         ids = torch.zeros(hi, T, dtype=torch.long)
         pos = torch.full((hi, T), gen.max_len - 1, dtype=torch.long)  # padding and idle rows: the scratch column
         for s, d in zip(running, drafts):
+            gen.reserve(s.slot, s.pos + 1 + len(d))
             ids[s.slot, : 1 + len(d)] = torch.tensor([s.out[-1], *d])
             pos[s.slot, : 1 + len(d)] = torch.arange(s.pos, s.pos + 1 + len(d))
         kv_len = max(s.pos + len(d) for s, d in zip(running, drafts)) + 1
