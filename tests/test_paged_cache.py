@@ -90,3 +90,16 @@ def test_a_full_pool_is_a_clear_error(llm):
     gen = Generator(llm.model, llm.tokenizer, max_batch=1, cache=cache)
     with pytest.raises(GenerationError, match="paged KV cache is full"):
         list(gen.run([llm.request("The quick brown fox jumps over the lazy dog", 10, ignore_eos=True)]))
+
+
+def test_the_engine_over_a_paged_cache_matches_plain_decoding(llm):
+    """The static-shape decode step (what CUDA graphs capture; eager on CPU) over a paged cache, with
+    pipelined greedy steps, over three rows of different lengths."""
+    from ember.engine.graphs import StaticDecoder
+
+    prompts = ["The quick brown fox", "Héllo", "def add(a, b):"]
+    want = [llm.generate(p, 12, ignore_eos=True) for p in prompts]
+    fast = llm.with_engine(max_batch=4, max_len=96, cuda_graphs=True, kv_blocks=20, kv_block=8)
+    assert isinstance(fast.engine.decoder, StaticDecoder) and isinstance(fast.engine.cache, PagedKVCache)
+    assert fast.generate(prompts, 12, ignore_eos=True) == want
+    assert fast.engine.cache.used_blocks == 0
