@@ -103,3 +103,32 @@ def test_the_engine_over_a_paged_cache_matches_plain_decoding(llm):
     assert isinstance(fast.engine.decoder, StaticDecoder) and isinstance(fast.engine.cache, PagedKVCache)
     assert fast.generate(prompts, 12, ignore_eos=True) == want
     assert fast.engine.cache.used_blocks == 0
+
+
+def test_serve_options_paged_cache_and_a_named_assistant(tiny_chat):
+    """What `ember serve --kv-blocks 24 --assistant-model M` sets up (serve.server.prepare_llm): an
+    engine over a paged cache, the prefix cache off, the assistant loaded by name; the server's
+    generator decodes as plain generation does."""
+    import argparse
+
+    pytest.importorskip("fastapi")
+    from ember.serve import create_app
+    from ember.serve.cli import _check_numbers, add_parser
+    from ember.serve.server import prepare_llm
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--kv-blocks", "24"]).kv_blocks == 24
+    with pytest.raises(SystemExit):
+        _check_numbers(parser.parse_args(["serve", "--kv-blocks", "0"]))
+    own = ember.load(tiny_chat, device="cpu", dtype="float32")
+    want = own.generate("The quick brown fox", 10, ignore_eos=True)
+    opts = {"prefix_cache": None}
+    served = prepare_llm(own, 2, 64, kv_blocks=24, app_options=opts,
+                         speculative={"assistant_model": str(tiny_chat), "num_assistant_tokens": 3})
+    assert opts["prefix_cache"] == 0 and isinstance(served.engine.cache, PagedKVCache)
+    assert served.speculative.assistant_model.tokenizer is not None
+    app = create_app(served, model_name="tiny", max_batch=2, max_len=64, **opts)
+    gen = app.state.scheduler.generator
+    assert gen.cache is served.engine.cache and gen.speculator is not None and gen.prefix_cache is None
+    assert served.generate("The quick brown fox", 10, ignore_eos=True) == want

@@ -49,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="speculative decoding: a smaller model with the same tokenizer drafts the tokens")
     p.add_argument("--num-assistant-tokens", type=int, default=4, metavar="N",
                    help="tokens the assistant model drafts per step (default 4)")
+    p.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N blocks of 16 tokens shared by all requests (memory follows the tokens "
+                        "held, not --max-batch x --max-len; turns the prefix cache off)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
@@ -85,6 +88,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                     ("--num-assistant-tokens", args.num_assistant_tokens)):
         if v is not None and not 1 <= v <= 64:
             bad(flag, "in 1..64", v)
+    if args.kv_blocks is not None and not 1 <= args.kv_blocks <= 1 << 24:
+        bad("--kv-blocks", f"in 1..{1 << 24}", args.kv_blocks)
     if args.threads is not None and args.threads < 1:
         bad("--threads", "at least 1", args.threads)
 
@@ -118,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
           else None, max_waiting=args.max_waiting,
           speculative={"prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,
                        "assistant_model": args.assistant_model, "num_assistant_tokens": args.num_assistant_tokens},
+          kv_blocks=args.kv_blocks,
           prefix_cache=0 if args.no_prefix_cache else (int(args.prefix_cache_mb * (1 << 20)) if args.prefix_cache_mb
                                                         else None))
     return 0
