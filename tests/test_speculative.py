@@ -268,3 +268,16 @@ def test_serve_flags_and_a_speculative_server_answer_as_plain_decoding(tiny_chat
                                                 "ignore_eos": True})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == w
+
+
+def test_rows_under_a_grammar_decode_plainly_beside_drafting_rows(llm):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    reqs = [llm.request(CODE, 16, ignore_eos=True), llm.request(CODE, 16, json_schema=schema)]
+    want = [llm.generate(CODE, 16, ignore_eos=True), llm.generate(CODE, 16, json_schema=schema)]
+    gen = llm.generator(reqs, speculative=Speculative(prompt_lookup_num_tokens=4))
+    out = {r.id: "" for r in reqs}
+    for ev in gen.run(reqs):
+        out[ev.request.id] += ev.text
+    assert [out[r.id] for r in reqs] == want
+    assert gen.speculator.stats["drafted"] > 0
