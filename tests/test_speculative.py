@@ -183,18 +183,30 @@ def test_bad_speculative_arguments_are_refused(llm, tiny_chat, tmp_path):
     with pytest.raises(GenerationError, match="different tokenizer"):
         llm.generate(CODE, 4, assistant_model=ember.load(other, dtype=torch.float32))
     with pytest.raises(GenerationError, match="sliding-window"):
-        _ring_llm(tmp_path).generate([1, 2, 3], 4, prompt_lookup_num_tokens=2)
+        llm.generate(CODE, 4, assistant_model=_ring_llm(tmp_path, 4))
 
 
-def _ring_llm(tmp_path):
+def _ring_llm(tmp_path, window, layers=1):
     from transformers import MistralConfig
 
     from parity import save, tiny_hf_model
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, sliding_window=4, max_position_embeddings=64)
-    save(tiny_hf_model(cfg), tmp_path / "ring")
-    return ember.load(tmp_path / "ring", dtype=torch.float32)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=window,
+                        max_position_embeddings=128)
+    save(tiny_hf_model(cfg), tmp_path / f"ring{window}")
+    return ember.load(tmp_path / f"ring{window}", dtype=torch.float32)
+
+
+def test_sliding_window_rings_roll_back_rejected_drafts(tmp_path):
+    """A model whose layers keep a ring of their last 6 tokens, generating far past it: drafted tokens
+    overwrite ring columns, and those of rejected drafts are put back; the tokens equal plain decoding's."""
+    ring = _ring_llm(tmp_path, 6, layers=2)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2], [7, 8, 9, 7, 8, 9, 7]]
+    want, _ = _run(ring, prompts, 40, ignore_eos=True)
+    got, stats = _run(ring, prompts, 40, Speculative(prompt_lookup_num_tokens=8), ignore_eos=True)
+    assert _tokens(got) == _tokens(want)
+    assert 0 < stats["accepted"] < stats["drafted"]  # both kinds happened
 
 
 def test_enable_speculative_applies_to_every_generation(llm):

@@ -24,10 +24,12 @@ can between batch sizes). GGUF weights kept packed (`backends/native.py`) quanti
 int8 blocks, where a last-bit difference moves a rounding step, so their greedy text can part from
 plain decoding's after a while (llama.cpp's speculative decoding behaves the same).
 
-Nothing is rolled back in the cache: row r's token at position p lives in column p (kv_cache.py),
-so the keys of rejected tokens sit past the row's new length, hidden by the column <= position mask
-until the next tokens overwrite them. Sliding-window rings would lose the older tokens that the
-rejected ones overwrote, so models with ring layers are refused.
+Full-attention layers need no rollback: row r's token at position p lives in column p
+(kv_cache.py), so the keys of rejected tokens sit past the row's new length, hidden by the column <=
+position mask until the next tokens overwrite them. A sliding-window layer's ring holds only the last
+W positions, so a draft token written at p overwrote position p - W: `_RingUndo` keeps those columns
+and puts back the ones whose draft was rejected (drafts are kept shorter than the smallest window).
+A draft model with sliding-window layers is refused for now.
 """
 from __future__ import annotations
 
@@ -80,10 +82,6 @@ class Speculative:
     def build(self, gen: "Generator") -> "Speculator":
         """The speculator of this kind for a generator (checked against its model and cache)."""
         self.validate()
-        if getattr(gen.cache, "smallest_ring", None) is not None:
-            raise GenerationError("speculative decoding does not support models with sliding-window layers yet "
-                                  "(their cache keeps only the last window of tokens, which a rejected draft "
-                                  "would overwrite)")
         if self.assistant_model is None:
             proposer = PromptLookup(self.prompt_lookup_num_tokens, self.max_matching_ngram_size)
         else:
@@ -296,6 +294,31 @@ def accept_or_resample(p: torch.Tensor, draft: int, q: torch.Tensor | None, gene
     return int((residual / e).argmax()), False
 
 
+class _RingUndo:
+    """The ring columns a verify forward's draft tokens will overwrite in sliding-window layers, kept
+    so that `restore()` can put back those of rejected drafts (positions at or past a row's new
+    `pos`: the tokens the cache holds end before it)."""
+
+    def __init__(self, cache, running, drafts):
+        self.cache, self.saved = cache, []
+        layers = [i for i, w in enumerate(getattr(cache, "windows", ())) if w is not None]
+        for s, d in zip(running, drafts):
+            if not d or not layers:
+                continue
+            pos = torch.arange(s.pos + 1, s.pos + 1 + len(d), device=cache.device)
+            for i in layers:
+                cols = pos % cache.windows[i]
+                self.saved.append((i, s, pos, cols, cache.k[i][s.slot][:, cols].clone(),
+                                   cache.v[i][s.slot][:, cols].clone()))
+
+    def restore(self) -> None:
+        for i, s, pos, cols, k, v in self.saved:
+            bad = pos >= s.pos
+            if bool(bad.any()):
+                self.cache.k[i][s.slot][:, cols[bad]] = k[:, bad]
+                self.cache.v[i][s.slot][:, cols[bad]] = v[:, bad]
+
+
 class Speculator:
     """A generator's speculative step (see the module docstring); `stats` counts drafted and accepted
     tokens."""
@@ -317,15 +340,21 @@ class Speculator:
         if not running:
             return events
         # a draft must leave room for the token after it, within the request's limit (and so the cache)
-        budgets = [0 if s.matcher is not None else max(0, min(self.num_tokens, s.limit - len(s.out) - 1))
-                   for s in running]
+        k = self.num_tokens
+        ring = getattr(gen.cache, "smallest_ring", None)
+        if ring is not None:  # the drafted positions' ring columns must not collide (see _RingUndo)
+            k = min(k, ring - 1)
+        budgets = [0 if s.matcher is not None else max(0, min(k, s.limit - len(s.out) - 1)) for s in running]
         drafts, qs = self.proposer.propose(gen, running, budgets) if any(budgets) else ([[]] * len(running), None)
         if not any(drafts):
             return events + gen._decode(running)
+        undo = _RingUndo(gen.cache, running, drafts)
         logits = self._verify(gen, running, drafts)
         self.stats["steps"] += 1
         self.stats["drafted"] += sum(map(len, drafts))
-        return events + self._take(gen, running, drafts, qs, logits)
+        events += self._take(gen, running, drafts, qs, logits)
+        undo.restore()
+        return events
 
     def _verify(self, gen, running, drafts) -> torch.Tensor:
         """The model's logits [hi, T, vocab] over [last token, draft...] of every running row."""
