@@ -340,10 +340,7 @@ class Speculator:
         if not running:
             return events
         # a draft must leave room for the token after it, within the request's limit (and so the cache)
-        k = self.num_tokens
-        ring = getattr(gen.cache, "smallest_ring", None)
-        if ring is not None:  # the drafted positions' ring columns must not collide (see _RingUndo)
-            k = min(k, ring - 1)
+        k = self._longest(gen)
         budgets = [0 if s.matcher is not None else max(0, min(k, s.limit - len(s.out) - 1)) for s in running]
         drafts, qs = self.proposer.propose(gen, running, budgets) if any(budgets) else ([[]] * len(running), None)
         if not any(drafts):
@@ -356,16 +353,26 @@ class Speculator:
         undo.restore()
         return events
 
+    def _longest(self, gen) -> int:
+        """The most tokens a row drafts: num_tokens, and less than the smallest sliding window (the
+        drafted positions' ring columns must not collide, see _RingUndo, and a ring layer keeps only
+        the last window of a step's tokens)."""
+        ring = getattr(gen.cache, "smallest_ring", None)
+        return self.num_tokens if ring is None else min(self.num_tokens, ring - 1)
+
     def _verify(self, gen, running, drafts) -> torch.Tensor:
         """The model's logits [hi, T, vocab] over [last token, draft...] of every running row."""
         hi = max(s.slot for s in running) + 1
-        T = 1 + max(map(len, drafts))
+        static = getattr(gen.decode_step, "verify", None)  # the engine's: one captured shape per bucket
+        T = 1 + (self._longest(gen) if static is not None else max(map(len, drafts)))
         ids = torch.zeros(hi, T, dtype=torch.long)
         pos = torch.full((hi, T), gen.max_len - 1, dtype=torch.long)  # padding and idle rows: the scratch column
         for s, d in zip(running, drafts):
             gen.reserve(s.slot, s.pos + 1 + len(d))
             ids[s.slot, : 1 + len(d)] = torch.tensor([s.out[-1], *d])
             pos[s.slot, : 1 + len(d)] = torch.arange(s.pos, s.pos + 1 + len(d))
+        if static is not None:
+            return static(ids.to(gen.device), pos.to(gen.device))
         kv_len = max(s.pos + len(d) for s, d in zip(running, drafts)) + 1
         return gen.model(ids.to(gen.device), position_ids=pos.to(gen.device), cache=gen.cache, kv_len=kv_len,
                          cache_rows=slice(0, hi))
