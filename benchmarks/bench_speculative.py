@@ -1,13 +1,15 @@
 """Speculative decoding against plain decoding, in the same run: a code-editing chat prompt (the reply
-copies most of the code it is given), greedy, plain first, then prompt lookup (n-gram drafting)
+copies the code it is given, or not: the small model often explains instead) and the same edit
+as a completion whose continuation is the code, greedy, plain first, then prompt lookup (n-gram drafting)
 and, with --assistant, a draft model. Prints tokens/s, the acceptance rate (accepted / drafted
 tokens), tokens per verifying forward, the speed-up over plain decoding, and whether the text is
 the same (it must be: greedy speculative decoding is exact).
 
-    PYTHONPATH=src python benchmarks/bench_speculative.py [--model PATH] [--tokens 128] [--num-tokens 4]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_speculative.py [--model PATH] [--tokens 128] [--num-tokens 4]
         [--assistant PATH] [--device cpu] [--engine]
 
-Defaults to SmolLM2-135M-Instruct as float32 safetensors (the tests' conversion of the Q4_1 GGUF;
+On a shared CPU keep OMP_NUM_THREADS=1 (spinning threads of an oversubscribed pool slow both
+sides tenfold). Defaults to SmolLM2-135M-Instruct as float32 safetensors (the tests' conversion of the Q4_1 GGUF;
 the GGUF kept packed works too, but its int8 activation blocks can make the greedy text part, see
 generation/speculative.py). Issue 22's bar (on a GPU): prompt lookup
 >= 1.5x plain decoding, same text.
@@ -44,11 +46,18 @@ def emails(users):
 TASK = "Rename the function `adults` to `grown_ups` everywhere in this code and give back the whole file:\n\n"
 
 
-def run(llm, tokens: int, speculative=None):
+def prompts(llm) -> dict:
+    """The edit as a chat request (how much the reply copies is up to the model), and as a completion
+    whose continuation is the edited code itself."""
+    return {"chat": llm.tokenizer.encode_chat([{"role": "user", "content": TASK + "```python\n" + CODE + "```"}],
+                                              add_generation_prompt=True),
+            "completion": "```python\n" + CODE + "```\n\nThe same code, with `adults` renamed to `grown_ups`:\n\n"
+                          "```python\n"}
+
+
+def run(llm, prompt, tokens: int, speculative=None):
     """(text, decode tokens/s, the speculator's stats) of one greedy generation."""
-    ids = llm.tokenizer.encode_chat([{"role": "user", "content": TASK + "```python\n" + CODE + "```"}],
-                                    add_generation_prompt=True)
-    req = llm.request(ids, tokens, temperature=0)
+    req = llm.request(prompt, tokens, temperature=0)
     gen = llm.generator([req], speculative=speculative)
     out, t0, n = [], None, 0
     for ev in gen.run([req]):
@@ -89,16 +98,17 @@ def main():
         draft = ember.load(args.assistant, device=llm.device, dtype=llm.dtype)
         runs.append((f"assistant k={args.num_tokens}", Speculative(assistant_model=draft,
                                                                   num_assistant_tokens=args.num_tokens)))
-    run(llm, 8)  # warm-up
-    base_text = base_tps = None
-    print(f"{'':24} {'tok/s':>8} {'accept':>7} {'tok/fwd':>8} {'speed-up':>9}  same text")
-    for name, spec in runs:
-        text, tps, stats = run(llm, args.tokens, spec)
-        if base_text is None:
-            base_text, base_tps = text, tps
-        acc = f"{stats['accepted'] / max(stats['drafted'], 1):.2f}" if stats else "-"
-        per = f"{stats['emitted'] / max(stats['steps'], 1):.2f}" if stats else "1.00"
-        print(f"{name:24} {tps:8.1f} {acc:>7} {per:>8} {tps / base_tps:8.2f}x  {text == base_text}")
+    print(f"{'':36} {'tok/s':>8} {'accept':>7} {'tok/fwd':>8} {'speed-up':>9}  same text")
+    for kind, prompt in prompts(llm).items():
+        run(llm, prompt, 8)  # warm-up
+        base_text = base_tps = None
+        for name, spec in runs:
+            text, tps, stats = run(llm, prompt, args.tokens, spec)
+            if base_text is None:
+                base_text, base_tps = text, tps
+            acc = f"{stats['accepted'] / max(stats['drafted'], 1):.2f}" if stats else "-"
+            per = f"{stats['emitted'] / max(stats['steps'], 1):.2f}" if stats else "1.00"
+            print(f"{kind + ': ' + name:36} {tps:8.1f} {acc:>7} {per:>8} {tps / base_tps:8.2f}x  {text == base_text}")
     print("(tok/fwd: tokens emitted per verifying forward, over the steps that drafted anything)")
 
 
