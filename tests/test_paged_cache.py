@@ -132,3 +132,5 @@ def test_serve_options_paged_cache_and_a_named_assistant(tiny_chat):
     gen = app.state.scheduler.generator
     assert gen.cache is served.engine.cache and gen.speculator is not None and gen.prefix_cache is None
     assert served.generate("The quick brown fox", 10, ignore_eos=True) == want
+    # create_app on its own (no prepare_llm) leaves the prefix cache off over a paged cache too
+    assert create_app(served, model_name="tiny", max_batch=2, max_len=64).state.scheduler.generator.prefix_cache is None
