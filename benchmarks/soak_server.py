@@ -32,7 +32,11 @@ by a timeout).
     python benchmarks/soak_server.py --model default --clients 16 --duration 60 --agent-rate 0.3
 
 With the tiny model the server also gets a tiny random BERT (tests/tinyencoders.py) as its embedding
-model (`--no-embeddings` to leave it out; with --url, --embedding-model-name names the server's).
+model (`--no-embeddings` to leave it out; with --url, --embedding-model-name names the server's) and a
+tiny random Whisper (5 s windows, made here with transformers) on /v1/audio/transcriptions
+(`--no-transcriptions` to leave it out; with --url, --transcription-model-name names the server's):
+good uploads (1-12 s WAVs in every response_format) must be answered 200, bad audio (corrupt,
+empty, a header claiming more than the server's hour) with a 4xx.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ import bench_server  # noqa: E402
 from bench_server import TOPICS, resolve_model  # noqa: E402
 
 CHAT, COMP, EMB = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+ASR = "/v1/audio/transcriptions"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +70,58 @@ def tiny_embedding_model() -> str:
     return str(tinyencoders.add_sentence_transformers(d, normalize=True))
 
 
+def tiny_whisper_model() -> str:
+    """A tiny random Whisper folder (5 s windows, all 251 timestamp tokens, a word-level tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    d = Path(tempfile.mkdtemp(prefix="ember-soak-whisper-")) / "tiny-whisper"
+    cfg = WhisperConfig(vocab_size=358, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                        max_source_positions=250, max_target_positions=64, decoder_start_token_id=101,
+                        eos_token_id=100, pad_token_id=100, bos_token_id=100)
+    torch.manual_seed(0)
+    hf = WhisperForConditionalGeneration(cfg).eval()
+    hf.generation_config = GenerationConfig(
+        decoder_start_token_id=101, eos_token_id=100, pad_token_id=100, bos_token_id=100, no_timestamps_token_id=106,
+        is_multilingual=True, lang_to_id={"<|en|>": 102, "<|de|>": 103}, task_to_id={"translate": 104, "transcribe": 105},
+        max_initial_timestamp_index=50, max_length=64)
+    hf.save_pretrained(d)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=5).save_pretrained(d)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens(["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>",
+                           "<|transcribe|>", "<|notimestamps|>"] + [f"<|{i * 0.02:.2f}|>" for i in range(251)])
+    tk.save(str(d / "tokenizer.json"))
+    return str(d)
+
+
+def wav_bytes(samples, rate: int = 16000) -> bytes:
+    import io
+    import wave
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def multipart(fields: dict, audio: bytes, filename: str = "a.wav") -> tuple[bytes, str]:
+    """(body, content-type) of a multipart/form-data upload."""
+    boundary = "ember-soak-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                 f"Content-Type: audio/wav\r\n\r\n".encode() + audio + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def start_server(model: str, args, log: Path):
     """bench_server's launcher, with this run's body limit, read timeout and embedding model passed on."""
     popen = bench_server.subprocess.Popen
@@ -73,6 +130,8 @@ def start_server(model: str, args, log: Path):
         extra = ["--max-body-mb", str(args.max_body_mb), "--read-timeout", str(args.read_timeout)]
         if args.embedding_model_name:
             extra += ["--embedding-model", args.embedding_model_name]
+        if args.transcription_model_name:
+            extra += ["--transcription-model", args.transcription_model_name]
         return popen([*cmd, *extra], *a, **kw)
 
     bench_server.subprocess.Popen = with_body_limit
@@ -83,13 +142,25 @@ def start_server(model: str, args, log: Path):
 
 
 def bad_requests(model: str, max_body: int, embedding_model: str | None = None,
-                 max_batch: int = 8) -> list[tuple[str, str, bytes]]:
-    """(name, path, raw body): requests that must be refused with a 4xx (the last one is the big body)."""
+                 max_batch: int = 8, transcription_model: str | None = None) -> list[tuple]:
+    """(name, path, raw body[, content type]): requests that must be refused with a 4xx (the last one is
+    the big body)."""
     ok = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     emb = []
     if embedding_model:
         emb = [("surrogate-embed", EMB, b'{"model": %s, "input": ["ok", "a\\ud800b"]}' % json.dumps(embedding_model).encode()),
                ("embed-too-many", EMB, json.dumps({"model": embedding_model, "input": ["a"] * 2049}).encode())]
+
+    if transcription_model:
+        import numpy as np
+
+        f = {"model": transcription_model}
+        emb += [("audio-corrupt", ASR, *multipart(f, b"RIFF\x10\x00\x00\x00WAVEjunk" * 8)),
+                ("audio-empty", ASR, *multipart(f, b"")),
+                ("audio-noise", ASR, *multipart(f, bytes(range(256)) * 64)),
+                ("audio-claims-hours", ASR, *multipart(f, wav_bytes(np.zeros(4000, np.float32), rate=1))),
+                ("audio-bad-format", ASR, *multipart({**f, "response_format": "docx"}, wav_bytes(np.zeros(800)))),
+                ("audio-as-json", ASR, json.dumps(f).encode())]
 
     def j(obj) -> bytes:
         return json.dumps(obj).encode()
@@ -375,11 +446,11 @@ async def agent_request(http: httpx.AsyncClient, rng: random.Random, args, st: "
 
 async def bad_request(http: httpx.AsyncClient, rng: random.Random, bads, st: Stats) -> None:
     # the oversized body is rare (it sends 8+ MiB over loopback)
-    name, path, raw = rng.choice(bads[:-1]) if rng.random() > 0.05 else bads[-1]
+    name, path, raw, *ctype = rng.choice(bads[:-1]) if rng.random() > 0.05 else bads[-1]
     st.bad += 1
     kind = st.bad_by_kind.setdefault(name, {})
     try:
-        r = await http.post(path, content=raw, headers={"content-type": "application/json"})
+        r = await http.post(path, content=raw, headers={"content-type": ctype[0] if ctype else "application/json"})
         kind[r.status_code] = kind.get(r.status_code, 0) + 1
         err = r.json().get("error") if 400 <= r.status_code < 500 else None
         if not isinstance(err, dict) or set(err) != {"message", "type", "param", "code"}:
@@ -475,6 +546,26 @@ async def good_embedding(http: httpx.AsyncClient, rng: random.Random, args, st: 
         st.error(f"embeddings {type(e).__name__}: {e}")
 
 
+async def good_transcription(http: httpx.AsyncClient, rng: random.Random, args, st: Stats) -> None:
+    import numpy as np
+
+    seconds = rng.uniform(1, 12)
+    t = np.arange(int(seconds * 16000)) / 16000
+    x = 0.3 * np.sin(2 * np.pi * rng.uniform(150, 900) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 1.3 * t))
+    fmt = rng.choice(["json", "text", "verbose_json", "srt", "vtt"])
+    body, ctype = multipart({"model": args.transcription_model_name, "response_format": fmt,
+                             "language": rng.choice(["en", "de"])}, wav_bytes(x))
+    try:
+        r = await http.post(ASR, content=body, headers={"content-type": ctype})
+        ok = r.status_code == 200 and (fmt not in ("json", "verbose_json") or "text" in r.json())
+        if not ok:
+            st.error(f"transcription {r.status_code} {r.text[:200]}")
+        else:
+            st.good += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        st.error(f"transcription {type(e).__name__}: {e}")
+
+
 async def client(cid: int, url: str, args, deadline: float, bads, st: Stats) -> None:
     rng = random.Random(args.seed * 1000 + cid)
     timeout = httpx.Timeout(args.request_timeout, connect=30)
@@ -487,6 +578,8 @@ async def client(cid: int, url: str, args, deadline: float, bads, st: Stats) -> 
                 await hostile_request(http, url, rng, args, st)
             elif args.embedding_model_name and x < args.bad_rate + args.hostile_rate + 0.05:
                 await good_embedding(http, rng, args, st)
+            elif args.transcription_model_name and x < args.bad_rate + args.hostile_rate + 0.08:
+                await good_transcription(http, rng, args, st)
             elif rng.random() < args.agent_rate:
                 await agent_request(http, rng, args, st)
             else:
@@ -562,7 +655,8 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 async def run(url: str, pid: int | None, args) -> dict:
-    bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20), args.embedding_model_name, args.max_batch)
+    bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20), args.embedding_model_name, args.max_batch,
+                        args.transcription_model_name)
     st = Stats()
     samples: list = []
     t0 = time.monotonic()
@@ -622,6 +716,9 @@ def main() -> int:
     ap.add_argument("--read-timeout", type=float, default=5.0, help="the server's --read-timeout (slowloris bound)")
     ap.add_argument("--embedding-model-name", default=None, help="with --url: the server's embedding model, if any")
     ap.add_argument("--no-embeddings", action="store_true", help="start the server without an embedding model")
+    ap.add_argument("--transcription-model-name", default=None,
+                    help="with --url: the server's speech-to-text model, if any")
+    ap.add_argument("--no-transcriptions", action="store_true", help="start the server without a Whisper model")
     ap.add_argument("--agent-rate", type=float, default=0.3,
                     help="share of good requests that are agent traffic (forced tool calls, json_schema; with the "
                          "tiny model json_schema only); 0: none")
@@ -649,6 +746,8 @@ def main() -> int:
         model = resolve_model(args.model)
         if not args.no_embeddings and args.model == "tiny":
             args.embedding_model_name = tiny_embedding_model()
+        if not args.no_transcriptions and args.model == "tiny":
+            args.transcription_model_name = tiny_whisper_model()
         proc, url = start_server(model, args, log)
         pid = proc.pid
         args.model_name = "bench"

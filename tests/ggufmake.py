@@ -150,7 +150,7 @@ def tokenizer_meta(pre: str = "qwen2") -> dict:
 # ---- transformers model -> GGUF, as convert_hf_to_gguf.py writes it -----------------------------
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
              "gemma3_text": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "mixtral": "llama", "qwen2_moe": "qwen2moe",
-             "qwen3_moe": "qwen3moe"}
+             "qwen3_moe": "qwen3moe", "llama4_text": "llama4", "phimoe": "phimoe"}
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -190,6 +190,15 @@ def hf_metadata(cfg, arch: str) -> dict:
             m[f"{arch}.expert_feed_forward_length"] = c.moe_intermediate_size
         if getattr(c, "shared_expert_intermediate_size", None):
             m[f"{arch}.expert_shared_feed_forward_length"] = c.shared_expert_intermediate_size
+    if arch == "phimoe":  # as the phi3 converter writes it (0: no sliding window)
+        m["phimoe.rope.dimension_count"] = head_dim
+        m["phimoe.attention.sliding_window"] = c.sliding_window or 0
+    if arch == "llama4":  # the dense layers' width; the experts' (intermediate_size) is the expert width
+        m["llama4.feed_forward_length"] = c.intermediate_size_mlp
+        m["llama4.expert_feed_forward_length"] = c.intermediate_size
+        m["llama4.interleave_moe_layer_step"] = c.interleave_moe_layer_step
+        m["llama4.rope.dimension_count"] = head_dim
+        m["llama4.vocab_size"] = c.vocab_size
     if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3"):
         m[f"{arch}.attention.key_length"] = head_dim
         m[f"{arch}.attention.value_length"] = head_dim
@@ -210,7 +219,13 @@ def _split_fused_experts(sd: dict):
     `mlp.experts.down_proj`) as the converter splits them: stacked `experts.gate_proj.weight`,
     `experts.up_proj.weight`, `experts.down_proj.weight`."""
     for name, t in sd.items():
-        if name.endswith("experts.gate_up_proj"):
+        if name.endswith("feed_forward.experts.gate_up_proj"):  # Llama 4: [E, H, 2F] and [E, F, H]
+            gate, up = t.chunk(2, dim=-1)
+            yield name.replace("gate_up_proj", "gate_proj.weight"), gate.transpose(1, 2)
+            yield name.replace("gate_up_proj", "up_proj.weight"), up.transpose(1, 2)
+        elif name.endswith("feed_forward.experts.down_proj"):
+            yield name + ".weight", t.transpose(1, 2)
+        elif name.endswith("experts.gate_up_proj"):
             gate, up = t.chunk(2, dim=-2)
             yield name.replace("gate_up_proj", "gate_proj.weight"), gate
             yield name.replace("gate_up_proj", "up_proj.weight"), up

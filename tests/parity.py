@@ -118,14 +118,17 @@ def assert_varied(tokens: list[int], prompt) -> None:
 
 def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int = 24, gen: int = 32,
                  prompts=((5, 6, 7, 8, 9, 10, 11), (12, 13, 14)), padding_invariant: bool = True,
-                 require_varied: bool = True):
+                 require_varied: bool = True, reference_left_padding: bool = True):
     """The standard checks: logits on a plain, a left-padded and a right-padded batch; greedy
     continuations (varied ones) equal to transformers' generate.
 
     padding_invariant=False for rope types whose frequencies depend on the batch's longest
     sequence (dynamic, longrope): a padded row then legitimately differs from the row alone.
     require_varied=False for a shape whose random greedy text loops whatever the init (another shape
-    of the family must then check varied continuations)."""
+    of the family must then check varied continuations).
+    reference_left_padding=False where the reference's left-padded rows are not its rows alone (Llama 4's
+    temperature tuning counts cache slots, padding included): left-padded rows are then checked
+    against the rows alone only."""
     import ember
 
     llm = ember.load(folder, dtype=torch.float32, device="cpu")
@@ -142,7 +145,7 @@ def check_parity(hf_model, folder, vocab: int, *, atol: float = 1e-4, seq: int =
             ref = hf_model(ids, attention_mask=mask, position_ids=pos).logits
             got = llm.model(ids, attention_mask=mask)
             d = max_diff_masked(ref, got, mask)
-            assert d <= atol, f"{side}-padded logits differ by {d}"
+            assert d <= atol or (side == "left" and not reference_left_padding), f"{side}-padded logits differ by {d}"
             if padding_invariant:  # a padded row must equal the same sequence unpadded
                 for i in range(1, len(pads)):
                     real = mask[i].bool()

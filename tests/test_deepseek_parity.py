@@ -89,3 +89,50 @@ def test_deepseek_config_rejects_impossible_values(bad, match):
     raw = {"model_type": "deepseek_v3", **BASE, **bad}
     with pytest.raises(ConfigError, match=match):
         lookup(raw).parse_config(raw)
+
+
+def test_mla_decode_absorbs_kv_b_and_matches_the_expanded_path(tmp_path, monkeypatch):
+    """Decode steps attend in the latent space (kv_b_proj absorbed into the query and the output), a
+    long prefill expands the latents; both agree with transformers' uncached forward chunk by chunk,
+    and with each other when the choice is forced, for V3 (low-rank q, interleaved rotary) and V2."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    import ember
+    from ember.models import deepseek
+
+    calls = []  # the query length of each absorbed attention
+    real, choose = deepseek.Attention._absorbed, deepseek.Attention.absorbs
+    monkeypatch.setattr(deepseek.Attention, "_absorbed", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    chunks = (8, 1, 1, 2, 1, 1)  # a prefill, then decode steps (one of two tokens)
+    ids = torch.randint(0, 256, (2, sum(chunks)), generator=torch.Generator().manual_seed(4))
+    for cfg in (DeepseekV3Config(**{**BASE, **V3["q_lora_8experts_4groups_interleaved"]}),
+                DeepseekV2Config(**{**BASE, **V2["greedy_lite"]})):
+        hf = tiny_hf_model(cfg)
+        llm = ember.load(save(hf, tmp_path / cfg.model_type), dtype=torch.float32, device="cpu")
+        att = llm.model.model.layers[0].self_attn
+        assert att.absorbs(1, 8) and att.absorbs(1, 4096) and not att.absorbs(512, 512)
+
+        def chunked():
+            out, cache, t = [], llm.model.new_cache(2, 32), 0
+            for n in chunks:
+                pos = torch.arange(t, t + n).expand(2, n)
+                out.append(llm.model(ids[:, t:t + n], position_ids=pos, cache=cache, kv_len=t + n))
+                t += n
+            return torch.cat(out, dim=1)
+
+        with torch.no_grad():
+            full = hf(ids).logits
+            calls.clear()
+            auto = chunked()
+            # the 8-token prefill expanded the latents, every decode step absorbed kv_b_proj
+            assert sorted(calls) == sorted(list(chunks[1:]) * cfg.num_hidden_layers)
+            assert (auto - full).abs().max().item() <= 1e-4
+            monkeypatch.setattr(deepseek.Attention, "absorbs", lambda self, T, S: True)
+            absorbed = chunked()
+            monkeypatch.setattr(deepseek.Attention, "absorbs", lambda self, T, S: False)
+            expanded = chunked()
+            monkeypatch.setattr(deepseek.Attention, "absorbs", choose)
+        assert (absorbed - expanded).abs().max().item() <= 1e-4
+        assert (absorbed - full).abs().max().item() <= 1e-4
+        # the cache per token and layer: the latent and the shared rotary key, nothing per head
+        assert llm.model.kv_bytes_per_token(torch.float32) == cfg.num_hidden_layers * (16 + 8) * 4

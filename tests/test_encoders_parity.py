@@ -199,3 +199,61 @@ def test_bert_tf_era_gamma_beta_names(tmp_path):
     assert any(k.endswith("LayerNorm.gamma") for k in renamed)
     save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     check_encoder(hf, str(tmp_path), pad_id=0)
+
+
+AVX2_CAPS = {"EMBER_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def prepacked_float32_parity(folder: str) -> None:
+    """The float32 encoder's default CPU path (oneDNN-prepacked Linears, bias + GELU + residual add
+    fused into the matmuls, SDPA attention) against the plain F.linear path and transformers."""
+    import transformers
+
+    import ember
+    from ember.backends import onednn
+
+    assert onednn.can_prepack(torch.float32)  # x86 torch builds ship oneDNN
+    fast = ember.load(folder, dtype=torch.float32, device="cpu")
+    plain = ember.load(folder, dtype=torch.float32, device="cpu", prepack=False)
+    assert "prepack-f32" in fast._loaded.transforms and "prepack-f32" not in plain._loaded.transforms
+    layer = fast.model.layers[0]
+    assert all(isinstance(getattr(layer, n), onednn.PrepackedLinear) for n in ("o", "up", "down"))
+    assert layer.up.attr == "gelu" and layer.o.attr == "none"  # GELU fused; o and down add the residual
+    assert not any(isinstance(m, onednn.PrepackedLinear) for m in plain.model.modules())
+    ref_model = transformers.AutoModel.from_pretrained(folder).float().eval()
+    ids, mask = _batch(0, lengths=(23, 11, 3))
+    with torch.no_grad():
+        a, b = fast.model(ids, mask), plain.model(ids, mask)
+        ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        x, r = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+        lin = layer.o
+        want = torch.nn.functional.linear(x, lin.prepacked.to_dense(), lin.bias) + r
+        assert (lin.linear_add(x, r) - want).abs().max().item() < 1e-5
+        r2 = torch.randn(3, 5, 96)
+        assert torch.allclose(layer.up.linear_add(x, r2), layer.up(x) + r2)  # a fused GELU comes first
+    m = mask.bool()
+    assert (a[m] - b[m]).abs().max().item() < 1e-5, (a[m] - b[m]).abs().max().item()
+    assert (a[m] - ref[m]).abs().max().item() < 1e-4, (a[m] - ref[m]).abs().max().item()
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_float32_prepacked_path_matches_plain_and_transformers(tmp_path, isa):
+    """The default CPU float32 path against prepack=False and transformers, on this CPU's own ISA and
+    (in a subprocess, every library capped: oneDNN, MKL, ATen, ember) on AVX2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf = _hf(_bert_cfg(num_hidden_layers=2), "BertModel")
+    folder = save(hf, tmp_path)
+    if isa == "native":
+        prepacked_float32_parity(folder)
+        return
+    tests = str(Path(__file__).parent)
+    code = (f"import sys; sys.path[:0] = [{tests!r}]; import test_encoders_parity as t; "
+            f"t.prepacked_float32_parity({str(folder)!r}); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **AVX2_CAPS}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

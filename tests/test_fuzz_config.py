@@ -51,6 +51,22 @@ FAMILIES = {
     "starcoder2": ("Starcoder2Config", dict(TINY, sliding_window=8)),
     "olmo2": ("Olmo2Config", dict(TINY)),
     "granite": ("GraniteConfig", dict(TINY, embedding_multiplier=2.0, attention_multiplier=0.5)),
+    "mamba": ("MambaConfig", dict(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, bos_token_id=None,
+                                  eos_token_id=None, pad_token_id=None)),
+    "mamba2": ("Mamba2Config", dict(vocab_size=64, hidden_size=32, num_heads=4, head_dim=16, state_size=4, n_groups=2,
+                                    num_hidden_layers=2, chunk_size=4, bos_token_id=None, eos_token_id=None,
+                                    pad_token_id=None)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(TINY, layer_types=["mamba", "attention"], num_local_experts=4,
+                                                        num_experts_per_tok=2, shared_intermediate_size=16,
+                                                        mamba_n_heads=4, mamba_d_state=4, mamba_chunk_size=4)),
+    "lfm2": ("Lfm2Config", dict(TINY, layer_types=["conv", "full_attention"], block_multiple_of=16)),
+    "llama4_text": ("Llama4TextConfig", dict(TINY, head_dim=8, intermediate_size_mlp=64, num_local_experts=4,
+                                             interleave_moe_layer_step=2, attention_chunk_size=4, floor_scale=4)),
+    "gemma4_text": ("Gemma4TextConfig", dict(TINY, head_dim=8, global_head_dim=16, sliding_window=4,
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+                                             num_kv_shared_layers=1, enable_moe_block=True, num_experts=4,
+                                             top_k_experts=2, moe_intermediate_size=16, num_hidden_layers=3,
+                                             layer_types=["sliding_attention", "full_attention", "full_attention"])),
 }
 # Encoders (ember.load gives an Embedder): transformers model class, config class, config; the vocabulary
 # is the tiny WordPiece tokenizer's (tests/tinyencoders.py), whose files are copied beside the weights.

@@ -194,3 +194,12 @@ def test_decoder_cache_grows_as_tokens_arrive():
     small = Seq2SeqCache(1, 1, 1, 1, 5)
     with pytest.raises(ValueError):
         small.update(0, torch.zeros(1, 1, 6, 1), torch.zeros(1, 1, 6, 1))
+
+
+def test_load_task_names_t5s_kind(tmp_path):
+    import ember
+
+    _tiny(tmp_path, **CASES[next(iter(CASES))])
+    assert isinstance(ember.load(tmp_path, task="text2text", dtype=torch.float32), ember.Seq2SeqLM)
+    with pytest.raises(ember.ArgumentError, match="task='text2text'"):
+        ember.load(tmp_path, task="generate", dtype=torch.float32)

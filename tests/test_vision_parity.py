@@ -90,8 +90,10 @@ def _check(hf, proc, folder, pad_to_max: bool):
     import ember
     from ember.vision_embeddings import ImageTextEmbedder
 
-    enc = ember.load(folder, dtype=torch.float32, device="cpu")
+    enc = ember.load(folder, dtype=torch.float32, device="cpu", task="image-text")
     assert isinstance(enc, ImageTextEmbedder)
+    with pytest.raises(ember.ArgumentError, match="task='image-text'"):
+        ember.load(folder, dtype=torch.float32, device="cpu", task="generate")
     images = _images()
     px = enc.pixel_values(images)
     ref_px = proc(images, return_tensors="pt")["pixel_values"]

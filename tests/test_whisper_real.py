@@ -87,3 +87,34 @@ def test_greedy_tokens_match_transformers(folder, source, request):
     assert want[:len(prompt)] == prompt
     want = want[len(prompt):]
     assert asr.transcribe_ids(x, max_tokens=40) == [want[:want.index(50256) + 1] if 50256 in want else want]
+
+
+def test_real_speech_timestamps_and_long_form_match_transformers(folder, speech):
+    """tiny.en on espeak-ng speech repeated past 30 s (with silence between): the segments of
+    transformers' long-form generate (return_timestamps), and the words."""
+    import numpy as np
+
+    import ember
+    from ember.audio import load_audio
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    asr = ember.load(folder, dtype=torch.float32, device="cpu")
+    hf = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(folder)
+    x = load_audio(speech)
+    gap = np.zeros(16000 * 4, np.float32)
+    long = np.concatenate([x, gap, x, gap, x, gap, x, gap, x])
+    assert len(long) > 16000 * 30
+    for audio in (long,):
+        f = fe(audio, sampling_rate=16000, truncation=len(audio) <= 480000, padding="longest" if len(audio) > 480000
+               else "max_length", return_attention_mask=True, return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(f["input_features"], attention_mask=f["attention_mask"], return_timestamps=True,
+                              return_segments=True)
+        want = [(float(s["start"]), float(s["end"]), s["tokens"].tolist()) for s in out["segments"][0]]
+        got = asr.transcription(audio, timestamps=True)
+        assert [s.tokens for s in got.segments] == [w[2] for w in want]
+        assert np.allclose([(s.start, s.end) for s in got.segments], [w[:2] for w in want])
+        for w in ("hello", "world", "speech"):
+            assert w in _words(got.text), got.text
+    assert got.segments[-1].end > 30.0 and got.text.lower().count("hello") >= 4

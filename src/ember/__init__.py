@@ -8,7 +8,7 @@ Heavy modules (torch, the models, tokenizers) load on first use, so `import embe
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ArgumentError,
@@ -20,6 +20,7 @@ from .errors import (
     EmbeddingError,
     GenerationError,
     GrammarError,
+    ImageError,
     ModelNotFoundError,
     ShapeMismatchError,
     TemplateError,
@@ -34,6 +35,9 @@ _LAZY = {
     "load": ("ember.api", "load"),
     "LLM": ("ember.api", "LLM"),
     "Embedder": ("ember.embeddings", "Embedder"),
+    "Seq2SeqLM": ("ember.seq2seq", "Seq2SeqLM"),
+    "Transcriber": ("ember.speech", "Transcriber"),
+    "ImageTextEmbedder": ("ember.vision_embeddings", "ImageTextEmbedder"),
     "VarBuilder": ("ember.varbuilder", "VarBuilder"),
     "Tokenizer": ("ember.tokenizer", "Tokenizer"),
     "hub": ("ember.hub", None),
@@ -46,11 +50,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import hub, models, nn, registry  # noqa: F401
     from .api import LLM, load  # noqa: F401
     from .embeddings import Embedder  # noqa: F401
+    from .seq2seq import Seq2SeqLM  # noqa: F401
+    from .speech import Transcriber  # noqa: F401
     from .tokenizer import Tokenizer  # noqa: F401
     from .varbuilder import VarBuilder  # noqa: F401
+    from .vision_embeddings import ImageTextEmbedder  # noqa: F401
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
@@ -62,14 +69,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ember' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_LAZY))
 
 
 __all__ = [
-    "load", "LLM", "Embedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
+    "load", "LLM", "Embedder", "Seq2SeqLM", "Transcriber", "ImageTextEmbedder", "VarBuilder", "Tokenizer", "hub", "registry", "EmberError", "CheckpointError",
     "TensorNotFoundError", "ShapeMismatchError", "ConfigError", "UnsupportedModelError", "ModelNotFoundError",
     "TokenizerError", "TemplateError", "GenerationError", "GrammarError", "EmbeddingError", "ArgumentError",
     "AudioError",
+    "ImageError",
     "DistributedError",
 ]

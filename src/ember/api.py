@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence, overload
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union, cast, overload
 
 import torch
 
@@ -14,7 +14,18 @@ from .generation.sampling import SamplingParams
 from .loading import Loaded, eos_ids, load_snapshot
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterable
+
+    from .generation.speculative import Speculative
+
     from .embeddings import Embedder
+    from .engine import Engine
+    from .generation.grammar import Grammar
+    from .generation.prefix_cache import PrefixCache
+    from .tokenizer import Tokenizer
+    from .seq2seq import Seq2SeqLM
+    from .speech import Transcriber
+    from .vision_embeddings import ImageTextEmbedder
 
 
 # ember.load's options beyond its named arguments, passed on to the loading pipeline
@@ -22,7 +33,8 @@ LOAD_OPTIONS = {
     "keep_quantized": "GGUF and quantised HF checkpoints: keep quantised weights as blocks / packed (True), "
                       "dequantise at load (False), or decide (None)",
     "fuse": "causal LMs: fuse q/k/v and gate/up projections at load (default True)",
-    "prepack": "CPU bf16: oneDNN-prepacked weights (default on where the CPU has native bf16)",
+    "prepack": "CPU: oneDNN-prepacked weights (bf16: default on where the CPU has native bf16; float32 "
+               "encoders: default on)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
     "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
           "already set up; default 1)",
@@ -31,33 +43,51 @@ LOAD_OPTIONS = {
 RENAMED_OPTIONS = {"packed": "keep_quantized"}
 
 
-TASKS = ("generate", "embed")
+# what `load(task=...)` may ask for, and the class each returns
+TASKS = {"generate": "LLM", "embed": "Embedder", "text2text": "Seq2SeqLM", "transcribe": "Transcriber",
+         "image-text": "ImageTextEmbedder"}
+# what load returns when task is None
+Model = Union["LLM", "Embedder", "Seq2SeqLM", "Transcriber", "ImageTextEmbedder"]
+ModelPath = Union[str, "os.PathLike[str]"]
+DType = Union["torch.dtype", str, None]
+Device = Union[str, "torch.device", int, None]
 
 
 @overload
-def load(model: str | os.PathLike, *, task: Literal["generate"], dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
-         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False, **model_kw) -> "LLM": ...
+def load(model: ModelPath, *, task: Literal["generate"], dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> LLM: ...
 @overload
-def load(model: str | os.PathLike, *, task: Literal["embed"], dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
-         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
-         **model_kw) -> "Embedder": ...
+def load(model: ModelPath, *, task: Literal["embed"], dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> Embedder: ...
 @overload
-def load(model: str | os.PathLike, *, task: None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
-         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
-         **model_kw) -> "LLM | Embedder": ...
-def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtype | str | None = None,
-         device: str | torch.device | None = None, revision: str | None = None, token: str | bool | None = None,
-         gguf_file: str | None = None, engine: bool | None = None, compile: bool | str = False,
-         **model_kw) -> "LLM | Embedder":
+def load(model: ModelPath, *, task: Literal["text2text"], dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> Seq2SeqLM: ...
+@overload
+def load(model: ModelPath, *, task: Literal["transcribe"], dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> Transcriber: ...
+@overload
+def load(model: ModelPath, *, task: Literal["image-text"], dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> ImageTextEmbedder: ...
+@overload
+def load(model: ModelPath, *, task: None = None, dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> Model: ...
+def load(model: ModelPath, *, task: str | None = None, dtype: DType = None, device: Device = None,
+         revision: str | None = None, token: str | bool | None = None, gguf_file: str | None = None,
+         engine: bool | None = None, compile: bool | str = False, **model_kw: Any) -> Model:
     """Load a model by Hub id, local folder, .safetensors/.gguf file, or short name (`smollm2`, `minilm`).
 
     dtype/device default to bf16 on CUDA and, on CPU, the checkpoint's dtype (f32 where this CPU is
-    slow at 16-bit floats). Returns an `LLM` for causal LMs and an `Embedder` for encoders.
-    task: "generate" or "embed" says which you expect (and types the result); a model of the other
-    kind is an ArgumentError. engine: the fast decode engine (CUDA graphs); None = on for CUDA.
+    slow at 16-bit floats). Returns an `LLM` for causal LMs, an `Embedder` for text embedding models,
+    a `Seq2SeqLM` for T5, a `Transcriber` for Whisper and an `ImageTextEmbedder` for CLIP/SigLIP.
+    task: "generate", "embed", "text2text", "transcribe" or "image-text" says which you expect (and
+    types the result for type checkers); a model of another kind is an ArgumentError.
+    engine: the fast decode engine (CUDA graphs); None = on for CUDA.
     compile: torch.compile the engine's decode step as well (minutes of compiling, faster decoding).
     """
     from . import hub
@@ -84,32 +114,24 @@ def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtyp
     if compile:
         model_kw.setdefault("prepack", False)  # Inductor (freezing) prepacks the weights itself
     loaded = load_snapshot(snap, dtype, device, **model_kw)
-    if loaded.entry.task == "image-text":  # CLIP, SigLIP
+    kind = _task_of(loaded)
+    if task is not None and task != kind:
+        raise ArgumentError(f"{model}: task={task!r}, but this model is for task={kind!r} ({TASKS[kind]}, "
+                            f"model type {loaded.entry.model_type})")
+    if kind == "image-text":
         from .vision_embeddings import ImageTextEmbedder
 
         return ImageTextEmbedder(loaded)
-    # encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...) and decoders
-    # turned bidirectional (EmbeddingGemma) embed
-    bidirectional = bool(getattr(loaded.model, "bidirectional", False))
-    embeds = loaded.entry.task == "encoder" or snap.file("modules.json") is not None or bidirectional
-    if task is not None and (task == "embed") != embeds:
-        kind = "an embedding model" if embeds else "a causal language model"
-        raise ArgumentError(f"{model}: task={task!r}, but this is {kind} ({loaded.entry.model_type})")
-    if embeds:
+    if kind == "embed":
         from .embeddings import Embedder
 
         return Embedder(loaded)
-    if loaded.entry.task == "speech-seq2seq":  # Whisper
+    if kind == "transcribe":
         from .speech import Transcriber
 
         return Transcriber(loaded)
-    if loaded.entry.task == "seq2seq":  # T5
+    if kind == "text2text":
         from .seq2seq import Seq2SeqLM
-
-        if loaded.model.decoder is None:  # an encoder-only checkpoint (T5EncoderModel) embeds
-            from .embeddings import Embedder
-
-            return Embedder(loaded)
 
         return Seq2SeqLM(loaded)
     llm = LLM(loaded)
@@ -118,14 +140,31 @@ def load(model: str | os.PathLike, *, task: str | None = None, dtype: torch.dtyp
     return llm
 
 
+def _task_of(loaded: Loaded) -> str:
+    """The `load(task=...)` a loaded checkpoint answers: its registry entry's task, except that
+    encoders, causal LMs packaged as sentence-transformers models (Qwen3-Embedding ...), decoders
+    turned bidirectional (EmbeddingGemma) and encoder-only T5 checkpoints (T5EncoderModel) embed."""
+    task = loaded.entry.task
+    if task == "image-text":  # CLIP, SigLIP
+        return task
+    if task == "speech-seq2seq":  # Whisper
+        return "transcribe"
+    if task == "seq2seq":  # T5
+        return "text2text" if getattr(loaded.model, "decoder", None) is not None else "embed"
+    if (task == "encoder" or loaded.snapshot.file("modules.json") is not None
+            or getattr(loaded.model, "bidirectional", False)):
+        return "embed"
+    return "generate"
+
+
 # speculative decoding (generation/speculative.py), transformers' names
 SPECULATIVE_OPTIONS = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens")
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-                   "json_schema", "response_format", "grammar")
+                   "json_schema", "response_format", "grammar", "image_embeds")
 
 
-def _unknown_options(unknown, known) -> str:
+def _unknown_options(unknown: "Iterable[str]", known: Sequence[str]) -> str:
     import difflib
 
     parts = []
@@ -140,7 +179,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "f32": torch.float32, "fp32": torch.fl
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
+def _parse_dtype(dtype: object) -> torch.dtype | None:
     """None, a floating torch.dtype ember computes in, or one of its names ("float32", "bf16" ...)."""
     if dtype is None:
         return None
@@ -157,7 +196,7 @@ def _parse_dtype(dtype) -> torch.dtype | None:
                         f"got {type(dtype).__name__} ({dtype!r:.40})")
 
 
-def _parse_device(device) -> torch.device | None:
+def _parse_device(device: object) -> torch.device | None:
     """None, or a device that exists here: cpu, cuda / cuda:N (CUDA available, N in range), mps."""
     if device is None:
         return None
@@ -184,7 +223,7 @@ def _parse_device(device) -> torch.device | None:
     return d
 
 
-def _token_keys(bias):
+def _token_keys(bias: object) -> object:
     """logit_bias with its keys as ints (JSON gives them as strings); anything else is left to validate()."""
     if isinstance(bias, dict):
         out = {}
@@ -196,7 +235,8 @@ def _token_keys(bias):
     return bias
 
 
-def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) -> tuple[tuple, tuple]:
+def _check_request_args(max_tokens: object, stop: object, stop_token_ids: object, ignore_eos: object,
+                        logprobs: object) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """Type checks of a request's arguments, before anything uses them; (stop, stop_token_ids) as tuples.
     Messages start with the argument's name (the server reports it as the error's `param`)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
@@ -226,7 +266,7 @@ def _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs) 
 class LLM:
     """A loaded causal language model with its tokenizer."""
 
-    def __init__(self, loaded: Loaded, engine=None):
+    def __init__(self, loaded: Loaded, engine: "Engine | None" = None) -> None:
         """engine: an `ember.engine.Engine` over this model that generation runs through (see
         `with_engine`); None: the plain generator, sized per call."""
         self._loaded = loaded
@@ -247,10 +287,13 @@ class LLM:
         # defaults for the sampling arguments a call omits: the model's generation_config.json (the
         # server uses the same), else greedy
         self.sampling_defaults = sampling_defaults(self.generation_config)
-        self.prefix_cache = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
-        self.speculative = None  # the speculative decoding every generator of this LLM does (enable_speculative)
+        self.prefix_cache: PrefixCache | None = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
+        # image+text models (models/multimodal.py) with their vision tower: chat takes images
+        self.takes_images = getattr(self.model, "vision_tower", None) is not None and hasattr(self.model, "encode_images")
+        self._image_processor: Any = None
+        self.speculative: Speculative | None = None  # what every generator of this LLM does (enable_speculative)
 
-    def with_engine(self, **options) -> "LLM":
+    def with_engine(self, **options: Any) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
         cuda_graphs, compile, buckets): a persistent cache and the static decode step."""
         from .engine import Engine
@@ -262,7 +305,7 @@ class LLM:
                 f"dtype={self.dtype}, device={self.device})")
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _need_tokenizer(self):
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer; pass token ids to the model directly")
         return self.tokenizer
@@ -279,8 +322,9 @@ class LLM:
                 repetition_penalty: float | None = None, seed: int | None = None,
                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                 logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                logit_bias: dict[int, float] | None = None, json_schema=None, response_format: dict | None = None,
-                grammar=None, **unknown) -> Request:
+                logit_bias: dict[int, float] | None = None, json_schema: dict | str | bool | None = None,
+                response_format: dict | None = None, grammar: "str | Grammar | None" = None,
+                image_embeds: torch.Tensor | None = None, **unknown: Any) -> Request:
         """A generation request (what generate/stream build; the server makes its own). A sampling
         argument left out (None) takes the model's generation_config.json value, else greedy decoding's.
 
@@ -294,7 +338,7 @@ class LLM:
         grammar = self.grammar(json_schema=json_schema, response_format=response_format, grammar=grammar)
         d = self.sampling_defaults
 
-        def pick(value, key, fallback):
+        def pick(value: Any, key: str, fallback: Any) -> Any:
             return value if value is not None else d.get(key, fallback)
 
         sampling = SamplingParams(temperature=pick(temperature, "temperature", 0.0), top_k=pick(top_k, "top_k", 0),
@@ -302,10 +346,82 @@ class LLM:
                                   repetition_penalty=pick(repetition_penalty, "repetition_penalty", 1.0),
                                   seed=seed, presence_penalty=presence_penalty or 0.0,
                                   frequency_penalty=frequency_penalty or 0.0,
-                                  logit_bias=_token_keys(logit_bias)).validate()
-        return Request(self.encode(prompt), max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar)
+                                  logit_bias=cast("dict[int, float] | None", _token_keys(logit_bias))).validate()
+        ids = self.encode(prompt)
+        if image_embeds is not None:
+            self._check_image_embeds(ids, image_embeds)
+        return Request(ids, max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar,
+                       image_embeds=image_embeds)
 
-    def grammar(self, *, json_schema=None, response_format: dict | None = None, grammar=None):
+    # ---- images (image+text models) -------------------------------------------------------------
+    def _check_image_embeds(self, ids: list[int], embeds: Any) -> None:
+        if not self.takes_images:
+            raise GenerationError(f"image_embeds: this model ({self._loaded.entry.model_type}) takes text only")
+        if self.tp is not None:  # the other ranks would need the features too
+            raise GenerationError("images with tensor parallelism (tp > 1) are not supported yet; load with tp=1")
+        m: Any = self.model  # an ImageTextLM (models/multimodal.py)
+        want = (sum(t == m.image_token_id for t in ids), m.config.hidden_size)
+        if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != want:
+            got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise GenerationError(f"image_embeds must be a tensor of {list(want)} (one row per image token of the "
+                                  f"prompt, as encode_images gives them flattened), got {got}")
+
+    @property
+    def image_processor(self) -> Any:
+        """The model's image processor (ember.images.ImageProcessor: transformers' pixels), from the
+        checkpoint's preprocessor_config.json over the family's defaults."""
+        if not self.takes_images:
+            raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only, not images")
+        if self._image_processor is None:
+            from .images import ImageProcessor
+            from .errors import ImageError
+
+            path = self._loaded.snapshot.file("preprocessor_config.json")
+            if path is not None:
+                from .config import load_json
+
+                d = load_json(path)
+                for key in ("do_pad", "do_pan_and_scan"):
+                    if d.get(key):
+                        raise ImageError(f"{path}: {key}=true is not supported by ember's image processor")
+            model: Any = self.model
+            self._image_processor = ImageProcessor.from_file(path, model.processor_defaults())
+        return self._image_processor
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images (PIL images, paths, encoded bytes) → their features in the decoder's space
+        [N, tokens_per_image, hidden]: the processor, the vision tower and the projector, once each."""
+        pixels = self.image_processor(list(images))
+        model: Any = self.model
+        return model.encode_images(pixels.to(self.device))
+
+    def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, allow_local_images: bool = True,
+                    allow_remote_images: bool = False,
+                    **template_kwargs: Any) -> tuple[str, list[int], torch.Tensor | None]:
+        """(prompt text, token ids, image features or None) of a chat: the template applied and, for an
+        image+text model, each image's placeholder expanded to its tokens and the images encoded
+        (image parts: ember.image_chat)."""
+        from . import image_chat
+
+        tok = self._need_tokenizer()
+        images: list = []
+        if image_chat.has_images(messages):
+            if not self.takes_images:
+                raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only; image content "
+                                      f"parts need an image+text model (llava, gemma3)")
+            messages, images = image_chat.split_images(messages, allow_local=allow_local_images,
+                                                       allow_remote=allow_remote_images)
+        prompt = tok.apply_chat_template(messages, True, tools=tools, **template_kwargs)
+        embeds = None
+        if images:
+            model: Any = self.model
+            prompt = image_chat.expand(prompt, len(images), *model.image_text(tok))
+            embeds = self.encode_images(images).flatten(0, 1)
+        return prompt, tok.encode(prompt, add_special_tokens=False), embeds
+
+    def grammar(self, *, json_schema: dict | str | bool | None = None, response_format: dict | None = None,
+                grammar: "str | Grammar | None" = None) -> "Grammar | None":
         """The compiled grammar (ember.generation.grammar.Grammar) of at most one of the three ways to
         ask for structured output (see `request`); None when none is given."""
         from .generation import grammar as g
@@ -325,11 +441,11 @@ class LLM:
         elif json_schema is not None:
             spec, what = g.json_schema_grammar(json_schema), "the JSON schema"
         else:
-            spec, what = g.lark_grammar(grammar), "the grammar"
+            spec, what = g.lark_grammar(cast(str, grammar)), "the grammar"
         return g.Grammar(spec, self._need_tokenizer(), self.config.vocab_size, self.eos_token_ids, what)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
-                  max_len: int | None = None, speculative=None) -> Generator:
+                  max_len: int | None = None, speculative: Speculative | None = None) -> Generator:
         """A Generator for `requests` (sized for the longest) or for `max_batch` rows of `max_len`
         tokens: the engine's when this LLM has one, else a plain one. speculative: a
         `generation.speculative.Speculative` (default: this LLM's, see `enable_speculative`)."""
@@ -352,7 +468,7 @@ class LLM:
         return gen
 
     def enable_speculative(self, *, prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 3,
-                           assistant_model=None, num_assistant_tokens: int = 4):
+                           assistant_model: Any = None, num_assistant_tokens: int = 4) -> Speculative | None:
         """Speculative decoding for every generation of this LLM (the server's too); the same options
         as generate's (see `generate`). With neither prompt_lookup_num_tokens nor assistant_model it
         is turned off. Returns the `Speculative` settings (or None)."""
@@ -365,7 +481,7 @@ class LLM:
                                        num_assistant_tokens).validate()
         return self.speculative
 
-    def _speculative(self, kw: dict):
+    def _speculative(self, kw: dict) -> Speculative | None:
         """The speculative options popped from a call's keywords, as a `Speculative` (None: none given)."""
         given = {k: kw.pop(k) for k in SPECULATIVE_OPTIONS if k in kw}
         if not given or (given.get("prompt_lookup_num_tokens") is None and given.get("assistant_model") is None):
@@ -374,7 +490,7 @@ class LLM:
 
         return Speculative(**given).validate()
 
-    def enable_prefix_cache(self, max_bytes: int | None = None, *, block: int | None = None):
+    def enable_prefix_cache(self, max_bytes: int | None = None, *, block: int | None = None) -> PrefixCache | None:
         """Reuse the keys and values of earlier prompts and replies (generation/prefix_cache.py): a
         prompt that begins with tokens an earlier call already ran (a chat's earlier turns, a shared
         system prompt) prefills only the rest. max_bytes: the cache's memory (default 1 GiB, on the
@@ -389,7 +505,7 @@ class LLM:
         self.prefix_cache = PrefixCache(self.model, max_bytes or (1 << 30), block=block or BLOCK)
         return self.prefix_cache
 
-    def events(self, requests: Sequence[Request], speculative=None) -> Iterator[Event]:
+    def events(self, requests: Sequence[Request], speculative: Speculative | None = None) -> Iterator[Event]:
         """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).
         Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids).
         speculative: a `generation.speculative.Speculative` (default: this LLM's)."""
@@ -404,17 +520,21 @@ class LLM:
     # ---- public -------------------------------------------------------------------------------
     @overload
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[False] = False,
-                 **kw) -> str: ...
+                 **kw: Any) -> str: ...
     @overload
     def generate(self, prompt: list[str] | list[list[int]], max_tokens: int = 256, *,
-                 details: Literal[False] = False, **kw) -> list[str]: ...
+                 details: Literal[False] = False, **kw: Any) -> list[str]: ...
     @overload
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[True],
-                 **kw) -> Completion: ...
+                 **kw: Any) -> Completion: ...
     @overload
     def generate(self, prompt: list[str] | list[list[int]], max_tokens: int = 256, *, details: Literal[True],
-                 **kw) -> list[Completion]: ...
-    def generate(self, prompt, max_tokens: int = 256, *, details: bool = False, **kw):
+                 **kw: Any) -> list[Completion]: ...
+    @overload
+    def generate(self, prompt: str | Sequence[int] | list[str] | list[list[int]], max_tokens: int = 256, *,
+                 details: bool, **kw: Any) -> str | list[str] | Completion | list[Completion]: ...
+    def generate(self, prompt: str | Sequence[int] | list[str] | list[list[int]], max_tokens: int = 256, *,
+                 details: bool = False, **kw: Any) -> str | list[str] | Completion | list[Completion]:
         """The generated text (a list for a list of prompts, generated as one batch).
 
         Sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`; those left
@@ -435,22 +555,27 @@ class LLM:
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise GenerationError("no prompts given")
         speculative = self._speculative(kw)
-        reqs = [self.request(p, max_tokens, **kw) for p in prompts]
+        reqs = [self.request(cast("str | Sequence[int]", p), max_tokens, **kw) for p in prompts]
         runs = {r.id: Collector(r) for r in reqs}
         for ev in self.events(reqs, speculative):
             runs[ev.request.id].add(ev)
-        out = [runs[r.id].completion() for r in reqs]
+        done = [runs[r.id].completion() for r in reqs]
         if not details:
-            out = [c.text for c in out]
-        return out if batched else out[0]
+            texts = [c.text for c in done]
+            return texts if batched else texts[0]
+        return done if batched else done[0]
 
     @overload
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[False] = False,
-               **kw) -> Iterator[str]: ...
+               **kw: Any) -> Iterator[str]: ...
     @overload
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: Literal[True],
-               **kw) -> Iterator[Chunk]: ...
-    def stream(self, prompt, max_tokens: int = 256, *, details: bool = False, **kw):
+               **kw: Any) -> Iterator[Chunk]: ...
+    @overload
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: bool,
+               **kw: Any) -> Iterator[str] | Iterator[Chunk]: ...
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 256, *, details: bool = False,
+               **kw: Any) -> Iterator[str] | Iterator[Chunk]:
         """Text pieces as they are generated (never a split multi-byte character); the options of
         `generate`. details=True yields a `Chunk` per token (text, id, logprobs), the last one with the
         finish reason and the whole `Completion`."""
@@ -460,30 +585,61 @@ class LLM:
         req = self.request(prompt, max_tokens, **kw)
         return self._chunks(req, speculative) if details else self._pieces(req, speculative)
 
-    def _pieces(self, req: Request, speculative=None) -> Iterator[str]:
+    def _pieces(self, req: Request, speculative: Speculative | None = None) -> Iterator[str]:
         for ev in self.events([req], speculative):
             if ev.text:
                 yield ev.text
 
-    def _chunks(self, req: Request, speculative=None) -> Iterator[Chunk]:
+    def _chunks(self, req: Request, speculative: Speculative | None = None) -> Iterator[Chunk]:
         run = Collector(req)
         for ev in self.events([req], speculative):
             yield run.add(ev)
 
-    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False, tools=None,
-             chat_template_kwargs: dict | None = None, details: bool = False, **kw):
+    @overload
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: Literal[False] = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             details: Literal[False] = False, **kw: Any) -> str: ...
+    @overload
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: Literal[False] = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None, details: Literal[True],
+             **kw: Any) -> Completion: ...
+    @overload
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: Literal[True],
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             details: Literal[False] = False, **kw: Any) -> Iterator[str]: ...
+    @overload
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: Literal[True],
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None, details: Literal[True],
+             **kw: Any) -> Iterator[Chunk]: ...
+    @overload
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None, details: bool = False,
+             **kw: Any) -> str | Completion | Iterator[str] | Iterator[Chunk]: ...
+    def chat(self, messages: list[dict], max_tokens: int = 256, *, stream: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None, details: bool = False,
+             allow_remote_images: bool = False, **kw: Any) -> str | Completion | Iterator[str] | Iterator[Chunk]:
         """Apply the chat template and generate the assistant's reply: a str, pieces with stream=True;
-        with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`)."""
+        with details=True a `Completion`, or `Chunk`s when streaming (see `generate`, `stream`).
+
+        Image+text models (llava, gemma3) take images as content parts, OpenAI's
+        `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` (a data: URL, a
+        file path or file: URL; http(s) URLs only with allow_remote_images=True) or
+        `{"type": "image", "image": <PIL image | path | bytes>}`; see ember.image_chat."""
         if not isinstance(stream, bool):
             raise GenerationError(f"stream must be True or False, got {stream!r:.60}")
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise GenerationError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
-        ids = self._need_tokenizer().encode_chat(messages, add_generation_prompt=True, tools=tools,
-                                                 **(chat_template_kwargs or {}))
+        if not isinstance(allow_remote_images, bool):
+            raise GenerationError(f"allow_remote_images must be True or False, got {allow_remote_images!r:.60}")
+        _, ids, embeds = self.chat_prompt(messages, tools=tools, allow_remote_images=allow_remote_images,
+                                          **(chat_template_kwargs or {}))
+        if embeds is not None:
+            kw["image_embeds"] = embeds
         if stream:
             return self.stream(ids, max_tokens, details=details, **kw)
-        return self.generate(ids, max_tokens, details=details, **kw)
+        return cast("str | Completion", self.generate(ids, max_tokens, details=details, **kw))
 
-    def __call__(self, prompt, max_tokens: int = 256, **kw):
+    def __call__(self, prompt: str | Sequence[int] | list[str] | list[list[int]], max_tokens: int = 256,
+                 **kw: Any) -> str | list[str] | Completion | list[Completion]:
         """`generate`."""
         return self.generate(prompt, max_tokens, **kw)

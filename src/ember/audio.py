@@ -31,32 +31,55 @@ MAX_FILE_BYTES = 1 << 30
 MAX_SECONDS = 4 * 3600  # 4 hours: 921.6 M samples at 16 kHz would be 3.7 GB as float32
 
 
-def _check_frames(frames: int, rate: int, where: str) -> None:
-    if rate <= 0:
-        raise AudioError(f"{where}: sample rate {rate} is not positive")
+MAX_RATE = 384000  # Hz; past any real recording
+BLOCK = 1 << 20  # frames read at a time: memory follows the samples a file holds, not the count it claims
+
+
+def _check_frames(frames: int, rate: int, where: str, max_seconds: float = MAX_SECONDS) -> None:
+    if not 0 < rate <= MAX_RATE:
+        raise AudioError(f"{where}: sample rate {rate} Hz is not one ember reads (1..{MAX_RATE})")
     if frames <= 0:
         raise AudioError(f"{where}: the audio has no samples")
-    if frames / rate > MAX_SECONDS:
-        raise AudioError(f"{where}: {frames / rate:,.0f} s of audio, more than the {MAX_SECONDS:,} s ember reads")
+    if frames / rate > max_seconds:
+        raise AudioError(f"{where}: {frames / rate:,.0f} s of audio, more than the {max_seconds:,.0f} s ember reads")
 
 
-def _read_wave(path: Path, where: str) -> tuple[np.ndarray, int]:
+def _blocks(read, frames: int, where: str) -> np.ndarray:
+    """[n, channels] float32 from `read(k)` calls of at most BLOCK frames, up to `frames` (the count
+    the header claims, already bounded) or the end of the data, whichever comes first."""
+    parts, got = [], 0
+    while got < frames:
+        a = read(min(BLOCK, frames - got))
+        if a.shape[0] == 0:
+            break
+        parts.append(a)
+        got += a.shape[0]
+    if not got:
+        raise AudioError(f"{where}: the audio has no samples")
+    return np.concatenate(parts)
+
+
+def _read_wave(src, where: str, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:
     import wave
 
     try:
-        with wave.open(str(path), "rb") as w:
+        with wave.open(src if not isinstance(src, Path) else str(src), "rb") as w:
             ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            _check_frames(n, rate, where)
+            _check_frames(n, rate, where, max_seconds)
             if ch < 1 or width not in (1, 2, 4):
                 raise AudioError(f"{where}: {ch} channels of {8 * width}-bit samples; ember reads 8/16/32-bit PCM WAV "
                                  f"(install soundfile for other formats)")
-            raw = w.readframes(n)
+            dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+
+            def read(k: int) -> np.ndarray:
+                raw = w.readframes(k)
+                return np.frombuffer(raw[: len(raw) - len(raw) % (width * ch)], dtype=dtype).reshape(-1, ch)
+
+            a = _blocks(read, n, where).astype(np.float32)
     except AudioError:
         raise
-    except (wave.Error, EOFError, OSError) as e:
+    except (wave.Error, EOFError, OSError, ValueError) as e:
         raise AudioError(f"{where}: not a readable WAV file ({str(e)[:200]}); install soundfile for FLAC/MP3/OGG") from None
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    a = np.frombuffer(raw[: len(raw) - len(raw) % (width * ch)], dtype=dtype).reshape(-1, ch).astype(np.float32)
     if width == 1:
         a = (a - 128.0) / 128.0
     else:
@@ -64,18 +87,19 @@ def _read_wave(path: Path, where: str) -> tuple[np.ndarray, int]:
     return a.mean(axis=1), rate
 
 
-def _read_soundfile(path: Path, where: str) -> tuple[np.ndarray, int]:
+def _read_soundfile(src, where: str, max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:
     import soundfile
 
     try:
-        with soundfile.SoundFile(str(path)) as f:
-            _check_frames(f.frames, f.samplerate, where)
-            a = f.read(dtype="float32", always_2d=True)
+        with soundfile.SoundFile(src if not isinstance(src, Path) else str(src)) as f:
             rate = f.samplerate
+            _check_frames(f.frames, rate, where, max_seconds)
+            a = _blocks(lambda k: f.read(k, dtype="float32", always_2d=True), f.frames, where)
     except AudioError:
         raise
-    except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise AudioError(f"{where}: not a readable audio file ({str(e)[:200]})") from None
+    except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+        why = getattr(e, "error_string", None) or str(e)  # (libsndfile's, without the file object's repr)
+        raise AudioError(f"{where}: not a readable audio file ({why[:200]})") from None
     return a.mean(axis=1), rate
 
 
@@ -94,13 +118,31 @@ def resample(a: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     return resample_poly(a, target // g, rate // g).astype(np.float32)
 
 
-def load_audio(item: Any, where: str = "audio") -> np.ndarray:
-    """Mono float32 samples at 16 kHz from a path, or from a 1-D array already at 16 kHz."""
+def _reader():
+    try:
+        importlib.import_module("soundfile")
+        return _read_soundfile
+    except (ImportError, OSError):  # not installed, or libsndfile missing
+        return _read_wave
+
+
+def load_audio(item: Any, where: str = "audio", max_seconds: float = MAX_SECONDS) -> np.ndarray:
+    """Mono float32 samples at 16 kHz from a path, the bytes of an audio file, or a 1-D array
+    already at 16 kHz. Longer than `max_seconds` is an AudioError."""
     if isinstance(item, np.ndarray) or type(item).__name__ == "Tensor":
         a = np.asarray(item, dtype=np.float32)
         if a.ndim != 1:
             raise AudioError(f"{where}: expected mono samples (a 1-D array at {SAMPLE_RATE} Hz), got shape {a.shape}")
-        _check_frames(a.shape[0], SAMPLE_RATE, where)
+        _check_frames(a.shape[0], SAMPLE_RATE, where, max_seconds)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        import io
+
+        if len(item) > MAX_FILE_BYTES:
+            raise AudioError(f"{where}: {len(item):,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+        if not len(item):
+            raise AudioError(f"{where}: the file is empty")
+        a, rate = _reader()(io.BytesIO(bytes(item)), where, max_seconds)
+        a = resample(a, rate)
     elif isinstance(item, (str, os.PathLike)):
         path = Path(item)
         where = f"{where} ({str(path)[:200]})"
@@ -112,15 +154,11 @@ def load_audio(item: Any, where: str = "audio") -> np.ndarray:
             raise AudioError(f"{where}: not a file")
         if size > MAX_FILE_BYTES:
             raise AudioError(f"{where}: {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
-        try:
-            importlib.import_module("soundfile")
-            reader = _read_soundfile
-        except (ImportError, OSError):  # not installed, or libsndfile missing
-            reader = _read_wave
-        a, rate = reader(path, where)
+        a, rate = _reader()(path, where, max_seconds)
         a = resample(a, rate)
     else:
-        raise AudioError(f"{where}: expected a file path or a 1-D array of samples, got {type(item).__name__}")
+        raise AudioError(f"{where}: expected a file path, the bytes of a file or a 1-D array of samples, "
+                         f"got {type(item).__name__}")
     if not np.isfinite(a).all():
         raise AudioError(f"{where}: the samples contain NaN or infinity")
     return np.ascontiguousarray(a, dtype=np.float32)
@@ -205,22 +243,47 @@ class LogMel:
     def __call__(self, samples: np.ndarray):
         """[feature_size, frames] float32 torch tensor of one window: `samples` zero-padded or cut to
         chunk_length seconds (transformers' padding="max_length", truncation=True)."""
-        import torch
-
         x = np.zeros(self.n_samples, dtype=np.float32)
         n = min(len(samples), self.n_samples)
         x[:n] = samples[:n]
-        w = torch.from_numpy(x)
-        stft = torch.stft(w, self.n_fft, self.hop_length, window=torch.hann_window(self.n_fft), return_complex=True)
-        mag = (stft[..., :-1].abs() ** 2).contiguous()
-        mel = torch.from_numpy(self.filters).T @ mag
-        log = torch.clamp(mel, min=1e-10).log10()
+        return self._log_mel(x)
+
+    def whole(self, samples: np.ndarray):
+        """[feature_size, len // hop_length] features of all of `samples` (one window's worth at
+        least), normalised together: transformers' truncation=False, padding="longest", the input of
+        its long-form transcription. Computed a window at a time (the STFT of hours of audio at once
+        would be gigabytes); only the max-8 floor needs them all."""
+        import torch
+
+        if len(samples) <= self.n_samples:
+            return self(samples)
+        half = self.n_fft // 2
+        x = np.pad(np.asarray(samples, dtype=np.float32), half, mode="reflect")  # torch.stft's center=True
+        frames = len(samples) // self.hop_length
+        block = self.frames
+        parts = [self._log10_mel(torch.from_numpy(x[a * self.hop_length:(min(a + block, frames) - 1) * self.hop_length
+                                                    + self.n_fft]), center=False)
+                 for a in range(0, frames, block)]
+        return self._normalise(torch.cat(parts, dim=1))
+
+    def _log10_mel(self, w, center: bool = True):
+        import torch
+
+        stft = torch.stft(w, self.n_fft, self.hop_length, window=torch.hann_window(self.n_fft), center=center,
+                          return_complex=True)
+        if center:
+            stft = stft[..., :-1]  # transformers drops the last frame
+        mel = torch.from_numpy(self.filters).T @ (stft.abs() ** 2).contiguous()
+        return torch.clamp(mel, min=1e-10).log10()
+
+    @staticmethod
+    def _normalise(log):
+        import torch
+
         log = torch.maximum(log, log.max() - 8.0)
         return (log + 4.0) / 4.0
 
-    def windows(self, samples: np.ndarray):
-        """[N, feature_size, frames]: consecutive chunk_length windows covering all of `samples`."""
+    def _log_mel(self, x: np.ndarray):
         import torch
 
-        starts = range(0, max(len(samples), 1), self.n_samples)
-        return torch.stack([self(samples[s:s + self.n_samples]) for s in starts])
+        return self._normalise(self._log10_mel(torch.from_numpy(x)))

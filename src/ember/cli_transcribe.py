@@ -2,6 +2,7 @@
 
     ember transcribe MODEL speech.wav [more.flac ...]    # one line of text per file
     ember transcribe MODEL speech.wav --language de --task translate
+    ember transcribe MODEL talk.mp3 --timestamps              # a "[start --> end] text" line per segment
 
 `ember.cli` picks this module up through `add_parser(subparsers)`; `main(args)` runs it.
 """
@@ -19,6 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--language", help="language code (default: detected, on multilingual models)")
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     p.add_argument("-n", "--max-tokens", type=int, help="at most this many tokens per 30 s window")
+    p.add_argument("--timestamps", action="store_true", help="print each segment with its start and end (seconds)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -36,5 +38,11 @@ def main(args) -> int:
     if not isinstance(asr, Transcriber):
         raise GenerationError(f"{args.model} is not a speech model; ember transcribe needs a Whisper checkpoint")
     for path in args.audio:
-        print(asr.transcribe(path, language=args.language, task=args.task, max_tokens=args.max_tokens), flush=True)
+        t = asr.transcription(path, language=args.language, task=args.task, max_tokens=args.max_tokens,
+                              timestamps=args.timestamps)
+        if args.timestamps:
+            for s in t.segments:
+                print(f"[{s.start:8.2f} --> {s.end:8.2f}] {s.text.strip()}", flush=True)
+        else:
+            print(t.text, flush=True)
     return 0

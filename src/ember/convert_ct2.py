@@ -137,7 +137,7 @@ def whisper_from_ctranslate2(src: str | Path, dst: str | Path) -> Path:
     gen = {"decoder_start_token_id": sot, "eos_token_id": eot, "pad_token_id": eot, "bos_token_id": eot,
            "no_timestamps_token_id": ids["<|notimestamps|>"], "max_length": config["max_target_positions"],
            "suppress_tokens": ct2_cfg.get("suppress_ids", []), "begin_suppress_tokens": ct2_cfg.get("suppress_ids_begin", []),
-           "is_multilingual": multilingual}
+           "is_multilingual": multilingual, "max_initial_timestamp_index": 50}  # openai-whisper's 1 s
     if multilingual:
         by_id = {v: k for k, v in ids.items()}
         gen["lang_to_id"] = {by_id[i]: i for i in ct2_cfg.get("lang_ids", []) if i in by_id}

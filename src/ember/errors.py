@@ -58,6 +58,12 @@ class EmbeddingError(EmberError):
     """Bad embedding input (no texts, a non-string item, a bad batch size) or sentence-transformers files."""
 
 
+class ImageError(EmbeddingError):
+    """An image that cannot be read or used (corrupt or truncated, an unsupported format, more pixels
+    than ember decodes, a URL ember may not fetch). An EmbeddingError too, as image embedding
+    raised before chat took images."""
+
+
 class AudioError(EmberError):
     """Audio that cannot be read or used (a corrupt or empty file, too long, non-finite samples)."""
 
@@ -88,5 +94,6 @@ __all__ = [
     "EmbeddingError",
     "ArgumentError",
     "AudioError",
+    "ImageError",
     "DistributedError",
 ]

@@ -4,8 +4,11 @@ the Hugging Face names the models use, and llama.cpp's value/layout changes undo
 Each family keeps its own mapping beside its model code (`GGUF = {arch: GGUFMapping(...)}` in
 `ember/models/<family>.py`, as Candle keeps `quantized_qwen2.rs` beside `qwen2.rs`): how the
 `{arch}.*` metadata becomes the config dict, which `blk.N.*` names are which HF tensors, and the
-fix-ups (the Q/K row permutation of llama.cpp's llama converter, on the quantised bytes since blocks
-never span rows; Gemma's `w + 1` norms; GPT-2's transposed Conv1D weights). This module holds what
+fix-ups (the Q/K row permutation of llama.cpp's llama converter and the fused QKV that Bloom's and
+Falcon's converters regroup, both row orders applied to the quantised bytes since blocks never span
+rows; Gemma's `w + 1` norms; GPT-2's transposed Conv1D weights; `Derived` tensors that a converter
+split or rearranged, such as DeepSeek's kv_b_proj and GPT-OSS's experts, put back together from
+their dequantised parts). This module holds what
 those mappings share and the `GGUFSource` that applies one, so the normal `VarBuilder` machinery
 (shape checks, used-tensor tracking, nearest-key errors) runs unchanged over a GGUF file.
 
@@ -62,13 +65,17 @@ MOE_LAYER = {
 }
 DECODER_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 def hf_name(gguf_name: str, top: dict[str, str], layer: dict[str, str], layers_prefix: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None: no mapping)."""
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None: no mapping). A table
+    entry keyed by the whole leaf (`exp_probs_b.bias`, `attn_sinks.weight`) names the whole HF tensor,
+    for HF names that do not end in `.weight` / `.bias`."""
     base, dot, suffix = gguf_name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
     if base in top:
         return f"{top[base]}.{suffix}"
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and f"{m.group(2)}.{suffix}" in layer:
+        return f"{layers_prefix}.{m.group(1)}.{layer[m.group(2) + '.' + suffix]}"
     if m and m.group(2) in layer:
         return f"{layers_prefix}.{m.group(1)}.{layer[m.group(2)]}.{suffix}"
     return None
@@ -173,6 +180,11 @@ def rope_scaling(meta: Meta) -> dict | None:
         mult = meta.get("rope.scaling.yarn_log_multiplier", kind=(int, float))
         if mult:
             out["mscale_all_dim"] = float(mult) / 0.1  # llama.cpp stores 0.1 * mscale_all_dim
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            v = meta.get(f"rope.scaling.{key}", kind=(int, float))
+            if v is not None:
+                out[name] = float(v)
     return out
 
 
@@ -215,6 +227,36 @@ def decoder_config(meta: Meta, model_type: str, *, head_dim: int | None = None) 
     return cfg
 
 
+def head_dim(meta: Meta) -> int:
+    """`{arch}.attention.key_length`, else the embedding width over the heads."""
+    return meta.get("attention.key_length", kind=int) or meta.need("embedding_length") // attention_heads(meta)
+
+
+def sliding_layer_types(meta: Meta, n_layers: int, default_pattern: int) -> list[str]:
+    """Each layer's attention type from `{arch}.attention.sliding_window_pattern`: per-layer flags
+    (true: sliding), or every `pattern`-th layer full (`default_pattern` when the key is absent)."""
+    pattern = meta.get("attention.sliding_window_pattern", kind=(int, list))
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern has {len(pattern)} "
+                              f"entries for {n_layers} layers")
+        return ["sliding_attention" if p else "full_attention" for p in pattern]
+    pattern = pattern or default_pattern
+    if pattern < 1:
+        raise ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern must be positive")
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+
+
+def partial_rotary(meta: Meta, head: int) -> dict:
+    """`partial_rotary_factor` from `{arch}.rope.dimension_count` when rotary covers part of a head."""
+    rot = meta.get("rope.dimension_count", kind=int)
+    if rot is None or rot == head:
+        return {}
+    if not 0 < rot <= head:
+        raise ConfigError(f"{meta.f.path}: {meta.arch}.rope.dimension_count is {rot!r:.40}; a head has {head} dims")
+    return {"partial_rotary_factor": rot / head}
+
+
 def moe_config(meta: Meta) -> dict:
     """The MoE fields of a config from `{arch}.expert_*` metadata: expert count, top-k, expert width
     (`expert_feed_forward_length`, else the experts' tensor) and `expert_weights_norm` when given.
@@ -255,6 +297,27 @@ class GGUFMapping:
     permute_qk: bool = False  # llama.cpp's llama converter permuted q/k rows for its rope layout
     norm_offset: bool = False  # Gemma: norms stored as w + 1
     transpose: tuple[str, ...] = ()  # GGUF leaves whose HF weight is transposed (GPT-2's Conv1D)
+    # (GGUF leaf, the tensor's row count, config dict) -> the row order that gives the HF rows back from
+    # the file's (a fused QKV the converter regrouped), or None; applied to quantised blocks too, as
+    # the Q/K permutation. It raises ValueError when the config cannot give that many rows.
+    row_order: Callable[[str, int, dict], torch.Tensor | None] | None = None
+    derived: tuple["Derived", ...] = ()  # HF tensors computed from several of the file's (layer-relative)
+    layer_fn: Callable[[dict], dict] | None = None  # the layer table for a config, where the file decides it
+
+    def layer_table(self, cfg: dict) -> dict:
+        return self.layer_fn(cfg) if self.layer_fn is not None else self.layer
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An HF tensor of every layer that the converter split or rearranged into several GGUF tensors:
+    `hf` (layer-relative, e.g. `self_attn.kv_b_proj.weight`) is `fn(parts, cfg)` of the layer's
+    GGUF tensors `parts` (leaf.suffix names, e.g. `attn_k_b.weight`), dequantised. `fn` uses only
+    shape operations, so the HF shape is known from the headers (run on meta tensors)."""
+
+    hf: str
+    parts: tuple[str, ...]
+    fn: Callable[[list[torch.Tensor], dict], torch.Tensor]
 
 
 def architecture(f: GGUFFile) -> str:
@@ -272,6 +335,9 @@ class _Plan:
     permute_heads: int | None = None  # undo llama.cpp's q/k permutation with this many heads
     minus_one: bool = False
     transpose: bool = False
+    rows: torch.Tensor | None = None  # the row order of a regrouped fused tensor (row_order)
+    parts: tuple[str, ...] = ()  # a Derived tensor: the GGUF tensors fn combines
+    fn: Callable | None = None
 
 
 def _qk_perm(rows: int, n_head: int) -> torch.Tensor:
@@ -293,10 +359,13 @@ class GGUFSource:
         self.plans: dict[str, _Plan] = {}
         heads = cfg.get("num_attention_heads")
         kv_heads = cfg.get("num_key_value_heads") or heads
+        self._cfg = cfg
+        consumed = self._plan_derived(fam, cfg)
+        layer = fam.layer_table(cfg)
         for name, info in f.tensors.items():
-            if name in CONFIG_TENSORS:
-                continue  # read into the config by the family's mapping (rope factors)
-            hf = hf_name(name, fam.top, fam.layer, fam.layers_prefix) or name
+            if name in CONFIG_TENSORS or name in consumed:
+                continue  # read into the config by the family's mapping (rope factors), or into a Derived tensor
+            hf = hf_name(name, fam.top, layer, fam.layers_prefix) or name
             plan = _Plan(name, info.shape)
             leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name.split(".")[0]
             if fam.permute_qk and leaf in ("attn_q", "attn_k"):
@@ -306,9 +375,40 @@ class GGUFSource:
             if leaf in fam.transpose and name.endswith(".weight") and len(info.shape) == 2:
                 plan.transpose = True
                 plan.shape = info.shape[::-1]
+            if fam.row_order is not None:
+                try:
+                    plan.rows = fam.row_order(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1],
+                                              info.shape[0], cfg)
+                except (RuntimeError, ValueError, ZeroDivisionError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{f.path}: tensor {name!r}: the metadata's head counts do not split its "
+                                          f"{info.shape[0]} rows ({e})") from None
+                if plan.rows is not None and plan.rows.shape != info.shape[:1]:
+                    raise CheckpointError(f"{f.path}: tensor {name!r} has {info.shape[0]} rows; the configuration "
+                                          f"gives {plan.rows.shape[0]}")
             if hf in self.plans:
                 raise CheckpointError(f"{f.path}: tensors {self.plans[hf].gguf!r} and {name!r} both map to {hf!r}")
             self.plans[hf] = plan
+
+    def _plan_derived(self, fam: GGUFMapping, cfg: dict) -> set[str]:
+        """Plans for the mapping's Derived tensors, layer by layer where all their parts are in the
+        file; the GGUF names they consume."""
+        consumed: set[str] = set()
+        n = cfg.get("num_hidden_layers") or 0
+        for d in fam.derived:
+            for i in range(n):
+                names = [f"blk.{i}.{p}" for p in d.parts]
+                if not all(x in self.f.tensors for x in names):
+                    continue
+                meta = [torch.empty(self.f.tensors[x].shape, device="meta") for x in names]
+                try:
+                    shape = tuple(d.fn(meta, cfg).shape)
+                except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{self.f.path}: tensors {', '.join(names)} have shapes "
+                                          f"{[list(m.shape) for m in meta]}, which do not combine into "
+                                          f"{fam.layers_prefix}.{i}.{d.hf} ({e})") from None
+                self.plans[f"{fam.layers_prefix}.{i}.{d.hf}"] = _Plan(names[0], shape, parts=tuple(names), fn=d.fn)
+                consumed.update(names)
+        return consumed
 
     def keys(self):
         return self.plans.keys()
@@ -328,6 +428,13 @@ class GGUFSource:
 
     def load(self, key: str):
         plan = self.plans[key]
+        if plan.parts:
+            parts = []
+            for name in plan.parts:
+                info = self.f.check_supported(name)
+                parts.append(ggml.dequantize(self.f.read(name), info.ggml_type, info.shape, torch.float32))
+            t = plan.fn(parts, self._cfg).contiguous()
+            return t if self.dtype is None or not self.dtype.is_floating_point else t.to(self.dtype)
         info = self.f.check_supported(plan.gguf)
         if info.ggml_type in ggml.FLOAT_TYPES:
             t = self.f.raw(plan.gguf).reshape(-1).view(ggml.FLOAT_TYPES[info.ggml_type]).reshape(info.shape)
@@ -339,6 +446,8 @@ class GGUFSource:
                            reader=lambda rows=None: self.f.read(name, rows), name=name, dense_fallback=self.dense_fallback)
             if plan.permute_heads:
                 w = w.permute_rows(_qk_perm(info.shape[0], plan.permute_heads))
+            if plan.rows is not None:
+                w = w.permute_rows(plan.rows)
             return w
         # straight to the compute dtype unless a float32 fix-up follows (rounded once either way)
         dtype = torch.float32 if plan.minus_one or self.dtype is None or not self.dtype.is_floating_point else self.dtype
@@ -348,6 +457,8 @@ class GGUFSource:
     def _finish(self, t: torch.Tensor, plan: _Plan) -> torch.Tensor:
         if plan.permute_heads:
             t = t[_qk_perm(t.shape[0], plan.permute_heads)]
+        if plan.rows is not None:
+            t = t[plan.rows]
         if plan.minus_one:
             t = t.float() - 1  # in float32, as transformers does (the file's norms are F32)
         if plan.transpose:

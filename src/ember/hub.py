@@ -261,7 +261,7 @@ def _wanted(names: list[str], fmt: str, weights: list[str]) -> list[str]:
     return list(dict.fromkeys(side + weights + shards))
 
 
-def _download(repo: str, revision: str | None, gguf_hint: str | None, token) -> Snapshot:
+def _download(repo: str, revision: str | None, gguf_hint: str | None, token: str | bool | None) -> Snapshot:
     """One `snapshot_download` of the files the model needs (parallel, with progress bars; files already
     in the cache with the same content are not fetched again, so this also updates a cached snapshot)."""
     from huggingface_hub import HfApi, snapshot_download

@@ -9,7 +9,7 @@ composited onto white), resize with Pillow (the shortest edge to `size["shortest
 `size["height"] x size["width"]`), center-crop (zero-padded when too small), rescale in float64 then
 float32, normalise in float32.
 
-Bad images are `EmbeddingError`s that say which one and why: unreadable or truncated files, formats
+Bad images are `ImageError`s (also `EmbeddingError`s) that say which one and why: unreadable or truncated files, formats
 other than the common raster ones (Pillow's EPS/PDF plugins are never used), images with no pixels,
 and images whose header claims more than `MAX_PIXELS` pixels; those are refused from the header,
 before any pixel is decoded.
@@ -17,6 +17,7 @@ before any pixel is decoded.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EmbeddingError
+from .errors import EmbeddingError, ImageError
 
 # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS): ~89.5 M pixels, 268 MB as RGB.
 MAX_PIXELS = 89_478_485
@@ -41,16 +42,16 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - depends on the environment
-        raise EmbeddingError("images need Pillow: pip install 'ember[vision]' (or pip install pillow)") from None
+        raise ImageError("images need Pillow: pip install 'ember[vision]' (or pip install pillow)") from None
     return Image
 
 
 def _check_size(img, where: str):
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise EmbeddingError(f"{where}: the image has no pixels ({w}x{h})")
+        raise ImageError(f"{where}: the image has no pixels ({w}x{h})")
     if w * h > MAX_PIXELS:
-        raise EmbeddingError(f"{where}: the image claims {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} "
+        raise ImageError(f"{where}: the image claims {w}x{h} = {w * h:,} pixels, more than the {MAX_PIXELS:,} "
                              f"ember decodes (Pillow's decompression-bomb limit); downscale it first")
     return img
 
@@ -63,21 +64,21 @@ def open_image(item: Any, where: str = "image"):
     if isinstance(item, (bytes, bytearray, memoryview)):
         data = bytes(item)
         if len(data) > MAX_FILE_BYTES:
-            raise EmbeddingError(f"{where}: {len(data):,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+            raise ImageError(f"{where}: {len(data):,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
         fp, name = io.BytesIO(data), where
     elif isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             size = path.stat().st_size
         except OSError as e:
-            raise EmbeddingError(f"{where}: cannot read {str(path)[:200]!r}: {e.strerror or e}") from None
+            raise ImageError(f"{where}: cannot read {str(path)[:200]!r}: {e.strerror or e}") from None
         if not path.is_file():
-            raise EmbeddingError(f"{where}: {str(path)[:200]!r} is not a file")
+            raise ImageError(f"{where}: {str(path)[:200]!r} is not a file")
         if size > MAX_FILE_BYTES:
-            raise EmbeddingError(f"{where}: {path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
+            raise ImageError(f"{where}: {path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} ember reads")
         fp, name = path, f"{where} ({path})"
     else:
-        raise EmbeddingError(f"{where}: expected a PIL image, a file path or the bytes of an image file, "
+        raise ImageError(f"{where}: expected a PIL image, a file path or the bytes of an image file, "
                              f"got {type(item).__name__}")
     import warnings
 
@@ -87,15 +88,15 @@ def open_image(item: Any, where: str = "image"):
             img = Image.open(fp, formats=FORMATS)  # reads the header only
             _check_size(img, name)
             img.load()
-    except EmbeddingError:
+    except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise EmbeddingError(f"{name}: the image claims more than the {MAX_PIXELS:,} pixels ember decodes (a "
+        raise ImageError(f"{name}: the image claims more than the {MAX_PIXELS:,} pixels ember decodes (a "
                              f"decompression bomb, Pillow says: {str(e)[:120]})") from None
     except Image.UnidentifiedImageError:
-        raise EmbeddingError(f"{name}: not an image ember reads (formats: {', '.join(FORMATS)})") from None
+        raise ImageError(f"{name}: not an image ember reads (formats: {', '.join(FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:  # truncated or corrupt data
-        raise EmbeddingError(f"{name}: corrupt or truncated image: {str(e)[:200]}") from None
+        raise ImageError(f"{name}: corrupt or truncated image: {str(e)[:200]}") from None
     return img
 
 
@@ -219,7 +220,7 @@ class ImageProcessor:
         if self.do_resize:
             h, w = self._resized_shape(a.shape[0], a.shape[1])
             if h * w > MAX_PIXELS:
-                raise EmbeddingError(f"resizing gives {w}x{h} pixels, more than {MAX_PIXELS:,}")
+                raise ImageError(f"resizing gives {w}x{h} pixels, more than {MAX_PIXELS:,}")
             a = np.asarray(Image.fromarray(a).resize((w, h), resample=self.resample))
         a = a.transpose(2, 0, 1)  # CHW
         if self.crop_size is not None:
@@ -257,3 +258,106 @@ def center_crop(a: np.ndarray, ch: int, cw: int) -> np.ndarray:
     out[:, tp:tp + H, lp:lp + W] = a
     top, left = top + tp, left + lp
     return out[:, max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
+@dataclass
+class PatchProcessor:
+    """transformers' Siglip2ImageProcessor (PIL backend, "NaFlex"): each image resized, aspect ratio
+    kept, to the most patches that fit `max_num_patches` (its binary search over the scale), then
+    cut into flattened patches padded to `max_num_patches`, with a patch mask and (rows, cols)."""
+
+    patch_size: int = 16
+    max_num_patches: int = 256
+    resample: int = 2  # PIL.Image.BILINEAR
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_file(cls, path: Path | None, defaults: dict) -> "PatchProcessor":
+        d = dict(defaults)
+        where = str(path) if path is not None else "the default image processor"
+        if path is not None and Path(path).is_file():
+            from .config import load_json
+            from .errors import ConfigError
+
+            try:
+                raw = load_json(path)
+            except ConfigError as e:
+                raise EmbeddingError(str(e)) from None
+            if not isinstance(raw, dict):
+                raise EmbeddingError(f"{where}: expected a JSON object")
+            d.update({k: v for k, v in raw.items() if v is not None})
+        p = _side(d.get("patch_size"), "patch_size", where)
+        n = d.get("max_num_patches")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1 << 16:
+            raise EmbeddingError(f"{where}: max_num_patches must be an integer in [1, 65536], got {n!r:.60}")
+        if n * p * p > MAX_PIXELS:  # the padded batch is sized by these: bounded as a decoded image is
+            raise EmbeddingError(f"{where}: max_num_patches {n} of {p}x{p} pixels is more than the {MAX_PIXELS:,} "
+                                 f"pixels ember processes per image")
+        resample = d.get("resample", 2)
+        if resample not in RESAMPLE_NAMES or isinstance(resample, bool):
+            raise EmbeddingError(f"{where}: resample must be a Pillow filter number, got {resample!r:.60}")
+        factor = d.get("rescale_factor", 1 / 255)
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not np.isfinite(factor):
+            raise EmbeddingError(f"{where}: rescale_factor must be a number, got {factor!r:.60}")
+        std = _triple(d.get("image_std", 0.5), "image_std", where, 3)
+        if any(s == 0 for s in std):
+            raise EmbeddingError(f"{where}: image_std must not contain 0, got {list(std)}")
+        for k in ("do_rescale", "do_normalize"):
+            if not isinstance(d.get(k, True), bool):
+                raise EmbeddingError(f"{where}: {k} must be true or false, got {d.get(k)!r:.60}")
+        return cls(p, n, resample, d.get("do_rescale", True), float(factor), d.get("do_normalize", True),
+                   _triple(d.get("image_mean", 0.5), "image_mean", where, 3), std)
+
+    def target_size(self, h: int, w: int, eps: float = 1e-5) -> tuple[int, int]:
+        """transformers' get_image_size_for_max_num_patches: the largest scale (binary search) whose
+        patch-rounded size has at most max_num_patches patches."""
+        p = self.patch_size
+
+        def scaled(scale: float, size: int) -> int:
+            return int(max(p, math.ceil(size * scale / p) * p))
+
+        lo, hi = eps / 10, 100.0
+        while hi - lo >= eps:
+            scale = (lo + hi) / 2
+            if (scaled(scale, h) / p) * (scaled(scale, w) / p) <= self.max_num_patches:
+                lo = scale
+            else:
+                hi = scale
+        return scaled(lo, h), scaled(lo, w)
+
+    def process(self, img) -> tuple[np.ndarray, int, int]:
+        """One decoded PIL image → ([rows * cols, P * P * 3] float32 patches, rows, cols)."""
+        Image = _pil()
+        a = to_rgb(img)
+        h, w = self.target_size(a.shape[0], a.shape[1])
+        a = np.asarray(Image.fromarray(a).resize((w, h), resample=self.resample)).transpose(2, 0, 1)
+        x = a.astype(np.float64) * self.rescale_factor if self.do_rescale else a
+        x = x.astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)[:, None, None]) / np.asarray(self.image_std,
+                                                                                          np.float32)[:, None, None]
+        p = self.patch_size
+        rows, cols = h // p, w // p
+        patches = x.reshape(3, rows, p, cols, p).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+        return patches, rows, cols
+
+    def __call__(self, images: Sequence[Any], what: str = "images") -> dict:
+        """{"pixel_values": [N, max_num_patches, P*P*3], "pixel_attention_mask": [N, max_num_patches],
+        "spatial_shapes": [N, 2]} torch tensors of `images` (PIL images, paths, encoded bytes)."""
+        import torch
+
+        n = len(images)
+        px = np.zeros((n, self.max_num_patches, 3 * self.patch_size ** 2), np.float32)
+        mask = np.zeros((n, self.max_num_patches), np.int32)
+        shapes = np.zeros((n, 2), np.int64)
+        for i, im in enumerate(images):
+            patches, rows, cols = self.process(open_image(im, f"{what}[{i}]"))
+            px[i, :len(patches)] = patches
+            mask[i, :len(patches)] = 1
+            shapes[i] = rows, cols
+        return {"pixel_values": torch.from_numpy(px), "pixel_attention_mask": torch.from_numpy(mask),
+                "spatial_shapes": torch.from_numpy(shapes)}

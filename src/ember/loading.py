@@ -278,7 +278,8 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     keep_quantized (GGUF, quantised HF checkpoints): keep quantised weights as blocks / packed tensors
     (True), dequantise at load (False), or decide (None; a quantised HF checkpoint stays packed).
     fuse (causal LMs): fuse q/k/v and gate/up at build. prepack: the oneDNN prepack
-    transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile).
+    transform on CPU bf16 (None = where the CPU has native bf16; False before torch.compile), and
+    for float32 encoders on CPU (None = on).
     quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
     tp: split the model over this many processes (tensor parallelism, `ember.distributed`).
     """

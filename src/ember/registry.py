@@ -23,6 +23,9 @@ class Entry:
     defaults: dict = field(default_factory=dict)  # filled in when config.json lacks the key
     prepare: Callable[[dict], dict] | None = None  # last fix-ups of the raw dict
     gguf: tuple[str, ...] = ()  # GGUF architectures read as this type (their mapping: the module's GGUF dict)
+    # image+text models built around any registered decoder (LLaVA): the config.json key holding the
+    # decoder's config; parse_config hands the config class (parsed config, ForCausalLM class) as `decoder`
+    decoder: str | None = None
 
     def load(self):
         mod = importlib.import_module(self.module)
@@ -33,7 +36,18 @@ class Entry:
         d = {**self.defaults, **raw}
         if self.prepare is not None:
             d = self.prepare(d)
-        return cfg_cls.from_dict(d)
+        if self.decoder is None:
+            return cfg_cls.from_dict(d)
+        sub = d.get(self.decoder)
+        sub = sub if isinstance(sub, dict) else {"model_type": "llama"}  # transformers' default decoder
+        try:
+            entry = lookup(sub)
+            if entry.task != "causal-lm":
+                raise ConfigError(f"{entry.model_type} is not a text decoder")
+            decoder = (entry.parse_config(sub), entry.load()[1])
+        except (ConfigError, UnsupportedModelError) as e:
+            raise type(e)(f"{self.decoder}: {e}") from None
+        return cfg_cls.from_dict(d, decoder=decoder)
 
 
     def gguf_mapping(self, arch: str):
@@ -141,27 +155,35 @@ register("phi3", "ember.models.llama", gguf="phi3", architectures=("Phi3ForCausa
                    "eos_token_id": 32000, "pad_token_id": 32000})
 register("granite", "ember.models.llama", architectures=("GraniteForCausalLM",),
          defaults={"attention_multiplier": 1.0})
-register("smollm3", "ember.models.smollm3", architectures=("SmolLM3ForCausalLM",))
-register("glm4", "ember.models.glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
-register("ernie4_5", "ember.models.ernie4_5", architectures=("Ernie4_5ForCausalLM",))
-register("hunyuan_v1_dense", "ember.models.hunyuan", architectures=("HunYuanDenseV1ForCausalLM",))
-register("exaone4", "ember.models.exaone4", architectures=("Exaone4ForCausalLM",))
-register("seed_oss", "ember.models.llama", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
+register("smollm3", "ember.models.smollm3", gguf="smollm3", architectures=("SmolLM3ForCausalLM",))
+register("glm4", "ember.models.glm4", gguf="glm4", architectures=("Glm4ForCausalLM",), prepare=_module_prepare("ember.models.glm4"))
+register("ernie4_5", "ember.models.ernie4_5", gguf="ernie4_5", architectures=("Ernie4_5ForCausalLM",))
+register("hunyuan_v1_dense", "ember.models.hunyuan", gguf="hunyuan-dense", architectures=("HunYuanDenseV1ForCausalLM",))
+register("exaone4", "ember.models.exaone4", gguf="exaone4", architectures=("Exaone4ForCausalLM",))
+register("seed_oss", "ember.models.llama", gguf="seed_oss", architectures=("SeedOssForCausalLM",), prepare=_seed_oss_biases,
          defaults={"vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
                    "num_attention_heads": 80, "num_key_value_heads": 8, "head_dim": 128,
                    "max_position_embeddings": 524288, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
                    "attention_bias": True})
-register("cohere", "ember.models.cohere", architectures=("CohereForCausalLM",))
-register("cohere2", "ember.models.cohere", architectures=("Cohere2ForCausalLM",),
+register("cohere", "ember.models.cohere", gguf="command-r", architectures=("CohereForCausalLM",))
+register("cohere2", "ember.models.cohere", gguf="cohere2", architectures=("Cohere2ForCausalLM",),
          defaults={"sliding_window": 4096}, prepare=lambda d: {**d, "cohere2": True, "use_qk_norm": False})
 register("gemma", "ember.models.gemma", architectures=("GemmaForCausalLM",))
 register("gemma2", "ember.models.gemma2", gguf="gemma2", architectures=("Gemma2ForCausalLM",))
 register("gemma3_text", "ember.models.gemma3", gguf="gemma3", architectures=("Gemma3ForCausalLM",))
 # Gemma 3 multimodal checkpoints: config.json nests the decoder's config under text_config.
 register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGeneration",),
-         config_class="MultimodalConfig")
+         config_class="MultimodalConfig", model_class="ForConditionalGeneration")
+# Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
+register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
+         model_class="ForConditionalGeneration", decoder="text_config")
+# Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
+register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
+         prepare=_module_prepare("ember.models.gemma4"))
+register("gemma4", "ember.models.gemma4", architectures=("Gemma4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.gemma4"))
 register("phi", "ember.models.phi", architectures=("PhiForCausalLM",))
-register("olmo2", "ember.models.olmo2", architectures=("Olmo2ForCausalLM",))
+register("olmo2", "ember.models.olmo2", gguf="olmo2", architectures=("Olmo2ForCausalLM",))
 register("olmo3", "ember.models.olmo3", architectures=("Olmo3ForCausalLM",))
 
 
@@ -182,6 +204,16 @@ def _qwen2_moe_sliding(d: dict) -> dict:
     return {**d, "max_window_layers": None}
 
 
+# Llama 4: the text model, or the image-text checkpoints of the Hub (text_config; vision tower not loaded)
+register("llama4_text", "ember.models.llama4", gguf="llama4", architectures=("Llama4ForCausalLM",),
+         prepare=_module_prepare("ember.models.llama4"))
+register("llama4", "ember.models.llama4", architectures=("Llama4ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.llama4"))
+# Ministral 3, and Mistral 3 image-text checkpoints' language model (text_config; vision tower not loaded)
+register("ministral3", "ember.models.mistral3", architectures=("Ministral3ForCausalLM",),
+         prepare=_module_prepare("ember.models.mistral3"))
+register("mistral3", "ember.models.mistral3", architectures=("Mistral3ForConditionalGeneration",),
+         prepare=_module_prepare("ember.models.mistral3"))
 register("mixtral", "ember.models.mixtral", architectures=("MixtralForCausalLM",), defaults={"rope_theta": 1e6})
 register("qwen2_moe", "ember.models.mixtral", gguf="qwen2moe", architectures=("Qwen2MoeForCausalLM",),
          defaults={"qkv_bias": True, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "num_experts": 60,
@@ -196,30 +228,48 @@ register("qwen3_moe", "ember.models.mixtral", gguf="qwen3moe", architectures=("Q
 # renormalises the top-k weights)
 register("deepseek_v3", "ember.models.deepseek", architectures=("DeepseekV3ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "sigmoid"})
-register("deepseek_v2", "ember.models.deepseek", architectures=("DeepseekV2ForCausalLM",),
+register("deepseek_v2", "ember.models.deepseek", gguf="deepseek2", architectures=("DeepseekV2ForCausalLM",),
          prepare=lambda d: {**d, "scoring_func": "softmax", "norm_topk_prob": False},
          defaults={"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2,
                    "first_k_dense_replace": 0, "n_group": None, "topk_group": None, "n_routed_experts": 64,
                    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
                    "moe_intermediate_size": 1407, "num_experts_per_tok": None})
-register("gpt_oss", "ember.models.gpt_oss", architectures=("GptOssForCausalLM",),
+register("gpt_oss", "ember.models.gpt_oss", gguf="gpt-oss", architectures=("GptOssForCausalLM",),
          prepare=_module_prepare("ember.models.gpt_oss"))
-register("olmoe", "ember.models.olmoe", architectures=("OlmoeForCausalLM",))
-register("granitemoe", "ember.models.granitemoe", architectures=("GraniteMoeForCausalLM",))
+register("phimoe", "ember.models.phimoe", gguf="phimoe", architectures=("PhimoeForCausalLM",),
+         prepare=_module_prepare("ember.models.phimoe"), defaults={"rope_theta": 1e6})
+register("olmoe", "ember.models.olmoe", gguf="olmoe", architectures=("OlmoeForCausalLM",))
+register("granitemoe", "ember.models.granitemoe", gguf="granitemoe", architectures=("GraniteMoeForCausalLM",))
 register("granitemoeshared", "ember.models.granitemoe", architectures=("GraniteMoeSharedForCausalLM",))
-register("glm4_moe", "ember.models.glm4_moe", architectures=("Glm4MoeForCausalLM",),
+register("glm4_moe", "ember.models.glm4_moe", gguf="glm4moe", architectures=("Glm4MoeForCausalLM",),
          prepare=_module_prepare("ember.models.glm4_moe"))
-register("minimax_m2", "ember.models.minimax_m2", architectures=("MiniMaxM2ForCausalLM",),
+register("minimax_m2", "ember.models.minimax_m2", gguf="minimax-m2", architectures=("MiniMaxM2ForCausalLM",),
          prepare=_module_prepare("ember.models.minimax_m2"))
-register("ernie4_5_moe", "ember.models.ernie4_5_moe", architectures=("Ernie4_5_MoeForCausalLM",))
+register("ernie4_5_moe", "ember.models.ernie4_5_moe", gguf="ernie4_5-moe", architectures=("Ernie4_5_MoeForCausalLM",))
 register("gpt2", "ember.models.gpt2", gguf="gpt2", architectures=("GPT2LMHeadModel",))
 register("gptj", "ember.models.gptj", architectures=("GPTJForCausalLM",))
 register("opt", "ember.models.opt", architectures=("OPTForCausalLM",))
-register("gpt_bigcode", "ember.models.gpt_bigcode", architectures=("GPTBigCodeForCausalLM",))
-register("bloom", "ember.models.bloom", architectures=("BloomForCausalLM",))
-register("falcon", "ember.models.falcon", architectures=("FalconForCausalLM",))
+register("gpt_bigcode", "ember.models.gpt_bigcode", gguf="starcoder", architectures=("GPTBigCodeForCausalLM",))
+register("bloom", "ember.models.bloom", gguf="bloom", architectures=("BloomForCausalLM",))
+register("falcon", "ember.models.falcon", gguf="falcon", architectures=("FalconForCausalLM",))
 register("gpt_neox", "ember.models.gpt_neox", architectures=("GPTNeoXForCausalLM",))
+# State-space models: recurrent state beside (or instead of) the KV cache (nn/state_cache.py)
+register("mamba", "ember.models.mamba", architectures=("MambaForCausalLM",))
+register("mamba2", "ember.models.mamba2", gguf="mamba2", architectures=("Mamba2ForCausalLM",),
+         prepare=_module_prepare("ember.models.mamba2"))
+register("granitemoehybrid", "ember.models.granitemoehybrid", architectures=("GraniteMoeHybridForCausalLM",),
+         prepare=_module_prepare("ember.models.granitemoehybrid"))
+register("lfm2", "ember.models.lfm2", gguf="lfm2", architectures=("Lfm2ForCausalLM",), prepare=_module_prepare("ember.models.lfm2"))
+register("qwen3_next", "ember.models.qwen3_next", architectures=("Qwen3NextForCausalLM",))
+# Qwen3.5's text decoders (the multimodal checkpoints' vision tower is not read yet): dense MLPs, or the MoE
+register("qwen3_5_text", "ember.models.qwen3_next", architectures=("Qwen3_5ForCausalLM",),
+         prepare=lambda d: {**d, "num_experts": 0})
+register("qwen3_5_moe_text", "ember.models.qwen3_next", architectures=("Qwen3_5MoeForCausalLM",))
+register("falcon_h1", "ember.models.falcon_h1", gguf="falcon-h1", architectures=("FalconH1ForCausalLM",),
+         prepare=_module_prepare("ember.models.mamba2"))  # time_step_limit as Mamba-2 writes it
+register("nemotron_h", "ember.models.nemotron_h", gguf="nemotron_h", architectures=("NemotronHForCausalLM",),
+         prepare=_module_prepare("ember.models.nemotron_h"))
 # config.json flags spelled differently, mapped onto the fields the shared attention reads
 register("starcoder2", "ember.models.starcoder2", architectures=("Starcoder2ForCausalLM",),
          prepare=lambda d: {**d, "attention_bias": d.get("use_bias", True)})
@@ -251,6 +301,7 @@ register("modernbert", "ember.models.modernbert", architectures=_archs("ModernBe
 _IMAGE_TEXT = dict(task="image-text", model_class="Model")
 register("clip", "ember.models.clip", architectures=("CLIPModel",), **_IMAGE_TEXT)
 register("siglip", "ember.models.siglip", architectures=("SiglipModel",), **_IMAGE_TEXT)
+register("siglip2", "ember.models.siglip2", architectures=("Siglip2Model",), **_IMAGE_TEXT)
 
 # Encoder-decoders (ember.load returns a Seq2SeqLM: ember/seq2seq.py; with sentence-transformers
 # modules.json, an Embedder over the encoder)

@@ -5,24 +5,34 @@
     asr.transcribe("speech.wav", language="de", task="translate")
     asr.transcribe_ids(samples_16khz)                         # token ids after the decoder prompt
 
-Each 30 s window of audio is turned into log-mel features (ember.audio, as transformers'
-WhisperFeatureExtractor), encoded once, and decoded greedily (ember.generation.seq2seq) after the
-decoder prompt transformers builds: <|startoftranscript|>, then on multilingual models the language
-and task tokens, then <|notimestamps|>; `suppress_tokens` and `begin_suppress_tokens` from
-generation_config.json are never generated. Without a language, a multilingual model's language is
-detected as transformers does (the most likely language token after <|startoftranscript|>).
-Audio longer than 30 s is cut into consecutive 30 s windows transcribed one after the other and
-joined (no timestamps, so no seeking at segment boundaries as transformers' long-form mode does).
+Audio is turned into log-mel features (ember.audio, as transformers' WhisperFeatureExtractor),
+and each 30 s window is encoded once and decoded (ember.generation.whisper) after the decoder prompt
+transformers builds: <|startoftranscript|>, then on multilingual models the language and task
+tokens, then <|notimestamps|> unless timestamps are asked for; `suppress_tokens` and
+`begin_suppress_tokens` from generation_config.json are never generated. Without a language, a
+multilingual model's language is detected as transformers does (the most likely language token
+after <|startoftranscript|>, on the first 30 s).
+
+    asr.transcription("talk.mp3", timestamps=True)   # -> Transcription: text, language, segments
+                                                      #    (start/end seconds, tokens, text each)
+
+Audio longer than 30 s is transcribed as transformers' long-form generation does: timestamps on,
+features of the whole audio, each window starting where the previous one's last complete segment
+ended. `temperature` may be a sequence: a window whose tokens compress too well or whose mean
+log-probability is too low (`compression_ratio_threshold`, `logprob_threshold`) is decoded again at
+the next temperature.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
 from .audio import LogMel, load_audio
 from .errors import GenerationError, TokenizerError
-from .generation.seq2seq import greedy
+from .generation.whisper import INPUT_STRIDE, TIME_PRECISION, Rules, Segment, decode_with_fallback, split_segments
 from .loading import Loaded, eos_ids
 
 TASKS = ("transcribe", "translate")
@@ -59,6 +69,8 @@ class Transcriber:
         self.suppress_tokens = _int_list(gc.get("suppress_tokens"))
         self.begin_suppress_tokens = _int_list(gc.get("begin_suppress_tokens"))
         self.pad_token_id = self.model.pad_token_id
+        mi = gc.get("max_initial_timestamp_index")
+        self.max_initial_timestamp_index = mi if isinstance(mi, int) and not isinstance(mi, bool) and mi >= 0 else None
 
     def __repr__(self) -> str:
         return (f"Transcriber({self._loaded.snapshot.source!r}, multilingual={self.multilingual}, "
@@ -89,8 +101,9 @@ class Transcriber:
         codes, tok = list(self.lang_to_id), torch.tensor(list(self.lang_to_id.values()), device=self.device)
         return [codes[i].strip("<|>") for i in logits[:, tok].argmax(dim=-1).tolist()]
 
-    def prompt(self, language: str | None, task: str = "transcribe") -> list[int]:
-        """The decoder prompt transformers builds for this language and task (without timestamps)."""
+    def prompt(self, language: str | None, task: str = "transcribe", timestamps: bool = False) -> list[int]:
+        """The decoder prompt transformers builds for this language and task (<|notimestamps|> last
+        unless `timestamps`)."""
         if task not in TASKS:
             raise GenerationError(f"task must be one of {', '.join(TASKS)}, got {task!r:.40}")
         ids = [self.start_token_id]
@@ -104,36 +117,112 @@ class Transcriber:
             raise GenerationError(f"this is an English-only model; it cannot take language {language!r:.40}")
         elif task != "transcribe":
             raise GenerationError("this is an English-only model; it only transcribes")
-        if self.no_timestamps_token_id is not None:
+        if self.no_timestamps_token_id is not None and not timestamps:
             ids.append(self.no_timestamps_token_id)
         return ids
 
-    def transcribe_ids(self, audio, *, language: str | None = None, task: str = "transcribe",
-                       max_tokens: int | None = None) -> list[list[int]]:
-        """Greedy token ids (end token included) after the prompt, one list per 30 s window."""
-        samples = load_audio(audio)
-        feats = self.features.windows(samples).to(self.dtype)
-        out = []
-        for w in feats.split(1):
-            lang = language
-            if lang is None and self.multilingual:
-                lang = self.detect_language(w)[0]
-            prompt = self.prompt(lang, task)
-            room = self.model.max_target_positions - len(prompt)
-            n = room if max_tokens is None else max_tokens
-            if isinstance(n, int) and not isinstance(n, bool) and n > room:
-                raise GenerationError(f"max_tokens {n} with a {len(prompt)}-token prompt passes the decoder's "
-                                      f"{self.model.max_target_positions} positions")
-            out += greedy(self.model, w.to(self.device), None, n, prompt, self.eos_token_ids, self.pad_token_id,
-                          suppress=self.suppress_tokens, begin_suppress=self.begin_suppress_tokens)
-        return out
+    def _rules(self, timestamps: bool) -> Rules:
+        if timestamps and self.no_timestamps_token_id is None:
+            raise GenerationError("timestamps need generation_config.json's no_timestamps_token_id (timestamp "
+                                  "tokens follow it)")
+        return Rules(self.eos_token_ids, self.suppress_tokens, self.begin_suppress_tokens,
+                     self.no_timestamps_token_id + 1 if timestamps else None, self.no_timestamps_token_id,
+                     self.max_initial_timestamp_index)
 
-    def transcribe(self, audio, *, language: str | None = None, task: str = "transcribe",
-                   max_tokens: int | None = None) -> str:
-        """The text of `audio` (a path to WAV/FLAC/MP3/OGG, or 16 kHz mono samples)."""
+    def transcription(self, audio, *, language: str | None = None, task: str = "transcribe",
+                      timestamps: bool = False, max_tokens: int | None = None,
+                      temperature: float | Sequence[float] = 0.0, compression_ratio_threshold: float | None = None,
+                      logprob_threshold: float | None = None, seed: int | None = None) -> "Transcription":
+        """`audio` (a path to WAV/FLAC/MP3/OGG, or 16 kHz mono samples) as text and segments.
+
+        timestamps: segments with the model's own start/end times (always on past 30 s, as
+        transformers); max_tokens: per 30 s window; temperature: one, or several to fall back through
+        (with the thresholds, as transformers' generate); seed: for the sampled tries."""
+        temps = _temperatures(temperature)
+        for name, v in (("compression_ratio_threshold", compression_ratio_threshold),
+                        ("logprob_threshold", logprob_threshold)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise GenerationError(f"{name} must be a finite number, got {v!r:.40}")
+        samples = load_audio(audio)
+        feats = self.features.whole(samples)
+        total, W = feats.shape[-1], self.features.frames
+        timestamps = bool(timestamps) or total > W
+        rules = self._rules(timestamps)
+        tb = None if self.no_timestamps_token_id is None else self.no_timestamps_token_id + 1
+        lang = language
+        if lang is None and self.multilingual:
+            lang = self.detect_language(feats[None, :, :W].to(self.dtype))[0]
+        prompt = self.prompt(lang, task, timestamps)
+        room = self.model.max_target_positions - len(prompt)
+        n = room if max_tokens is None else max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise GenerationError(f"max_tokens must be a non-negative integer, got {n!r:.60}")
+        if n > room:
+            raise GenerationError(f"max_tokens {n} with a {len(prompt)}-token prompt passes the decoder's "
+                                  f"{self.model.max_target_positions} positions")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        segments: list[Segment] = []
+        windows: list[list[int]] = []
+        seek = 0
+        while seek < total:
+            frames = min(W, total - seek)
+            x = torch.nn.functional.pad(feats[:, seek:seek + frames], (0, W - frames))  # zeros, as transformers
+            with torch.inference_mode():
+                enc = self.model.encode(x[None].to(device=self.device, dtype=self.dtype))
+            d = decode_with_fallback(self.model, enc, prompt, n, rules, temperatures=temps,
+                                     compression_ratio_threshold=compression_ratio_threshold,
+                                     logprob_threshold=logprob_threshold, generator=gen)
+            windows.append(d.tokens)
+            toks = d.tokens[:-1] if d.tokens and d.tokens[-1] in self.eos_token_ids else d.tokens
+            offset = seek * TIME_PRECISION / INPUT_STRIDE
+            if tb is not None and toks:  # (also without timestamps, as transformers: a real model makes none)
+                segs, advance = split_segments(toks, tb, offset, frames)
+            else:
+                segs, advance = [Segment(offset, offset + frames * TIME_PRECISION / INPUT_STRIDE, toks)], frames
+            for sg in segs:
+                sg.window, sg.temperature, sg.avg_logprob, sg.compression_ratio = (
+                    seek, d.temperature, d.avg_logprob, d.compression_ratio)
+                sg.text = self._text(sg.tokens, tb)
+            segments += [sg for sg in segs if sg.tokens]
+            seek += advance if advance > 0 else frames  # (a window that would not move on is passed)
+        text_ids = [t for sg in segments for t in sg.tokens if tb is None or t < tb]
+        text = self.tokenizer.decode(text_ids).strip() if self.tokenizer is not None else ""
+        return Transcription(text, lang, len(samples) / self.features.sampling_rate, segments, windows)
+
+    def _text(self, tokens: list[int], timestamp_begin: int | None) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([t for t in tokens if timestamp_begin is None or t < timestamp_begin])
+
+    def transcribe_ids(self, audio, **kw) -> list[list[int]]:
+        """The token ids each 30 s window decoded (end token included), after its prompt; the
+        arguments are `transcription`'s."""
+        return self.transcription(audio, **kw).windows
+
+    def transcribe(self, audio, **kw) -> str:
+        """The text of `audio` (a path to WAV/FLAC/MP3/OGG, or 16 kHz mono samples); the arguments
+        are `transcription`'s."""
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer.json; use transcribe_ids")
-        parts = self.transcribe_ids(audio, language=language, task=task, max_tokens=max_tokens)
-        return " ".join(self.tokenizer.decode(p).strip() for p in parts).strip()
+        return self.transcription(audio, **kw).text
 
     __call__ = transcribe
+
+
+@dataclass
+class Transcription:
+    text: str
+    language: str | None  # the code given or detected (None on English-only models)
+    duration: float  # seconds of audio
+    segments: list[Segment]
+    windows: list[list[int]]  # the tokens each 30 s window decoded, end token included
+
+
+def _temperatures(t) -> tuple[float, ...]:
+    ts = (t,) if isinstance(t, (int, float)) and not isinstance(t, bool) else t
+    if not isinstance(ts, (list, tuple)) or not ts or len(ts) > 16 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 2 for x in ts):
+        raise GenerationError(f"temperature must be a number in [0, 2] or a list of up to 16 of them, got {t!r:.60}")
+    return tuple(float(x) for x in ts)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .errors import TokenizerError
+
+T = TypeVar("T")
 
 # ---- bounding what one request costs the tokenizer -------------------------------------------------
 # The tokenizers library normalises a whole text in memory before anything else (with ~10 bytes of
@@ -74,7 +76,7 @@ def _growth(cfg: Any, where: str, depth: int = 0) -> int:
     return 32  # Precompiled (a SentencePiece charsmap) and anything newer: measured per request
 
 
-def _pipeline_growth(tk, where: str) -> int:
+def _pipeline_growth(tk: Any, where: str) -> int:
     """The normaliser's worst-case growth factor; refuses absurd normalisers and decoders."""
     for part, key in ((tk.decoder, "decoders"),):
         if part is not None:
@@ -140,7 +142,7 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_unicode(texts) -> None:
+def _check_unicode(texts: Iterable[object]) -> None:
     """The tokenizers library refuses strings that are not valid Unicode (lone surrogates, e.g. from a
     JSON "\\ud800" escape) with a bare TypeError; say what is wrong instead."""
     for t in texts:
@@ -157,14 +159,14 @@ class Tokenizer:
 
     def __init__(
         self,
-        tokenizer,  # tokenizers.Tokenizer
+        tokenizer: Any,  # tokenizers.Tokenizer
         *,
         special_tokens: dict[str, str] | None = None,
         chat_template: str | dict | list | None = None,
         add_bos_token: bool | None = None,
         add_eos_token: bool | None = None,
         model_max_length: int | None = None,
-    ):
+    ) -> None:
         # Padding/truncation baked into tokenizer.json (sentence-transformers exports pad to 128) would
         # silently change prompts; batching and truncation are ember's job.
         tokenizer.no_padding()
@@ -176,7 +178,7 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         self.model_max_length = model_max_length
-        self._special_ids = None
+        self._special_ids: set[int] | None = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -276,7 +278,7 @@ class Tokenizer:
                                          f"characters (up to {growth}x its length): text refused")
             made += this
 
-    def _run(self, what: str, fn, *args, **kwargs):
+    def _run(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - only the tokenizers library's own failures are converted
@@ -356,6 +358,7 @@ class Tokenizer:
                 if tok.special:
                     ids.add(i)
             self._special_ids = ids
+            return ids
         return self._special_ids
 
     # ---- chat ---------------------------------------------------------------------------------
@@ -373,8 +376,9 @@ class Tokenizer:
                                 "use generate() with a plain prompt instead")
         return t
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
-                            documents=None, template: str | None = None, **kwargs) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            template: str | None = None, **kwargs: Any) -> str:
         """Render messages to the prompt string exactly as transformers' apply_chat_template(tokenize=False)."""
         from .generation.chat_template import render
 
@@ -382,6 +386,6 @@ class Tokenizer:
         return render(template or self.template("tool_use" if tools else None), messages,
                       add_generation_prompt=add_generation_prompt, tools=tools, documents=documents, **kw)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Token ids of the rendered chat (the template writes the special tokens itself)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)

@@ -13,10 +13,15 @@ backend wants of them is done here, after the build, never inside a layer's cons
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
   native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention) on ember's native
                 CPU kernels: registered once per process; counts the model's modules that call them
+  triton-ops    the same ops on CUDA through Triton kernels (ember.backends.triton_ops: decode
+                attention that reads only the visible cache columns, fused norms, SiLU·up), in
+                front of what was registered before; EMBER_TRITON=0 turns it off
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
   prepack       bf16 Linear -> oneDNN's blocked layout (CPUs with native bf16)
+  prepack-f32   an encoder's float32 Linears -> oneDNN's blocked layout, bias, GELU and residual add
+                fused (any CPU)
 
 Each step rewrites the module tree in place and says how many modules it changed;
 `Loaded.transforms` records the steps that changed something. `EMBER_KERNELS=0` turns the native
@@ -48,6 +53,20 @@ def _native_ops(model: nn.Module) -> int:
     from .backends.native import use_native_ops
 
     return use_native_ops(model)
+
+
+def _triton_ops(model: nn.Module) -> int:
+    from .backends.triton_ops import register_ops
+
+    register_ops()
+    return _op_callers(model)
+
+
+def _op_callers(model: nn.Module) -> int:
+    from .nn.layers import RMSNorm
+
+    return sum(1 for m in model.modules()
+               if (isinstance(m, RMSNorm) and not m.scale_in_float) or hasattr(m, "num_kv_heads"))
 
 
 def _int4(model: nn.Module) -> int:
@@ -89,6 +108,12 @@ def _prepack(model: nn.Module) -> int:
     return prepack_all(model)
 
 
+def _prepack_f32(model: nn.Module) -> int:
+    from .backends.onednn import prepack_all
+
+    return prepack_all(model, torch.float32)
+
+
 def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
     def run(model: nn.Module) -> int:
         from .quantize import quantize_linears
@@ -104,10 +129,13 @@ REPACK = Transform("repack", _repack, "quantised HF integer weights as GGUF bloc
 FP8_SCALED_MM = Transform("fp8-scaled-mm", _scaled_mm, "FP8 weights on torch._scaled_mm (CUDA)")
 NATIVE_QUANT = Transform("native-quant", _native_quant, "GGUF blocks on ember's native CPU kernels")
 NATIVE_OPS = Transform("native-ops", _native_ops, "norms, SwiGLU and decode attention on ember's native CPU kernels")
+TRITON_OPS = Transform("triton-ops", _triton_ops, "norms, SwiGLU and live-token decode attention as Triton kernels (CUDA)")
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
 PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
+PREPACK_F32 = Transform("prepack-f32", _prepack_f32, "an encoder's float32 weights in oneDNN's blocked layout, "
+                        "bias, GELU and residual add fused")
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -121,6 +149,12 @@ def native_kernels(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     from .backends.native import available
+
+    return available()
+
+
+def triton_kernels() -> bool:
+    from .backends.triton_ops import available
 
     return available()
 
@@ -139,7 +173,7 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
     quantised steps are planned). quantize: "int8" or
     "int4", quantise the float Linears first (the model computes in `dtype` after). prepack: oneDNN
     prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
-    be torch.compile'd (Inductor prepacks itself).
+    be torch.compile'd (Inductor prepacks itself); for float32 encoders None means on.
     """
     steps = []
     cpu = device.type == "cpu"
@@ -163,12 +197,16 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         steps.append(DEQUANTIZE)
     if cpu and native_kernels(device):
         steps.append(NATIVE_OPS)
+    if device.type == "cuda" and triton_kernels():
+        steps.append(TRITON_OPS)
     if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
         if bf16_native():
             if prepack is not False:
                 steps.append(PREPACK)
         elif native_kernels(device):
             steps.append(NATIVE_BF16)
+    if cpu and dtype == torch.float32 and task == "encoder" and prepack is not False:
+        steps.append(PREPACK_F32)
     return steps
 
 

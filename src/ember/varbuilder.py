@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Protocol, Sequence, Union, overload
 
 import torch
 
@@ -55,7 +55,7 @@ class SafetensorsSource:
                     raise CheckpointError(f"tensor {k!r} appears in both {self._where[k].path.name} and {f.path.name}")
                 self._where[k] = f
 
-    def keys(self):
+    def keys(self) -> Iterable[str]:
         return self._where.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -87,13 +87,13 @@ class DictSource:
         self.tensors = dict(tensors)
         self.name = name
 
-    def keys(self):
+    def keys(self) -> Iterable[str]:
         return self.tensors.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].shape)
 
-    def dtype(self, key: str):
+    def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].dtype
 
     def load(self, key: str) -> torch.Tensor:
@@ -132,10 +132,10 @@ class VarBuilder:
         prefix: str = "",
         *,
         renames: Sequence[Callable[[str], str | None]] = (),
-        tp=None,
+        tp: Any = None,
         _shared: _Shared | None = None,
         _shard: tuple[int, tuple[tuple[int, int], ...]] | None = None,
-    ):
+    ) -> None:
         self.source = source
         self.dtype = dtype
         self.device = torch.device(device)
@@ -145,7 +145,7 @@ class VarBuilder:
         self._shard = _shard  # (dim, ranges): this builder hands out only those parts (see sharded())
 
     @property
-    def tp(self):
+    def tp(self) -> Any:
         """The tensor-parallel group (`ember.distributed.TensorParallel`) the model is being split
         over, or None for a model built whole. Model files ask it how to split their layers."""
         return self._shared.tp
@@ -153,16 +153,20 @@ class VarBuilder:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_mmaped_safetensors(
-        cls, files: str | os.PathLike | Sequence[str | os.PathLike], dtype: torch.dtype | None = None, device="cpu"
+        cls, files: str | os.PathLike | Sequence[str | os.PathLike], dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu"
     ) -> "VarBuilder":
         """A builder over safetensors files (the shards of one checkpoint), memory-mapped."""
-        return cls(SafetensorsSource(files), dtype, device)
+        return cls(SafetensorsSource([files] if isinstance(files, (str, os.PathLike)) else files), dtype, device)
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, device="cpu") -> "VarBuilder":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> "VarBuilder":
         return cls(DictSource(tensors), dtype, device)
 
-    def _derive(self, prefix: str | None = None, renames=None, dtype=None, device=None, shard=False) -> "VarBuilder":
+    def _derive(self, prefix: str | None = None, renames: Sequence[Callable[[str], str | None]] | None = None,
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                shard: tuple[int, tuple[tuple[int, int], ...]] | None | Literal[False] = False) -> "VarBuilder":
         return VarBuilder(
             self.source,
             dtype if dtype is not None else self.dtype,
@@ -207,7 +211,7 @@ class VarBuilder:
     def root(self) -> "VarBuilder":
         return self._derive(prefix="")
 
-    def to(self, dtype: torch.dtype | None = None, device=None) -> "VarBuilder":
+    def to(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> "VarBuilder":
         return self._derive(dtype=dtype, device=device)
 
     def rename(self, mapping: KeyMap) -> "VarBuilder":
@@ -221,7 +225,7 @@ class VarBuilder:
         else:
             pairs = sorted(mapping.items(), key=lambda kv: -len(kv[0]))
 
-            def fn(key: str, pairs=pairs):
+            def fn(key: str, pairs: list[tuple[str, str]] = pairs) -> str | None:
                 for a, b in pairs:
                     if key == a or key.startswith(a) and (a == "" or a.endswith(".") or key[len(a)] == "."):
                         return b + key[len(a):]
@@ -265,7 +269,12 @@ class VarBuilder:
             raise TensorNotFoundError(f"tensor {full!r} not found in {self._shared.source.describe()}{hint}")
         return key
 
-    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
+    @overload
+    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *,
+            quantized: Literal[False] = False) -> torch.Tensor: ...
+    @overload
+    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool) -> Any: ...
+    def get(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False) -> Any:
         """The tensor `name` under the prefix, checked against `shape` before its data is read.
 
         Floating tensors are converted to `dtype` (default: the builder's). An integer or bool tensor
@@ -285,7 +294,7 @@ class VarBuilder:
         return self._load(key, dtype, quantized, floating=True)
 
     def get_sharded(self, shape: Shape | None, name: str, dim: int, rank: int, world: int,
-                    dtype: torch.dtype | None = None, *, quantized: bool = False):
+                    dtype: torch.dtype | None = None, *, quantized: bool = False) -> Any:
         """Rank `rank`'s equal part (of `world`) along `dim` of the tensor `name`, whose whole shape
         is checked against `shape` first; only that part is read."""
         n = self.shape_of(name)[dim]
@@ -295,15 +304,16 @@ class VarBuilder:
         step = n // world
         return self.sharded(dim, [(rank * step, (rank + 1) * step)]).get(shape, name, dtype, quantized=quantized)
 
-    def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
+    def get_unchecked(self, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False) -> Any:
         """The tensor `name` with whatever shape the checkpoint has."""
         return self._load(self._require(name), dtype, quantized)
 
-    def get_optional(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *, quantized: bool = False):
+    def get_optional(self, shape: Shape | None, name: str, dtype: torch.dtype | None = None, *,
+                     quantized: bool = False) -> Any:
         """Like `get`, but None when the checkpoint has no such tensor (optional biases...)."""
         return self.get(shape, name, dtype, quantized=quantized) if self.contains(name) else None
 
-    def _load(self, key: str, dtype, quantized: bool, floating: bool = False):
+    def _load(self, key: str, dtype: torch.dtype | None, quantized: bool, floating: bool = False) -> Any:
         raw = self._shared.source.load(key)
         self._shared.used.add(key)
         if self._shard is not None and len(self._shared.source.shape(key)) > self._shard[0]:
@@ -324,8 +334,9 @@ class VarBuilder:
             self._release(key)  # a converted copy: the file's pages are not needed in memory
         return out
 
-    def _slice(self, key: str, raw):
+    def _slice(self, key: str, raw: Any) -> Any:
         """The ranges of this builder's shard of `raw` (views on the file where they can be)."""
+        assert self._shard is not None
         dim, ranges = self._shard
         n = self._shared.source.shape(key)[dim]
         if any(b > n for _, b in ranges):
@@ -359,7 +370,7 @@ class VarBuilder:
         if fn is not None:
             fn(key)
 
-    def _convert(self, t: torch.Tensor, dtype) -> torch.Tensor:
+    def _convert(self, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         dtype = dtype or self.dtype
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             return t.to(device=self.device, dtype=dtype)

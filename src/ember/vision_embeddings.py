@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .embeddings import _check_texts
 from .errors import EmbeddingError, TokenizerError
-from .images import ImageProcessor
+from .images import ImageProcessor, PatchProcessor
 from .loading import Loaded
 
 log = logging.getLogger("ember")
@@ -63,10 +63,17 @@ class ImageTextEmbedder:
         self.dtype = loaded.dtype
         self.dim = self.model.dim
         vision = self.config.vision
-        self.processor = ImageProcessor.from_file(loaded.snapshot.file("preprocessor_config.json"),
-                                                  self.model.processor_defaults())
-        size = self.processor.output_size
-        want = (vision.image_size, vision.image_size)
+        pre = loaded.snapshot.file("preprocessor_config.json")
+        if getattr(self.model, "patchified", False):  # SigLIP 2 NaFlex: patches at each image's own shape
+            self.processor = PatchProcessor.from_file(pre, self.model.processor_defaults())
+            if self.processor.patch_size != vision.patch_size:
+                raise EmbeddingError(f"{loaded.snapshot.root}: the image processor cuts {self.processor.patch_size}-pixel "
+                                     f"patches, the vision tower takes {vision.patch_size}")
+            size = want = None
+        else:
+            self.processor = ImageProcessor.from_file(pre, self.model.processor_defaults())
+            size = self.processor.output_size
+            want = (vision.image_size, vision.image_size)
         if size is not None and size != want:
             raise EmbeddingError(f"{loaded.snapshot.root}: the image processor gives {size[0]}x{size[1]} images, "
                                  f"the vision tower takes {want[0]}x{want[1]}")
@@ -86,7 +93,8 @@ class ImageTextEmbedder:
 
     # ---- inputs -------------------------------------------------------------------------------
     def pixel_values(self, images) -> torch.Tensor:
-        """[N, 3, H, W] float32 pixels of `images` (PIL images, paths or encoded bytes)."""
+        """[N, 3, H, W] float32 pixels of `images` (PIL images, paths or encoded bytes); for SigLIP 2
+        NaFlex, a dict of pixel_values [N, patches, P*P*3], pixel_attention_mask and spatial_shapes."""
         return self.processor(_check_images(images))
 
     def tokenize(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +125,11 @@ class ImageTextEmbedder:
             images = _check_images(images)
             for s in range(0, len(images), batch_size):  # decoded a batch at a time: memory stays bounded
                 px = self.processor(images[s:s + batch_size], "images" if s == 0 else f"images[{s}:]")
-                out.append(self.model.image_features(px.to(self.device)).cpu())
+                if isinstance(px, dict):  # patches, their mask and shapes (PatchProcessor)
+                    feats = self.model.image_features(**{k: v.to(self.device) for k, v in px.items()})
+                else:
+                    feats = self.model.image_features(px.to(self.device))
+                out.append(feats.cpu())
         else:
             texts = _check_texts(texts)
             for s in range(0, len(texts), batch_size):

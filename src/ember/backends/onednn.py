@@ -1,4 +1,7 @@
-"""oneDNN-prepacked bf16 Linears, for CPUs with native bf16: the `prepack` transform's backend.
+"""oneDNN-prepacked Linears: the `prepack` transform's backend (bf16 on CPUs with native bf16) and
+`prepack-f32`'s (float32 encoders on any CPU: the bias, an exact GELU and the residual add fused
+into the matmul, where F.linear copies the bias into its output first and the rest are separate
+passes over the activations).
 
 `F.linear` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on every call; a
 weight reordered once at load streams faster (measured on this project's Zen 5 CPU: the SmolLM2
@@ -35,30 +38,38 @@ def bf16_native() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def can_prepack() -> bool:
-    """Whether the ops exist, the CPU has native bf16, and they agree with F.linear on a small check.
+def can_prepack(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the ops exist for `dtype` (bf16: the CPU has native bf16; float32: any CPU oneDNN
+    runs on) and agree with F.linear on a small check, fused GELU and residual add included.
     EMBER_PREPACK=0 (or the older EMBER_PACK_LINEAR=0) turns prepacking off."""
     if os.environ.get("EMBER_PREPACK", os.environ.get("EMBER_PACK_LINEAR", "1")) == "0":
         return False
     try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if dtype not in (torch.bfloat16, torch.float32):
             return False
         g = torch.Generator().manual_seed(0)
-        w, b = torch.randn(24, 16, generator=g).bfloat16(), torch.randn(24, generator=g).bfloat16()
-        x = torch.randn(2, 3, 16, generator=g).bfloat16()
+        w, b = torch.randn(24, 16, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype)
+        x, r = torch.randn(2, 3, 16, generator=g).to(dtype), torch.randn(2, 3, 24, generator=g).to(dtype)
         p = torch.ops.mkldnn._reorder_linear_weight(w, 6)
         y = torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
         yg = torch.ops.mkldnn._linear_pointwise(x, p, b, "gelu", [], "none")
+        ya = torch.ops.mkldnn._linear_pointwise.binary(x, r, p, b, "add")
         ref = F.linear(x.float(), w.float(), b.float())
-        return bool(torch.allclose(y.float(), ref, atol=0.1, rtol=0.02)
-                    and torch.allclose(yg.float(), F.gelu(ref), atol=0.1, rtol=0.02))
+        tol = dict(atol=0.1, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+        return bool(torch.allclose(y.float(), ref, **tol) and torch.allclose(yg.float(), F.gelu(ref), **tol)
+                    and torch.allclose(ya.float(), ref + r.float(), **tol))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 class PrepackedLinear(nn.Module):
-    """A bf16 Linear whose weight is prepacked once into oneDNN's blocked layout (CPU), with an
-    optional fused exact GELU acting on the float32 accumulator."""
+    """A bf16 or float32 Linear whose weight is prepacked once into oneDNN's blocked layout (CPU),
+    with an optional fused exact GELU acting on the float32 accumulator, and `linear_add` (the
+    Linear plus a residual in one op)."""
 
     def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024):
         super().__init__()
@@ -75,6 +86,13 @@ class PrepackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, self.attr, [], self.algorithm)
 
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x) as one oneDNN op (a post-op add: no separate pass over the output).
+        `residual` must have this Linear's dtype and the output's shape; a fused GELU is not allowed."""
+        if self.attr != "none" or residual.dtype != self.dtype:
+            return residual + self(x)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.prepacked, self.bias, "add")
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, dtype={self.dtype}, fused={self.attr}"
 
@@ -85,27 +103,27 @@ class PrepackedLinear(nn.Module):
         return nn.Sequential(lin, nn.GELU()) if self.attr == "gelu" else lin
 
 
-def prepackable(m) -> bool:
-    return isinstance(m, Linear) and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+def prepackable(m, dtype: torch.dtype = torch.bfloat16) -> bool:
+    return isinstance(m, Linear) and m.weight.dtype == dtype and m.weight.device.type == "cpu"
 
 
-def prepack_all(model: nn.Module) -> int:
-    """Replace every bf16 CPU Linear in `model` by a PrepackedLinear (no-op where `can_prepack()` is
-    false). A module that applies an exact GELU to one of its Linears' outputs can say so with
-    `fusable_gelu() -> attribute name` and `gelu_fused()`: that Linear then computes the GELU on its
-    float32 accumulator. Returns how many Linears were prepacked."""
-    if not can_prepack():
+def prepack_all(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace every CPU Linear of `dtype` (bf16, or float32) in `model` by a PrepackedLinear (no-op
+    where `can_prepack(dtype)` is false). A module that applies an exact GELU to one of its Linears'
+    outputs can say so with `fusable_gelu() -> attribute name` and `gelu_fused()`: that Linear then
+    computes the GELU on its float32 accumulator. Returns how many Linears were prepacked."""
+    if not can_prepack(dtype):
         return 0
     n = 0
     for mod in list(model.modules()):
         fusable = getattr(mod, "fusable_gelu", None)
         name = fusable() if fusable is not None else None
-        if name is not None and prepackable(getattr(mod, name)):
+        if name is not None and prepackable(getattr(mod, name), dtype):
             setattr(mod, name, PrepackedLinear(getattr(mod, name), gelu=True))
             mod.gelu_fused()
             n += 1
         for child_name, child in list(mod.named_children()):
-            if prepackable(child):
+            if prepackable(child, dtype):
                 setattr(mod, child_name, PrepackedLinear(child))
                 n += 1
     return n

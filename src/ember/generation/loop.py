@@ -41,6 +41,10 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: plus the top k
     grammar: object | None = None  # a generation.grammar.Grammar the output must follow (constrained decoding)
+    # image+text models: the features [n, hidden] of the prompt's n image tokens, in order (LLM.chat_prompt).
+    # Such a prompt is prefilled alone and in one forward, and never enters the prefix cache (its image
+    # tokens' ids are the same whatever the image).
+    image_embeds: object | None = None
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -299,12 +303,17 @@ class Generator:
             return []
         for s in batch:
             self.reserve(s.slot, len(s.req.prompt_ids))
+        recurrent = getattr(self.cache, "recurrent", False)  # a StateCache (nn/state_cache.py)
+        if recurrent:
+            for s in batch:  # the slot's previous sequence left its state behind
+                self.cache.reset_rows(slice(s.slot, s.slot + 1))
         pc = self.prefix_cache
         if pc is not None and self._paged:
             raise GenerationError("the prefix cache does not work with a paged KV cache yet")
         if pc is not None:
             for s in batch:
-                s.start = pc.restore(self.cache, s.slot, s.req.prompt_ids)
+                if s.req.image_embeds is None:
+                    s.start = pc.restore(self.cache, s.slot, s.req.prompt_ids)
         # Prefill runs of consecutive slots together (one forward each), long prompts in chunks.
         batch.sort(key=lambda s: s.slot)
         runs: list[list[_Seq]] = []
@@ -314,20 +323,25 @@ class Generator:
             else:
                 runs.append([s])
         ring = getattr(self.cache, "smallest_ring", None)
-        if ring is not None:
+        if ring is not None or recurrent:
             # A row padded past a sliding window's ring would wrap its padding onto its own tokens
-            # (kv_cache.py): such runs are prefilled a row at a time.
+            # (kv_cache.py), and a padded row would scan its padding into its recurrent state
+            # (state_cache.py): such runs are prefilled a row at a time.
             split = []
             for run in runs:
                 lens = [len(s.req.prompt_ids) - s.start for s in run]
-                wrap = len(set(lens)) > 1 and max(s.start for s in run) + max(lens) > ring
+                wrap = len(set(lens)) > 1 and (recurrent or max(s.start for s in run) + max(lens) > ring)
                 split += [[s] for s in run] if wrap else [run]
             runs = split
+        # prompts with images alone: their features replace the image tokens' embeddings row by row
+        runs = [r for run in runs for r in ([[s] for s in run] if any(s.req.image_embeds is not None for s in run)
+                                            else [run])]
         for run in runs:
             logits = self._prefill(run)
             if pc is not None:
                 for s in run:
-                    pc.save(self.cache, s.slot, s.req.prompt_ids)
+                    if s.req.image_embeds is None:
+                        pc.save(self.cache, s.slot, s.req.prompt_ids)
             events += self._emit(run, logits)
         return batch
 
@@ -344,15 +358,19 @@ class Generator:
         last = torch.tensor([n - 1 for n in lens], device=self.device)
         first = torch.tensor(starts, device=self.device)[:, None]
         out = None
-        for c0 in range(0, T, self.prefill_chunk):
-            c1 = min(T, c0 + self.prefill_chunk)
+        images = run[0].req.image_embeds if len(run) == 1 else None
+        # an image prompt in one forward: Gemma 3's images attend to their own later tokens
+        chunk = T if images is not None else self.prefill_chunk
+        extra = {"image_embeds": images} if images is not None else {}
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
             pos = torch.arange(c0, c1, device=self.device).expand(len(run), -1)
             if top:  # padding past the cache's end goes to the scratch column, which no row reads
                 pos = (pos + first).clamp(max=self.max_len - 1)
             # rows whose prompt ends inside this chunk give their last-token logits now
             idx = (last - c0).clamp(0, c1 - c0 - 1)
             logits = self.model(ids[:, c0:c1], position_ids=pos, cache=self.cache, kv_len=min(top + c1, self.max_len),
-                                cache_rows=rows, logits_index=idx, fresh=c0 == 0 and not top)
+                                cache_rows=rows, logits_index=idx, fresh=c0 == 0 and not top, **extra)
             if out is None:
                 out = logits[:, 0]
             else:
@@ -472,8 +490,8 @@ class Generator:
             if stop_tok or stop_str or length or grammar_end:
                 ev.finished = True
                 ev.finish_reason = "stop" if (stop_tok or stop_str or grammar_end) else "length"
-                if self.prefix_cache is not None:  # the row holds the first s.pos tokens (a pipelined step
-                    # in flight may have fed the last one too)
+                if self.prefix_cache is not None and s.req.image_embeds is None:
+                    # the row holds the first s.pos tokens (a pipelined step in flight may have fed the last one too)
                     self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
                 self._free(s.slot)
             events.append(ev)

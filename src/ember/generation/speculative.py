@@ -82,6 +82,9 @@ class Speculative:
     def build(self, gen: "Generator") -> "Speculator":
         """The speculator of this kind for a generator (checked against its model and cache)."""
         self.validate()
+        if getattr(gen.cache, "recurrent", False):
+            raise GenerationError("speculative decoding does not support models with recurrent state (SSM, "
+                                  "linear attention) yet: a rejected draft cannot be taken back out of it")
         if self.assistant_model is None:
             proposer = PromptLookup(self.prompt_lookup_num_tokens, self.max_matching_ngram_size)
         else:
@@ -177,6 +180,9 @@ class DraftModel:
         self.max_len = gen.max_len
         self.chunk = gen.prefill_chunk
         self.cache = model.new_cache(gen.max_batch, gen.max_len, device=gen.device)
+        if getattr(self.cache, "recurrent", False):
+            raise GenerationError("assistant_model has recurrent state (SSM, linear attention), which speculative "
+                                  "decoding does not support yet")
         if self.cache.smallest_ring is not None:
             raise GenerationError("assistant_model has sliding-window layers, which speculative decoding does not "
                                   "support yet")

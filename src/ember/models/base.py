@@ -17,6 +17,7 @@ from torch import nn
 
 from ..nn.attention import build_mask, positions_from_mask
 from ..nn.kv_cache import KVCache, ring_key_positions
+from ..nn.state_cache import StateCache
 
 
 @dataclass
@@ -32,20 +33,56 @@ class Step:
     fresh: bool = False  # prefill from position 0: keys are the queries, plain causal attention
     causal: bool = True  # False: bidirectional self-attention (decoder-based encoders), no cache
     _host_pos: int | None = None  # the position of a single-token CPU decode, read once
+    # [B, T] image block ids (-1: a text token): tokens of one image also see each other's later tokens
+    # (Gemma 3). Only in a forward whose keys are its own tokens (no cache, or a fresh prefill).
+    image_blocks: torch.Tensor | None = None
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
         if window not in self._masks:
-            kv_len = None if self.fresh else self.kv_len
-            if not self.causal:
-                self._masks[window] = build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
-            elif self.cache is not None and self.cache.is_ring(window):
-                self._masks[window] = self._ring_mask(window)
-            elif self._single_query_sees_all(window):
-                self._masks[window] = None  # one query at the last cached position: every key is visible
-            else:
-                self._masks[window] = build_mask(self.position_ids, self.attention_mask, kv_len=kv_len, window=window)
+            self._masks[window] = self._base_mask(window)
+            if self.image_blocks is not None:
+                self._masks[window] = self._with_image_blocks(self._masks[window], window)
         return self._masks[window]
+
+    def _with_image_blocks(self, mask: torch.Tensor | None, window: int | None) -> torch.Tensor:
+        """`mask` OR (query and key in the same image, within the window): transformers' Gemma 3
+        masks, AND(window, OR(causal, same image))."""
+        b, p = self.image_blocks, self.position_ids
+        T = b.shape[1]
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=b.device).tril()[None, None]
+        same = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
+        if window is not None:
+            same = same & (p[:, :, None] - p[:, None, :] < window)
+        return mask | same.unsqueeze(1)
+
+    def _base_mask(self, window: int | None) -> torch.Tensor | None:
+        if not self.causal:
+            return build_mask(self.position_ids, self.attention_mask, window=window, causal=False)
+        if self.cache is not None and self.cache.is_ring(window):
+            return self._ring_mask(window)
+        if self._single_query_sees_all(window):
+            return None  # one query at the last cached position: every key is visible
+        return build_mask(self.position_ids, self.attention_mask, kv_len=None if self.fresh else self.kv_len,
+                          window=window)
+
+    def chunk_mask(self, chunk: int) -> torch.Tensor:
+        """The [B, 1, T, S] mask of chunked attention (Llama 4): a query sees the earlier keys of its
+        own chunk of `chunk` positions (chunks counted from each row's position 0, padding excluded)."""
+        key = ("chunk", chunk)
+        if key not in self._masks:
+            q = self.position_ids.unsqueeze(-1)  # [B, T, 1]
+            if self.cache is not None:  # cache columns are positions
+                k = torch.arange(self.kv_len, device=q.device)
+                self._masks[key] = ((k <= q) & (k // chunk == q // chunk)).unsqueeze(1)
+            else:
+                causal = self.mask(None)
+                if causal is None:
+                    T = q.shape[1]
+                    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+                self._masks[key] = causal & (q // chunk == q.transpose(1, 2) // chunk).unsqueeze(1)
+        return self._masks[key]
 
     def _ring_mask(self, window: int) -> torch.Tensor | None:
         """The mask over what KVCache.update returns for a ring layer (see kv_cache.py)."""
@@ -91,7 +128,8 @@ class Step:
 
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
-              cache_rows: slice | None = None, fresh: bool = False, causal: bool = True) -> Step:
+              cache_rows: slice | None = None, fresh: bool = False, causal: bool = True,
+              image_blocks: torch.Tensor | None = None) -> Step:
     B, T = input_ids.shape[:2]
     if position_ids is None:
         if cache is not None:
@@ -105,7 +143,9 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
         raise ValueError("fresh=True means a prefill from position 0 whose kv_len equals its length")
     if not causal and cache is not None:
         raise ValueError("bidirectional attention runs without a cache")
-    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal)
+    if image_blocks is not None and cache is not None and not fresh:
+        raise ValueError("image blocks need the whole prompt in one forward (no cache, or fresh=True)")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal, image_blocks=image_blocks)
 
 
 class CausalLM(nn.Module):
@@ -130,16 +170,20 @@ class CausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
         cache_rows: slice | None = None,
         fresh: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        image_blocks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab].
 
         fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
-        causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then."""
+        causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then.
+        inputs_embeds [B, T, E]: the input embeddings to use instead of input_ids' (image+text models
+        merge image features into them); image_blocks [B, T]: see `Step.image_blocks`."""
         if cache is not None:
             cache.begin_forward()  # per-forward memos (the decode write column) start afresh
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
-                         causal=not self.bidirectional)
-        h = self.model(input_ids, step)
+                         causal=not self.bidirectional, image_blocks=image_blocks)
+        h = self.model(input_ids, step) if inputs_embeds is None else self.model(input_ids, step, inputs_embeds)
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
         logits = self.lm_head(h)
@@ -151,16 +195,28 @@ class CausalLM(nn.Module):
         return logits.float()
 
     def cache_layout(self) -> list[tuple[int, ...]]:
-        """(kv_heads, head_dim) per layer, for KVCache (or (kv_heads, k_dim, v_dim): MLA's latent)."""
-        return [(layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in self.model.layers]
+        """(kv_heads, head_dim) per layer, for KVCache (or (kv_heads, k_dim, v_dim): MLA's latent);
+        (0, 0), no keys or values, for a layer without attention (a state-space layer)."""
+        return [(a.num_kv_heads, a.head_dim) if (a := getattr(layer, "self_attn", None)) is not None else (0, 0)
+                for layer in self.model.layers]
 
     def cache_windows(self) -> list[int | None]:
         """Each layer's sliding window (None = full attention): those layers keep a ring in KVCache."""
-        return [getattr(layer.self_attn, "window", None) for layer in self.model.layers]
+        return [getattr(getattr(layer, "self_attn", None), "window", None) for layer in self.model.layers]
+
+    def state_layout(self) -> list:
+        """Each layer's recurrent state (`StateCache`'s spec: shapes and dtypes), from the layer's
+        `state_spec()`; None for layers without (attention layers)."""
+        return [layer.state_spec() if hasattr(layer, "state_spec") else None for layer in self.model.layers]
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """The cache generation runs in: a KVCache, or a StateCache where layers keep recurrent state."""
         p = next(iter(self.parameters()))
         dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        states = self.state_layout()
+        if any(s is not None for s in states):
+            return StateCache(batch, max_len, self.cache_layout(), states, dtype=dtype, device=device or p.device,
+                              windows=self.cache_windows())
         return KVCache(batch, max_len, self.cache_layout(), dtype=dtype, device=device or p.device,
                        windows=self.cache_windows())
 
@@ -182,7 +238,7 @@ class CausalLM(nn.Module):
         return max(n, 1)
 
 
-def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int) -> nn.Module:
+def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: int, bias: bool = False) -> nn.Module:
     """lm_head: the embedding matrix when tied (or when the checkpoint has no lm_head), else its own
     (split over the vocabulary under tensor parallelism: `ember.distributed.layers.head`)."""
     from ..distributed.layers import head
@@ -192,4 +248,4 @@ def tied_or_own_head(vb, cfg, embed_weight: torch.Tensor, hidden: int, vocab: in
         if not getattr(cfg, "tie_word_embeddings", False):
             logging.getLogger("ember").warning("checkpoint has no lm_head.weight: tying it to the embeddings")
         return head(vb, embed_weight, hidden, vocab)  # a packed (GGUF) table gives a packed head
-    return head(vb, None, hidden, vocab)
+    return head(vb, None, hidden, vocab, bias=bias)

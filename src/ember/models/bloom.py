@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import ModelConfig
 from ..nn import Embedding, LayerNorm, attention, build_mask, linear, linear_from_weight
 from ..varbuilder import VarBuilder
@@ -143,3 +144,30 @@ class ForCausalLM(CausalLM):
         body = vb.pp("transformer") if vb.contains("transformer.word_embeddings.weight") else vb
         self.model = Model(cfg, body)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.word_embeddings.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's bloom: the converter regroups query_key_value from per head (q, k, v) to
+# all queries, all keys, all values; the row order puts it back) -------------------------------------
+def _gguf_bloom(meta: gguf.Meta) -> dict:
+    return {"model_type": "bloom", "vocab_size": gguf.vocab_size(meta), "hidden_size": meta.need("embedding_length"),
+            "n_layer": gguf.layer_count(meta), "n_head": gguf.attention_heads(meta),
+            "layer_norm_epsilon": float(meta.need("attention.layer_norm_epsilon", kind=(int, float))),
+            "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m),
+            # the fields GGUFSource reads
+            "num_hidden_layers": gguf.layer_count(meta), "num_attention_heads": gguf.attention_heads(meta)}
+
+
+def _bloom_qkv_rows(leaf: str, rows: int, cfg: dict) -> torch.Tensor | None:
+    if not leaf.startswith("attn_qkv."):
+        return None
+    H, E = cfg["n_head"], cfg["hidden_size"]
+    if rows != 3 * E or E % H:
+        raise ValueError(f"{rows} rows are not q, k and v of {H} heads in {E} dims")
+    return torch.arange(rows).view(3, H, -1).transpose(0, 1).reshape(-1)
+
+
+GGUF = {"bloom": gguf.GGUFMapping(_gguf_bloom, layers_prefix="transformer.h", row_order=_bloom_qkv_rows, top={
+    "token_embd": "transformer.word_embeddings", "token_embd_norm": "transformer.word_embeddings_layernorm",
+    "output_norm": "transformer.ln_f", "output": "lm_head"}, layer={
+    "attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+    "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"})}

@@ -238,15 +238,20 @@ class VisionTransformer(nn.Module):
         x = F.conv2d(pixel_values.to(w.dtype), w, bias, stride=self.config.patch_size)  # [N, E, g, g]
         return x.flatten(2).transpose(1, 2)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pooled image state [N, E]."""
+    def hidden_states(self, pixel_values: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """transformers' output_hidden_states [N, 1 + patches, E] up to index `upto` (default: all):
+        [0] the embeddings after pre_layrnorm, [i] the output of layer i (LLaVA picks one of them)."""
         x = self.patches(pixel_values)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.position_embedding.weight
-        x = self.pre_layrnorm(x)
-        for layer in self.layers:
-            x = layer(x, None)
-        return self.post_layernorm(x[:, 0])
+        out = [self.pre_layrnorm(x)]
+        for layer in self.layers[:len(self.layers) if upto is None else upto]:
+            out.append(layer(out[-1], None))
+        return out
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pooled image state [N, E]."""
+        return self.post_layernorm(self.hidden_states(pixel_values)[-1][:, 0])
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

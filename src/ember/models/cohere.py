@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import LayerNorm, apply_rotary_interleaved
 from ..varbuilder import VarBuilder
 from . import llama
@@ -118,3 +119,28 @@ class ForCausalLM(CausalLM):
         self.model = Model(cfg, vb.pp("model"), fuse)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.logits_scaling = 1.0 / cfg.logit_scale
+
+
+# ---- GGUF (llama.cpp's command-r and cohere2: parallel blocks, one LayerNorm, tied head) ----------
+COHERE_LAYER = {k: v for k, v in gguf.LLAMA_LAYER.items() if k != "ffn_norm"}
+
+
+def _gguf_cohere(meta: gguf.Meta, model_type: str = "cohere") -> dict:
+    cfg = gguf.decoder_config(meta, model_type)
+    del cfg["rms_norm_eps"]
+    cfg["layer_norm_eps"] = float(meta.need("attention.layer_norm_epsilon", kind=(int, float)))
+    scale = meta.get("logit_scale", kind=(int, float))
+    if scale is not None:
+        cfg["logit_scale"] = float(scale)
+    cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in meta.names
+    return cfg
+
+
+def _gguf_cohere2(meta: gguf.Meta) -> dict:
+    cfg = _gguf_cohere(meta, "cohere2")
+    cfg["sliding_window"] = meta.need("attention.sliding_window")  # every 4th layer full (llama.cpp's pattern)
+    return cfg
+
+
+GGUF = {"command-r": gguf.GGUFMapping(_gguf_cohere, layer=COHERE_LAYER),
+        "cohere2": gguf.GGUFMapping(_gguf_cohere2, layer=COHERE_LAYER)}

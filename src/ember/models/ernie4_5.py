@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import gguf_source as gguf
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, tied_or_own_head
@@ -47,3 +48,13 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's ernie4_5: the converter splits qkv_proj / up_gate_proj into Llama's names) --
+def _gguf_ernie4_5(meta: gguf.Meta, model_type: str = "ernie4_5") -> dict:
+    cfg = gguf.decoder_config(meta, model_type, head_dim=gguf.head_dim(meta))
+    cfg["use_bias"] = "blk.0.attn_q.bias" in meta.names
+    return cfg
+
+
+GGUF = {"ernie4_5": gguf.GGUFMapping(_gguf_ernie4_5)}

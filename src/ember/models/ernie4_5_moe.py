@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import GroupLimitedMoE, SharedExpertMoE, activation, linear_from_weight
 from ..varbuilder import VarBuilder
-from . import ernie4_5, llama
+from . import deepseek, ernie4_5, llama
 from .base import CausalLM
 
 
@@ -70,3 +71,21 @@ class ForCausalLM(CausalLM):
         tied = cfg.tie_word_embeddings or not vb.contains("lm_head.weight")
         weight = self.model.embed_tokens.weight if tied else vb.get((V, E), "lm_head.weight", quantized=True)
         self.lm_head = linear_from_weight(weight, vb.get((V,), "lm_head.bias") if cfg.use_bias else None)
+
+
+# ---- GGUF (llama.cpp's ernie4_5-moe) ---------------------------------------------------------------
+def _gguf_ernie4_5_moe(meta: gguf.Meta) -> dict:
+    cfg = ernie4_5._gguf_ernie4_5(meta, "ernie4_5_moe")
+    moe = gguf.moe_config(meta)
+    cfg.update(moe_num_experts=moe["num_local_experts"], moe_k=moe["num_experts_per_tok"],
+               moe_layer_start_index=meta.get("leading_dense_block_count", 0, kind=int),
+               moe_layer_interval=meta.get("interleave_moe_layer_step", 1, kind=int),
+               moe_num_shared_experts=meta.get("expert_shared_count", 0, kind=int))
+    if "moe_intermediate_size" in moe:
+        cfg["moe_intermediate_size"] = moe["moe_intermediate_size"]
+    return cfg
+
+
+GGUF = {"ernie4_5-moe": gguf.GGUFMapping(_gguf_ernie4_5_moe, layer={
+    **gguf.LLAMA_LAYER, **gguf.MOE_LAYER, **deepseek.SHARED_EXPERTS,
+    "exp_probs_b.bias": "mlp.moe_statics.e_score_correction_bias"})}

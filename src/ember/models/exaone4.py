@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm
 from ..varbuilder import VarBuilder
-from . import llama
+from . import llama, olmo2
 from .base import CausalLM, Step, tied_or_own_head
 
 
@@ -68,3 +69,15 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's exaone4: OLMo 2's post-norm names, per-layer sliding flags) ---------------
+def _gguf_exaone4(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "exaone4", head_dim=gguf.head_dim(meta))
+    window = meta.get("attention.sliding_window", kind=int)
+    n = cfg["num_hidden_layers"]
+    cfg.update(sliding_window=window, layer_types=gguf.sliding_layer_types(meta, n, 4) if window else ["full_attention"] * n)
+    return cfg
+
+
+GGUF = {"exaone4": gguf.GGUFMapping(_gguf_exaone4, layer=olmo2.OLMO2_LAYER)}

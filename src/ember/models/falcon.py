@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import DecoderConfig
 from ..nn import Embedding, LayerNorm, activation, apply_rotary, attention, linear, linear_from_weight, rotary_from_config
 from ..varbuilder import VarBuilder
@@ -156,3 +157,48 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = Model(cfg, vb.pp("transformer"))
         self.lm_head = tied_or_own_head(vb, cfg, self.model.word_embeddings.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's falcon: 7B's single norm, or 40B's ln_attn / ln_mlp as attn_norm_2 /
+# attn_norm; the converter regroups the fused QKV from KV groups to all q, all k, all v) ------------
+def _gguf_falcon(meta: gguf.Meta) -> dict:
+    heads = gguf.attention_heads(meta)
+    kv = meta.get("attention.head_count_kv", 1, kind=int)
+    if not 0 < kv <= heads or heads % kv:
+        raise gguf.ConfigError(f"{meta.f.path}: falcon.attention.head_count_kv {kv!r:.40} must divide the "
+                               f"{heads} heads")
+    two_norms = "blk.0.attn_norm_2.weight" in meta.names
+    return {"model_type": "falcon", "vocab_size": gguf.vocab_size(meta), "hidden_size": meta.need("embedding_length"),
+            "num_hidden_layers": gguf.layer_count(meta), "num_attention_heads": heads, "num_kv_heads": kv,
+            "new_decoder_architecture": kv > 1 or two_norms, "multi_query": kv == 1,
+            "num_ln_in_parallel_attn": 2 if two_norms else 1, "parallel_attn": True, "alibi": False,
+            "bias": "blk.0.attn_qkv.bias" in meta.names, "ffn_hidden_size": meta.need("feed_forward_length"),
+            "layer_norm_epsilon": float(meta.need("attention.layer_norm_epsilon", kind=(int, float))),
+            "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m)}
+
+
+def _falcon_qkv_rows(leaf: str, rows: int, cfg: dict) -> torch.Tensor | None:
+    if not leaf.startswith("attn_qkv."):
+        return None
+    H, KV = cfg["num_attention_heads"], cfg["num_kv_heads"]
+    D = cfg["hidden_size"] // H
+    if rows != (H + 2 * KV) * D:
+        raise ValueError(f"{rows} rows are not {H} query heads and {KV} key and value heads of {D} dims")
+    q = torch.arange(H * D).view(KV, H // KV, D)
+    k = H * D + torch.arange(KV * D).view(KV, 1, D)
+    return torch.cat([q, k, k + KV * D], dim=1).reshape(-1)  # per group: its queries, its key, its value
+
+
+_FALCON_LAYER = {"attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                 "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+
+
+def _falcon_layer(cfg: dict) -> dict:
+    norms = {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"} if cfg["num_ln_in_parallel_attn"] == 2 else \
+        {"attn_norm": "input_layernorm"}
+    return {**_FALCON_LAYER, **norms}
+
+
+GGUF = {"falcon": gguf.GGUFMapping(_gguf_falcon, layers_prefix="transformer.h", row_order=_falcon_qkv_rows,
+                                   layer_fn=_falcon_layer, top={"token_embd": "transformer.word_embeddings",
+                                                                "output_norm": "transformer.ln_f", "output": "lm_head"})}

@@ -121,8 +121,13 @@ class Model(nn.Module):
         self.layer_rope = [t if t in ropes else "all" for t in types]
         self.rotary = self.rotaries["full_attention" if "full_attention" in ropes else next(iter(ropes))]
 
-    def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The scaled token embeddings (transformers' Gemma3TextScaledWordEmbedding), which an
+        image+text model merges image features into."""
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def forward(self, input_ids: torch.Tensor, step: Step, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         tables = {name: rotary(step.position_ids, x.dtype) for name, rotary in self.rotaries.items()}
         for layer, rope in zip(self.layers, self.layer_rope):
             x = layer(x, *tables[rope], step)

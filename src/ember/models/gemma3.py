@@ -8,19 +8,27 @@ but never applies it.
 Checkpoints come as Gemma3ForCausalLM (model_type gemma3_text, weights model.*, lm_head.*) or as
 the multimodal Gemma3ForConditionalGeneration (model_type gemma3, the text config under
 text_config, weights language_model.model.* / language_model.lm_head.* as transformers saves them,
-or model.language_model.* / lm_head.* as it names them in memory). The multimodal form is read
-through `MultimodalConfig` and a renaming VarBuilder; its vision tower is not loaded.
+or model.language_model.* / lm_head.* as it names them in memory). The multimodal form loads with
+its SigLIP vision tower and projector (`ForConditionalGeneration`, models/multimodal.py): images in
+chat take mm_tokens_per_image tokens each, between <start_of_image> and <end_of_image>.
 
 Reference: transformers/models/gemma3/modeling_gemma3.py, configuration_gemma3.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from .. import gguf_source as gguf
+from ..errors import UnsupportedModelError
+from ..nn import RMSNorm
 from ..varbuilder import VarBuilder
-from . import gemma, gemma2
+from . import gemma, gemma2, multimodal, siglip
 
 
 @dataclass
@@ -68,62 +76,106 @@ class Config(gemma2.Config):
         return {"full_attention": {**base, "rope_parameters": full}, "sliding_attention": {**base, "rope_parameters": sliding}}
 
 
-@dataclass
-class MultimodalConfig(Config):
-    """Parses a Gemma3ForConditionalGeneration config.json (decoder config under text_config) into
-    the text Config; a flat config (model_type gemma3 without text_config, as some GGUF
-    conversions write it) is read as is."""
-
-    @classmethod
-    def from_dict(cls, d: dict, **overrides) -> Config:
-        if isinstance(d, dict) and isinstance(d.get("text_config"), dict):
-            d = {
-                **d["text_config"],
-                "model_type": d.get("model_type"),
-                "architectures": d.get("architectures"),
-                # the head is tied by the outer config, and the multimodal model never soft-caps the logits
-                "tie_word_embeddings": d.get("tie_word_embeddings", True),
-                "final_logit_softcapping": None,
-                **{k: d[k] for k in ("dtype", "torch_dtype") if d.get(k) is not None},
-            }
-        return Config.from_dict(d, **overrides)
-
-
-def _language_model(vb: VarBuilder) -> VarBuilder:
-    """A builder that reads a multimodal checkpoint's decoder under the text model's names."""
-    if vb.contains("language_model.model.embed_tokens.weight"):  # as saved by transformers
-        return vb.rename({"model": "language_model.model", "lm_head": "language_model.lm_head"})
-    if vb.contains("model.language_model.embed_tokens.weight"):  # transformers' in-memory names
-        return vb.rename({"model": "model.language_model"})
-    return vb
-
-
 class ForCausalLM(gemma.ForCausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
-        super().__init__(cfg, _language_model(vb), fuse)
+        super().__init__(cfg, multimodal.language_model(vb), fuse)
+
+
+def _text_of(d: dict) -> dict:
+    """The decoder's config of a Gemma3ForConditionalGeneration config.json; a flat config (model_type
+    gemma3 without text_config, as some GGUF conversions write it) is read as is."""
+    if isinstance(d.get("text_config"), dict):
+        # the head is tied by the outer config, and the multimodal model never soft-caps the logits
+        return {**multimodal.text_config(d, tie_default=True), "final_logit_softcapping": None}
+    return d
+
+
+@dataclass
+class MultimodalConfig(multimodal.Config):
+    """A Gemma3ForConditionalGeneration config.json: the text Config (`text`) and the SigLIP tower's
+    (`vision`; None for a flat config, which loads as text only)."""
+
+    image_token_index: int | None = 262144
+    boi_token_index: int = 255999
+    eoi_token_index: int = 256000
+    mm_tokens_per_image: int = 256
+
+    def __post_init__(self):
+        self.text = Config.from_dict(_text_of(self.raw))
+        if isinstance(self.raw.get("text_config"), dict):
+            self.vision = self.tower(siglip.VisionConfig, {"vision_use_head": False, **(self.vision_config or {})},
+                                     "vision_config")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vision is not None:
+            side = self.vision.image_size // self.vision.patch_size
+            per_side = math.isqrt(self.mm_tokens_per_image) if self.mm_tokens_per_image > 0 else 0
+            self._require(per_side > 0 and per_side * per_side == self.mm_tokens_per_image and side % per_side == 0,
+                          f"mm_tokens_per_image ({self.mm_tokens_per_image}) must be a square whose side divides the "
+                          f"{side} patches per side of the image")
+
+
+class Projector(nn.Module):
+    """Gemma3MultiModalProjector: average-pool the patch grid to mm_tokens_per_image, RMSNorm (1 + w),
+    then a matmul by mm_input_projection_weight [vision hidden, text hidden]."""
+
+    def __init__(self, cfg: MultimodalConfig, vb: VarBuilder):
+        super().__init__()
+        v, E = cfg.vision, cfg.text.hidden_size
+        self.side = v.image_size // v.patch_size
+        self.kernel = self.side // math.isqrt(cfg.mm_tokens_per_image)
+        self.mm_soft_emb_norm = RMSNorm.from_vb(v.hidden_size, v.layer_norm_eps, vb.pp("mm_soft_emb_norm"), offset=1.0)
+        self.weight = nn.Parameter(vb.get((v.hidden_size, E), "mm_input_projection_weight"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, _, H = x.shape
+        x = x.transpose(1, 2).reshape(N, H, self.side, self.side)
+        x = F.avg_pool2d(x, self.kernel, self.kernel).flatten(2).transpose(1, 2)
+        return torch.matmul(self.mm_soft_emb_norm(x), self.weight)
+
+
+class ForConditionalGeneration(multimodal.ImageTextLM):
+    """Gemma3ForConditionalGeneration: the text decoder, the SigLIP tower's last hidden state (no
+    pooling head) and the projector. Tokens of one image attend to each other both ways (transformers'
+    token_type_ids mask). A config without a vision tower loads the decoder alone."""
+
+    bidirectional_images = True
+
+    def __init__(self, cfg: MultimodalConfig, vb: VarBuilder, fuse: bool = True):
+        super().__init__(cfg, ForCausalLM(cfg.text, vb, fuse), cfg.mm_tokens_per_image)
+        self.vision_tower = self.multi_modal_projector = None
+        tower = multimodal.vision_tower(vb) if cfg.vision is not None else None
+        if tower is not None:
+            self.vision_tower = siglip.VisionTransformer(cfg.vision, tower)
+            self.multi_modal_projector = Projector(cfg, multimodal.projector(vb, "mm_input_projection_weight"))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.vision_tower is None:
+            raise UnsupportedModelError("this Gemma 3 checkpoint has no vision tower: it takes text only")
+        x = self.multi_modal_projector(self.vision_tower.last_hidden_state(pixel_values))
+        return x.to(self.model.embed_tokens.weight.dtype)
+
+    def image_text(self, tokenizer) -> tuple[str, str]:
+        cfg = self.mm_config
+        boi, eoi, image = (tokenizer.id_to_token(i) for i in (cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token))
+        return boi, f"\n\n{boi}{image * self.tokens_per_image}{eoi}\n\n"
+
+    def processor_defaults(self) -> dict:
+        """transformers' Gemma3ImageProcessor defaults: a square resize (bilinear), mean and std 0.5."""
+        s = self.mm_config.vision.image_size
+        return {"size": {"height": s, "width": s}, "do_center_crop": False, "resample": 2,
+                "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
-def _gguf_layer_types(meta: gguf.Meta, n_layers: int, default_pattern: int) -> list[str]:
-    pattern = meta.get("attention.sliding_window_pattern", kind=(int, list))
-    if isinstance(pattern, list):  # per-layer flags: true = sliding
-        if len(pattern) != n_layers:
-            raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern has {len(pattern)} "
-                                   f"entries for {n_layers} layers")
-        return ["sliding_attention" if p else "full_attention" for p in pattern]
-    pattern = pattern or default_pattern
-    if pattern < 1:
-        raise gguf.ConfigError(f"{meta.f.path}: {meta.arch}.attention.sliding_window_pattern must be positive")
-    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-
-
 def _gguf_gemma3(meta: gguf.Meta) -> dict:
     cfg = gguf.decoder_config(meta, "gemma3_text", head_dim=meta.get("attention.key_length", kind=int))
     cfg["tie_word_embeddings"] = "output.weight" not in meta.names
     window = meta.get("attention.sliding_window", kind=int)
     if window is not None:
         cfg["sliding_window"] = window
-    cfg["layer_types"] = _gguf_layer_types(meta, cfg["num_hidden_layers"], 6)
+    cfg["layer_types"] = gguf.sliding_layer_types(meta, cfg["num_hidden_layers"], 6)
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         v = meta.get(key, kind=(int, float))
         if v is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm
 from ..varbuilder import VarBuilder
 from . import llama
@@ -63,3 +64,17 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's glm4: gate_up_proj kept fused as ffn_up, sandwich norms) ----------------
+def _gguf_glm4(meta: gguf.Meta) -> dict:
+    head = gguf.head_dim(meta)
+    cfg = gguf.decoder_config(meta, "glm4", head_dim=head)
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names  # prepare reads it as the q/k/v bias
+    cfg["partial_rotary_factor"] = gguf.partial_rotary(meta, head).get("partial_rotary_factor", 1.0)
+    return cfg
+
+
+GGUF = {"glm4": gguf.GGUFMapping(_gguf_glm4, layer={
+    **gguf.LLAMA_LAYER, "ffn_up": "mlp.gate_up_proj", "post_attention_norm": "post_self_attn_layernorm",
+    "post_ffw_norm": "post_mlp_layernorm"})}

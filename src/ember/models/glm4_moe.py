@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..varbuilder import VarBuilder
 from . import deepseek, glm4, llama
 from .base import CausalLM, tied_or_own_head
@@ -61,3 +62,25 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's glm4moe: DeepSeek-V3's routing over GLM's attention; the multi-token-
+# prediction layer, when the file keeps it, is unused) --------------------------------------------
+def _gguf_glm4_moe(meta: gguf.Meta) -> dict:
+    head = gguf.head_dim(meta)
+    cfg = gguf.decoder_config(meta, "glm4_moe", head_dim=head)
+    cfg.update(deepseek.gguf_moe_config(meta))
+    # block_count counts the multi-token-prediction layers the converter appends (unused here)
+    nextn = meta.get("nextn_predict_layers", 0, kind=int)
+    if not 0 <= nextn < cfg["num_hidden_layers"]:
+        raise gguf.ConfigError(f"{meta.f.path}: glm4moe.nextn_predict_layers is {nextn!r:.40}, for "
+                               f"{cfg['num_hidden_layers']} blocks")
+    cfg["num_hidden_layers"] -= nextn
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names  # prepare reads it as the q/k/v bias
+    cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in meta.names
+    cfg["partial_rotary_factor"] = gguf.partial_rotary(meta, head).get("partial_rotary_factor", 1.0)
+    return cfg
+
+
+GGUF = {"glm4moe": gguf.GGUFMapping(_gguf_glm4_moe, layer={
+    **deepseek.GGUF_MOE_LAYER, "post_attention_norm": "post_attention_layernorm"})}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import Embedding, LayerNorm, activation, attention, linear, linear_from_weight
 from ..varbuilder import VarBuilder
 from . import gpt2
@@ -83,3 +84,22 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = Model(cfg, vb.pp("transformer"))
         self.lm_head = tied_or_own_head(vb, cfg, self.model.wte.weight, cfg.n_embd, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's starcoder: multi-query GPTBigCode) --------------------------------------------
+def _gguf_starcoder(meta: gguf.Meta) -> dict:
+    heads = gguf.attention_heads(meta)
+    return {"model_type": "gpt_bigcode", "vocab_size": gguf.vocab_size(meta), "n_embd": meta.need("embedding_length"),
+            "n_layer": gguf.layer_count(meta), "n_head": heads, "n_positions": meta.need("context_length"),
+            "n_inner": meta.need("feed_forward_length"),
+            "layer_norm_epsilon": float(meta.need("attention.layer_norm_epsilon", kind=(int, float))),
+            "multi_query": meta.get("attention.head_count_kv", 1, kind=int) == 1,
+            "tie_word_embeddings": "output.weight" not in meta.names, **gguf.token_ids(meta.m),
+            "num_hidden_layers": gguf.layer_count(meta), "num_attention_heads": heads}
+
+
+GGUF = {"starcoder": gguf.GGUFMapping(_gguf_starcoder, layers_prefix="transformer.h", top={
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+    "output": "lm_head"}, layer={
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"})}

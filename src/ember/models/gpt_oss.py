@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm, TopLogitsMoE, attention
 from ..varbuilder import VarBuilder
 from . import llama
@@ -114,3 +115,32 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's gpt-oss: gate and up de-interleaved into their own stacked experts, the
+# experts [E, out, in]; the Derived tensors rebuild transformers' layout, dequantised) ------------
+def _gguf_gpt_oss(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "gpt_oss", head_dim=gguf.head_dim(meta))
+    moe = gguf.moe_config(meta)
+    cfg.update(num_local_experts=moe["num_local_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+               sliding_window=meta.need("attention.sliding_window"))
+    if "moe_intermediate_size" in moe:
+        cfg["intermediate_size"] = moe["moe_intermediate_size"]
+    if cfg.get("rope_scaling", {}).get("rope_type") == "yarn":
+        cfg["rope_scaling"] = {**DEFAULT_ROPE, **cfg["rope_scaling"]}
+    return cfg
+
+
+def _interleave(parts: list[torch.Tensor], cfg: dict) -> torch.Tensor:
+    """gate [E, F, ...] and up [E, F, ...] -> [E, 2F, ...], gate and up rows alternating."""
+    gate, up = parts
+    return torch.stack((gate, up), dim=2).flatten(1, 2)
+
+
+GGUF = {"gpt-oss": gguf.GGUFMapping(_gguf_gpt_oss, layer={
+    **gguf.LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm", "attn_sinks.weight": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router", "ffn_down_exps.bias": "mlp.experts.down_proj_bias"}, derived=(
+    gguf.Derived("mlp.experts.gate_up_proj", ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+                 lambda p, cfg: _interleave(p, cfg).transpose(1, 2)),
+    gguf.Derived("mlp.experts.gate_up_proj_bias", ("ffn_gate_exps.bias", "ffn_up_exps.bias"), _interleave),
+    gguf.Derived("mlp.experts.down_proj", ("ffn_down_exps.weight",), lambda p, cfg: p[0].transpose(1, 2))))}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import SharedExpertMoE, TopLogitsMoE, activation, linear
 from ..varbuilder import VarBuilder
 from . import llama, mixtral
@@ -80,3 +81,32 @@ class ForCausalLM(CausalLM):
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
         self.logits_scaling = cfg.logits_scaling
+
+
+# ---- GGUF (llama.cpp's granitemoe: the llama converter, so Q/K permuted; input_linear split into
+# gate and up, which the Derived tensors put back) ---------------------------------------------
+def _gguf_granitemoe(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "granitemoe")
+    cfg.update(gguf.moe_config(meta))
+    cfg.pop("norm_topk_prob", None)
+    for key, name in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                      ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+        v = meta.get(key, kind=(int, float))
+        if v is not None:
+            cfg[name] = float(v)
+    shared = meta.get("expert_shared_feed_forward_length", kind=int)
+    if shared:
+        cfg.update(model_type="granitemoeshared", shared_intermediate_size=shared)
+    return cfg
+
+
+def _cat_rows(parts: list, cfg: dict):
+    return torch.cat(parts, dim=-2)
+
+
+GRANITEMOE_LAYER = {**gguf.LLAMA_LAYER, "ffn_gate_inp": "block_sparse_moe.router",
+                    "ffn_down_exps.weight": "block_sparse_moe.experts.down_proj",
+                    "ffn_down_shexp": "shared_mlp.output_linear"}
+GGUF = {"granitemoe": gguf.GGUFMapping(_gguf_granitemoe, layer=GRANITEMOE_LAYER, permute_qk=True, derived=(
+    gguf.Derived("block_sparse_moe.experts.gate_up_proj", ("ffn_gate_exps.weight", "ffn_up_exps.weight"), _cat_rows),
+    gguf.Derived("shared_mlp.input_linear.weight", ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"), _cat_rows)))}

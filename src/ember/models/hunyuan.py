@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm, apply_rotary
 from ..varbuilder import VarBuilder
 from . import llama
@@ -51,3 +52,15 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's hunyuan-dense: the converter folds the dynamic-NTK alpha into freq_base) ---
+def _gguf_hunyuan_dense(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "hunyuan_v1_dense", head_dim=gguf.head_dim(meta))
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names
+    cfg.pop("rope_scaling", None)  # "none" with factor 1: the alpha is already in rope_theta
+    return cfg
+
+
+GGUF = {"hunyuan-dense": gguf.GGUFMapping(_gguf_hunyuan_dense, layer={
+    **gguf.LLAMA_LAYER, "attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"})}

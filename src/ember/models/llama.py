@@ -108,20 +108,26 @@ class Attention(nn.Module):
     soft-capping of the scores, Gemma 2), `qk_norm`: "head" normalises each head of q and k (Qwen3,
     Gemma 3), "full" the whole q and k projections (OLMo 2), with `norm_kw` for the RMSNorm variant;
     `rotary=False`: no positional rotation (SmolLM3's NoPE layers; cos/sin are ignored);
-    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere).
+    `interleaved=True`: rotation of adjacent pairs rather than halves (GLM-4, Cohere, Llama 4);
+    `qk_norm="l2"`: weightless RMS normalisation of each head of q and k after the rotation (Llama 4);
+    `temperature=(beta, floor, offset)`: queries scaled by 1 + beta * log(1 + floor((pos + offset) /
+    floor)), growing with the position (Llama 4's NoPE layers, Ministral 3);
+    `chunk=C`: attention within chunks of C positions only (Llama 4's chunked layers).
     """
 
     def __init__(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool = True, *,
                  scale: float | None = None, softcap: float | None = None, qk_norm: str | None = None,
-                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False):
+                 norm_kw: dict | None = None, rotary: bool = True, interleaved: bool = False,
+                 temperature: tuple[float, float, float] | None = None, chunk: int | None = None):
         super().__init__()
         self.layer_idx, self.window, self.rotary, self.interleaved = layer_idx, window, rotary, interleaved
+        self.temperature, self.chunk = temperature, chunk
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale, self.softcap = scale, softcap
         H, KV, D, E = self.num_heads, self.num_kv_heads, self.head_dim, cfg.hidden_size
         self.qk_norm = qk_norm if qk_norm is not None else ("head" if cfg.qk_norm else None)
-        if self.qk_norm not in (None, "head", "full"):
-            raise ValueError(f"qk_norm must be None, 'head' or 'full', got {self.qk_norm!r}")
+        if self.qk_norm not in (None, "head", "full", "l2"):
+            raise ValueError(f"qk_norm must be None, 'head', 'full' or 'l2', got {self.qk_norm!r}")
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         o, split = vb.pp("o_proj"), None
         if vb.tp is not None:  # tensor parallel: this rank's heads; q/k/v column-, o row-parallel
@@ -135,17 +141,19 @@ class Attention(nn.Module):
                                    "v_proj": (KV * D, vb.pp("v_proj"))}, vb, "qkv_proj", bias=qkv_bias, fuse=fuse,
                                split=split)
         self.o_proj = parallel.row_parallel(linear(H * D, E, o, bias=cfg.attention_bias), vb.tp)
-        if self.qk_norm is not None:
+        self.q_norm = self.k_norm = None
+        if self.qk_norm == "l2":  # weightless
+            self.eps = cfg.rms_norm_eps
+        elif self.qk_norm is not None:
             q_dim, k_dim = (D, D) if self.qk_norm == "head" else (H * D, KV * D)
             self.q_norm = RMSNorm.from_vb(q_dim, cfg.rms_norm_eps, vb.pp("q_norm"), **(norm_kw or {}))
             self.k_norm = RMSNorm.from_vb(k_dim, cfg.rms_norm_eps, vb.pp("k_norm"), **(norm_kw or {}))
-        else:
-            self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved:
+        if (self.qkv.fused is not None and self.qk_norm is None and self.rotary and not self.interleaved
+                and self.temperature is None and self.chunk is None):
             # q and k rotated together as one view of the fused projection: half the small ops
             out = self.qkv.fused(x)
             # (a subclass with its own _attend, e.g. GPT-OSS's sinks, keeps the separate ops)
@@ -168,13 +176,21 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if self.rotary:
             q, k = (apply_rotary_interleaved if self.interleaved else apply_rotary)(q, k, cos, sin)
+        if self.qk_norm == "l2":  # in float32, as the reference
+            q = F.rms_norm(q.float(), (self.head_dim,), None, self.eps).to(q.dtype)
+            k = F.rms_norm(k.float(), (self.head_dim,), None, self.eps).to(k.dtype)
+        if self.temperature is not None:
+            beta, floor, offset = self.temperature
+            t = 1 + beta * torch.log1p(torch.floor((step.position_ids.float() + offset) / floor))
+            q = q * t[:, None, :, None].to(q.dtype)
         return self._attend(q, k, v, step, B, T)
 
     def _attend(self, q, k, v, step: Step, B: int, T: int) -> torch.Tensor:
         if step.cache is not None:
             k, v = step.cache.update(self.layer_idx, k, v, step.position_ids, step.kv_len, step.cache_rows,
                                      fresh=step.fresh)
-        o = attention(q, k, v, step.mask(self.window), scale=self.scale, softcap=self.softcap)
+        mask = step.chunk_mask(self.chunk) if self.chunk is not None else step.mask(self.window)
+        o = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -206,9 +222,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.make_attention(cfg, vb, layer_idx, window, fuse)
         self.mlp = self.make_mlp(cfg, vb, layer_idx, fuse)
-        self.input_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))
-        self.post_attention_layernorm = RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))
+        self.input_layernorm = self.make_norm(cfg, vb.pp("input_layernorm"))
+        self.post_attention_layernorm = self.make_norm(cfg, vb.pp("post_attention_layernorm"))
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+
+    def make_norm(self, cfg: Config, vb: VarBuilder) -> nn.Module:
+        """The norm before attention and before the MLP (a subclass swaps in another, e.g. LayerNorm)."""
+        return RMSNorm.from_vb(cfg.hidden_size, cfg.rms_norm_eps, vb)
 
     def make_attention(self, cfg: Config, vb: VarBuilder, layer_idx: int, window: int | None, fuse: bool) -> nn.Module:
         """The attention block (a subclass swaps in a variant)."""
@@ -217,6 +237,10 @@ class DecoderLayer(nn.Module):
     def make_mlp(self, cfg: Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
         """The feed-forward block (a subclass swaps in another, e.g. a sparse MoE)."""
         return MLP(cfg, vb.pp("mlp"), fuse)
+
+    def mix(self, x, cos, sin, step: Step):
+        """The token-mixing sublayer: attention (a hybrid's state-space layers mix otherwise)."""
+        return self.self_attn(x, cos, sin, step)
 
     def forward(self, x, cos, sin, step: Step):
         x, h = self.forward_deferred(x, None, cos, sin, step)
@@ -228,7 +252,7 @@ class DecoderLayer(nn.Module):
         norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
         m = self.residual_multiplier
         x, normed = self.input_layernorm.add_forward(x, pending)
-        h = self.self_attn(normed, cos, sin, step)
+        h = self.mix(normed, cos, sin, step)
         x, normed = self.post_attention_layernorm.add_forward(x, h * m if m != 1.0 else h)
         h = self.mlp(normed)
         return x, (h * m if m != 1.0 else h)
@@ -254,8 +278,13 @@ class Model(nn.Module):
         self.deferred = all(isinstance(layer, DecoderLayer) and type(layer).forward is DecoderLayer.forward
                             and type(layer).forward_deferred is DecoderLayer.forward_deferred for layer in self.layers)
 
-    def forward(self, input_ids: torch.Tensor, step: Step) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings an image+text model merges image features into (transformers'
+        get_input_embeddings()(input_ids))."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, step: Step, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
         cos, sin = self.rotary(step.position_ids, x.dtype)
@@ -288,15 +317,20 @@ def _gguf_llama(meta: gguf.Meta) -> dict:
     cfg = gguf.decoder_config(meta, "llama", head_dim=head_dim)
     cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names
     cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in meta.names
+    gguf_rope_freqs(meta, cfg)
+    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
+        cfg.update(gguf.moe_config(meta), model_type="mixtral")
+    return cfg
+
+
+def gguf_rope_freqs(meta: gguf.Meta, cfg: dict) -> None:
+    """Llama 3.1-style scaling that llama.cpp stores as per-frequency divisors (`rope_freqs.weight`)
+    instead of metadata, into cfg's rope_scaling (llama, llama4)."""
     if "rope_freqs.weight" in meta.names:
-        # Llama 3.1-style scaling stored as per-frequency divisors instead of metadata
         if cfg.get("rope_scaling") is not None:
             raise gguf.UnsupportedModelError(f"{meta.f.path}: rope_freqs.weight together with rope scaling "
                                              f"{cfg['rope_scaling'].get('rope_type')!r} is not supported")
         cfg["rope_scaling"] = {"rope_type": "default", "freq_factors": gguf.small_vector(meta, "rope_freqs.weight")}
-    if meta.get("expert_count", kind=int):  # Mixtral: every layer a sparse MoE, top-k renormalised
-        cfg.update(gguf.moe_config(meta), model_type="mixtral")
-    return cfg
 
 
 def _gguf_qwen2(meta: gguf.Meta) -> dict:
@@ -307,8 +341,9 @@ def _gguf_qwen3(meta: gguf.Meta) -> dict:
     return gguf.decoder_config(meta, "qwen3", head_dim=meta.get("attention.key_length", kind=int))
 
 
-def _gguf_phi3(meta: gguf.Meta) -> dict:
-    cfg = gguf.decoder_config(meta, "phi3")
+def gguf_phi3(meta: gguf.Meta, model_type: str = "phi3") -> dict:
+    """llama.cpp's phi3 metadata (partial rotary, sliding window, longrope factors); PhiMoE's too."""
+    cfg = gguf.decoder_config(meta, model_type)
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     rot = meta.get("rope.dimension_count", kind=int)
     if rot and rot != head_dim:
@@ -342,5 +377,16 @@ GGUF = {
     "llama": gguf.GGUFMapping(_gguf_llama, layer={**gguf.LLAMA_LAYER, **gguf.MOE_LAYER}, permute_qk=True),
     "qwen2": gguf.GGUFMapping(_gguf_qwen2),
     "qwen3": gguf.GGUFMapping(_gguf_qwen3),
-    "phi3": gguf.GGUFMapping(_gguf_phi3, layer=PHI3_LAYER),
+    "phi3": gguf.GGUFMapping(gguf_phi3, layer=PHI3_LAYER),
 }
+
+
+# ---- GGUF: Seed-OSS (llama.cpp's seed_oss: no Q/K permutation, a post-attention norm name) -------
+def _gguf_seed_oss(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "seed_oss", head_dim=gguf.head_dim(meta))
+    # the registry's prepare reads attention_bias as the q/k/v bias, attention_out_bias as o_proj's
+    cfg.update(attention_bias="blk.0.attn_q.bias" in meta.names, attention_out_bias="blk.0.attn_output.bias" in meta.names)
+    return cfg
+
+
+GGUF["seed_oss"] = gguf.GGUFMapping(_gguf_seed_oss, layer={**gguf.LLAMA_LAYER, "post_attention_norm": "post_attention_layernorm"})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import GroupLimitedMoE, activation
 from ..varbuilder import VarBuilder
 from . import llama, mixtral
@@ -62,3 +63,19 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's minimax-m2: experts stacked, sigmoid routing with exp_probs_b) ------------
+def _gguf_minimax_m2(meta: gguf.Meta) -> dict:
+    head = gguf.head_dim(meta)
+    cfg = gguf.decoder_config(meta, "minimax_m2", head_dim=head)
+    cfg.update(gguf.moe_config(meta))
+    cfg.pop("norm_topk_prob", None)
+    rot = meta.get("rope.dimension_count", kind=int)
+    if rot is not None:
+        cfg["rotary_dim"] = rot
+    return cfg
+
+
+GGUF = {"minimax-m2": gguf.GGUFMapping(_gguf_minimax_m2, layer={
+    **gguf.LLAMA_LAYER, **gguf.MOE_LAYER, "exp_probs_b.bias": "mlp.e_score_correction_bias"})}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import RMSNorm
 from ..varbuilder import VarBuilder
 from . import llama
@@ -46,3 +47,23 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer, norm_kw=NORM)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's olmo2, which OLMo 3 files share: a sliding window makes them olmo3) -------
+OLMO2_LAYER = {
+    **{k: v for k, v in gguf.LLAMA_LAYER.items() if k not in ("attn_norm", "ffn_norm")},
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def _gguf_olmo2(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "olmo2")
+    window = meta.get("attention.sliding_window", kind=int)
+    if window is not None:
+        cfg.update(model_type="olmo3", sliding_window=window,
+                   layer_types=gguf.sliding_layer_types(meta, cfg["num_hidden_layers"], 4))
+    return cfg
+
+
+GGUF = {"olmo2": gguf.GGUFMapping(_gguf_olmo2, layer=OLMO2_LAYER)}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..nn import SparseMoE, activation, apply_rotary
 from ..varbuilder import VarBuilder
 from . import llama, mixtral
@@ -72,3 +73,14 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's olmoe: experts stacked per projection; the top k never renormalised) ------
+def _gguf_olmoe(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "olmoe")
+    cfg.update(gguf.moe_config(meta))
+    cfg["num_experts"] = cfg["num_local_experts"]
+    return cfg
+
+
+GGUF = {"olmoe": gguf.GGUFMapping(_gguf_olmoe, layer={**gguf.LLAMA_LAYER, **gguf.MOE_LAYER})}

@@ -97,13 +97,17 @@ class VisionTransformer(nn.Module):
 
     patches = clip.VisionTransformer.patches
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pooled image state [N, E] (the head's output; without a head, the mean token, as the
-        SigLIP classification model pools)."""
+    def last_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every patch's state after post_layernorm [N, patches, E] (what Gemma 3 projects)."""
         x = self.patches(pixel_values, self.patch_bias) + self.position_embedding.weight
         for layer in self.layers:
             x = layer(x, None)
-        x = self.post_layernorm(x)
+        return self.post_layernorm(x)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pooled image state [N, E] (the head's output; without a head, the mean token, as the
+        SigLIP classification model pools)."""
+        x = self.last_hidden_state(pixel_values)
         return self.head(x) if self.head is not None else x.mean(dim=1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import gguf_source as gguf
 from ..varbuilder import VarBuilder
 from . import llama
 from .base import CausalLM, tied_or_own_head
@@ -61,3 +62,14 @@ class ForCausalLM(CausalLM):
         self.config = cfg
         self.model = llama.Model(cfg, vb.pp("model"), fuse, layer_cls=DecoderLayer)
         self.lm_head = tied_or_own_head(vb, cfg, self.model.embed_tokens.weight, cfg.hidden_size, cfg.vocab_size)
+
+
+# ---- GGUF (llama.cpp's smollm3: the llama converter, Q/K permuted; every 4th layer NoPE, as
+# transformers' default no_rope_layer_interval) ---------------------------------------------------
+def _gguf_smollm3(meta: gguf.Meta) -> dict:
+    cfg = gguf.decoder_config(meta, "smollm3", head_dim=gguf.head_dim(meta))
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in meta.names
+    return cfg
+
+
+GGUF = {"smollm3": gguf.GGUFMapping(_gguf_smollm3, permute_qk=True)}

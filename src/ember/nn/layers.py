@@ -143,6 +143,11 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(s)) for s = x + delta (delta None: s = x), as `RMSNorm.add_forward`."""
+        s = x if delta is None else x + delta
+        return s, self(s)
+
 
 
 class FusedLinears(nn.Module):

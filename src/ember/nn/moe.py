@@ -46,6 +46,9 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
+    # True: each routing weight scales the expert's input instead of its output (Llama 4)
+    weight_inputs = False
+
     def __init__(self, router: torch.Tensor, gate_up: torch.Tensor | None, down: torch.Tensor | None, top_k: int,
                  norm_topk_prob: bool, act, *, experts: list[Expert] | None = None, shape: tuple | None = None):
         """Stacked dense experts (gate_up, down), or `experts`: one Expert module each (quantised
@@ -136,20 +139,25 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.hidden)
-        weights, idx = self.route(x)
+        return self.combine(x, *self.route(x)).reshape(shape)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The experts' weighted sum for tokens x [N, H] routed as (weights, idx) [N, k] (Gemma 4 routes
+        on another input than the experts see)."""
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token = order // self.top_k
-        xs = x.index_select(0, token).split(counts)
+        xs, w = x.index_select(0, token), weights.reshape(-1)[order, None]
+        if self.weight_inputs:
+            xs = xs * w.to(x.dtype)
         outs = []
-        for e, chunk in enumerate(xs):
+        for e, chunk in enumerate(xs.split(counts)):
             if chunk.shape[0] == 0:
                 continue
             outs.append(self.expert(e, chunk))
-        y = torch.cat(outs) * weights.reshape(-1)[order, None]
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-        return out.reshape(shape)
+        y = torch.cat(outs) if self.weight_inputs else torch.cat(outs) * w
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden}, intermediate={self.intermediate}, "
@@ -158,15 +166,18 @@ class SparseMoE(nn.Module):
 
 class TopLogitsMoE(SparseMoE):
     """A router that takes the top-k logits first (plus `router_bias`, if any), then the softmax over
-    those k alone (GraniteMoE, GPT-OSS)."""
+    those k alone (GraniteMoE, GPT-OSS), or, with sigmoid=True, the sigmoid of each, which then scales
+    the expert's input (Llama 4)."""
 
-    def __init__(self, router, gate_up, down, top_k: int, act, router_bias: torch.Tensor | None = None):
-        super().__init__(router, gate_up, down, top_k, False, act)
+    def __init__(self, router, gate_up, down, top_k: int, act, router_bias: torch.Tensor | None = None,
+                 sigmoid: bool = False, **kw):
+        super().__init__(router, gate_up, down, top_k, False, act, **kw)
         self.router_bias = None if router_bias is None else nn.Parameter(router_bias, requires_grad=False)
+        self.sigmoid = self.weight_inputs = sigmoid
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top, idx = torch.topk(F.linear(x, self.router, self.router_bias).float(), self.top_k, dim=-1)
-        return torch.softmax(top, dim=-1), idx
+        return (torch.sigmoid(top) if self.sigmoid else torch.softmax(top, dim=-1)), idx
 
 
 class GroupLimitedMoE(SparseMoE):
@@ -181,8 +192,8 @@ class GroupLimitedMoE(SparseMoE):
 
     def __init__(self, router, gate_up, down, top_k: int, norm_topk_prob: bool, act, *, scoring: str = "sigmoid",
                  bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1, group_score: str = "top2",
-                 routed_scaling_factor: float = 1.0):
-        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act)
+                 routed_scaling_factor: float = 1.0, experts: list[Expert] | None = None, shape: tuple | None = None):
+        super().__init__(router, gate_up, down, top_k, norm_topk_prob, act, experts=experts, shape=shape)
         if scoring not in ("sigmoid", "softmax") or group_score not in ("top2", "max"):
             raise ValueError(f"unknown scoring {scoring!r} or group score {group_score!r}")
         if bias is not None and bias.shape != (self.num_experts,):

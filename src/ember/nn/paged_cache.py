@@ -51,6 +51,8 @@ class PagedKVCache:
         """A paged cache laid out for a causal LM (one without sliding-window layers)."""
         if any(w is not None for w in model.cache_windows()):
             raise GenerationError("the paged KV cache does not support sliding-window layers yet")
+        if any(st is not None for st in getattr(model, "state_layout", lambda: [])()):
+            raise GenerationError("the paged KV cache does not support layers with recurrent state yet")
         p = next(iter(model.parameters()))
         dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
         return cls(batch, max_len, model.cache_layout(), block=block, num_blocks=num_blocks, dtype=dtype,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 
 
 def rope_parameters(raw: dict, rope_theta_default: float = 10000.0) -> dict[str, Any]:
@@ -123,6 +123,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, params: dict, max_position_embeddings: int, rotary_dim: int | None = None):
         super().__init__()
         self.head_dim = head_dim
+        if params["rope_type"] == "proportional":
+            # Gemma 4: the whole head in rotate-half form, the frequencies past partial_rotary_factor
+            # zero (those dims unrotated), the exponents over head_dim
+            rotary_dim = head_dim
         if rotary_dim is None:
             rotary_dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
         if not 2 <= rotary_dim <= head_dim or rotary_dim % 2 or (rotary_dim == 2 and params["rope_type"] == "dynamic"):
@@ -138,6 +142,9 @@ class RotaryEmbedding(nn.Module):
         inv = _base_inv_freq(base, dim)
         if self.type == "linear":
             inv = inv / float(_need(params, "factor"))
+        elif self.type == "proportional":
+            angles = int(float(params.get("partial_rotary_factor", 1.0)) * dim // 2)
+            inv = torch.cat((inv[:angles], torch.zeros(dim // 2 - angles))) / float(params.get("factor", 1.0))
         elif self.type == "dynamic":
             self.factor = float(_need(params, "factor"))
         elif self.type == "llama3":

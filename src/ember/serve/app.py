@@ -29,11 +29,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..errors import EmberError, GenerationError
 from ..generation.defaults import sampling_defaults as shared_sampling_defaults
 from .chat_output import ChatPlan
-from . import auth, metrics as metrics_, schemas, tokenize
+from . import auth, image_inputs, metrics as metrics_, schemas, tokenize, transcriptions
 from .backpressure import check_queue
 from .scheduler import ClientGone, Scheduler, StepFailure, Submission
-from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, error_body, finite, get_str, parse_chat,
-                       parse_common, parse_completion, parse_embeddings, parse_json, usage)
+from .protocol import (MAX_BODY_BYTES, ApiError, GenParams, TokenText, content_text, error_body, finite, get_str,
+                       parse_chat, parse_common, parse_completion, parse_embeddings, parse_json, usage)
 
 log = logging.getLogger("ember.serve")
 
@@ -116,11 +116,20 @@ class _State:
         self.max_token_chars = _max_token_chars(self.tok)
         self.embed_pool = ThreadPoolExecutor(1, thread_name_prefix="ember-embed") if embedder is not None else None
         self.max_waiting: int | None = None  # requests that may wait for a slot (backpressure.py)
+        self.transcriber = None  # a Whisper Transcriber (transcriptions.py)
+        self.transcription_model_name: str | None = None
 
     # ---- model routing ------------------------------------------------------------------------
     def resolve(self, body: dict, want: str) -> str:
         name = get_str(body, "model", None)
-        served = [n for n in (self.model_name, self.embedding_model_name) if n]
+        served = [n for n in (self.model_name, self.embedding_model_name, self.transcription_model_name) if n]
+        if want == "transcribe":
+            if name != self.transcription_model_name:
+                raise ApiError(404 if name not in served else 400,
+                               f"The model '{name}' {'does not exist' if name not in served else 'is not a speech model'}"
+                               f". This server transcribes with: {self.transcription_model_name}.", param="model",
+                               code="model_not_found" if name not in served else "wrong_model_type")
+            return name
         if name is None:
             name = self.model_name if want == "generate" else self.embedding_model_name
             if name is None:
@@ -131,6 +140,9 @@ class _State:
         if name not in served:
             raise ApiError(404, f"The model '{name}' does not exist. This server serves: {', '.join(served)}.",
                            param="model", code="model_not_found")
+        if name == self.transcription_model_name and name not in (self.model_name, self.embedding_model_name):
+            raise ApiError(400, f"The model '{name}' is a speech-to-text model; use /v1/audio/transcriptions.",
+                           param="model", code="wrong_model_type")
         if want == "generate" and name != self.model_name:
             raise ApiError(400, f"The model '{name}' is an embedding model; use /v1/embeddings.", param="model",
                            code="wrong_model_type")
@@ -473,9 +485,11 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                defaults: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                read_timeout: float = READ_TIMEOUT, api_key: str | list[str] | None = None,
                allowed_origins: list[str] | None = None, max_waiting: int | None = 256,
-               prefix_cache: int | None = None) -> FastAPI:
+               prefix_cache: int | None = None, allow_remote_images: bool = False, transcriber=None,
+               transcription_model_name: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over a loaded `LLM` and/or an embedding model (anything with
-    `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts).
+    `embed(list[str]) -> [N, dim]`, and optionally `.tokenizer` for usage counts) and/or a Whisper
+    `Transcriber` (/v1/audio/transcriptions).
 
     max_batch: decode slots (requests generated together); max_len: tokens per request, prompt and
     completion (default min(model context, 4096)); generator: a ready generator (add/step/abort/check)
@@ -487,9 +501,11 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     max_waiting: requests that may wait for a slot before new ones get a 429 (None: no bound);
     prefix_cache: bytes of the prefix cache (default: half the KV cache; 0: off; see
     generation/prefix_cache.py).
+    allow_remote_images: image+text models download http(s) image_url parts (default: data: URLs only).
     """
-    if llm is None and embedder is None:
-        raise ValueError("create_app needs a model (llm=) and/or an embedding model (embedder=)")
+    if llm is None and embedder is None and transcriber is None:
+        raise ValueError("create_app needs a model (llm=), an embedding model (embedder=) and/or a speech model "
+                         "(transcriber=)")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2):
@@ -511,9 +527,12 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
     else:
         defaults = sampling_defaults(defaults, "defaults")
     st = _State(llm, embedder, model_name, embedding_model_name, scheduler, defaults, read_timeout)
+    if transcriber is not None:
+        st.transcriber, st.transcription_model_name = transcriber, transcription_model_name or "ember-whisper"
     if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0):
         raise ValueError(f"max_waiting must be None or a non-negative integer, got {max_waiting!r}")
     st.max_waiting = max_waiting
+    st.allow_remote_images = bool(allow_remote_images)
     if api_key is None:
         import os
 
@@ -529,6 +548,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
             await run_in_threadpool(st.scheduler.stop)
         if st.embed_pool is not None:
             st.embed_pool.shutdown(wait=False)
+        st.asr_pool.shutdown(wait=False)
 
     app = FastAPI(title="ember", description="OpenAI-compatible server", lifespan=lifespan)
     app.state.ember = st
@@ -584,6 +604,10 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
 
     async def body_of(request: Request) -> dict:
         """The JSON body, read up to max_body_bytes (a larger one is refused as soon as it is seen)."""
+        return parse_json(await body_bytes(request))
+
+    async def body_bytes(request: Request) -> bytes:
+        """The body, read up to max_body_bytes within read_timeout."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
             raise _too_large()
@@ -602,7 +626,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         except asyncio.TimeoutError:
             raise ApiError(408, f"The request body did not arrive within {st.read_timeout:g} seconds.",
                            code="request_timeout") from None
-        return parse_json(b"".join(chunks))
+        return b"".join(chunks)
 
     # ---- endpoints ----------------------------------------------------------------------------
     @app.get("/health")
@@ -620,18 +644,19 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
 
     @app.get("/v1/models")
     async def models():
-        names = [n for n in (st.model_name, st.embedding_model_name) if n]
+        names = [n for n in (st.model_name, st.embedding_model_name, st.transcription_model_name) if n]
         return _JSON({"object": "list", "data": [_model_card(n) for n in names]})
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name not in (st.model_name, st.embedding_model_name):
+        if not name or name not in (st.model_name, st.embedding_model_name, st.transcription_model_name):
             raise ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
         return _JSON(_model_card(name))
 
     def _need_llm():
         if st.llm is None:
-            raise ApiError(404, "This server has no generation model, only an embedding model.", param="model",
+            only = "a speech-to-text model" if st.embedder is None else "an embedding model"
+            raise ApiError(404, f"This server has no generation model, only {only}.", param="model",
                            code="model_not_found")
 
     def _check_text_len(text: str, param: str) -> None:
@@ -651,7 +676,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                            f"{len(ids)} tokens. Shorten the {'messages' if param == 'messages' else 'prompt'}.",
                            param=param, code="context_length_exceeded")
 
-    def _requests(prompts: list[list[int]], p: GenParams, grammar=None) -> list:
+    def _requests(prompts: list[list[int]], p: GenParams, grammar=None, image_embeds=None) -> list:
         if p.n > st.scheduler.max_batch:
             raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.scheduler.max_batch} "
                            f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
@@ -661,7 +686,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         try:
             for ids in prompts:
                 for i in range(p.n):
-                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar)
+                    r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar,
+                                       **({"image_embeds": image_embeds} if image_embeds is not None else {}))
                     st.scheduler.check(r)
                     reqs.append(r)
         except GenerationError as e:
@@ -680,14 +706,15 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         body = await body_of(request)
         _need_llm()
         model = st.resolve(body, "generate")
-        messages, p = parse_chat(body, st.defaults)
+        messages, p = parse_chat(body, st.defaults, images=getattr(st.llm, "takes_images", False))
         if st.tok is None:
             raise ApiError(400, "This model has no tokenizer; use /v1/completions with token ids.", param="messages")
-        _check_text_len("".join(m["content"] for m in messages), "messages")
-        plan = await run_in_threadpool(ChatPlan, st.llm, body, messages)  # template, tools, grammar
+        _check_text_len("".join(content_text(m["content"]) for m in messages), "messages")
+        # template, tools, grammar; images decoded and through the vision tower
+        plan = await run_in_threadpool(ChatPlan, st.llm, body, messages, st.allow_remote_images)
         ids = plan.ids
         _check_len(ids, "messages")
-        reqs = _requests([ids], p, plan.grammar)
+        reqs = _requests([ids], p, plan.grammar, plan.image_embeds)
         run = _Run(st, True, f"chatcmpl-{uuid.uuid4().hex[:24]}", model, [ids], [""], p, reqs, _log_info(request),
                    plan)
         return await _generate(st, request, run, reqs)
@@ -736,16 +763,18 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         info["id"] = rid  # the request's log line carries it, refusals included
         body = await body_of(request)
         model = st.resolve(body, "embed")
-        texts, fmt, dims = parse_embeddings(body)
+        texts, fmt, dims = parse_embeddings(body, image_inputs.part)
         emb = st.embedder
         import numpy as np
 
-        def work(batch: list[str]):
-            vecs = emb.embed(batch)
+        def work(batch: list, idx: list[int]):
+            vecs = image_inputs.embed_mixed(emb, batch, idx)
             tok = getattr(emb, "tokenizer", None)
             n = 0
             if tok is not None:
                 for t in batch:
+                    if isinstance(t, bytes):  # an image: no tokens
+                        continue
                     ids = tok.encode(t)
                     n += len(getattr(ids, "ids", ids))
             arr = vecs.detach().float().cpu().numpy() if hasattr(vecs, "detach") else np.asarray(vecs, dtype=np.float32)
@@ -764,7 +793,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                     return Response(status_code=499)
                 idx = order[b0:b0 + EMBED_BATCH]
                 part, n = await asyncio.get_running_loop().run_in_executor(
-                    st.embed_pool, work, [texts[i] for i in idx])
+                    st.embed_pool, work, [texts[i] for i in idx], idx)
                 if part.ndim != 2 or part.shape[0] != len(idx):
                     raise RuntimeError(f"the embedding model returned shape {part.shape} for {len(idx)} texts")
                 for j, i in enumerate(idx):
@@ -787,6 +816,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                       "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}, headers={"x-request-id": rid})
 
     tokenize.register(app, st, body_of)
+    transcriptions.register(app, st, body_bytes)
     metrics_.register(app, st.metrics)
     st.metrics.routes = {r.path for r in app.routes}
     schemas.document(app)

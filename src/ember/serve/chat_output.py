@@ -114,8 +114,8 @@ class ChatPlan:
     """How one chat request is rendered, constrained and parsed (built off the event loop: rendering
     and compiling a grammar take milliseconds)."""
 
-    def __init__(self, llm, body: dict, messages: list[dict]):
-        from ..errors import EmberError, GrammarError
+    def __init__(self, llm, body: dict, messages: list[dict], allow_remote_images: bool = False):
+        from ..errors import EmberError, GrammarError, ImageError
         from .protocol import ApiError
         from .reasoning import prompt_opens_think
         from .tools import detect, parse_agent, template_inputs, tool_grammar
@@ -128,9 +128,12 @@ class ChatPlan:
             source = None
         fmt, native = detect(source)
         msgs, tools = template_inputs(messages, body.get("messages") or [], agent, fmt, native)
-        try:
-            self.prompt = tok.apply_chat_template(msgs, True, tools=tools, **agent.template_kwargs)
-            self.ids = tok.encode(self.prompt, add_special_tokens=False)
+        try:  # image parts: data: URLs only (a client names no file on this machine)
+            self.prompt, self.ids, self.image_embeds = llm.chat_prompt(
+                msgs, tools=tools, allow_local_images=False, allow_remote_images=allow_remote_images,
+                **agent.template_kwargs)
+        except ImageError as e:
+            raise ApiError(400, f"Invalid image: {e}", param="messages", code="invalid_image") from None
         except EmberError as e:
             raise ApiError(400, f"Could not apply the chat template: {e}", param="messages",
                            code="invalid_value") from None

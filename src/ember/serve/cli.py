@@ -8,7 +8,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
-                    "/v1/embeddings, /v1/models, /tokenize, /detokenize, /metrics, /health) with continuous "
+                    "/v1/embeddings, /v1/audio/transcriptions, /v1/models, /tokenize, /detokenize, /metrics, /health) with continuous "
                     "batching and a prefix cache.")
     p.add_argument("model", nargs="?", default=None,
                    help="Hub id, local folder, .safetensors/.gguf file or short name (default: $EMBER_MODEL, else "
@@ -16,6 +16,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--embedding-model", default=None, metavar="M", help="also serve this encoder on /v1/embeddings")
+    p.add_argument("--transcription-model", default=None, metavar="M",
+                   help="also serve this Whisper model on /v1/audio/transcriptions (a Whisper MODEL is served there "
+                        "by itself)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="requests decoded together (KV-cache slots; default 8)")
     p.add_argument("--max-len", type=int, default=None, metavar="T",
@@ -52,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kv-blocks", type=int, default=None, metavar="N",
                    help="a paged KV cache of N blocks of 16 tokens shared by all requests (memory follows the tokens "
                         "held, not --max-batch x --max-len; turns the prefix cache off)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="image+text models: download http(s) image_url parts (default: data: URLs only)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=main)
@@ -115,12 +120,13 @@ def main(args: argparse.Namespace) -> int:
             name = name or Path(model).stem  # not a cache path
         else:
             model = DEFAULT_MODEL.name  # served as "smollm2", the short name clients can also load by
-    serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model, max_batch=args.max_batch,
+    serve(model, host=args.host, port=args.port, embedding_model=args.embedding_model,
+          transcription_model=args.transcription_model, max_batch=args.max_batch,
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
           read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp, api_key=args.api_key,
           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins
-          else None, max_waiting=args.max_waiting,
+          else None, max_waiting=args.max_waiting, allow_remote_images=args.allow_remote_images,
           speculative={"prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,
                        "assistant_model": args.assistant_model, "num_assistant_tokens": args.num_assistant_tokens},
           kv_blocks=args.kv_blocks,

@@ -256,7 +256,9 @@ def parse_logit_bias(body: dict) -> dict[int, float] | None:
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _content_text(v: Any, where: str) -> str:
+def _content(v: Any, where: str, images: bool) -> str | list[dict]:
+    """A message's content: its text, or, when it holds images (image+text models only), its parts as
+    {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": ...}} in order."""
     if v is None:
         return ""
     if isinstance(v, str):
@@ -265,23 +267,39 @@ def _content_text(v: Any, where: str) -> str:
         out = []
         for j, part in enumerate(v):
             if isinstance(part, str):
-                out.append(part)
+                out.append({"type": "text", "text": part})
                 continue
             if not isinstance(part, dict):
                 raise _bad_type(f"{where}[{j}]", "an object", part)
             kind = part.get("type")
+            if kind == "image_url" and images:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else None
+                if not isinstance(url, str):
+                    raise _bad_type(f"{where}[{j}].image_url.url", "a string (a data: URL)", url)
+                out.append({"type": "image_url", "image_url": {"url": url}})
+                continue
             if kind not in ("text", "input_text"):
-                raise ApiError(400, f"Invalid content part {where}[{j}]: only text parts are supported, got type "
+                what = "text and image_url parts" if images else "only text parts (this model takes no images)"
+                raise ApiError(400, f"Invalid content part {where}[{j}]: {what} are supported, got type "
                                f"{_short(kind)}.", param=f"{where}[{j}].type", code="unsupported_content")
             text = part.get("text")
             if not isinstance(text, str):
                 raise _bad_type(f"{where}[{j}].text", "a string", text)
-            out.append(text)
-        return "\n".join(out)
+            out.append({"type": "text", "text": text})
+        if any(p["type"] == "image_url" for p in out):
+            return out
+        return "\n".join(p["text"] for p in out)
     raise _bad_type(where, "a string or an array of content parts", v)
 
 
-def parse_messages(body: dict) -> list[dict]:
+def content_text(content: str | list[dict]) -> str:
+    """The text of a parsed message's content (its text parts joined)."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
+
+
+def parse_messages(body: dict, images: bool = False) -> list[dict]:
+    """The messages of a chat request; images: image_url parts are accepted in user messages."""
     msgs = body.get("messages", _MISSING)
     if msgs is _MISSING or msgs is None:
         raise ApiError(400, "Missing required parameter: 'messages'.", param="messages",
@@ -303,7 +321,7 @@ def parse_messages(body: dict) -> list[dict]:
         if role not in ROLES:
             raise _bad_value(f"{where}.role", f"expected one of {', '.join(ROLES)}", role)
         msg = {"role": "system" if role == "developer" else role,
-               "content": _content_text(m.get("content"), f"{where}.content")}
+               "content": _content(m.get("content"), f"{where}.content", images and role == "user")}
         for k in ("name", "tool_call_id"):
             if isinstance(m.get(k), str):
                 msg[k] = m[k]
@@ -311,8 +329,8 @@ def parse_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, defaults: dict) -> tuple[list[dict], GenParams]:
-    messages = parse_messages(body)
+def parse_chat(body: dict, defaults: dict, images: bool = False) -> tuple[list[dict], GenParams]:
+    messages = parse_messages(body, images)
     p = parse_common(body, defaults, chat=True)
     want = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
@@ -367,7 +385,9 @@ def parse_completion(body: dict, defaults: dict) -> tuple[list[str | list[int]],
 MAX_EMBED_INPUTS = 2048
 
 
-def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
+def parse_embeddings(body: dict, part=None) -> tuple[list, str, int | None]:
+    """(items, encoding_format, dimensions): items are texts, or what `part(item, index)` makes of
+    an object item (image_inputs.part: image content parts)."""
     v = body.get("input", _MISSING)
     if v is _MISSING or v is None:
         raise ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
@@ -378,7 +398,9 @@ def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
     if not v:
         raise ApiError(400, "Invalid 'input': empty array. Expected at least one string.", param="input",
                        code="empty_array")
-    if not all(isinstance(s, str) for s in v):
+    if part is not None and any(isinstance(s, dict) for s in v):
+        v = [part(s, i) if isinstance(s, dict) else s for i, s in enumerate(v)]
+    if not all(isinstance(s, (str, bytes)) for s in v):
         if _is_ids(v) or all(_is_ids(x) for x in v):
             raise ApiError(400, "Token-id input is not supported for embeddings; send the text.", param="input",
                            code="unsupported_parameter")
@@ -386,6 +408,8 @@ def parse_embeddings(body: dict) -> tuple[list[str], str, int | None]:
     if len(v) > MAX_EMBED_INPUTS:
         raise _bad_value("input", f"at most {MAX_EMBED_INPUTS} inputs per request", len(v))
     for i, s in enumerate(v):
+        if isinstance(s, bytes):
+            continue
         if not s:
             raise ApiError(400, f"Invalid 'input[{i}]': empty string.", param="input", code="invalid_value")
         bad = unicode_error(s)

@@ -102,18 +102,23 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, read_timeo
     return uvicorn.Config(app, host=host, port=port, **opts)
 
 
-def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False, tp=None):
-    """(llm, embedder) from the names; a MODEL that is an encoder makes an embeddings-only server."""
+def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False, tp=None,
+                transcription_model=None):
+    """(llm, embedder, transcriber) from the names; a MODEL that is an encoder makes an embeddings-only
+    server, a Whisper MODEL a speech-to-text one (with an embedding model beside it if asked)."""
     import ember
     from ember.errors import EmberError
+    from ember.speech import Transcriber
 
-    llm = embedder = None
+    llm = embedder = transcriber = None
     if model:
         kw = {"quantize": quantize} if quantize else {}
         if tp is not None and tp != 1:
             kw["tp"] = tp
         m = ember.load(model, dtype=dtype, device=device, compile=compile, **kw)
-        if hasattr(m, "embed") and not hasattr(m, "request"):
+        if isinstance(m, Transcriber):
+            transcriber = m
+        elif hasattr(m, "embed") and not hasattr(m, "request"):
             if embedding_model:
                 raise EmberError(f"{model} is an embedding model; give a generation model as MODEL "
                                  "or drop --embedding-model")
@@ -124,7 +129,13 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
         embedder = ember.load(embedding_model, dtype=dtype, device=device)
         if not hasattr(embedder, "embed"):
             raise EmberError(f"--embedding-model {embedding_model} is not an embedding (encoder) model")
-    return llm, embedder
+    if transcription_model:
+        if transcriber is not None:
+            raise EmberError(f"{model} is a speech model already; drop --transcription-model")
+        transcriber = ember.load(transcription_model, dtype=dtype, device=device)
+        if not isinstance(transcriber, Transcriber):
+            raise EmberError(f"--transcription-model {transcription_model} is not a speech-to-text (Whisper) model")
+    return llm, embedder, transcriber
 
 
 def prepare_llm(llm, max_batch: int, max_len: int | None, *, compile=False, speculative: dict | None = None,
@@ -154,7 +165,8 @@ def prepare_llm(llm, max_batch: int, max_len: int | None, *, compile=False, spec
     return llm
 
 
-def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *, max_batch: int = 8,
+def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *,
+          transcription_model=None, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
           read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
@@ -177,8 +189,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         import torch
 
         torch.set_num_threads(threads)
-    llm, embedder = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize, compile=compile,
-                                tp=tp)
+    llm, embedder, transcriber = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize,
+                                             compile=compile, tp=tp, transcription_model=transcription_model)
     if llm is not None:
         llm = prepare_llm(llm, max_batch, max_len, compile=compile, speculative=speculative, kv_blocks=kv_blocks,
                           app_options=app_options)
@@ -197,8 +209,11 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
                                     {"max_batch": max_batch, "max_len": max_len})
     name = served_model_name or (str(model) if llm is not None else None)
     emb_name = (str(embedding_model) if embedding_model else (str(model) if embedder is not None else None))
-    if llm is None and served_model_name:
+    if llm is None and transcriber is None and served_model_name:
         emb_name = served_model_name
+    if transcriber is not None:
+        app_options.update(transcriber=transcriber, transcription_model_name=(
+            str(transcription_model) if transcription_model else served_model_name or str(model)))
     app = create_app(llm, embedder, model_name=name, embedding_model_name=emb_name, max_batch=max_batch,
                      max_len=max_len, generator=generator, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}),
                      **({"read_timeout": read_timeout} if read_timeout else {}), **app_options)
@@ -218,6 +233,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
             lines.append(f"  defaults   {st.defaults} (from generation_config.json)")
     if embedder is not None:
         lines.append(f"  embeddings {emb_name}")
+    if transcriber is not None:
+        lines.append(f"  speech     {st.transcription_model_name}  ({transcriber!r}) on /v1/audio/transcriptions")
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None):
