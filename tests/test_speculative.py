@@ -294,3 +294,11 @@ def test_rows_under_a_grammar_decode_plainly_beside_drafting_rows(llm):
         out[ev.request.id] += ev.text
     assert [out[r.id] for r in reqs] == want
     assert gen.speculator.stats["drafted"] > 0
+
+
+def test_models_with_recurrent_state_are_refused():
+    from types import SimpleNamespace
+
+    gen = SimpleNamespace(cache=SimpleNamespace(recurrent=True))  # a StateCache's flag (nn/state_cache.py)
+    with pytest.raises(GenerationError, match="recurrent state"):
+        Speculative(prompt_lookup_num_tokens=2).build(gen)
