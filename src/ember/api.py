@@ -16,6 +16,8 @@ from .loading import Loaded, eos_ids, load_snapshot
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterable
 
+    from .generation.speculative import Speculative
+
     from .embeddings import Embedder
     from .engine import Engine
     from .generation.grammar import Grammar
@@ -155,6 +157,8 @@ def _task_of(loaded: Loaded) -> str:
     return "generate"
 
 
+# speculative decoding (generation/speculative.py), transformers' names
+SPECULATIVE_OPTIONS = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens")
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
                    "json_schema", "response_format", "grammar", "image_embeds")
@@ -287,6 +291,7 @@ class LLM:
         # image+text models (models/multimodal.py) with their vision tower: chat takes images
         self.takes_images = getattr(self.model, "vision_tower", None) is not None and hasattr(self.model, "encode_images")
         self._image_processor: Any = None
+        self.speculative: Speculative | None = None  # what every generator of this LLM does (enable_speculative)
 
     def with_engine(self, **options: Any) -> "LLM":
         """This model with a fast decode engine (ember.engine.Engine options: max_batch, max_len,
@@ -440,9 +445,10 @@ class LLM:
         return g.Grammar(spec, self._need_tokenizer(), self.config.vocab_size, self.eos_token_ids, what)
 
     def generator(self, requests: Sequence[Request] = (), max_batch: int | None = None,
-                  max_len: int | None = None) -> Generator:
+                  max_len: int | None = None, speculative: Speculative | None = None) -> Generator:
         """A Generator for `requests` (sized for the longest) or for `max_batch` rows of `max_len`
-        tokens: the engine's when this LLM has one, else a plain one."""
+        tokens: the engine's when this LLM has one, else a plain one. speculative: a
+        `generation.speculative.Speculative` (default: this LLM's, see `enable_speculative`)."""
         # (a Request built by hand with a bad max_tokens is refused by the generator's check)
         if max_len is None:
             max_len = max(len(r.prompt_ids) + (r.max_tokens if isinstance(r.max_tokens, int) else 0)
@@ -454,7 +460,35 @@ class LLM:
             gen = Generator(self.model, self.tokenizer, max_batch=max_batch, max_len=max_len,
                             eos_ids=self.eos_token_ids, device=self.device)
         gen.prefix_cache = self.prefix_cache
+        speculative = speculative or self.speculative
+        if speculative is not None:
+            if self.tp is not None:
+                raise GenerationError("speculative decoding does not run under tensor parallelism yet")
+            gen.speculator = speculative.build(gen)
         return gen
+
+    def enable_speculative(self, *, prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int = 3,
+                           assistant_model: Any = None, num_assistant_tokens: int = 4) -> Speculative | None:
+        """Speculative decoding for every generation of this LLM (the server's too); the same options
+        as generate's (see `generate`). With neither prompt_lookup_num_tokens nor assistant_model it
+        is turned off. Returns the `Speculative` settings (or None)."""
+        from .generation.speculative import Speculative
+
+        if prompt_lookup_num_tokens is None and assistant_model is None:
+            self.speculative = None
+            return None
+        self.speculative = Speculative(prompt_lookup_num_tokens, max_matching_ngram_size, assistant_model,
+                                       num_assistant_tokens).validate()
+        return self.speculative
+
+    def _speculative(self, kw: dict) -> Speculative | None:
+        """The speculative options popped from a call's keywords, as a `Speculative` (None: none given)."""
+        given = {k: kw.pop(k) for k in SPECULATIVE_OPTIONS if k in kw}
+        if not given or (given.get("prompt_lookup_num_tokens") is None and given.get("assistant_model") is None):
+            return None
+        from .generation.speculative import Speculative
+
+        return Speculative(**given).validate()
 
     def enable_prefix_cache(self, max_bytes: int | None = None, *, block: int | None = None) -> PrefixCache | None:
         """Reuse the keys and values of earlier prompts and replies (generation/prefix_cache.py): a
@@ -471,16 +505,17 @@ class LLM:
         self.prefix_cache = PrefixCache(self.model, max_bytes or (1 << 30), block=block or BLOCK)
         return self.prefix_cache
 
-    def events(self, requests: Sequence[Request]) -> Iterator[Event]:
+    def events(self, requests: Sequence[Request], speculative: Speculative | None = None) -> Iterator[Event]:
         """Run requests to completion, yielding per-token events (text, finish reasons, logprobs).
-        Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids)."""
+        Split over ranks (tp): every rank runs rank 0's requests (under this rank's request ids).
+        speculative: a `generation.speculative.Speculative` (default: this LLM's)."""
         if not requests:
             return iter(())
         if self.tp is not None:
             from .distributed.steps import follow_rank0
 
             requests = [follow_rank0(self.tp, r) for r in requests]
-        return self.generator(requests).run(requests)
+        return self.generator(requests, speculative=speculative).run(requests)
 
     # ---- public -------------------------------------------------------------------------------
     @overload
@@ -505,7 +540,13 @@ class LLM:
         Sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `seed`; those left
         out take the model's generation_config.json values, else greedy. `stop`, `stop_token_ids`,
         `ignore_eos`, `logprobs` as in OpenAI/vLLM. details=True returns `Completion`s instead: text,
-        token ids, finish reason, usage, logprobs and timing."""
+        token ids, finish reason, usage, logprobs and timing.
+
+        Speculative decoding, with transformers' names (generation/speculative.py): the model checks
+        several drafted tokens in one forward. `prompt_lookup_num_tokens=N` drafts N tokens by n-gram
+        lookup in the prompt and output (`max_matching_ngram_size`, default 3); `assistant_model=` a
+        smaller LLM with the same tokenizer drafts `num_assistant_tokens` (default 4). Greedy output
+        is the same as without; sampled output follows the same distribution."""
         if not isinstance(details, bool):
             raise GenerationError(f"details must be True or False, got {details!r:.60}")
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
@@ -513,9 +554,10 @@ class LLM:
         prompts = list(prompt) if batched else [prompt]
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise GenerationError("no prompts given")
+        speculative = self._speculative(kw)
         reqs = [self.request(cast("str | Sequence[int]", p), max_tokens, **kw) for p in prompts]
         runs = {r.id: Collector(r) for r in reqs}
-        for ev in self.events(reqs):
+        for ev in self.events(reqs, speculative):
             runs[ev.request.id].add(ev)
         done = [runs[r.id].completion() for r in reqs]
         if not details:
@@ -539,17 +581,18 @@ class LLM:
         finish reason and the whole `Completion`."""
         if not isinstance(details, bool):
             raise GenerationError(f"details must be True or False, got {details!r:.60}")
+        speculative = self._speculative(kw)
         req = self.request(prompt, max_tokens, **kw)
-        return self._chunks(req) if details else self._pieces(req)
+        return self._chunks(req, speculative) if details else self._pieces(req, speculative)
 
-    def _pieces(self, req: Request) -> Iterator[str]:
-        for ev in self.events([req]):
+    def _pieces(self, req: Request, speculative: Speculative | None = None) -> Iterator[str]:
+        for ev in self.events([req], speculative):
             if ev.text:
                 yield ev.text
 
-    def _chunks(self, req: Request) -> Iterator[Chunk]:
+    def _chunks(self, req: Request, speculative: Speculative | None = None) -> Iterator[Chunk]:
         run = Collector(req)
-        for ev in self.events([req]):
+        for ev in self.events([req], speculative):
             yield run.add(ev)
 
     @overload

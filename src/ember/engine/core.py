@@ -8,14 +8,23 @@ from .graphs import DEFAULT_BUCKETS, StaticDecoder
 
 class Engine:
     def __init__(self, model, tokenizer, eos_ids=(), *, max_batch: int = 32, max_len: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool | str = False, buckets=DEFAULT_BUCKETS, dtype=None):
-        """compile: False, True (torch.compile mode "max-autotune-no-cudagraphs"), or a mode name."""
+                 cuda_graphs: bool | None = None, compile: bool | str = False, buckets=DEFAULT_BUCKETS, dtype=None,
+                 kv_blocks: int | None = None, kv_block: int = 16):
+        """compile: False, True (torch.compile mode "max-autotune-no-cudagraphs"), or a mode name.
+        kv_blocks: a paged KV cache (nn/paged_cache.py) of this many blocks of `kv_block` tokens,
+        shared by the rows as their sequences grow, instead of max_batch x max_len."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, list(eos_ids)
         p = next(model.parameters())
         self.device = p.device
         self.max_len = min(max_len or 4096, model.max_context)
         self.max_batch = max_batch
-        self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
+        if kv_blocks:
+            from ..nn.paged_cache import PagedKVCache
+
+            self.cache = PagedKVCache.for_model(model, max_batch, self.max_len, block=kv_block, num_blocks=kv_blocks,
+                                                dtype=dtype, device=self.device)
+        else:
+            self.cache = model.new_cache(max_batch, self.max_len, dtype=dtype, device=self.device)
         use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         # On CPU "graphs" means the same static-shape step run eagerly (what the tests exercise).
         mode = compile if isinstance(compile, str) else "max-autotune-no-cudagraphs"

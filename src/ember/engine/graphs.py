@@ -68,6 +68,7 @@ class StaticDecoder(DecodeStep):
             self.compile_seconds += time.perf_counter() - t  # the real cost is paid at first call, added below
         self._compile = compile
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph or None, ids, pos, out)
+        self.verify_graphs: dict[tuple[int, int], tuple] = {}  # (bucket, tokens) -> the same, for verify()
         self.capture_seconds = 0.0
         self._host: list[torch.Tensor] | None = None
         self._flip = 0
@@ -163,6 +164,56 @@ class StaticDecoder(DecodeStep):
             g.replay()
             logits, tok = out
         return logits[:n], tok[:n]
+
+
+    def _verify_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, position_ids=pos, cache=self.cache, kv_len=self.max_len, cache_rows=slice(0, ids.shape[0]))
+
+    def _build_verify(self, b: int, T: int):
+        ids = torch.zeros(b, T, dtype=torch.long, device=self.device)
+        pos = torch.full((b, T), self.max_len - 1, dtype=torch.long, device=self.device)
+        if not self.capture:
+            return None, ids, pos, None
+        # (eager model code inside the graph: a compiled variant would compile again for this shape)
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(2):
+                self._verify_step(ids, pos)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        t = time.perf_counter()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g), torch.inference_mode():
+                out = self._verify_step(ids, pos)
+        except RuntimeError as e:
+            log.warning("CUDA graph capture of the verify step failed (%s); verifying eagerly", str(e)[:200])
+            torch.cuda.synchronize(self.device)
+            return None, ids, pos, None
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds += time.perf_counter() - t
+        return g, ids, pos, out
+
+    @torch.inference_mode()
+    def verify(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [n, T, vocab] of a T-token step over the first n rows (speculative decoding's
+        verification, generation/speculative.py), through static buffers: one CUDA graph per
+        (bucket, T), attending over the whole cache as the decode step does. Leaves the decode
+        step's own buffers alone (the Generator reloads them after)."""
+        n, T = ids.shape
+        b = bucket_for(n, self.buckets)
+        if (b, T) not in self.verify_graphs:
+            self.verify_graphs[(b, T)] = self._build_verify(b, T)
+        g, sids, spos, out = self.verify_graphs[(b, T)]
+        sids[:n].copy_(ids, non_blocking=True)
+        spos[:n].copy_(pos, non_blocking=True)
+        if n < b:
+            sids[n:].zero_()
+            spos[n:].fill_(self.max_len - 1)
+        if g is None:
+            return self._verify_step(sids, spos)[:n]
+        g.replay()
+        return out[:n]
 
 
 class _Tokens:

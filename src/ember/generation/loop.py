@@ -123,6 +123,7 @@ class _Seq:
         self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else eos_ids)
         self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
         self.matcher = req.grammar.matcher() if req.grammar is not None else None
+        self.draft = None  # a speculative proposer's state for this sequence (speculative.py)
         self.gen = None
         if req.sampling.seed is not None and not req.sampling.greedy:
             self.gen = torch.Generator(device=device)
@@ -207,6 +208,10 @@ class Generator:
         self._synced = None  # (rows, requests) whose next inputs the engine's device buffers already hold
         self._inflight = None  # (seqs, tokens handle) of a launched step not yet emitted
         self.prefix_cache = prefix_cache
+        self.speculator = None  # a speculative.Speculator: decode steps draft and verify several tokens
+        self._paged = hasattr(self.cache, "reserve")  # nn/paged_cache.py: blocks follow the positions written
+        if self._paged and prefix_cache is not None:
+            raise GenerationError("the prefix cache does not work with a paged KV cache yet")
 
     # ---- admission ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -246,7 +251,17 @@ class Generator:
         self.waiting = deque(r for r in self.waiting if r.id != req_id)
         for i, s in enumerate(self.slots):
             if s is not None and s.req.id == req_id:
-                self.slots[i] = None
+                self._free(i)
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Make room for a slot's first `length` positions (a paged cache takes blocks; else nothing)."""
+        if self._paged:
+            self.cache.reserve(slot, length)
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        if self._paged:
+            self.cache.release(slot)  # its blocks go back to the pool
 
     @property
     def running(self) -> int:
@@ -263,7 +278,7 @@ class Generator:
         new = self._admit(events)
         running = [s for s in self.slots if s is not None and s not in new]
         if running:
-            events += self._decode(running)
+            events += self._decode(running) if self.speculator is None else self.speculator.step(self, running)
         return events
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:
@@ -286,11 +301,15 @@ class Generator:
             batch.append(seq)
         if not batch:
             return []
+        for s in batch:
+            self.reserve(s.slot, len(s.req.prompt_ids))
         recurrent = getattr(self.cache, "recurrent", False)  # a StateCache (nn/state_cache.py)
         if recurrent:
             for s in batch:  # the slot's previous sequence left its state behind
                 self.cache.reset_rows(slice(s.slot, s.slot + 1))
         pc = self.prefix_cache
+        if pc is not None and self._paged:
+            raise GenerationError("the prefix cache does not work with a paged KV cache yet")
         if pc is not None:
             for s in batch:
                 if s.req.image_embeds is None:
@@ -370,6 +389,8 @@ class Generator:
         return self._emit(alive, None, [toks[s.slot] for s in alive]) if alive else []
 
     def _decode(self, running: list[_Seq]) -> list[Event]:
+        for s in running:
+            self.reserve(s.slot, s.pos + 1)
         hi = max(s.slot for s in running) + 1
         # constrained rows need their logits on the host side of the mask: no engine-side argmax
         greedy = all(s.req.sampling.greedy and not s.processed and s.matcher is None for s in running)
@@ -472,22 +493,24 @@ class Generator:
                 if self.prefix_cache is not None and s.req.image_embeds is None:
                     # the row holds the first s.pos tokens (a pipelined step in flight may have fed the last one too)
                     self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
-                self.slots[s.slot] = None
+                self._free(s.slot)
             events.append(ev)
         return events
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         if all(s.req.sampling.greedy and not s.processed for s in seqs):
             return logits.argmax(dim=-1)
-        out = []
-        for i, s in enumerate(seqs):
-            row = logits[i : i + 1]
-            if s.seen is not None:
-                row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
-            if s.counts is not None:
-                sp = s.req.sampling
-                row = apply_penalties(row, s.counts[None], sp.presence_penalty, sp.frequency_penalty)
-            if s.bias is not None:
-                row = row + s.bias
-            out.append(sample(row, s.req.sampling, s.gen))
-        return torch.cat(out)
+        return torch.cat([sample(self._processed(s, logits[i : i + 1]), s.req.sampling, s.gen)
+                          for i, s in enumerate(seqs)])
+
+    def _processed(self, s: _Seq, row: torch.Tensor) -> torch.Tensor:
+        """A sequence's logits row [1, V] after its repetition, presence and frequency penalties and
+        logit bias."""
+        if s.seen is not None:
+            row = apply_repetition_penalty(row, s.seen[None], s.req.sampling.repetition_penalty)
+        if s.counts is not None:
+            sp = s.req.sampling
+            row = apply_penalties(row, s.counts[None], sp.presence_penalty, sp.frequency_penalty)
+        if s.bias is not None:
+            row = row + s.bias
+        return row

@@ -107,7 +107,8 @@ class Step:
         cache layer where every key up to the token is visible: the layer's cache rows [1, KV, S, D]
         and the host position to write at, for `ops.rope_cache_attention`. None otherwise."""
         c = self.cache
-        if c is None or c.windows[layer] is not None or not self._single_query_sees_all(window):
+        if c is None or not isinstance(c, KVCache) or c.windows[layer] is not None \
+                or not self._single_query_sees_all(window):  # (a paged cache has no contiguous rows)
             return None
         if c.batch == 1:
             return c.k[layer], c.v[layer], self.kv_len - 1

@@ -71,7 +71,7 @@ def build_generator(llm, max_batch: int, max_len: int | None, prefix_cache: int 
         log.warning("--max-len %d is beyond the model's context (%d); using %d", max_len, ctx, ctx)
     want = min(want, ctx)
     gen = llm.generator(max_batch=max_batch, max_len=want)
-    if prefix_cache == 0:
+    if prefix_cache == 0 or hasattr(gen.cache, "reserve"):  # (a paged KV cache has no rows to copy prefixes from)
         gen.prefix_cache = None
     elif gen.prefix_cache is None or prefix_cache is not None:
         for_generator(gen, prefix_cache)

@@ -45,6 +45,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="prefill every prompt in full (default: reuse the KV of prompt prefixes already seen)")
     p.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
                    help="memory of the prefix cache (default: half the KV cache)")
+    p.add_argument("--prompt-lookup-num-tokens", type=int, default=None, metavar="N",
+                   help="speculative decoding: draft N tokens per step by n-gram lookup in the prompt and output, "
+                        "checked in one forward (greedy output unchanged; fastest when replies copy the prompt)")
+    p.add_argument("--assistant-model", default=None, metavar="M",
+                   help="speculative decoding: a smaller model with the same tokenizer drafts the tokens")
+    p.add_argument("--num-assistant-tokens", type=int, default=4, metavar="N",
+                   help="tokens the assistant model drafts per step (default 4)")
+    p.add_argument("--kv-blocks", type=int, default=None, metavar="N",
+                   help="a paged KV cache of N blocks of 16 tokens shared by all requests (memory follows the tokens "
+                        "held, not --max-batch x --max-len; turns the prefix cache off)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="image+text models: download http(s) image_url parts (default: data: URLs only)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -77,6 +87,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         bad("--max-waiting", "at least 0", args.max_waiting)
     if args.prefix_cache_mb is not None and not (math.isfinite(args.prefix_cache_mb) and 0 < args.prefix_cache_mb <= 1 << 20):
         bad("--prefix-cache-mb", "a number of MiB in (0, 1048576]", args.prefix_cache_mb)
+    if args.prompt_lookup_num_tokens is not None and args.assistant_model is not None:
+        raise SystemExit("ember serve: give --prompt-lookup-num-tokens or --assistant-model, not both")
+    for flag, v in (("--prompt-lookup-num-tokens", args.prompt_lookup_num_tokens),
+                    ("--num-assistant-tokens", args.num_assistant_tokens)):
+        if v is not None and not 1 <= v <= 64:
+            bad(flag, "in 1..64", v)
+    if args.kv_blocks is not None and not 1 <= args.kv_blocks <= 1 << 24:
+        bad("--kv-blocks", f"in 1..{1 << 24}", args.kv_blocks)
     if args.threads is not None and args.threads < 1:
         bad("--threads", "at least 1", args.threads)
 
@@ -109,6 +127,9 @@ def main(args: argparse.Namespace) -> int:
           read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp, api_key=args.api_key,
           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins
           else None, max_waiting=args.max_waiting, allow_remote_images=args.allow_remote_images,
+          speculative={"prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,
+                       "assistant_model": args.assistant_model, "num_assistant_tokens": args.num_assistant_tokens},
+          kv_blocks=args.kv_blocks,
           prefix_cache=0 if args.no_prefix_cache else (int(args.prefix_cache_mb * (1 << 20)) if args.prefix_cache_mb
                                                         else None))
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("ember.serve")
@@ -137,17 +138,46 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
     return llm, embedder, transcriber
 
 
+def prepare_llm(llm, max_batch: int, max_len: int | None, *, compile=False, speculative: dict | None = None,
+                kv_blocks: int | None = None, app_options: dict | None = None):
+    """The served LLM with its serving options. kv_blocks: a paged KV cache of that many 16-token
+    blocks (an engine over it; the prefix cache goes off, as it needs contiguous rows).
+    speculative: `LLM.enable_speculative`'s options (an assistant_model given by name is loaded here)."""
+    from .app import DEFAULT_MAX_LEN
+
+    if kv_blocks:
+        if llm.tp is not None:
+            raise SystemExit("ember serve: --kv-blocks does not work with --tp yet")
+        if app_options is not None:
+            if app_options.get("prefix_cache"):
+                log.warning("the prefix cache is off with a paged KV cache (--kv-blocks)")
+            app_options["prefix_cache"] = 0
+        llm = llm.with_engine(max_batch=max_batch, max_len=min(max_len or DEFAULT_MAX_LEN, llm.model.max_context),
+                              compile=compile, kv_blocks=kv_blocks)
+    spec = dict(speculative or {})
+    if spec.get("prompt_lookup_num_tokens") or spec.get("assistant_model"):
+        if isinstance(spec.get("assistant_model"), (str, os.PathLike)):
+            import ember
+
+            spec["assistant_model"] = ember.load(spec["assistant_model"], dtype=llm.dtype, device=llm.device,
+                                                 task="generate")
+        llm.enable_speculative(**spec)
+    return llm
+
+
 def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model=None, *,
           transcription_model=None, max_batch: int = 8,
           max_len: int | None = None, served_model_name: str | None = None, dtype=None, device=None,
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
           read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
-          tp: int | None = None, **app_options) -> None:
+          tp: int | None = None, speculative: dict | None = None, kv_blocks: int | None = None,
+          **app_options) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
     request's headers, and again its body (default 30). tp: split the model over this many ranks
     (tensor parallelism; every rank calls serve, rank 0 serves, the others follow its steps).
+    speculative, kv_blocks: see `prepare_llm`.
     app_options: create_app's api_key, allowed_origins, max_waiting, prefix_cache.
     """
     import uvicorn
@@ -161,6 +191,9 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         torch.set_num_threads(threads)
     llm, embedder, transcriber = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize,
                                              compile=compile, tp=tp, transcription_model=transcription_model)
+    if llm is not None:
+        llm = prepare_llm(llm, max_batch, max_len, compile=compile, speculative=speculative, kv_blocks=kv_blocks,
+                          app_options=app_options)
     generator = None
     if llm is not None and llm.tp is not None:
         from ..distributed.steps import LeaderGenerator, follow
@@ -190,6 +223,10 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
         eng = st.scheduler
         lines.append(f"  model      {name}  ({llm!r})")
         lines.append(f"  batching   {eng.max_batch} slots x {eng.max_len} tokens per request")
+        sp = llm.speculative
+        if sp is not None:
+            lines.append("  speculate  " + (f"prompt lookup, {sp.num_tokens} tokens" if sp.assistant_model is None
+                                           else f"assistant model, {sp.num_tokens} tokens"))
         pc = getattr(eng.generator, "prefix_cache", None)
         lines.append(f"  prefix     {'off' if pc is None else f'cache of {pc.max_bytes / 2**20:.0f} MiB'}")
         if st.defaults:
