@@ -44,3 +44,16 @@ def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")
     save(tiny_hf_model(cfg), folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from a second thread, and on a busy machine each op's OpenMP
+    hand-off can cost ~100 ms (transformers' depthwise conv1d most of all). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -178,3 +178,38 @@ def save_state_dict(model, folder) -> str:
         sd.pop("lm_head.weight", None)
     save_file(sd, Path(folder) / "model.safetensors")
     return str(folder)
+
+
+def models_by_shape(tmp_path_factory, config_of, prepare=None):
+    """A `make(shape) -> (transformers model, folder)` that builds each shape's tiny random model
+    (from `config_of(shape)`, then `prepare(model)` if given) once and saves it in its own temporary
+    folder (a module fixture's body)."""
+    made = {}
+
+    def make(shape):
+        if shape not in made:
+            hf = tiny_hf_model(config_of(shape))
+            if prepare is not None:
+                prepare(hf)
+            made[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
+        return made[shape]
+    return make
+
+
+def check_cache_token_by_token(model, vocab: int, length: int = 20, chunks: tuple[int, int] = (7, 11),
+                               atol: float = 1e-4) -> None:
+    """Prefill two rows in two chunks (the second continuing from the cache: keys/values and any
+    recurrent state), then decode one token at a time: every step's logits equal the uncached
+    forward's at that position."""
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(1))
+    a_end, b_end = chunks
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, length + 12)
+        pos = torch.arange(length).expand(2, -1)
+        a = model(ids[:, :a_end], position_ids=pos[:, :a_end], cache=cache, kv_len=a_end, fresh=True)
+        b = model(ids[:, a_end:b_end], position_ids=pos[:, a_end:b_end], cache=cache, kv_len=b_end)
+        torch.testing.assert_close(torch.cat([a, b], 1), full[:, :b_end], atol=atol, rtol=0)
+        for t in range(b_end, length):
+            step = model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache, kv_len=t + 1)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=atol, rtol=0)

@@ -5,7 +5,7 @@ import torch
 
 import ember
 from ember.nn.state_cache import StateCache
-from parity import check_parity, save, tiny_hf_model
+from parity import check_cache_token_by_token, check_parity, models_by_shape
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=None, eos_token_id=None, hidden_size=64,
             intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -25,26 +25,14 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     import transformers
 
-    cache = {}
-
-    def make(shape):
-        if shape not in cache:
-            hf = tiny_hf_model(transformers.FalconH1Config(**{**BASE, **SHAPES[shape]}))
-            cache[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
-        return cache[shape]
-    return make
+    return models_by_shape(tmp_path_factory, lambda shape: transformers.FalconH1Config(**{**BASE, **SHAPES[shape]}))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -58,14 +46,4 @@ def test_falcon_h1_matches_transformers(built, shape):
 def test_state_cache_matches_the_uncached_forward_token_by_token(built):
     _, folder = built("mup")
     model = ember.load(folder, dtype=torch.float32, device="cpu").model
-    ids = torch.randint(0, 256, (2, 18), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2, 32)
-        pos = torch.arange(18).expand(2, -1)
-        a = model(ids[:, :7], position_ids=pos[:, :7], cache=cache, kv_len=7, fresh=True)
-        b = model(ids[:, 7:11], position_ids=pos[:, 7:11], cache=cache, kv_len=11)
-        torch.testing.assert_close(torch.cat([a, b], 1), full[:, :11], atol=1e-4, rtol=0)
-        for t in range(11, 18):
-            step = model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache, kv_len=t + 1)
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cache_token_by_token(model, 256, length=18, chunks=(7, 11))

@@ -6,7 +6,7 @@ import torch
 import ember
 from ember.errors import ConfigError
 from ember.nn.state_cache import StateCache
-from parity import check_parity, save, tiny_hf_model
+from parity import check_cache_token_by_token, check_parity, models_by_shape
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=None, eos_token_id=None, hidden_size=64,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_num_heads=8,
@@ -27,30 +27,23 @@ SHAPES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _nonzero_bias(hf) -> None:
+    """A nonzero routing correction bias, so that it matters for the choice."""
+    with torch.no_grad():
+        for m in hf.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, m.e_score_correction_bias.numel()))
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     import transformers
 
-    cache = {}
-
-    def make(shape):
-        if shape not in cache:
-            hf = tiny_hf_model(transformers.NemotronHConfig(**{**BASE, **SHAPES[shape]}))
-            with torch.no_grad():  # a nonzero correction bias, so that it matters for the choice
-                for m in hf.modules():
-                    if hasattr(m, "e_score_correction_bias"):
-                        m.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, m.e_score_correction_bias.numel()))
-            cache[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
-        return cache[shape]
-    return make
+    return models_by_shape(tmp_path_factory, lambda shape: transformers.NemotronHConfig(**{**BASE, **SHAPES[shape]}),
+                           _nonzero_bias)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -67,17 +60,7 @@ def test_nemotron_h_matches_transformers(built, shape):
 def test_state_cache_matches_the_uncached_forward_token_by_token(built):
     _, folder = built("all_blocks")
     model = ember.load(folder, dtype=torch.float32, device="cpu").model
-    ids = torch.randint(0, 256, (2, 18), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2, 32)
-        pos = torch.arange(18).expand(2, -1)
-        a = model(ids[:, :7], position_ids=pos[:, :7], cache=cache, kv_len=7, fresh=True)
-        b = model(ids[:, 7:11], position_ids=pos[:, 7:11], cache=cache, kv_len=11)
-        torch.testing.assert_close(torch.cat([a, b], 1), full[:, :11], atol=1e-4, rtol=0)
-        for t in range(11, 18):
-            step = model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache, kv_len=t + 1)
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cache_token_by_token(model, 256, length=18, chunks=(7, 11))
 
 
 def test_hybrid_override_pattern_and_bad_blocks(built, tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import ember
 from ember.nn.state_cache import StateCache
-from parity import check_parity, save, tiny_hf_model
+from parity import check_cache_token_by_token, check_parity, models_by_shape
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=None, eos_token_id=None, max_position_embeddings=128,
             hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -37,27 +37,15 @@ CONFIGS = {"qwen3_5_dense": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
            "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     import transformers
 
-    cache = {}
-
-    def make(shape):
-        if shape not in cache:
-            cfg, _ = CONFIGS.get(shape, ("Qwen3NextConfig", None))
-            hf = tiny_hf_model(getattr(transformers, cfg)(**{**BASE, **SHAPES[shape]}))
-            cache[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
-        return cache[shape]
-    return make
+    return models_by_shape(tmp_path_factory, lambda shape: getattr(
+        transformers, CONFIGS.get(shape, ("Qwen3NextConfig", None))[0])(**{**BASE, **SHAPES[shape]}))
 
 
 @pytest.fixture
@@ -95,17 +83,7 @@ def test_qwen3_next_matches_transformers(built, shape, recurrent_reference, monk
 def test_state_cache_matches_the_uncached_forward_token_by_token(built):
     _, folder = built("moe")
     model = ember.load(folder, dtype=torch.float32, device="cpu").model
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2, 32)
-        pos = torch.arange(16).expand(2, -1)
-        a = model(ids[:, :6], position_ids=pos[:, :6], cache=cache, kv_len=6, fresh=True)
-        b = model(ids[:, 6:9], position_ids=pos[:, 6:9], cache=cache, kv_len=9)
-        torch.testing.assert_close(torch.cat([a, b], 1), full[:, :9], atol=1e-4, rtol=0)
-        for t in range(9, 16):
-            step = model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache, kv_len=t + 1)
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cache_token_by_token(model, 256, length=16, chunks=(6, 9))
 
 
 def test_engine_static_step_matches_plain_decoding(built):

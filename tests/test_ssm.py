@@ -10,7 +10,7 @@ from ember.engine import Engine, StaticDecoder
 from ember.errors import ConfigError
 from ember.generation.loop import Request
 from ember.nn.state_cache import StateCache
-from parity import check_parity, ember_greedy, save, tiny_hf_model
+from parity import check_cache_token_by_token, check_parity, ember_greedy, models_by_shape
 
 BASE = dict(vocab_size=256, num_hidden_layers=2, pad_token_id=0, bos_token_id=None, eos_token_id=None)
 
@@ -59,27 +59,13 @@ def _config(shape):
     return getattr(transformers, cls)(**{**BASE, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes gain nothing from a second thread, and on a busy machine each op's OpenMP
-    hand-off can cost ~100 ms (transformers' depthwise conv1d most of all)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """shape -> (transformers model, folder), made once per module."""
-    cache = {}
-
-    def make(shape):
-        if shape not in cache:
-            hf = tiny_hf_model(_config(shape))
-            cache[shape] = hf, save(hf, tmp_path_factory.mktemp(shape))
-        return cache[shape]
-    return make
+    return models_by_shape(tmp_path_factory, _config)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -107,17 +93,7 @@ def test_state_cache_matches_the_uncached_forward_token_by_token(built, shape):
     time: every step's logits equal the uncached forward's at that position."""
     _, folder = built(shape)
     model = _load(folder).model
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.new_cache(2, 32)
-        pos = torch.arange(20).expand(2, -1)
-        a = model(ids[:, :7], position_ids=pos[:, :7], cache=cache, kv_len=7, fresh=True)
-        b = model(ids[:, 7:11], position_ids=pos[:, 7:11], cache=cache, kv_len=11)
-        torch.testing.assert_close(torch.cat([a, b], 1), full[:, :11], atol=1e-4, rtol=0)
-        for t in range(11, 20):
-            step = model(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache, kv_len=t + 1)
-            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-4, rtol=0)
+    check_cache_token_by_token(model, 256, length=20, chunks=(7, 11))
 
 
 def test_idle_rows_keep_their_state_and_reset_rows_zeroes_it(built):
