@@ -5,7 +5,8 @@ built for the same ISA (llama-bench, same file and bits) and transformers, on 2 
     python benchmarks/bench_cpu.py --isa avx2 --llama-bench /path/to/build-avx2/bin/llama-bench
 
 --isa avx2 caps every peer to AVX2 on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2,
-ONEDNN_MAX_CPU_ISA=AVX2, EMBER_CPU_ISA=avx2 (and the llama.cpp binary you give must be an AVX2
+ONEDNN_MAX_CPU_ISA=AVX2, EMBER_CPU_ISA=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 (float32 F.linear runs
+on MKL, which ignores the other two), FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (and the llama.cpp binary you give must be an AVX2
 build: cmake -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF ...). Every ember and transformers
 figure comes from a fresh process (load, then a 128-token prompt and 64 greedy tokens for decode;
 a 512-token prompt, last-token logits, for prefill; best of --repeat). Models are fetched by
@@ -156,7 +157,8 @@ def main() -> int:
 
     env = {**os.environ}
     if a.isa == "avx2":
-        env.update(EMBER_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        env.update(EMBER_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                   MKL_ENABLE_INSTRUCTIONS="AVX2", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")  # MKL: float32 F.linear
     rows = a.rows.split(",")
     quantizer = a.llama_quantize or str(Path(a.llama_bench).with_name("llama-quantize"))
     name, flags = cpu_model()
