@@ -7,6 +7,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton's interpreter runs ember's Triton kernels on CPU tensors (test_triton_ops.py).
+# It must be on before anything imports triton: transformers and torch._inductor do, at collection,
+# and triton's own library functions are defined then.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
