@@ -357,3 +357,41 @@ def test_server_chat_with_a_data_url_image(pair, tiny_chat):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
         assert e.value.code == "unsupported_content" and "takes no images" in e.value.message
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def test_cli_run_and_chat_with_images(tmp_path, capsys):
+    """`ember run MODEL PROMPT --image PATH` answers as llm.chat with that image part; in `ember chat`,
+    `/image PATH` attaches an image to the next message, and an unreadable one is reported while the
+    chat goes on."""
+    from ember import cli
+
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    tiny_llava(folder)
+    llm = ember.load(folder, dtype=torch.float32, device="cpu")
+    path = tmp_path / "fox.png"
+    IMAGES[0].save(path)
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": "What is it?"}]}
+    want = llm.chat([user], 8, temperature=0, ignore_eos=True)
+    assert want != llm.chat([{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}], 8,
+                            temperature=0, ignore_eos=True)  # the image changes the answer
+    opts = ["-n", "8", "-t", "0", "--dtype", "float32", "--device", "cpu"]
+    assert cli.main(["run", str(folder), "What", "is", "it?", "--image", str(path), *opts]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert cli.main(["run", str(folder), "What is it?", "--image", str(tmp_path / "missing.png"), *opts]) == 1
+    assert "ember: error:" in capsys.readouterr().err
+
+    import io
+    import sys
+
+    turns = f"/image {tmp_path / 'missing.png'}\nWhat is it?\n/image {path}\nWhat is it?\n"
+    old = sys.stdin
+    sys.stdin = io.StringIO(turns)
+    try:
+        assert cli.main(["chat", str(folder), *opts]) == 0
+    finally:
+        sys.stdin = old
+    out = capsys.readouterr()
+    assert "missing.png" in out.err and out.out == want + "\n"  # the bad turn is dropped; the next is answered
