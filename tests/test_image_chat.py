@@ -345,6 +345,13 @@ def test_server_chat_with_a_data_url_image(pair, tiny_chat):
         chunks = client.chat.completions.create(model="vlm", messages=messages, max_tokens=12, temperature=0,
                                                 extra_body={"ignore_eos": True}, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        import httpx
+
+        tok = httpx.post(url + "/tokenize", json={"model": "vlm", "messages": messages}, timeout=60).json()
+        assert tok["count"] == want.usage.prompt_tokens  # the image's tokens counted as the chat counts them
+        bad = httpx.post(url + "/tokenize", json={"model": "vlm", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}]}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
         for bad, code in ((_data_url(b"garbage"), "invalid_image"), ("/etc/passwd", "invalid_image"),
                           ("https://example.com/x.png", "invalid_image")):
             with pytest.raises(openai.BadRequestError) as e:
