@@ -202,6 +202,8 @@ def test_chat_with_images_greedy_matches_transformers(pair):
     # the engine's static decode step (CUDA graphs on a GPU; the same static shapes on CPU)
     fast = llm.with_engine(cuda_graphs=True, max_batch=2, max_len=256)
     assert fast.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True).token_ids == want
+    paged = llm.with_engine(cuda_graphs=True, max_batch=2, max_len=256, kv_blocks=32, kv_block=16)  # PagedKVCache
+    assert paged.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True).token_ids == want
 
 
 def test_text_only_prompt_matches_transformers(pair):
@@ -296,6 +298,35 @@ def test_bad_configs_are_config_errors(change, match):
         cfg = lookup(raw).parse_config(raw)
         assert isinstance(cfg, qwen2_5_vl.Config)
         rotary_from_config(cfg.text.raw, cfg.text.head_dim, 128)
+
+
+def test_default_processor_is_transformers_default():
+    """Without preprocessor_config.json: Qwen2VLImageProcessor's defaults (14 px patches, 2x2 merge,
+    56*56 .. 28*28*1280 pixels, CLIP's mean and std)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ember.image_patches import GridPatchProcessor
+
+    img = _image(300, 500, 3)
+    want = Qwen2VLImageProcessorPil()([img], return_tensors="pt")
+    got = GridPatchProcessor.from_file(None)([img])
+    assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+    assert torch.allclose(got["pixel_values"], want["pixel_values"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"max_pixels": 1 << 40}, "max_pixels"),
+    ({"min_pixels": 0}, "min_pixels"),
+    ({"merge_size": 3}, "not the vision tower's"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std"),
+    ({"resample": "bicubic"}, "resample"),
+])
+def test_bad_processor_configs_are_config_errors(pair, tmp_path, change, match):
+    _, _, llm = pair
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"patch_size": llm.model.mm_config.vision.patch_size, "merge_size": 2, **change}))
+    with pytest.raises(ember.ConfigError, match=match):
+        llm.model.make_image_processor(path)
 
 
 def test_mrope_rotary_matches_transformers():

@@ -57,7 +57,7 @@ def _floats(d: dict, key: str, where: str) -> tuple[float, ...]:
     v = d.get(key)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         v = [v] * 3
-    if (not isinstance(v, list) or len(v) != 3
+    if (not isinstance(v, (list, tuple)) or len(v) != 3
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
         raise ConfigError(f"{where}: {key} must be a number or 3 numbers, got {v!r:.80}")
     return tuple(float(x) for x in v)
