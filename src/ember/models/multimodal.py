@@ -10,6 +10,13 @@ replaced by the image features in order, row after row (transformers' masked_sca
 else is the text decoder's: the cache, the decode step and batching are the plain causal LM's, so
 the engine runs these models unchanged once the prompt is prefilled.
 
+Families whose images take different numbers of tokens (Qwen2.5-VL, models/qwen2_5_vl.py) bring
+their own processor (`make_image_processor`: its output a dict of tensors), say per image what
+replaces the template's placeholder (`image_texts`), return flattened features (`image_features`)
+and, with M-RoPE (`mrope = True`), the prompt's 3-D rotary positions (`rope_positions`): the hooks
+LLM.chat_inputs calls. Decoding after such a prompt rotates by cache position + the row's rope delta
+(models/base.CausalLM.mrope), so the engine still runs them unchanged.
+
 `text_config` and `language_model` also serve the families whose image-text checkpoints ember reads
 for their decoder alone (Llama 4, Gemma 4, Mistral 3: the vision tower is not loaded).
 
