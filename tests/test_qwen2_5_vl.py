@@ -183,6 +183,24 @@ def test_image_text_logits_match_transformers(pair):
             assert (hf(**other).logits[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
+def test_padded_batch_of_image_prompts_matches_transformers(pair):
+    """Two image prompts of different lengths (one image, two images) left-padded into one batch
+    (attention_mask) give transformers' logits at every real token."""
+    hf, proc, llm = pair
+    proc.tokenizer.padding_side = "left"
+    convs = [_messages([IMAGES[0]], "Hi"), _messages([IMAGES[1], IMAGES[2]], "What are these two?")]
+    ref_in = proc.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt", padding=True)
+    mask = ref_in["attention_mask"].bool()
+    assert not mask.all()
+    with torch.no_grad():
+        want = hf(**ref_in).logits
+        got = llm.model(ref_in["input_ids"], attention_mask=ref_in["attention_mask"],
+                        pixel_values=ref_in["pixel_values"], image_grid_thw=ref_in["image_grid_thw"])
+    d = (want - got)[mask].abs().max().item()
+    assert d <= 1e-4, f"logits differ by {d}"
+
+
 def test_chat_with_images_greedy_matches_transformers(pair):
     """Greedy continuations after images decode at cache position + the prompt's rope delta."""
     hf, proc, llm = pair
