@@ -332,6 +332,24 @@ def test_default_processor_is_transformers_default():
     assert torch.allclose(got["pixel_values"], want["pixel_values"], atol=1e-6, rtol=0)
 
 
+def test_processor_reads_hub_pixel_bounds():
+    """Hub checkpoints' preprocessor_config.json spell the bounds min_pixels / max_pixels (winning over
+    size, as in transformers)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ember.image_patches import GridPatchProcessor
+
+    d = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 20, "size": {"shortest_edge": 10, "longest_edge": 10 ** 7},
+         "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}
+    img = _image(300, 500, 4)
+    want = Qwen2VLImageProcessorPil(**{k: v for k, v in d.items() if k != "image_processor_type"})([img],
+                                                                                                   return_tensors="pt")
+    got = GridPatchProcessor.from_dict(d)([img])
+    assert want["image_grid_thw"].tolist() == got["image_grid_thw"].tolist()
+    assert int(got["image_grid_thw"].prod()) * 14 * 14 <= d["max_pixels"] < 300 * 500  # max_pixels, not size, bound it
+    assert torch.allclose(got["pixel_values"], want["pixel_values"], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("change, match", [
     ({"max_pixels": 1 << 40}, "max_pixels"),
     ({"min_pixels": 0}, "min_pixels"),
