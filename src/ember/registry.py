@@ -177,6 +177,10 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
 # Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
 register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config")
+# Qwen2.5-VL: a Qwen2 decoder with M-RoPE (prepare makes text_config a qwen2 one, also from flat configs)
+register("qwen2_5_vl", "ember.models.qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",),
+         model_class="ForConditionalGeneration", decoder="text_config",
+         prepare=_module_prepare("ember.models.qwen2_5_vl"))
 # Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
 register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
          prepare=_module_prepare("ember.models.gemma4"))

@@ -10,6 +10,13 @@ replaced by the image features in order, row after row (transformers' masked_sca
 else is the text decoder's: the cache, the decode step and batching are the plain causal LM's, so
 the engine runs these models unchanged once the prompt is prefilled.
 
+Families whose images take different numbers of tokens (Qwen2.5-VL, models/qwen2_5_vl.py) bring
+their own processor (`make_image_processor`: its output a dict of tensors), say per image what
+replaces the template's placeholder (`image_texts`), return flattened features (`image_features`)
+and, with M-RoPE (`mrope = True`), the prompt's 3-D rotary positions (`rope_positions`): the hooks
+LLM.chat_inputs calls. Decoding after such a prompt rotates by cache position + the row's rope delta
+(models/base.CausalLM.mrope), so the engine still runs them unchanged.
+
 `text_config` and `language_model` also serve the families whose image-text checkpoints ember reads
 for their decoder alone (Llama 4, Gemma 4, Mistral 3: the vision tower is not loaded).
 
@@ -138,14 +145,35 @@ class ImageTextLM(CausalLM):
         """transformers' image processor defaults for this family (preprocessor_config.json wins)."""
         raise NotImplementedError
 
+    # What LLM.chat_inputs asks of the model, given the image processor's output (`pixels`: a tensor,
+    # or a dict of tensors for a family with its own processor, `make_image_processor(path)`).
+    @property
+    def takes_images(self) -> bool:
+        return getattr(self, "vision_tower", None) is not None
+
+    def image_texts(self, tokenizer, pixels) -> tuple[str, list[str]]:
+        """(what the chat template writes for an image, the text the processor puts in its place, per
+        image)."""
+        placeholder, text = self.image_text(tokenizer)
+        return placeholder, [text] * len(pixels)
+
+    def image_features(self, pixels) -> torch.Tensor:
+        """The features [n, hidden] of the prompt's n image tokens, in order."""
+        return self.encode_images(pixels).flatten(0, 1)
+
+    def rope_positions(self, ids: list[int], pixels) -> torch.Tensor | None:
+        """M-RoPE families: the prompt's rotary positions [3, T]; None: plain positions."""
+        return None
+
     def merge(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(input embeddings with the image tokens' replaced by `image_embeds` [n, hidden] in order,
         image block ids [B, T] or None)."""
         is_image = input_ids == self.image_token_id
         n = int(is_image.sum())
         if n != image_embeds.shape[0]:
+            per = f" ({self.tokens_per_image} per image)" if self.tokens_per_image else ""
             raise GenerationError(f"the prompt has {n} image tokens but the images give {image_embeds.shape[0]} "
-                                  f"features ({self.tokens_per_image} per image)")
+                                  f"features{per}")
         x = self.model.embed(input_ids.masked_fill(is_image, 0))  # the image id may lie past the vocabulary
         x = x.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(x.device, x.dtype))
         blocks = None
@@ -157,14 +185,16 @@ class ImageTextLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, kv_len: int | None = None,
                 logits_index: torch.Tensor | None = None, cache_rows: slice | None = None, fresh: bool = False,
-                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                rope_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The causal LM's forward; with `pixel_values` (or their features, `image_embeds`
-        [n, hidden]) the image tokens of `input_ids` take the images' features."""
-        kw = {}
+        [n, hidden]) the image tokens of `input_ids` take the images' features. rope_position_ids:
+        M-RoPE families' rotary positions (see CausalLM.forward)."""
+        kw: dict = {"rope_position_ids": rope_position_ids} if rope_position_ids is not None else {}
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values).flatten(0, 1)
         if image_embeds is not None:
             embeds, blocks = self.merge(input_ids, image_embeds)
-            kw = {"inputs_embeds": embeds, "image_blocks": blocks}
+            kw.update(inputs_embeds=embeds, image_blocks=blocks)
         return super().forward(input_ids, attention_mask, position_ids, cache, kv_len, logits_index, cache_rows,
                                fresh, **kw)
