@@ -177,6 +177,9 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
 # Image+text chat (models/multimodal.py): a vision tower and projector before a registered decoder
 register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config")
+# Qwen3-VL: its own vision tower and M-RoPE decoder (models/qwen3_vl.py)
+register("qwen3_vl", "ember.models.qwen3_vl", architectures=("Qwen3VLForConditionalGeneration",),
+         model_class="ForConditionalGeneration")
 # Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
 register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
          prepare=_module_prepare("ember.models.gemma4"))
