@@ -135,47 +135,96 @@ class TextLM(CausalLM):
         self.lm_head = tied_or_own_head(vb, t, self.model.embed_tokens.weight, t.hidden_size, t.vocab_size)
 
 
-@dataclass
-class ImageFeatures:
-    """What the tower gives for a prompt's images: the tokens [n, E] that replace the image tokens,
-    the DeepStack sets [k, n, E], and each image's patch grid (t, h, w)."""
-
-    tokens: torch.Tensor
-    deepstack: torch.Tensor
-    grids: list
-
-    @property
-    def shape(self):  # the features as one tensor of [n, E] would have it (what callers check)
-        return self.tokens.shape
+def rope_index(ids: list[int], image_token: int, grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """The M-RoPE positions [3, T] of a prompt (transformers' get_rope_index for images): text tokens
+    count on from the last position; an image's tokens (its runs of `image_token`, the grids in
+    order) take (start, start + row, start + col) over the merged grid, and the text after it
+    starts at start + max(rows, cols)."""
+    out = torch.empty(3, len(ids), dtype=torch.long)
+    grids = iter(grids)
+    pos = i = 0
+    while i < len(ids):
+        if ids[i] != image_token:
+            out[:, i] = pos
+            pos, i = pos + 1, i + 1
+            continue
+        g = next(grids, None)
+        if g is None:
+            raise GenerationError("the prompt has more images (runs of image tokens) than image grids")
+        t, h, w = g[0], g[1] // merge, g[2] // merge
+        n = t * h * w
+        if ids[i:i + n] != [image_token] * n or ids[i + n:i + n + 1] == [image_token]:
+            raise GenerationError(f"an image of {t}x{h}x{w} merged patches needs a run of {n} image tokens")
+        out[0, i:i + n] = pos + torch.arange(t).repeat_interleave(h * w)
+        out[1, i:i + n] = pos + torch.arange(h).repeat_interleave(w).repeat(t)
+        out[2, i:i + n] = pos + torch.arange(w).repeat(t * h)
+        pos, i = pos + max(h, w), i + n
+    if next(grids, None) is not None:
+        raise GenerationError("the prompt has fewer images (runs of image tokens) than image grids")
+    return out
 
 
 class ForConditionalGeneration(multimodal.ImageTextLM):
+    """Qwen3VLForConditionalGeneration. An image's features are one tensor [tokens, 1 + k, hidden]:
+    the tokens that replace its image tokens, then the k DeepStack sets (what `image_features`
+    gives and `forward`'s image_embeds takes, flattened over the images)."""
+
+    mrope = True  # decoding rotates by cache position + the row's rope delta (models/base.py)
+
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
-        text = TextLM(cfg, multimodal.language_model(vb), fuse)
-        super().__init__(cfg, text, tokens_per_image=0)  # images take as many tokens as their grid gives
+        super().__init__(cfg, TextLM(cfg, multimodal.language_model(vb), fuse), tokens_per_image=0)
         self.vision_tower = VisionModel(cfg.vision, vb.pp_first(["model.visual", "visual"], "patch_embed.proj.weight"))
         self.merge_size = cfg.vision.spatial_merge_size
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> ImageFeatures:
-        """The processor's patches [patches, patch_dim] and grids [images, 3] → the images' features."""
+    def feature_shape(self, n: int) -> tuple[int, ...]:
+        return n, 1 + len(self.vision_tower.deepstack_merger_list), self.config.hidden_size
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The processor's patches [patches, patch_dim] and grids [images, 3] → the images' features
+        [tokens, 1 + k, hidden] (all images' tokens in order)."""
         tokens, deepstack = self.vision_tower(pixel_values, grid_thw)
-        dtype = self.model.embed_tokens.weight.dtype
-        ds = torch.stack(deepstack) if deepstack else tokens.new_zeros(0, *tokens.shape)
-        return ImageFeatures(tokens.to(dtype), ds.to(dtype), [tuple(int(v) for v in g) for g in grid_thw.tolist()])
+        return torch.stack([tokens, *deepstack], dim=1).to(self.model.embed_tokens.weight.dtype)
+
+    def image_features(self, pixels: dict) -> torch.Tensor:
+        return self.encode_images(pixels["pixel_values"], pixels["image_grid_thw"])
+
+    def _grids(self, pixels: dict) -> list[tuple[int, int, int]]:
+        return [tuple(int(v) for v in g) for g in pixels["image_grid_thw"].tolist()]
+
+    def image_texts(self, tokenizer, pixels: dict) -> tuple[str, list[str]]:
+        """The template writes <|vision_start|><|image_pad|><|vision_end|> for an image; the
+        processor repeats <|image_pad|> once per token of the image's merged grid."""
+        pad = tokenizer.id_to_token(self.image_token_id)
+        return pad, [pad * (t * h * w // self.merge_size ** 2) for t, h, w in self._grids(pixels)]
+
+    def rope_positions(self, ids: list[int], pixels: dict) -> torch.Tensor:
+        return rope_index(ids, self.image_token_id, self._grids(pixels), self.merge_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, kv_len: int | None = None,
                 logits_index: torch.Tensor | None = None, cache_rows: slice | None = None, fresh: bool = False,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                image_embeds: ImageFeatures | None = None,
+                image_embeds: torch.Tensor | None = None,
                 rope_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The causal LM's forward; with images (`pixel_values` and `image_grid_thw`, or their
-        `image_embeds`) their tokens take the images' features and DeepStack's additions.
-        rope_position_ids [3, B, T]: the M-RoPE positions of a prompt with images."""
+        features `image_embeds` [n, 1 + k, hidden]) the image tokens take the images' features and
+        DeepStack's additions. rope_position_ids [3, B, T]: the M-RoPE positions (computed from
+        the image grids when pixel_values come without them)."""
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise GenerationError("pixel_values need image_grid_thw (each image's patch grid)")
             image_embeds = self.encode_images(pixel_values, image_grid_thw)
+            if rope_position_ids is None:
+                if attention_mask is not None or position_ids is not None:
+                    raise GenerationError("with pixel_values and padding or explicit positions, pass "
+                                          "rope_position_ids too")
+                rows, grids = [], iter(self._grids({"image_grid_thw": image_grid_thw}))
+                for row in input_ids.tolist():
+                    runs = sum(1 for j, t in enumerate(row) if t == self.image_token_id
+                               and (j == 0 or row[j - 1] != self.image_token_id))
+                    rows.append(rope_index(row, self.image_token_id, [next(grids) for _ in range(runs)],
+                                           self.merge_size))
+                rope_position_ids = torch.stack(rows, dim=1).to(input_ids.device)
         if image_embeds is None and rope_position_ids is None:
             return super().forward(input_ids, attention_mask, position_ids, cache, kv_len, logits_index, cache_rows,
                                    fresh)
@@ -184,8 +233,12 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh)
         kw = {}
         if image_embeds is not None:
-            embeds, _ = self.merge(input_ids, image_embeds.tokens)
-            kw = {"inputs_embeds": embeds, "deepstack": image_embeds.deepstack,
+            want = self.feature_shape(int((input_ids == self.image_token_id).sum()))
+            if tuple(image_embeds.shape) != want:
+                raise GenerationError(f"image_embeds must be [{', '.join(map(str, want))}] (per image token: its "
+                                      f"features, then the DeepStack sets), got {list(image_embeds.shape)}")
+            embeds, _ = self.merge(input_ids, image_embeds[:, 0])
+            kw = {"inputs_embeds": embeds, "deepstack": image_embeds[:, 1:].transpose(0, 1),
                   "visual": input_ids == self.image_token_id}
         h = self.model(input_ids, step, rope_positions=rope_position_ids, **kw)
         return self.logits(h, logits_index)
