@@ -176,6 +176,16 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
         self.vision_tower = VisionModel(cfg.vision, vb.pp_first(["model.visual", "visual"], "patch_embed.proj.weight"))
         self.merge_size = cfg.vision.spatial_merge_size
 
+    def make_image_processor(self, path):
+        """transformers' Qwen2VLImageProcessor with Qwen3-VL's settings (preprocessor_config.json wins)."""
+        from ..qwen_vl_images import GridImageProcessor
+
+        v = self.mm_config.vision
+        return GridImageProcessor.from_file(path, {
+            "patch_size": v.patch_size, "merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+            "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3})
+
     def feature_shape(self, n: int) -> tuple[int, ...]:
         return n, 1 + len(self.vision_tower.deepstack_merger_list), self.config.hidden_size
 
