@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union, cast, overload
 
 import torch
@@ -161,7 +162,7 @@ def _task_of(loaded: Loaded) -> str:
 SPECULATIVE_OPTIONS = ("prompt_lookup_num_tokens", "max_matching_ngram_size", "assistant_model", "num_assistant_tokens")
 REQUEST_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-                   "json_schema", "response_format", "grammar", "image_embeds")
+                   "json_schema", "response_format", "grammar", "image_embeds", "rope_positions")
 
 
 def _unknown_options(unknown: "Iterable[str]", known: Sequence[str]) -> str:
@@ -263,6 +264,18 @@ def _check_request_args(max_tokens: object, stop: object, stop_token_ids: object
     return stop, tuple(stop_token_ids)
 
 
+@dataclass
+class ChatInputs:
+    """A chat ready to generate from (`LLM.chat_inputs`): the prompt, its token ids and, with images,
+    the image tokens' features [n, hidden] and (M-RoPE models) the prompt's rotary positions [3, T]:
+    `llm.request(ids, image_embeds=..., rope_positions=...)` takes them."""
+
+    prompt: str
+    ids: list[int]
+    image_embeds: torch.Tensor | None = None
+    rope_positions: torch.Tensor | None = None
+
+
 class LLM:
     """A loaded causal language model with its tokenizer."""
 
@@ -289,7 +302,7 @@ class LLM:
         self.sampling_defaults = sampling_defaults(self.generation_config)
         self.prefix_cache: PrefixCache | None = None  # a PrefixCache every generator of this LLM reuses (enable_prefix_cache)
         # image+text models (models/multimodal.py) with their vision tower: chat takes images
-        self.takes_images = getattr(self.model, "vision_tower", None) is not None and hasattr(self.model, "encode_images")
+        self.takes_images = bool(getattr(self.model, "takes_images", False))
         self._image_processor: Any = None
         self.speculative: Speculative | None = None  # what every generator of this LLM does (enable_speculative)
 
@@ -324,14 +337,19 @@ class LLM:
                 logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                 logit_bias: dict[int, float] | None = None, json_schema: dict | str | bool | None = None,
                 response_format: dict | None = None, grammar: "str | Grammar | None" = None,
-                image_embeds: torch.Tensor | None = None, **unknown: Any) -> Request:
+                image_embeds: torch.Tensor | None = None, rope_positions: torch.Tensor | None = None,
+                **unknown: Any) -> Request:
         """A generation request (what generate/stream build; the server makes its own). A sampling
         argument left out (None) takes the model's generation_config.json value, else greedy decoding's.
 
         Structured output (constrained decoding, needs llguidance): `json_schema` (a dict or its JSON
         text; True: any JSON object), `response_format` as OpenAI's ({"type": "json_object"} or
         {"type": "json_schema", "json_schema": {"schema": ...}}), or `grammar` (a Lark grammar in
-        llguidance's dialect, or a compiled `ember.generation.grammar.Grammar`)."""
+        llguidance's dialect, or a compiled `ember.generation.grammar.Grammar`).
+
+        Images (image+text models): `image_embeds` [n, hidden], the features of the prompt's n image
+        tokens, and for M-RoPE models (Qwen2.5-VL) `rope_positions` [3, T], the prompt's rotary
+        positions: what `chat_inputs` gives."""
         if unknown:
             raise ArgumentError(_unknown_options(unknown, REQUEST_OPTIONS))
         stop, stop_token_ids = _check_request_args(max_tokens, stop, stop_token_ids, ignore_eos, logprobs)
@@ -350,8 +368,11 @@ class LLM:
         ids = self.encode(prompt)
         if image_embeds is not None:
             self._check_image_embeds(ids, image_embeds)
+            if getattr(self.model, "mrope", False) and rope_positions is None:
+                raise GenerationError(f"an image prompt of this model ({self._loaded.entry.model_type}) needs its "
+                                      f"rotary positions too: rope_positions, as LLM.chat_inputs gives them")
         return Request(ids, max_tokens, sampling, stop, stop_token_ids, ignore_eos, logprobs, grammar,
-                       image_embeds=image_embeds)
+                       image_embeds=image_embeds, rope_positions=rope_positions)
 
     # ---- images (image+text models) -------------------------------------------------------------
     def _check_image_embeds(self, ids: list[int], embeds: Any) -> None:
@@ -368,8 +389,9 @@ class LLM:
 
     @property
     def image_processor(self) -> Any:
-        """The model's image processor (ember.images.ImageProcessor: transformers' pixels), from the
-        checkpoint's preprocessor_config.json over the family's defaults."""
+        """The model's image processor (ember.images.ImageProcessor: transformers' pixels; a family
+        with its own, e.g. Qwen2.5-VL's, makes it with `make_image_processor`), from the checkpoint's
+        preprocessor_config.json over the family's defaults."""
         if not self.takes_images:
             raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only, not images")
         if self._image_processor is None:
@@ -377,6 +399,11 @@ class LLM:
             from .errors import ImageError
 
             path = self._loaded.snapshot.file("preprocessor_config.json")
+            model: Any = self.model
+            make = getattr(model, "make_image_processor", None)
+            if make is not None:
+                self._image_processor = make(path)
+                return self._image_processor
             if path is not None:
                 from .config import load_json
 
@@ -384,24 +411,40 @@ class LLM:
                 for key in ("do_pad", "do_pan_and_scan"):
                     if d.get(key):
                         raise ImageError(f"{path}: {key}=true is not supported by ember's image processor")
-            model: Any = self.model
             self._image_processor = ImageProcessor.from_file(path, model.processor_defaults())
         return self._image_processor
+
+    def _pixels(self, images: Sequence[Any]) -> Any:
+        """The processor's output for `images` on the model's device: a pixel tensor, or a dict of
+        tensors (Qwen2.5-VL: pixel_values and image_grid_thw)."""
+        pixels = self.image_processor(list(images))
+        if isinstance(pixels, dict):
+            return {k: v.to(self.device) for k, v in pixels.items()}
+        return pixels.to(self.device)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Images (PIL images, paths, encoded bytes) → their features in the decoder's space
-        [N, tokens_per_image, hidden]: the processor, the vision tower and the projector, once each."""
-        pixels = self.image_processor(list(images))
+        [N, tokens_per_image, hidden] ([n tokens, hidden] for families whose images take different
+        numbers of tokens, Qwen2.5-VL): the processor, the vision tower and the projector, once each."""
         model: Any = self.model
-        return model.encode_images(pixels.to(self.device))
+        return model.encode_images(self._pixels(images))
 
     def chat_prompt(self, messages: list[dict], *, tools: list[dict] | None = None, allow_local_images: bool = True,
                     allow_remote_images: bool = False,
                     **template_kwargs: Any) -> tuple[str, list[int], torch.Tensor | None]:
-        """(prompt text, token ids, image features or None) of a chat: the template applied and, for an
-        image+text model, each image's placeholder expanded to its tokens and the images encoded
-        (image parts: ember.image_chat)."""
+        """(prompt text, token ids, image features or None) of a chat: `chat_inputs` without the
+        rotary positions."""
+        c = self.chat_inputs(messages, tools=tools, allow_local_images=allow_local_images,
+                             allow_remote_images=allow_remote_images, **template_kwargs)
+        return c.prompt, c.ids, c.image_embeds
+
+    @torch.inference_mode()
+    def chat_inputs(self, messages: list[dict], *, tools: list[dict] | None = None, allow_local_images: bool = True,
+                    allow_remote_images: bool = False, **template_kwargs: Any) -> "ChatInputs":
+        """What a chat is generated from: the template applied and, for an image+text model, each
+        image's placeholder expanded to its tokens, the images encoded (image parts:
+        ember.image_chat) and, for M-RoPE models, the prompt's rotary positions."""
         from . import image_chat
 
         tok = self._need_tokenizer()
@@ -409,16 +452,18 @@ class LLM:
         if image_chat.has_images(messages):
             if not self.takes_images:
                 raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only; image content "
-                                      f"parts need an image+text model (llava, gemma3)")
+                                      f"parts need an image+text model (llava, gemma3, qwen2_5_vl)")
             messages, images = image_chat.split_images(messages, allow_local=allow_local_images,
                                                        allow_remote=allow_remote_images)
         prompt = tok.apply_chat_template(messages, True, tools=tools, **template_kwargs)
-        embeds = None
-        if images:
-            model: Any = self.model
-            prompt = image_chat.expand(prompt, len(images), *model.image_text(tok))
-            embeds = self.encode_images(images).flatten(0, 1)
-        return prompt, tok.encode(prompt, add_special_tokens=False), embeds
+        if not images:
+            return ChatInputs(prompt, tok.encode(prompt, add_special_tokens=False))
+        model: Any = self.model
+        pixels = self._pixels(images)
+        placeholder, texts = model.image_texts(tok, pixels)
+        prompt = image_chat.expand(prompt, len(images), placeholder, texts)
+        ids = tok.encode(prompt, add_special_tokens=False)
+        return ChatInputs(prompt, ids, model.image_features(pixels), model.rope_positions(ids, pixels))
 
     def grammar(self, *, json_schema: dict | str | bool | None = None, response_format: dict | None = None,
                 grammar: "str | Grammar | None" = None) -> "Grammar | None":
@@ -631,10 +676,13 @@ class LLM:
             raise GenerationError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         if not isinstance(allow_remote_images, bool):
             raise GenerationError(f"allow_remote_images must be True or False, got {allow_remote_images!r:.60}")
-        _, ids, embeds = self.chat_prompt(messages, tools=tools, allow_remote_images=allow_remote_images,
-                                          **(chat_template_kwargs or {}))
-        if embeds is not None:
-            kw["image_embeds"] = embeds
+        c = self.chat_inputs(messages, tools=tools, allow_remote_images=allow_remote_images,
+                             **(chat_template_kwargs or {}))
+        ids = c.ids
+        if c.image_embeds is not None:
+            kw["image_embeds"] = c.image_embeds
+        if c.rope_positions is not None:
+            kw["rope_positions"] = c.rope_positions
         if stream:
             return self.stream(ids, max_tokens, details=details, **kw)
         return cast("str | Completion", self.generate(ids, max_tokens, details=details, **kw))

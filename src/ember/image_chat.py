@@ -139,11 +139,15 @@ def _download(url: str, where: str) -> bytes:
     return data
 
 
-def expand(prompt: str, n_images: int, placeholder: str, replacement: str) -> str:
+def expand(prompt: str, n_images: int, placeholder: str, replacement: str | list[str]) -> str:
     """The prompt with each image's `placeholder` (what the chat template wrote) replaced by the
-    model's image tokens; the template must have written one per image."""
+    model's image tokens (`replacement`, or one per image in order); the template must have written
+    one per image."""
     found = prompt.count(placeholder) if placeholder else 0
     if found != n_images:
         raise GenerationError(f"the chat template wrote {found} image placeholder(s) ({placeholder!r}) for {n_images} "
                               f"image(s); put each image in a message's content as its own part")
-    return prompt.replace(placeholder, replacement)
+    if isinstance(replacement, str):
+        return prompt.replace(placeholder, replacement)
+    pieces = prompt.split(placeholder)
+    return pieces[0] + "".join(r + p for r, p in zip(replacement, pieces[1:]))

@@ -45,7 +45,17 @@ class Request:
     # Such a prompt is prefilled alone and in one forward, and never enters the prefix cache (its image
     # tokens' ids are the same whatever the image).
     image_embeds: object | None = None
+    # M-RoPE models (CausalLM.mrope): the prompt's rotary positions, a [3, T] integer tensor (t, h, w;
+    # LLM.chat_inputs computes them). Decoding continues from their largest + 1: the slot's rope delta
+    # (nn/kv_cache.RopeDeltas) is max + 1 - T. None: plain positions (delta 0).
+    rope_positions: object | None = None
     id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the prefix cache may hold this prompt's keys: not an image prompt's (its image
+        tokens' ids are the same whatever the image) nor one with its own rotary positions."""
+        return self.image_embeds is None and self.rope_positions is None
 
 
 @dataclass
@@ -124,6 +134,8 @@ class _Seq:
         self.limit = min(req.max_tokens, max_len - len(req.prompt_ids))
         self.matcher = req.grammar.matcher() if req.grammar is not None else None
         self.draft = None  # a speculative proposer's state for this sequence (speculative.py)
+        rope = req.rope_positions
+        self.rope_delta = 0 if rope is None else int(rope.max()) + 1 - len(req.prompt_ids)
         self.gen = None
         if req.sampling.seed is not None and not req.sampling.greedy:
             self.gen = torch.Generator(device=device)
@@ -240,6 +252,15 @@ class Generator:
         lp = req.logprobs
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= self.vocab):
             raise GenerationError(f"logprobs must be None or an integer in [0, {self.vocab}], got {lp!r:.60}")
+        rope = req.rope_positions
+        if rope is not None and (not isinstance(rope, torch.Tensor) or tuple(rope.shape) != (3, n)
+                                 or rope.is_floating_point() or rope.is_complex()):
+            got = list(rope.shape) if isinstance(rope, torch.Tensor) else type(rope).__name__
+            raise GenerationError(f"rope_positions must be an integer tensor of [3, {n}] (t, h, w per prompt token), "
+                                  f"got {got}")
+        if rope is not None and not getattr(self.model, "mrope", False):
+            raise GenerationError("rope_positions are for M-RoPE models (Qwen2.5-VL ...); this model rotates by "
+                                  "plain positions")
         req.sampling.validate()
 
     def add(self, req: Request) -> None:
@@ -301,8 +322,11 @@ class Generator:
             batch.append(seq)
         if not batch:
             return []
+        deltas = getattr(self.cache, "rope_deltas", None)  # M-RoPE (nn/kv_cache.RopeDeltas)
         for s in batch:
             self.reserve(s.slot, len(s.req.prompt_ids))
+            if deltas is not None:
+                deltas.set(s.slot, s.rope_delta)  # the slot's previous sequence left its own
         recurrent = getattr(self.cache, "recurrent", False)  # a StateCache (nn/state_cache.py)
         if recurrent:
             for s in batch:  # the slot's previous sequence left its state behind
@@ -312,7 +336,7 @@ class Generator:
             raise GenerationError("the prefix cache does not work with a paged KV cache yet")
         if pc is not None:
             for s in batch:
-                if s.req.image_embeds is None:
+                if s.req.cacheable:
                     s.start = pc.restore(self.cache, s.slot, s.req.prompt_ids)
         # Prefill runs of consecutive slots together (one forward each), long prompts in chunks.
         batch.sort(key=lambda s: s.slot)
@@ -333,14 +357,15 @@ class Generator:
                 wrap = len(set(lens)) > 1 and (recurrent or max(s.start for s in run) + max(lens) > ring)
                 split += [[s] for s in run] if wrap else [run]
             runs = split
-        # prompts with images alone: their features replace the image tokens' embeddings row by row
-        runs = [r for run in runs for r in ([[s] for s in run] if any(s.req.image_embeds is not None for s in run)
-                                            else [run])]
+        # prompts with images (or their rotary positions) alone: their features replace the image
+        # tokens' embeddings row by row
+        runs = [r for run in runs for r in ([[s] for s in run] if any(
+            s.req.image_embeds is not None or s.req.rope_positions is not None for s in run) else [run])]
         for run in runs:
             logits = self._prefill(run)
             if pc is not None:
                 for s in run:
-                    if s.req.image_embeds is None:
+                    if s.req.cacheable:
                         pc.save(self.cache, s.slot, s.req.prompt_ids)
             events += self._emit(run, logits)
         return batch
@@ -362,8 +387,13 @@ class Generator:
         # an image prompt in one forward: Gemma 3's images attend to their own later tokens
         chunk = T if images is not None else self.prefill_chunk
         extra = {"image_embeds": images} if images is not None else {}
+        rope = run[0].req.rope_positions if len(run) == 1 else None
+        if rope is not None:
+            rope = rope[:, run[0].start:].to(self.device)[:, None]  # [3, 1, T]
         for c0 in range(0, T, chunk):
             c1 = min(T, c0 + chunk)
+            if rope is not None:
+                extra["rope_position_ids"] = rope[..., c0:c1]
             pos = torch.arange(c0, c1, device=self.device).expand(len(run), -1)
             if top:  # padding past the cache's end goes to the scratch column, which no row reads
                 pos = (pos + first).clamp(max=self.max_len - 1)
@@ -490,7 +520,7 @@ class Generator:
             if stop_tok or stop_str or length or grammar_end:
                 ev.finished = True
                 ev.finish_reason = "stop" if (stop_tok or stop_str or grammar_end) else "length"
-                if self.prefix_cache is not None and s.req.image_embeds is None:
+                if self.prefix_cache is not None and s.req.cacheable:
                     # the row holds the first s.pos tokens (a pipelined step in flight may have fed the last one too)
                     self.prefix_cache.save(self.cache, s.slot, [*s.req.prompt_ids, *s.out][:s.pos], s.pos)
                 self._free(s.slot)

@@ -36,6 +36,14 @@ class Step:
     # [B, T] image block ids (-1: a text token): tokens of one image also see each other's later tokens
     # (Gemma 3). Only in a forward whose keys are its own tokens (no cache, or a fresh prefill).
     image_blocks: torch.Tensor | None = None
+    # [3, B, T] (or [B, T]) rotary positions when they differ from position_ids (M-RoPE: an image's
+    # tokens take (t, h, w) grid positions; see CausalLM.mrope). position_ids stay the cache columns.
+    rope_position_ids: torch.Tensor | None = None
+
+    @property
+    def rope_positions(self) -> torch.Tensor:
+        """The positions rotary embeddings rotate by: rope_position_ids, else position_ids."""
+        return self.position_ids if self.rope_position_ids is None else self.rope_position_ids
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """The [B, 1, T, S] boolean mask for layers with this sliding window (None = full)."""
@@ -129,7 +137,7 @@ class Step:
 
 def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, cache=None, kv_len=None,
               cache_rows: slice | None = None, fresh: bool = False, causal: bool = True,
-              image_blocks: torch.Tensor | None = None) -> Step:
+              image_blocks: torch.Tensor | None = None, rope_position_ids: torch.Tensor | None = None) -> Step:
     B, T = input_ids.shape[:2]
     if position_ids is None:
         if cache is not None:
@@ -145,7 +153,11 @@ def make_step(input_ids: torch.Tensor, attention_mask=None, position_ids=None, c
         raise ValueError("bidirectional attention runs without a cache")
     if image_blocks is not None and cache is not None and not fresh:
         raise ValueError("image blocks need the whole prompt in one forward (no cache, or fresh=True)")
-    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal, image_blocks=image_blocks)
+    if rope_position_ids is not None and rope_position_ids.shape[-2:] != position_ids.shape:
+        raise ValueError(f"rope_position_ids {list(rope_position_ids.shape)} do not match position_ids "
+                         f"{list(position_ids.shape)}")
+    return Step(position_ids, attention_mask, cache, kv_len, {}, cache_rows, fresh, causal, image_blocks=image_blocks,
+                rope_position_ids=rope_position_ids)
 
 
 class CausalLM(nn.Module):
@@ -153,6 +165,10 @@ class CausalLM(nn.Module):
 
     final_logit_softcapping: float | None = None  # tanh soft-capping of the logits (Gemma 2)
     logits_scaling: float = 1.0  # logits are divided by it (Granite)
+    # M-RoPE (Qwen2.5-VL ...): forwards over a cache without rope_position_ids rotate by cache
+    # position + the row's delta (`cache.rope_deltas`, nn/kv_cache.py), so decoding after an image
+    # prompt continues from its rotary positions; the Generator sets the deltas.
+    mrope: bool = False
 
     @property
     def bidirectional(self) -> bool:
@@ -172,17 +188,23 @@ class CausalLM(nn.Module):
         fresh: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         image_blocks: torch.Tensor | None = None,
+        rope_position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for every position, or only at `logits_index` [B] → [B, 1, vocab].
 
         fresh=True (with a cache): this chunk starts every row at position 0, so attention is plain
         causal over the chunk and needs no mask (faster kernels). Right-padding rows is fine then.
         inputs_embeds [B, T, E]: the input embeddings to use instead of input_ids' (image+text models
-        merge image features into them); image_blocks [B, T]: see `Step.image_blocks`."""
+        merge image features into them); image_blocks [B, T]: see `Step.image_blocks`.
+        rope_position_ids [3, B, T]: M-RoPE models' rotary positions (t, h, w) where they differ from
+        position_ids (an image prompt's prefill); without them an M-RoPE model over a cache rotates
+        by position_ids + the rows' `cache.rope_deltas` (see `mrope`)."""
         if cache is not None:
             cache.begin_forward()  # per-forward memos (the decode write column) start afresh
+            if rope_position_ids is None and self.mrope and position_ids is not None:
+                rope_position_ids = cache.rope_deltas.positions(position_ids, cache_rows)
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
-                         causal=not self.bidirectional, image_blocks=image_blocks)
+                         causal=not self.bidirectional, image_blocks=image_blocks, rope_position_ids=rope_position_ids)
         h = self.model(input_ids, step) if inputs_embeds is None else self.model(input_ids, step, inputs_embeds)
         return self.logits(h, logits_index)
 

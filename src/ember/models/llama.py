@@ -313,7 +313,7 @@ class Model(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embedding_multiplier != 1.0:
             x = x * self.embedding_multiplier
-        cos, sin = self.rotary(step.position_ids, x.dtype)
+        cos, sin = self.rotary(step.rope_positions, x.dtype)
         if self.deferred:
             pending = None
             for layer in self.layers:

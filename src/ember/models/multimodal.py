@@ -138,6 +138,26 @@ class ImageTextLM(CausalLM):
         """transformers' image processor defaults for this family (preprocessor_config.json wins)."""
         raise NotImplementedError
 
+    # What LLM.chat_inputs asks of the model, given the image processor's output (`pixels`: a tensor,
+    # or a dict of tensors for a family with its own processor, `make_image_processor(path)`).
+    @property
+    def takes_images(self) -> bool:
+        return getattr(self, "vision_tower", None) is not None
+
+    def image_texts(self, tokenizer, pixels) -> tuple[str, list[str]]:
+        """(what the chat template writes for an image, the text the processor puts in its place, per
+        image)."""
+        placeholder, text = self.image_text(tokenizer)
+        return placeholder, [text] * len(pixels)
+
+    def image_features(self, pixels) -> torch.Tensor:
+        """The features [n, hidden] of the prompt's n image tokens, in order."""
+        return self.encode_images(pixels).flatten(0, 1)
+
+    def rope_positions(self, ids: list[int], pixels) -> torch.Tensor | None:
+        """M-RoPE families: the prompt's rotary positions [3, T]; None: plain positions."""
+        return None
+
     def merge(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(input embeddings with the image tokens' replaced by `image_embeds` [n, hidden] in order,
         image block ids [B, T] or None)."""

@@ -61,6 +61,7 @@ class KVCache:
         self.v = [torch.zeros(batch, spec[0], n, spec[-1], dtype=dtype, device=device) for spec, n in zip(layers, cols)]
         self._rows = torch.arange(batch, device=device)[:, None]
         self._last_col: tuple | None = None  # (columns tensor, kv_len, its value) within one forward
+        self.rope_deltas = RopeDeltas(batch, device)
 
     @property
     def nbytes(self) -> int:
@@ -142,6 +143,29 @@ class KVCache:
             r = self._rows[:B]
             kc[r, :, cols] = k.transpose(1, 2).to(kc.dtype)
             vc[r, :, cols] = v.transpose(1, 2).to(vc.dtype)
+
+
+class RopeDeltas:
+    """Per cache row: rotary position = cache position + delta. M-RoPE models (Qwen2.5-VL ...) give
+    an image prompt's tokens 3-D rotary positions whose largest is less than the prompt's length,
+    so the tokens after it rotate by cache position + delta (transformers' rope_deltas). The
+    Generator sets a row's delta when a request takes the slot (0 for text: plain positions); the
+    model adds `values[rows]` in every forward without explicit rotary positions, so the engine's
+    static decode step (CUDA graphs) reads it from a fixed address."""
+
+    def __init__(self, batch: int, device):
+        self.values = torch.zeros(batch, dtype=torch.long, device=device)
+        self._host = [0] * batch  # what values holds: a delta that does not change costs no device write
+
+    def set(self, row: int, delta: int) -> None:
+        if self._host[row] != delta:
+            self.values[row] = delta
+            self._host[row] = delta
+
+    def positions(self, position_ids: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """Rotary positions [B, T] of cache positions `position_ids` [B, T] in cache rows `rows`
+        (default: the first B)."""
+        return position_ids + self.values[rows if rows is not None else slice(0, position_ids.shape[0])].unsqueeze(-1)
 
 
 def ring_key_positions(position_ids: torch.Tensor, window: int, fresh: bool) -> tuple[torch.Tensor, torch.Tensor]:

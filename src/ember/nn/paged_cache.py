@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import GenerationError
+from .kv_cache import RopeDeltas
 
 BLOCK = 16
 
@@ -44,6 +45,7 @@ class PagedKVCache:
         self.table = torch.zeros(batch, self.per_row, dtype=torch.long, device=device)
         self._free = list(range(n, 0, -1))  # block ids, popped from the end
         self._held: list[list[int]] = [[] for _ in range(batch)]
+        self.rope_deltas = RopeDeltas(batch, device)  # as KVCache's
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, *, block: int = BLOCK, num_blocks: int | None = None,

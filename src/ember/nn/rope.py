@@ -186,6 +186,8 @@ class RotaryEmbedding(nn.Module):
             inv = inv / f
         self.attention_scaling = float(scaling)
         self.register_buffer("inv_freq", inv.float(), persistent=False)
+        # None, or which of (t, h, w) each frequency reads with [3, B, T] positions
+        self.register_buffer("mrope_axes", mrope_axes(params, dim // 2), persistent=False)
 
     @staticmethod
     def _yarn(p: dict, base: float, dim: int, max_pos: int):
@@ -233,14 +235,44 @@ class RotaryEmbedding(nn.Module):
         return self.inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, rotary_dim] for integer positions [B, T]."""
+        """cos, sin of shape [B, T, rotary_dim] for integer positions [B, T], or M-RoPE positions
+        [3, B, T] (temporal, height, width: each frequency rotates by the axis `mrope_axes` gives it;
+        [B, T] positions are all three axes at once, so text is plain RoPE)."""
         inv = self._inv_freq(position_ids).to(position_ids.device)
         freqs = position_ids[..., None].float() * inv
+        if position_ids.dim() == 3:
+            if self.mrope_axes is None or position_ids.shape[0] != 3:
+                raise ValueError(f"[3, B, T] rotary positions need an M-RoPE config (mrope_section), got "
+                                 f"{list(position_ids.shape)}")
+            axes = self.mrope_axes.expand(1, *freqs.shape[1:])
+            freqs = freqs.gather(0, axes)[0]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
+
+
+def mrope_axes(params: dict, half: int) -> torch.Tensor | None:
+    """M-RoPE (Qwen2-VL and later): which position axis (0 t, 1 h, 2 w) each of the `half` rotary
+    frequencies reads, from the rope dict's `mrope_section` (frequencies per axis). Contiguous
+    sections in turn (Qwen2/2.5-VL: transformers' recomposition by `split(mrope_section)`), or
+    with `mrope_interleaved` every third frequency from 1 (h) and 2 (w) up to 3 * section
+    (Qwen3-VL, Qwen3.5: apply_interleaved_mrope). None without an mrope_section."""
+    section = params.get("mrope_section")
+    if section is None:
+        return None
+    ok = isinstance(section, list) and len(section) >= 3 and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= half for n in section)
+    if not ok or (not params.get("mrope_interleaved") and sum(section) != half):
+        raise ConfigError(f"mrope_section must be non-negative integers summing to {half} (half the rotary dims), got "
+                          f"{section!r:.80}")
+    if params.get("mrope_interleaved"):
+        axes = torch.zeros(half, dtype=torch.long)
+        for axis in (1, 2):
+            axes[axis:3 * section[axis]:3] = axis
+        return axes
+    return torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -676,7 +676,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
                            f"{len(ids)} tokens. Shorten the {'messages' if param == 'messages' else 'prompt'}.",
                            param=param, code="context_length_exceeded")
 
-    def _requests(prompts: list[list[int]], p: GenParams, grammar=None, image_embeds=None) -> list:
+    def _requests(prompts: list[list[int]], p: GenParams, grammar=None, image_embeds=None, rope_positions=None) -> list:
         if p.n > st.scheduler.max_batch:
             raise ApiError(400, f"Invalid value for 'n': this server generates at most {st.scheduler.max_batch} "
                            f"choices of one prompt together (--max-batch), but got {p.n}.", param="n",
@@ -687,7 +687,8 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
             for ids in prompts:
                 for i in range(p.n):
                     r = st.llm.request(ids, max_tokens, **p.request_kwargs(i), grammar=grammar,
-                                       **({"image_embeds": image_embeds} if image_embeds is not None else {}))
+                                       **({"image_embeds": image_embeds} if image_embeds is not None else {}),
+                                       **({"rope_positions": rope_positions} if rope_positions is not None else {}))
                     st.scheduler.check(r)
                     reqs.append(r)
         except GenerationError as e:
@@ -714,7 +715,7 @@ def create_app(llm=None, embedder=None, *, model_name: str | None = None, embedd
         plan = await run_in_threadpool(ChatPlan, st.llm, body, messages, st.allow_remote_images)
         ids = plan.ids
         _check_len(ids, "messages")
-        reqs = _requests([ids], p, plan.grammar, plan.image_embeds)
+        reqs = _requests([ids], p, plan.grammar, plan.image_embeds, plan.rope_positions)
         run = _Run(st, True, f"chatcmpl-{uuid.uuid4().hex[:24]}", model, [ids], [""], p, reqs, _log_info(request),
                    plan)
         return await _generate(st, request, run, reqs)

@@ -129,9 +129,9 @@ class ChatPlan:
         fmt, native = detect(source)
         msgs, tools = template_inputs(messages, body.get("messages") or [], agent, fmt, native)
         try:  # image parts: data: URLs only (a client names no file on this machine)
-            self.prompt, self.ids, self.image_embeds = llm.chat_prompt(
-                msgs, tools=tools, allow_local_images=False, allow_remote_images=allow_remote_images,
-                **agent.template_kwargs)
+            c = llm.chat_inputs(msgs, tools=tools, allow_local_images=False, allow_remote_images=allow_remote_images,
+                                **agent.template_kwargs)
+            self.prompt, self.ids, self.image_embeds, self.rope_positions = c.prompt, c.ids, c.image_embeds, c.rope_positions
         except ImageError as e:
             raise ApiError(400, f"Invalid image: {e}", param="messages", code="invalid_image") from None
         except EmberError as e:
