@@ -381,7 +381,7 @@ class LLM:
         if self.tp is not None:  # the other ranks would need the features too
             raise GenerationError("images with tensor parallelism (tp > 1) are not supported yet; load with tp=1")
         m: Any = self.model  # an ImageTextLM (models/multimodal.py)
-        want = (sum(t == m.image_token_id for t in ids), m.config.hidden_size)
+        want = m.feature_shape(sum(t == m.image_token_id for t in ids))
         if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != want:
             got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise GenerationError(f"image_embeds must be a tensor of {list(want)} (one row per image token of the "

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from ..errors import ConfigError, GenerationError
-from ..nn import RotaryEmbedding, rope_parameters
+from ..errors import GenerationError
+from ..nn.rope import mrope_axes, rope_parameters
 from ..varbuilder import VarBuilder
 from . import llama, multimodal
 from .base import CausalLM, make_step, tied_or_own_head
@@ -34,10 +34,17 @@ TEXT_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016, "head_dim": 1
 
 
 def _text_of(d: dict) -> dict:
-    """The decoder's config dict: text_config over the Qwen3-VL text defaults, Qwen3's q/k norm."""
+    """The decoder's config dict: text_config over the Qwen3-VL text defaults, Qwen3's q/k norm, and
+    the rope dict's M-RoPE sections interleaved (transformers' Qwen3-VL interleaves whatever the
+    dict says)."""
     text = multimodal.text_config(d, tie_default=False)
-    return {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}, "qk_norm": True,
+    text = {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}, "qk_norm": True,
             "sliding_window": None}
+    key = "rope_parameters" if isinstance(text.get("rope_parameters"), dict) or not isinstance(
+        text.get("rope_scaling"), dict) else "rope_scaling"
+    rope = dict(text.get(key) or {})
+    rope.setdefault("mrope_section", [24, 20, 20])
+    return {**text, key: {**rope, "mrope_interleaved": True}}
 
 
 @dataclass
@@ -56,7 +63,7 @@ class Config(multimodal.Config):
 
     def validate(self) -> None:
         super().validate()
-        self.mrope_section  # noqa: B018 - checks it
+        mrope_axes(rope_parameters(self.text.raw), self.text.head_dim // 2)  # a bad mrope_section: ConfigError
         self._require(self.vision.out_hidden_size == self.text.hidden_size,
                       f"vision_config.out_hidden_size ({self.vision.out_hidden_size}) must equal the text model's "
                       f"hidden_size ({self.text.hidden_size})")
@@ -64,63 +71,21 @@ class Config(multimodal.Config):
                       f"{len(self.vision.deepstack_visual_indexes)} deepstack feature sets for "
                       f"{self.text.num_hidden_layers} decoder layers")
 
-    @property
-    def mrope_section(self) -> list[int]:
-        p = rope_parameters(self.text.raw, 500000.0)
-        s = p.get("mrope_section", [24, 20, 20])
-        half = self.text.head_dim // 2
-        if not (isinstance(s, list) and len(s) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                          and v >= 0 for v in s) and sum(s) == half):
-            raise ConfigError(f"text_config: mrope_section must be 3 non-negative integers summing to head_dim / 2 "
-                              f"({half}), got {s!r:.80}")
-        return s
-
-
-class MRotary(RotaryEmbedding):
-    """Rotary tables for 1-D positions [B, T] (text: as RotaryEmbedding) or 3-D ones [3, B, T]
-    (time, row, column), the frequencies assigned to the three interleaved (Qwen3-VL)."""
-
-    def __init__(self, head_dim: int, params: dict, max_position_embeddings: int, section: list[int]):
-        super().__init__(head_dim, params, max_position_embeddings)
-        axis = torch.zeros(head_dim // 2, dtype=torch.long)
-        axis[1:3 * section[1]:3] = 1
-        axis[2:3 * section[2]:3] = 2
-        self.register_buffer("axis", axis, persistent=False)
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if position_ids.ndim == 2:
-            return super().forward(position_ids, dtype)
-        inv = self._inv_freq(position_ids).to(position_ids.device)
-        # each frequency's position: [3, B, T] picked per frequency → [B, T, head_dim / 2]
-        freqs = position_ids[self.axis.to(position_ids.device)].permute(1, 2, 0).float() * inv
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
-
 
 class TextModel(llama.Model):
-    """Qwen3VLTextModel: Llama's model with Qwen3's q/k norm (the config's flag), M-RoPE and the
-    DeepStack additions."""
-
-    def __init__(self, cfg: llama.Config, vb: VarBuilder, fuse: bool, section: list[int]):
-        super().__init__(cfg, vb, fuse)
-        self.rotary = MRotary(cfg.head_dim, rope_parameters(cfg.raw, 500000.0), cfg.max_position_embeddings,
-                              section).to(vb.device)
+    """Qwen3VLTextModel: Llama's model with Qwen3's q/k norm (the config's flag), M-RoPE (the rope
+    dict's interleaved mrope_section: nn/rope.py) and the DeepStack additions."""
 
     def forward(self, input_ids: torch.Tensor, step, inputs_embeds: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None, deepstack: torch.Tensor | None = None,
-                visual: torch.Tensor | None = None) -> torch.Tensor:
-        """rope_positions [3, B, T]: the rotary positions when they are not the cache positions;
-        deepstack [k, n, E]: added at the `visual` [B, T] tokens after the first k layers."""
-        if rope_positions is None and deepstack is None:
+                deepstack: torch.Tensor | None = None, visual: torch.Tensor | None = None) -> torch.Tensor:
+        """deepstack [k, n, E]: added at the `visual` [B, T] tokens after the first k layers."""
+        if deepstack is None:
             return super().forward(input_ids, step, inputs_embeds)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.rotary(step.position_ids if rope_positions is None else rope_positions, x.dtype)
+        cos, sin = self.rotary(step.rope_positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, step)
-            if deepstack is not None and i < len(deepstack):
+            if i < len(deepstack):
                 x = x.index_put((visual,), deepstack[i].to(x.dtype), accumulate=True)
         return self.norm(x)
 
@@ -131,7 +96,7 @@ class TextLM(CausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         t = self.config = cfg.text
-        self.model = TextModel(t, vb.pp("model"), fuse, cfg.mrope_section)
+        self.model = TextModel(t, vb.pp("model"), fuse)
         self.lm_head = tied_or_own_head(vb, t, self.model.embed_tokens.weight, t.hidden_size, t.vocab_size)
 
 
@@ -240,7 +205,10 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
                                    fresh)
         if cache is not None:
             cache.begin_forward()
-        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh)
+            if rope_position_ids is None and position_ids is not None:
+                rope_position_ids = cache.rope_deltas.positions(position_ids, cache_rows)
+        step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
+                         rope_position_ids=rope_position_ids)
         kw = {}
         if image_embeds is not None:
             want = self.feature_shape(int((input_ids == self.image_token_id).sum()))
@@ -250,5 +218,5 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
             embeds, _ = self.merge(input_ids, image_embeds[:, 0])
             kw = {"inputs_embeds": embeds, "deepstack": image_embeds[:, 1:].transpose(0, 1),
                   "visual": input_ids == self.image_token_id}
-        h = self.model(input_ids, step, rope_positions=rope_position_ids, **kw)
+        h = self.model(input_ids, step, **kw)
         return self.logits(h, logits_index)
