@@ -248,3 +248,25 @@ def test_bad_configs_are_config_errors(change, match):
                              **change.get("vision_config", {})}}
     with pytest.raises(ember.ConfigError, match=match):
         lookup(raw).parse_config(raw)
+
+
+def test_server_chat_with_a_data_url_image(trio):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from test_serve import running_server
+
+    from ember.serve import create_app
+
+    _, _, llm = trio
+    messages = _ember_messages([IMAGES[1]], "Tell me about foxes.")
+    want = llm.chat(messages, 12, ignore_eos=True, temperature=0, details=True)
+    with running_server(create_app(llm, model_name="vlm", max_batch=2)) as url, \
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        r = client.chat.completions.create(model="vlm", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == want.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="vlm", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}])
+        assert e.value.code == "invalid_image"
