@@ -36,11 +36,14 @@ SHAPES = {
              dict(depth=2, hidden_size=48, intermediate_size=64, num_heads=2, patch_size=4, num_position_embeddings=36,
                   deepstack_visual_indexes=[1]), True),
 }
+# Qwen3-VL MoE: the first shape's with a Qwen3-MoE decoder (4 experts, top 2)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
 
 
-def tiny_qwen3_vl(folder, shape="gqa"):
+def tiny_qwen3_vl(folder, shape="gqa", moe=False):
     """(transformers model, its image processor, its tokenizer) of a tiny Qwen3-VL in `folder`."""
-    from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import (PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     text, vision, tie = SHAPES[shape]
@@ -51,13 +54,15 @@ def tiny_qwen3_vl(folder, shape="gqa"):
     text = {k: v for k, v in text.items() if k != "mrope_section"}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": SHAPES[shape][0]["mrope_section"],
             "mrope_interleaved": True}
-    cfg = Qwen3VLConfig(text_config=dict(vocab_size=tk.get_vocab_size(), rope_parameters=rope, **text,
-                                         eos_token_id=tk.token_to_id("<|im_end|>")),
+    config_class, model_class = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if moe
+                                 else (Qwen3VLConfig, Qwen3VLForConditionalGeneration))
+    cfg = config_class(text_config=dict(vocab_size=tk.get_vocab_size(), rope_parameters=rope, **text,
+                                        eos_token_id=tk.token_to_id("<|im_end|>"), **(MOE if moe else {})),
                         vision_config=dict(out_hidden_size=text["hidden_size"], **vision),
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                         tie_word_embeddings=tie)
-    hf = tiny_hf_model(cfg, Qwen3VLForConditionalGeneration)
+    hf = tiny_hf_model(cfg, model_class)
     hf.save_pretrained(folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": TEMPLATE}))
@@ -270,3 +275,32 @@ def test_server_chat_with_a_data_url_image(trio):
             client.chat.completions.create(model="vlm", max_tokens=2, messages=[
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}])
         assert e.value.code == "invalid_image"
+
+
+def test_qwen3_vl_moe_matches_transformers(tmp_path):
+    """qwen3_vl_moe: image+text logits and a greedy image chat as transformers', from the expert
+    layout transformers 5 saves and from the Hub's (experts transposed)."""
+    from safetensors.torch import load_file, save_file
+
+    hf, *proc = tiny_qwen3_vl(tmp_path, moe=True)
+    llm = ember.load(tmp_path, dtype=torch.float32, device="cpu")
+    assert llm.config.model_type == "qwen3_vl_moe"
+    images = IMAGES[:2]
+    ref_in = _hf_inputs(hf, proc, images)
+    n = ref_in["input_ids"].shape[1]
+    args, kw = (ref_in["input_ids"],), {"pixel_values": ref_in["pixel_values"], "image_grid_thw": ref_in["image_grid_thw"]}
+    with torch.no_grad():
+        got = llm.model(*args, **kw)
+        assert (hf(**ref_in).logits - got).abs().max().item() <= 1e-4
+        want = hf.generate(**ref_in, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, n:].tolist()
+    assert_varied(want, "an image chat")
+    assert llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True).token_ids == want
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors = {k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in tensors.items()}
+    save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    (hub / "config.json").write_bytes((tmp_path / "config.json").read_bytes())
+    with torch.no_grad():
+        assert torch.equal(ember.load(hub, dtype=torch.float32, device="cpu").model(*args, **kw), got)

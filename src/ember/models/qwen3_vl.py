@@ -19,12 +19,15 @@ older checkpoints `model.*` (the decoder), `visual.*`, `lm_head.*`. Both load.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from ..errors import GenerationError
+from torch import nn
+from ..errors import GenerationError, UnsupportedModelError
+from ..nn import SparseMoE, activation
 from ..nn.rope import mrope_axes, rope_parameters
 from ..varbuilder import VarBuilder
-from . import llama, multimodal
+from . import llama, mixtral, multimodal
 from .base import CausalLM, make_step, tied_or_own_head
 from .qwen3_vl_vision import VisionConfig, VisionModel
 
@@ -33,13 +36,19 @@ TEXT_DEFAULTS = {"vocab_size": 151936, "intermediate_size": 22016, "head_dim": 1
                  "max_position_embeddings": 128000, "qk_norm": True}
 
 
-def _text_of(d: dict) -> dict:
-    """The decoder's config dict: text_config over the Qwen3-VL text defaults, Qwen3's q/k norm, and
+# Qwen3VLMoeTextConfig's: its experts always renormalise their top-k weights
+MOE_TEXT_DEFAULTS = {**TEXT_DEFAULTS, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": None, "num_experts": 60,
+                     "num_experts_per_tok": 4, "moe_intermediate_size": 1408}
+
+
+def _text_of(d: dict, defaults: dict) -> dict:
+    """The decoder's config dict: text_config over the family's text defaults, Qwen3's q/k norm, and
     the rope dict's M-RoPE sections interleaved (transformers' Qwen3-VL interleaves whatever the
     dict says)."""
     text = multimodal.text_config(d, tie_default=False)
-    text = {**TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}, "qk_norm": True,
-            "sliding_window": None}
+    text = {**defaults, **{k: v for k, v in text.items() if v is not None}, "qk_norm": True, "sliding_window": None,
+            "norm_topk_prob": True}
     key = "rope_parameters" if isinstance(text.get("rope_parameters"), dict) or not isinstance(
         text.get("rope_scaling"), dict) else "rope_scaling"
     rope = dict(text.get(key) or {})
@@ -57,8 +66,11 @@ class Config(multimodal.Config):
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
 
+    text_class: ClassVar[type] = llama.Config
+    text_defaults: ClassVar[dict] = TEXT_DEFAULTS
+
     def __post_init__(self):
-        self.text = llama.Config.from_dict(_text_of(self.raw))
+        self.text = self.text_class.from_dict(_text_of(self.raw, self.text_defaults))
         self.vision = self.tower(VisionConfig, self.vision_config, "vision_config")
 
     def validate(self) -> None:
@@ -70,6 +82,34 @@ class Config(multimodal.Config):
         self._require(len(self.vision.deepstack_visual_indexes) <= self.text.num_hidden_layers,
                       f"{len(self.vision.deepstack_visual_indexes)} deepstack feature sets for "
                       f"{self.text.num_hidden_layers} decoder layers")
+
+
+@dataclass
+class MoeConfig(Config):
+    """A Qwen3VLMoeForConditionalGeneration config.json: the decoder is Qwen3-MoE's (models/mixtral.py)."""
+
+    text_class: ClassVar[type] = mixtral.Config
+    text_defaults: ClassVar[dict] = MOE_TEXT_DEFAULTS
+
+
+class MoeDecoderLayer(mixtral.DecoderLayer):
+    """Qwen3-MoE's layer. Besides transformers 5's expert layout ([E, 2I, H] / [E, H, I], what
+    SparseMoE reads), the Hub's checkpoints store them transposed ([E, H, 2I] / [E, I, H], which
+    transformers transposes when it loads them): so are they here, once."""
+
+    def make_mlp(self, cfg: mixtral.Config, vb: VarBuilder, layer_idx: int, fuse: bool) -> nn.Module:
+        E, H, F_ = cfg.num_local_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        name = "mlp.experts.gate_up_proj"
+        if not (cfg.sparse(layer_idx) and vb.contains(name) and vb.shape_of(name) == (E, H, 2 * F_) and H != 2 * F_):
+            return super().make_mlp(cfg, vb, layer_idx, fuse)
+        if vb.tp is not None:
+            raise UnsupportedModelError("tensor parallelism does not split the Hub layout's transposed expert "
+                                        "tensors; load this Qwen3-VL MoE model without tp")
+        moe = vb.pp("mlp")
+        gate_up = moe.get((E, H, 2 * F_), "experts.gate_up_proj").transpose(1, 2).contiguous()
+        down = moe.get((E, F_, H), "experts.down_proj").transpose(1, 2).contiguous()
+        return SparseMoE(moe.get((E, H), "gate.weight"), gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                         activation(cfg.hidden_act))
 
 
 class TextModel(llama.Model):
@@ -96,7 +136,8 @@ class TextLM(CausalLM):
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
         super().__init__()
         t = self.config = cfg.text
-        self.model = TextModel(t, vb.pp("model"), fuse)
+        moe = isinstance(t, mixtral.Config)
+        self.model = TextModel(t, vb.pp("model"), fuse, layer_cls=MoeDecoderLayer if moe else None)
         self.lm_head = tied_or_own_head(vb, t, self.model.embed_tokens.weight, t.hidden_size, t.vocab_size)
 
 
