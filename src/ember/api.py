@@ -452,7 +452,7 @@ class LLM:
         if image_chat.has_images(messages):
             if not self.takes_images:
                 raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only; image content "
-                                      f"parts need an image+text model (llava, gemma3, qwen2_5_vl)")
+                                      f"parts need an image+text model (llava, gemma3, qwen2_5_vl, qwen3_vl)")
             messages, images = image_chat.split_images(messages, allow_local=allow_local_images,
                                                        allow_remote=allow_remote_images)
         prompt = tok.apply_chat_template(messages, True, tools=tools, **template_kwargs)

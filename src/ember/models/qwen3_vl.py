@@ -150,9 +150,10 @@ def rope_index(ids: list[int], image_token: int, grids: list[tuple[int, int, int
     grids = iter(grids)
     pos = i = 0
     while i < len(ids):
-        if ids[i] != image_token:
-            out[:, i] = pos
-            pos, i = pos + 1, i + 1
+        if ids[i] != image_token:  # a run of text up to the next image token
+            j = next((k for k in range(i, len(ids)) if ids[k] == image_token), len(ids))
+            out[:, i:j] = torch.arange(pos, pos + j - i)
+            pos, i = pos + j - i, j
             continue
         g = next(grids, None)
         if g is None:
