@@ -206,6 +206,7 @@ def test_image_prompt_batches_with_text_prompts(trio):
     (_data_url(b"\x89PNG\r\n\x1a\n not really a png"), "corrupt|not an image"),
     (_data_url(_png(_image(8, 8))[:60]), "corrupt or truncated"),
     ("https://example.com/cat.png", "does not download images"),
+    (_data_url(_png(_image(1, 300))), "aspect ratio"),
 ])
 def test_bad_images_are_image_errors(trio, url, match):
     _, _, llm = trio
