@@ -111,6 +111,19 @@ def to_rgb(img) -> np.ndarray:
     return np.asarray(img)
 
 
+def rescale_normalize(a: np.ndarray, proc: Any) -> np.ndarray:
+    """[C, H, W] uint8 → float32 as transformers' PIL processors do it: rescaled in float64 then
+    cast, normalised in float32 (`proc`'s do_rescale, rescale_factor, do_normalize, image_mean,
+    image_std)."""
+    x = a.astype(np.float64) * proc.rescale_factor if proc.do_rescale else a
+    x = x.astype(np.float32)
+    if proc.do_normalize:
+        mean = np.asarray(proc.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(proc.image_std, dtype=np.float32)[:, None, None]
+        x = (x - mean) / std
+    return x
+
+
 def _side(v: Any, key: str, where: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIDE:
         raise EmbeddingError(f"{where}: {key} must be an integer in [1, {MAX_SIDE}], got {v!r:.60}")
@@ -225,13 +238,7 @@ class ImageProcessor:
         a = a.transpose(2, 0, 1)  # CHW
         if self.crop_size is not None:
             a = center_crop(a, self.crop_size["height"], self.crop_size["width"])
-        x = a.astype(np.float64) * self.rescale_factor if self.do_rescale else a
-        x = x.astype(np.float32)
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-            x = (x - mean) / std
-        return x
+        return rescale_normalize(a, self)
 
     def __call__(self, images: Sequence[Any], what: str = "images"):
         """[N, 3, H, W] float32 torch tensor of `images` (PIL images, paths, encoded bytes)."""
@@ -335,11 +342,7 @@ class PatchProcessor:
         a = to_rgb(img)
         h, w = self.target_size(a.shape[0], a.shape[1])
         a = np.asarray(Image.fromarray(a).resize((w, h), resample=self.resample)).transpose(2, 0, 1)
-        x = a.astype(np.float64) * self.rescale_factor if self.do_rescale else a
-        x = x.astype(np.float32)
-        if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)[:, None, None]) / np.asarray(self.image_std,
-                                                                                          np.float32)[:, None, None]
+        x = rescale_normalize(a, self)
         p = self.patch_size
         rows, cols = h // p, w // p
         patches = x.reshape(3, rows, p, cols, p).transpose(1, 3, 2, 4, 0).reshape(rows * cols, -1)

@@ -169,8 +169,9 @@ class ImageTextLM(CausalLM):
         is_image = input_ids == self.image_token_id
         n = int(is_image.sum())
         if n != image_embeds.shape[0]:
+            per = f" ({self.tokens_per_image} per image)" if self.tokens_per_image else ""
             raise GenerationError(f"the prompt has {n} image tokens but the images give {image_embeds.shape[0]} "
-                                  f"features ({self.tokens_per_image} per image)")
+                                  f"features{per}")
         x = self.model.embed(input_ids.masked_fill(is_image, 0))  # the image id may lie past the vocabulary
         x = x.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(x.dtype))
         blocks = None
@@ -182,14 +183,16 @@ class ImageTextLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, kv_len: int | None = None,
                 logits_index: torch.Tensor | None = None, cache_rows: slice | None = None, fresh: bool = False,
-                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                rope_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The causal LM's forward; with `pixel_values` (or their features, `image_embeds`
-        [n, hidden]) the image tokens of `input_ids` take the images' features."""
-        kw = {}
+        [n, hidden]) the image tokens of `input_ids` take the images' features. rope_position_ids:
+        M-RoPE families' rotary positions (see CausalLM.forward)."""
+        kw: dict = {"rope_position_ids": rope_position_ids} if rope_position_ids is not None else {}
         if pixel_values is not None:
             image_embeds = self.encode_images(pixel_values).flatten(0, 1)
         if image_embeds is not None:
             embeds, blocks = self.merge(input_ids, image_embeds)
-            kw = {"inputs_embeds": embeds, "image_blocks": blocks}
+            kw.update(inputs_embeds=embeds, image_blocks=blocks)
         return super().forward(input_ids, attention_mask, position_ids, cache, kv_len, logits_index, cache_rows,
                                fresh, **kw)
