@@ -128,7 +128,7 @@ def test_vision_tower_and_deepstack_match_transformers(trio):
     ref_in = _hf_inputs(hf, proc, IMAGES)
     with torch.no_grad():
         ref = hf.model.visual(ref_in["pixel_values"], grid_thw=ref_in["image_grid_thw"])
-        tokens, deepstack = llm.model.vision_tower(ref_in["pixel_values"], ref_in["image_grid_thw"])
+        tokens, deepstack = llm.model.visual(ref_in["pixel_values"], ref_in["image_grid_thw"])
     assert len(deepstack) == len(ref.deepstack_features) == len(hf.config.vision_config.deepstack_visual_indexes)
     for want, got in [(ref.pooler_output, tokens), *zip(ref.deepstack_features, deepstack)]:
         assert got.shape == want.shape
@@ -146,16 +146,38 @@ def test_image_text_logits_match_transformers(trio):
             d = (ref - got).abs().max().item()
             assert d <= 1e-4, f"logits differ by {d}"
             # what each part contributes: another image, plain positions, no DeepStack each change them
-            other = _hf_inputs(hf, proc, [IMAGES[2]] * len(images))
-            if torch.equal(other["image_grid_thw"], grid):
-                assert (llm.model(ids, pixel_values=other["pixel_values"], image_grid_thw=grid) - got).abs().max() > 1e-2
-            feats = llm.model.encode_images(px, grid)
+            other = _hf_inputs(hf, proc, [_image(*im.size[::-1], seed=9) for im in images])
+            assert torch.equal(other["image_grid_thw"], grid)
+            changed = llm.model(ids, pixel_values=other["pixel_values"], image_grid_thw=grid)
+            assert (changed - got).abs().max() > 1e-2
+            feats = llm.model.encode_images({"pixel_values": px, "image_grid_thw": grid})
             plain = torch.arange(ids.shape[1]).expand(3, 1, -1)
             assert (llm.model(ids, image_embeds=feats, rope_position_ids=plain) - got).abs().max() > 1e-3
             no_deepstack = torch.cat([feats[:, :1], torch.zeros_like(feats[:, 1:])], dim=1)
             pos, _ = hf.model.get_rope_index(ids, ref_in["mm_token_type_ids"], grid)
             assert (llm.model(ids, image_embeds=feats, rope_position_ids=pos) - got).abs().max() <= 1e-5
             assert (llm.model(ids, image_embeds=no_deepstack, rope_position_ids=pos) - got).abs().max() > 1e-3
+
+
+def test_padded_batch_of_image_prompts_matches_transformers(trio):
+    """Two image prompts of different lengths, left-padded: each row's M-RoPE positions skip its
+    padding, as transformers' get_rope_index does."""
+    hf, proc, llm = trio
+    a, b = _hf_inputs(hf, proc, [IMAGES[0]]), _hf_inputs(hf, proc, [IMAGES[1]], "Hi")
+    T = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, x in enumerate((a, b)):
+        n = x["input_ids"].shape[1]
+        ids[i, T - n:], mask[i, T - n:] = x["input_ids"][0], 1
+    px = torch.cat([a["pixel_values"], b["pixel_values"]])
+    grid = torch.cat([a["image_grid_thw"], b["image_grid_thw"]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid,
+                 mm_token_type_ids=(ids == hf.config.image_token_id).long()).logits
+        got = llm.model(ids, attention_mask=mask, pixel_values=px, image_grid_thw=grid)
+    keep = mask.bool()
+    assert (ref[keep] - got[keep]).abs().max().item() <= 1e-4
 
 
 def test_chat_with_images_greedy_matches_transformers(trio):
@@ -289,7 +311,8 @@ def test_qwen3_vl_moe_matches_transformers(tmp_path):
     images = IMAGES[:2]
     ref_in = _hf_inputs(hf, proc, images)
     n = ref_in["input_ids"].shape[1]
-    args, kw = (ref_in["input_ids"],), {"pixel_values": ref_in["pixel_values"], "image_grid_thw": ref_in["image_grid_thw"]}
+    args = (ref_in["input_ids"],)
+    kw = {"pixel_values": ref_in["pixel_values"], "image_grid_thw": ref_in["image_grid_thw"]}
     with torch.no_grad():
         got = llm.model(*args, **kw)
         assert (hf(**ref_in).logits - got).abs().max().item() <= 1e-4

@@ -23,11 +23,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from ..errors import GenerationError, UnsupportedModelError
+from ..errors import ConfigError, GenerationError, UnsupportedModelError
 from ..nn import SparseMoE, activation
 from ..nn.rope import mrope_axes, rope_parameters
 from ..varbuilder import VarBuilder
-from . import llama, mixtral, multimodal
+from . import llama, mixtral, multimodal, qwen2_5_vl
 from .base import CausalLM, make_step, tied_or_own_head
 from .qwen3_vl_vision import VisionConfig, VisionModel
 
@@ -141,124 +141,91 @@ class TextLM(CausalLM):
         self.lm_head = tied_or_own_head(vb, t, self.model.embed_tokens.weight, t.hidden_size, t.vocab_size)
 
 
-def rope_index(ids: list[int], image_token: int, grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
-    """The M-RoPE positions [3, T] of a prompt (transformers' get_rope_index for images): text tokens
-    count on from the last position; an image's tokens (its runs of `image_token`, the grids in
-    order) take (start, start + row, start + col) over the merged grid, and the text after it
-    starts at start + max(rows, cols)."""
-    out = torch.empty(3, len(ids), dtype=torch.long)
-    grids = iter(grids)
-    pos = i = 0
-    while i < len(ids):
-        if ids[i] != image_token:  # a run of text up to the next image token
-            j = next((k for k in range(i, len(ids)) if ids[k] == image_token), len(ids))
-            out[:, i:j] = torch.arange(pos, pos + j - i)
-            pos, i = pos + j - i, j
-            continue
-        g = next(grids, None)
-        if g is None:
-            raise GenerationError("the prompt has more images (runs of image tokens) than image grids")
-        t, h, w = g[0], g[1] // merge, g[2] // merge
-        n = t * h * w
-        if ids[i:i + n] != [image_token] * n or ids[i + n:i + n + 1] == [image_token]:
-            raise GenerationError(f"an image of {t}x{h}x{w} merged patches needs a run of {n} image tokens")
-        out[0, i:i + n] = pos + torch.arange(t).repeat_interleave(h * w)
-        out[1, i:i + n] = pos + torch.arange(h).repeat_interleave(w).repeat(t)
-        out[2, i:i + n] = pos + torch.arange(w).repeat(t * h)
-        pos, i = pos + max(h, w), i + n
-    if next(grids, None) is not None:
-        raise GenerationError("the prompt has fewer images (runs of image tokens) than image grids")
-    return out
+# Qwen3-VL's preprocessor_config.json values where transformers' processor defaults are Qwen2-VL's
+PROCESSOR_DEFAULTS = {"min_pixels": 256 * 256, "max_pixels": 4096 * 4096, "image_mean": [0.5] * 3,
+                      "image_std": [0.5] * 3}
 
 
-class ForConditionalGeneration(multimodal.ImageTextLM):
-    """Qwen3VLForConditionalGeneration. An image's features are one tensor [tokens, 1 + k, hidden]:
-    the tokens that replace its image tokens, then the k DeepStack sets (what `image_features`
-    gives and `forward`'s image_embeds takes, flattened over the images)."""
-
-    mrope = True  # decoding rotates by cache position + the row's rope delta (models/base.py)
+class ForConditionalGeneration(qwen2_5_vl.ForConditionalGeneration):
+    """Qwen3VLForConditionalGeneration (and Qwen3VLMoeForConditionalGeneration). What chat asks of
+    it is Qwen2.5-VL's (models/qwen2_5_vl.py: the same processor, image tokens and M-RoPE prompt
+    positions); the tower, the decoder and DeepStack are its own. An image's features are one
+    tensor [tokens, 1 + k, hidden]: the tokens that replace its image tokens, then the k DeepStack
+    sets (what `image_features` gives and `forward`'s image_embeds takes, over all the images)."""
 
     def __init__(self, cfg: Config, vb: VarBuilder, fuse: bool = True):
-        super().__init__(cfg, TextLM(cfg, multimodal.language_model(vb), fuse), tokens_per_image=0)
-        self.vision_tower = VisionModel(cfg.vision, vb.pp_first(["model.visual", "visual"], "patch_embed.proj.weight"))
+        multimodal.ImageTextLM.__init__(self, cfg, TextLM(cfg, multimodal.language_model(vb), fuse), 0)
+        self.visual = VisionModel(cfg.vision, vb.pp_first(["model.visual", "visual"], "patch_embed.proj.weight"))
         self.merge_size = cfg.vision.spatial_merge_size
 
     def make_image_processor(self, path):
-        """transformers' Qwen2VLImageProcessor with Qwen3-VL's settings (preprocessor_config.json wins)."""
-        from ..qwen_vl_images import GridImageProcessor
+        """transformers' Qwen2VLImageProcessor (ember.image_patches) over Qwen3-VL's settings, the
+        checkpoint's preprocessor_config.json winning."""
+        from ..image_patches import GridPatchProcessor
 
         v = self.mm_config.vision
-        return GridImageProcessor.from_file(path, {
-            "patch_size": v.patch_size, "merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
-            "size": {"shortest_edge": 65536, "longest_edge": 16777216}, "image_mean": [0.5] * 3,
-            "image_std": [0.5] * 3})
+        sizes = {"patch_size": v.patch_size, "merge_size": v.spatial_merge_size,
+                 "temporal_patch_size": v.temporal_patch_size}
+        proc = GridPatchProcessor.from_file(path, {**sizes, **PROCESSOR_DEFAULTS})
+        if any(getattr(proc, k) != n for k, n in sizes.items()):
+            raise ConfigError(f"{path}: the processor's patch_size / merge_size / temporal_patch_size are not the "
+                              f"vision tower's ({', '.join(map(str, sizes.values()))})")
+        return proc
 
     def feature_shape(self, n: int) -> tuple[int, ...]:
-        return n, 1 + len(self.vision_tower.deepstack_merger_list), self.config.hidden_size
+        return n, 1 + len(self.visual.deepstack_merger_list), self.config.hidden_size
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The processor's patches [patches, patch_dim] and grids [images, 3] → the images' features
-        [tokens, 1 + k, hidden] (all images' tokens in order)."""
-        tokens, deepstack = self.vision_tower(pixel_values, grid_thw)
+    def encode_images(self, pixels: dict) -> torch.Tensor:
+        """{"pixel_values": [patches, patch_dim], "image_grid_thw": [N, 3]} → the images' features
+        [tokens, 1 + k, hidden]."""
+        tokens, deepstack = self.visual(pixels["pixel_values"], pixels["image_grid_thw"])
         return torch.stack([tokens, *deepstack], dim=1).to(self.model.embed_tokens.weight.dtype)
-
-    def image_features(self, pixels: dict) -> torch.Tensor:
-        return self.encode_images(pixels["pixel_values"], pixels["image_grid_thw"])
-
-    def _grids(self, pixels: dict) -> list[tuple[int, int, int]]:
-        return [tuple(int(v) for v in g) for g in pixels["image_grid_thw"].tolist()]
-
-    def image_texts(self, tokenizer, pixels: dict) -> tuple[str, list[str]]:
-        """The template writes <|vision_start|><|image_pad|><|vision_end|> for an image; the
-        processor repeats <|image_pad|> once per token of the image's merged grid."""
-        pad = tokenizer.id_to_token(self.image_token_id)
-        return pad, [pad * (t * h * w // self.merge_size ** 2) for t, h, w in self._grids(pixels)]
-
-    def rope_positions(self, ids: list[int], pixels: dict) -> torch.Tensor:
-        return rope_index(ids, self.image_token_id, self._grids(pixels), self.merge_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, kv_len: int | None = None,
                 logits_index: torch.Tensor | None = None, cache_rows: slice | None = None, fresh: bool = False,
-                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None,
-                rope_position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                rope_position_ids: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """The causal LM's forward; with images (`pixel_values` and `image_grid_thw`, or their
         features `image_embeds` [n, 1 + k, hidden]) the image tokens take the images' features and
-        DeepStack's additions. rope_position_ids [3, B, T]: the M-RoPE positions (computed from
-        the image grids when pixel_values come without them)."""
+        DeepStack's additions. rope_position_ids [3, B, T]: the M-RoPE positions (without a cache,
+        computed from the image grids when not given; padding from attention_mask skipped)."""
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise GenerationError("pixel_values need image_grid_thw (each image's patch grid)")
-            image_embeds = self.encode_images(pixel_values, image_grid_thw)
-            if rope_position_ids is None:
-                if attention_mask is not None or position_ids is not None:
-                    raise GenerationError("with pixel_values and padding or explicit positions, pass "
-                                          "rope_position_ids too")
-                rows, grids = [], iter(self._grids({"image_grid_thw": image_grid_thw}))
-                for row in input_ids.tolist():
-                    runs = sum(1 for j, t in enumerate(row) if t == self.image_token_id
-                               and (j == 0 or row[j - 1] != self.image_token_id))
-                    rows.append(rope_index(row, self.image_token_id, [next(grids) for _ in range(runs)],
-                                           self.merge_size))
-                rope_position_ids = torch.stack(rows, dim=1).to(input_ids.device)
-        if image_embeds is None and rope_position_ids is None:
-            return super().forward(input_ids, attention_mask, position_ids, cache, kv_len, logits_index, cache_rows,
-                                   fresh)
+            image_embeds = self.encode_images({"pixel_values": pixel_values, "image_grid_thw": image_grid_thw})
+        if image_grid_thw is not None and rope_position_ids is None and cache is None:
+            rope_position_ids = self._prompt_positions(input_ids, attention_mask, image_grid_thw.tolist())
+        if image_embeds is None:
+            return CausalLM.forward(self, input_ids, attention_mask, position_ids, cache, kv_len, logits_index,
+                                    cache_rows, fresh, rope_position_ids=rope_position_ids)
+        want = self.feature_shape(int((input_ids == self.image_token_id).sum()))
+        if tuple(image_embeds.shape) != want:
+            raise GenerationError(f"image_embeds must be [{', '.join(map(str, want))}] (per image token: its features, "
+                                  f"then the DeepStack sets), got {list(image_embeds.shape)}")
         if cache is not None:
             cache.begin_forward()
             if rope_position_ids is None and position_ids is not None:
                 rope_position_ids = cache.rope_deltas.positions(position_ids, cache_rows)
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
                          rope_position_ids=rope_position_ids)
-        kw = {}
-        if image_embeds is not None:
-            want = self.feature_shape(int((input_ids == self.image_token_id).sum()))
-            if tuple(image_embeds.shape) != want:
-                raise GenerationError(f"image_embeds must be [{', '.join(map(str, want))}] (per image token: its "
-                                      f"features, then the DeepStack sets), got {list(image_embeds.shape)}")
-            embeds, _ = self.merge(input_ids, image_embeds[:, 0])
-            kw = {"inputs_embeds": embeds, "deepstack": image_embeds[:, 1:].transpose(0, 1),
-                  "visual": input_ids == self.image_token_id}
-        h = self.model(input_ids, step, **kw)
+        embeds, _ = self.merge(input_ids, image_embeds[:, 0])
+        h = self.model(input_ids, step, embeds, deepstack=image_embeds[:, 1:].transpose(0, 1),
+                       visual=input_ids == self.image_token_id)
         return self.logits(h, logits_index)
+
+    def _prompt_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          grids: list) -> torch.Tensor:
+        """[3, B, T] M-RoPE positions of a batch of fresh prompts, the grids taken in order by the
+        rows' runs of image tokens (padding: position 0)."""
+        image, rows = self.image_token_id, []
+        for b in range(input_ids.shape[0]):
+            keep = (attention_mask[b].bool() if attention_mask is not None
+                    else torch.ones_like(input_ids[b], dtype=torch.bool))
+            ids = input_ids[b][keep].tolist()
+            n = sum(1 for j, t in enumerate(ids) if t == image and (j == 0 or ids[j - 1] != image))
+            pos = torch.zeros(3, input_ids.shape[1], dtype=torch.long)
+            pos[:, keep.cpu()] = self.rope_index(ids, grids[:n])
+            grids, rows = grids[n:], rows + [pos]
+        return torch.stack(rows, dim=1).to(input_ids.device)
