@@ -210,7 +210,8 @@ def test_text_only_prompt_matches_transformers(trio):
 
 
 def test_image_prompt_batches_with_text_prompts(trio):
-    """An image chat generated beside a text one (continuous batching): what each gives alone."""
+    """An image chat generated beside a text one (continuous batching, a prefix cache on): what
+    each gives alone."""
     _, _, llm = trio
     c = llm.chat_inputs(_ember_messages([IMAGES[0]]))
     text = llm.tokenizer.encode("Once upon a time")
@@ -218,10 +219,15 @@ def test_image_prompt_batches_with_text_prompts(trio):
                         rope_positions=c.rope_positions),
             llm.request(text, 12, ignore_eos=True, temperature=0)]
     alone = [[ev.token_id for ev in llm.events([r])] for r in reqs]
-    out = {r.id: [] for r in reqs}
-    for ev in llm.generator(reqs).run(reqs):
-        out[ev.request.id].append(ev.token_id)
-    assert [out[r.id] for r in reqs] == alone
+    llm.enable_prefix_cache(1 << 24)
+    try:
+        for _ in range(2):  # the second round would hit the cache if the image prompt entered it
+            out = {r.id: [] for r in reqs}
+            for ev in llm.generator(reqs).run(reqs):
+                out[ev.request.id].append(ev.token_id)
+            assert [out[r.id] for r in reqs] == alone
+    finally:
+        llm.enable_prefix_cache(0)
 
 
 @pytest.mark.parametrize("url, match", [
