@@ -244,7 +244,8 @@ def test_bad_images_are_image_errors(trio, url, match):
 
 
 def test_older_checkpoint_names_load(trio, tmp_path):
-    """Checkpoints saved before transformers 5 name the decoder model.*, the tower visual.*."""
+    """Checkpoints saved before transformers 5 name the decoder model.*, the tower visual.*; the Hub's
+    configs give M-RoPE as rope_scaling without mrope_interleaved (Qwen3-VL interleaves anyway)."""
     from safetensors.torch import load_file, save_file
 
     hf, proc, llm = trio
@@ -255,8 +256,14 @@ def test_older_checkpoint_names_load(trio, tmp_path):
         renamed[k] = v
     assert any(k.startswith("visual.") for k in renamed) and any(k.startswith("model.layers.") for k in renamed)
     save_file(renamed, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         (tmp_path / f).write_bytes((src / f).read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg["text_config"].pop("rope_parameters")
+    cfg["text_config"].update(rope_theta=rope["rope_theta"], rope_scaling={"rope_type": "default",
+                                                                         "mrope_section": rope["mrope_section"]})
+    cfg["vision_config"].update(model_type="qwen3_vl")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     old = ember.load(tmp_path, dtype=torch.float32, device="cpu")
     ref_in = _hf_inputs(hf, proc, [IMAGES[0]])
     args = (ref_in["input_ids"],)

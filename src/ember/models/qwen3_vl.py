@@ -1,5 +1,6 @@
-"""Qwen3-VL (`qwen3_vl`): the vision tower of models/qwen3_vl_vision.py before a Qwen3 decoder
-(q/k RMSNorm) with interleaved multimodal rotary positions and DeepStack.
+"""Qwen3-VL (`qwen3_vl`; `qwen3_vl_moe` with Qwen3-MoE's decoder): the vision tower of
+models/qwen3_vl_vision.py before a Qwen3 decoder (q/k RMSNorm) with interleaved multimodal rotary
+positions and DeepStack.
 
 Reference: transformers/models/qwen3_vl/modeling_qwen3_vl.py.
 - Images of any size: each takes (rows / merge) x (cols / merge) tokens (`<|image_pad|>`) between
@@ -23,6 +24,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
 from ..errors import ConfigError, GenerationError, UnsupportedModelError
 from ..nn import SparseMoE, activation
 from ..nn.rope import mrope_axes, rope_parameters
