@@ -189,8 +189,14 @@ def test_chat_with_images_greedy_matches_transformers(trio):
         want = hf.generate(**ref_in, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, n:].tolist()
     assert_varied(want, "an image chat")
-    got = llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True)
+    calls = []
+    hook = llm.model.visual.register_forward_pre_hook(lambda m, args: calls.append(args[1].shape[0]))
+    try:
+        got = llm.chat(_ember_messages(images), 16, ignore_eos=True, temperature=0, details=True)
+    finally:
+        hook.remove()
     assert got.token_ids == want
+    assert calls == [len(images)]  # the tower ran once, over both images
     assert got.usage.prompt_tokens == n
     # the engine's static decode step (CUDA graphs on a GPU; the same static shapes on CPU)
     fast = llm.with_engine(cuda_graphs=True, max_batch=2, max_len=128)
