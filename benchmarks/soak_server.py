@@ -37,6 +37,12 @@ tiny random Whisper (5 s windows, made here with transformers) on /v1/audio/tran
 (`--no-transcriptions` to leave it out; with --url, --transcription-model-name names the server's):
 good uploads (1-12 s WAVs in every response_format) must be answered 200, bad audio (corrupt,
 empty, a header claiming more than the server's hour) with a 4xx.
+
+`--images` (with the tiny model) serves image+text models instead: a tiny random LLaVA as the chat
+model (a share of its chat requests carry one or two data: URL images, PNG or JPEG of random sizes)
+and a tiny random CLIP as the embedding model (requests mix images and texts); bad media (corrupt
+data, a PNG header claiming gigapixels, a remote URL, 17 images, a text part where an image belongs)
+must get a 4xx.
 """
 from __future__ import annotations
 
@@ -97,6 +103,58 @@ def tiny_whisper_model() -> str:
     return str(d)
 
 
+def tiny_vlm_model() -> str:
+    """A tiny random LLaVA (Llama decoder, CLIP tower, 32x32 images) as tests/test_image_chat.py makes it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_image_chat import tiny_llava
+
+    d = Path(tempfile.mkdtemp(prefix="ember-soak-llava-")) / "tiny-llava"
+    d.mkdir()
+    tiny_llava(d)
+    return str(d)
+
+
+def tiny_clip_model() -> str:
+    """A tiny random CLIP (image and text towers) as tests/test_vision_parity.py makes it."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_vision_parity import _tiny_clip
+
+    d = Path(tempfile.mkdtemp(prefix="ember-soak-clip-")) / "tiny-clip"
+    d.mkdir()
+    _tiny_clip(d)
+    return str(d)
+
+
+def image_url(rng: random.Random) -> str:
+    """A data: URL of a random image (8-96 pixels a side, PNG or JPEG, RGB or grey)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    h, w = rng.randint(8, 96), rng.randint(8, 96)
+    img = Image.fromarray(np.random.default_rng(rng.randint(0, 10**6)).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if rng.random() < 0.2:
+        img = img.convert("L")
+    fmt = rng.choice(["PNG", "JPEG"])
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def png_claiming(width: int, height: int) -> str:
+    """A data: URL of a PNG whose header claims width x height (and holds no such pixels)."""
+    import base64
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return "data:image/png;base64," + base64.b64encode(png + b"\x00" * 64).decode()
+
+
 def wav_bytes(samples, rate: int = 16000) -> bytes:
     import io
     import wave
@@ -142,13 +200,37 @@ def start_server(model: str, args, log: Path):
 
 
 def bad_requests(model: str, max_body: int, embedding_model: str | None = None,
-                 max_batch: int = 8, transcription_model: str | None = None) -> list[tuple]:
+                 max_batch: int = 8, transcription_model: str | None = None, images: bool = False) -> list[tuple]:
     """(name, path, raw body[, content type]): requests that must be refused with a 4xx (the last one is
     the big body)."""
     ok = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     emb = []
+    if images:
+        import base64
+
+        def with_images(*urls):
+            return json.dumps({**ok, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"}, *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}]
+            }).encode()
+
+        def embed_image(url):
+            return json.dumps({"model": embedding_model, "input": [
+                "a text", {"type": "image_url", "image_url": {"url": url}}]}).encode()
+
+        junk = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really" * 20).decode()
+        emb += [("image-corrupt", CHAT, with_images(junk)),
+                ("image-claims-gigapixels", CHAT, with_images(png_claiming(60_000, 60_000))),
+                ("image-remote-url", CHAT, with_images("https://example.com/cat.png")),
+                ("image-local-path", CHAT, with_images("/etc/passwd")),
+                ("image-bad-base64", CHAT, with_images("data:image/png;base64,@@@@")),
+                ("images-17", CHAT, with_images(*[png_claiming(8, 8)] * 17)),
+                ("image-part-without-url", CHAT, json.dumps({**ok, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {}}]}]}).encode()),
+                ("embed-image-corrupt", EMB, embed_image(junk)),
+                ("embed-image-claims-gigapixels", EMB, embed_image(png_claiming(60_000, 60_000))),
+                ("embed-image-remote-url", EMB, embed_image("https://example.com/cat.png"))]
     if embedding_model:
-        emb = [("surrogate-embed", EMB, b'{"model": %s, "input": ["ok", "a\\ud800b"]}' % json.dumps(embedding_model).encode()),
+        emb += [("surrogate-embed", EMB, b'{"model": %s, "input": ["ok", "a\\ud800b"]}' % json.dumps(embedding_model).encode()),
                ("embed-too-many", EMB, json.dumps({"model": embedding_model, "input": ["a"] * 2049}).encode())]
 
     if transcription_model:
@@ -221,7 +303,12 @@ async def good_request(http: httpx.AsyncClient, rng: random.Random, args, st: St
     words = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(0, 40)))
     if chat:
         path = CHAT
-        body = {"model": args.model_name, "messages": [{"role": "user", "content": f"Tell me about {topic}. {words}"}],
+        content: str | list = f"Tell me about {topic}. {words}"
+        if args.images:  # LLaVA's template reads content parts; a third of the requests carry images
+            content = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": image_url(rng)}}
+                for _ in range(rng.choice([0, 0, 0, 0, 1, 2]))]
+        body = {"model": args.model_name, "messages": [{"role": "user", "content": content}],
                 "max_tokens": n_tok, "temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randint(0, 10**6)}
     else:
         path = COMP
@@ -535,7 +622,9 @@ async def hostile_request(http: httpx.AsyncClient, url: str, rng: random.Random,
 
 
 async def good_embedding(http: httpx.AsyncClient, rng: random.Random, args, st: Stats) -> None:
-    texts = [f"{rng.choice(TOPICS)} {rng.choice(TOPICS)}" for _ in range(rng.randint(1, 8))]
+    texts: list = [f"{rng.choice(TOPICS)} {rng.choice(TOPICS)}" for _ in range(rng.randint(1, 8))]
+    if args.images:  # CLIP: images and texts in one request
+        texts += [{"type": "image_url", "image_url": {"url": image_url(rng)}} for _ in range(rng.randint(0, 3))]
     try:
         r = await http.post(EMB, json={"model": args.embedding_model_name, "input": texts, "encoding_format": "float"})
         if r.status_code != 200 or len(r.json()["data"]) != len(texts):
@@ -656,7 +745,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 async def run(url: str, pid: int | None, args) -> dict:
     bads = bad_requests(args.model_name, args.max_body_mb * (1 << 20), args.embedding_model_name, args.max_batch,
-                        args.transcription_model_name)
+                        args.transcription_model_name, args.images)
     st = Stats()
     samples: list = []
     t0 = time.monotonic()
@@ -719,6 +808,8 @@ def main() -> int:
     ap.add_argument("--transcription-model-name", default=None,
                     help="with --url: the server's speech-to-text model, if any")
     ap.add_argument("--no-transcriptions", action="store_true", help="start the server without a Whisper model")
+    ap.add_argument("--images", action="store_true",
+                    help="with the tiny model: serve a tiny LLaVA and a tiny CLIP, and send images to both")
     ap.add_argument("--agent-rate", type=float, default=0.3,
                     help="share of good requests that are agent traffic (forced tool calls, json_schema; with the "
                          "tiny model json_schema only); 0: none")
@@ -743,9 +834,11 @@ def main() -> int:
             raise SystemExit("soak_server.py only talks to loopback servers")
     else:
         log = Path(tempfile.mkdtemp(prefix="ember-soak-")) / "server.log"
-        model = resolve_model(args.model)
+        if args.images and args.model != "tiny":
+            raise SystemExit("--images goes with the tiny model (it serves a tiny LLaVA and a tiny CLIP)")
+        model = tiny_vlm_model() if args.images else resolve_model(args.model)
         if not args.no_embeddings and args.model == "tiny":
-            args.embedding_model_name = tiny_embedding_model()
+            args.embedding_model_name = tiny_clip_model() if args.images else tiny_embedding_model()
         if not args.no_transcriptions and args.model == "tiny":
             args.transcription_model_name = tiny_whisper_model()
         proc, url = start_server(model, args, log)

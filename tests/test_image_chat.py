@@ -345,6 +345,13 @@ def test_server_chat_with_a_data_url_image(pair, tiny_chat):
         chunks = client.chat.completions.create(model="vlm", messages=messages, max_tokens=12, temperature=0,
                                                 extra_body={"ignore_eos": True}, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+        import httpx
+
+        tok = httpx.post(url + "/tokenize", json={"model": "vlm", "messages": messages}, timeout=60).json()
+        assert tok["count"] == want.usage.prompt_tokens  # the image's tokens counted as the chat counts them
+        bad = httpx.post(url + "/tokenize", json={"model": "vlm", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}]}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
         for bad, code in ((_data_url(b"garbage"), "invalid_image"), ("/etc/passwd", "invalid_image"),
                           ("https://example.com/x.png", "invalid_image")):
             with pytest.raises(openai.BadRequestError) as e:
@@ -357,3 +364,41 @@ def test_server_chat_with_a_data_url_image(pair, tiny_chat):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
         assert e.value.code == "unsupported_content" and "takes no images" in e.value.message
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def test_cli_run_and_chat_with_images(tmp_path, capsys):
+    """`ember run MODEL PROMPT --image PATH` answers as llm.chat with that image part; in `ember chat`,
+    `/image PATH` attaches an image to the next message, and an unreadable one is reported while the
+    chat goes on."""
+    from ember import cli
+
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    tiny_llava(folder)
+    llm = ember.load(folder, dtype=torch.float32, device="cpu")
+    path = tmp_path / "fox.png"
+    IMAGES[0].save(path)
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": "What is it?"}]}
+    want = llm.chat([user], 8, temperature=0, ignore_eos=True)
+    assert want != llm.chat([{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}], 8,
+                            temperature=0, ignore_eos=True)  # the image changes the answer
+    opts = ["-n", "8", "-t", "0", "--dtype", "float32", "--device", "cpu"]
+    assert cli.main(["run", str(folder), "What", "is", "it?", "--image", str(path), *opts]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert cli.main(["run", str(folder), "What is it?", "--image", str(tmp_path / "missing.png"), *opts]) == 1
+    assert "ember: error:" in capsys.readouterr().err
+
+    import io
+    import sys
+
+    turns = f"/image {tmp_path / 'missing.png'}\nWhat is it?\n/image {path}\nWhat is it?\n"
+    old = sys.stdin
+    sys.stdin = io.StringIO(turns)
+    try:
+        assert cli.main(["chat", str(folder), *opts]) == 0
+    finally:
+        sys.stdin = old
+    out = capsys.readouterr()
+    assert "missing.png" in out.err and out.out == want + "\n"  # the bad turn is dropped; the next is answered

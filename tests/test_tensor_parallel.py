@@ -175,6 +175,30 @@ def test_cli_run_tp2_starts_its_ranks(tiny_chat, capsys):
     assert split.stdout == one and one.strip()  # the same text, printed once (by rank 0)
 
 
+def test_cli_run_tp2_with_an_image(tmp_path, capsys):
+    """An image+text model split over 2 ranks (the vision tower whole on each, the decoder split; rank
+    0's image features travel with its request) answers as the whole model."""
+    pytest.importorskip("PIL")
+    from test_image_chat import IMAGES, tiny_llava
+
+    from ember.cli import main
+
+    folder = tmp_path / "llava"
+    folder.mkdir()
+    tiny_llava(folder)
+    IMAGES[0].save(tmp_path / "fox.png")
+    args = ["run", str(folder), "What is it?", "--image", str(tmp_path / "fox.png"), "-n", "10", "-t", "0",
+            "--dtype", "float32"]
+    split = subprocess.run([sys.executable, "-m", "ember.cli", *args, "--tp", "2"], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args[:3] + args[5:]) == 0
+    assert capsys.readouterr().out != one  # without the image: another answer (so the image was used)
+    assert split.stdout == one and one.strip()
+
+
 def test_a_killed_rank_fails_the_other_with_a_clear_error(run):
     report = json.loads((run / "killed.json").read_text())  # rank 1 exited with code 3 (see `run`)
     assert report["error"].startswith("DistributedError: tensor-parallel rank 0/2"), report

@@ -378,8 +378,6 @@ class LLM:
     def _check_image_embeds(self, ids: list[int], embeds: Any) -> None:
         if not self.takes_images:
             raise GenerationError(f"image_embeds: this model ({self._loaded.entry.model_type}) takes text only")
-        if self.tp is not None:  # the other ranks would need the features too
-            raise GenerationError("images with tensor parallelism (tp > 1) are not supported yet; load with tp=1")
         m: Any = self.model  # an ImageTextLM (models/multimodal.py)
         want = m.feature_shape(sum(t == m.image_token_id for t in ids))
         if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != want:

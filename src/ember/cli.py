@@ -26,6 +26,12 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="timings and logs on stderr")
 
 
+def _add_image_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the (first) message, for image+text models (repeatable; in a chat, "
+                        "/image PATH attaches one to the next message)")
+
+
 def _add_sampling_opts(p: argparse.ArgumentParser) -> None:
     # sampling flags left out take the model's generation_config.json values, else greedy (as ember.load's LLM)
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
@@ -130,8 +136,13 @@ def cmd_run(a) -> int:
         return 2
     kw = _sampling_kw(a)
     use_chat = not a.raw and llm.tokenizer is not None and llm.tokenizer.chat_template
+    if a.image and not use_chat:
+        print("ember: error: --image needs the chat template (drop --raw; the model must have one)", file=sys.stderr)
+        return 2
     if use_chat:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        from ember.cli_chat import user_message
+
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [user_message(prompt, a.image)]
         chunks = llm.chat(msgs, a.max_tokens, stream=True, details=True, **kw)
     else:
         chunks = llm.stream(prompt, a.max_tokens, details=True, **kw)
@@ -159,7 +170,8 @@ def _chat(model: str | None, a) -> int:
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         print("ember: error: this model has no chat template; use `ember run MODEL PROMPT --raw`", file=sys.stderr)
         return 1
-    return chat_loop(llm, a.max_tokens, _sampling_kw(a), a.system, bool(getattr(a, "verbose", False)))
+    return chat_loop(llm, a.max_tokens, _sampling_kw(a), a.system, bool(getattr(a, "verbose", False)),
+                     images=a.image)
 
 
 def cmd_chat(a) -> int:
@@ -445,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT ...]", help="optional model, then the prompt")
     r.add_argument("--raw", action="store_true", help="do not apply the chat template")
     r.add_argument("--system", help="system message (chat models)")
+    _add_image_opt(r)
     _add_sampling_opts(r)
     _add_model_opts(r)
     r.set_defaults(func=cmd_run)
@@ -452,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive streaming chat: ember chat [MODEL]")
     c.add_argument("model", nargs="?")
     c.add_argument("--system", help="system message")
+    _add_image_opt(c)
     _add_sampling_opts(c)
     _add_model_opts(c)
     c.set_defaults(func=cmd_chat)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 HELP = ('ember chat — /reset clears the history, /exit or Ctrl-D quits; """ starts and ends a multi-line '
-        'message, a line ending in \\ continues')
+        'message, a line ending in \\ continues; /image PATH attaches an image to the next message')
 PROMPT, MORE = ">>> ", "... "
 HISTORY_LINES = 1000
 
@@ -40,6 +40,15 @@ def read_message(read: Callable[[str], str], prompt: str = PROMPT, more: str = M
     return "\n".join(lines)
 
 
+def user_message(text: str, images: list[str] | None = None) -> dict:
+    """A user turn: the text alone, or (with image paths) OpenAI content parts, the images first. The
+    paths are read when the model's processor takes them (a bad file is an ImageError then)."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts: list[dict] = [{"type": "image_url", "image_url": {"url": str(Path(p).expanduser())}} for p in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
 def history_file() -> Path:
     from .fixtures import cache_root
 
@@ -68,9 +77,14 @@ def _save_history(readline) -> None:
         pass
 
 
-def chat_loop(llm, max_tokens: int, sampling: dict, system: str | None = None, verbose: bool = False) -> int:
+def chat_loop(llm, max_tokens: int, sampling: dict, system: str | None = None, verbose: bool = False,
+              images: list[str] | None = None) -> int:
     """Read turns from stdin (a terminal: with a prompt, line editing and history), stream each reply
-    with the conversation so far. /reset forgets it, /exit or end of input stops."""
+    with the conversation so far. /reset forgets it, /exit or end of input stops, /image PATH attaches
+    an image to the next message (`images`: to the first one). A turn whose images cannot be read is
+    reported and dropped; the chat goes on."""
+    from .errors import EmberError
+
     tp = getattr(llm, "tp", None)  # tensor parallel: rank 0 reads the turns, the other ranks receive them
     leader = tp is None or tp.rank == 0
     interactive = leader and sys.stdin.isatty()
@@ -78,6 +92,7 @@ def chat_loop(llm, max_tokens: int, sampling: dict, system: str | None = None, v
     if interactive:
         print(HELP, file=sys.stderr)
     history = [{"role": "system", "content": system}] if system else []
+    pending = list(images or [])  # images for the next message
 
     def read(prompt: str) -> str:
         return input(prompt if interactive else "")
@@ -105,8 +120,19 @@ def chat_loop(llm, max_tokens: int, sampling: dict, system: str | None = None, v
                 break
             if line.strip() == "/reset":
                 history = history[:1] if system else []
+                pending = []
                 continue
-            history.append({"role": "user", "content": line})
+            if line.strip().startswith("/image"):
+                path = line.strip()[len("/image"):].strip()
+                if path:
+                    pending.append(path)
+                    if leader:
+                        print(f"(image {path} goes with the next message)", file=sys.stderr)
+                elif leader:
+                    print("usage: /image PATH", file=sys.stderr)
+                continue
+            history.append(user_message(line, pending))
+            pending = []
             reply, last = [], None
             try:
                 for chunk in llm.chat(history, max_tokens, stream=True, details=True, **sampling):
@@ -117,6 +143,11 @@ def chat_loop(llm, max_tokens: int, sampling: dict, system: str | None = None, v
                         sys.stdout.flush()
             except KeyboardInterrupt:
                 sys.stdout.write(" [interrupted]")
+            except EmberError as e:  # e.g. an unreadable image: this turn is dropped, the chat goes on
+                history.pop()
+                if leader:
+                    print(f"ember: error: {e}", file=sys.stderr)
+                continue
             sys.stdout.write("\n")
             sys.stdout.flush()
             if verbose and last is not None and last.completion is not None:

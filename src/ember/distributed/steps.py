@@ -14,8 +14,17 @@ def follow_rank0(tp: TensorParallel, req: Request) -> Request:
     inputs and seed every rank picks the same tokens and runs the same steps."""
     if tp.rank == 0 and req.sampling.temperature > 0 and req.sampling.seed is None:
         req = dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=random.getrandbits(63)))
-    sent = tp.broadcast_object(req)
+    sent = tp.broadcast_object(portable(req))
     return dataclasses.replace(sent, id=req.id)  # ids stay this process's own
+
+
+def portable(req: Request) -> Request:
+    """The request as it travels to the other ranks: image features (an image+text model's prompt) on
+    the CPU, since each rank's model sits on its own device (the model moves them back)."""
+    emb = req.image_embeds
+    if emb is not None and getattr(emb, "device", None) is not None and emb.device.type != "cpu":
+        return dataclasses.replace(req, image_embeds=emb.cpu())
+    return req
 
 
 # ---- serving: rank 0's scheduler drives a generator, the other ranks replay its calls ----------------
@@ -63,7 +72,7 @@ class LeaderGenerator:
         if req.sampling.temperature > 0 and req.sampling.seed is None:
             req.sampling = dataclasses.replace(req.sampling, seed=random.getrandbits(63))
         self.gen.add(req)
-        self._ops.append(("add", req))
+        self._ops.append(("add", portable(req)))
 
     def abort(self, req_id: int) -> None:
         self.gen.abort(req_id)

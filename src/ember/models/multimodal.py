@@ -173,7 +173,7 @@ class ImageTextLM(CausalLM):
             raise GenerationError(f"the prompt has {n} image tokens but the images give {image_embeds.shape[0]} "
                                   f"features{per}")
         x = self.model.embed(input_ids.masked_fill(is_image, 0))  # the image id may lie past the vocabulary
-        x = x.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(x.dtype))
+        x = x.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(x.device, x.dtype))
         blocks = None
         if self.bidirectional_images:  # transformers' get_block_sequence_ids_for_mask
             starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]

@@ -1,7 +1,8 @@
 """/tokenize and /detokenize, in vLLM's shapes.
 
     POST /tokenize   {"prompt": "text", "add_special_tokens": true}                 (completion form)
-    POST /tokenize   {"messages": [...], "add_generation_prompt": true, ...}        (chat form)
+    POST /tokenize   {"messages": [...], "add_generation_prompt": true, ...}        (chat form; with an
+                     image+text model, image_url parts count the image's tokens as the chat does)
         -> {"count": n, "max_model_len": L, "tokens": [ids], "token_strs": [..] or null}
     POST /detokenize {"tokens": [ids]}  -> {"prompt": "text"}
 """
@@ -11,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..errors import EmberError
+from ..errors import EmberError, ImageError
+from ..image_chat import has_images
 from .protocol import ApiError, _bad_type, get_bool, parse_messages, unicode_error
 
 MAX_DETOKENIZE = 1 << 20  # token ids per /detokenize call
@@ -37,7 +39,8 @@ def register(app, st, body_of) -> None:
         st.resolve(body, "generate")
         want_strs = get_bool(body, "return_token_strs", False)
         if "messages" in body and body.get("messages") is not None:
-            messages = parse_messages(body)
+            images = getattr(st.llm, "takes_images", False)
+            messages = parse_messages(body, images)
             add_gen = get_bool(body, "add_generation_prompt", True)
             if get_bool(body, "continue_final_message", False):
                 raise ApiError(400, "'continue_final_message' is not supported by ember serve.",
@@ -46,6 +49,15 @@ def register(app, st, body_of) -> None:
             kw = _template_kwargs(body)
 
             def work():
+                if images and has_images(messages):  # each image's placeholder expanded, as the chat sees it
+                    if not add_gen:
+                        raise ApiError(400, "add_generation_prompt=false with images is not supported.",
+                                       param="add_generation_prompt", code="unsupported_parameter")
+                    try:
+                        return st.llm.chat_prompt(messages, allow_local_images=False,
+                                                  allow_remote_images=st.allow_remote_images, **kw)[1]
+                    except ImageError as e:
+                        raise ApiError(400, f"Invalid image: {e}", param="messages", code="invalid_image") from None
                 text = st.tok.apply_chat_template(messages, add_gen, **kw)
                 return st.tok.encode(text, add_special_tokens=add_special)
             param = "messages"
