@@ -379,7 +379,7 @@ class LLM:
         if not self.takes_images:
             raise GenerationError(f"image_embeds: this model ({self._loaded.entry.model_type}) takes text only")
         m: Any = self.model  # an ImageTextLM (models/multimodal.py)
-        want = (sum(t == m.image_token_id for t in ids), m.config.hidden_size)
+        want = m.feature_shape(sum(t == m.image_token_id for t in ids))
         if not isinstance(embeds, torch.Tensor) or tuple(embeds.shape) != want:
             got = list(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise GenerationError(f"image_embeds must be a tensor of {list(want)} (one row per image token of the "
@@ -450,7 +450,7 @@ class LLM:
         if image_chat.has_images(messages):
             if not self.takes_images:
                 raise GenerationError(f"this model ({self._loaded.entry.model_type}) takes text only; image content "
-                                      f"parts need an image+text model (llava, gemma3, qwen2_5_vl)")
+                                      f"parts need an image+text model (llava, gemma3, qwen2_5_vl, qwen3_vl)")
             messages, images = image_chat.split_images(messages, allow_local=allow_local_images,
                                                        allow_remote=allow_remote_images)
         prompt = tok.apply_chat_template(messages, True, tools=tools, **template_kwargs)

@@ -181,6 +181,11 @@ register("llava", "ember.models.llava", architectures=("LlavaForConditionalGener
 register("qwen2_5_vl", "ember.models.qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config",
          prepare=_module_prepare("ember.models.qwen2_5_vl"))
+# Qwen3-VL: its own vision tower and M-RoPE decoder (models/qwen3_vl.py)
+register("qwen3_vl", "ember.models.qwen3_vl", architectures=("Qwen3VLForConditionalGeneration",),
+         model_class="ForConditionalGeneration")
+register("qwen3_vl_moe", "ember.models.qwen3_vl", architectures=("Qwen3VLMoeForConditionalGeneration",),
+         config_class="MoeConfig", model_class="ForConditionalGeneration")
 # Gemma 4: the text model, or the multimodal checkpoints' language model (vision/audio towers not loaded)
 register("gemma4_text", "ember.models.gemma4", architectures=("Gemma4ForCausalLM",),
          prepare=_module_prepare("ember.models.gemma4"))

@@ -206,6 +206,10 @@ class CausalLM(nn.Module):
         step = make_step(input_ids, attention_mask, position_ids, cache, kv_len, cache_rows, fresh,
                          causal=not self.bidirectional, image_blocks=image_blocks, rope_position_ids=rope_position_ids)
         h = self.model(input_ids, step) if inputs_embeds is None else self.model(input_ids, step, inputs_embeds)
+        return self.logits(h, logits_index)
+
+    def logits(self, h: torch.Tensor, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The head over the final hidden states h [B, T, E] (only at `logits_index` [B]: [B, 1, vocab])."""
         if logits_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)
         logits = self.lm_head(h)

@@ -161,6 +161,11 @@ class ImageTextLM(CausalLM):
         """The features [n, hidden] of the prompt's n image tokens, in order."""
         return self.encode_images(pixels).flatten(0, 1)
 
+    def feature_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of image_features' output for a prompt with n image tokens: [n, hidden] (Qwen3-VL
+        adds its DeepStack sets: [n, 1 + k, hidden])."""
+        return n, self.config.hidden_size
+
     def rope_positions(self, ids: list[int], pixels) -> torch.Tensor | None:
         """M-RoPE families: the prompt's rotary positions [3, T]; None: plain positions."""
         return None
