@@ -175,17 +175,23 @@ def test_cli_run_tp2_starts_its_ranks(tiny_chat, capsys):
     assert split.stdout == one and one.strip()  # the same text, printed once (by rank 0)
 
 
-def test_cli_run_tp2_with_an_image(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_cli_run_tp2_with_an_image(family, tmp_path, capsys):
     """An image+text model split over 2 ranks (the vision tower whole on each, the decoder split; rank
-    0's image features travel with its request) answers as the whole model."""
+    0's image features, and Qwen2.5-VL's M-RoPE positions, travel with its request) answers as the
+    whole model."""
     pytest.importorskip("PIL")
     from test_image_chat import IMAGES, tiny_llava
+    from test_qwen2_5_vl import SHAPES, tiny_qwen2_5_vl
 
     from ember.cli import main
 
-    folder = tmp_path / "llava"
+    folder = tmp_path / family
     folder.mkdir()
-    tiny_llava(folder)
+    if family == "llava":
+        tiny_llava(folder)
+    else:
+        tiny_qwen2_5_vl(folder, sorted(SHAPES)[0])
     IMAGES[0].save(tmp_path / "fox.png")
     args = ["run", str(folder), "What is it?", "--image", str(tmp_path / "fox.png"), "-n", "10", "-t", "0",
             "--dtype", "float32"]
