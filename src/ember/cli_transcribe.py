@@ -3,6 +3,7 @@
     ember transcribe MODEL speech.wav [more.flac ...]    # one line of text per file
     ember transcribe MODEL speech.wav --language de --task translate
     ember transcribe MODEL talk.mp3 --timestamps              # a "[start --> end] text" line per segment
+    ember transcribe MODEL talk.mp3 --word-timestamps         # and under each, a "start end word" line per word
 
 `ember.cli` picks this module up through `add_parser(subparsers)`; `main(args)` runs it.
 """
@@ -21,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     p.add_argument("-n", "--max-tokens", type=int, help="at most this many tokens per 30 s window")
     p.add_argument("--timestamps", action="store_true", help="print each segment with its start and end (seconds)")
+    p.add_argument("--word-timestamps", action="store_true",
+                   help="also print each word with its start and end (seconds; needs the checkpoint's alignment_heads)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -39,10 +42,12 @@ def main(args) -> int:
         raise GenerationError(f"{args.model} is not a speech model; ember transcribe needs a Whisper checkpoint")
     for path in args.audio:
         t = asr.transcription(path, language=args.language, task=args.task, max_tokens=args.max_tokens,
-                              timestamps=args.timestamps)
-        if args.timestamps:
+                              timestamps=args.timestamps, word_timestamps=args.word_timestamps)
+        if args.timestamps or args.word_timestamps:
             for s in t.segments:
                 print(f"[{s.start:8.2f} --> {s.end:8.2f}] {s.text.strip()}", flush=True)
+                for w in s.words:
+                    print(f"    {w.start:8.2f} {w.end:8.2f} {w.word.strip()}", flush=True)
         else:
             print(t.text, flush=True)
     return 0

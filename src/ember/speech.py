@@ -15,6 +15,12 @@ after <|startoftranscript|>, on the first 30 s).
 
     asr.transcription("talk.mp3", timestamps=True)   # -> Transcription: text, language, segments
                                                       #    (start/end seconds, tokens, text each)
+    asr.transcription("talk.mp3", word_timestamps=True).words   # -> [Word(word, start, end, tokens)]
+
+Word timestamps are transformers' (return_timestamps="word"): the cross-attention of the
+checkpoint's alignment heads over each window's final tokens, computed in a second decoder pass
+only when asked (ember.generation.whisper_alignment), aligned to the audio by dynamic time warping,
+and the tokens grouped into words as its tokenizer does (ember.generation.whisper_words).
 
 Audio longer than 30 s is transcribed as transformers' long-form generation does: timestamps on,
 features of the whole audio, each window starting where the previous one's last complete segment
@@ -34,6 +40,8 @@ import torch
 from .audio import LogMel, load_audio
 from .errors import GenerationError, TokenizerError
 from .generation.whisper import INPUT_STRIDE, TIME_PRECISION, Rules, Segment, decode_with_fallback, split_segments
+from .generation.whisper_alignment import alignment_heads, token_timestamps
+from .generation.whisper_words import Word, timed_words
 from .loading import Loaded, eos_ids
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,15 +145,23 @@ class Transcriber:
                      self.max_initial_timestamp_index)
 
     def transcription(self, audio: Audio, *, language: str | None = None, task: str = "transcribe",
-                      timestamps: bool = False, max_tokens: int | None = None,
+                      timestamps: bool = False, word_timestamps: bool = False, max_tokens: int | None = None,
                       temperature: float | Sequence[float] = 0.0, compression_ratio_threshold: float | None = None,
                       logprob_threshold: float | None = None, seed: int | None = None) -> "Transcription":
         """`audio` (a path to WAV/FLAC/MP3/OGG, or 16 kHz mono samples) as text and segments.
 
         timestamps: segments with the model's own start/end times (always on past 30 s, as
-        transformers); max_tokens: per 30 s window; temperature: one, or several to fall back through
-        (with the thresholds, as transformers' generate); seed: for the sampled tries."""
+        transformers); word_timestamps: each segment's words with their times too (timestamps on, as
+        transformers' pipeline with return_timestamps="word"; needs the checkpoint's alignment_heads);
+        max_tokens: per 30 s window; temperature: one, or several to fall back through (with the
+        thresholds, as transformers' generate); seed: for the sampled tries."""
         temps = _temperatures(temperature)
+        heads = None
+        if word_timestamps:
+            c = self.config
+            heads = alignment_heads(self.generation_config, c.decoder_layers, c.decoder_attention_heads)
+            if self.tokenizer is None:
+                raise TokenizerError("word timestamps need the model's tokenizer.json (words are decoded text)")
         for name, v in (("compression_ratio_threshold", compression_ratio_threshold),
                         ("logprob_threshold", logprob_threshold)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
@@ -153,7 +169,8 @@ class Transcriber:
         samples = load_audio(audio)
         feats = self.features.whole(samples)
         total, W = feats.shape[-1], self.features.frames
-        timestamps = bool(timestamps) or total > W
+        timestamps = bool(timestamps) or bool(word_timestamps) or total > W
+        real_frames = -(-len(samples) // self.features.hop_length)  # transformers' attention mask's length
         rules = self._rules(timestamps)
         tb = None if self.no_timestamps_token_id is None else self.no_timestamps_token_id + 1
         lang = language
@@ -192,11 +209,35 @@ class Transcriber:
                 sg.window, sg.temperature, sg.avg_logprob, sg.compression_ratio = (
                     seek, d.temperature, d.avg_logprob, d.compression_ratio)
                 sg.text = self._text(sg.tokens, tb)
+            if heads is not None:
+                times = token_timestamps(self.model, enc, prompt, d.tokens, heads, real_frames - seek)
+                self._words(segs, prompt, times, offset, lang)
             segments += [sg for sg in segs if sg.tokens]
             seek += advance if advance > 0 else frames  # (a window that would not move on is passed)
         text_ids = [t for sg in segments for t in sg.tokens if tb is None or t < tb]
         text = self.tokenizer.decode(text_ids).strip() if self.tokenizer is not None else ""
         return Transcription(text, lang, len(samples) / self.features.sampling_rate, segments, windows)
+
+    def _words(self, segments: list[Segment], prompt: list[int], times: list[float], offset: float,
+               language: str | None) -> None:
+        """Each of one window's segments given its words. A text token spans from the time of the
+        token before it (the prompt's are 0) to its own, as transformers' pipeline; times rounded to
+        10 ms as there."""
+        assert self.tokenizer is not None
+        full = [offset] * len(prompt) + [offset + t for t in times]
+        first_special = min(self.eos_token_ids + [self.start_token_id])
+        i = len(prompt)  # the segments are consecutive runs of the window's tokens
+        for sg in segments:
+            text, starts, ends = [], [], []
+            for k, t in enumerate(sg.tokens, i):
+                if t < first_special:
+                    text.append(t)
+                    starts.append(round(full[k - 1], 2))
+                    ends.append(round(full[k], 2))
+            sg.token_times = full[i:i + len(sg.tokens)]
+            i += len(sg.tokens)
+            sg.words = timed_words(self.tokenizer.decode, text, starts, ends,
+                                   language.strip("<|>").lower() if language else None)
 
     def _text(self, tokens: list[int], timestamp_begin: int | None) -> str:
         if self.tokenizer is None:
@@ -225,6 +266,11 @@ class Transcription:
     duration: float  # seconds of audio
     segments: list[Segment]
     windows: list[list[int]]  # the tokens each 30 s window decoded, end token included
+
+    @property
+    def words(self) -> list[Word]:
+        """Every segment's words in order (filled with word_timestamps=True)."""
+        return [w for s in self.segments for w in s.words]
 
 
 def _temperatures(t: object) -> tuple[float, ...]:

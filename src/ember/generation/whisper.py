@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from ..errors import GenerationError
+from .whisper_words import Word
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 INPUT_STRIDE = 2  # log-mel frames per encoder position (conv2's stride)
@@ -154,6 +155,8 @@ class Segment:
     temperature: float = 0.0
     avg_logprob: float = 0.0
     compression_ratio: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # with word timestamps: seconds, one per token
+    words: list[Word] = field(default_factory=list)  # with word timestamps
 
 
 def split_segments(tokens: Sequence[int], timestamp_begin: int, offset: float,

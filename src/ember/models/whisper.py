@@ -49,6 +49,7 @@ class Config(ModelConfig):
     bos_token_id: int | None = 50256
     eos_token_id: int | list | None = 50256
     decoder_start_token_id: int | None = 50257
+    median_filter_width: int = 7  # word timestamps: smoothing of the cross-attention weights
 
     def validate(self) -> None:
         self._positive("vocab_size", "num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
@@ -61,6 +62,8 @@ class Config(ModelConfig):
         for n in ("encoder_attention_heads", "decoder_attention_heads"):
             self._require(self.d_model % getattr(self, n) == 0, f"d_model ({self.d_model}) must be a multiple of {n}")
         activation(self.activation_function)
+        self._require(0 < self.median_filter_width <= 99 and self.median_filter_width % 2 == 1,
+                      f"median_filter_width must be an odd number up to 99, got {self.median_filter_width}")
 
 
 class Attention(nn.Module):
@@ -78,6 +81,12 @@ class Attention(nn.Module):
 
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def probs(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """softmax(q·kᵀ) [B, heads, T, S]: the weights `forward` applies to the values (no mask:
+        cross-attention), as transformers' eager attention returns them."""
+        q = self._heads(self.q_proj(x) * self.scaling)
+        return torch.softmax(q @ kv[0].transpose(-1, -2), dim=-1)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None):
         B, T, E = x.shape
@@ -105,7 +114,8 @@ class Layer(nn.Module):
         self.fc2 = linear(ffn, d, vb.pp("fc2"), bias=True)
         self.act = activation(cfg.activation_function)
 
-    def forward(self, x, i: int = 0, cache: Seq2SeqCache | None = None, enc=None, mask=None):
+    def forward(self, x, i: int = 0, cache: Seq2SeqCache | None = None, enc=None, mask=None, probs=None):
+        """probs: a list the cross-attention weights [B, heads, T, S] are appended to (word timestamps)."""
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.kv(h)
         if cache is not None:
@@ -117,7 +127,10 @@ class Layer(nn.Module):
                 kv = self.encoder_attn.kv(enc)
                 if cache is not None:
                     cache.cross[i] = kv
-            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), kv)
+            h = self.encoder_attn_layer_norm(x)
+            if probs is not None:
+                probs.append(self.encoder_attn.probs(h, kv))
+            x = x + self.encoder_attn(h, kv)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
@@ -193,17 +206,36 @@ class ForConditionalGeneration(nn.Module):
         if start + T > self.config.max_target_positions:
             raise GenerationError(f"the decoder takes at most {self.config.max_target_positions} tokens; "
                                   f"this step reaches {start + T}")
-        dec = self.decoder
-        x = dec.embed_tokens(decoder_input_ids) * dec.embed_scale + dec.embed_positions.weight[start:start + T]
+        x, mask = self._embed(decoder_input_ids, start)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, i, cache, encoder_hidden, mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.proj_out(self.decoder.layer_norm(x)).float()
+
+    def _embed(self, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's input states of `ids` at positions start.., and the causal mask (None for one token)."""
+        dec, T = self.decoder, ids.shape[1]
+        x = dec.embed_tokens(ids) * dec.embed_scale + dec.embed_positions.weight[start:start + T]
         mask = None
         if T > 1:  # a query sees the cached tokens and those up to itself
             q = torch.arange(start, start + T, device=x.device)[:, None]
             mask = torch.arange(start + T, device=x.device)[None, :] <= q
-        for i, layer in enumerate(dec.layers):
-            x = layer(x, i, cache, encoder_hidden, mask)
-        if cache is not None:
-            cache.advance(T)
-        return self.proj_out(dec.layer_norm(x)).float()
+        return x, mask
+
+    def cross_attentions(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
+                         layers: int) -> list[torch.Tensor]:
+        """The cross-attention weights [B, heads, T, S] of the first `layers` decoder layers over the
+        whole of `decoder_input_ids` (no cache): what transformers' generate returns as
+        `cross_attentions`, computed only when word timestamps are asked for."""
+        T = decoder_input_ids.shape[1]
+        if T > self.config.max_target_positions:
+            raise GenerationError(f"the decoder takes at most {self.config.max_target_positions} tokens, got {T}")
+        x, mask = self._embed(decoder_input_ids, 0)
+        probs: list[torch.Tensor] = []
+        for i, layer in enumerate(self.decoder.layers[:layers]):
+            x = layer(x, i, None, encoder_hidden, mask, probs)
+        return probs
 
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
         return self.decode(decoder_input_ids, self.encode(input_features))
