@@ -163,3 +163,42 @@ def test_cli_and_errors(tiny, tmp_path, capsys):
                 asr.transcription(x, language="de", word_timestamps=True, max_tokens=4)
         finally:
             asr.generation_config = gc
+
+
+def test_server_words_through_the_openai_client(tiny):
+    """verbose_json with timestamp_granularities word (and segment) in OpenAI's shape, equal to the
+    Python API; a bad granularity, word without verbose_json, and a checkpoint without alignment
+    heads are 400s naming timestamp_granularities[]."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("multipart")
+    from test_serve import TIMEOUT, running_server
+    from test_serve_audio import _fallback, _samples, _wav
+
+    from ember.serve import create_app
+
+    _, _, _, asr = tiny
+    x = _speech(3.0, 2)
+    want = asr.transcription(_samples(x), language="en", word_timestamps=True, **_fallback())
+    assert len(want.words) >= 2
+    app = create_app(transcriber=asr, transcription_model_name="w")
+    with running_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=TIMEOUT,
+                                                   max_retries=0) as client:
+        kw = dict(model="w", file=("a.wav", _wav(x)), language="en", response_format="verbose_json")
+        got = client.audio.transcriptions.create(timestamp_granularities=["word"], **kw)
+        assert got.text == want.text and got.segments is None
+        assert [(w.word, w.start, w.end) for w in got.words] == [(w.word.strip(), w.start, w.end) for w in want.words]
+        both = client.audio.transcriptions.create(timestamp_granularities=["word", "segment"], **kw)
+        assert both.words == got.words and [s.tokens for s in both.segments] == [s.tokens for s in want.segments]
+        for extra in (dict(timestamp_granularities=["char"]), dict(timestamp_granularities=["word"],
+                                                                   response_format="json")):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.audio.transcriptions.create(**{**kw, **extra})
+            assert e.value.body["param"] == "timestamp_granularities[]", extra
+        gc = asr.generation_config
+        asr.generation_config = {k: v for k, v in gc.items() if k != "alignment_heads"}
+        try:
+            with pytest.raises(openai.BadRequestError, match="alignment") as e:
+                client.audio.transcriptions.create(timestamp_granularities=["word"], **kw)
+            assert e.value.body["param"] == "timestamp_granularities[]"
+        finally:
+            asr.generation_config = gc

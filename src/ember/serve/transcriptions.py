@@ -9,13 +9,18 @@ serves a Whisper model.
       temperature               0 (default): greedy with fallback through 0.2, 0.4 ... 1.0 when a 30 s window
                                 compresses too well (> 1.35, transformers' token measure) or its mean
                                 log-probability is below -1; above 0: sampled at that temperature
-      timestamp_granularities[] segment (word is refused: no word-level alignment)
+      timestamp_granularities[] segment and/or word (verbose_json only): segment (the default) gives `segments`,
+                                word gives `words` (the checkpoint's alignment heads' cross-attention aligned
+                                by DTW, as transformers' return_timestamps="word"; a checkpoint without
+                                alignment_heads in generation_config.json is a 400)
       prompt                    refused unless empty (no conditioning on earlier text)
 
     json          {"text": "..."}
     text          the text, text/plain
     verbose_json  {"task", "language", "duration", "text", "segments": [{"id", "seek", "start", "end",
-                   "text", "tokens", "temperature", "avg_logprob", "compression_ratio"}]}
+                   "text", "tokens", "temperature", "avg_logprob", "compression_ratio"}],
+                   "words": [{"word", "start", "end"}] (with timestamp_granularities[]=word; segments then
+                   only when segment is asked for too)}
     srt / vtt     subtitles, a cue per segment
 
 The body is read up to the server's --max-body-mb; audio longer than MAX_AUDIO_SECONDS, unreadable,
@@ -39,6 +44,7 @@ FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 FALLBACK = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # OpenAI's and transformers' ladder
 COMPRESSION_RATIO_THRESHOLD = 1.35  # transformers' recommended value (zlib over token ids)
 LOGPROB_THRESHOLD = -1.0
+GRANULARITIES = ("segment", "word")
 FIELDS = {"file", "model", "language", "response_format", "temperature", "timestamp_granularities[]", "prompt"}
 
 
@@ -47,7 +53,7 @@ OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": 
         "file": {"type": "string", "format": "binary"}, "model": {"type": "string"}, "language": {"type": "string"},
         "response_format": {"type": "string", "enum": list(FORMATS)},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-        "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["segment"]}},
+        "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": list(GRANULARITIES)}},
         "prompt": {"type": "string", "maxLength": 0}}}}}}}
 
 
@@ -90,9 +96,15 @@ def _options(form) -> dict:
         raise ApiError(400, f"Invalid value for 'response_format': {fmt[:40]!r}; one of {', '.join(FORMATS)}.",
                        param="response_format", code="invalid_value")
     grans = form.getlist("timestamp_granularities[]")
-    if any(g != "segment" for g in grans):
-        raise ApiError(400, "timestamp_granularities[] may only be 'segment': ember has no word-level alignment.",
-                       param="timestamp_granularities[]", code="unsupported_value")
+    bad = [g for g in grans if g not in GRANULARITIES]
+    if bad:
+        raise ApiError(400, f"Invalid value for 'timestamp_granularities[]': {str(bad[0])[:40]!r}; "
+                       f"each one of {', '.join(GRANULARITIES)}.", param="timestamp_granularities[]",
+                       code="invalid_value")
+    words = "word" in grans
+    if words and fmt != "verbose_json":
+        raise ApiError(400, "timestamp_granularities[]=word needs response_format 'verbose_json'.",
+                       param="timestamp_granularities[]", code="invalid_value")
     temp = _field(form, "temperature")
     t = 0.0
     if temp is not None:
@@ -108,8 +120,8 @@ def _options(form) -> dict:
                        code="unsupported_parameter")
     kw = dict(temperature=FALLBACK, compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
               logprob_threshold=LOGPROB_THRESHOLD, seed=0) if t == 0 else dict(temperature=t)
-    return dict(fmt=fmt, language=_field(form, "language") or None,
-                timestamps=fmt in ("verbose_json", "srt", "vtt"), **kw)
+    return dict(fmt=fmt, language=_field(form, "language") or None, segments=not grans or "segment" in grans,
+                timestamps=fmt in ("verbose_json", "srt", "vtt"), word_timestamps=words, **kw)
 
 
 def _segment(i: int, s) -> dict:
@@ -155,7 +167,7 @@ def register(app, st, body_bytes) -> None:
             raise ApiError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
         st.resolve({"model": name}, "transcribe")
         opts = _options(form)
-        fmt = opts.pop("fmt")
+        fmt, with_segments = opts.pop("fmt"), opts.pop("segments")
         upload = files[0]
         raw = await upload.read()
         where = f"file {str(upload.filename or 'audio')[:80]!r}"
@@ -168,7 +180,8 @@ def register(app, st, body_bytes) -> None:
         try:
             out = await asyncio.get_running_loop().run_in_executor(pool, work)
         except EmberError as e:
-            param = "language" if "language" in str(e) else "file"
+            param = ("language" if "language" in str(e) else "timestamp_granularities[]" if "alignment" in str(e)
+                     else "file")
             raise ApiError(400, str(e), param=param, code="invalid_value") from None
         headers = {"x-request-id": f"asr-{uuid.uuid4().hex[:24]}"}
         if fmt == "text":
@@ -179,8 +192,11 @@ def register(app, st, body_bytes) -> None:
             return PlainTextResponse(vtt(out.segments), media_type="text/vtt", headers=headers)
         body = {"text": out.text}
         if fmt == "verbose_json":
-            body = {"task": task, "language": out.language or "en", "duration": round(out.duration, 3),
-                    "text": out.text, "segments": [_segment(i, s) for i, s in enumerate(out.segments)]}
+            body = {"task": task, "language": out.language or "en", "duration": round(out.duration, 3), "text": out.text}
+            if with_segments:
+                body["segments"] = [_segment(i, s) for i, s in enumerate(out.segments)]
+            if opts["word_timestamps"]:
+                body["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for w in out.words]
         return JSONResponse(body, headers=headers)
 
     @app.post("/v1/audio/transcriptions", summary="Transcribe audio (OpenAI's shape; multipart/form-data)",
