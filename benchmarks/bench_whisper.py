@@ -4,6 +4,8 @@ and speech synthesised with espeak-ng, repeated with silences to --seconds.
 
     python benchmarks/bench_whisper.py                    # 60 s of audio, float32 CPU
     python benchmarks/bench_whisper.py --seconds 120 --repeat 3
+    python benchmarks/bench_whisper.py --words            # word timestamps on both sides (transformers:
+                                                          # return_token_timestamps), and ember without them
 
 Prints each side's seconds (best of --repeat), the real-time factor and ember's speed-up, and
 whether both produced the same segments.
@@ -26,6 +28,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--words", action="store_true", help="word timestamps (cross-attention + DTW) on both sides")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -55,20 +58,24 @@ def main() -> int:
     hf = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     fe = WhisperFeatureExtractor.from_pretrained(folder)
 
-    def run_ember():
-        return [(s.start, s.end, s.tokens) for s in asr.transcription(x, timestamps=True).segments]
+    def run_ember(words=args.words):
+        return [(s.start, s.end, s.tokens) for s in asr.transcription(x, timestamps=True,
+                                                                      word_timestamps=words).segments]
 
     def run_hf():
         f = fe(x, sampling_rate=16000, truncation=False, padding="longest", return_attention_mask=True,
                return_tensors="pt")
         with torch.no_grad():
             out = hf.generate(f["input_features"], attention_mask=f["attention_mask"], return_timestamps=True,
-                              return_segments=True)
+                              return_segments=True, return_token_timestamps=args.words or None)
         return [(float(s["start"]), float(s["end"]), s["tokens"].tolist()) for s in out["segments"][0]]
 
     times = {}
     results = {}
-    for name, fn in (("ember", run_ember), ("transformers", run_hf)):
+    runs = [("ember", run_ember), ("transformers", run_hf)]
+    if args.words:
+        runs.append(("ember no words", lambda: run_ember(False)))
+    for name, fn in runs:
         best = float("inf")
         for _ in range(args.repeat):
             t = time.perf_counter()
@@ -80,6 +87,8 @@ def main() -> int:
     for name, t in times.items():
         print(f"  {name:13s} {t:7.2f} s   real-time factor {t / args.seconds:.3f}")
     print(f"  ember speed-up: {times['transformers'] / times['ember']:.2f}x")
+    if args.words:
+        print(f"  word timestamps cost ember {times['ember'] / times['ember no words'] - 1:+.1%}")
     return 0 if same else 1
 
 

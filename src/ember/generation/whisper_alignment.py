@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError
-
-TIME_PRECISION = 0.02  # seconds per encoder position
+from .whisper import TIME_PRECISION  # (also the seconds per encoder position)
 
 
 def alignment_heads(generation_config: dict, layers: int, heads: int) -> list[tuple[int, int]]:
@@ -112,6 +111,5 @@ def token_timestamps(model, enc: torch.Tensor, prompt: Sequence[int], tokens: Se
     if not tokens:
         return []
     ids = torch.tensor([list(prompt) + list(tokens[:-1])], dtype=torch.long, device=enc.device)
-    probs = model.cross_attentions(ids, enc, 1 + max(layer for layer, _ in heads))
-    w = torch.stack([probs[layer][0, h] for layer, h in heads])[:, len(prompt):].float()
+    w = model.alignment_weights(ids, enc, list(heads))[:, len(prompt):].float()
     return times_from_weights(w, model.config.median_filter_width, num_frames)

@@ -223,19 +223,22 @@ class ForConditionalGeneration(nn.Module):
             mask = torch.arange(start + T, device=x.device)[None, :] <= q
         return x, mask
 
-    def cross_attentions(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
-                         layers: int) -> list[torch.Tensor]:
-        """The cross-attention weights [B, heads, T, S] of the first `layers` decoder layers over the
-        whole of `decoder_input_ids` (no cache): what transformers' generate returns as
-        `cross_attentions`, computed only when word timestamps are asked for."""
+    def alignment_weights(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor,
+                          heads: list[tuple[int, int]]) -> torch.Tensor:
+        """The cross-attention weights [len(heads), T, S] of the (layer, head) pairs `heads` over the
+        whole of `decoder_input_ids` [1, T] (no cache): what transformers' generate returns as
+        `cross_attentions`, computed only when word timestamps are asked for. Only the layers up to
+        the last one named run, and only the named heads' weights are kept."""
         T = decoder_input_ids.shape[1]
         if T > self.config.max_target_positions:
             raise GenerationError(f"the decoder takes at most {self.config.max_target_positions} tokens, got {T}")
         x, mask = self._embed(decoder_input_ids, 0)
-        probs: list[torch.Tensor] = []
-        for i, layer in enumerate(self.decoder.layers[:layers]):
+        kept: dict[tuple[int, int], torch.Tensor] = {}
+        for i, layer in enumerate(self.decoder.layers[:1 + max(layer for layer, _ in heads)]):
+            probs: list[torch.Tensor] = []
             x = layer(x, i, None, encoder_hidden, mask, probs)
-        return probs
+            kept.update({(i, h): probs[0][0, h] for layer_i, h in heads if layer_i == i})
+        return torch.stack([kept[p] for p in heads])
 
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
         return self.decode(decoder_input_ids, self.encode(input_features))
