@@ -65,7 +65,8 @@ def _hf_segments(hf, fe, x, **kw):
     return out["segments"][0]
 
 
-@pytest.mark.parametrize("seconds,seed,language", [(3.0, 2, "en"), (4.9, 1, "de"), (12.0, 3, "en")])
+@pytest.mark.parametrize("seconds,seed,language", [(3.0, 2, "en"), (4.9, 1, "de"), (12.0, 3, "en"),
+                                                   (2.5, 2, "de")])  # (a second window past the audio's end)
 def test_token_timestamps_match_transformers(tiny, seconds, seed, language):
     hf, fe, _, asr = tiny
     x = _speech(seconds, seed)
@@ -74,7 +75,10 @@ def test_token_timestamps_match_transformers(tiny, seconds, seed, language):
     assert [s.tokens for s in got.segments] == [s["tokens"].tolist() for s in want]
     for g, w in zip(got.segments, want):
         assert np.allclose(g.token_times, w["token_timestamps"].tolist(), atol=1e-6), (g.token_times, w)
-    assert sum(w.end > w.start for w in got.words) >= 2  # the alignment moved through the audio
+    if seconds != 2.5:
+        assert sum(w.end > w.start for w in got.words) >= 2  # the alignment moved through the audio
+    else:
+        assert got.segments[-1].window * 160 > len(x)  # transformers crops such a window's weights twice
 
 
 @pytest.mark.parametrize("seconds,seed,language", [(3.0, 2, "en"), (4.9, 2, "de"), (12.0, 1, "de")])
