@@ -259,10 +259,11 @@ def test_float32_prepacked_path_matches_plain_and_transformers(tmp_path, isa):
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-def test_float32_prepack_waits_for_a_batch(tmp_path):
+def test_float32_prepack_waits_for_a_batch(tmp_path, monkeypatch):
     """float32 encoder Linears keep the checkpoint's weight (F.linear) until a call with LAZY_ROWS
     rows reorders it: a one-off short query skips the reorders' cost; both forms agree with the
-    plain path, fused GELU and residual add included."""
+    plain path, fused GELU and residual add included; a failed oneDNN check (deferred to the first
+    reorder) keeps the plain weight."""
     import ember
     from ember.backends import onednn
     from ember.nn.layers import Linear
@@ -297,6 +298,11 @@ def test_float32_prepack_waits_for_a_batch(tmp_path):
         assert lin.prepacked is not None and torch.equal(lin.weight_dense(), w)
     unpacked = onednn.PrepackedLinear(Linear(w.clone(), b), lazy_rows=8).unpack()  # before any call
     assert torch.equal(unpacked.weight, w)
+    monkeypatch.setattr(onednn, "can_prepack", lambda dtype: False)
+    lin = onednn.PrepackedLinear(Linear(w.clone(), b), gelu=True, lazy_rows=8)
+    x = torch.randn(16, 16, generator=g)
+    assert (lin(x) - torch.nn.functional.gelu(Linear(w, b)(x))).abs().max().item() < 1e-5
+    assert lin.prepacked is None and lin(x).shape == (16, 24)
 
 
 def test_encoder_load_leaves_native_kernels_unloaded(tmp_path):

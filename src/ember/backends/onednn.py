@@ -37,20 +37,27 @@ def bf16_native() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def can_prepack(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether the ops exist for `dtype` (bf16: the CPU has native bf16; float32: any CPU oneDNN
-    runs on) and agree with F.linear on a small check, fused GELU and residual add included.
-    EMBER_PREPACK=0 (or the older EMBER_PACK_LINEAR=0) turns prepacking off."""
+def prepack_enabled(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether prepacking `dtype` is on and oneDNN has the ops for it (bf16: the CPU has native
+    bf16; float32: any CPU oneDNN runs on), without running them. EMBER_PREPACK=0 (or the older
+    EMBER_PACK_LINEAR=0) turns prepacking off."""
     if os.environ.get("EMBER_PREPACK", os.environ.get("EMBER_PACK_LINEAR", "1")) == "0":
         return False
     try:
-        if not torch.backends.mkldnn.is_available():
+        if not torch.backends.mkldnn.is_available() or dtype not in (torch.bfloat16, torch.float32):
             return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
-        if dtype not in (torch.bfloat16, torch.float32):
-            return False
+        return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def can_prepack(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """prepack_enabled(dtype), and the ops agree with F.linear on a small check, fused GELU and
+    residual add included (~7 ms the first time: oneDNN generates its kernels)."""
+    if not prepack_enabled(dtype):
+        return False
+    try:
         g = torch.Generator().manual_seed(0)
         w, b = torch.randn(24, 16, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype)
         x, r = torch.randn(2, 3, 16, generator=g).to(dtype), torch.randn(2, 3, 24, generator=g).to(dtype)
@@ -93,10 +100,13 @@ class PrepackedLinear(nn.Module):
         if not lazy_rows:
             self._pack()
 
-    def _pack(self) -> torch.Tensor:
+    def _pack(self) -> torch.Tensor | None:
         w = self._plain
         if w is None:  # another thread packed it meanwhile
             return self.prepacked
+        if self.lazy_rows and not can_prepack(self.dtype):  # the check a lazy prepack_all deferred
+            self.lazy_rows = 1 << 62  # the plain weight for good
+            return None
         p = torch.ops.mkldnn._reorder_linear_weight(w, self.rows_hint)
         self.prepacked, self._plain = p, None
         from ..io.safetensors import release_view
@@ -149,12 +159,12 @@ def prepack_all(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Replace every CPU Linear of `dtype` (bf16, or float32) in `model` by a PrepackedLinear (no-op
     where `can_prepack(dtype)` is false). A module that applies an exact GELU to one of its Linears'
     outputs can say so with `fusable_gelu() -> attribute name` and `gelu_fused()`: that Linear then
-    computes the GELU on its float32 accumulator. float32 weights are reordered lazily (LAZY_ROWS);
-    bf16 ones now (F.linear on bf16 would reorder on every call). Returns how many Linears were
-    prepacked."""
-    if not can_prepack(dtype):
-        return 0
+    computes the GELU on its float32 accumulator. float32 weights are reordered lazily (LAZY_ROWS,
+    after can_prepack's check; they stay plain if it fails); bf16 ones now (F.linear on bf16 would
+    reorder on every call). Returns how many Linears were prepacked."""
     lazy = LAZY_ROWS if dtype == torch.float32 else 0
+    if not (prepack_enabled(dtype) if lazy else can_prepack(dtype)):  # lazy: checked at the first reorder
+        return 0
     n = 0
     for mod in list(model.modules()):
         fusable = getattr(mod, "fusable_gelu", None)
