@@ -114,26 +114,34 @@ class PrepackedLinear(nn.Module):
         release_view(w)  # the checkpoint pages the reorder just read are no longer needed
         return p
 
-    def _packed_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The packed weight, packing it now when x has enough rows; None: use the plain weight."""
-        p = self.prepacked
-        if p is None and x.numel() >= self.lazy_rows * self.in_features:
+    def _packed_for(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(packed weight, None), packing it now when x has enough rows, or (None, plain weight).
+        Safe against another thread packing meanwhile: _pack sets `prepacked` before it clears
+        `_plain`, so a plain weight read here stays usable and a cleared one means a packed one."""
+        w = self._plain
+        if w is None:
+            return self.prepacked, None
+        if x.numel() >= self.lazy_rows * self.in_features:
             p = self._pack()
-        return p
+            if p is not None:
+                return p, None
+        return None, w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._packed_for(x)
+        p, w = self._packed_for(x)
         if p is None:
-            y = F.linear(x, self._plain, self.bias)
+            y = F.linear(x, w, self.bias)
             return F.gelu(y) if self.attr == "gelu" else y
         return torch.ops.mkldnn._linear_pointwise(x, p, self.bias, self.attr, [], self.algorithm)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + self(x) as one oneDNN op (a post-op add: no separate pass over the output).
         `residual` must have this Linear's dtype and the output's shape; a fused GELU is not allowed."""
-        p = self._packed_for(x)
-        if p is None or self.attr != "none" or residual.dtype != self.dtype:
+        if self.attr != "none" or residual.dtype != self.dtype:
             return residual + self(x)
+        p, w = self._packed_for(x)
+        if p is None:
+            return F.linear(x, w, self.bias).add_(residual)
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, p, self.bias, "add")
 
     def extra_repr(self) -> str:
@@ -142,7 +150,8 @@ class PrepackedLinear(nn.Module):
 
     def weight_dense(self) -> torch.Tensor:
         """The weight [out, in] as a plain tensor (oneDNN reorders a packed one back)."""
-        return self._plain if self.prepacked is None else self.prepacked.to_dense()
+        w = self._plain
+        return w if w is not None else self.prepacked.to_dense()
 
     def unpack(self) -> nn.Module:
         """The plain Linear again, e.g. for torch.compile, which prepacks weights itself and cannot
