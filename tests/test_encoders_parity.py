@@ -228,7 +228,7 @@ def prepacked_float32_parity(folder: str) -> None:
         ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
         x, r = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
         lin = layer.o
-        want = torch.nn.functional.linear(x, lin.prepacked.to_dense(), lin.bias) + r
+        want = torch.nn.functional.linear(x, lin.weight_dense(), lin.bias) + r
         assert (lin.linear_add(x, r) - want).abs().max().item() < 1e-5
         r2 = torch.randn(3, 5, 96)
         assert torch.allclose(layer.up.linear_add(x, r2), layer.up(x) + r2)  # a fused GELU comes first
@@ -257,3 +257,65 @@ def test_float32_prepacked_path_matches_plain_and_transformers(tmp_path, isa):
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **AVX2_CAPS}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_float32_prepack_waits_for_a_batch(tmp_path, monkeypatch):
+    """float32 encoder Linears keep the checkpoint's weight (F.linear) until a call with LAZY_ROWS
+    rows reorders it: a one-off short query skips the reorders' cost; both forms agree with the
+    plain path, fused GELU and residual add included; a failed oneDNN check (deferred to the first
+    reorder) keeps the plain weight."""
+    import ember
+    from ember.backends import onednn
+    from ember.nn.layers import Linear
+
+    if not onednn.can_prepack(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    folder = save(_hf(_bert_cfg(), "BertModel"), tmp_path)
+    fast = ember.load(folder, dtype=torch.float32, device="cpu")
+    plain = ember.load(folder, dtype=torch.float32, device="cpu", prepack=False)
+    packed = [m for m in fast.model.modules() if isinstance(m, onednn.PrepackedLinear)]
+    assert len(packed) == 8 and all(m.prepacked is None for m in packed)  # 2 layers x (qkv, o, up, down)
+    ids, mask = _batch(0, lengths=(5,))
+    with torch.no_grad():
+        assert (fast.model(ids, mask) - plain.model(ids, mask)).abs().max().item() < 1e-5
+        assert all(m.prepacked is None for m in packed)  # 5 rows: still the plain weights
+        ids, mask = _batch(0, lengths=(30, 20, 9))  # 90 rows
+        assert 90 >= onednn.LAZY_ROWS
+        assert (fast.model(ids, mask) - plain.model(ids, mask)).abs().max().item() < 1e-5
+    assert all(m.prepacked is not None for m in packed)
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    for gelu in (False, True):
+        lin = onednn.PrepackedLinear(Linear(w.clone(), b), gelu=gelu, lazy_rows=8)
+        ref = Linear(w, b)
+        for rows in (3, 8, 2):  # plain, packed by the 8-row call, packed
+            x, r = torch.randn(rows, 16, generator=g), torch.randn(rows, 24, generator=g)
+            want = torch.nn.functional.gelu(ref(x)) if gelu else ref(x)
+            assert (lin.linear_add(x, r) - (want + r)).abs().max().item() < 1e-5
+            assert (lin.prepacked is None) == (rows == 3)
+            assert (lin(x) - want).abs().max().item() < 1e-5
+        assert lin.prepacked is not None and torch.equal(lin.weight_dense(), w)
+    unpacked = onednn.PrepackedLinear(Linear(w.clone(), b), lazy_rows=8).unpack()  # before any call
+    assert torch.equal(unpacked.weight, w)
+    monkeypatch.setattr(onednn, "can_prepack", lambda dtype: False)
+    lin = onednn.PrepackedLinear(Linear(w.clone(), b), gelu=True, lazy_rows=8)
+    x = torch.randn(16, 16, generator=g)
+    assert (lin(x) - torch.nn.functional.gelu(Linear(w, b)(x))).abs().max().item() < 1e-5
+    assert lin.prepacked is None and lin(x).shape == (16, 24)
+
+
+def test_encoder_load_leaves_native_kernels_unloaded(tmp_path):
+    """A BERT-style encoder calls none of ember.nn.ops: loading and running one does not load (or
+    build) the native kernel library, a cost of the first embedding otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    folder = save(_hf(_bert_cfg(), "BertModel"), tmp_path)
+    code = (f"import torch, ember; from ember.kernels import _build; e = ember.load({folder!r}, device='cpu'); "
+            f"e.model(torch.tensor([[1, 2, 3]])); print(_build.info().get('loaded'), e._loaded.transforms)")
+    r = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded, transforms = r.stdout.strip().split(" ", 1)
+    assert loaded == "None" and "native-ops" not in transforms, r.stdout

@@ -13,7 +13,7 @@ backend wants of them is done here, after the build, never inside a layer's cons
   native-quant  QuantLinear -> ember's native CPU kernel on the blocks (ember.backends.native)
   native-ops    ember.nn.ops (rms_norm, add_rms_norm, silu_mul, decode_attention, the decode blocks
                 over GGUF-block projections) on ember's native CPU kernels: registered once per
-                process; counts the model's modules that call them
+                process; counts the model's modules that call them (none: the kernels stay unloaded)
   triton-ops    the same ops on CUDA through Triton kernels (ember.backends.triton_ops: decode
                 attention that reads only the visible cache columns, fused norms, SiLU·up), in
                 front of what was registered before; EMBER_TRITON=0 turns it off
@@ -51,6 +51,10 @@ def _native_quant(model: nn.Module) -> int:
 
 
 def _native_ops(model: nn.Module) -> int:
+    # a model with no module calling ember.nn.ops (a BERT-style encoder) never loads the native
+    # library: its load and op registration are ~30 ms of a first embedding's ~160 ms in ember
+    if not _op_callers(model) or not native_kernels(torch.device("cpu")):
+        return 0
     from .backends.native import use_native_ops
 
     return use_native_ops(model)
@@ -196,8 +200,8 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         if int4:
             steps.append(INT4)
         steps.append(DEQUANTIZE)
-    if cpu and native_kernels(device):
-        steps.append(NATIVE_OPS)
+    if cpu:
+        steps.append(NATIVE_OPS)  # loads the kernels only for a model that calls the ops
     if device.type == "cuda" and triton_kernels():
         steps.append(TRITON_OPS)
     if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
