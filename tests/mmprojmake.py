@@ -1,0 +1,172 @@
+"""Tiny transformers image+text models written as llama.cpp's GGUF pair: the decoder (ggufmake) and the
+multimodal projector file (mmproj), laid out as llama.cpp's converters write them:
+
+- Gemma 3: convert_hf_to_gguf.py --mmproj (MmprojModel.set_gguf_parameters + Gemma3VisionModel:
+  projector_type gemma3, tensor names from gguf's MMPROJ tensor map, soft_emb_norm stored as 1 + w,
+  the input projection F16, the embeddings F32);
+- LLaVA: tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py --llava-projector (its
+  get_tensor_name renames, fc1/fc2 written as ffn_down/ffn_up, the tower cut after its feature
+  layer, post_layernorm dropped, 2-D weights F16 in an f16 file).
+
+test_mmproj.py checks these against the converters themselves when EMBER_LLAMA_CPP names a tree.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import ggufmake as gm
+
+OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def tokenizer_meta(tk, template: str) -> dict:
+    """GGUF tokenizer metadata of a byte-level BPE `tokenizers.Tokenizer` (tinymodels.build_tokenizer)."""
+    import json
+
+    d = json.loads(tk.to_str())
+    vocab = d["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    for a in d["added_tokens"]:
+        if a["id"] >= len(tokens):
+            tokens.extend([None] * (a["id"] + 1 - len(tokens)))
+        tokens[a["id"]] = a["content"]
+    special = {a["id"] for a in d["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"]["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": ([3 if i in special else 1 for i in range(len(tokens))], gm.ARR),
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.eos_token_id": tk.token_to_id("<|im_end|>"),
+            "tokenizer.ggml.padding_token_id": tk.token_to_id("<|endoftext|>"),
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": template}
+
+
+def decoder(hf, path, tk, template: str, qtype: int = 0):
+    """The image+text model's decoder as a GGUF causal LM (its own family's converter)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text_cfg = hf.config.text_config
+    lm = AutoModelForCausalLM.from_config(text_cfg, dtype=torch.float32)
+    sd = {k.replace("model.language_model.", "model."): v for k, v in hf.state_dict().items()
+          if k.startswith(("model.language_model.", "lm_head."))}
+    lm.load_state_dict(sd, strict=False)
+    lm.tie_weights()
+    return gm.hf_to_gguf(lm, path, qtype, tokenizer=False, extra_meta=tokenizer_meta(tk, template))
+
+
+def _vision_meta(v, text_hidden: int, f16: bool, mean, std) -> dict:
+    return {"general.type": "mmproj", "general.file_type": int(f16), "clip.has_vision_encoder": True,
+            "clip.vision.projection_dim": text_hidden, "clip.vision.image_size": v.image_size,
+            "clip.vision.patch_size": v.patch_size, "clip.vision.embedding_length": v.hidden_size,
+            "clip.vision.feed_forward_length": v.intermediate_size, "clip.vision.block_count": v.num_hidden_layers,
+            "clip.vision.attention.head_count": v.num_attention_heads,
+            "clip.vision.image_mean": [float(x) for x in mean], "clip.vision.image_std": [float(x) for x in std]}
+
+
+# gguf's MMPROJ tensor map for a SigLIP tower and Gemma 3's projector (written out: the installed gguf
+# package predates some of these names)
+MMPROJ_NAMES = [
+    (r"vision_tower\.vision_model\.embeddings\.patch_embedding", "v.patch_embd"),
+    (r"vision_tower\.vision_model\.embeddings\.position_embedding", "v.position_embd"),
+    (r"vision_tower\.vision_model\.post_layernorm", "v.post_ln"),
+    (r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj", r"v.blk.\1.attn_\2"),
+    (r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj", r"v.blk.\1.attn_out"),
+    (r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.layer_norm(1|2)", r"v.blk.\1.ln\2"),
+    (r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.mlp\.fc1", r"v.blk.\1.ffn_up"),
+    (r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.mlp\.fc2", r"v.blk.\1.ffn_down"),
+    (r"multi_modal_projector\.mm_input_projection", "mm.input_projection"),
+    (r"multi_modal_projector\.mm_soft_emb_norm", "mm.soft_emb_norm"),
+]
+
+
+def _mmproj_name(base: str) -> str:
+    import re
+
+    for pat, rep in MMPROJ_NAMES:
+        if re.fullmatch(pat, base):
+            return re.sub(pat, rep, base)
+    raise AssertionError(base)
+
+
+def gemma3_mmproj(hf, path, f16: bool = False, image_seq_length: int | None = None, meta: dict | None = None,
+                  drop: tuple = ()):
+    """As convert_hf_to_gguf.py --mmproj writes a Gemma3ForConditionalGeneration."""
+    c, v = hf.config, hf.config.vision_config
+    m = _vision_meta(v, c.text_config.hidden_size, f16, [0.5] * 3, [0.5] * 3)
+    m["clip.projector_type"] = "gemma3"
+    m["clip.vision.attention.layer_norm_epsilon"] = float(v.layer_norm_eps)
+    m["clip.use_gelu"] = True
+    side = v.image_size // v.patch_size
+    scale = side // int((image_seq_length or c.mm_tokens_per_image) ** 0.5)
+    if scale > 0 and scale != 4:
+        m["clip.vision.projector.scale_factor"] = scale
+    m.update(meta or {})
+    tensors = {}
+    for name, t in hf.state_dict().items():
+        if not name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            continue
+        name = name[len("model."):].replace("vision_tower.", "vision_tower.vision_model.")
+        name = name.replace("_weight", ".weight")
+        w = t.detach().float().numpy().copy()
+        if "soft_emb_norm.weight" in name:
+            w = w + 1
+        base, suffix = name.rsplit(".", 1)
+        gname = f"{_mmproj_name(base)}.{suffix}"
+        if gname in drop:
+            continue
+        q = 1 if f16 and w.ndim >= 2 else 0
+        if "input_projection" in name:
+            q = 1
+        elif ".embeddings." in name:
+            q = 0
+        tensors[gname] = gm.quantize(w, q)
+    return gm.write(path, "clip", m, tensors)
+
+
+def _legacy_name(name: str) -> str:
+    # convert_image_encoder_to_gguf.get_tensor_name
+    if name.startswith("multi_modal_projector"):
+        return name.replace("multi_modal_projector", "mm").replace("linear_1", "0").replace("linear_2", "2")
+    return (name.replace("text_model", "t").replace("vision_model", "v").replace("encoder.layers", "blk")
+            .replace("embeddings.", "").replace("_proj", "").replace("self_attn.", "attn_").replace("layer_norm", "ln")
+            .replace("layernorm", "ln").replace("mlp.fc1", "ffn_down").replace("mlp.fc2", "ffn_up")
+            .replace("embedding", "embd").replace("final", "post").replace("layrnorm", "ln"))
+
+
+def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tuple = ()):
+    """As convert_image_encoder_to_gguf.py --llava-projector writes a LLaVA's tower (from the model's
+    config.json, as llava_surgery_v2 leaves it) and projector."""
+    c, v = hf.config, hf.config.vision_config
+    n = v.num_hidden_layers
+    layers = c.vision_feature_layer if isinstance(c.vision_feature_layer, list) else [c.vision_feature_layer]
+    layers = [i if i >= 0 else n + i + 1 for i in layers]
+    m = {"clip.has_text_encoder": False, "clip.has_vision_encoder": True, "clip.has_llava_projector": True,
+         "general.file_type": int(f16), "general.description": "image encoder for LLaVA", "clip.projector_type": "mlp",
+         "clip.vision.image_size": v.image_size, "clip.vision.patch_size": v.patch_size,
+         "clip.vision.embedding_length": v.hidden_size, "clip.vision.feed_forward_length": v.intermediate_size,
+         "clip.vision.projection_dim": v.projection_dim, "clip.vision.attention.head_count": v.num_attention_heads,
+         "clip.vision.attention.layer_norm_epsilon": float(v.layer_norm_eps), "clip.vision.block_count": max(layers),
+         "clip.vision.feature_layer": (layers, gm.ARR), "clip.vision.image_mean": OPENAI_MEAN,
+         "clip.vision.image_std": OPENAI_STD, "clip.use_gelu": v.hidden_act == "gelu"}
+    m.update(meta or {})
+    tensors = {}
+    for name, t in hf.state_dict().items():
+        if name.startswith("model.multi_modal_projector."):
+            name = name[len("model."):]
+        elif name.startswith("model.vision_tower."):
+            name = "vision_model." + name[len("model.vision_tower."):]
+            if name.startswith("vision_model.post_layernorm"):
+                continue
+            if name.startswith("vision_model.encoder.layers.") and int(name.split(".")[3]) >= max(layers):
+                continue
+        else:
+            continue
+        gname = _legacy_name(name)
+        if gname in drop:
+            continue
+        w = t.detach().float().numpy().squeeze().copy()
+        # the projector's 2-D weights and the 4-D patch weights are F16 in any file; the rest by ftype
+        q = 1 if w.ndim == 4 or (w.ndim == 2 and (gname.startswith("mm.") or (f16 and gname.endswith(".weight")))) else 0
+        tensors[gname] = gm.quantize(np.ascontiguousarray(w), q)
+    return gm.write(path, "clip", m, tensors)

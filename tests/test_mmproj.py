@@ -1,0 +1,189 @@
+"""Image+text chat from a GGUF decoder and a llama.cpp mmproj file (`ember.load(model.gguf,
+mmproj=...)`) against transformers on tiny random LLaVA and Gemma 3 checkpoints: logits of
+image+text prompts (f32 and f16 mmproj files), greedy chats, and bad / mismatched mmproj files
+refused with EmberErrors. The files are written as llama.cpp's converters lay them out
+(tests/mmprojmake.py); with EMBER_LLAMA_CPP set, Gemma 3's mmproj is also made by
+convert_hf_to_gguf.py --mmproj itself."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+pytest.importorskip("gguf")
+
+import ember  # noqa: E402
+import mmprojmake as mm  # noqa: E402
+from ember.errors import CheckpointError, ConfigError, UnsupportedModelError  # noqa: E402
+from test_image_chat import (GEMMA3_TEMPLATE, IMAGES, LLAVA_TEMPLATE, _ember_messages, _hf_inputs,  # noqa: E402
+                             tiny_gemma3, tiny_llava)
+
+
+def _gemma3(folder):
+    # both layers sliding: llama.cpp's gemma3 files carry no per-layer pattern (every 6th layer global)
+    hf, proc = tiny_gemma3(folder, sliding_window=512, layer_types=("sliding_attention", "sliding_attention"))
+    with torch.no_grad():  # the converter always writes the input projection as F16: the reference rounded alike
+        w = hf.model.multi_modal_projector.mm_input_projection_weight
+        w.copy_(w.half().float())
+    return hf, proc
+
+
+def _llava(folder):
+    hf, proc = tiny_llava(folder)
+    with torch.no_grad():  # the converter always writes these as F16: the reference rounded alike
+        for w in (hf.model.vision_tower.embeddings.patch_embedding.weight, hf.model.multi_modal_projector.linear_1.weight,
+                  hf.model.multi_modal_projector.linear_2.weight):
+            w.copy_(w.half().float())
+    return hf, proc
+
+
+FAMILIES = {"llava": (_llava, mm.llava_mmproj, LLAVA_TEMPLATE), "gemma3": (_gemma3, mm.gemma3_mmproj, GEMMA3_TEMPLATE)}
+
+
+def _tk(folder):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, its processor, folder with model.gguf, mmproj-f32.gguf, mmproj-f16.gguf)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    build, write, template = FAMILIES[request.param]
+    hf, proc = build(folder)
+    mm.decoder(hf, folder / "model.gguf", _tk(folder), template)
+    write(hf, folder / "mmproj-f32.gguf", f16=False)
+    write(hf, folder / "mmproj-f16.gguf", f16=True)
+    return request.param, hf, proc, folder
+
+
+def _load(folder, mmproj="mmproj-f32.gguf"):
+    return ember.load(folder / "model.gguf", mmproj=folder / mmproj, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_logits_match_transformers(family, f16):
+    name, hf, proc, folder = family
+    llm = _load(folder, f"mmproj-{'f16' if f16 else 'f32'}.gguf")
+    assert type(llm.model).__module__ == f"ember.models.{name}"
+    for images in ([IMAGES[0]], IMAGES[:2]):
+        ref_in = _hf_inputs(proc, images)
+        _, ids, _ = llm.chat_prompt(_ember_messages(images))
+        assert ids == ref_in["input_ids"][0].tolist()  # the GGUF's template and tokens, the processor's prompt
+        assert torch.equal(llm.image_processor(images), ref_in["pixel_values"])
+        with torch.no_grad():
+            ref = hf(**ref_in).logits
+            got = llm.model(ref_in["input_ids"], pixel_values=ref_in["pixel_values"])
+            other = llm.model(ref_in["input_ids"], pixel_values=_hf_inputs(proc, [IMAGES[2]] * len(images))["pixel_values"])
+        d = (ref - got).abs().max().item()
+        assert d <= (2e-2 if f16 else 1e-4), f"logits differ by {d}"
+        assert (other - got).abs().max() > 1e-2  # the image matters
+
+
+def test_greedy_chat_matches_transformers(family):
+    _, hf, proc, folder = family
+    llm = _load(folder)
+    ref_in = _hf_inputs(proc, IMAGES[:2])
+    n = len(ref_in["input_ids"][0])
+    with torch.no_grad():
+        want = hf.generate(**ref_in, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, n:].tolist()
+    got = llm.chat(_ember_messages(IMAGES[:2]), 12, ignore_eos=True, temperature=0, details=True)
+    assert got.token_ids == want
+
+
+def test_bad_mmproj_files_are_ember_errors(family, tmp_path):
+    name, hf, _, folder = family
+    _, write, _ = FAMILIES[name]
+    bad = tmp_path / "bad.gguf"
+    with pytest.raises(CheckpointError, match="not a multimodal projector"):
+        _load(folder, folder / "model.gguf")  # a decoder given as the mmproj
+    write(hf, bad, meta={"clip.projector_type": "resampler"})
+    with pytest.raises(UnsupportedModelError, match="'resampler' is not supported"):
+        _load(folder, bad)
+    write(hf, bad, meta={"clip.vision.image_size": 1 << 30})
+    with pytest.raises(ConfigError, match="image_size"):
+        _load(folder, bad)
+    proj = "mm.2.weight" if name == "llava" else "mm.input_projection.weight"
+    write(hf, bad, drop=(proj,))
+    with pytest.raises(CheckpointError, match=proj):
+        _load(folder, bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _load(folder, tmp_path / "missing.gguf")
+
+
+def test_mismatched_pair_is_a_config_error(family, tmp_path_factory):
+    """The other family's mmproj file (wrong projector type, another hidden size) is refused."""
+    name, _, _, folder = family
+    other = "gemma3" if name == "llava" else "llava"
+    o_folder = tmp_path_factory.mktemp("other")
+    hf_o, _ = FAMILIES[other][0](o_folder)
+    FAMILIES[other][1](hf_o, o_folder / "mmproj.gguf")
+    with pytest.raises(ConfigError, match="Gemma 3 decoder|does not go with a Gemma 3"):
+        _load(folder, o_folder / "mmproj.gguf")
+
+
+def test_wrong_width_is_a_config_error(family, tmp_path):
+    name, hf, _, folder = family
+    cfg = hf.config
+    wide_folder = tmp_path / "wide"
+    wide_folder.mkdir()
+    build = FAMILIES[name][0]
+    import test_image_chat as tic
+
+    old = dict(tic.TEXT)
+    tic.TEXT.update(hidden_size=96)
+    try:
+        hf_w, _ = build(wide_folder)
+    finally:
+        tic.TEXT.clear()
+        tic.TEXT.update(old)
+    assert hf_w.config.text_config.hidden_size != cfg.text_config.hidden_size
+    FAMILIES[name][1](hf_w, tmp_path / "wide.gguf")
+    with pytest.raises(ConfigError, match="belongs to another model"):
+        _load(folder, tmp_path / "wide.gguf")
+
+
+def test_mmproj_needs_a_gguf_decoder(family):
+    _, _, _, folder = family
+    with pytest.raises(ember.errors.ArgumentError, match="goes with a GGUF decoder"):
+        ember.load(folder, mmproj=folder / "mmproj-f32.gguf", dtype=torch.float32, device="cpu")
+
+
+# ---- llama.cpp's own converter ---------------------------------------------------------------------
+LLAMA_CPP = os.environ.get("EMBER_LLAMA_CPP", "")
+
+
+@pytest.mark.skipif(not (LLAMA_CPP and Path(LLAMA_CPP, "convert_hf_to_gguf.py").is_file()),
+                    reason="EMBER_LLAMA_CPP names no llama.cpp source tree")
+def test_gemma3_mmproj_from_llama_cpp_converter(tmp_path):
+    """convert_hf_to_gguf.py --mmproj writes what mmprojmake writes, and ember reads it to the same logits."""
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    hf, proc = _gemma3(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")  # the Hub's names, which the converter maps
+    save_file({("vision_tower.vision_model." + k[13:] if k.startswith("vision_tower.") else k): v.contiguous()
+               for k, v in sd.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_convert.py")), LLAMA_CPP, str(tmp_path),
+                    str(tmp_path / "mmproj-real.gguf"), "--mmproj"], check=True, capture_output=True)
+    mm.decoder(hf, tmp_path / "model.gguf", _tk(tmp_path), GEMMA3_TEMPLATE)
+    mm.gemma3_mmproj(hf, tmp_path / "mmproj-ours.gguf")
+    real, ours = gguf.GGUFReader(tmp_path / "mmproj-real.gguf"), gguf.GGUFReader(tmp_path / "mmproj-ours.gguf")
+    assert {t.name: (t.tensor_type, t.shape.tolist()) for t in real.tensors} == \
+        {t.name: (t.tensor_type, t.shape.tolist()) for t in ours.tensors}
+    for k in ours.fields:
+        if k.startswith("clip."):
+            assert real.fields[k].contents() == pytest.approx(ours.fields[k].contents()), k
+    llm = _load(tmp_path, "mmproj-real.gguf")
+    ref_in = _hf_inputs(proc, IMAGES[:2])
+    with torch.no_grad():
+        d = (hf(**ref_in).logits - llm.model(ref_in["input_ids"], pixel_values=ref_in["pixel_values"])).abs().max()
+    assert d <= 1e-4, f"logits differ by {d}"
+
