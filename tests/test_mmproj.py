@@ -6,6 +6,7 @@ refused with EmberErrors. The files are written as llama.cpp's converters lay th
 convert_hf_to_gguf.py --mmproj itself."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,6 +172,8 @@ def test_gemma3_mmproj_from_llama_cpp_converter(tmp_path):
     sd = load_file(tmp_path / "model.safetensors")  # the Hub's names, which the converter maps
     save_file({("vision_tower.vision_model." + k[13:] if k.startswith("vision_tower.") else k): v.contiguous()
                for k, v in sd.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    pre = json.loads((tmp_path / "preprocessor_config.json").read_text())  # the Hub's carries the image's tokens
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pre, "image_seq_length": 4}))
     subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_convert.py")), LLAMA_CPP, str(tmp_path),
                     str(tmp_path / "mmproj-real.gguf"), "--mmproj"], check=True, capture_output=True)
     mm.decoder(hf, tmp_path / "model.gguf", _tk(tmp_path), GEMMA3_TEMPLATE)
