@@ -190,3 +190,20 @@ def test_gemma3_mmproj_from_llama_cpp_converter(tmp_path):
         d = (hf(**ref_in).logits - llm.model(ref_in["input_ids"], pixel_values=ref_in["pixel_values"])).abs().max()
     assert d <= 1e-4, f"logits differ by {d}"
 
+
+
+def test_cli_run_with_mmproj(family, tmp_path, capsys):
+    """`ember run model.gguf PROMPT --mmproj FILE --image PATH` answers as llm.chat with that image."""
+    from ember import cli
+
+    _, _, _, folder = family
+    llm = _load(folder)
+    path = tmp_path / "fox.png"
+    IMAGES[0].save(path)
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                        {"type": "text", "text": "What is it?"}]}
+    want = llm.chat([user], 6, temperature=0, ignore_eos=True)
+    opts = ["-n", "6", "-t", "0", "--dtype", "float32", "--device", "cpu"]
+    assert cli.main(["run", str(folder / "model.gguf"), "What is it?", "--image", str(path),
+                     "--mmproj", str(folder / "mmproj-f32.gguf"), *opts]) == 0
+    assert capsys.readouterr().out == want + "\n"
