@@ -147,8 +147,10 @@ def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tup
          "clip.vision.embedding_length": v.hidden_size, "clip.vision.feed_forward_length": v.intermediate_size,
          "clip.vision.projection_dim": v.projection_dim, "clip.vision.attention.head_count": v.num_attention_heads,
          "clip.vision.attention.layer_norm_epsilon": float(v.layer_norm_eps), "clip.vision.block_count": max(layers),
-         "clip.vision.feature_layer": (layers, gm.ARR), "clip.vision.image_mean": OPENAI_MEAN,
+         "clip.vision.image_mean": OPENAI_MEAN,
          "clip.vision.image_std": OPENAI_STD, "clip.use_gelu": v.hidden_act == "gelu"}
+    if layers != [n - 1]:  # written when the config it reads names the feature layers (not the usual -2)
+        m["clip.vision.feature_layer"] = (layers, gm.ARR)
     m.update(meta or {})
     tensors = {}
     for name, t in hf.state_dict().items():

@@ -191,6 +191,37 @@ def test_gemma3_mmproj_from_llama_cpp_converter(tmp_path):
     assert d <= 1e-4, f"logits differ by {d}"
 
 
+@pytest.mark.skipif(not (LLAMA_CPP and Path(LLAMA_CPP, "tools/mtmd/legacy-models").is_dir()),
+                    reason="EMBER_LLAMA_CPP names no llama.cpp source tree")
+def test_llava_mmproj_from_llama_cpp_converter(tmp_path):
+    """tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py (after llava_surgery_v2's split) writes
+    what mmprojmake writes, and ember reads it to transformers' logits."""
+    import gguf
+
+    hf, proc = _llava(tmp_path)
+    hf.model.vision_tower.save_pretrained(tmp_path / "vision")
+    torch.save({k[len("model."):]: v for k, v in hf.state_dict().items() if k.startswith("model.multi_modal_projector.")},
+               tmp_path / "llava.projector")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("llamacpp_legacy_mmproj.py")), LLAMA_CPP,
+                    str(tmp_path / "vision"), str(tmp_path / "llava.projector"), str(tmp_path / "out")],
+                   check=True, capture_output=True)
+    mm.decoder(hf, tmp_path / "model.gguf", _tk(tmp_path), LLAVA_TEMPLATE)
+    mm.llava_mmproj(hf, tmp_path / "mmproj-ours.gguf")
+    real = gguf.GGUFReader(tmp_path / "out" / "mmproj-model-f16.gguf")
+    ours = gguf.GGUFReader(tmp_path / "mmproj-ours.gguf")
+    assert {t.name: (t.tensor_type, t.shape.tolist()) for t in real.tensors} == \
+        {t.name: (t.tensor_type, t.shape.tolist()) for t in ours.tensors}
+    assert {k for k in real.fields if k.startswith("clip.")} == {k for k in ours.fields if k.startswith("clip.")}
+    for k in ours.fields:
+        if k.startswith("clip.") and k != "clip.vision.projection_dim":  # CLIP's own (unused), from its config
+            assert real.fields[k].contents() == pytest.approx(ours.fields[k].contents()), k
+    llm = _load(tmp_path, "out/mmproj-model-f16.gguf")
+    ref_in = _hf_inputs(proc, IMAGES[:2])
+    with torch.no_grad():
+        d = (hf(**ref_in).logits - llm.model(ref_in["input_ids"], pixel_values=ref_in["pixel_values"])).abs().max()
+    assert d <= 2e-2, f"logits differ by {d}"
+
+
 
 def test_cli_run_with_mmproj(family, tmp_path, capsys):
     """`ember run model.gguf PROMPT --mmproj FILE --image PATH` answers as llm.chat with that image."""
