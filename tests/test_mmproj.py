@@ -238,3 +238,13 @@ def test_cli_run_with_mmproj(family, tmp_path, capsys):
     assert cli.main(["run", str(folder / "model.gguf"), "What is it?", "--image", str(path),
                      "--mmproj", str(folder / "mmproj-f32.gguf"), *opts]) == 0
     assert capsys.readouterr().out == want + "\n"
+
+
+def test_server_loads_the_pair(family):
+    """`ember serve model.gguf --mmproj FILE` loads the image+text model."""
+    from ember.serve.server import load_models
+
+    name, _, _, folder = family
+    llm, _, _ = load_models(str(folder / "model.gguf"), dtype="float32", device="cpu",
+                            mmproj=str(folder / "mmproj-f32.gguf"))
+    assert llm.takes_images and type(llm.model).__module__ == f"ember.models.{name}"
