@@ -54,11 +54,14 @@ def _tk(folder):
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-    """(name, transformers model, its processor, folder with model.gguf, mmproj-f32.gguf, mmproj-f16.gguf)."""
-    folder = tmp_path_factory.mktemp(request.param)
+    """(name, transformers model, its processor, folder with model.gguf, mmproj-f32.gguf, mmproj-f16.gguf
+    and nothing else: the pixels' mean/std come from the mmproj file)."""
+    hf_folder = tmp_path_factory.mktemp(request.param)
     build, write, template = FAMILIES[request.param]
-    hf, proc = build(folder)
-    mm.decoder(hf, folder / "model.gguf", _tk(folder), template)
+    hf, proc = build(hf_folder)
+    folder = hf_folder / "gguf"
+    folder.mkdir()
+    mm.decoder(hf, folder / "model.gguf", _tk(hf_folder), template)
     write(hf, folder / "mmproj-f32.gguf", f16=False)
     write(hf, folder / "mmproj-f16.gguf", f16=True)
     return request.param, hf, proc, folder
@@ -85,6 +88,17 @@ def test_logits_match_transformers(family, f16):
         d = (ref - got).abs().max().item()
         assert d <= (2e-2 if f16 else 1e-4), f"logits differ by {d}"
         assert (other - got).abs().max() > 1e-2  # the image matters
+
+
+def test_mean_and_std_come_from_the_mmproj_file(family, tmp_path):
+    name, hf, proc, folder = family
+    FAMILIES[name][1](hf, tmp_path / "mmproj.gguf", meta={"clip.vision.image_mean": [0.0, 0.0, 0.0],
+                                                           "clip.vision.image_std": [1.0, 1.0, 1.0]})
+    got = _load(folder, tmp_path / "mmproj.gguf").image_processor([IMAGES[0]])
+    ref = _hf_inputs(proc, [IMAGES[0]])["pixel_values"]
+    mean = torch.tensor(proc.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_processor.image_std).view(1, 3, 1, 1)
+    assert (got - (ref * std + mean)).abs().max() < 1e-5
 
 
 def test_greedy_chat_matches_transformers(family):
@@ -154,7 +168,7 @@ def test_wrong_width_is_a_config_error(family, tmp_path):
 def test_mmproj_needs_a_gguf_decoder(family):
     _, _, _, folder = family
     with pytest.raises(ember.errors.ArgumentError, match="goes with a GGUF decoder"):
-        ember.load(folder, mmproj=folder / "mmproj-f32.gguf", dtype=torch.float32, device="cpu")
+        ember.load(folder.parent, mmproj=folder / "mmproj-f32.gguf", dtype=torch.float32, device="cpu")  # safetensors
 
 
 # ---- llama.cpp's own converter ---------------------------------------------------------------------
