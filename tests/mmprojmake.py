@@ -172,3 +172,75 @@ def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tup
         q = 1 if w.ndim == 4 or (w.ndim == 2 and (gname.startswith("mm.") or (f16 and gname.endswith(".weight")))) else 0
         tensors[gname] = gm.quantize(np.ascontiguousarray(w), q)
     return gm.write(path, "clip", m, tensors)
+
+
+# ---- Qwen2.5-VL: convert_hf_to_gguf.py (Qwen2VLModel for the decoder, Qwen2VLVisionModel --mmproj) ----
+QWEN_LAYER = {"attn.proj": "attn_out", "norm1": "ln1", "norm2": "ln2", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+QWEN_TOP = {"merger.ln_q": "v.post_ln", "merger.mlp.0": "mm.0", "merger.mlp.2": "mm.2"}
+
+
+def qwen2vl_decoder(hf, path, tk, template: str):
+    """The Qwen2 decoder as llama.cpp's qwen2vl architecture (rope.dimension_sections: M-RoPE's t, h, w, 0)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    t = hf.config.text_config
+    rope = t.rope_parameters
+    cfg = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                      num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                      num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+                      max_position_embeddings=t.max_position_embeddings, rope_theta=rope["rope_theta"],
+                      tie_word_embeddings=hf.config.tie_word_embeddings)
+    lm = Qwen2ForCausalLM(cfg).to(torch.float32)
+    sd = {k.replace("model.language_model.", "model."): v for k, v in hf.state_dict().items()
+          if k.startswith(("model.language_model.", "lm_head."))}
+    lm.load_state_dict(sd, strict=False)
+    lm.tie_weights()
+    meta = {"qwen2vl.rope.dimension_sections": ([*rope["mrope_section"], 0], gm.ARR),
+            **tokenizer_meta(tk, template)}
+    return gm.hf_to_gguf(lm, path, tokenizer=False, extra_meta=meta, arch="qwen2vl")
+
+
+def qwen25vl_mmproj(hf, path, f16: bool = False, meta: dict | None = None, drop: tuple = ()):
+    """As convert_hf_to_gguf.py --mmproj writes a Qwen2_5_VLForConditionalGeneration: q/k/v split, the
+    Conv3D split into its two temporal halves, image_size 560 (the converter's default)."""
+    import re
+
+    c, v = hf.config, hf.config.vision_config
+    m = {"general.type": "mmproj", "general.file_type": int(f16), "clip.has_vision_encoder": True,
+         "clip.vision.projection_dim": c.text_config.hidden_size, "clip.vision.image_size": 560,
+         "clip.vision.patch_size": v.patch_size, "clip.vision.embedding_length": v.hidden_size,
+         "clip.vision.feed_forward_length": v.intermediate_size, "clip.vision.block_count": v.depth,
+         "clip.vision.attention.head_count": v.num_heads, "clip.vision.image_mean": OPENAI_MEAN,
+         "clip.vision.image_std": OPENAI_STD, "clip.projector_type": "qwen25vl", "clip.use_silu": True,
+         "clip.vision.n_wa_pattern": v.fullatt_block_indexes[0] + 1,
+         "clip.vision.attention.layer_norm_epsilon": 1e-6}
+    m.update(meta or {})
+    tensors = {}
+
+    def put(name, w):
+        if name not in drop:
+            tensors[name] = gm.quantize(np.ascontiguousarray(w), 1 if f16 and w.ndim >= 2 else 0)
+
+    for name, t in hf.state_dict().items():
+        if not name.startswith("model.visual."):
+            continue
+        name = name[len("model.visual."):]
+        w = t.detach().float().numpy()
+        base, suffix = name.rsplit(".", 1)
+        if name == "patch_embed.proj.weight":
+            put("v.patch_embd.weight", w[:, :, 0])
+            put("v.patch_embd.weight.1", w[:, :, 1])
+        elif base in QWEN_TOP:
+            put(f"{QWEN_TOP[base]}.{suffix}", w)
+        elif (mt := re.fullmatch(r"blocks\.(\d+)\.(.+)", base)):
+            bid, leaf = mt.groups()
+            if leaf == "attn.qkv":
+                for x, part in zip("qkv", np.split(w, 3)):
+                    put(f"v.blk.{bid}.attn_{x}.{suffix}", part)
+            else:
+                put(f"v.blk.{bid}.{QWEN_LAYER[leaf]}.{suffix}", w)
+        else:
+            raise AssertionError(name)
+    return gm.write(path, "clip", m, tensors)

@@ -21,8 +21,9 @@ pytest.importorskip("gguf")
 import ember  # noqa: E402
 import mmprojmake as mm  # noqa: E402
 from ember.errors import CheckpointError, ConfigError, UnsupportedModelError  # noqa: E402
-from test_image_chat import (GEMMA3_TEMPLATE, IMAGES, LLAVA_TEMPLATE, _ember_messages, _hf_inputs,  # noqa: E402
+from test_image_chat import (GEMMA3_TEMPLATE, IMAGES, LLAVA_TEMPLATE, _ember_messages, _hf_inputs, _image,  # noqa: E402
                              tiny_gemma3, tiny_llava)
+from test_qwen2_5_vl import TEMPLATE as QWEN_TEMPLATE  # noqa: E402
 
 
 def _gemma3(folder):
@@ -43,7 +44,23 @@ def _llava(folder):
     return hf, proc
 
 
-FAMILIES = {"llava": (_llava, mm.llava_mmproj, LLAVA_TEMPLATE), "gemma3": (_gemma3, mm.gemma3_mmproj, GEMMA3_TEMPLATE)}
+def _qwen2_5_vl(folder, hidden=64):
+    # patch 14 and 112-pixel windows: what llama.cpp's files assume (the converter writes no window size);
+    # transformers' default pixel bounds (the mmproj file carries none)
+    from test_qwen2_5_vl import tiny_qwen2_5_vl
+
+    section = [2, 3, 3] if hidden == 64 else [4, 4, 4]
+    text = dict(hidden_size=hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": section,
+                                                        "rope_theta": 10000.0})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=14, window_size=112,
+                  out_hidden_size=hidden, fullatt_block_indexes=[1])
+    return tiny_qwen2_5_vl(folder, (text, vision, {}, "saved"))
+
+
+FAMILIES = {"llava": (_llava, mm.llava_mmproj, LLAVA_TEMPLATE), "gemma3": (_gemma3, mm.gemma3_mmproj, GEMMA3_TEMPLATE),
+            "qwen2_5_vl": (_qwen2_5_vl, mm.qwen25vl_mmproj, QWEN_TEMPLATE)}
+DECODERS = {"qwen2_5_vl": mm.qwen2vl_decoder}
 
 
 def _tk(folder):
@@ -61,10 +78,15 @@ def family(request, tmp_path_factory):
     hf, proc = build(hf_folder)
     folder = hf_folder / "gguf"
     folder.mkdir()
-    mm.decoder(hf, folder / "model.gguf", _tk(hf_folder), template)
+    DECODERS.get(request.param, mm.decoder)(hf, folder / "model.gguf", _tk(hf_folder), template)
     write(hf, folder / "mmproj-f32.gguf", f16=False)
     write(hf, folder / "mmproj-f16.gguf", f16=True)
     return request.param, hf, proc, folder
+
+
+def _pixels(inputs) -> dict:
+    """The processor's image tensors (Qwen2.5-VL: flattened patches and their grids)."""
+    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
 
 
 def _load(folder, mmproj="mmproj-f32.gguf"):
@@ -80,11 +102,15 @@ def test_logits_match_transformers(family, f16):
         ref_in = _hf_inputs(proc, images)
         _, ids, _ = llm.chat_prompt(_ember_messages(images))
         assert ids == ref_in["input_ids"][0].tolist()  # the GGUF's template and tokens, the processor's prompt
-        assert torch.equal(llm.image_processor(images), ref_in["pixel_values"])
+        pixels = llm.image_processor(images)
+        pixels = pixels if isinstance(pixels, dict) else {"pixel_values": pixels}
+        assert all(torch.equal(v, ref_in[k]) for k, v in pixels.items())
         with torch.no_grad():
             ref = hf(**ref_in).logits
-            got = llm.model(ref_in["input_ids"], pixel_values=ref_in["pixel_values"])
-            other = llm.model(ref_in["input_ids"], pixel_values=_hf_inputs(proc, [IMAGES[2]] * len(images))["pixel_values"])
+            got = llm.model(ref_in["input_ids"], **_pixels(ref_in))
+            other_in = _hf_inputs(proc, [_image(im.height, im.width, seed=10 + i) for i, im in enumerate(images)])
+            assert other_in["input_ids"].shape == ref_in["input_ids"].shape
+            other = llm.model(ref_in["input_ids"], **_pixels(other_in))
         d = (ref - got).abs().max().item()
         assert d <= (2e-2 if f16 else 1e-4), f"logits differ by {d}"
         assert (other - got).abs().max() > 1e-2  # the image matters
@@ -96,8 +122,11 @@ def test_mean_and_std_come_from_the_mmproj_file(family, tmp_path):
                                                            "clip.vision.image_std": [1.0, 1.0, 1.0]})
     got = _load(folder, tmp_path / "mmproj.gguf").image_processor([IMAGES[0]])
     ref = _hf_inputs(proc, [IMAGES[0]])["pixel_values"]
-    mean = torch.tensor(proc.image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(proc.image_processor.image_std).view(1, 3, 1, 1)
+    if isinstance(got, dict):  # flattened patches: [patches, channels x temporal x p x p]
+        got, ref = got["pixel_values"].view(len(ref), 3, -1), ref.view(len(ref), 3, -1)
+    shape = (1, 3) + (1,) * (ref.dim() - 2)
+    mean = torch.tensor(proc.image_processor.image_mean).view(shape)
+    std = torch.tensor(proc.image_processor.image_std).view(shape)
     assert (got - (ref * std + mean)).abs().max() < 1e-5
 
 
@@ -122,10 +151,10 @@ def test_bad_mmproj_files_are_ember_errors(family, tmp_path):
     write(hf, bad, meta={"clip.projector_type": "resampler"})
     with pytest.raises(UnsupportedModelError, match="'resampler' is not supported"):
         _load(folder, bad)
-    write(hf, bad, meta={"clip.vision.image_size": 1 << 30})
-    with pytest.raises(ConfigError, match="image_size"):
+    write(hf, bad, meta={"clip.vision.embedding_length": 1 << 30})
+    with pytest.raises(ConfigError, match="embedding_length"):
         _load(folder, bad)
-    proj = "mm.2.weight" if name == "llava" else "mm.input_projection.weight"
+    proj = "mm.input_projection.weight" if name == "gemma3" else "mm.2.weight"
     write(hf, bad, drop=(proj,))
     with pytest.raises(CheckpointError, match=proj):
         _load(folder, bad)
@@ -136,11 +165,11 @@ def test_bad_mmproj_files_are_ember_errors(family, tmp_path):
 def test_mismatched_pair_is_a_config_error(family, tmp_path_factory):
     """The other family's mmproj file (wrong projector type, another hidden size) is refused."""
     name, _, _, folder = family
-    other = "gemma3" if name == "llava" else "llava"
+    other = {"llava": "gemma3", "gemma3": "qwen2_5_vl", "qwen2_5_vl": "llava"}[name]
     o_folder = tmp_path_factory.mktemp("other")
     hf_o, _ = FAMILIES[other][0](o_folder)
     FAMILIES[other][1](hf_o, o_folder / "mmproj.gguf")
-    with pytest.raises(ConfigError, match="Gemma 3 decoder|does not go with a Gemma 3"):
+    with pytest.raises(ConfigError, match="needs a Gemma 3 decoder|needs a Qwen2-VL decoder|does not go with"):
         _load(folder, o_folder / "mmproj.gguf")
 
 
@@ -155,7 +184,7 @@ def test_wrong_width_is_a_config_error(family, tmp_path):
     old = dict(tic.TEXT)
     tic.TEXT.update(hidden_size=96)
     try:
-        hf_w, _ = build(wide_folder)
+        hf_w, _ = build(wide_folder, hidden=96) if name == "qwen2_5_vl" else build(wide_folder)
     finally:
         tic.TEXT.clear()
         tic.TEXT.update(old)

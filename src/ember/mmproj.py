@@ -31,7 +31,7 @@ import torch
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
 # clip.projector_type -> the ember family it builds
-PROJECTORS = {"mlp": "llava", "gemma3": "gemma3"}
+PROJECTORS = {"mlp": "llava", "gemma3": "gemma3", "qwen25vl": "qwen2_5_vl"}
 MAX_VISION_LAYERS = 1 << 10
 MAX_IMAGE_SIZE = 1 << 14
 
@@ -57,6 +57,11 @@ PROJECTOR = {
     "gemma3": {"mm.soft_emb_norm": "mm_soft_emb_norm"},
 }
 TOWER, PROJ = "vision_tower.vision_model", "multi_modal_projector"
+# Qwen2.5-VL's tower (under `visual`): GGUF leaf -> Hugging Face name; its q/k/v (split by the
+# converter) and its Conv3D's two temporal halves (`v.patch_embd.weight` / `.weight.1`) put back together
+QWEN_TOP = {"v.post_ln": "merger.ln_q", "mm.0": "merger.mlp.0", "mm.2": "merger.mlp.2"}
+QWEN_LAYER = {"attn_out": "attn.proj", "ln1": "norm1", "ln2": "norm2", "ffn_gate": "mlp.gate_proj",
+              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
 @dataclass
@@ -64,6 +69,8 @@ class _Tensor:
     gguf: str
     shape: tuple[int, ...]
     minus_one: bool = False  # stored as 1 + w (Gemma 3's soft_emb_norm)
+    parts: tuple[str, ...] = ()  # tensors joined into this one: concatenated (q, k, v) or stacked (dim 2)
+    stack: bool = False
 
 
 class MmprojSource:
@@ -73,6 +80,9 @@ class MmprojSource:
     def __init__(self, f, kind: str):
         self.f = f
         self.plans: dict[str, _Tensor] = {}
+        if kind == "qwen25vl":
+            self._plan_qwen()
+            return
         layer_re = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)")
         swap = kind == "mlp" and _legacy_ffn(f)
         for name, info in f.tensors.items():
@@ -95,6 +105,31 @@ class MmprojSource:
                 continue  # reported by the builder as an unused tensor
             self.plans[hf] = _Tensor(name, info.shape, minus_one=name == "mm.soft_emb_norm.weight")
 
+    def _plan_qwen(self) -> None:
+        t = self.f.tensors
+        layer_re = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)")
+        for name, info in t.items():
+            base, _, suffix = name.rpartition(".")
+            if base in QWEN_TOP:
+                self.plans[f"visual.{QWEN_TOP[base]}.{suffix}"] = _Tensor(name, info.shape)
+            elif (m := layer_re.fullmatch(name)) and m.group(2) in QWEN_LAYER:
+                self.plans[f"visual.blocks.{m.group(1)}.{QWEN_LAYER[m.group(2)]}.{m.group(3)}"] = _Tensor(name, info.shape)
+            elif (m := layer_re.fullmatch(name)) and m.group(2) == "attn_q":
+                parts = tuple(name.replace("attn_q", f"attn_{x}") for x in "qkv")
+                shapes = [t[p].shape for p in parts if p in t]
+                if len(shapes) != 3 or len({s[1:] for s in shapes}) != 1:
+                    raise CheckpointError(f"{self.f.path}: {', '.join(parts)} are not three tensors of one width "
+                                          f"({[list(s) for s in shapes]})")
+                shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+                self.plans[f"visual.blocks.{m.group(1)}.attn.qkv.{m.group(3)}"] = _Tensor(name, shape, parts=parts)
+        w0, w1 = t.get("v.patch_embd.weight"), t.get("v.patch_embd.weight.1")
+        if w0 is not None and w1 is not None:
+            if w0.shape != w1.shape or len(w0.shape) != 4:
+                raise CheckpointError(f"{self.f.path}: v.patch_embd.weight {list(w0.shape)} and .weight.1 "
+                                      f"{list(w1.shape)} are not the two halves of one Conv3D")
+            shape = (*w0.shape[:2], 2, *w0.shape[2:])
+            self.plans["visual.patch_embed.proj.weight"] = _Tensor(w0.name, shape, parts=(w0.name, w1.name), stack=True)
+
     def keys(self):
         return self.plans.keys()
 
@@ -104,12 +139,18 @@ class MmprojSource:
     def describe(self) -> str:
         return str(self.f.path)
 
-    def load(self, key: str) -> torch.Tensor:
+    def _read(self, name: str) -> torch.Tensor:
         from .io import ggml
 
+        info = self.f.check_supported(name)
+        return ggml.dequantize(self.f.read(name), info.ggml_type, info.shape, torch.float32)
+
+    def load(self, key: str) -> torch.Tensor:
         plan = self.plans[key]
-        info = self.f.check_supported(plan.gguf)
-        t = ggml.dequantize(self.f.read(plan.gguf), info.ggml_type, info.shape, torch.float32)
+        if plan.parts:
+            parts = [self._read(p) for p in plan.parts]
+            return torch.stack(parts, dim=2) if plan.stack else torch.cat(parts)
+        t = self._read(plan.gguf)
         return t - 1 if plan.minus_one else t
 
     def close(self) -> None:
@@ -217,6 +258,8 @@ def projector_type(f) -> str:
 
 def multimodal_config(f, kind: str, text: dict, tokens: list) -> dict:
     """The image+text config.json dict (text_config: the decoder GGUF's config dict)."""
+    if kind == "qwen25vl":
+        return _qwen_config(f, text, tokens)
     v = vision_config(f)
     processor = {"image_mean": _floats(f, "clip.vision.image_mean", 3), "image_std": _floats(f, "clip.vision.image_std", 3)}
     where = f.path
@@ -234,9 +277,9 @@ def multimodal_config(f, kind: str, text: dict, tokens: list) -> dict:
                 "image_token_index": _token(tokens, "<image_soft_token>", where),
                 "boi_token_index": _token(tokens, "<start_of_image>", where),
                 "eoi_token_index": _token(tokens, "<end_of_image>", where), "mmproj_processor": processor}
-    if text.get("model_type") == "gemma3_text":
-        raise ConfigError(f"{where}: a LLaVA ({kind!r}) projector does not go with a Gemma 3 decoder (its mmproj "
-                          f"file's projector_type is 'gemma3')")
+    if text.get("model_type") == "gemma3_text" or "mrope_section" in (text.get("rope_parameters") or {}):
+        raise ConfigError(f"{where}: a LLaVA ({kind!r}) projector does not go with a {text.get('model_type')} decoder "
+                          f"{'with M-RoPE (Qwen2-VL: projector_type qwen25vl)' if text.get('model_type') == 'qwen2' else '(Gemma 3: projector_type gemma3)'}")
     layers = f.metadata.get("clip.vision.feature_layer")
     n = v["num_hidden_layers"]
     if layers is None:
@@ -252,9 +295,37 @@ def multimodal_config(f, kind: str, text: dict, tokens: list) -> dict:
             "image_token_index": _token(tokens, "<image>", where), "mmproj_processor": processor}
 
 
+def _qwen_config(f, text: dict, tokens: list) -> dict:
+    """Qwen2.5-VL: the tower's sizes, its window-attention pattern (every n_wa_pattern-th block
+    attends over the whole image), window size (default 112 pixels, as libmtmd) and merge size."""
+    where = f.path
+    if text.get("model_type") != "qwen2" or "mrope_section" not in (text.get("rope_parameters") or {}):
+        raise ConfigError(f"{where}: a qwen25vl projector needs a Qwen2-VL decoder (GGUF architecture qwen2vl, with "
+                          f"rope.dimension_sections), not {text.get('model_type')!r:.40}")
+    hidden = _int(f, "clip.vision.embedding_length", 1, 1 << 16)
+    depth = _int(f, "clip.vision.block_count", 1, MAX_VISION_LAYERS)
+    pattern = _int(f, "clip.vision.n_wa_pattern", 1, depth)
+    processor = {"image_mean": _floats(f, "clip.vision.image_mean", 3), "image_std": _floats(f, "clip.vision.image_std", 3)}
+    vision = {"depth": depth, "hidden_size": hidden, "hidden_act": "silu",
+              "intermediate_size": _int(f, "clip.vision.feed_forward_length", 1, 1 << 18),
+              "num_heads": _int(f, "clip.vision.attention.head_count", 1, hidden),
+              "patch_size": _int(f, "clip.vision.patch_size", 1, 1 << 10),
+              "spatial_merge_size": _int(f, "clip.vision.spatial_merge_size", 1, 64, default=2),
+              "window_size": _int(f, "clip.vision.window_size", 1, MAX_IMAGE_SIZE, default=112),
+              "temporal_patch_size": 2, "out_hidden_size": text.get("hidden_size"),
+              "fullatt_block_indexes": [i for i in range(depth) if (i + 1) % pattern == 0]}
+    return {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "text_config": text,
+            "vision_config": vision, "tie_word_embeddings": text.get("tie_word_embeddings", False),
+            "image_token_id": _token(tokens, "<|image_pad|>", where),
+            "vision_start_token_id": _token(tokens, "<|vision_start|>", where),
+            "vision_end_token_id": _token(tokens, "<|vision_end|>", where),
+            "video_token_id": tokens.index("<|video_pad|>") if "<|video_pad|>" in tokens else None,
+            "mmproj_processor": processor}
+
+
 def _check_width(f, kind: str, text: dict) -> None:
     """The projector's output width against the decoder's hidden size (a mismatched pair)."""
-    name, dim = ("mm.2.weight", 0) if kind == "mlp" else ("mm.input_projection.weight", 1)
+    name, dim = ("mm.input_projection.weight", 1) if kind == "gemma3" else ("mm.2.weight", 0)
     info = f.tensors.get(name)
     if info is None:
         raise CheckpointError(f"{f.path}: the {kind!r} projector's {name} is missing")
