@@ -213,7 +213,7 @@ def qwen25vl_mmproj(hf, path, f16: bool = False, meta: dict | None = None, drop:
          "clip.vision.patch_size": v.patch_size, "clip.vision.embedding_length": v.hidden_size,
          "clip.vision.feed_forward_length": v.intermediate_size, "clip.vision.block_count": v.depth,
          "clip.vision.attention.head_count": v.num_heads, "clip.vision.image_mean": OPENAI_MEAN,
-         "clip.vision.image_std": OPENAI_STD, "clip.projector_type": "qwen25vl", "clip.use_silu": True,
+         "clip.vision.image_std": OPENAI_STD, "clip.projector_type": "qwen2.5vl_merger", "clip.use_silu": True,
          "clip.vision.n_wa_pattern": v.fullatt_block_indexes[0] + 1,
          "clip.vision.attention.layer_norm_epsilon": 1e-6}
     m.update(meta or {})

@@ -291,3 +291,32 @@ def test_server_loads_the_pair(family):
     llm, _, _ = load_models(str(folder / "model.gguf"), dtype="float32", device="cpu",
                             mmproj=str(folder / "mmproj-f32.gguf"))
     assert llm.takes_images and type(llm.model).__module__ == f"ember.models.{name}"
+
+
+@pytest.mark.skipif(not (LLAMA_CPP and Path(LLAMA_CPP, "convert_hf_to_gguf.py").is_file()),
+                    reason="EMBER_LLAMA_CPP names no llama.cpp source tree")
+def test_qwen2_5_vl_files_from_llama_cpp_converter(tmp_path):
+    """convert_hf_to_gguf.py writes the decoder (qwen2vl) and --mmproj the tower as mmprojmake does, and
+    ember reads its mmproj file to transformers' logits."""
+    import gguf
+
+    hf, proc = _qwen2_5_vl(tmp_path)
+    script = str(Path(__file__).with_name("llamacpp_convert.py"))
+    for out, opts in (("mmproj-real.gguf", ["--mmproj"]), ("model-real.gguf", [])):
+        subprocess.run([sys.executable, script, LLAMA_CPP, str(tmp_path), str(tmp_path / out), *opts], check=True,
+                       capture_output=True)
+    mm.qwen2vl_decoder(hf, tmp_path / "model.gguf", _tk(tmp_path), QWEN_TEMPLATE)
+    mm.qwen25vl_mmproj(hf, tmp_path / "mmproj-ours.gguf")
+    for real_name, ours_name, prefix in (("mmproj-real.gguf", "mmproj-ours.gguf", "clip."),
+                                         ("model-real.gguf", "model.gguf", "qwen2vl.")):
+        real, ours = gguf.GGUFReader(tmp_path / real_name), gguf.GGUFReader(tmp_path / ours_name)
+        assert {t.name: (t.tensor_type, t.shape.tolist()) for t in real.tensors} == \
+            {t.name: (t.tensor_type, t.shape.tolist()) for t in ours.tensors}
+        for k in ours.fields:
+            if k.startswith(prefix) and k != "qwen2vl.vocab_size":
+                assert real.fields[k].contents() == pytest.approx(ours.fields[k].contents()), k
+    llm = _load(tmp_path, "mmproj-real.gguf")
+    ref_in = _hf_inputs(proc, IMAGES[:2])
+    with torch.no_grad():
+        d = (hf(**ref_in).logits - llm.model(ref_in["input_ids"], **_pixels(ref_in))).abs().max()
+    assert d <= 1e-4, f"logits differ by {d}"

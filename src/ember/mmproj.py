@@ -17,8 +17,15 @@ Projector types (clip.projector_type):
   `ffn_down`/`ffn_up` (libmtmd swaps them back by shape, as ember does).
 - `gemma3`: Gemma 3 (SigLIP tower, pooled to mm_tokens_per_image by clip.vision.projector.scale_factor,
   default 4; `mm.soft_emb_norm` stored as 1 + w) as convert_hf_to_gguf.py --mmproj writes it.
+- `qwen2.5vl_merger`: Qwen2.5-VL (its own tower under `visual`, window attention with every
+  clip.vision.n_wa_pattern-th block full, windows of clip.vision.window_size pixels, default 112 as
+  libmtmd's) as convert_hf_to_gguf.py --mmproj writes it: q/k/v split and the Conv3D patch embedding
+  split into its two temporal halves, both put back together here. Its decoder is llama.cpp's
+  `qwen2vl` GGUF architecture (models/qwen2_5_vl.py: a Qwen2 decoder with rope.dimension_sections).
 Image placeholder tokens are the decoder vocabulary's (`<image>`; `<start_of_image>`,
-`<image_soft_token>`, `<end_of_image>`), as the family's processor writes them.
+`<image_soft_token>`, `<end_of_image>`; `<|vision_start|>`, `<|image_pad|>`, `<|vision_end|>`), as
+the family's processor writes them. Pixel bounds (Qwen2.5-VL's min/max pixels), absent from mmproj
+files, come from a preprocessor_config.json beside the model file, else transformers' defaults.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import torch
 from .errors import CheckpointError, ConfigError, UnsupportedModelError
 
 # clip.projector_type -> the ember family it builds
-PROJECTORS = {"mlp": "llava", "gemma3": "gemma3", "qwen25vl": "qwen2_5_vl"}
+PROJECTORS = {"mlp": "llava", "gemma3": "gemma3", "qwen2.5vl_merger": "qwen2_5_vl"}
 MAX_VISION_LAYERS = 1 << 10
 MAX_IMAGE_SIZE = 1 << 14
 
@@ -80,7 +87,7 @@ class MmprojSource:
     def __init__(self, f, kind: str):
         self.f = f
         self.plans: dict[str, _Tensor] = {}
-        if kind == "qwen25vl":
+        if kind == "qwen2.5vl_merger":
             self._plan_qwen()
             return
         layer_re = re.compile(r"v\.blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -258,7 +265,7 @@ def projector_type(f) -> str:
 
 def multimodal_config(f, kind: str, text: dict, tokens: list) -> dict:
     """The image+text config.json dict (text_config: the decoder GGUF's config dict)."""
-    if kind == "qwen25vl":
+    if kind == "qwen2.5vl_merger":
         return _qwen_config(f, text, tokens)
     v = vision_config(f)
     processor = {"image_mean": _floats(f, "clip.vision.image_mean", 3), "image_std": _floats(f, "clip.vision.image_std", 3)}
@@ -279,7 +286,7 @@ def multimodal_config(f, kind: str, text: dict, tokens: list) -> dict:
                 "eoi_token_index": _token(tokens, "<end_of_image>", where), "mmproj_processor": processor}
     if text.get("model_type") == "gemma3_text" or "mrope_section" in (text.get("rope_parameters") or {}):
         raise ConfigError(f"{where}: a LLaVA ({kind!r}) projector does not go with a {text.get('model_type')} decoder "
-                          f"{'with M-RoPE (Qwen2-VL: projector_type qwen25vl)' if text.get('model_type') == 'qwen2' else '(Gemma 3: projector_type gemma3)'}")
+                          f"{'with M-RoPE (Qwen2-VL: projector_type qwen2.5vl_merger)' if text.get('model_type') == 'qwen2' else '(Gemma 3: projector_type gemma3)'}")
     layers = f.metadata.get("clip.vision.feature_layer")
     n = v["num_hidden_layers"]
     if layers is None:
@@ -300,7 +307,7 @@ def _qwen_config(f, text: dict, tokens: list) -> dict:
     attends over the whole image), window size (default 112 pixels, as libmtmd) and merge size."""
     where = f.path
     if text.get("model_type") != "qwen2" or "mrope_section" not in (text.get("rope_parameters") or {}):
-        raise ConfigError(f"{where}: a qwen25vl projector needs a Qwen2-VL decoder (GGUF architecture qwen2vl, with "
+        raise ConfigError(f"{where}: a qwen2.5vl_merger projector needs a Qwen2-VL decoder (GGUF architecture qwen2vl, with "
                           f"rope.dimension_sections), not {text.get('model_type')!r:.40}")
     hidden = _int(f, "clip.vision.embedding_length", 1, 1 << 16)
     depth = _int(f, "clip.vision.block_count", 1, MAX_VISION_LAYERS)
