@@ -98,7 +98,8 @@ def test_logits_match_transformers(family, f16):
     name, hf, proc, folder = family
     llm = _load(folder, f"mmproj-{'f16' if f16 else 'f32'}.gguf")
     assert type(llm.model).__module__ == f"ember.models.{name}"
-    for images in ([IMAGES[0]], IMAGES[:2]):
+    big = _image(150, 230, 5)  # Qwen2.5-VL: 140 x 224 pixels, 2 x 2 windows of 4 x 4 merged blocks (112 pixels)
+    for images in ([IMAGES[0]], IMAGES[:2], [big]):
         ref_in = _hf_inputs(proc, images)
         _, ids, _ = llm.chat_prompt(_ember_messages(images))
         assert ids == ref_in["input_ids"][0].tolist()  # the GGUF's template and tokens, the processor's prompt
