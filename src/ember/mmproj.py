@@ -351,14 +351,17 @@ def attach(ckpt, path):
     if not p.is_file():
         raise CheckpointError(f"mmproj file {str(path)!r:.200} does not exist")
     f = GGUFFile(p)
-    kind = projector_type(f)
-    for info in f.tensors.values():
-        f.check_supported(info.name)
-    text = ckpt.raw
-    tokens = _vocabulary(ckpt)
-    _check_width(f, kind, text)
-    raw = multimodal_config(f, kind, text, tokens)
-    entry = registry.lookup(raw)
+    try:
+        kind = projector_type(f)
+        for info in f.tensors.values():
+            f.check_supported(info.name)
+        text = ckpt.raw
+        _check_width(f, kind, text)
+        raw = multimodal_config(f, kind, text, _vocabulary(ckpt))
+        entry = registry.lookup(raw)
+    except Exception:
+        f.close()
+        raise
     decoder_source = ckpt.source
 
     def source(dtype, device, keep_quantized):
@@ -373,6 +376,7 @@ def _vocabulary(ckpt) -> list:
 
     f = GGUFFile(ckpt.snapshot.weights[0])
     tokens = f.metadata.get("tokenizer.ggml.tokens")
+    f.close()
     if not isinstance(tokens, list):
         raise ConfigError(f"{f.path}: the decoder GGUF has no tokenizer (tokenizer.ggml.tokens), which image "
                           f"prompts need")
