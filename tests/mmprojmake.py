@@ -89,8 +89,17 @@ def _mmproj_name(base: str) -> str:
     raise AssertionError(base)
 
 
+def _blocks(name: str, w, q: int, qtype: int | None) -> int:
+    """The type of a tower's 2-D weight in a file quantised to `qtype` (llama-quantize's choice for an
+    mmproj file: the encoder's linear weights whose rows are whole blocks), else `q`."""
+    if qtype and w.ndim == 2 and name.startswith("v.blk.") and name.endswith(".weight") \
+            and w.shape[-1] % gm._block_elems(qtype) == 0:
+        return qtype
+    return q
+
+
 def gemma3_mmproj(hf, path, f16: bool = False, image_seq_length: int | None = None, meta: dict | None = None,
-                  drop: tuple = ()):
+                  drop: tuple = (), qtype: int | None = None):
     """As convert_hf_to_gguf.py --mmproj writes a Gemma3ForConditionalGeneration."""
     c, v = hf.config, hf.config.vision_config
     m = _vision_meta(v, c.text_config.hidden_size, f16, [0.5] * 3, [0.5] * 3)
@@ -120,7 +129,7 @@ def gemma3_mmproj(hf, path, f16: bool = False, image_seq_length: int | None = No
             q = 1
         elif ".embeddings." in name:
             q = 0
-        tensors[gname] = gm.quantize(w, q)
+        tensors[gname] = gm.quantize(w, _blocks(gname, w, q, qtype))
     return gm.write(path, "clip", m, tensors)
 
 
@@ -134,7 +143,7 @@ def _legacy_name(name: str) -> str:
             .replace("embedding", "embd").replace("final", "post").replace("layrnorm", "ln"))
 
 
-def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tuple = ()):
+def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tuple = (), qtype: int | None = None):
     """As convert_image_encoder_to_gguf.py --llava-projector writes a LLaVA's tower (from the model's
     config.json, as llava_surgery_v2 leaves it) and projector."""
     c, v = hf.config, hf.config.vision_config
@@ -170,7 +179,7 @@ def llava_mmproj(hf, path, f16: bool = True, meta: dict | None = None, drop: tup
         w = t.detach().float().numpy().squeeze().copy()
         # the projector's 2-D weights and the 4-D patch weights are F16 in any file; the rest by ftype
         q = 1 if w.ndim == 4 or (w.ndim == 2 and (gname.startswith("mm.") or (f16 and gname.endswith(".weight")))) else 0
-        tensors[gname] = gm.quantize(np.ascontiguousarray(w), q)
+        tensors[gname] = gm.quantize(np.ascontiguousarray(w), _blocks(gname, w, q, qtype))
     return gm.write(path, "clip", m, tensors)
 
 
@@ -202,7 +211,8 @@ def qwen2vl_decoder(hf, path, tk, template: str):
     return gm.hf_to_gguf(lm, path, tokenizer=False, extra_meta=meta, arch="qwen2vl")
 
 
-def qwen25vl_mmproj(hf, path, f16: bool = False, meta: dict | None = None, drop: tuple = ()):
+def qwen25vl_mmproj(hf, path, f16: bool = False, meta: dict | None = None, drop: tuple = (),
+                    qtype: int | None = None):
     """As convert_hf_to_gguf.py --mmproj writes a Qwen2_5_VLForConditionalGeneration: q/k/v split, the
     Conv3D split into its two temporal halves, image_size 560 (the converter's default)."""
     import re
@@ -221,7 +231,7 @@ def qwen25vl_mmproj(hf, path, f16: bool = False, meta: dict | None = None, drop:
 
     def put(name, w):
         if name not in drop:
-            tensors[name] = gm.quantize(np.ascontiguousarray(w), 1 if f16 and w.ndim >= 2 else 0)
+            tensors[name] = gm.quantize(np.ascontiguousarray(w), _blocks(name, w, 1 if f16 and w.ndim >= 2 else 0, qtype))
 
     for name, t in hf.state_dict().items():
         if not name.startswith("model.visual."):

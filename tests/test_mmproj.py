@@ -117,6 +117,31 @@ def test_logits_match_transformers(family, f16):
         assert (other - got).abs().max() > 1e-2  # the image matters
 
 
+def test_quantized_mmproj(family, tmp_path):
+    """An mmproj file whose tower weights are Q8_0 blocks (as llama-quantize leaves one) gives the logits
+    of the transformers model holding those weights as gguf.quants dequantises them."""
+    import copy
+
+    import gguf
+
+    name, hf, proc, folder = family
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    FAMILIES[name][1](hf, tmp_path / "q8.gguf", f16=False, qtype=int(q8))
+    assert any(t.tensor_type == q8 for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors)
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for pname, p in ref.named_parameters():
+            if (".encoder.layers." in pname or ".visual.blocks." in pname) and p.dim() == 2 and p.shape[-1] % 32 == 0:
+                blocks = gguf.quants.quantize(p.numpy(), q8)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, q8).reshape(p.shape)))
+    llm = _load(folder, tmp_path / "q8.gguf")
+    ref_in = _hf_inputs(proc, IMAGES[:2])
+    with torch.no_grad():
+        d = (ref(**ref_in).logits - llm.model(ref_in["input_ids"], **_pixels(ref_in))).abs().max().item()
+        assert (hf(**ref_in).logits - ref(**ref_in).logits).abs().max() > 1e-3  # the blocks changed the weights
+    assert d <= 1e-4, f"logits differ by {d}"
+
+
 def test_mean_and_std_come_from_the_mmproj_file(family, tmp_path):
     name, hf, proc, folder = family
     FAMILIES[name][1](hf, tmp_path / "mmproj.gguf", meta={"clip.vision.image_mean": [0.0, 0.0, 0.0],
