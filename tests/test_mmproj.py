@@ -180,6 +180,12 @@ def test_bad_mmproj_files_are_ember_errors(family, tmp_path):
     write(hf, bad, meta={"clip.vision.embedding_length": 1 << 30})
     with pytest.raises(ConfigError, match="embedding_length"):
         _load(folder, bad)
+    own = {"llava": ("clip.vision.feature_layer", ([99], mm.gm.ARR)), "gemma3": ("clip.vision.projector.scale_factor", 3),
+           "qwen2_5_vl": ("clip.vision.n_wa_pattern", 0)}[name]
+    for key, value in (own, ("clip.vision.image_mean", [0.5, 0.5])):
+        write(hf, bad, meta={key: value})
+        with pytest.raises(ConfigError, match=key):
+            _load(folder, bad)
     proj = "mm.input_projection.weight" if name == "gemma3" else "mm.2.weight"
     write(hf, bad, drop=(proj,))
     with pytest.raises(CheckpointError, match=proj):
