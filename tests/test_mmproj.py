@@ -226,6 +226,14 @@ def test_wrong_width_is_a_config_error(family, tmp_path):
         _load(folder, tmp_path / "wide.gguf")
 
 
+def test_mmproj_file_alone_says_how_it_loads(family):
+    _, _, _, folder = family
+    with pytest.raises(UnsupportedModelError, match="multimodal projector file.*mmproj="):
+        ember.load(folder / "mmproj-f32.gguf", dtype=torch.float32, device="cpu")
+    info = ember.loading.describe_gguf(folder / "mmproj-f32.gguf")
+    assert "multimodal projector file" in str(info)
+
+
 def test_mmproj_needs_a_gguf_decoder(family):
     _, _, _, folder = family
     with pytest.raises(ember.errors.ArgumentError, match="goes with a GGUF decoder"):

@@ -170,6 +170,9 @@ def gguf_config(f) -> dict:
     """The config dict ember derives from a GGUF file's metadata (what its config.json would say)."""
     from .gguf_source import Meta, architecture
 
+    from .mmproj import refuse_alone
+
+    refuse_alone(f)
     arch = architecture(f)
     entry = registry.lookup_gguf(arch, str(f.path))
     return entry.gguf_mapping(arch).config(Meta(f, arch))
@@ -190,6 +193,9 @@ def _open_gguf(snap: Snapshot) -> Checkpoint:
         raise CheckpointError(f"{snap.root}: a GGUF model is one file, got {len(snap.weights)} "
                               f"(split GGUF files are not supported; merge them with llama-gguf-split)")
     f = GGUFFile(snap.weights[0])
+    from .mmproj import refuse_alone
+
+    refuse_alone(f)
     arch = gguf_source.architecture(f)
     entry = registry.lookup_gguf(arch, str(f.path))
     for info in f.tensors.values():  # refuse unknown/unsupported types before building anything

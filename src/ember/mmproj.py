@@ -341,6 +341,15 @@ def _check_width(f, kind: str, text: dict) -> None:
                           f"hidden size is {text.get('hidden_size')}: this mmproj file belongs to another model")
 
 
+def refuse_alone(f) -> None:
+    """An mmproj file given as the model: an UnsupportedModelError saying how it loads."""
+    if f.architecture == "clip":
+        kind = projector_type(f)
+        raise UnsupportedModelError(f"{f.path} is a multimodal projector file (projector_type {kind!r}, a "
+                                    f"{PROJECTORS[kind]} vision tower): load it beside its model, "
+                                    f"ember.load(MODEL.gguf, mmproj=...) or --mmproj")
+
+
 def attach(ckpt, path):
     """A loading.Checkpoint of a GGUF decoder → the image+text model's, the tower and projector read
     from the mmproj file at `path`."""
