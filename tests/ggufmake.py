@@ -264,12 +264,13 @@ def _gguf_names(model):
 
 
 def hf_to_gguf(model, path, qtype=0, tokenizer: bool = True, extra_meta: dict | None = None,
-               drop: tuple[str, ...] = ()) -> Path:
+               drop: tuple[str, ...] = (), arch: str | None = None) -> Path:
     """Convert a (tiny) transformers causal LM to GGUF the way llama.cpp does. `qtype`: the ggml type of
     the 2-D and 3-D weights (those whose rows are whole blocks of it), or a function of the GGUF name
-    giving it. `drop`: GGUF tensor names to leave out (for bad-file tests)."""
+    giving it. `drop`: GGUF tensor names to leave out (for bad-file tests). `arch`: the file's
+    architecture where it is not the model type's (a variant with the same tensors, e.g. qwen2vl)."""
     cfg = model.config
-    arch = GGUF_ARCH[cfg.model_type]
+    arch = arch or GGUF_ARCH[cfg.model_type]
     tensors = {}
     for name, gname, t in _gguf_names(model):
         if gname in drop:

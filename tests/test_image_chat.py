@@ -99,7 +99,7 @@ def tiny_llava(folder, strategy="default", feature_layer=-2):
     return hf, proc
 
 
-def tiny_gemma3(folder, sliding_window=8):
+def tiny_gemma3(folder, sliding_window=8, layer_types=("sliding_attention", "full_attention")):
     """(transformers model, its processor) of a tiny Gemma 3 (SigLIP tower, 4 tokens per image)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -107,7 +107,7 @@ def tiny_gemma3(folder, sliding_window=8):
     tk = _tokenizer(folder)
     ids = {k: tk.token_to_id(v) for k, v in GEMMA3_TOKENS.items()}
     cfg = Gemma3Config(text_config=dict(vocab_size=tk.get_vocab_size(), **TEXT, sliding_window=sliding_window,
-                                        layer_types=["sliding_attention", "full_attention"],
+                                        layer_types=list(layer_types),
                                         eos_token_id=tk.token_to_id("<|im_end|>"), bos_token_id=None, pad_token_id=0),
                        vision_config=dict(**VISION, vision_use_head=False), mm_tokens_per_image=4,
                        image_token_index=ids["image_token"], boi_token_index=ids["boi_token"],

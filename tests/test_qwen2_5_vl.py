@@ -62,13 +62,14 @@ def _image(h, w, seed=0, mode="RGB"):
 IMAGES = [_image(37, 53, 0), _image(90, 40, 1), _image(13, 17, 2, "L")]
 
 
-def tiny_qwen2_5_vl(folder, shape: str):
-    """(transformers model, its Qwen2_5_VLProcessor) of a tiny Qwen2.5-VL saved in folder."""
+def tiny_qwen2_5_vl(folder, shape: str | tuple):
+    """(transformers model, its Qwen2_5_VLProcessor) of a tiny Qwen2.5-VL saved in folder (shape: a
+    SHAPES key, or such a tuple)."""
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, \
         Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    text, vision, sizes, layout = SHAPES[shape]
+    text, vision, sizes, layout = SHAPES[shape] if isinstance(shape, str) else shape
     tk = build_tokenizer()
     tk.add_special_tokens(SPECIALS)
     tk.save(str(folder / "tokenizer.json"))

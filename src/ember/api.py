@@ -37,6 +37,8 @@ LOAD_OPTIONS = {
     "prepack": "CPU: oneDNN-prepacked weights (bf16: default on where the CPU has native bf16; float32 "
                "encoders: default on)",
     "quantize": "'int8' (Q8_0) or 'int4' (Q4_1) weight-only quantisation at load, on CPU (default None)",
+    "mmproj": "a GGUF decoder's llama.cpp multimodal projector file (mmproj-*.gguf: vision tower and projector) "
+              "for image+text chat",
     "tp": "tensor parallelism: split the model over this many processes (torchrun's, or a process group "
           "already set up; default 1)",
 }

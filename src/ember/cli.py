@@ -21,6 +21,8 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
+    p.add_argument("--mmproj", metavar="FILE", help="a GGUF model's llama.cpp multimodal projector file "
+                   "(mmproj-*.gguf) for image+text chat")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
                    "processes (started here; under torchrun, its ranks)")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="timings and logs on stderr")
@@ -62,6 +64,8 @@ def _load(model: str | None, a):
         kw["compile"] = True
     if getattr(a, "tp", 1) != 1:
         kw["tp"] = a.tp
+    if getattr(a, "mmproj", None):
+        kw["mmproj"] = a.mmproj
     with Spinner(f"loading {name}"):
         obj = ember.load(name, dtype=a.dtype, device=a.device, revision=a.revision, **kw)
     if getattr(a, "verbose", False):

@@ -170,6 +170,9 @@ def gguf_config(f) -> dict:
     """The config dict ember derives from a GGUF file's metadata (what its config.json would say)."""
     from .gguf_source import Meta, architecture
 
+    from .mmproj import refuse_alone
+
+    refuse_alone(f)
     arch = architecture(f)
     entry = registry.lookup_gguf(arch, str(f.path))
     return entry.gguf_mapping(arch).config(Meta(f, arch))
@@ -190,6 +193,9 @@ def _open_gguf(snap: Snapshot) -> Checkpoint:
         raise CheckpointError(f"{snap.root}: a GGUF model is one file, got {len(snap.weights)} "
                               f"(split GGUF files are not supported; merge them with llama-gguf-split)")
     f = GGUFFile(snap.weights[0])
+    from .mmproj import refuse_alone
+
+    refuse_alone(f)
     arch = gguf_source.architecture(f)
     entry = registry.lookup_gguf(arch, str(f.path))
     for info in f.tensors.values():  # refuse unknown/unsupported types before building anything
@@ -272,7 +278,7 @@ QUANTIZE_MODES = ("int8", "int4")
 
 def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
                   keep_quantized: bool | None = None, fuse: bool = True, prepack: bool | None = None,
-                  quantize: str | None = None, tp: int | None = None) -> Loaded:
+                  quantize: str | None = None, tp: int | None = None, mmproj=None) -> Loaded:
     """The whole pipeline for a resolved snapshot.
 
     keep_quantized (GGUF, quantised HF checkpoints): keep quantised weights as blocks / packed tensors
@@ -282,6 +288,7 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     for float32 encoders on CPU (None = on).
     quantize: "int8" / "int4" weight-only quantisation of an unquantised checkpoint at load (CPU).
     tp: split the model over this many processes (tensor parallelism, `ember.distributed`).
+    mmproj: a GGUF decoder's multimodal projector file (ember.mmproj): the image+text model.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if quantize is not None:
@@ -304,6 +311,13 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
 
         tune()  # large temporaries (loading, prefill) go back to the OS when freed
     ckpt = open_checkpoint(snap)
+    if mmproj is not None:
+        if snap.format != "gguf":
+            raise ArgumentError(f"mmproj={str(mmproj)!r:.200} goes with a GGUF decoder; {snap.root} holds {snap.format} "
+                                f"weights (load their image+text checkpoint as it is)")
+        from .mmproj import attach
+
+        ckpt = attach(ckpt, mmproj)
     if keep_quantized is not None and snap.format != "gguf" and not ckpt.quantization:
         raise ArgumentError(f"keep_quantized={keep_quantized!r} applies to GGUF files and quantised checkpoints; "
                             f"{snap.root} holds unquantised {snap.format} weights")

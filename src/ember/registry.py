@@ -178,7 +178,7 @@ register("gemma3", "ember.models.gemma3", architectures=("Gemma3ForConditionalGe
 register("llava", "ember.models.llava", architectures=("LlavaForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config")
 # Qwen2.5-VL: a Qwen2 decoder with M-RoPE (prepare makes text_config a qwen2 one, also from flat configs)
-register("qwen2_5_vl", "ember.models.qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",),
+register("qwen2_5_vl", "ember.models.qwen2_5_vl", gguf="qwen2vl", architectures=("Qwen2_5_VLForConditionalGeneration",),
          model_class="ForConditionalGeneration", decoder="text_config",
          prepare=_module_prepare("ember.models.qwen2_5_vl"))
 # Qwen3-VL: its own vision tower and M-RoPE decoder (models/qwen3_vl.py)

@@ -221,7 +221,8 @@ class TextTransformer(nn.Module):
 class VisionTransformer(nn.Module):
     """[class] + conv patches + positions → pre_layrnorm → layers; pooled = post_layernorm(class)."""
 
-    def __init__(self, cfg: VisionConfig, vb: VarBuilder):
+    def __init__(self, cfg: VisionConfig, vb: VarBuilder, pooled: bool = True):
+        """pooled=False: no post_layernorm (LLaVA reads hidden states only; its mmproj files leave it out)."""
         super().__init__()
         self.config = cfg
         E, P, C = cfg.hidden_size, cfg.patch_size, cfg.num_channels
@@ -230,7 +231,7 @@ class VisionTransformer(nn.Module):
         self.position_embedding = Embedding.from_vb(cfg.num_patches + 1, E, vb.pp("embeddings.position_embedding"))
         self.pre_layrnorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))  # sic: the checkpoint's name
         self.layers = encoder_layers(cfg, vb)
-        self.post_layernorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, vb.pp("post_layernorm"))
+        self.post_layernorm = LayerNorm.from_vb(E, cfg.layer_norm_eps, vb.pp("post_layernorm")) if pooled else None
 
     def patches(self, pixel_values: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         _check_pixels(pixel_values, self.config)

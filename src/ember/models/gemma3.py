@@ -165,7 +165,7 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
         """transformers' Gemma3ImageProcessor defaults: a square resize (bilinear), mean and std 0.5."""
         s = self.mm_config.vision.image_size
         return {"size": {"height": s, "width": s}, "do_center_crop": False, "resample": 2,
-                "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+                "image_mean": [0.5] * 3, "image_std": [0.5] * 3, **(self.mm_config.mmproj_processor or {})}
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
         if tower is None:
             raise CheckpointError(f"this LLaVA checkpoint has no vision tower (no {multimodal.PATCHES} under any of "
                                   f"{', '.join(multimodal.VISION_PREFIXES)})")
-        self.vision_tower = clip.VisionTransformer(v, tower)
+        self.vision_tower = clip.VisionTransformer(v, tower, pooled=tower.contains("post_layernorm.weight"))
         self.multi_modal_projector = Projector(cfg, multimodal.projector(vb, "linear_1.weight"))
         n = v.num_hidden_layers
         self.feature_layers = [i if i >= 0 else n + 1 + i for i in cfg.feature_layers]
@@ -103,4 +103,5 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
         """transformers' LlavaImageProcessor defaults: CLIP's."""
         s = self.mm_config.vision.image_size
         return {"size": {"shortest_edge": s}, "do_center_crop": True, "crop_size": {"height": s, "width": s},
-                "resample": 3, "image_mean": list(clip.OPENAI_MEAN), "image_std": list(clip.OPENAI_STD)}
+                "resample": 3, "image_mean": list(clip.OPENAI_MEAN), "image_std": list(clip.OPENAI_STD),
+                **(self.mm_config.mmproj_processor or {})}

@@ -86,6 +86,8 @@ class Config(ModelConfig):
     vision_config: dict | None = None
     image_token_index: int | None = None
     image_token_id: int | None = None
+    # a GGUF mmproj file's image_mean / image_std (ember.mmproj), over the family's processor defaults
+    mmproj_processor: dict | None = None
     text: Any = dataclasses.field(default=None, init=False, repr=False)
     vision: Any = dataclasses.field(default=None, init=False, repr=False)
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import gguf_source as gguf
 from ..config import MAX_LAYERS, ModelConfig
 from ..errors import ConfigError, GenerationError
 from ..nn import RMSNorm, activation, linear
@@ -312,7 +313,8 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
 
         v = self.mm_config.vision
         proc = GridPatchProcessor.from_file(path, {"patch_size": v.patch_size, "merge_size": v.spatial_merge_size,
-                                                   "temporal_patch_size": v.temporal_patch_size})
+                                                   "temporal_patch_size": v.temporal_patch_size,
+                                                   **(self.mm_config.mmproj_processor or {})})
         if (proc.patch_size, proc.merge_size, proc.temporal_patch_size) != (v.patch_size, v.spatial_merge_size,
                                                                           v.temporal_patch_size):
             raise ConfigError(f"{path}: the processor's patch_size / merge_size / temporal_patch_size "
@@ -402,3 +404,21 @@ class ForConditionalGeneration(multimodal.ImageTextLM):
 def _image_runs(ids: list[int], image: int):
     """The starts of the runs of image tokens in `ids`."""
     return (i for i, t in enumerate(ids) if t == image and (i == 0 or ids[i - 1] != image))
+
+
+# ---- GGUF: the decoder of Qwen2-VL / Qwen2.5-VL files (llama.cpp's qwen2vl; the vision tower comes from
+# their mmproj file, ember.mmproj) -------------------------------------------------------------------
+def _gguf_qwen2vl(meta: gguf.Meta) -> dict:
+    """A Qwen2 decoder whose rotary frequencies split into M-RoPE sections (rope.dimension_sections:
+    t, h, w and a fourth, zero, part)."""
+    cfg = gguf.decoder_config(meta, "qwen2")
+    sections = meta.need("rope.dimension_sections", kind=list)
+    if not (3 <= len(sections) <= 4 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sections)
+            and not any(sections[3:])):
+        raise ConfigError(f"{meta.f.path}: qwen2vl.rope.dimension_sections should be [t, h, w, 0], got {sections!r:.80}")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 10000.0),
+                              "mrope_section": sections[:3]}
+    return cfg
+
+
+GGUF = {"qwen2vl": gguf.GGUFMapping(_gguf_qwen2vl)}

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available)")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation at load (CPU; safetensors)")
+    p.add_argument("--mmproj", metavar="FILE", help="a GGUF model's llama.cpp multimodal projector file "
+                   "(mmproj-*.gguf) for image+text chat")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster)")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism: split the model over N "
                    "processes (started here); rank 0 serves, the others follow its steps")
@@ -125,6 +127,7 @@ def main(args: argparse.Namespace) -> int:
           max_len=args.max_len, served_model_name=name, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, max_body_bytes=int(args.max_body_mb * (1 << 20)),
           read_timeout=args.read_timeout, quantize=args.quantize, compile=args.compile, tp=args.tp, api_key=args.api_key,
+          mmproj=args.mmproj,
           allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins
           else None, max_waiting=args.max_waiting, allow_remote_images=args.allow_remote_images,
           speculative={"prompt_lookup_num_tokens": args.prompt_lookup_num_tokens,

@@ -103,7 +103,7 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, read_timeo
 
 
 def load_models(model, embedding_model=None, *, dtype=None, device=None, quantize=None, compile=False, tp=None,
-                transcription_model=None):
+                transcription_model=None, mmproj=None):
     """(llm, embedder, transcriber) from the names; a MODEL that is an encoder makes an embeddings-only
     server, a Whisper MODEL a speech-to-text one (with an embedding model beside it if asked)."""
     import ember
@@ -115,6 +115,8 @@ def load_models(model, embedding_model=None, *, dtype=None, device=None, quantiz
         kw = {"quantize": quantize} if quantize else {}
         if tp is not None and tp != 1:
             kw["tp"] = tp
+        if mmproj:
+            kw["mmproj"] = mmproj
         m = ember.load(model, dtype=dtype, device=device, compile=compile, **kw)
         if isinstance(m, Transcriber):
             transcriber = m
@@ -171,13 +173,13 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
           threads: int | None = None, log_level: str = "info", max_body_bytes: int | None = None,
           read_timeout: float | None = None, quantize: str | None = None, compile: bool = False,
           tp: int | None = None, speculative: dict | None = None, kv_blocks: int | None = None,
-          **app_options) -> None:
+          mmproj=None, **app_options) -> None:
     """Load MODEL (and an embedding model) and serve the OpenAI API on host:port until interrupted.
 
     threads: torch CPU threads (default: torch's choice); read_timeout: seconds a client has to send a
     request's headers, and again its body (default 30). tp: split the model over this many ranks
     (tensor parallelism; every rank calls serve, rank 0 serves, the others follow its steps).
-    speculative, kv_blocks: see `prepare_llm`.
+    speculative, kv_blocks: see `prepare_llm`. mmproj: a GGUF MODEL's multimodal projector file.
     app_options: create_app's api_key, allowed_origins, max_waiting, prefix_cache.
     """
     import uvicorn
@@ -190,7 +192,8 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 8000, embedding_model
 
         torch.set_num_threads(threads)
     llm, embedder, transcriber = load_models(model, embedding_model, dtype=dtype, device=device, quantize=quantize,
-                                             compile=compile, tp=tp, transcription_model=transcription_model)
+                                             compile=compile, tp=tp, transcription_model=transcription_model,
+                                             mmproj=mmproj)
     if llm is not None:
         llm = prepare_llm(llm, max_batch, max_len, compile=compile, speculative=speculative, kv_blocks=kv_blocks,
                           app_options=app_options)
