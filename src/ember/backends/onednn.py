@@ -71,7 +71,7 @@ class PrepackedLinear(nn.Module):
     with an optional fused exact GELU acting on the float32 accumulator, and `linear_add` (the
     Linear plus a residual in one op)."""
 
-    def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024):
+    def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024, release: bool = True):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.dtype = lin.weight.dtype
@@ -79,9 +79,10 @@ class PrepackedLinear(nn.Module):
                              persistent=False)
         self.bias = lin.bias
         self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
-        from ..io.safetensors import release_view
+        if release:  # the checkpoint pages the reorder just read are no longer needed (unless the caller keeps them)
+            from ..io.safetensors import release_view
 
-        release_view(lin.weight)  # the checkpoint pages the reorder just read are no longer needed
+            release_view(lin.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, self.bias, self.attr, [], self.algorithm)
