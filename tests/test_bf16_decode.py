@@ -139,3 +139,15 @@ def test_tiny_bf16_llama_decodes_through_the_fused_layer(bf16_folder, monkeypatc
     with ops.using({name: None for name in ops.DEFAULTS}):
         want = _decode_logits(ember.load(bf16_folder))
     assert torch.nn.functional.cosine_similarity(got[0], want[0], dim=-1).min().item() > 0.999
+
+
+def test_weight_bytes_counts_the_decode_weight_once(bf16_folder):
+    """`ember bench`'s bytes per decode step: the plain bf16 weights, not the prefill's prepacked copy."""
+    import ember
+    from ember.engine.bench import weight_bytes
+
+    llm = ember.load(bf16_folder)
+    plain = sum(m.weight.numel() * 2 for m in llm.model.modules() if type(m) is native.NativeBf16Linear)
+    # the Linears (the tied head reads the embedding table) plus the norms' weights
+    norms = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if n.endswith("norm.weight"))
+    assert weight_bytes(llm.model) == plain + norms

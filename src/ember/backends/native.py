@@ -111,6 +111,7 @@ class NativeBf16Linear(nn.Module):
             from .onednn import PrepackedLinear
 
             self.prefill = PrepackedLinear(lin, release=False)  # the plain weight stays: decode reads it
+            self.prefill.decode_reads = False  # not streamed by a decode step (engine.bench.weight_bytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import BF16_MAX_ROWS, bf16_linear
