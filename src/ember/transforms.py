@@ -20,6 +20,10 @@ backend wants of them is done here, after the build, never inside a layer's cons
   int4          QuantLinear -> torch's int4 kernel (CPUs with native bf16, when native-quant is off)
   dequantize    QuantLinear marked dense_fallback (no fast form) -> a dense Linear, once
   native-bf16   bf16 Linear -> the native bf16 GEMV (CPUs without native bf16)
+  native-bf16-prepack
+                a causal LM's bf16 Linear -> the native bf16 GEMV for decode rows (and the whole
+                decoder layer as one native call), a oneDNN-prepacked copy for prefill (CPUs with
+                native bf16; the plain weight is kept beside the copy)
   prepack       bf16 Linear -> oneDNN's blocked layout (CPUs with native bf16)
   prepack-f32   an encoder's float32 Linears -> oneDNN's blocked layout, bias, GELU and residual add
                 fused (any CPU)
@@ -107,6 +111,12 @@ def _native_bf16(model: nn.Module) -> int:
     return use_bf16_kernels(model)
 
 
+def _native_bf16_prepack(model: nn.Module) -> int:
+    from .backends.native import use_bf16_kernels
+
+    return use_bf16_kernels(model, prepack=True)
+
+
 def _prepack(model: nn.Module) -> int:
     from .backends.onednn import prepack_all
 
@@ -138,6 +148,9 @@ TRITON_OPS = Transform("triton-ops", _triton_ops, "norms, SwiGLU and live-token 
 INT4 = Transform("int4", _int4, "GGUF blocks repacked for torch's int4 CPU kernel (native bf16 CPUs)")
 DEQUANTIZE = Transform("dequantize", _dequantize, "quantised linears with no fast form dequantised once")
 NATIVE_BF16 = Transform("native-bf16", _native_bf16, "bf16 weights on the native GEMV (CPUs without native bf16)")
+NATIVE_BF16_PREPACK = Transform("native-bf16-prepack", _native_bf16_prepack,
+                                "bf16 weights per phase: decode on the native GEMV (one native call a layer), "
+                                "prefill on a oneDNN-prepacked copy (CPUs with native bf16)")
 PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
 PREPACK_F32 = Transform("prepack-f32", _prepack_f32, "an encoder's float32 weights in oneDNN's blocked layout, "
                         "bias, GELU and residual add fused")
@@ -206,7 +219,9 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         steps.append(TRITON_OPS)
     if cpu and dtype == torch.bfloat16 and task in ("causal-lm", "encoder"):
         if bf16_native():
-            if prepack is not False:
+            if prepack is not False and task == "causal-lm" and native_kernels(device):
+                steps.append(NATIVE_BF16_PREPACK)
+            elif prepack is not False:
                 steps.append(PREPACK)
         elif native_kernels(device):
             steps.append(NATIVE_BF16)

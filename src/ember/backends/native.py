@@ -4,8 +4,11 @@ layers: the `native` transforms' backend.
 - `NativeQuantLinear`: a GGUF linear computed on its blocks as they are in the file (activations
   quantised to int8 blocks and dotted in integer arithmetic, as llama.cpp does): weights stay
   quantised in memory at any model size, and decode streams them at memory bandwidth.
-- `NativeBf16Linear`: a bf16 linear on a CPU without native bf16 (AVX2): decode rows stream the
-  bf16 weight through the native GEMV; prefill (many rows, compute-bound) multiplies in float32.
+- `NativeBf16Linear`: a bf16 linear: decode rows stream the bf16 weight through the native GEMV
+  (vdpbf16ps with AVX512-BF16, widen + FMA otherwise); prefill (many rows, compute-bound) runs on a
+  oneDNN-prepacked copy on CPUs with native bf16, else multiplies in float32 (AVX2).
+- the decoder-layer op (`ops.decoder_layer`) as one native call per decode token, over GGUF-block
+  projections (`quant_decoder_layer`) or bf16 ones (`bf16_decoder_layer`).
 """
 from __future__ import annotations
 
@@ -94,13 +97,21 @@ class NativeQuantLinear(nn.Module):
 
 
 class NativeBf16Linear(nn.Module):
-    """A bf16 Linear for CPUs without native bf16: the native GEMV for decode rows, float32 for
-    prefill (the bf16 weight widened per call: cheap beside a many-row matmul)."""
+    """A bf16 Linear computed per phase: decode rows (up to kernels.BF16_MAX_ROWS) stream the bf16
+    weight through the native GEMV; more rows (prefill, compute-bound) go to `prefill` when set (a
+    oneDNN-prepacked copy, on CPUs with native bf16), else to float32 F.linear (the bf16 weight
+    widened per call: AVX2 has no bf16 FMA, and this is cheap beside a many-row matmul)."""
 
-    def __init__(self, lin: Linear):
+    def __init__(self, lin: Linear, prepack: bool = False):
         super().__init__()
         self.weight, self.bias = lin.weight, lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.prefill = None
+        if prepack:
+            from .onednn import PrepackedLinear
+
+            self.prefill = PrepackedLinear(lin, release=False)  # the plain weight stays: decode reads it
+            self.prefill.decode_reads = False  # not streamed by a decode step (engine.bench.weight_bytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import BF16_MAX_ROWS, bf16_linear
@@ -109,11 +120,14 @@ class NativeBf16Linear(nn.Module):
         if rows <= BF16_MAX_ROWS:
             y = bf16_linear(x, self.weight)
             return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.prefill is not None and x.dtype == self.weight.dtype:
+            return self.prefill(x)
         y = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 native"
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 native"
+                + (", prefill prepacked" if self.prefill is not None else ""))
 
 
 def use_quant_kernels(model: nn.Module) -> int:
@@ -126,12 +140,17 @@ def use_quant_kernels(model: nn.Module) -> int:
                     and supported(m.ggml_type), NativeQuantLinear)
 
 
-def use_bf16_kernels(model: nn.Module) -> int:
-    """Every CPU bf16 Linear becomes a NativeBf16Linear."""
+def use_bf16_kernels(model: nn.Module, prepack: bool = False) -> int:
+    """Every CPU bf16 Linear becomes a NativeBf16Linear (prepack: its prefill rows on a
+    oneDNN-prepacked copy, where oneDNN has bf16 here)."""
     if not available():
         return 0
+    if prepack:
+        from .onednn import can_prepack
+
+        prepack = can_prepack(torch.bfloat16)
     return replace_modules(model, lambda m: isinstance(m, Linear) and m.weight.dtype == torch.bfloat16
-                    and m.weight.device.type == "cpu", NativeBf16Linear)
+                    and m.weight.device.type == "cpu", lambda m: NativeBf16Linear(m, prepack))
 
 
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
@@ -209,10 +228,17 @@ def _native_rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cach
         qkv.isa, _kernels._isa_index())
 
 
+def _bf16_pair(a, b) -> bool:
+    """Both layers NativeBf16Linears without bias: the fused native calls can run them."""
+    return type(a) is NativeBf16Linear and type(b) is NativeBf16Linear and a.bias is None and b.bias is None
+
+
 def _native_decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale, w2, eps2,
                           gate_up, down):
     dtype = x.dtype
-    if (not (_quant_pair(qkv, o_proj) and _quant_pair(gate_up, down) and qkv.isa == gate_up.isa) or not x.is_cpu
+    quant = _quant_pair(qkv, o_proj) and _quant_pair(gate_up, down) and qkv.isa == gate_up.isa
+    bf16 = not quant and _bf16_pair(qkv, o_proj) and _bf16_pair(gate_up, down)
+    if (not (quant or bf16) or not x.is_cpu
             or dtype not in _F32_BF16 or pending.dtype is not dtype or x.shape != pending.shape
             or w1.dtype not in _F32_BF16 or w2.dtype not in _F32_BF16
             or k_cache.dtype is not dtype or v_cache.dtype is not dtype or cos.dtype not in _F32_BF16
@@ -220,9 +246,15 @@ def _native_decoder_layer(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, 
             or (torch.is_grad_enabled() and (x.requires_grad or pending.requires_grad))):
         return ops.default("decoder_layer")(x, pending, w1, eps1, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads,
                                             scale, w2, eps2, gate_up, down)
+    if scale is None:
+        scale = k_cache.shape[-1] ** -0.5
+    if bf16:
+        return torch.ops.ember.bf16_decoder_layer.default(
+            x, pending, w1, eps1, qkv.weight, cos, sin, k_cache, v_cache, pos, heads, scale, o_proj.weight, w2, eps2,
+            gate_up.weight, down.weight, _kernels._isa_index())
     return torch.ops.ember.quant_decoder_layer.default(
         x, pending, w1, eps1, qkv.qweight, qkv.ggml_type, qkv.out_features, cos, sin, k_cache, v_cache, pos, heads,
-        k_cache.shape[-1] ** -0.5 if scale is None else scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
+        scale, o_proj.qweight, o_proj.ggml_type, o_proj.out_features,
         w2, eps2, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight, down.ggml_type,
         down.out_features, qkv.isa, _kernels._isa_index())
 

@@ -86,9 +86,11 @@ class PrepackedLinear(nn.Module):
     Linear plus a residual in one op).
 
     lazy_rows > 0: the reorder waits for the first call with at least that many rows; calls before
-    it compute F.linear (+ GELU, + residual) on the original weight."""
+    it compute F.linear (+ GELU, + residual) on the original weight. release=False keeps the
+    checkpoint's pages of the weight (a caller that still reads the plain weight, e.g. a decode GEMV)."""
 
-    def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024, lazy_rows: int = 0):
+    def __init__(self, lin: Linear, gelu: bool = False, rows_hint: int = 1024, lazy_rows: int = 0,
+                 release: bool = True):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.dtype = lin.weight.dtype
@@ -97,6 +99,7 @@ class PrepackedLinear(nn.Module):
         self.register_buffer("prepacked", None, persistent=False)
         self.bias = lin.bias
         self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+        self.release = release
         if not lazy_rows:
             self._pack()
 
@@ -109,9 +112,10 @@ class PrepackedLinear(nn.Module):
             return None
         p = torch.ops.mkldnn._reorder_linear_weight(w, self.rows_hint)
         self.prepacked, self._plain = p, None
-        from ..io.safetensors import release_view
+        if self.release:  # the checkpoint pages the reorder just read are no longer needed
+            from ..io.safetensors import release_view
 
-        release_view(w)  # the checkpoint pages the reorder just read are no longer needed
+            release_view(w)
         return p
 
     def _packed_for(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

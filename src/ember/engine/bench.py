@@ -55,6 +55,8 @@ def weight_bytes(model) -> int:
 
     read, sizes = set(), {}
     for m in model.modules():
+        if getattr(m, "decode_reads", True) is False:  # e.g. a prefill-only copy of a weight (NativeBf16Linear)
+            continue
         gathered = "Embedding" in type(m).__name__
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
             k = key(t)

@@ -229,9 +229,10 @@ BF16_MAX_ROWS = 4
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y = x @ w^T for a bfloat16 weight [N, K], summed in float32; x: [..., K] float32 or
     bfloat16; returns [..., N] in x's dtype. Up to BF16_MAX_ROWS rows (decode) it streams the
-    weight with the native kernel (torch's bf16 F.linear reaches only a fraction of memory
-    bandwidth on AVX2 CPUs); otherwise, or without the kernels, torch's bf16 F.linear (x rounded
-    to bfloat16 first, as a bf16 model computes)."""
+    weight with the native kernel (csrc/bf16_gemv.h: widen + FMA on AVX2 / AVX-512; at the
+    avx512_vnni level on a CPU with AVX512-BF16 and a bf16 x, vdpbf16ps), torch's threads splitting the
+    output rows; otherwise, or without the kernels, torch's bf16 F.linear (x rounded to bfloat16
+    first, as a bf16 model computes)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if (x2.shape[0] > BF16_MAX_ROWS or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.dim() != 2

@@ -269,9 +269,11 @@ class DecoderLayer(nn.Module):
         """The layer with its last residual add left to the caller: the input is x + pending (pending
         None: x), the output x' + h' is returned as (x', h'), so that the add fuses with the next
         norm (`RMSNorm.add_forward`). The same ops as forward(), in the same order."""
-        if pending is not None and x.shape[-2] == 1 and not torch.compiler.is_compiling() and self.plain_block():
+        if x.shape[-2] == 1 and not torch.compiler.is_compiling() and self.plain_block():
             slot = step.decode_slot(self.self_attn.layer_idx, self.self_attn.window)
             if slot is not None:  # one row's decode token: the whole layer as one op (ops.decoder_layer)
+                if pending is None:  # the first layer: x + 0 is x (bit for bit), so its norm is too
+                    pending = torch.zeros_like(x)
                 a, f = self.self_attn, self.mlp
                 n1, n2 = self.input_layernorm, self.post_attention_layernorm
                 return ops.decoder_layer(x, pending, n1.weight, n1.eps, a.qkv.fused, a.o_proj, cos, sin, *slot,

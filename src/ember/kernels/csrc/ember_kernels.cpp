@@ -10,7 +10,8 @@
 //       the raw blocks of each output row; returns [..., N] in x's dtype. isa: 0 generic, 1 avx2, 2 avx512,
 //       3 avx512_vnni (clamped to what this CPU supports).
 //   bf16_mm(Tensor x, Tensor w, int isa) -> Tensor
-//       x: [M, K] float32 or bfloat16; w: bfloat16 [N, K]; [M, N] in x's dtype (float32 sums).
+//       x: [..., K] float32 or bfloat16; w: bfloat16 [N, K]; [..., N] in x's dtype (float32 sums; isa 3
+//       on a CPU with AVX512-BF16 and a bf16 x: vdpbf16ps). A GEMV: meant for a few rows (decode).
 //   cpu_isa() -> int      the best isa id this CPU (and OS) supports.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -267,6 +268,8 @@ static int64_t cpu_isa() {
     return isa;
 }
 
+#include "bf16_gemv.h"
+
 static int64_t block_elems(int64_t type) {
     switch (type) {
         case 2: case 3: case 6: case 7: case 8: return 32;
@@ -406,52 +409,26 @@ at::Tensor ggml_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t type, in
     return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
-// y = x @ w^T with w bf16 [N, K]: float32 accumulation, x float32 or bf16 [M, K]; for small M
-// (decode), where it streams w at memory bandwidth. Generic ISA: plain scalar loops.
-at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
-    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "ember.bf16_mm: x must be a contiguous 2-D CPU tensor");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "ember.bf16_mm: x must be float32 or bfloat16");
+// y = x @ w^T with w bf16 [N, K]: float32 accumulation, x float32 or bf16 [..., K]; for small M
+// (decode), where it streams w at memory bandwidth (bf16_gemv.h).
+at::Tensor bf16_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t isa) {
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu(), "ember.bf16_mm: x must be a CPU tensor of at least 1 dimension");
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "ember.bf16_mm: x must be float32 or bfloat16");
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.device().is_cpu(),
                 "ember.bf16_mm: w must be a contiguous 2-D bfloat16 CPU tensor");
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+    const at::Tensor x = x_in.is_contiguous() ? x_in : x_in.contiguous();
+    const int64_t K = x.size(-1), N = w.size(0);
     TORCH_CHECK(w.size(1) == K, "ember.bf16_mm: x has K=", K, " but w has ", w.size(1));
-    at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-    if (M == 0 || N == 0) return out.to(x.scalar_type());
-    const int64_t kh = (K + 1) / 2;
-    std::vector<float> xe(M * kh, 0.0f), xo(M * kh, 0.0f);
+    c10::SmallVector<int64_t, 6> out_sizes(x.sizes().begin(), x.sizes().end());
+    out_sizes.back() = N;
+    at::Tensor out = at::empty(out_sizes, x.options());
+    const int64_t M = K ? x.numel() / K : 0;
+    if (N == 0 || (M == 0 && K != 0)) return out;
+    if (K == 0) return out.zero_();
     const bool xb = x.scalar_type() == at::kBFloat16;
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) {
-            float v;
-            if (xb) {
-                const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(x.data_ptr())[m * K + k]) << 16;
-                std::memcpy(&v, &bits, 4);
-            } else {
-                v = x.data_ptr<float>()[m * K + k];
-            }
-            ((k & 1) ? xo : xe)[m * kh + k / 2] = v;
-        }
-    const uint16_t* wp = static_cast<const uint16_t*>(w.data_ptr());
-    float* op = out.data_ptr<float>();
-    isa = std::min(isa, cpu_isa());
-    const int64_t grain = std::max<int64_t>(1, 32768 / (2 * K));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-#if EMBER_X86
-        if (isa >= 1) { avx2::bf16_rows(wp, K, xe.data(), xo.data(), kh, M, n0, n1, op, N); return; }
-#endif
-        for (int64_t n = n0; n < n1; ++n)
-            for (int64_t m = 0; m < M; ++m) {
-                float acc = 0.0f;
-                for (int64_t k = 0; k < K; ++k) {
-                    const uint32_t bits = static_cast<uint32_t>(wp[n * K + k]) << 16;
-                    float wf;
-                    std::memcpy(&wf, &bits, 4);
-                    acc += wf * ((k & 1) ? xo : xe)[m * kh + k / 2];
-                }
-                op[m * N + n] = acc;
-            }
-    });
-    return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+    bf16_gemv(static_cast<const uint16_t*>(w.data_ptr()), N, K, x.data_ptr(), xb, M, out.data_ptr(), xb,
+              std::min(isa, cpu_isa()));
+    return out;
 }
 
 int64_t cpu_isa_op() { return cpu_isa(); }

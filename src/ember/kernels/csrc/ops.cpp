@@ -37,6 +37,9 @@
 //                       <quant_swiglu's from w_gu to n_down>, mm_isa, isa) -> (Tensor, Tensor)
 //       a pre-norm Llama layer's decode token: add_rms_norm(x, pending), the attention block, add_rms_norm,
 //       the MLP block; returns (the residual stream, the MLP's output), the last add left to the caller.
+//   bf16_decoder_layer(x, pending, w1, eps1, w_qkv, cos, sin, k_cache, v_cache, pos, heads, scale, w_o, w2, eps2,
+//                      w_gu, w_down, isa) -> (Tensor, Tensor)
+//       the same layer with bfloat16 weights [N, K] (the decode GEMV, bf16_mm, for each projection).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -62,6 +65,7 @@
 
 namespace ember_kernels {  // ember_kernels.cpp
 at::Tensor ggml_mm(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t out_features, int64_t isa);
+at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& w, int64_t isa);
 }
 
 namespace ember_ops {
@@ -593,17 +597,45 @@ at::Tensor quant_rope_cache_attention(const at::Tensor& x, const at::Tensor& w_q
     return ember_kernels::ggml_mm(o, w_o, t_o, n_o, mm_isa);
 }
 
+// A pre-norm Llama layer's decode token given its four projections as mm(i, x), i = 0 q/k/v, 1 o,
+// 2 gate/up, 3 down: the separate ops in the same order on the same tensors.
+template <class MM>
+static std::tuple<at::Tensor, at::Tensor> decoder_layer_with(const MM& mm, const at::Tensor& x, const at::Tensor& pending,
+                                                             const at::Tensor& w1, double eps1, const at::Tensor& cos,
+                                                             const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
+                                                             int64_t pos, int64_t heads, double scale, const at::Tensor& w2,
+                                                             double eps2, int64_t isa) {
+    const auto a = add_rms_norm(x, pending, w1, eps1, isa);
+    const at::Tensor o = rope_cache_attention(mm(0, std::get<1>(a)), cos, sin, k_cache, v_cache, pos, heads, scale, isa);
+    const auto b = add_rms_norm(std::get<0>(a), mm(1, o), w2, eps2, isa);
+    return {std::get<0>(b), mm(3, silu_mul(mm(2, std::get<1>(b)), c10::nullopt, isa))};
+}
+
 std::tuple<at::Tensor, at::Tensor> quant_decoder_layer(
         const at::Tensor& x, const at::Tensor& pending, const at::Tensor& w1, double eps1, const at::Tensor& w_qkv,
         int64_t t_qkv, int64_t n_qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
         int64_t pos, int64_t heads, double scale, const at::Tensor& w_o, int64_t t_o, int64_t n_o, const at::Tensor& w2,
         double eps2, const at::Tensor& w_gu, int64_t t_gu, int64_t n_gu, const at::Tensor& w_down, int64_t t_down,
         int64_t n_down, int64_t mm_isa, int64_t isa) {
-    const auto a = add_rms_norm(x, pending, w1, eps1, isa);
-    const at::Tensor h = quant_rope_cache_attention(std::get<1>(a), w_qkv, t_qkv, n_qkv, cos, sin, k_cache, v_cache, pos,
-                                                    heads, scale, w_o, t_o, n_o, mm_isa, isa);
-    const auto b = add_rms_norm(std::get<0>(a), h, w2, eps2, isa);
-    return {std::get<0>(b), quant_swiglu(std::get<1>(b), w_gu, t_gu, n_gu, w_down, t_down, n_down, mm_isa, isa)};
+    const at::Tensor* w[4] = {&w_qkv, &w_o, &w_gu, &w_down};
+    const int64_t t[4] = {t_qkv, t_o, t_gu, t_down}, n[4] = {n_qkv, n_o, n_gu, n_down};
+    auto mm = [&](int i, const at::Tensor& in) { return ember_kernels::ggml_mm(in, *w[i], t[i], n[i], mm_isa); };
+    return decoder_layer_with(mm, x, pending, w1, eps1, cos, sin, k_cache, v_cache, pos, heads, scale, w2, eps2, isa);
+}
+
+// the same layer on bf16 weights [N, K] (ember_kernels.cpp's bf16_mm: the decode GEMV)
+std::tuple<at::Tensor, at::Tensor> bf16_decoder_layer(
+        const at::Tensor& x, const at::Tensor& pending, const at::Tensor& w1, double eps1, const at::Tensor& w_qkv,
+        const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t pos, int64_t heads,
+        double scale, const at::Tensor& w_o, const at::Tensor& w2, double eps2, const at::Tensor& w_gu,
+        const at::Tensor& w_down, int64_t isa) {
+    TORCH_CHECK(w_qkv.size(0) == (heads + 2 * k_cache.size(1)) * k_cache.size(3) && w_gu.size(0) % 2 == 0 &&
+                    w_down.size(1) == w_gu.size(0) / 2 && w_o.size(1) == heads * k_cache.size(3),
+                "ember.bf16_decoder_layer: projection shapes ", w_qkv.sizes(), " ", w_o.sizes(), " ", w_gu.sizes(), " ",
+                w_down.sizes(), " do not fit ", heads, " heads and a cache ", k_cache.sizes());
+    const at::Tensor* w[4] = {&w_qkv, &w_o, &w_gu, &w_down};
+    auto mm = [&](int i, const at::Tensor& in) { return ember_kernels::bf16_mm(in, *w[i], isa); };
+    return decoder_layer_with(mm, x, pending, w1, eps1, cos, sin, k_cache, v_cache, pos, heads, scale, w2, eps2, isa);
 }
 
 }  // namespace ember_ops
@@ -613,6 +645,9 @@ TORCH_LIBRARY_FRAGMENT(ember, m) {
           "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale, Tensor w_o, "
           "int t_o, int n_o, Tensor w2, float eps2, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, "
           "int n_down, int mm_isa, int isa) -> (Tensor, Tensor)");
+    m.def("bf16_decoder_layer(Tensor x, Tensor pending, Tensor w1, float eps1, Tensor w_qkv, Tensor cos, Tensor sin, "
+          "Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int heads, float scale, Tensor w_o, Tensor w2, float eps2, "
+          "Tensor w_gu, Tensor w_down, int isa) -> (Tensor, Tensor)");
     m.def("quant_swiglu(Tensor x, Tensor w_gu, int t_gu, int n_gu, Tensor w_down, int t_down, int n_down, int mm_isa, "
           "int isa) -> Tensor");
     m.def("quant_rope_cache_attention(Tensor x, Tensor w_qkv, int t_qkv, int n_qkv, Tensor cos, Tensor sin, "
@@ -635,4 +670,5 @@ TORCH_LIBRARY_IMPL(ember, CPU, m) {
     m.impl("quant_swiglu", &ember_ops::quant_swiglu);
     m.impl("quant_rope_cache_attention", &ember_ops::quant_rope_cache_attention);
     m.impl("quant_decoder_layer", &ember_ops::quant_decoder_layer);
+    m.impl("bf16_decoder_layer", &ember_ops::bf16_decoder_layer);
 }

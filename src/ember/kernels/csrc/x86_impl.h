@@ -784,54 +784,6 @@ static void gemm_q32_rows(const Ctx& c, const ActV32& A, int64_t type, int64_t n
 #endif  // EMBER_VNNI
 
 // ---------------------------------------------------------------------------------------------
-// bf16-weight GEMV: y[m, n] = sum_k x[m, k] * w[n, k], w bf16 [N, K], x given de-interleaved as
-// float even/odd halves (xe[m][k/2] = x[m][2i], xo = x[m][2i+1]) so that a 32-bit lane of w
-// (two bf16) converts to floats with one shift (even) and one mask (odd): no cross-lane shuffles.
-template <int MR>
-static void bf16_rows_t(const uint16_t* w, int64_t K, const float* xe, const float* xo, int64_t ldxh, int64_t n0,
-                        int64_t n1, float* out, int64_t N, int64_t m0) {
-    const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const int64_t kh = K / 2;
-    for (int64_t n = n0; n < n1; ++n) {
-        const uint16_t* wr = w + n * K;
-        __m256 a0[MR], a1[MR];
-        for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
-        int64_t k = 0;  // k counts pairs
-        for (; k + 16 <= kh; k += 16) {
-            if (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wr + 2 * k) + EMBER_PF, _MM_HINT_T0);
-            const __m256i v0 = loadu(wr + 2 * k), v1 = loadu(wr + 2 * k + 16);
-            const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
-            const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
-            for (int i = 0; i < MR; ++i) {
-                const float* pe = xe + (m0 + i) * ldxh + k;
-                const float* po = xo + (m0 + i) * ldxh + k;
-                a0[i] = _mm256_fmadd_ps(e0, _mm256_loadu_ps(pe), a0[i]);
-                a1[i] = _mm256_fmadd_ps(o0, _mm256_loadu_ps(po), a1[i]);
-                a0[i] = _mm256_fmadd_ps(e1, _mm256_loadu_ps(pe + 8), a0[i]);
-                a1[i] = _mm256_fmadd_ps(o1, _mm256_loadu_ps(po + 8), a1[i]);
-            }
-        }
-        for (int i = 0; i < MR; ++i) {
-            float r = hsum8(_mm256_add_ps(a0[i], a1[i]));
-            for (int64_t j = 2 * k; j < K; ++j) {  // tail (K not a multiple of 32)
-                const uint32_t bits = static_cast<uint32_t>(wr[j]) << 16;
-                float wf;
-                std::memcpy(&wf, &bits, 4);
-                r += wf * ((j & 1) ? xo[(m0 + i) * ldxh + j / 2] : xe[(m0 + i) * ldxh + j / 2]);
-            }
-            out[(m0 + i) * N + n] = r;
-        }
-    }
-}
-
-static void bf16_rows(const uint16_t* w, int64_t K, const float* xe, const float* xo, int64_t ldxh, int64_t M,
-                      int64_t n0, int64_t n1, float* out, int64_t N) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) bf16_rows_t<4>(w, K, xe, xo, ldxh, n0, n1, out, N, m);
-    for (; m + 2 <= M; m += 2) bf16_rows_t<2>(w, K, xe, xo, ldxh, n0, n1, out, N, m);
-    for (; m < M; ++m) bf16_rows_t<1>(w, K, xe, xo, ldxh, n0, n1, out, N, m);
-}
-// ---------------------------------------------------------------------------------------------
 // Row driver: rows [n0, n1) of the output for all M activation rows.
 template <class KERN>
 static void run_rows(const Ctx& c, int64_t n0, int64_t n1) {

@@ -1,0 +1,153 @@
+"""bf16 weights on the native decode path: `ops.decoder_layer` as one native call
+(`bf16_decoder_layer`) over NativeBf16Linears, on every ISA this machine runs, against the separate
+native ops (bit-identical: the same kernels in the same order) and against the pure-PyTorch fallback
+(plain bf16 Linears and the default ops: bf16 rounding apart); and a tiny bf16 Llama loaded as
+ember.load does it (per-phase linears) decoding as the fallback does."""
+import pytest
+import torch
+
+from ember.nn import ops
+from ember.nn.layers import Linear
+
+native = pytest.importorskip("ember.backends.native")
+kernels = pytest.importorskip("ember.kernels")
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+ISAS = kernels.isas() if native.available() else []
+BF16 = torch.bfloat16
+
+
+def _rel(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.fixture(autouse=True)
+def _native_ops():
+    native.register_ops()
+    yield
+    kernels.set_isa(None)
+
+
+def _linears(n, k, g):
+    """(a plain bf16 Linear, its NativeBf16Linear) over the same weight."""
+    lin = Linear((torch.randn(n, k, generator=g) * k ** -0.5).to(BF16))
+    return lin, native.NativeBf16Linear(lin)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_decoder_layer(isa):
+    g = torch.Generator().manual_seed(31)
+    E, H, KV, D, F_, pos = 96, 6, 2, 16, 160, 7  # K of 96 / 160: the kernels' tails (not multiples of 32)
+    (qkv_ref, qkv), (o_ref, o), (gu_ref, gu), (down_ref, down) = (
+        _linears(n, k, g) for n, k in (((H + 2 * KV) * D, E), (E, H * D), (2 * F_, E), (E, F_)))
+    x, pending = (torch.randn(1, 1, E, generator=g).to(BF16) for _ in range(2))
+    w1, w2 = (torch.rand(E, generator=g).add(0.5).to(BF16) for _ in range(2))
+    ang = torch.rand(1, 1, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF16), torch.cat([ang.sin()] * 2, -1).to(BF16)
+    caches = [torch.randn(1, KV, 16, D, generator=g).to(BF16) for _ in range(2)]
+    fused, separate, ref = ([c.clone() for c in caches] for _ in range(3))
+    with kernels.use_isa(isa):
+        got = ops.decoder_layer(x, pending, w1, 1e-5, qkv, o, cos, sin, *fused, pos, H, None, w2, 1e-5, gu, down)
+        s, n = ops.add_rms_norm(x, pending, w1, 1e-5)
+        s, n = ops.add_rms_norm(s, o(ops.rope_cache_attention(qkv(n), cos, sin, *separate, pos, H, None)), w2, 1e-5)
+        sep = (s, down(ops.silu_mul(gu(n))))
+    assert all(a.shape == (1, 1, E) and a.dtype == BF16 for a in got)
+    assert torch.equal(got[0], sep[0]) and torch.equal(got[1], sep[1])
+    assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
+    assert not torch.equal(fused[0][:, :, pos], caches[0][:, :, pos])  # the token's k was written
+    with ops.using({name: None for name in ops.DEFAULTS}):
+        want = ops.decoder_layer(x, pending, w1, 1e-5, qkv_ref, o_ref, cos, sin, *ref, pos, H, None, w2, 1e-5, gu_ref,
+                                 down_ref)
+    # bf16 rounding of every op's output, in a different summation order: ~2^-8 relative per op
+    assert _rel(got[0], want[0]) <= 1e-2 and _rel(got[1], want[1]) <= 3e-2
+    assert _rel(fused[0], ref[0]) <= 1e-2 and _rel(fused[1], ref[1]) <= 1e-2
+
+
+def test_bf16_decoder_layer_falls_back_with_a_bias_or_a_plain_linear():
+    g = torch.Generator().manual_seed(5)
+    E, H, KV, D, F_ = 64, 4, 2, 16, 96
+    (qkv_ref, qkv), (o_ref, o), (gu_ref, gu), (down_ref, down) = (
+        _linears(n, k, g) for n, k in (((H + 2 * KV) * D, E), (E, H * D), (2 * F_, E), (E, F_)))
+    biased = native.NativeBf16Linear(Linear(o_ref.weight, torch.randn(E, generator=g).to(BF16)))
+    x, pending = (torch.randn(1, 1, E, generator=g).to(BF16) for _ in range(2))
+    w = torch.ones(E, dtype=BF16)
+    cos, sin = torch.ones(1, 1, D, dtype=BF16), torch.zeros(1, 1, D, dtype=BF16)
+    for o_proj in (biased, o_ref):
+        caches = [torch.zeros(1, KV, 8, D, dtype=BF16) for _ in range(2)]
+        again = [c.clone() for c in caches]
+        got = ops.decoder_layer(x, pending, w, 1e-5, qkv, o_proj, cos, sin, *caches, 3, H, None, w, 1e-5, gu, down)
+        want = ops.default("decoder_layer")(x, pending, w, 1e-5, qkv, o_proj, cos, sin, *again, 3, H, None, w, 1e-5,
+                                            gu, down)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    from parity import save, tiny_hf_model
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    d = tmp_path_factory.mktemp("bf16dec")
+    save(tiny_hf_model(cfg, init=0.05).to(BF16), d)
+    return d
+
+
+def _decode_logits(llm, steps=(3, 17, 99, 4)):
+    with torch.no_grad():
+        cache = llm.model.new_cache(1, 64)
+        llm.model(torch.arange(1, 11)[None], position_ids=torch.arange(10)[None], cache=cache, kv_len=10)
+        out = [llm.model(torch.tensor([[t]]), position_ids=torch.tensor([[10 + i]]), cache=cache, kv_len=11 + i)
+               for i, t in enumerate(steps)]
+    return torch.cat(out, 1).float()
+
+
+@pytest.mark.parametrize("cap", [None, "avx2"])
+def test_tiny_bf16_llama_decodes_through_the_fused_layer(bf16_folder, monkeypatch, cap):
+    """ember.load on a bf16 checkpoint: decode runs one native call per layer over the plain bf16
+    weights (prefill on oneDNN's prepacked copy where the CPU has native bf16, float32 on AVX2), with
+    the fallback's logits (bf16 rounding apart) and its greedy tokens."""
+    import ember
+    from ember.backends.onednn import bf16_native
+    from parity import ember_greedy
+
+    if cap:
+        monkeypatch.setenv("EMBER_CPU_ISA", cap)
+    llm = ember.load(bf16_folder)
+    assert llm.dtype == BF16
+    step = "native-bf16-prepack" if bf16_native() and native.available() else "native-bf16"
+    assert step in llm._loaded.transforms
+    layers = llm.model.model.layers
+    assert all(native._bf16_pair(la.self_attn.qkv.fused, la.self_attn.o_proj)
+               and native._bf16_pair(la.mlp.gate_up.fused, la.mlp.down_proj) for la in layers)
+    calls = []
+    counted = {"decoder_layer": (lambda f: lambda *a: calls.append(1) or f(*a))(ops.current("decoder_layer"))}
+    with ops.using(counted):
+        got, toks = _decode_logits(llm), ember_greedy(llm, [[5, 6, 7, 8]], 10)
+    assert len(calls) >= 4  # layer 1 (layer 0 has no pending residual add) x 4 decode steps
+    with ops.using({name: None for name in ops.DEFAULTS}):  # the separate ops on the same layers
+        sep, sep_toks = _decode_logits(llm), ember_greedy(llm, [[5, 6, 7, 8]], 10)
+    assert toks == sep_toks
+    assert torch.nn.functional.cosine_similarity(got[0], sep[0], dim=-1).min().item() > 0.9999
+    # an independent path: no native kernels at all (oneDNN's bf16 Linears, or float32 on AVX2)
+    from ember import transforms
+
+    monkeypatch.setattr(transforms, "native_kernels", lambda device: False)
+    with ops.using({name: None for name in ops.DEFAULTS}):
+        want = _decode_logits(ember.load(bf16_folder))
+    assert torch.nn.functional.cosine_similarity(got[0], want[0], dim=-1).min().item() > 0.999
+
+
+def test_weight_bytes_counts_the_decode_weight_once(bf16_folder):
+    """`ember bench`'s bytes per decode step: the plain bf16 weights, not the prefill's prepacked copy."""
+    import ember
+    from ember.engine.bench import weight_bytes
+
+    llm = ember.load(bf16_folder)
+    plain = sum(m.weight.numel() * 2 for m in llm.model.modules() if type(m) is native.NativeBf16Linear)
+    # the Linears (the tied head reads the embedding table) plus the norms' weights
+    norms = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if n.endswith("norm.weight"))
+    assert weight_bytes(llm.model) == plain + norms
