@@ -1,6 +1,6 @@
 """bf16 decode and prefill on CPU, interleaved in one process so that a shared machine's load hits
 every contender alike: ember's default path for a bf16 checkpoint (per phase: the decoder layer as
-one native call over the plain bf16 weights for decode, oneDNN-prepacked weights for prefill) against
+one native call over the plain bf16 weights for decode, the same weights in bf16 matmuls for prefill) against
 ember's previous path (oneDNN-prepacked Linears and the separate ops, `--no-old` to skip),
 transformers bf16, and llama.cpp BF16 (`--llama-bench`, a subprocess per round). Best of --rounds
 each (decode timed after WARM tokens); ratios to ember's default.
@@ -63,8 +63,10 @@ def main() -> int:
     print(f"ember transforms: {', '.join(new._loaded.transforms)}; ISA {a.isa}; {a.threads} threads", flush=True)
     if not a.no_old:
         plan = transforms.plan
-        transforms.plan = lambda *p, **k: [transforms.PREPACK if s is transforms.NATIVE_BF16_PREPACK else s
-                                           for s in plan(*p, **k)]
+        native_bf16 = transforms.bf16_native()  # the old path: oneDNN-prepacked Linears (native bf16)
+        transforms.plan = lambda *p, **k: [
+            transforms.PREPACK if native_bf16 and s in (transforms.NATIVE_BF16_PREPACK, transforms.NATIVE_BF16) else s
+            for s in plan(*p, **k)]
         old = ember.load(path)
         transforms.plan = plan
         old_ops = {"decoder_layer": None}  # the separate ops, as before the fused bf16 layer

@@ -108,7 +108,7 @@ def _decode_logits(llm, steps=(3, 17, 99, 4)):
 @pytest.mark.parametrize("cap", [None, "avx2"])
 def test_tiny_bf16_llama_decodes_through_the_fused_layer(bf16_folder, monkeypatch, cap):
     """ember.load on a bf16 checkpoint: decode runs one native call per layer over the plain bf16
-    weights (prefill on oneDNN's prepacked copy where the CPU has native bf16, float32 on AVX2), with
+    weights (prefill on the same weights: bf16 where the CPU has native bf16, float32 on AVX2), with
     the fallback's logits (bf16 rounding apart) and its greedy tokens."""
     import ember
     from ember.backends.onednn import bf16_native
@@ -118,8 +118,9 @@ def test_tiny_bf16_llama_decodes_through_the_fused_layer(bf16_folder, monkeypatc
         monkeypatch.setenv("EMBER_CPU_ISA", cap)
     llm = ember.load(bf16_folder)
     assert llm.dtype == BF16
-    step = "native-bf16-prepack" if bf16_native() and native.available() else "native-bf16"
-    assert step in llm._loaded.transforms
+    assert "native-bf16" in llm._loaded.transforms  # one copy of the weights: no prepacked prefill copy
+    assert not any(m.prefill is not None for m in llm.model.modules() if type(m) is native.NativeBf16Linear)
+    assert all(m.bf16_prefill == bf16_native() for m in llm.model.modules() if type(m) is native.NativeBf16Linear)
     layers = llm.model.model.layers
     assert all(native._bf16_pair(la.self_attn.qkv.fused, la.self_attn.o_proj)
                and native._bf16_pair(la.mlp.gate_up.fused, la.mlp.down_proj) for la in layers)
@@ -151,3 +152,19 @@ def test_weight_bytes_counts_the_decode_weight_once(bf16_folder):
     # the Linears (the tied head reads the embedding table) plus the norms' weights
     norms = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if n.endswith("norm.weight"))
     assert weight_bytes(llm.model) == plain + norms
+
+
+def test_prepack_true_adds_a_prepacked_prefill_copy(bf16_folder):
+    """prepack=True (on a CPU with native bf16): prefill on oneDNN's prepacked copy, decode on the plain
+    weights; the same greedy tokens as the default's one copy."""
+    import ember
+    from ember.backends.onednn import bf16_native
+    from parity import ember_greedy
+
+    if not (bf16_native() and native.available()):
+        pytest.skip("no native bf16 here: prefill runs in float32 either way")
+    one, two = ember.load(bf16_folder), ember.load(bf16_folder, prepack=True)
+    assert "native-bf16-prepack" in two._loaded.transforms and "native-bf16" in one._loaded.transforms
+    assert all(m.prefill is not None for m in two.model.modules() if type(m) is native.NativeBf16Linear)
+    prompt = [list(range(3, 40))]  # more rows than the decode GEMV takes: the prefill path
+    assert ember_greedy(one, prompt, 10) == ember_greedy(two, prompt, 10)

@@ -99,13 +99,17 @@ class NativeQuantLinear(nn.Module):
 class NativeBf16Linear(nn.Module):
     """A bf16 Linear computed per phase: decode rows (up to kernels.BF16_MAX_ROWS) stream the bf16
     weight through the native GEMV; more rows (prefill, compute-bound) go to `prefill` when set (a
-    oneDNN-prepacked copy, on CPUs with native bf16), else to float32 F.linear (the bf16 weight
-    widened per call: AVX2 has no bf16 FMA, and this is cheap beside a many-row matmul)."""
+    oneDNN-prepacked copy, on CPUs with native bf16, prepack=True), else to F.linear on the same
+    weight: in bf16 where the CPU has native bf16 (AMX / AVX512-BF16), else in float32 (the bf16
+    weight widened per call: AVX2 has no bf16 FMA, and this is cheap beside a many-row matmul)."""
 
     def __init__(self, lin: Linear, prepack: bool = False):
         super().__init__()
+        from .onednn import bf16_native
+
         self.weight, self.bias = lin.weight, lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.bf16_prefill = bf16_native()
         self.prefill = None
         if prepack:
             from .onednn import PrepackedLinear
@@ -122,12 +126,15 @@ class NativeBf16Linear(nn.Module):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.prefill is not None and x.dtype == self.weight.dtype:
             return self.prefill(x)
+        if self.bf16_prefill and x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, bf16 native"
-                + (", prefill prepacked" if self.prefill is not None else ""))
+                + (", prefill prepacked" if self.prefill is not None else
+                   ", prefill bf16" if self.bf16_prefill else ", prefill float32"))
 
 
 def use_quant_kernels(model: nn.Module) -> int:
