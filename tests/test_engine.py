@@ -163,15 +163,17 @@ def test_unpacking_prepacked_linears_gives_back_the_weights():
 
 
 @pytest.mark.slow
-def test_compiling_a_prepacked_bf16_model_on_cpu(tiny_chat):
-    """llm.with_engine(compile=...) on a model ember.load prepacked: Inductor cannot lower oneDNN's
-    packed weights, so the engine unpacks them first; tokens match the eager path."""
+@pytest.mark.parametrize("prepack", [True, None])
+def test_compiling_a_prepacked_bf16_model_on_cpu(tiny_chat, prepack):
+    """llm.with_engine(compile=...) on a bf16 model ember.load made (prepack=True: with oneDNN-packed
+    prefill copies; by default the native decode GEMV on the plain weights): Inductor cannot lower
+    oneDNN's packed weights, so the engine unpacks them first; tokens match the eager path."""
     from ember.backends.onednn import PrepackedLinear, can_prepack
 
     if not can_prepack():
         pytest.skip("no oneDNN bf16 on this CPU")
-    llm = ember.load(tiny_chat, dtype=torch.bfloat16)
-    assert any(isinstance(m, PrepackedLinear) for m in llm.model.modules())
+    llm = ember.load(tiny_chat, dtype=torch.bfloat16, prepack=prepack)
+    assert any(isinstance(m, PrepackedLinear) for m in llm.model.modules()) == bool(prepack)
     want = _tokens(llm, ["The quick brown fox"], 8)
     fast = llm.with_engine(max_batch=1, max_len=64, compile="default")
     assert not any(isinstance(m, PrepackedLinear) for m in fast.model.modules())
@@ -195,7 +197,7 @@ def test_weight_bytes_counts_prepacked_weights_and_not_gathered_tables():
     _, own_head = random_model(untied, torch.bfloat16, prepack=False)
     assert weight_bytes(own_head) == want  # the untied table is gathered, not streamed
     if can_prepack():
-        _, packed = random_model(small, torch.bfloat16)
+        _, packed = random_model(small, torch.bfloat16, prepack=True)
         assert any(type(m).__name__ == "PrepackedLinear" for m in packed.modules())
         assert weight_bytes(packed) >= want
 

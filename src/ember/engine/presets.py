@@ -76,7 +76,8 @@ class RandomVarBuilder(VarBuilder):
 
 def random_model(preset: str | dict, dtype=torch.bfloat16, device="cpu", prepack: bool | None = None, **model_kw):
     """(config, model) with random weights for a preset name or a config dict, built as `ember.load`
-    builds a checkpoint (prepacked bf16 Linears on CPU unless prepack=False)."""
+    builds a checkpoint (on CPU: the transforms ember.load plans, e.g. the native bf16 GEMV, with
+    oneDNN-prepacked prefill copies when prepack=True and none when prepack=False)."""
     from .. import registry, transforms
     from ..loading import build
 
