@@ -324,6 +324,28 @@ def test_too_many_images(pair):
         llm.chat_prompt(_ember_messages([IMAGES[2]] * 17))
 
 
+def assert_serves_image_chat(llm, messages) -> None:
+    """`llm` behind `ember serve`'s app answers `messages` (with images) through the official openai
+    client as llm.chat does (text and prompt tokens), and a corrupt image is a 400 invalid_image."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from test_serve import running_server
+
+    from ember.serve import create_app
+
+    want = llm.chat(messages, 12, ignore_eos=True, temperature=0, details=True)
+    with running_server(create_app(llm, model_name="vlm", max_batch=2)) as url, \
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+        r = client.chat.completions.create(model="vlm", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want.text
+        assert r.usage.prompt_tokens == want.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="vlm", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}])
+        assert e.value.code == "invalid_image"
+
+
 # ---- the server ---------------------------------------------------------------------------------
 def test_server_chat_with_a_data_url_image(pair, tiny_chat):
     pytest.importorskip("fastapi")

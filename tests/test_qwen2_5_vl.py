@@ -15,7 +15,7 @@ from PIL import Image  # noqa: E402
 
 import ember  # noqa: E402
 from parity import assert_varied, tiny_hf_model  # noqa: E402
-from test_image_chat import _data_url, _png  # noqa: E402
+from test_image_chat import assert_serves_image_chat, _data_url, _png  # noqa: E402
 from tinymodels import build_tokenizer  # noqa: E402
 
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -403,22 +403,4 @@ def test_mrope_rotary_matches_transformers():
 
 
 def test_server_chat_with_a_data_url_image(pair):
-    pytest.importorskip("fastapi")
-    openai = pytest.importorskip("openai")
-    from test_serve import running_server
-
-    from ember.serve import create_app
-
-    _, _, llm = pair
-    messages = _ember_messages([IMAGES[1]], "Tell me about foxes.")
-    want = llm.chat(messages, 12, ignore_eos=True, temperature=0, details=True)
-    with running_server(create_app(llm, model_name="vlm", max_batch=2)) as url, \
-            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
-        r = client.chat.completions.create(model="vlm", messages=messages, max_tokens=12, temperature=0,
-                                           extra_body={"ignore_eos": True})
-        assert r.choices[0].message.content == want.text
-        assert r.usage.prompt_tokens == want.usage.prompt_tokens
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="vlm", max_tokens=2, messages=[
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(b"garbage")}}]}])
-        assert e.value.code == "invalid_image"
+    assert_serves_image_chat(pair[2], _ember_messages([IMAGES[1]], "Tell me about foxes."))
