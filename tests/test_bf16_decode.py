@@ -168,3 +168,54 @@ def test_prepack_true_adds_a_prepacked_prefill_copy(bf16_folder):
     assert all(m.prefill is not None for m in two.model.modules() if type(m) is native.NativeBf16Linear)
     prompt = [list(range(3, 40))]  # more rows than the decode GEMV takes: the prefill path
     assert ember_greedy(one, prompt, 10) == ember_greedy(two, prompt, 10)
+
+
+def test_huge_page_weights_moves_the_decode_weights_and_keeps_ties(monkeypatch):
+    """The decode weights (>= one 2 MiB huge page of them) copied into one huge-page region: same
+    values, same outputs, a tied embedding re-pointed with its head (one Parameter still); with
+    EMBER_HUGEPAGES=0, or under a huge page of weights, they stay where they are."""
+    from torch import nn
+
+    from ember import malloc
+
+    g = torch.Generator().manual_seed(3)
+
+    def model():
+        m = nn.Module()
+        m.embed = nn.Embedding(1024, 1536).to(BF16).requires_grad_(False)  # 3 MiB: a huge page's worth
+        m.head = native.NativeBf16Linear(Linear(m.embed.weight))
+        m.proj = native.NativeBf16Linear(Linear((torch.randn(96, 1536, generator=g) * 0.03).to(BF16)))
+        m.norm = nn.Parameter(torch.ones(8), requires_grad=False)
+        return m
+
+    x = torch.randn(1, 1536, generator=g).to(BF16)
+    m = model()
+    want = m.head(x), m.proj(x), m.embed(torch.tensor([5, 1000]))
+    before = {k: (v.data_ptr(), v.clone()) for k, v in m.state_dict(keep_vars=True).items()}
+    moved = native.huge_page_weights(m)
+    if not malloc.huge_pages():
+        assert moved == 0
+        pytest.skip("no transparent huge pages here")
+    assert moved >= 1024 * 1536 * 2 + 96 * 1536 * 2
+    assert m.head.weight is m.embed.weight and isinstance(m.head.weight, nn.Parameter)
+    base = m.head.weight.untyped_storage().data_ptr()
+    assert m.proj.weight.untyped_storage().data_ptr() == base  # one region
+    for w in (m.head.weight, m.proj.weight):
+        assert w.data_ptr() % 64 == 0 and w.data_ptr() != before["head.weight"][0]
+    assert m.norm.data_ptr() == before["norm"][0]  # not a decode weight: left alone
+    for k, (_, v) in before.items():
+        assert torch.equal(m.state_dict()[k], v)
+    got = m.head(x), m.proj(x), m.embed(torch.tensor([5, 1000]))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert native.huge_page_weights(m) == moved  # again: a fresh region, the same values
+    assert torch.equal(m.proj(x), want[1])
+
+    monkeypatch.setenv("EMBER_HUGEPAGES", "0")
+    m = model()
+    ptr = m.proj.weight.data_ptr()
+    assert not malloc.huge_pages() and native.huge_page_weights(m) == 0 and m.proj.weight.data_ptr() == ptr
+    monkeypatch.delenv("EMBER_HUGEPAGES")
+    small = nn.Module()
+    small.proj = native.NativeBf16Linear(Linear(torch.ones(64, 64, dtype=BF16)))
+    ptr = small.proj.weight.data_ptr()
+    assert native.huge_page_weights(small) == 0 and small.proj.weight.data_ptr() == ptr  # under a huge page
