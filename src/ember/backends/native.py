@@ -165,38 +165,21 @@ def use_bf16_kernels(model: nn.Module, prepack: bool = False) -> int:
 
 def huge_page_weights(model: nn.Module) -> int:
     """The NativeBf16Linears' weights (what a decode step streams) copied into one region backed
-    by transparent huge pages, every parameter or buffer of `model` that was one of them (a tied
-    embedding) re-pointed at the copy. A core streams weights through 4 KiB pages (a checkpoint's
-    mmap, or ordinary allocations) ~30% slower: its prefetcher stops at every page boundary and each
-    page costs a TLB walk. Returns the bytes moved; 0 where huge pages are not to be had here
-    (ember.malloc.huge_pages), the weights then staying where they are."""
-    from ..malloc import HUGE_PAGE, advise_huge, huge_pages, page_out_file
+    by transparent huge pages (`huge_page_copies`), every parameter or buffer of `model` that was
+    one of them (a tied embedding) re-pointed at the copy, and the originals' resident pages that
+    are a checkpoint's mmap released. Returns the bytes moved; 0 where huge pages are not to be had
+    here, the weights then staying where they are."""
+    from ..malloc import page_out_file
 
-    if not huge_pages():
-        return 0
-    # each weight at a 64-byte (cache line) boundary in the region
     olds = {}
     for m in model.modules():
         w = m.weight if type(m) is NativeBf16Linear else None
         if w is not None and w.is_contiguous() and not w.requires_grad and w.data_ptr() not in olds:
             olds[w.data_ptr()] = w
-    if not olds:
+    copies = huge_page_copies(list(olds.values()))
+    if copies is None:
         return 0
-    offsets, total = {}, 0
-    for ptr, w in olds.items():
-        offsets[ptr] = total
-        total += -(-w.numel() * w.element_size() // 64) * 64
-    region = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # untouched (a fresh mmap): advise first
-    base = -region.data_ptr() % HUGE_PAGE
-    if not advise_huge(region.data_ptr() + base, total):
-        return 0
-    new = {}
-    with torch.no_grad():
-        for ptr, w in olds.items():
-            o = base + offsets[ptr]
-            t = region[o:o + w.numel() * w.element_size()].view(w.dtype).view(w.shape)
-            t.copy_(w)
-            new[ptr] = t
+    new = dict(zip(olds, copies))
     params = {}  # one Parameter per copy: tied weights stay one object
     for m in model.modules():  # the layers, and anything sharing their weights
         for store in (m._parameters, m._buffers):
@@ -209,7 +192,37 @@ def huge_page_weights(model: nn.Module) -> int:
                         store[name] = new[ptr]
     # the originals' resident pages where they are a checkpoint's mmap (the rest is freed with them)
     page_out_file([(w.data_ptr(), w.numel() * w.element_size()) for w in olds.values()])
-    return total
+    return sum(c.numel() * c.element_size() for c in copies)
+
+
+def huge_page_copies(tensors: list) -> list | None:
+    """Copies of `tensors` (contiguous CPU tensors) as views on one region backed by transparent
+    huge pages, each at a 64-byte boundary; None where huge pages are not to be had here
+    (ember.malloc.huge_pages) or the tensors fill less than one. A core streams weights through
+    4 KiB pages (a checkpoint's mmap, ordinary allocations) ~30% slower: its prefetcher stops at every
+    page boundary, and each page costs a TLB walk (benchmarks/bench_bf16_gemv.py)."""
+    from ..malloc import HUGE_PAGE, advise_huge, huge_pages
+
+    if not tensors or not huge_pages():
+        return None
+    offsets, total = [], 0
+    for w in tensors:
+        offsets.append(total)
+        total += -(-w.numel() * w.element_size() // 64) * 64
+    if total < HUGE_PAGE:
+        return None
+    span = -(-total // HUGE_PAGE) * HUGE_PAGE  # whole huge pages (the last one partly filled)
+    region = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # untouched (a fresh mmap): advise first
+    base = -region.data_ptr() % HUGE_PAGE
+    if not advise_huge(region.data_ptr() + base, span):
+        return None
+    out = []
+    with torch.no_grad():
+        for w, o in zip(tensors, offsets):
+            t = region[base + o:base + o + w.numel() * w.element_size()].view(w.dtype).view(w.shape)
+            t.copy_(w)
+            out.append(t)
+    return out
 
 
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
