@@ -18,7 +18,6 @@ import os
 
 M_MMAP_THRESHOLD = -3
 MADV_HUGEPAGE = 14
-MADV_PAGEOUT = 21
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 _done = False
 _huge: list = []
@@ -75,37 +74,8 @@ def huge_pages() -> bool:
 def advise_huge(addr: int, length: int) -> bool:
     """madvise(MADV_HUGEPAGE) the whole huge pages inside [addr, addr + length) (before they are
     first touched: a page already faulted in stays small until khugepaged merges it)."""
-    return _madvise(addr, length, HUGE_PAGE, MADV_HUGEPAGE)
-
-
-def page_out_file(ranges) -> int:
-    """madvise(MADV_PAGEOUT) the whole 4 KiB pages of each (addr, length) in `ranges` that lie in a
-    file mapping (a checkpoint's mmap whose pages were copied elsewhere): the process's resident copy
-    is reclaimed, and a page read again is read back in (the contents never change). Anonymous
-    memory is left alone (paging it out would write it to swap). Returns the bytes advised."""
-    try:
-        with open("/proc/self/maps") as f:
-            maps = []
-            for line in f:
-                parts = line.split()
-                # file-backed: a path (not "[heap]" and such) and a non-zero inode
-                if len(parts) >= 6 and parts[5].startswith("/") and parts[4] != "0":
-                    lo, hi = parts[0].split("-")
-                    maps.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return 0
-    done = 0
-    for addr, length in ranges:
-        for lo, hi in maps:
-            a, b = max(lo, addr), min(hi, addr + length)
-            if a < b and _madvise(a, b - a, 4096, MADV_PAGEOUT):
-                done += b - a
-    return done
-
-
-def _madvise(addr: int, length: int, page: int, advice: int) -> bool:
-    start = -(-addr // page) * page
-    end = (addr + length) // page * page
+    start = -(-addr // HUGE_PAGE) * HUGE_PAGE
+    end = (addr + length) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return False
     import ctypes
@@ -116,4 +86,4 @@ def _madvise(addr: int, length: int, page: int, advice: int) -> bool:
     except AttributeError:
         return False
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn(start, end - start, advice) == 0
+    return fn(start, end - start, MADV_HUGEPAGE) == 0

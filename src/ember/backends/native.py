@@ -167,9 +167,9 @@ def huge_page_weights(model: nn.Module) -> int:
     """The NativeBf16Linears' weights (what a decode step streams) copied into one region backed
     by transparent huge pages (`huge_page_copies`), every parameter or buffer of `model` that was
     one of them (a tied embedding) re-pointed at the copy, and the originals' resident pages that
-    are a checkpoint's mmap released. Returns the bytes moved; 0 where huge pages are not to be had
+    are a checkpoint's mapping dropped (`io.safetensors.release_view`: the page cache keeps them). Returns the bytes moved; 0 where huge pages are not to be had
     here, the weights then staying where they are."""
-    from ..malloc import page_out_file
+    from ..io.safetensors import release_view
 
     olds = {}
     for m in model.modules():
@@ -190,13 +190,13 @@ def huge_page_weights(model: nn.Module) -> int:
                         store[name] = params.setdefault(ptr, nn.Parameter(new[ptr], requires_grad=False))
                     else:
                         store[name] = new[ptr]
-    # the originals' resident pages where they are a checkpoint's mmap (the rest is freed with them)
-    page_out_file([(w.data_ptr(), w.numel() * w.element_size()) for w in olds.values()])
+    for w in olds.values():  # views on a checkpoint's mapping: its pages leave this process's RSS
+        release_view(w)
     return sum(c.numel() * c.element_size() for c in copies)
 
 
 def huge_page_copies(tensors: list) -> list | None:
-    """Copies of `tensors` (contiguous CPU tensors) as views on one region backed by transparent
+    """Copies of `tensors` (contiguous CPU tensors, not needing grad) as views on one region backed by transparent
     huge pages, each at a 64-byte boundary; None where huge pages are not to be had here
     (ember.malloc.huge_pages) or the tensors fill less than one. A core streams weights through
     4 KiB pages (a checkpoint's mmap, ordinary allocations) ~30% slower: its prefetcher stops at every
@@ -216,12 +216,16 @@ def huge_page_copies(tensors: list) -> list | None:
     base = -region.data_ptr() % HUGE_PAGE
     if not advise_huge(region.data_ptr() + base, span):
         return None
+    import ctypes
+
     out = []
-    with torch.no_grad():
-        for w, o in zip(tensors, offsets):
-            t = region[base + o:base + o + w.numel() * w.element_size()].view(w.dtype).view(w.shape)
-            t.copy_(w)
-            out.append(t)
+    for w, o in zip(tensors, offsets):
+        n = w.numel() * w.element_size()
+        t = region[base + o:base + o + n].view(w.dtype).view(w.shape)
+        # one memcpy on this thread: copy_ would be a parallel region per tensor, and a pool thread
+        # that a busy machine has descheduled holds each one up (a load took a second longer so)
+        ctypes.memmove(t.data_ptr(), w.data_ptr(), n)
+        out.append(t)
     return out
 
 
