@@ -219,3 +219,30 @@ def test_huge_page_weights_moves_the_decode_weights_and_keeps_ties(monkeypatch):
     small.proj = native.NativeBf16Linear(Linear(torch.ones(64, 64, dtype=BF16)))
     ptr = small.proj.weight.data_ptr()
     assert native.huge_page_weights(small) == 0 and small.proj.weight.data_ptr() == ptr  # under a huge page
+
+
+def test_loaded_bf16_model_decodes_from_huge_pages(tmp_path, monkeypatch):
+    """ember.load on a bf16 checkpoint with over a huge page of weights: the decode weights (the head
+    tied to the embedding) sit in one huge-page region, and decoding gives the same logits, bit for
+    bit, as the same load with EMBER_HUGEPAGES=0 (the same kernels on the same values)."""
+    import ember
+    from ember import malloc
+    from parity import save, tiny_hf_model
+    from transformers import LlamaConfig
+
+    if not malloc.huge_pages():
+        pytest.skip("no transparent huge pages here")
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=160, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    save(tiny_hf_model(cfg, init=0.05).to(BF16), tmp_path)  # a 2.6 MB embedding
+    llm = ember.load(tmp_path)
+    linears = [m for m in llm.model.modules() if type(m) is native.NativeBf16Linear]
+    region = {m.weight.untyped_storage().data_ptr() for m in linears}
+    assert len(region) == 1 and llm.model.lm_head.weight is llm.model.model.embed_tokens.weight
+    got = _decode_logits(llm)
+    monkeypatch.setenv("EMBER_HUGEPAGES", "0")
+    plain = ember.load(tmp_path)
+    assert len({m.weight.untyped_storage().data_ptr() for m in plain.model.modules()
+                if type(m) is native.NativeBf16Linear}) > 1
+    assert torch.equal(got, _decode_logits(plain))
