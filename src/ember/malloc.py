@@ -6,12 +6,22 @@ ones' activations come from the heap and stay resident when freed. A 1.5B model'
 left ~220 MB resident that way, and loading peaked 280 MB higher. `tune()` fixes the threshold at
 1 MiB (a fixed value also turns the growth off); `trim()` hands freed heap pages back. No-ops
 off glibc. EMBER_MALLOC_TUNING=0 leaves the allocator alone.
+
+A model whose prefill matmuls make a temporary as large as a weight on every call (oneDNN's bf16
+matmul reorders a plain bf16 weight; on AVX2 the weight is widened to float32) wants the opposite:
+over a 1 MiB threshold each of those is a fresh mapping that faults every page in (67k page faults
+a 512-token SmolLM2 bf16 prefill, ~270 MB, none with glibc's defaults). `reuse_temporaries()`, called
+once such a model is loaded, puts the thresholds where glibc's own growth would take them (mmap at
+32 MiB, trim at 64 MiB): the temporaries are reused from the heap, as in an untuned process.
+
 """
 from __future__ import annotations
 
 import os
 
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+REUSE_MMAP, REUSE_TRIM = 32 << 20, 64 << 20  # glibc's limits for its dynamic thresholds (64-bit)
 _done = False
 
 
@@ -35,6 +45,18 @@ def tune(threshold: int = 1 << 20) -> bool:
     except AttributeError:
         _done = False
     return _done
+
+
+def reuse_temporaries() -> bool:
+    """Serve allocations under 32 MiB from the heap and keep up to 64 MiB of its free top, for the
+    rest of the process (see the module's docstring)."""
+    if not _done:  # not tuned (EMBER_MALLOC_TUNING=0, not glibc): the defaults already do this
+        return False
+    libc = _libc()
+    try:
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, REUSE_MMAP) and libc.mallopt(M_TRIM_THRESHOLD, REUSE_TRIM))
+    except AttributeError:
+        return False
 
 
 def trim() -> None:

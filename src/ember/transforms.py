@@ -109,8 +109,12 @@ def _dequantize(model: nn.Module) -> int:
 
 def _native_bf16(model: nn.Module) -> int:
     from .backends.native import use_bf16_kernels
+    from .malloc import reuse_temporaries
 
-    return use_bf16_kernels(model)
+    n = use_bf16_kernels(model)
+    if n:
+        reuse_temporaries()  # prefill reorders (or widens) each plain bf16 weight per call
+    return n
 
 
 def _native_bf16_prepack(model: nn.Module) -> int:
