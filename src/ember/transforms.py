@@ -52,8 +52,12 @@ class Transform:
 
 def _native_quant(model: nn.Module) -> int:
     from .backends.native import use_quant_kernels
+    from .malloc import reuse_temporaries
 
-    return use_quant_kernels(model)
+    n = use_quant_kernels(model)
+    if n:
+        reuse_temporaries()  # prefill's activations and MLP chunks (backends.native.MLP_CHUNK_BYTES)
+    return n
 
 
 def _native_ops(model: nn.Module) -> int:
