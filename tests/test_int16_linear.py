@@ -68,6 +68,19 @@ def test_kernel_edge_rows_threads_and_zero_rows():
     assert kernels.int16_linear(x[:0], p, b).shape == (0, 70)
 
 
+@native
+def test_fused_gelu_is_within_1e_6_of_torch_gelu():
+    x, w, b = _case(40, 96, 50, seed=7)
+    x *= 3  # GELU's inputs over its whole curve, both tails included
+    p = kernels.int16_pack(w)
+    y = kernels.int16_linear(x, p, b, gelu=True)
+    pre = kernels.int16_reference(x, p, b)
+    ref = kernels.int16_reference(x, p, b, gelu=True)
+    assert torch.equal(ref, F.gelu(pre))
+    assert pre.abs().max() > 8 and (pre < -4).any()
+    assert torch.allclose(y, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_generic_isa_uses_the_reference():
     x, w, b = _case(9, 40, 20, seed=5)
     p = kernels.int16_pack(w)

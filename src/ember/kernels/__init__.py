@@ -282,10 +282,11 @@ def int16_codes(w: Int16Weight) -> torch.Tensor:
     return w.packed.permute(0, 2, 1, 3).reshape(NP * 16, 2 * K2)[:w.out_features, :w.in_features]
 
 
-def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None,
+                    gelu: bool = False) -> torch.Tensor:
     """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax),
     the code products summed exactly per 128 k, each chunk's sum rounded to float32 and added in order,
-    then (sum * x_scale) * w_scale + bias. x float32 [..., K] -> [..., N] float32."""
+    then (sum * x_scale) * w_scale + bias (gelu: F.gelu of that). x float32 [..., K] -> [..., N] float32."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K).float()
     amax = x2.abs().amax(1) if K else x2.new_zeros(x2.shape[0])
@@ -300,15 +301,19 @@ def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None =
     y = acc * xs[:, None] * w.scale[None, :]
     if bias is not None:
         y = y + bias.float()
+    if gelu:
+        y = F.gelu(y)
     return y.reshape(*x.shape[:-1], N)
 
 
-def int16_linear(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for W from int16_pack, x float32 [..., K]: the AVX2 kernel (csrc/int16_gemm.cpp)
-    where the ISA is avx2 or above and the library is built, else int16_reference (the same arithmetic)."""
-    if not (x.device.type == "cpu" and x.dtype is torch.float32 and _native_ready() and _isa_index() >= 1):
-        return int16_reference(x, w, bias)
-    return torch.ops.ember.int16_mm.default(x, w.packed, w.scale, bias, w.out_features, _isa_index())
+def int16_linear(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """y = x @ W^T + bias for W from int16_pack, x float32 [..., K], and its exact GELU with gelu=True:
+    the AVX2 kernel (csrc/int16_gemm.cpp) where the ISA is avx2 or above and the library is built,
+    else int16_reference (the same arithmetic; the kernel's GELU is within 1e-7 of F.gelu's)."""
+    if not (x.device.type == "cpu" and x.dtype is torch.float32 and x.shape[-1] and _native_ready()
+            and _isa_index() >= 1):
+        return int16_reference(x, w, bias, gelu)
+    return torch.ops.ember.int16_mm.default(x, w.packed, w.scale, bias, w.out_features, gelu, _isa_index())
 
 
 __all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "int16_codes", "int16_linear", "int16_pack",

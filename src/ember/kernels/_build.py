@@ -138,7 +138,7 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("ember::int16_mm")
-    def _int16_mm_fake(x, w, w_scale, bias, out_features, isa):
+    def _int16_mm_fake(x, w, w_scale, bias, out_features, gelu, isa):
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("ember::rms_norm")

@@ -3,7 +3,7 @@
 // cycle; vpmaddwd + vpaddd give 24 on Intel, ~32 on AMD Zen 3).
 //
 // Ops (namespace `ember`):
-//   int16_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int out_features, int isa) -> Tensor
+//   int16_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int out_features, bool gelu, int isa) -> Tensor
 //       y = x @ W^T + bias for x [..., K] float32 and W held as int16 codes, |code| <= 2047 (12 bits),
 //       w_scale [N] float32 per output row, w packed [ceil(N/16)][K2][16][2] (K2 = K rounded up to a
 //       multiple of 4, halved: column n's k pair p at w[n/16][p][n%16]; padding zero). x is quantised
@@ -11,7 +11,8 @@
 //       amax)) (|code| <= 8191, 14 bits; a zero row gives zeros). The products are summed exactly in
 //       int32 over chunks of 128 k (2 * 64 * 8191 * 2047 < 2^31), each chunk's sum converted to
 //       float32 and added in order into a float32 accumulator starting at 0; y = (acc * x_scale[m])
-//       * w_scale[n] + bias[n]. ember.kernels.int16_reference computes the same in PyTorch.
+//       * w_scale[n] + bias[n]. ember.kernels.int16_reference computes the same in PyTorch. gelu: the
+//       exact GELU of y, fused (erf by Abramowitz & Stegun 7.1.26: within 1e-7 of torch's F.gelu).
 //       isa >= 1 and a CPU with AVX2 (else an error: the caller uses the reference).
 //
 // Kernel: a 6-row x 16-column register tile (12 int32 accumulators, 2 weight vectors, 1 broadcast,
@@ -140,25 +141,62 @@ static inline void mk6x16(const int16_t* q, const int16_t* w, int64_t n, float* 
 #undef EMBER_PAIR
 #undef EMBER_ROW
 
+// exp(x) for x <= 0 (Cephes' expf: a degree-6 polynomial after n = round(x / ln 2); ~1 ulp)
+static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// the exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf as Abramowitz & Stegun 7.1.26 (|error| <
+// 1.5e-7; ATen's vectorised erf uses the same formula)
+static inline __m256 gelu(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 az = _mm256_andnot_ps(sign, z);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp_neg(_mm256_xor_ps(sign, _mm256_mul_ps(az, az)));
+    const __m256 erf_abs = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), e, one);  // 1 - p t exp(-z^2)
+    const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign, z));
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(one, erf));
+}
+
 // rows [m0, m1) (m0 a multiple of 6, m1 - m0 <= RB) x the panel at n0: the tiles, then
-// y = (acc * sa[m]) * sw[n] + bias[n]
+// y = (acc * sa[m]) * sw[n] + bias[n], and the GELU of that when asked
 static void panel_rows(const int16_t* q, const float* sa, int64_t K2, const int16_t* wp, const float* sw,
-                       const float* bias, int64_t n0, int64_t N, int64_t m0, int64_t m1, float* out) {
+                       const float* bias, bool act, int64_t n0, int64_t N, int64_t m0, int64_t m1, float* out) {
     alignas(32) float acc[RB * NR];
     std::fill(acc, acc + RB * NR, 0.0f);
     for (int64_t m = m0; m < m1; m += 6) mk6x16(q + m * 2 * K2, wp, K2, acc + (m - m0) * NR);
     const int64_t nn = std::min<int64_t>(NR, N - n0);
+    alignas(32) float sw16[NR] = {}, b16[NR] = {}, row[NR];
+    std::copy(sw + n0, sw + n0 + nn, sw16);
+    if (bias) std::copy(bias + n0, bias + n0 + nn, b16);
     for (int64_t m = m0; m < m1; ++m) {
-        float* o = out + m * N + n0;
         const float* f = acc + (m - m0) * NR;
         const __m256 vs = _mm256_set1_ps(sa[m]);
-        int64_t c = 0;
-        for (; c + 8 <= nn; c += 8) {
-            __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(f + c), vs), _mm256_loadu_ps(sw + n0 + c));
-            if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias + n0 + c));
-            _mm256_storeu_ps(o + c, y);
+        for (int c = 0; c < NR; c += 8) {
+            __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_load_ps(f + c), vs), _mm256_load_ps(sw16 + c));
+            if (bias) y = _mm256_add_ps(y, _mm256_load_ps(b16 + c));
+            if (act) y = gelu(y);
+            _mm256_store_ps(row + c, y);
         }
-        for (; c < nn; ++c) o[c] = f[c] * sa[m] * sw[n0 + c] + (bias ? bias[n0 + c] : 0.0f);
+        std::copy(row, row + nn, out + m * N + n0);
     }
 }
 #pragma GCC pop_options
@@ -170,7 +208,7 @@ static bool cpu_has_avx2() {
 #endif
 
 at::Tensor int16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& w_scale,
-                    const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t isa) {
+                    const c10::optional<at::Tensor>& bias, int64_t out_features, bool act, int64_t isa) {
     TORCH_CHECK(x_in.dim() >= 1 && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
                 "ember.int16_mm: x must be a float32 CPU tensor of at least 1 dimension");
     const int64_t K = x_in.size(-1), N = out_features, K2 = (K + 3) / 4 * 2, NP = (N + NR - 1) / NR;
@@ -188,7 +226,10 @@ at::Tensor int16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
     out_sizes.back() = N;
     at::Tensor out = at::empty(out_sizes, x.options());
     if (N == 0 || out.numel() == 0) return out;
-    if (K == 0) return has_bias ? out.copy_(bias->expand_as(out)) : out.zero_();
+    if (K == 0) {
+        TORCH_CHECK(!act, "ember.int16_mm: gelu with K=0");
+        return has_bias ? out.copy_(bias->expand_as(out)) : out.zero_();
+    }
     const int64_t M = x.numel() / K;
 #if EMBER_I16_X86
     TORCH_CHECK(isa >= 1 && cpu_has_avx2(), "ember.int16_mm: needs AVX2 (use ember.kernels.int16_reference)");
@@ -210,7 +251,7 @@ at::Tensor int16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
     at::parallel_for(0, NP * nrb, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
             const int64_t rb = t / NP, pn = t % NP, m0 = rb * RB;
-            panel_rows(qd, sad, K2, wd + pn * K2 * NR * 2, sw, bd, pn * NR, N, m0, std::min(M, m0 + RB), od);
+            panel_rows(qd, sad, K2, wd + pn * K2 * NR * 2, sw, bd, act, pn * NR, N, m0, std::min(M, m0 + RB), od);
         }
     });
     return out;
@@ -222,7 +263,7 @@ at::Tensor int16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
 }  // namespace ember_int16
 
 TORCH_LIBRARY_FRAGMENT(ember, m) {
-    m.def("int16_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int out_features, int isa) -> Tensor");
+    m.def("int16_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int out_features, bool gelu, int isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember, CPU, m) {
