@@ -86,3 +86,79 @@ def test_generic_isa_uses_the_reference():
     p = kernels.int16_pack(w)
     with kernels.use_isa("generic"):
         assert torch.equal(kernels.int16_linear(x, p, b), kernels.int16_reference(x, p, b))
+
+
+# the float32 encoder path (backends.int16) on a tiny random BERT whose sizes are not multiples of
+# the kernel's tiles: K = 60 / 90 (not a multiple of 4), N = 180 / 60 / 90
+def _tiny_bert(tmp_path):
+    from parity import save
+    from test_encoders_parity import _bert_cfg, _hf
+
+    return save(_hf(_bert_cfg(hidden_size=60, num_attention_heads=4, intermediate_size=90, num_hidden_layers=2),
+                    "BertModel"), tmp_path)
+
+
+def _cos_min(a, b):
+    return F.cosine_similarity(a, b, dim=-1).min().item()
+
+
+@native
+def test_avx2_default_encoder_runs_on_int16_and_tracks_float32(tmp_path, monkeypatch):
+    import transformers
+
+    import ember
+    from ember.backends.int16 import Int16Linear
+    from test_encoders_parity import _batch
+
+    folder = _tiny_bert(tmp_path)
+    monkeypatch.setenv("EMBER_CPU_ISA", "avx2")  # ember's kernels, and its bf16 check, see an AVX2 CPU
+    enc = ember.load(folder, device="cpu")
+    plain = ember.load(folder, device="cpu", prepack=False)
+    assert enc.dtype == torch.float32 and "int16-f32" in enc._loaded.transforms
+    assert "int16-f32" not in plain._loaded.transforms
+    layer = enc.model.layers[0]
+    lins = [m for m in enc.model.modules() if isinstance(m, Int16Linear)]
+    assert len(lins) == 8 and layer.up.gelu and not layer.o.gelu  # GELU fused into up
+    ref_model = transformers.AutoModel.from_pretrained(folder).float().eval()
+    with torch.no_grad():
+        ids, mask = _batch(0, lengths=(5,))  # 5 rows: F.linear on the checkpoint's weights, no conversion
+        assert (enc.model(ids, mask) - plain.model(ids, mask)).abs().max().item() < 1e-5
+        assert all(m.w16 is None for m in lins)
+        ids, mask = _batch(0, lengths=(30, 20, 17))  # 90 rows >= LAZY_ROWS: converted to int16 codes
+        got, want = enc.model(ids, mask), plain.model(ids, mask)
+        ref = ref_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert all(m.w16 is not None and m._plain is None for m in lins)
+        solo = enc.model(ids[1:2, :20], mask[1:2, :20])  # 20 rows, on the int16 codes too
+    m = mask.bool()
+    assert _cos_min(got[m], want[m]) > 0.9999 and _cos_min(got[m], ref[m]) > 0.9999
+    assert (got[m] - ref[m]).abs().max().item() < 0.02
+    assert (got[m] - want[m]).abs().max().item() > 1e-6  # not float32 arithmetic
+    assert (solo[0] - got[1, :20]).abs().max().item() < 1e-5  # activations are quantised per token
+
+
+def test_int16_path_only_where_asked(tmp_path, monkeypatch):
+    """An explicit dtype=float32, EMBER_INT16=0 and EMBER_KERNELS=0 keep float32 matmuls; so does a
+    CPU whose kernels run AVX-512 (its default stays as it was)."""
+    import ember
+    from ember import kernels
+
+    folder = _tiny_bert(tmp_path)
+    if kernels.cpu_isa() != "avx2":
+        assert "int16-f32" not in ember.load(folder, device="cpu")._loaded.transforms
+    monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
+    assert "int16-f32" not in ember.load(folder, dtype=torch.float32, device="cpu")._loaded.transforms
+    for var in ("EMBER_INT16", "EMBER_KERNELS"):
+        monkeypatch.setenv(var, "0")
+        assert "int16-f32" not in ember.load(folder, device="cpu")._loaded.transforms
+        monkeypatch.delenv(var)
+
+
+def test_int16_linear_without_the_library_stays_float32(monkeypatch):
+    from ember.backends.int16 import Int16Linear
+    from ember.nn.layers import Linear
+
+    x, w, b = _case(70, 40, 24, seed=9)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    lin = Int16Linear(Linear(w.clone(), b), gelu=True)
+    assert torch.allclose(lin(x), F.gelu(F.linear(x, w, b)), atol=1e-6)
+    assert lin.w16 is None and lin._plain is not None
