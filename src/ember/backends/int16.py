@@ -95,19 +95,8 @@ def _convertible(m) -> bool:
 
 
 def use_int16(model: nn.Module) -> int:
-    """Replace every float32 CPU Linear of `model` by an Int16Linear; a Linear whose output a module
-    sends through an exact GELU (`fusable_gelu()` / `gelu_fused()`, as for onednn.prepack_all) gets
-    the GELU fused. Returns how many Linears were replaced."""
-    n = 0
-    for mod in list(model.modules()):
-        fusable = getattr(mod, "fusable_gelu", None)
-        name = fusable() if fusable is not None else None
-        if name is not None and _convertible(getattr(mod, name)):
-            setattr(mod, name, Int16Linear(getattr(mod, name), gelu=True))
-            mod.gelu_fused()
-            n += 1
-        for child_name, child in list(mod.named_children()):
-            if _convertible(child):
-                setattr(mod, child_name, Int16Linear(child))
-                n += 1
-    return n
+    """Replace every float32 CPU Linear of `model` by an Int16Linear, the GELU fused where a module
+    allows it (as onednn.prepack_all does). Returns how many."""
+    from . import replace_fusing_gelu
+
+    return replace_fusing_gelu(model, _convertible, lambda m, gelu: Int16Linear(m, gelu=gelu))
