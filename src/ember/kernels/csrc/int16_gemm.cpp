@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define EMBER_I16_X86 1
@@ -51,12 +50,32 @@ constexpr int64_t RB = 24;     // rows of a task (a multiple of the tile's 6)
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=off")  // (acc * sa) * sw + bias rounded step by step, as the reference
 
-// rows [m0, m1) of x [M, K] to int16 codes packed [M/6][K2][6][2]; s[m] = the row's scale
-static void quantize_rows(const float* x, int64_t K, int64_t K2, int64_t m0, int64_t m1, int16_t* q, float* s) {
-    std::vector<int16_t> row(2 * K2 + 16);
+// the 8x8 transpose of 32-bit lanes: v[j] lane i <- v[i] lane j
+static inline void transpose8(__m256* v) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+// rows [m0, m0 + nr) (m0 a multiple of 6, nr <= 6) of x [M, K] to the int16 codes of their tile,
+// [K2 pairs][6 rows][2] at qb (rows past nr and k past K are zero); s[m] = row m's scale
+static void quantize_block(const float* x, int64_t K, int64_t K2, int64_t m0, int64_t nr, int16_t* qb, float* s) {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t m = m0; m < m1; ++m) {
-        const float* xr = x + m * K;
+    float inv[6] = {0, 0, 0, 0, 0, 0};
+    for (int64_t r = 0; r < nr; ++r) {
+        const float* xr = x + (m0 + r) * K;
         __m256 mx = _mm256_setzero_ps();
         int64_t k = 0;
         for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xr + k), absm));
@@ -65,23 +84,35 @@ static void quantize_rows(const float* x, int64_t K, int64_t K2, int64_t m0, int
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         float amax = _mm_cvtss_f32(h);
         for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-        s[m] = amax / A_MAX;
-        const float inv = amax > 0 ? A_MAX / amax : 0.0f;
-        int16_t* qr = row.data();
-        const __m256 vi = _mm256_set1_ps(inv);
-        k = 0;
-        for (; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even, as rint and torch.round do
-            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vi));
-            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), vi));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k),
-                                _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
-        }
-        for (; k < K; ++k) qr[k] = static_cast<int16_t>(std::nearbyint(xr[k] * inv));
-        for (; k < 2 * K2; ++k) qr[k] = 0;
-        const int32_t* src = reinterpret_cast<const int32_t*>(qr);
-        int32_t* dst = reinterpret_cast<int32_t*>(q) + (m / 6) * K2 * 6 + m % 6;
-        for (int64_t p = 0; p < K2; ++p) dst[6 * p] = src[p];
+        s[m0 + r] = amax / A_MAX;
+        inv[r] = amax > 0 ? A_MAX / amax : 0.0f;
     }
+    int32_t* out = reinterpret_cast<int32_t*>(qb);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {  // 8 pairs x 6 rows: codes per row, then transposed to pair-major
+        __m256 v[8];
+        for (int r = 0; r < 8; ++r) {
+            if (r >= nr) {
+                v[r] = _mm256_setzero_ps();
+                continue;
+            }
+            const float* xr = x + (m0 + r) * K + k;
+            const __m256 vi = _mm256_set1_ps(inv[r]);  // cvtps rounds to nearest even, as rint and torch.round
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr), vi));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + 8), vi));
+            v[r] = _mm256_castsi256_ps(_mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+        }
+        transpose8(v);
+        int32_t* o = out + (k / 2) * 6;
+        for (int j = 0; j < 7; ++j)  // 8 lanes: the 2 past the 6 rows are the next pair's, stored next
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 6 * j), _mm256_castps_si256(v[j]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 42), _mm_castps_si128(_mm256_castps256_ps128(v[7])));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + 46), _mm_castps_si128(_mm256_extractf128_ps(v[7], 1)));
+    }
+    for (; k < 2 * K2; ++k)
+        for (int64_t r = 0; r < 6; ++r)
+            qb[((k / 2) * 6 + r) * 2 + (k & 1)] =
+                r < nr && k < K ? static_cast<int16_t>(std::nearbyint(x[(m0 + r) * K + k] * inv[r])) : 0;
 }
 
 // One k pair (u = 0/1 of an unrolled pair of pairs) of a 6-row x 16-column tile: the two weight vectors,
@@ -233,15 +264,15 @@ at::Tensor int16_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tenso
     const int64_t M = x.numel() / K;
 #if EMBER_I16_X86
     TORCH_CHECK(isa >= 1 && cpu_has_avx2(), "ember.int16_mm: needs AVX2 (use ember.kernels.int16_reference)");
-    const int64_t MP = (M + 5) / 6 * 6;
-    at::Tensor q = at::empty({MP, 2 * K2}, x.options().dtype(at::kShort));
-    if (MP != M) q.narrow(0, MP - 6, 6).zero_();  // the last tile's missing rows
+    const int64_t MB = (M + 5) / 6;
+    at::Tensor q = at::empty({MB * 6, 2 * K2}, x.options().dtype(at::kShort));
     at::Tensor sa = at::empty({M}, x.options());
     const float* xd = x.data_ptr<float>();
     int16_t* qd = q.data_ptr<int16_t>();
     float* sad = sa.data_ptr<float>();
-    at::parallel_for(0, (M + 5) / 6, 4, [&](int64_t b0, int64_t b1) {
-        quantize_rows(xd, K, K2, 6 * b0, std::min(M, 6 * b1), qd, sad);
+    at::parallel_for(0, MB, 4, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+            quantize_block(xd, K, K2, 6 * b, std::min<int64_t>(6, M - 6 * b), qd + b * 12 * K2, sad);
     });
     const int16_t* wd = w.data_ptr<int16_t>();
     const float* sw = w_scale.data_ptr<float>();
