@@ -66,6 +66,12 @@ def test_kernel_edge_rows_threads_and_zero_rows():
         torch.set_num_threads(before)
     assert torch.equal(ref[4], b)
     assert kernels.int16_linear(x[:0], p, b).shape == (0, 70)
+    x[7, 150], x[9, 3], x[11, 199] = float("nan"), float("inf"), -float("inf")  # a NaN or an infinity: NaNs
+    y, ref = kernels.int16_linear(x, p, b), kernels.int16_reference(x, p, b)
+    bad = torch.zeros(100, dtype=torch.bool)
+    bad[[7, 9, 11]] = True
+    assert y[bad].isnan().all() and ref[bad].isnan().all()
+    assert torch.equal(y[~bad], ref[~bad]) and not y[~bad].isnan().any()
 
 
 @native

@@ -284,14 +284,16 @@ def int16_codes(w: Int16Weight) -> torch.Tensor:
 
 def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None,
                     gelu: bool = False) -> torch.Tensor:
-    """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax),
+    """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax) (a row
+    holding a NaN or an infinity gives NaNs),
     the code products summed exactly per 128 k, each chunk's sum rounded to float32 and added in order,
     then (sum * x_scale) * w_scale + bias (gelu: F.gelu of that). x float32 [..., K] -> [..., N] float32."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K).float()
     amax = x2.abs().amax(1) if K else x2.new_zeros(x2.shape[0])
-    xs = amax / INT16_A_MAX
-    inv = torch.where(amax > 0, INT16_A_MAX / amax, torch.zeros_like(amax))
+    finite = amax.isfinite()  # a row holding a NaN or an infinity gives NaNs (the kernel: codes 0, scale NaN)
+    xs = torch.where(finite, amax / INT16_A_MAX, torch.full_like(amax, float("nan")))
+    inv = torch.where(finite & (amax > 0), INT16_A_MAX / amax, torch.zeros_like(amax))
     xq = torch.round(x2 * inv[:, None]).double()
     wq = int16_codes(w).double()
     acc = x2.new_zeros((x2.shape[0], N))

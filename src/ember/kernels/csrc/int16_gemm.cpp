@@ -8,7 +8,8 @@
 //       w_scale [N] float32 per output row, w packed [ceil(N/16)][K2][16][2] (K2 = K rounded up to a
 //       multiple of 4, halved: column n's k pair p at w[n/16][p][n%16]; padding zero). x is quantised
 //       per call, per row: amax / 8191 is the row's scale and each value becomes rint(x * (8191 /
-//       amax)) (|code| <= 8191, 14 bits; a zero row gives zeros). The products are summed exactly in
+//       amax)) (|code| <= 8191, 14 bits; a zero row gives zeros, a row holding a NaN or an infinity
+//       NaNs). The products are summed exactly in
 //       int32 over chunks of 128 k (2 * 64 * 8191 * 2047 < 2^31), each chunk's sum converted to
 //       float32 and added in order into a float32 accumulator starting at 0; y = (acc * x_scale[m])
 //       * w_scale[n] + bias[n]. ember.kernels.int16_reference computes the same in PyTorch. gelu: the
@@ -30,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define EMBER_I16_X86 1
@@ -76,16 +78,26 @@ static void quantize_block(const float* x, int64_t K, int64_t K2, int64_t m0, in
     float inv[6] = {0, 0, 0, 0, 0, 0};
     for (int64_t r = 0; r < nr; ++r) {
         const float* xr = x + (m0 + r) * K;
-        __m256 mx = _mm256_setzero_ps();
+        __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
         int64_t k = 0;
-        for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xr + k), absm));
+        for (; k + 8 <= K; k += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + k);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v, absm));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  // max_ps would drop a NaN
+        }
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         float amax = _mm_cvtss_f32(h);
-        for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-        s[m0 + r] = amax / A_MAX;
-        inv[r] = amax > 0 ? A_MAX / amax : 0.0f;
+        bool finite = _mm256_movemask_ps(nan) == 0;
+        for (; k < K; ++k) {
+            finite = finite && !std::isnan(xr[k]);
+            amax = std::max(amax, std::fabs(xr[k]));
+        }
+        finite = finite && amax <= std::numeric_limits<float>::max();
+        // a row with a NaN or an infinity gives NaN outputs (its codes are zero, its scale NaN)
+        s[m0 + r] = finite ? amax / A_MAX : std::numeric_limits<float>::quiet_NaN();
+        inv[r] = finite && amax > 0 ? A_MAX / amax : 0.0f;
     }
     int32_t* out = reinterpret_cast<int32_t*>(qb);
     int64_t k = 0;
