@@ -284,10 +284,10 @@ def int16_codes(w: Int16Weight) -> torch.Tensor:
 
 def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None,
                     gelu: bool = False) -> torch.Tensor:
-    """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax) (a row
-    holding a NaN or an infinity gives NaNs),
-    the code products summed exactly per 128 k, each chunk's sum rounded to float32 and added in order,
-    then (sum * x_scale) * w_scale + bias (gelu: F.gelu of that). x float32 [..., K] -> [..., N] float32."""
+    """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax), the
+    code products summed exactly per 128 k, each chunk's sum rounded to float32 and added in order, then
+    (sum * x_scale) * w_scale + bias (gelu: F.gelu of that); a row holding a NaN or an infinity gives
+    NaNs. x float32 [..., K] -> [..., N] float32."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K).float()
     amax = x2.abs().amax(1) if K else x2.new_zeros(x2.shape[0])
