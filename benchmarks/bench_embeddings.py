@@ -129,7 +129,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="throughput runs per library (best is reported)")
     ap.add_argument("--startup-repeats", type=int, default=3)
     ap.add_argument("--dtype", help="ember's dtype (default: ember's default: bf16 matmuls on CPUs with native bf16)")
-    ap.add_argument("--also-fp32", action="store_true", help="also measure ember with dtype=float32")
+    ap.add_argument("--also-fp32", action="store_true",
+                    help="also measure ember with dtype=float32 (float32 matmuls, where the default is bf16 or int16)")
     ap.add_argument("--skip-startup", action="store_true")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up measurement")
     ap.add_argument("--startup-threads", type=int, help="OMP_NUM_THREADS of the start-up children (default: unset)")
@@ -162,8 +163,10 @@ def main() -> int:
     st = SentenceTransformer(model, device="cpu")
     runners = {"sentence-transformers": lambda: torch.as_tensor(st.encode(texts, batch_size=a.batch_size))}
     enc = ember.load(model, dtype=a.dtype, device="cpu")
-    runners[f"ember ({str(enc.dtype).replace('torch.', '')})"] = lambda: enc.embed(texts, batch_size=a.batch_size)
-    if a.also_fp32 and enc.dtype != torch.float32:
+    int16 = "int16-f32" in enc._loaded.transforms  # float32 on 16-bit integer matmuls (AVX2 CPUs)
+    label = str(enc.dtype).replace("torch.", "") + (", int16 matmuls" if int16 else "")
+    runners[f"ember ({label})"] = lambda: enc.embed(texts, batch_size=a.batch_size)
+    if a.also_fp32 and (enc.dtype != torch.float32 or int16):
         enc32 = ember.load(model, dtype=torch.float32, device="cpu")
         runners["ember (float32)"] = lambda: enc32.embed(texts, batch_size=a.batch_size)
     caps = {k: v for k, v in os.environ.items() if k in AVX2_CAPS}

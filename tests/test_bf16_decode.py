@@ -246,3 +246,40 @@ def test_loaded_bf16_model_decodes_from_huge_pages(tmp_path, monkeypatch):
     assert len({m.weight.untyped_storage().data_ptr() for m in plain.model.modules()
                 if type(m) is native.NativeBf16Linear}) > 1
     assert torch.equal(got, _decode_logits(plain))
+_FAULTS = """
+import ctypes, resource, sys, ember
+llm = ember.load(sys.argv[1], prepack=True if sys.argv[2] == "1" else None)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def churn():  # what a prefill's per-call weight temporaries do: 8 MB allocated, written, freed
+    p = libc.malloc(8 << 20)
+    libc.memset(p, 1, 8 << 20)
+    libc.free(p)
+churn()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    churn()
+print(",".join(llm._loaded.transforms), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's allocator")
+def test_plain_bf16_prefill_reuses_its_temporaries(bf16_folder):
+    """A bf16 model on the plain weights (its prefill reorders or widens each weight per call) lifts
+    glibc's mmap threshold once loaded: an 8 MB temporary comes back from the heap without faulting
+    its pages in again. With the prepacked copy (no such temporaries) the 1 MiB threshold stays, and
+    each one is a fresh mapping (2048 page faults)."""
+    import subprocess
+    import sys
+
+    got = {}
+    for prepack in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, str(bf16_folder), prepack], capture_output=True, text=True,
+                             timeout=120, env={**__import__("os").environ, "EMBER_MALLOC_TUNING": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        transforms, faults = out.stdout.split()[-2:]
+        got[prepack] = (transforms, int(faults))
+    assert "native-bf16" in got["0"][0].split(",") and got["0"][1] < 2000, got
+    if "native-bf16-prepack" in got["1"][0].split(","):  # CPUs with native bf16 (oneDNN prepacks there)
+        assert got["1"][1] > 10 * 2048 * 0.9, got

@@ -86,6 +86,23 @@ def test_minilm_matches_sentence_transformers(texts, dtype):
     assert torch.allclose(got.norm(dim=-1), torch.ones(len(texts)), atol=1e-5)
 
 
+def test_minilm_avx2_default_int16_matches_sentence_transformers(texts, monkeypatch):
+    """On a CPU whose kernels run AVX2 (capped here), the default float32 path computes the Linears on
+    16-bit integer codes (transform int16-f32): within cosine 0.99995 of sentence-transformers."""
+    import realmodels
+
+    from ember import kernels
+    from ember.backends.int16 import Int16Linear
+
+    if not (kernels.available() and "avx2" in kernels.isas()):
+        pytest.skip("needs the native kernels on an AVX2 CPU")
+    monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
+    enc, _, _ = _compare(realmodels.minilm_dir(), texts, None, 0.99995)
+    assert "int16-f32" in enc._loaded.transforms
+    lins = [m for m in enc.model.modules() if isinstance(m, Int16Linear)]
+    assert len(lins) == 24 and all(m.w16 is not None for m in lins)  # 6 layers x (qkv, o, up, down), converted
+
+
 def test_mpnet_matches_sentence_transformers(texts):
     """The default dtype only (float32 where the CPU lacks native bf16): mpnet-base is 10x MiniLM's
     compute, and float32 exactness is covered by MiniLM and the tiny-checkpoint parity tests."""

@@ -55,6 +55,29 @@ def _native_ops():
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ggml_type", [ggml.Q4_1, ggml.Q4_K], ids=ggml.type_name)
+def test_prefill_mlp_runs_in_row_chunks(isa, ggml_type, monkeypatch):
+    """A prefill's MLP over more rows than MLP_CHUNK_BYTES of gate/up output allows runs in equal
+    row chunks (each on the many-row kernels): the values of one call over all the rows."""
+    g = torch.Generator().manual_seed(7)
+    E, F_ = 256, 512
+    with kernels.use_isa(isa):
+        _, gu = _linears(ggml_type, 2 * F_, E, g)
+        _, down = _linears(ggml_type, E, F_, g)
+    x = torch.randn(2, 50, E, generator=g)
+    calls = []
+    op = torch.ops.ember.quant_swiglu.default
+    monkeypatch.setattr(native.torch.ops.ember, "quant_swiglu", type("Op", (), {
+        "default": staticmethod(lambda x, *a: calls.append(x.shape[0]) or op(x, *a))}))
+    with kernels.use_isa(isa):
+        whole = ops.swiglu_mlp(x, gu, down)
+        monkeypatch.setattr(native, "MLP_CHUNK_BYTES", 4 * 2 * F_ * 40)  # 40 rows a chunk
+        got = ops.swiglu_mlp(x, gu, down)
+    assert calls == [2, 33, 33, 34]  # the whole x [2, 50, E] in one call, then its 100 rows in three
+    assert got.shape == whole.shape and torch.equal(got, whole)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ggml_type", TYPES, ids=ggml.type_name)
 def test_swiglu_mlp(isa, dtype, ggml_type):

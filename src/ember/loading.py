@@ -331,6 +331,7 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
         cfg = entry.parse_config(ckpt.raw)
     except ConfigError as e:
         raise ConfigError(e if snap.format != "gguf" or str(snap.weights[0]) in str(e) else f"{snap.weights[0]}: {e}") from None
+    int16 = dtype is None  # ember's choice of arithmetic, as bf16 below (transforms.plan: int16-f32)
     compute_dtype = None
     if quantize is not None:
         # built in the checkpoint's own dtype (zero-copy views, quantised from there); computes in
@@ -369,7 +370,7 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     if compute_dtype is not None:
         dtype = compute_dtype
     steps = transforms.plan(entry.task, dtype, device, prepack=prepack, quantized=bool(extra.get("quantized")),
-                            quantize=quantize)
+                            quantize=quantize, int16=int16)
     done = transforms.apply(model, steps)
     if not extra.get("quantized", True):
         close = getattr(source, "close", None)

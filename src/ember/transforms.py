@@ -29,6 +29,9 @@ backend wants of them is done here, after the build, never inside a layer's cons
   prepack       bf16 Linear -> oneDNN's blocked layout (CPUs with native bf16)
   prepack-f32   an encoder's float32 Linears -> oneDNN's blocked layout, bias, GELU and residual add
                 fused (any CPU)
+  int16-f32     instead of prepack-f32 where ember's kernels run AVX2 without AVX-512 and the dtype
+                was left to ember: an encoder's float32 Linears on 16-bit integer codes (AVX2
+                vpmaddwd: 12-bit weights, 14-bit activations per row; ember.backends.int16)
 
 Each step rewrites the module tree in place and says how many modules it changed;
 `Loaded.transforms` records the steps that changed something. `EMBER_KERNELS=0` turns the native
@@ -52,8 +55,12 @@ class Transform:
 
 def _native_quant(model: nn.Module) -> int:
     from .backends.native import use_quant_kernels
+    from .malloc import reuse_temporaries
 
-    return use_quant_kernels(model)
+    n = use_quant_kernels(model)
+    if n:
+        reuse_temporaries()  # prefill's activations and MLP chunks (backends.native.MLP_CHUNK_BYTES)
+    return n
 
 
 def _native_ops(model: nn.Module) -> int:
@@ -109,8 +116,12 @@ def _dequantize(model: nn.Module) -> int:
 
 def _native_bf16(model: nn.Module) -> int:
     from .backends.native import use_bf16_kernels
+    from .malloc import reuse_temporaries
 
-    return use_bf16_kernels(model)
+    n = use_bf16_kernels(model)
+    if n:
+        reuse_temporaries()  # prefill reorders (or widens) each plain bf16 weight per call
+    return n
 
 
 def _native_bf16_prepack(model: nn.Module) -> int:
@@ -129,6 +140,12 @@ def _prepack_f32(model: nn.Module) -> int:
     from .backends.onednn import prepack_all
 
     return prepack_all(model, torch.float32)
+
+
+def _int16_f32(model: nn.Module) -> int:
+    from .backends.int16 import use_int16
+
+    return use_int16(model)
 
 
 def quantize_step(mode: str, dtype: torch.dtype) -> Transform:
@@ -156,6 +173,9 @@ NATIVE_BF16_PREPACK = Transform("native-bf16-prepack", _native_bf16_prepack,
 PREPACK = Transform("prepack", _prepack, "oneDNN blocked-layout bf16 weights (CPUs with native bf16)")
 PREPACK_F32 = Transform("prepack-f32", _prepack_f32, "an encoder's float32 weights in oneDNN's blocked layout, "
                         "bias, GELU and residual add fused")
+
+INT16_F32 = Transform("int16-f32", _int16_f32, "an encoder's float32 Linears on 16-bit integer codes (AVX2 "
+                      "vpmaddwd, CPUs without AVX-512)")
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -185,8 +205,14 @@ def bf16_native() -> bool:
     return f()
 
 
+def int16_encoder() -> bool:
+    from .backends.int16 import enabled
+
+    return enabled()
+
+
 def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool | None = None,
-         quantized: bool = False, quantize: str | None = None) -> list[Transform]:
+         quantized: bool = False, quantize: str | None = None, int16: bool = False) -> list[Transform]:
     """The steps for a model of `task` computing in `dtype` on `device`.
 
     quantized: the model holds GGUF blocks or a quantised HF checkpoint's packed weights (the
@@ -194,6 +220,9 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
     "int4", quantise the float Linears first (the model computes in `dtype` after). prepack: oneDNN
     prepacked bf16 Linears on CPU; None = where the CPU has native bf16; False when the model will
     be torch.compile'd (Inductor prepacks itself); for float32 encoders None means on.
+    int16: a float32 encoder may compute on 16-bit integer codes where ember's kernels run AVX2
+    without AVX-512 (the loader passes True when the dtype was not asked for: ember's default, as
+    bf16 matmuls are on CPUs with native bf16).
     """
     steps = []
     cpu = device.type == "cpu"
@@ -230,7 +259,7 @@ def plan(task: str, dtype: torch.dtype, device: torch.device, *, prepack: bool |
         elif native_kernels(device):
             steps.append(NATIVE_BF16)
     if cpu and dtype == torch.float32 and task == "encoder" and prepack is not False:
-        steps.append(PREPACK_F32)
+        steps.append(INT16_F32 if int16 and int16_encoder() else PREPACK_F32)
     return steps
 
 

@@ -285,12 +285,31 @@ def _quant_pair(a, b) -> bool:
             and a.isa == b.isa)
 
 
+# a prefill's MLP runs in row chunks whose gate/up output stays under this many bytes: a 1.5B model's
+# 512-token [512, 17920] float32 output would be 37 MB (and its SwiGLU 18 MB), each a fresh mapping
+# faulted in page by page every layer (over glibc's mmap threshold, see ember.malloc); chunks of
+# 16 MiB or less are reused from the heap, and the peak holds the smaller chunk instead of the whole
+MLP_CHUNK_BYTES = 16 << 20
+
+
 def _native_swiglu_mlp(x, gate_up, down) -> torch.Tensor:
     if (not _quant_pair(gate_up, down) or not x.is_cpu or x.dtype not in _F32_BF16 or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())):
         return ops.default("swiglu_mlp")(x, gate_up, down)
-    return torch.ops.ember.quant_swiglu.default(x, gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight,
-                                               down.ggml_type, down.out_features, gate_up.isa, _kernels._isa_index())
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    args = (gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight, down.ggml_type, down.out_features,
+            gate_up.isa, _kernels._isa_index())
+    chunks = -(-rows // max(32, MLP_CHUNK_BYTES // (4 * gate_up.out_features)))
+    if chunks == 1:
+        return torch.ops.ember.quant_swiglu.default(x, *args)
+    # equal chunks of at least 16 rows: each takes the many-row kernels, as the whole would (the same
+    # values: rows are independent)
+    x2, out = x.reshape(rows, K), torch.empty(rows, down.out_features, dtype=x.dtype)
+    for c in range(chunks):
+        r0, r1 = rows * c // chunks, rows * (c + 1) // chunks
+        out[r0:r1] = torch.ops.ember.quant_swiglu.default(x2[r0:r1], *args)
+    return out.view(*x.shape[:-1], down.out_features)
 
 
 def _native_rope_cache_attention_block(x, qkv, o_proj, cos, sin, k_cache, v_cache, pos, heads, scale=None):

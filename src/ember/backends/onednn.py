@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.layers import Linear
-from . import replace_modules
+from . import replace_fusing_gelu, replace_modules
 
 
 def bf16_native() -> bool:
@@ -178,19 +178,8 @@ def prepack_all(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     lazy = LAZY_ROWS if dtype == torch.float32 else 0
     if not (prepack_enabled(dtype) if lazy else can_prepack(dtype)):  # lazy: checked at the first reorder
         return 0
-    n = 0
-    for mod in list(model.modules()):
-        fusable = getattr(mod, "fusable_gelu", None)
-        name = fusable() if fusable is not None else None
-        if name is not None and prepackable(getattr(mod, name), dtype):
-            setattr(mod, name, PrepackedLinear(getattr(mod, name), gelu=True, lazy_rows=lazy))
-            mod.gelu_fused()
-            n += 1
-        for child_name, child in list(mod.named_children()):
-            if prepackable(child, dtype):
-                setattr(mod, child_name, PrepackedLinear(child, lazy_rows=lazy))
-                n += 1
-    return n
+    return replace_fusing_gelu(model, lambda m: prepackable(m, dtype),
+                               lambda m, gelu: PrepackedLinear(m, gelu=gelu, lazy_rows=lazy))
 
 
 def unprepack_all(model: nn.Module) -> int:

@@ -3,6 +3,8 @@
     from ember import kernels
     y = kernels.ggml_linear(x, data, ggml_type, out_features)   # x [..., K] -> y [..., N]
     y = kernels.bf16_linear(x, w_bf16)                          # decode GEMV for bf16 weights
+    w16 = kernels.int16_pack(w_f32)                             # float32 weights as int16 codes
+    y = kernels.int16_linear(x, w16, bias)                      # ... on AVX2's vpmaddwd (encoders)
 
 `data` is a uint8 tensor `[N, row_bytes]` holding the weight's blocks exactly as in the GGUF file
 (one row of blocks per output feature; a flat uint8 tensor of the right size works too). Types:
@@ -38,6 +40,7 @@ import contextlib
 import os
 import platform
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +247,77 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
+# int16_linear's weight and activation code ranges (12 and 14 bits) and the k pairs summed in int32
+# before a float32 flush: 2 * 64 * 8191 * 2047 < 2^31 (csrc/int16_gemm.cpp)
+INT16_W_MAX, INT16_A_MAX, INT16_CHUNK_PAIRS = 2047, 8191, 64
 
-__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "isa", "isas",
+
+class Int16Weight(NamedTuple):
+    """A float32 weight [N, K] as int16 codes (|code| <= 2047, per output row scale), packed for the
+    kernel: [ceil(N/16)][K2][16][2], K2 = K rounded up to a multiple of 4, halved (zero padding)."""
+    packed: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def int16_pack(w: torch.Tensor) -> Int16Weight:
+    """Quantise a float weight [N, K] per output row to int16 codes rint(w * 2047 / amax(row)) and pack them."""
+    w = w.detach().float()
+    N, K = w.shape
+    amax = w.abs().amax(1)
+    scale = amax / INT16_W_MAX
+    inv = torch.where(amax > 0, INT16_W_MAX / amax, torch.zeros_like(amax))
+    codes = torch.round(w * inv[:, None]).to(torch.int16)
+    NP, K2 = -(-N // 16), -(-K // 4) * 2
+    padded = codes.new_zeros((NP * 16, 2 * K2))
+    padded[:N, :K] = codes
+    packed = padded.view(NP, 16, K2, 2).permute(0, 2, 1, 3).contiguous()
+    return Int16Weight(packed, scale.contiguous(), N, K)
+
+
+def int16_codes(w: Int16Weight) -> torch.Tensor:
+    """The int16 codes [N, K] of a packed weight (unpacked)."""
+    NP, K2 = w.packed.shape[:2]
+    return w.packed.permute(0, 2, 1, 3).reshape(NP * 16, 2 * K2)[:w.out_features, :w.in_features]
+
+
+def int16_reference(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None,
+                    gelu: bool = False) -> torch.Tensor:
+    """int16_linear in PyTorch, the same arithmetic: x quantised per row to rint(x * 8191 / amax), the
+    code products summed exactly per 128 k, each chunk's sum rounded to float32 and added in order, then
+    (sum * x_scale) * w_scale + bias (gelu: F.gelu of that); a row holding a NaN or an infinity gives
+    NaNs. x float32 [..., K] -> [..., N] float32."""
+    K, N = w.in_features, w.out_features
+    x2 = x.reshape(-1, K).float()
+    amax = x2.abs().amax(1) if K else x2.new_zeros(x2.shape[0])
+    finite = amax.isfinite()  # a row holding a NaN or an infinity gives NaNs (the kernel: codes 0, scale NaN)
+    xs = torch.where(finite, amax / INT16_A_MAX, torch.full_like(amax, float("nan")))
+    inv = torch.where(finite & (amax > 0), INT16_A_MAX / amax, torch.zeros_like(amax))
+    xq = torch.round(x2 * inv[:, None]).double()
+    wq = int16_codes(w).double()
+    acc = x2.new_zeros((x2.shape[0], N))
+    step = 2 * INT16_CHUNK_PAIRS
+    for k0 in range(0, K, step):  # float64 sums of integers < 2^31 are exact
+        acc = acc + (xq[:, k0:k0 + step] @ wq[:, k0:k0 + step].t()).float()
+    y = acc * xs[:, None] * w.scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def int16_linear(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """y = x @ W^T + bias for W from int16_pack, x float32 [..., K], and its exact GELU with gelu=True:
+    the AVX2 kernel (csrc/int16_gemm.cpp) where the ISA is avx2 or above and the library is built,
+    else int16_reference (the same arithmetic; the kernel's GELU is within 1e-7 of F.gelu's)."""
+    if not (x.device.type == "cpu" and x.dtype is torch.float32 and x.shape[-1] and _native_ready()
+            and _isa_index() >= 1):
+        return int16_reference(x, w, bias, gelu)
+    return torch.ops.ember.int16_mm.default(x, w.packed, w.scale, bias, w.out_features, gelu, _isa_index())
+
+
+__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "int16_codes", "int16_linear", "int16_pack",
+           "int16_reference", "Int16Weight", "isa", "isas",
            "reference_linear", "set_isa", "supported", "use_isa"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ember_kernels.cpp", "x86_impl.h", "bf16_gemv.h", "ops.cpp", "ops_impl.h")
-UNITS = ("ember_kernels.cpp", "ops.cpp")  # the translation units (the headers are included)
+SOURCES = ("ember_kernels.cpp", "x86_impl.h", "bf16_gemv.h", "ops.cpp", "ops_impl.h", "int16_gemm.cpp")
+UNITS = ("ember_kernels.cpp", "ops.cpp", "int16_gemm.cpp")  # the translation units (the headers are included)
 # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` in
 # torch's OpenMP builds; without it every op would run on one thread. (The library then needs
 # libgomp.so.1, which torch has already loaded.)
@@ -136,6 +136,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ember::bf16_mm")
     def _bf16_mm_fake(x, w, isa):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("ember::int16_mm")
+    def _int16_mm_fake(x, w, w_scale, bias, out_features, gelu, isa):
+        return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("ember::rms_norm")
     def _rms_norm_fake(x, weight, eps, isa):
