@@ -6,7 +6,8 @@ layers: the `native` transforms' backend.
   quantised in memory at any model size, and decode streams them at memory bandwidth.
 - `NativeBf16Linear`: a bf16 linear: decode rows stream the bf16 weight through the native GEMV
   (vdpbf16ps with AVX512-BF16, widen + FMA otherwise); prefill (many rows, compute-bound) runs on a
-  oneDNN-prepacked copy on CPUs with native bf16, else multiplies in float32 (AVX2).
+  oneDNN-prepacked copy on CPUs with native bf16, else multiplies in float32 (AVX2). Their
+  weights live in one transparent-huge-page region (`huge_page_weights`).
 - the decoder-layer op (`ops.decoder_layer`) as one native call per decode token, over GGUF-block
   projections (`quant_decoder_layer`) or bf16 ones (`bf16_decoder_layer`).
 """
