@@ -47,7 +47,8 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     plain = [(torch.randn(n, k, generator=g) * k ** -0.5).bfloat16() for _ in range(LAYERS) for n, k in SHAPES]
     plain.append((torch.randn(VOCAB, HIDDEN, generator=g) * 0.05).bfloat16())
-    huge = huge_page_copies(plain)
+    huge = []  # the copies, in order (none where huge pages are not to be had)
+    huge_page_copies(list(plain), lambda old, new: huge.append(new))
     total = sum(w.numel() * w.element_size() for w in plain)
     xs = {k: torch.randn(1, k, generator=g).bfloat16() for k in {k for _, k in SHAPES}}
     try:

@@ -14,6 +14,7 @@ layers: the `native` transforms' backend.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -167,67 +168,82 @@ def use_bf16_kernels(model: nn.Module, prepack: bool = False) -> int:
 def huge_page_weights(model: nn.Module) -> int:
     """The NativeBf16Linears' weights (what a decode step streams) copied into one region backed
     by transparent huge pages (`huge_page_copies`), every parameter or buffer of `model` that was
-    one of them (a tied embedding) re-pointed at the copy, and the originals' resident pages that
-    are a checkpoint's mapping dropped (`io.safetensors.release_view`: the page cache keeps them). Returns the bytes moved; 0 where huge pages are not to be had
-    here, the weights then staying where they are."""
+    one of them (a tied embedding) re-pointed at its copy as soon as it is made, and the original
+    let go then: a checkpoint mapping's resident pages dropped (`io.safetensors.release_view`: the
+    page cache keeps them), an anonymous one (a fused projection) freed. A load so holds both forms
+    of one weight at a time, never of all. Returns the bytes moved; 0 where huge pages are not to
+    be had here, the weights then staying where they are."""
     from ..io.safetensors import release_view
 
-    olds = {}
+    tensors, refs = _decode_weights(model)
+
+    def moved(old: torch.Tensor, new: torch.Tensor) -> None:
+        param = None  # one Parameter per copy: tied weights stay one object
+        for store, name in refs.pop(old.data_ptr()):
+            if isinstance(store[name], nn.Parameter):
+                param = param if param is not None else nn.Parameter(new, requires_grad=False)
+                store[name] = param
+            else:
+                store[name] = new
+        release_view(old)
+
+    return huge_page_copies(tensors, moved)
+
+
+def _decode_weights(model: nn.Module) -> tuple[list, dict]:
+    """The NativeBf16Linears' distinct contiguous weights, and where each is held: {data_ptr:
+    [(a module's _parameters or _buffers, name)]} (a tied embedding too)."""
+    olds, refs = {}, {}
     for m in model.modules():
         w = m.weight if type(m) is NativeBf16Linear else None
         if w is not None and w.is_contiguous() and not w.requires_grad and w.data_ptr() not in olds:
             olds[w.data_ptr()] = w
-    copies = huge_page_copies(list(olds.values()))
-    if copies is None:
-        return 0
-    new = dict(zip(olds, copies))
-    params = {}  # one Parameter per copy: tied weights stay one object
-    for m in model.modules():  # the layers, and anything sharing their weights
+    for m in model.modules():
         for store in (m._parameters, m._buffers):
-            for name, t in store.items():
-                ptr = None if t is None else t.data_ptr()
-                if ptr in new and t.shape == new[ptr].shape and t.dtype == new[ptr].dtype and t.is_contiguous():
-                    if isinstance(t, nn.Parameter):
-                        store[name] = params.setdefault(ptr, nn.Parameter(new[ptr], requires_grad=False))
-                    else:
-                        store[name] = new[ptr]
-    for w in olds.values():  # views on a checkpoint's mapping: its pages leave this process's RSS
-        release_view(w)
-    return sum(c.numel() * c.element_size() for c in copies)
+            for name, t in store.items():  # (a oneDNN-prepacked copy is an opaque tensor: no data pointer)
+                ptr = None if t is None or t.layout != torch.strided or t.is_mkldnn else t.data_ptr()
+                if ptr in olds and t.shape == olds[ptr].shape and t.dtype == olds[ptr].dtype and t.is_contiguous():
+                    refs.setdefault(ptr, []).append((store, name))
+    return list(olds.values()), refs
 
 
-def huge_page_copies(tensors: list) -> list | None:
-    """Copies of `tensors` (contiguous CPU tensors, not needing grad) as views on one region backed by transparent
-    huge pages, each at a 64-byte boundary; None where huge pages are not to be had here
-    (ember.malloc.huge_pages) or the tensors fill less than one. A core streams weights through
-    4 KiB pages (a checkpoint's mmap, ordinary allocations) ~30% slower: its prefetcher stops at every
-    page boundary, and each page costs a TLB walk (benchmarks/bench_bf16_gemv.py)."""
+def huge_page_copies(tensors: list, moved: Callable) -> int:
+    """Each of `tensors` (contiguous CPU tensors, not needing grad) copied into one region backed by
+    transparent huge pages, at a 64-byte boundary, and handed with its copy to `moved(old, new)`;
+    the list's entries are cleared as they go (the caller's other references decide when an old
+    one is freed). Returns the bytes copied; 0, with nothing done, where huge pages are not to be
+    had here (ember.malloc.huge_pages) or the tensors fill less than one. A core streams weights
+    through 4 KiB pages (a checkpoint's mmap, ordinary allocations) ~30% slower: its prefetcher
+    stops at every page boundary, and each page costs a TLB walk (benchmarks/bench_bf16_gemv.py)."""
     from ..malloc import HUGE_PAGE, advise_huge, huge_pages
 
     if not tensors or not huge_pages():
-        return None
+        return 0
     offsets, total = [], 0
     for w in tensors:
         offsets.append(total)
         total += -(-w.numel() * w.element_size() // 64) * 64
     if total < HUGE_PAGE:
-        return None
+        return 0
     span = -(-total // HUGE_PAGE) * HUGE_PAGE  # whole huge pages (the last one partly filled)
     region = torch.empty(span + HUGE_PAGE, dtype=torch.uint8)  # untouched (a fresh mmap): advise first
     base = -region.data_ptr() % HUGE_PAGE
     if not advise_huge(region.data_ptr() + base, span):
-        return None
+        return 0
     import ctypes
 
-    out = []
-    for w, o in zip(tensors, offsets):
+    done = 0
+    for i, o in enumerate(offsets):
+        w, tensors[i] = tensors[i], None
         n = w.numel() * w.element_size()
         t = region[base + o:base + o + n].view(w.dtype).view(w.shape)
         # one memcpy on this thread: copy_ would be a parallel region per tensor, and a pool thread
         # that a busy machine has descheduled holds each one up (a load took a second longer so)
         ctypes.memmove(t.data_ptr(), w.data_ptr(), n)
-        out.append(t)
-    return out
+        moved(w, t)
+        done += n
+        del w
+    return done
 
 
 # ---- the small ops of a decoder step (ember.nn.ops) on ember's native kernels ------------------
