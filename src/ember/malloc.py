@@ -12,10 +12,12 @@ Once loaded, a model on ember's kernels wants the opposite for its prefill tempo
 A plain-bf16 model's prefill matmuls make one as large as the weight per call (oneDNN's bf16 matmul
 reorders it; on AVX2 it is widened to float32): 67k page faults a 512-token SmolLM2 prefill. A GGUF
 model's activations: 780k faults (3.2 GB, ~1.5 s of CPU) a 512-token prefill of Qwen2.5 1.5B
-Q4_K_M, whose MLP now runs in chunks of at most 16 MiB (backends.native.MLP_CHUNK_BYTES).
-`reuse_temporaries()`, called once such a model is built, puts the thresholds where glibc's own
-growth would take them (mmap at 32 MiB, trim at 64 MiB): the temporaries are reused from the heap
-(~0 faults), while loading ran at 1 MiB; the 1.5B model's peak RSS stays 1.28x its file.
+Q4_K_M, whose MLP now runs in chunks of at most 8 MiB (backends.native.MLP_CHUNK_BYTES).
+`reuse_temporaries()`, called once such a model is built, raises the thresholds (mmap at 16 MiB,
+trim at 32 MiB): the temporaries are reused from the heap (~0 faults; the 1.5B prefill +28%),
+while loading ran at 1 MiB. Measured on that model (bench_cpu's worker, 3 runs each): its peak RSS
+1.27x the file with these, 1.28-1.31x with glibc's own maxima (32/64 MiB, 16 MiB chunks), 1.24-1.26x
+left at 1 MiB.
 
 Transparent huge pages: `huge_pages()` says whether an madvise'd region gets them here and
 `advise_huge()` asks for them (ember.backends.native keeps the decode GEMV's bf16 weights in one
@@ -30,7 +32,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
-REUSE_MMAP, REUSE_TRIM = 32 << 20, 64 << 20  # glibc's limits for its dynamic thresholds (64-bit)
+REUSE_MMAP, REUSE_TRIM = 16 << 20, 32 << 20  # reuse_temporaries (glibc's own maxima: 32 and 64 MiB)
 _done = False
 _huge: list = []
 
@@ -58,7 +60,7 @@ def tune(threshold: int = 1 << 20) -> bool:
 
 
 def reuse_temporaries() -> bool:
-    """Serve allocations under 32 MiB from the heap and keep up to 64 MiB of its free top, for the
+    """Serve allocations under 16 MiB from the heap and keep up to 32 MiB of its free top, for the
     rest of the process (see the module's docstring)."""
     if not _done:  # not tuned (EMBER_MALLOC_TUNING=0, not glibc): the defaults already do this
         return False

@@ -305,8 +305,8 @@ def _quant_pair(a, b) -> bool:
 # a prefill's MLP runs in row chunks whose gate/up output stays under this many bytes: a 1.5B model's
 # 512-token [512, 17920] float32 output would be 37 MB (and its SwiGLU 18 MB), each a fresh mapping
 # faulted in page by page every layer (over glibc's mmap threshold, see ember.malloc); chunks of
-# 16 MiB or less are reused from the heap, and the peak holds the smaller chunk instead of the whole
-MLP_CHUNK_BYTES = 16 << 20
+# 8 MiB or less are reused from the heap, and the peak holds the smaller chunk instead of the whole
+MLP_CHUNK_BYTES = 8 << 20
 
 
 def _native_swiglu_mlp(x, gate_up, down) -> torch.Tensor:
