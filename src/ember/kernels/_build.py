@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ember_kernels.cpp", "x86_impl.h", "bf16_gemv.h", "ops.cpp", "ops_impl.h", "int16_gemm.cpp")
+SOURCES = ("ember_kernels.cpp", "x86_impl.h", "bf16_gemv.h", "ops.cpp", "ops_impl.h", "int16_gemm.cpp", "avx2_math.h")
 UNITS = ("ember_kernels.cpp", "ops.cpp", "int16_gemm.cpp")  # the translation units (the headers are included)
 # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` in
 # torch's OpenMP builds; without it every op would run on one thread. (The library then needs

@@ -184,23 +184,7 @@ static inline void mk6x16(const int16_t* q, const int16_t* w, int64_t n, float* 
 #undef EMBER_PAIR
 #undef EMBER_ROW
 
-// exp(x) for x <= 0 (Cephes' expf: a degree-6 polynomial after n = round(x / ln 2); ~1 ulp)
-static inline __m256 exp_neg(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+#include "avx2_math.h"  // exp256
 
 // the exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf as Abramowitz & Stegun 7.1.26 (|error| <
 // 1.5e-7; ATen's vectorised erf uses the same formula)
@@ -213,7 +197,7 @@ static inline __m256 gelu(__m256 x) {
     p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
     p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
     p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-    const __m256 e = exp_neg(_mm256_xor_ps(sign, _mm256_mul_ps(az, az)));
+    const __m256 e = exp256(_mm256_xor_ps(sign, _mm256_mul_ps(az, az)));
     const __m256 erf_abs = _mm256_fnmadd_ps(_mm256_mul_ps(p, t), e, one);  // 1 - p t exp(-z^2)
     const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign, z));
     return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(one, erf));
