@@ -309,7 +309,7 @@ def load_snapshot(snap: Snapshot, dtype: torch.dtype | None = None, device: str 
     if device.type == "cpu":
         from .malloc import tune
 
-        tune()  # large temporaries (loading, prefill) go back to the OS when freed
+        tune()  # a load's large temporaries go back to the OS when freed (until malloc.reuse_temporaries)
     ckpt = open_checkpoint(snap)
     if mmproj is not None:
         if snap.format != "gguf":

@@ -33,6 +33,7 @@ M_MMAP_THRESHOLD = -3
 MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 REUSE_MMAP, REUSE_TRIM = 16 << 20, 32 << 20  # reuse_temporaries (glibc's own maxima: 32 and 64 MiB)
+DEFAULT_TRIM = 128 << 10  # glibc's M_TRIM_THRESHOLD
 _done = False
 _huge: list = []
 
@@ -47,16 +48,20 @@ def _libc():
 
 
 def tune(threshold: int = 1 << 20) -> bool:
-    """Serve allocations of `threshold` bytes and more with mmap, for the rest of the process."""
+    """Serve allocations of `threshold` bytes and more with mmap, and trim the heap's free top past
+    glibc's default 128 KiB, until `reuse_temporaries()` (called again by every load: a second
+    model loads at 1 MiB too, after a first one's reuse_temporaries)."""
     global _done
-    if _done or os.environ.get("EMBER_MALLOC_TUNING", "1") == "0":
+    if os.environ.get("EMBER_MALLOC_TUNING", "1") == "0":
         return _done
     libc = _libc()
     try:
-        _done = bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        ok = bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold)
+                  and libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM))
     except AttributeError:
-        _done = False
-    return _done
+        ok = False
+    _done = _done or ok
+    return ok
 
 
 def reuse_temporaries() -> bool:
