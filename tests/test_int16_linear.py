@@ -168,3 +168,56 @@ def test_int16_linear_without_the_library_stays_float32(monkeypatch):
     lin = Int16Linear(Linear(w.clone(), b), gelu=True)
     assert torch.allclose(lin(x), F.gelu(F.linear(x, w, b)), atol=1e-6)
     assert lin.w16 is None and lin._plain is not None
+
+
+def test_int16_linear_runs_float32_while_the_library_is_first_built(monkeypatch):
+    """On a machine whose kernel library is not built yet, the first large call does not wait for
+    the compiler: kernels.available_now() starts the build on a background thread and says None,
+    the Linear runs F.linear meanwhile, and converts at a large call once the library is there."""
+    from ember.backends.int16 import Int16Linear
+    from ember.kernels import _build
+    from ember.nn.layers import Linear
+
+    started = []
+    monkeypatch.setitem(_build._state, "loaded", None)
+    monkeypatch.setattr(_build, "cached", lambda: False)
+    monkeypatch.setattr(_build, "load_in_background", lambda: started.append(1))
+    monkeypatch.delenv("EMBER_KERNELS", raising=False)
+    assert kernels.available_now() is None and started == [1]
+    x, w, b = _case(70, 40, 24, seed=11)
+    lin = Int16Linear(Linear(w.clone(), b))
+    assert torch.allclose(lin(x), F.linear(x, w, b), atol=1e-6)  # float32 meanwhile
+    assert lin.w16 is None and lin._plain is not None and lin.lazy_rows < 1 << 62 and started == [1, 1]
+    monkeypatch.setattr(_build, "cached", lambda: True)  # built: the next large call converts
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    monkeypatch.setattr(kernels, "int16_pack", lambda w: "packed")
+    monkeypatch.setattr(kernels, "int16_linear", lambda x, w16, bias, gelu: (w16, x.shape))
+    assert lin(x) == ("packed", x.shape) and lin._plain is None
+
+
+def test_background_build_does_not_hold_up_its_callers(monkeypatch):
+    """load_in_background starts one thread, and a caller asking again while the build runs (holding
+    the build lock) returns at once."""
+    import threading
+
+    from ember.kernels import _build
+
+    building, done = threading.Event(), threading.Event()
+
+    def slow_load():
+        with _build._lock:  # as load() holds it through a build
+            building.set()
+            done.wait(10)
+        return True
+
+    monkeypatch.setattr(_build, "load", slow_load)
+    monkeypatch.setattr(_build, "_background", [])
+    _build.load_in_background()
+    assert building.wait(10)
+    caller = threading.Thread(target=_build.load_in_background)
+    caller.start()
+    caller.join(2)
+    alive = caller.is_alive()
+    done.set()
+    _build._background[0].join(10)
+    assert not alive and len(_build._background) == 1

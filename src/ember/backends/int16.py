@@ -12,7 +12,9 @@ than the bf16 matmuls that AVX-512 machines use by default.
 The conversion waits for a Linear's first call of >= onednn.LAZY_ROWS rows (a first short embedding
 runs F.linear on the checkpoint's weight and loads no kernel library); from then on the int16 codes
 are the only copy (the checkpoint pages of the float32 weight are released). Where the native
-library cannot be built, the Linear stays on F.linear.
+library cannot be built, the Linear stays on F.linear; while it is being built for the first time
+(~10 s, on a background thread: a first large embedding, or a server's first request, does not
+wait for the compiler) the Linears run F.linear and convert at their next large call after it.
 """
 from __future__ import annotations
 
@@ -57,7 +59,10 @@ class Int16Linear(nn.Module):
             return self.w16
         from .. import kernels
 
-        if not kernels.available():
+        ready = kernels.available_now()
+        if ready is None:  # a first build of the library, on a background thread: F.linear meanwhile
+            return None
+        if not ready:
             self.lazy_rows = 1 << 62  # F.linear on the plain weight for good
             return None
         self.w16 = kernels.int16_pack(w)

@@ -157,6 +157,16 @@ def available() -> bool:
     return ok
 
 
+def available_now() -> bool | None:
+    """available() without waiting for a first build: True or False as available() says when the
+    library is loaded, cached, turned off or failed; None while it is built on a background thread
+    (started by this call), for a caller that has a fallback to run meanwhile."""
+    if _build._state["loaded"] is not None or os.environ.get("EMBER_KERNELS", "1") == "0" or _build.cached():
+        return available()
+    _build.load_in_background()
+    return None
+
+
 def supported(ggml_type: int) -> bool:
     """Whether ggml_linear has a native kernel for this type (it falls back for any other)."""
     return ggml_type in TYPES
@@ -318,6 +328,6 @@ def int16_linear(x: torch.Tensor, w: Int16Weight, bias: torch.Tensor | None = No
     return torch.ops.ember.int16_mm.default(x, w.packed, w.scale, bias, w.out_features, gelu, _isa_index())
 
 
-__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "int16_codes", "int16_linear", "int16_pack",
+__all__ = ["BF16_MAX_ROWS", "ISAS", "TYPES", "available", "available_now", "bf16_linear", "build_info", "cpu_isa", "ggml_linear", "int16_codes", "int16_linear", "int16_pack",
            "int16_reference", "Int16Weight", "isa", "isas",
            "reference_linear", "set_isa", "supported", "use_isa"]

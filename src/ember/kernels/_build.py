@@ -100,6 +100,23 @@ def _build(out: Path) -> Path:
     return so
 
 
+def cached() -> bool:
+    """Whether load() would find the library without compiling it (loaded, or built in the cache)."""
+    return bool(_state["loaded"]) or (cache_dir() / f"{_so_name()}.so").exists()
+
+
+_background: list = []  # the thread of load_in_background(), once started
+_background_lock = threading.Lock()  # not _lock: load() holds that for the whole build
+
+
+def load_in_background() -> None:
+    """Start load() on a daemon thread (once per process): a first build takes ~10 s on 2 cores."""
+    with _background_lock:
+        if not _background:
+            _background.append(threading.Thread(target=load, name="ember-kernels-build", daemon=True))
+            _background[0].start()
+
+
 def load() -> bool:
     """Build (first time) and load the library; True when the ops are registered."""
     if _state["loaded"] is not None:
