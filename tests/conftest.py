@@ -62,3 +62,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def native_ops():
+    """ember's native ops registered for the test, the kernels' ISA override cleared after it
+    (`pytestmark = pytest.mark.usefixtures("native_ops")` in the kernel tests)."""
+    from ember import kernels
+    from ember.backends import native
+
+    native.register_ops()
+    yield
+    kernels.set_isa(None)

@@ -6,27 +6,18 @@ ember.load does it (per-phase linears) decoding as the fallback does."""
 import pytest
 import torch
 
+from decoder_layer_case import rel as _rel, run_decoder_layer
 from ember.nn import ops
 from ember.nn.layers import Linear
 
 native = pytest.importorskip("ember.backends.native")
 kernels = pytest.importorskip("ember.kernels")
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+pytestmark = [pytest.mark.skipif(not native.available(), reason="native kernels unavailable"),
+              pytest.mark.usefixtures("native_ops")]
 
 ISAS = kernels.isas() if native.available() else []
 BF16 = torch.bfloat16
-
-
-def _rel(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _native_ops():
-    native.register_ops()
-    yield
-    kernels.set_isa(None)
 
 
 def _linears(n, k, g):
@@ -38,27 +29,13 @@ def _linears(n, k, g):
 @pytest.mark.parametrize("isa", ISAS)
 def test_bf16_decoder_layer(isa):
     g = torch.Generator().manual_seed(31)
-    E, H, KV, D, F_, pos = 96, 6, 2, 16, 160, 7  # K of 96 / 160: the kernels' tails (not multiples of 32)
-    (qkv_ref, qkv), (o_ref, o), (gu_ref, gu), (down_ref, down) = (
-        _linears(n, k, g) for n, k in (((H + 2 * KV) * D, E), (E, H * D), (2 * F_, E), (E, F_)))
-    x, pending = (torch.randn(1, 1, E, generator=g).to(BF16) for _ in range(2))
-    w1, w2 = (torch.rand(E, generator=g).add(0.5).to(BF16) for _ in range(2))
-    ang = torch.rand(1, 1, D // 2, generator=g) * 6.3
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(BF16), torch.cat([ang.sin()] * 2, -1).to(BF16)
-    caches = [torch.randn(1, KV, 16, D, generator=g).to(BF16) for _ in range(2)]
-    fused, separate, ref = ([c.clone() for c in caches] for _ in range(3))
-    with kernels.use_isa(isa):
-        got = ops.decoder_layer(x, pending, w1, 1e-5, qkv, o, cos, sin, *fused, pos, H, None, w2, 1e-5, gu, down)
-        s, n = ops.add_rms_norm(x, pending, w1, 1e-5)
-        s, n = ops.add_rms_norm(s, o(ops.rope_cache_attention(qkv(n), cos, sin, *separate, pos, H, None)), w2, 1e-5)
-        sep = (s, down(ops.silu_mul(gu(n))))
+    E, pos = 96, 7  # K of 96 / 160: the kernels' tails (not multiples of 32)
+    r = run_decoder_layer(isa, BF16, lambda n, k: _linears(n, k, g), g, E, H=6, KV=2, D=16, F_=160, pos=pos)
+    got, sep, want, fused, separate, ref = r.got, r.sep, r.want, r.fused, r.separate, r.ref
     assert all(a.shape == (1, 1, E) and a.dtype == BF16 for a in got)
     assert torch.equal(got[0], sep[0]) and torch.equal(got[1], sep[1])
     assert torch.equal(fused[0], separate[0]) and torch.equal(fused[1], separate[1])
-    assert not torch.equal(fused[0][:, :, pos], caches[0][:, :, pos])  # the token's k was written
-    with ops.using({name: None for name in ops.DEFAULTS}):
-        want = ops.decoder_layer(x, pending, w1, 1e-5, qkv_ref, o_ref, cos, sin, *ref, pos, H, None, w2, 1e-5, gu_ref,
-                                 down_ref)
+    assert not torch.equal(fused[0][:, :, pos], r.caches[0][:, :, pos])  # the token's k was written
     # bf16 rounding of every op's output, in a different summation order: ~2^-8 relative per op
     assert _rel(got[0], want[0]) <= 1e-2 and _rel(got[1], want[1]) <= 3e-2
     assert _rel(fused[0], ref[0]) <= 1e-2 and _rel(fused[1], ref[1]) <= 1e-2

@@ -8,6 +8,7 @@ llama.cpp: a relative error of the output's norm below 2% (1e-3 scale for bf16 r
 import pytest
 import torch
 
+from decoder_layer_case import rel as _rel, run_decoder_layer
 from ember.io import ggml
 from ember.io.ggml_weight import GGMLWeight
 from ember.nn import ops
@@ -18,7 +19,8 @@ native = pytest.importorskip("ember.backends.native")
 kernels = pytest.importorskip("ember.kernels")
 from ember.kernels.testing import random_blocks  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+pytestmark = [pytest.mark.skipif(not native.available(), reason="native kernels unavailable"),
+              pytest.mark.usefixtures("native_ops")]
 
 ISAS = kernels.isas() if native.available() else []
 DTYPES = [torch.float32, torch.bfloat16]
@@ -41,17 +43,6 @@ def _tol(isa, dtype, ggml_type):
     errors add up more), bf16 rounding of each op's output."""
     base = 1e-4 if isa == "generic" else (0.02 if ggml_type in QUANTIZERS else 0.05)
     return base + (1e-2 if dtype == torch.bfloat16 else 0)
-
-
-def _rel(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def _native_ops():
-    native.register_ops()
-    yield
-    kernels.set_isa(None)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -130,26 +121,11 @@ def test_decoder_layer(isa, dtype):
     """A whole layer's decode token in one call: the same residual stream, MLP output and cache
     bit for bit as the ops it chains, and close to the pure-PyTorch fallback."""
     g = torch.Generator().manual_seed(21)
-    E, H, KV, D, F_, pos, t = 128, 4, 2, 32, 192, 5, ggml.Q4_1
-    with kernels.use_isa(isa):
-        parts = [_linears(t, n, k, g) for n, k in (((H + 2 * KV) * D, E), (E, H * D), (2 * F_, E), (E, F_))]
-    (qkv_ref, qkv), (o_ref, o), (gu_ref, gu), (down_ref, down) = parts
-    x, pending = (torch.randn(1, 1, E, generator=g).to(dtype) for _ in range(2))
-    w1, w2 = (torch.rand(E, generator=g).add(0.5).to(dtype) for _ in range(2))
-    ang = torch.rand(1, 1, D // 2, generator=g) * 6.3
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
-    caches = [torch.randn(1, KV, 16, D, generator=g).to(dtype) for _ in range(2)]
-    fused, separate, ref = ([c.clone() for c in caches] for _ in range(3))
-    with kernels.use_isa(isa):
-        got = ops.decoder_layer(x, pending, w1, 1e-5, qkv, o, cos, sin, *fused, pos, H, None, w2, 1e-5, gu, down)
-        s, n = ops.add_rms_norm(x, pending, w1, 1e-5)
-        s, n = ops.add_rms_norm(s, o(ops.rope_cache_attention(qkv(n), cos, sin, *separate, pos, H, None)), w2, 1e-5)
-        sep = (s, down(ops.silu_mul(gu(n))))
+    E, t = 128, ggml.Q4_1
+    r = run_decoder_layer(isa, dtype, lambda n, k: _linears(t, n, k, g), g, E, H=4, KV=2, D=32, F_=192, pos=5)
+    got, sep, want, fused, ref = r.got, r.sep, r.want, r.fused, r.ref
     assert all(a.shape == (1, 1, E) and a.dtype == dtype for a in got)
-    assert torch.equal(got[0], sep[0]) and torch.equal(got[1], sep[1]) and torch.equal(fused[0], separate[0])
-    with ops.using({name: None for name in ops.DEFAULTS}):
-        want = ops.decoder_layer(x, pending, w1, 1e-5, qkv_ref, o_ref, cos, sin, *ref, pos, H, None, w2, 1e-5, gu_ref,
-                                 down_ref)
+    assert torch.equal(got[0], sep[0]) and torch.equal(got[1], sep[1]) and torch.equal(fused[0], r.separate[0])
     assert _rel(got[0], want[0]) <= _tol(isa, dtype, t) and _rel(got[1], want[1]) <= _tol(isa, dtype, t)
     assert _rel(fused[1], ref[1]) <= _tol(isa, dtype, t)
 
