@@ -313,12 +313,12 @@ def _native_swiglu_mlp(x, gate_up, down) -> torch.Tensor:
     if (not _quant_pair(gate_up, down) or not x.is_cpu or x.dtype not in _F32_BF16 or torch.compiler.is_compiling()
             or (x.requires_grad and torch.is_grad_enabled())):
         return ops.default("swiglu_mlp")(x, gate_up, down)
-    K = x.shape[-1]
-    rows = x.numel() // max(K, 1)
     args = (gate_up.qweight, gate_up.ggml_type, gate_up.out_features, down.qweight, down.ggml_type, down.out_features,
             gate_up.isa, _kernels._isa_index())
-    chunks = -(-rows // max(32, MLP_CHUNK_BYTES // (4 * gate_up.out_features)))
-    if chunks == 1:
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    chunks = 1 if rows <= 32 else -(-rows // max(32, MLP_CHUNK_BYTES // (4 * gate_up.out_features)))
+    if chunks == 1:  # a decode token, a short prompt
         return torch.ops.ember.quant_swiglu.default(x, *args)
     # equal chunks of at least 16 rows: each takes the many-row kernels, as the whole would (the same
     # values: rows are independent)
